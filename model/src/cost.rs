@@ -1,0 +1,166 @@
+//! The cost model of a parallel layout: parameters, FLOPs and memory per rank.
+//!
+//! Memory assumes the production recipe: bf16 weights, fp32 gradients, fp32 master weights and
+//! both Adam moments sharded across data parallelism (ZeRO-1, Megatron's distributed optimizer),
+//! a 1F1B pipeline and full activation recomputation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::GptConfig;
+use crate::layout::ParamLayout;
+use crate::ModelError;
+
+/// How the ranks of a job split the model: tensor x pipeline x data parallel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelLayout {
+    #[serde(default = "one")]
+    pub tp: usize,
+    #[serde(default = "one")]
+    pub pp: usize,
+    #[serde(default = "one")]
+    pub dp: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for ParallelLayout {
+    fn default() -> Self {
+        ParallelLayout { tp: 1, pp: 1, dp: 1 }
+    }
+}
+
+impl ParallelLayout {
+    pub fn world_size(&self) -> usize {
+        self.tp * self.pp * self.dp
+    }
+
+    /// Checks that the layout splits `config` into whole pieces, naming the dimension that does
+    /// not divide.
+    pub fn validate(&self, config: &GptConfig) -> Result<(), ModelError> {
+        for (field, v) in [("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.dp", self.dp)] {
+            if v == 0 {
+                return Err(ModelError::invalid(field, "must be at least 1"));
+            }
+        }
+        if config.n_head % self.tp != 0 {
+            return Err(ModelError::invalid(
+                "parallel.tp",
+                format!("tensor parallel size {} does not divide model.n_head {}; each rank must hold whole heads", self.tp, config.n_head),
+            ));
+        }
+        if config.padded_vocab_size() % self.tp != 0 {
+            return Err(ModelError::invalid(
+                "parallel.tp",
+                format!(
+                    "tensor parallel size {} does not divide the padded vocabulary {}",
+                    self.tp,
+                    config.padded_vocab_size()
+                ),
+            ));
+        }
+        if config.n_layer % self.pp != 0 {
+            return Err(ModelError::invalid(
+                "parallel.pp",
+                format!(
+                    "pipeline parallel size {} does not divide model.n_layer {}; each stage must hold the same number of layers",
+                    self.pp, config.n_layer
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one training step of a configuration costs under a layout.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cost {
+    pub params: u64,
+    /// Parameters on the most loaded rank (a first or last pipeline stage holds the embedding).
+    pub params_per_rank_max: u64,
+    /// Training FLOPs per token: 6 x parameters plus attention's 12 x layers x seq x hidden.
+    pub flops_per_token: f64,
+    pub flops_per_step: f64,
+    pub flops_per_step_per_rank: f64,
+    /// bf16 weights, fp32 gradients, and fp32 master weights and Adam moments sharded over dp.
+    pub state_bytes_per_rank: f64,
+    /// Stored layer inputs of the microbatches in flight plus one layer's recomputed working set.
+    pub activation_bytes_per_rank: f64,
+}
+
+impl Cost {
+    pub fn memory_bytes_per_rank(&self) -> f64 {
+        self.state_bytes_per_rank + self.activation_bytes_per_rank
+    }
+}
+
+/// Training FLOPs per token of `config` at sequence length `seq`.
+pub fn flops_per_token(config: &GptConfig, seq: usize) -> f64 {
+    let params = ParamLayout::new(config).numel() as f64;
+    6.0 * params + 12.0 * (config.n_layer * seq * config.n_embd) as f64
+}
+
+/// The cost of one step of `global_batch` sequences of `seq` tokens, in microbatches of
+/// `micro_batch`, under `layout`.
+pub fn cost(config: &GptConfig, layout: &ParallelLayout, seq: usize, global_batch: usize, micro_batch: usize) -> Cost {
+    let (c, l, t) = (config.n_embd as u64, config.n_layer as u64, layout.tp as u64);
+    let params = ParamLayout::new(config).numel() as u64;
+    // Column-parallel weights and biases and row-parallel weights split over tp; LayerNorms and
+    // the row-parallel biases are replicated.
+    let layer_per_rank = (12 * c * c + 7 * c) / t + 6 * c;
+    let embedding_per_rank = config.padded_vocab_size() as u64 * c / t;
+    let stage_layers = l / layout.pp as u64;
+    let first_stage = stage_layers * layer_per_rank + embedding_per_rank + config.seq_len as u64 * c;
+    let last_stage = stage_layers * layer_per_rank + embedding_per_rank + 2 * c;
+    let params_per_rank_max = if layout.pp == 1 { first_stage + 2 * c } else { first_stage.max(last_stage) };
+    let fpt = flops_per_token(config, seq);
+    let tokens = (global_batch * seq) as f64;
+    let bytes_per_param = 2.0 + 4.0 + 12.0 / layout.dp as f64;
+    let (s, b, h, a) = (seq as f64, micro_batch as f64, config.n_embd as f64, config.n_head as f64);
+    // 1F1B keeps up to `pp` microbatches in flight on the first stage, each holding the bf16
+    // input of every layer of the stage: L/pp layers x pp microbatches = L layer inputs.
+    let stored = 2.0 * s * b * h * l as f64;
+    // Recomputing one layer needs its full activations, split over tp (Korthikanti et al.).
+    let working = s * b * h * (34.0 + 5.0 * a * s / h) / layout.tp as f64;
+    Cost {
+        params,
+        params_per_rank_max,
+        flops_per_token: fpt,
+        flops_per_step: fpt * tokens,
+        flops_per_step_per_rank: fpt * tokens / layout.world_size() as f64,
+        state_bytes_per_rank: params_per_rank_max as f64 * bytes_per_param,
+        activation_bytes_per_rank: stored + working,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mtnlg() -> GptConfig {
+        GptConfig { vocab_size: 51200, seq_len: 2048, n_layer: 105, n_head: 128, n_embd: 20480 }
+    }
+
+    #[test]
+    fn mtnlg_530b_has_530b_parameters_and_fits_its_layout() {
+        let layout = ParallelLayout { tp: 8, pp: 35, dp: 16 };
+        layout.validate(&mtnlg()).unwrap();
+        let k = cost(&mtnlg(), &layout, 2048, 1920, 1);
+        assert!((529e9..531e9).contains(&(k.params as f64)), "{}", k.params);
+        assert_eq!(layout.world_size(), 4480);
+        // A rank holds a 280th of the model plus its share of the embedding.
+        assert!(k.params_per_rank_max > k.params / 280 && k.params_per_rank_max < k.params / 250);
+        // It must fit an 80 GB A100, as it did.
+        assert!(k.memory_bytes_per_rank() < 80e9, "{}", k.memory_bytes_per_rank());
+    }
+
+    #[test]
+    fn layouts_that_do_not_divide_are_named() {
+        let e = ParallelLayout { tp: 3, pp: 1, dp: 1 }.validate(&mtnlg()).unwrap_err().to_string();
+        assert!(e.starts_with("parallel.tp: tensor parallel size 3 does not divide model.n_head 128"), "{e}");
+        let e = ParallelLayout { tp: 8, pp: 4, dp: 1 }.validate(&mtnlg()).unwrap_err().to_string();
+        assert!(e.starts_with("parallel.pp: pipeline parallel size 4 does not divide model.n_layer 105"), "{e}");
+    }
+}

@@ -1,0 +1,474 @@
+//! The CPU kernels: one `forward`/`backward` pair per layer, on flat row-major buffers.
+//!
+//! Shapes are given as `(B, T, C)` comments; `rows` is B * T. Backward functions accumulate
+//! (`+=`) into parameter gradients, so microbatches add up without a separate reduction, and say
+//! in their name or doc whether they overwrite or accumulate activation gradients.
+//!
+//! Every kernel is deterministic: work is split so that each output element is written by one
+//! task, and reductions run in a fixed order, so the same inputs give bitwise-identical outputs
+//! whatever the thread count.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::Float;
+
+/// Rows per rayon task for row-wise kernels: enough work per task to amortise scheduling.
+const ROWS_PER_TASK: usize = 16;
+/// Columns per task for column reductions (bias and LayerNorm parameter gradients).
+const COLS_PER_TASK: usize = 64;
+
+/// A raw pointer that rayon tasks share to write disjoint, strided parts of one buffer (a head's
+/// columns of a `(B, T, 3C)` tensor), which safe slices cannot express.
+#[derive(Clone, Copy)]
+struct SharedMut<F>(*mut F);
+// SAFETY: only used by tasks that write disjoint elements; see each use.
+unsafe impl<F> Send for SharedMut<F> {}
+unsafe impl<F> Sync for SharedMut<F> {}
+
+/// `dst (m, n) = [dst +] scale * lhs (m, k) @ rhs (k, n)` with explicit strides, through the GEMM
+/// library. `(rs, cs)` are the row and column strides of each operand.
+///
+/// # Safety
+/// Every operand must be valid for the elements its shape and strides reach, and `dst` must not
+/// overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_strided<F: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut F,
+    dst_rs: usize,
+    dst_cs: usize,
+    accumulate: bool,
+    lhs: *const F,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const F,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    scale: F,
+    parallel: bool,
+) {
+    let parallelism = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
+    // SAFETY: forwarded from the caller; gemm computes dst := alpha*dst + beta*lhs*rhs and reads
+    // dst only when `read_dst` is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            F::ONE,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding
+
+/// `out (B, T, C) = wte[tokens] + wpe[t]`.
+pub fn encoder_forward<F: Float>(out: &mut [F], tokens: &[u32], wte: &[F], wpe: &[F], t: usize, c: usize) {
+    assert_eq!(out.len(), tokens.len() * c);
+    out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+        let tok = tokens[row] as usize;
+        let pos = row % t;
+        let (e, p) = (&wte[tok * c..(tok + 1) * c], &wpe[pos * c..(pos + 1) * c]);
+        for i in 0..c {
+            o[i] = e[i] + p[i];
+        }
+    });
+}
+
+/// `dwte[tokens] += dout`, `dwpe[t] += dout`. Sequential: rows scatter into shared embedding
+/// rows, and a fixed order keeps the sums deterministic. It is O(B * T * C), tiny beside GEMMs.
+pub fn encoder_backward<F: Float>(
+    dwte: &mut [F],
+    dwpe: &mut [F],
+    dout: &[F],
+    tokens: &[u32],
+    t: usize,
+    c: usize,
+) {
+    for (row, d) in dout.chunks_exact(c).enumerate() {
+        let tok = tokens[row] as usize;
+        let pos = row % t;
+        add_into(&mut dwte[tok * c..(tok + 1) * c], d);
+        add_into(&mut dwpe[pos * c..(pos + 1) * c], d);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+/// LayerNorm's epsilon, as in GPT-2.
+pub const LN_EPS: f64 = 1e-5;
+
+/// `out (rows, C) = (inp - mean) * rstd * w + b`, saving `mean` and `rstd` (rows) for backward.
+pub fn layernorm_forward<F: Float>(
+    out: &mut [F],
+    mean: &mut [F],
+    rstd: &mut [F],
+    inp: &[F],
+    w: &[F],
+    b: &[F],
+    c: usize,
+) {
+    let eps = F::from_f64(LN_EPS);
+    let n = F::from_f64(c as f64);
+    out.par_chunks_mut(c)
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .zip(inp.par_chunks(c))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|((o, (m, r)), x)| {
+            let mu = x.iter().copied().sum::<F>() / n;
+            let var = x.iter().map(|&v| (v - mu) * (v - mu)).sum::<F>() / n;
+            let rs = F::ONE / (var + eps).sqrt();
+            for i in 0..c {
+                o[i] = (x[i] - mu) * rs * w[i] + b[i];
+            }
+            *m = mu;
+            *r = rs;
+        });
+}
+
+/// Accumulates `dinp += dL/dinp`, `dw += dL/dw`, `db += dL/db` for a LayerNorm.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward<F: Float>(
+    dinp: &mut [F],
+    dw: &mut [F],
+    db: &mut [F],
+    dout: &[F],
+    inp: &[F],
+    mean: &[F],
+    rstd: &[F],
+    w: &[F],
+    c: usize,
+) {
+    let n = F::from_f64(c as f64);
+    // Input gradient: rows are independent.
+    dinp.par_chunks_mut(c)
+        .zip(dout.par_chunks(c).zip(inp.par_chunks(c)))
+        .zip(mean.par_iter().zip(rstd.par_iter()))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|((di, (d, x)), (&mu, &rs))| {
+            let mut dnorm_mean = F::ZERO;
+            let mut dnorm_norm_mean = F::ZERO;
+            for i in 0..c {
+                let norm = (x[i] - mu) * rs;
+                let dnorm = w[i] * d[i];
+                dnorm_mean += dnorm;
+                dnorm_norm_mean += dnorm * norm;
+            }
+            dnorm_mean /= n;
+            dnorm_norm_mean /= n;
+            for i in 0..c {
+                let norm = (x[i] - mu) * rs;
+                let dnorm = w[i] * d[i];
+                di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rs;
+            }
+        });
+    // Parameter gradients: a reduction over rows, split by columns so each sum has one owner.
+    dw.par_chunks_mut(COLS_PER_TASK).zip(db.par_chunks_mut(COLS_PER_TASK)).enumerate().for_each(
+        |(chunk, (dwc, dbc))| {
+            let c0 = chunk * COLS_PER_TASK;
+            for (row, (d, x)) in dout.chunks_exact(c).zip(inp.chunks_exact(c)).enumerate() {
+                let (mu, rs) = (mean[row], rstd[row]);
+                for j in 0..dwc.len() {
+                    let i = c0 + j;
+                    dbc[j] += d[i];
+                    dwc[j] += (x[i] - mu) * rs * d[i];
+                }
+            }
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers
+
+/// `out (rows, OC) = [out +] inp (rows, IC) @ w (OC, IC)^T + bias (OC)`.
+///
+/// With `accumulate` the product and bias are added to what `out` holds, which is how the
+/// attention and MLP projections add into the residual stream without a separate buffer.
+pub fn matmul_forward<F: Float>(
+    out: &mut [F],
+    inp: &[F],
+    w: &[F],
+    bias: Option<&[F]>,
+    ic: usize,
+    oc: usize,
+    accumulate: bool,
+) {
+    let rows = inp.len() / ic;
+    assert_eq!(inp.len(), rows * ic);
+    assert_eq!(out.len(), rows * oc);
+    assert_eq!(w.len(), oc * ic);
+    match (bias, accumulate) {
+        (Some(b), false) => out.par_chunks_mut(oc).for_each(|o| o.copy_from_slice(b)),
+        (Some(b), true) => out.par_chunks_mut(oc).for_each(|o| add_into(o, b)),
+        (None, false) => out.par_iter_mut().for_each(|o| *o = F::ZERO),
+        (None, true) => {}
+    }
+    // SAFETY: shapes asserted above; out is a distinct &mut borrow.
+    unsafe {
+        gemm_strided(rows, oc, ic, out.as_mut_ptr(), oc, 1, true, inp.as_ptr(), ic, 1, w.as_ptr(), 1, ic, F::ONE, true)
+    }
+}
+
+/// Backward of [`matmul_forward`]: `dinp (rows, IC) [+]= dout @ w` (overwrites unless
+/// `accumulate_dinp`), `dw (OC, IC) += dout^T @ inp`, `dbias (OC) += sum over rows of dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward<F: Float>(
+    dinp: &mut [F],
+    dw: &mut [F],
+    dbias: Option<&mut [F]>,
+    dout: &[F],
+    inp: &[F],
+    w: &[F],
+    ic: usize,
+    oc: usize,
+    accumulate_dinp: bool,
+) {
+    let rows = inp.len() / ic;
+    assert_eq!(inp.len(), rows * ic);
+    assert_eq!(dinp.len(), rows * ic);
+    assert_eq!(dout.len(), rows * oc);
+    assert_eq!(w.len(), oc * ic);
+    assert_eq!(dw.len(), oc * ic);
+    // SAFETY: shapes asserted above; the destinations are distinct &mut borrows.
+    unsafe {
+        gemm_strided(
+            rows,
+            ic,
+            oc,
+            dinp.as_mut_ptr(),
+            ic,
+            1,
+            accumulate_dinp,
+            dout.as_ptr(),
+            oc,
+            1,
+            w.as_ptr(),
+            ic,
+            1,
+            F::ONE,
+            true,
+        );
+        // dw (OC, IC) += dout^T (OC, rows) @ inp (rows, IC)
+        gemm_strided(oc, ic, rows, dw.as_mut_ptr(), ic, 1, true, dout.as_ptr(), 1, oc, inp.as_ptr(), ic, 1, F::ONE, true);
+    }
+    if let Some(db) = dbias {
+        assert_eq!(db.len(), oc);
+        db.par_chunks_mut(COLS_PER_TASK).enumerate().for_each(|(chunk, dbc)| {
+            let c0 = chunk * COLS_PER_TASK;
+            for d in dout.chunks_exact(oc) {
+                add_into(dbc, &d[c0..c0 + dbc.len()]);
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// Causal multi-head self-attention.
+///
+/// `qkv (B, T, 3C)` holds `[q | k | v]`, head `h` in columns `h*hs..(h+1)*hs` of each part.
+/// Writes `att (B, NH, T, T)`, the softmax probabilities (zero above the diagonal), which
+/// backward needs, and `out (B, T, C)`, heads concatenated in order.
+pub fn attention_forward<F: Float>(out: &mut [F], att: &mut [F], qkv: &[F], b: usize, t: usize, c: usize, nh: usize) {
+    let hs = c / nh;
+    assert_eq!(qkv.len(), b * t * 3 * c);
+    assert_eq!(out.len(), b * t * c);
+    assert_eq!(att.len(), b * nh * t * t);
+    let scale = F::from_f64(1.0 / (hs as f64).sqrt());
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    att.par_chunks_mut(t * t).enumerate().for_each(|(bh, a)| {
+        let (bi, h) = (bh / nh, bh % nh);
+        let base = bi * t * 3 * c;
+        let q = qkv[base + h * hs..].as_ptr();
+        let k = qkv[base + c + h * hs..].as_ptr();
+        let v = qkv[base + 2 * c + h * hs..].as_ptr();
+        // SAFETY: q, k, v address (T, hs) blocks with row stride 3C inside qkv; `a` is this
+        // task's own (T, T) block. The output block (batch bi, head h) is written by this task
+        // alone: tasks differ in (bi, h), so their column ranges or row ranges are disjoint.
+        unsafe {
+            // scores (T, T) = scale * q (T, hs) @ k^T (hs, T)
+            gemm_strided(t, t, hs, a.as_mut_ptr(), t, 1, false, q, 3 * c, 1, k, 1, 3 * c, scale, false);
+        }
+        for t1 in 0..t {
+            let row = &mut a[t1 * t..(t1 + 1) * t];
+            let max = row[..=t1].iter().copied().fold(row[0], F::max);
+            let mut sum = F::ZERO;
+            for x in &mut row[..=t1] {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = F::ONE / sum;
+            row[..=t1].iter_mut().for_each(|x| *x *= inv);
+            row[t1 + 1..].fill(F::ZERO);
+        }
+        let o = out_ptr;
+        unsafe {
+            // out (T, hs) = att (T, T) @ v (T, hs)
+            let dst = o.0.add(bi * t * c + h * hs);
+            gemm_strided(t, hs, t, dst, c, 1, false, a.as_ptr(), t, 1, v, 3 * c, 1, F::ONE, false);
+        }
+    });
+}
+
+/// Backward of [`attention_forward`]: overwrites `dqkv (B, T, 3C)` from `dout (B, T, C)`.
+/// `datt (B, NH, T, T)` is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<F: Float>(
+    dqkv: &mut [F],
+    datt: &mut [F],
+    dout: &[F],
+    qkv: &[F],
+    att: &[F],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) {
+    let hs = c / nh;
+    assert_eq!(dqkv.len(), b * t * 3 * c);
+    assert_eq!(datt.len(), b * nh * t * t);
+    assert_eq!(att.len(), b * nh * t * t);
+    let scale = F::from_f64(1.0 / (hs as f64).sqrt());
+    let dqkv_ptr = SharedMut(dqkv.as_mut_ptr());
+    datt.par_chunks_mut(t * t).enumerate().for_each(|(bh, da)| {
+        let (bi, h) = (bh / nh, bh % nh);
+        let a = &att[bh * t * t..(bh + 1) * t * t];
+        let base = bi * t * 3 * c;
+        let q = qkv[base + h * hs..].as_ptr();
+        let k = qkv[base + c + h * hs..].as_ptr();
+        let v = qkv[base + 2 * c + h * hs..].as_ptr();
+        let d_o = dout[bi * t * c + h * hs..].as_ptr();
+        let d = dqkv_ptr;
+        // SAFETY: as in the forward, each task writes only the (T, hs) blocks of its own
+        // (batch, head) in dqkv, and its own (T, T) block of datt.
+        unsafe {
+            let dv = d.0.add(base + 2 * c + h * hs);
+            // dv (T, hs) = att^T (T, T) @ dout (T, hs)
+            gemm_strided(t, hs, t, dv, 3 * c, 1, false, a.as_ptr(), 1, t, d_o, c, 1, F::ONE, false);
+            // datt (T, T) = dout (T, hs) @ v^T (hs, T)
+            gemm_strided(t, t, hs, da.as_mut_ptr(), t, 1, false, d_o, c, 1, v, 1, 3 * c, F::ONE, false);
+        }
+        // Softmax backward, in place: dpre = att * (datt - sum(att * datt)) along each row.
+        for t1 in 0..t {
+            let (ar, dr) = (&a[t1 * t..(t1 + 1) * t], &mut da[t1 * t..(t1 + 1) * t]);
+            let dot: F = ar[..=t1].iter().zip(&dr[..=t1]).map(|(&x, &y)| x * y).sum();
+            for t2 in 0..=t1 {
+                dr[t2] = ar[t2] * (dr[t2] - dot);
+            }
+            dr[t1 + 1..].fill(F::ZERO);
+        }
+        unsafe {
+            let dq = d.0.add(base + h * hs);
+            let dk = d.0.add(base + c + h * hs);
+            // dq (T, hs) = scale * dpre (T, T) @ k (T, hs)
+            gemm_strided(t, hs, t, dq, 3 * c, 1, false, da.as_ptr(), t, 1, k, 3 * c, 1, scale, false);
+            // dk (T, hs) = scale * dpre^T (T, T) @ q (T, hs)
+            gemm_strided(t, hs, t, dk, 3 * c, 1, false, da.as_ptr(), 1, t, q, 3 * c, 1, scale, false);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (tanh approximation)
+
+const GELU_SCALE: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
+
+/// `out = gelu(inp)`, elementwise.
+pub fn gelu_forward<F: Float>(out: &mut [F], inp: &[F]) {
+    let s = F::from_f64(GELU_SCALE);
+    let (half, k) = (F::from_f64(0.5), F::from_f64(0.044715));
+    out.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(o, x)| {
+        for i in 0..o.len() {
+            let v = x[i];
+            o[i] = half * v * (F::ONE + (s * (v + k * v * v * v)).tanh());
+        }
+    });
+}
+
+/// `d = d * gelu'(inp)` in place: `d` holds dL/d(gelu output) and leaves holding dL/d(inp).
+pub fn gelu_backward_inplace<F: Float>(d: &mut [F], inp: &[F]) {
+    let s = F::from_f64(GELU_SCALE);
+    let (half, k, k3) = (F::from_f64(0.5), F::from_f64(0.044715), F::from_f64(3.0 * 0.044715));
+    d.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(dd, x)| {
+        for i in 0..dd.len() {
+            let v = x[i];
+            let th = (s * (v + k * v * v * v)).tanh();
+            let sech2 = F::ONE - th * th;
+            let grad = half * (F::ONE + th) + half * v * sech2 * s * (F::ONE + k3 * v * v);
+            dd[i] *= grad;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy over the real vocabulary
+
+/// Softmax cross-entropy for each row of `logits (rows, Vp)` against `targets`, over the first
+/// `v` columns only (the rest are vocabulary padding). Replaces the logits with probabilities
+/// (padding columns set to zero) and writes each row's loss.
+pub fn crossentropy_forward<F: Float>(losses: &mut [F], logits: &mut [F], targets: &[u32], v: usize, vp: usize) {
+    assert_eq!(logits.len(), targets.len() * vp);
+    logits.par_chunks_mut(vp).zip(losses.par_iter_mut()).enumerate().for_each(|(row, (l, loss))| {
+        let max = l[..v].iter().copied().fold(l[0], F::max);
+        let mut sum = F::ZERO;
+        for x in &mut l[..v] {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = F::ONE / sum;
+        l[..v].iter_mut().for_each(|x| *x *= inv);
+        l[v..].fill(F::ZERO);
+        *loss = -l[targets[row] as usize].ln();
+    });
+}
+
+/// Turns the probabilities left by [`crossentropy_forward`] into `dL/dlogits` in place, where
+/// each row's loss has weight `dloss`: `(p - onehot(target)) * dloss`.
+pub fn crossentropy_backward_inplace<F: Float>(probs: &mut [F], targets: &[u32], dloss: F, vp: usize) {
+    probs.par_chunks_mut(vp).enumerate().for_each(|(row, p)| {
+        p[targets[row] as usize] -= F::ONE;
+        p.iter_mut().for_each(|x| *x *= dloss);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+/// `dst += src`, elementwise.
+#[inline]
+pub fn add_into<F: Float>(dst: &mut [F], src: &[F]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// `out = a + b`, elementwise and in parallel.
+pub fn residual_forward<F: Float>(out: &mut [F], a: &[F], b: &[F]) {
+    out.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(|(o, (x, y))| {
+        for i in 0..o.len() {
+            o[i] = x[i] + y[i];
+        }
+    });
+}

@@ -1,0 +1,102 @@
+//! AdamW with decoupled weight decay and global gradient-norm clipping, on flat buffers.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::layout::ParamLayout;
+use crate::Float;
+
+/// Elements per rayon task in the optimizer and norm loops.
+const CHUNK: usize = 1 << 15;
+
+/// AdamW's hyper-parameters (the learning rate comes from the schedule each step).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// The MT-NLG recipe.
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+    }
+}
+
+/// AdamW state: both moments as flat buffers laid out like the parameters, and the step count.
+#[derive(Debug, Clone)]
+pub struct AdamW<F> {
+    pub config: AdamWConfig,
+    pub m: Vec<F>,
+    pub v: Vec<F>,
+    /// Steps taken; bias correction uses it.
+    pub step: u64,
+    /// Per element range, whether weight decay applies (biases and norms do not decay).
+    decay: Vec<(std::ops::Range<usize>, bool)>,
+}
+
+impl<F: Float> AdamW<F> {
+    pub fn new(config: AdamWConfig, layout: &ParamLayout) -> Self {
+        let n = layout.numel();
+        AdamW { config, m: vec![F::ZERO; n], v: vec![F::ZERO; n], step: 0, decay: layout.decay_ranges().collect() }
+    }
+
+    /// One AdamW update of `params` from `grads` at learning rate `lr`.
+    pub fn update(&mut self, params: &mut [F], grads: &[F], lr: f64) {
+        assert_eq!(params.len(), self.m.len());
+        assert_eq!(grads.len(), self.m.len());
+        self.step += 1;
+        let c = self.config;
+        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        let (b1, b2) = (F::from_f64(c.beta1), F::from_f64(c.beta2));
+        let (one_b1, one_b2) = (F::from_f64(1.0 - c.beta1), F::from_f64(1.0 - c.beta2));
+        let (lr_f, eps) = (F::from_f64(lr), F::from_f64(c.eps));
+        let (inv_bc1, inv_bc2) = (F::from_f64(1.0 / bc1), F::from_f64(1.0 / bc2));
+        for (range, decays) in &self.decay {
+            let wd = if *decays { F::from_f64(c.weight_decay) } else { F::ZERO };
+            let p = &mut params[range.clone()];
+            let g = &grads[range.clone()];
+            let m = &mut self.m[range.clone()];
+            let v = &mut self.v[range.clone()];
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                .for_each(|((p, g), (m, v))| {
+                    for i in 0..p.len() {
+                        m[i] = b1 * m[i] + one_b1 * g[i];
+                        v[i] = b2 * v[i] + one_b2 * g[i] * g[i];
+                        let m_hat = m[i] * inv_bc1;
+                        let v_hat = v[i] * inv_bc2;
+                        p[i] -= lr_f * (m_hat / (v_hat.sqrt() + eps) + wd * p[i]);
+                    }
+                });
+        }
+    }
+}
+
+/// The squared L2 norm of `x`, summed in f64 in a fixed chunk order so the result does not
+/// depend on the thread count. Callers add the squares of several shards before the square root.
+pub fn sum_squares<F: Float>(x: &[F]) -> f64 {
+    let partial: Vec<f64> = x
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| { let v = v.to_f64(); v * v }).sum::<f64>())
+        .collect();
+    partial.iter().sum()
+}
+
+/// Scales `grads` so their global norm is at most `max_norm` (as PyTorch's `clip_grad_norm_`,
+/// with its 1e-6 guard), given the norm already computed. Returns the factor applied.
+pub fn clip_grads<F: Float>(grads: &mut [F], norm: f64, max_norm: f64) -> f64 {
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        let s = F::from_f64(coef);
+        grads.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|g| *g *= s));
+        coef
+    } else {
+        1.0
+    }
+}
