@@ -29,7 +29,13 @@ pub struct GptConfig {
 impl GptConfig {
     /// GPT-2 124M.
     pub fn gpt2_124m() -> Self {
-        GptConfig { vocab_size: 50257, seq_len: 1024, n_layer: 12, n_head: 12, n_embd: 768 }
+        GptConfig {
+            vocab_size: 50257,
+            seq_len: 1024,
+            n_layer: 12,
+            n_head: 12,
+            n_embd: 768,
+        }
     }
 
     /// The vocabulary rounded up to a multiple of [`VOCAB_PAD_MULTIPLE`]; rows past
@@ -76,7 +82,10 @@ impl GptConfig {
 
 /// The divisor of `n` closest to `want`, offered in error messages.
 fn divisors_near(n: usize, want: usize) -> usize {
-    (1..=n).filter(|d| n % d == 0).min_by_key(|d| d.abs_diff(want)).unwrap_or(1)
+    (1..=n)
+        .filter(|d| n % d == 0)
+        .min_by_key(|d| d.abs_diff(want))
+        .unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -96,7 +105,10 @@ mod tests {
         let mut c = GptConfig::gpt2_124m();
         c.n_head = 7;
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.starts_with("model.n_head: 7 heads do not divide n_embd 768"), "{e}");
+        assert!(
+            e.starts_with("model.n_head: 7 heads do not divide n_embd 768"),
+            "{e}"
+        );
         c.n_head = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("model.n_head: 0 is out of range"), "{e}");

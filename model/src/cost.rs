@@ -28,7 +28,11 @@ fn one() -> usize {
 
 impl Default for ParallelLayout {
     fn default() -> Self {
-        ParallelLayout { tp: 1, pp: 1, dp: 1 }
+        ParallelLayout {
+            tp: 1,
+            pp: 1,
+            dp: 1,
+        }
     }
 }
 
@@ -40,7 +44,11 @@ impl ParallelLayout {
     /// Checks that the layout splits `config` into whole pieces, naming the dimension that does
     /// not divide.
     pub fn validate(&self, config: &GptConfig) -> Result<(), ModelError> {
-        for (field, v) in [("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.dp", self.dp)] {
+        for (field, v) in [
+            ("parallel.tp", self.tp),
+            ("parallel.pp", self.pp),
+            ("parallel.dp", self.dp),
+        ] {
             if v == 0 {
                 return Err(ModelError::invalid(field, "must be at least 1"));
             }
@@ -104,21 +112,41 @@ pub fn flops_per_token(config: &GptConfig, seq: usize) -> f64 {
 
 /// The cost of one step of `global_batch` sequences of `seq` tokens, in microbatches of
 /// `micro_batch`, under `layout`.
-pub fn cost(config: &GptConfig, layout: &ParallelLayout, seq: usize, global_batch: usize, micro_batch: usize) -> Cost {
-    let (c, l, t) = (config.n_embd as u64, config.n_layer as u64, layout.tp as u64);
+pub fn cost(
+    config: &GptConfig,
+    layout: &ParallelLayout,
+    seq: usize,
+    global_batch: usize,
+    micro_batch: usize,
+) -> Cost {
+    let (c, l, t) = (
+        config.n_embd as u64,
+        config.n_layer as u64,
+        layout.tp as u64,
+    );
     let params = ParamLayout::new(config).numel() as u64;
     // Column-parallel weights and biases and row-parallel weights split over tp; LayerNorms and
     // the row-parallel biases are replicated.
     let layer_per_rank = (12 * c * c + 7 * c) / t + 6 * c;
     let embedding_per_rank = config.padded_vocab_size() as u64 * c / t;
     let stage_layers = l / layout.pp as u64;
-    let first_stage = stage_layers * layer_per_rank + embedding_per_rank + config.seq_len as u64 * c;
+    let first_stage =
+        stage_layers * layer_per_rank + embedding_per_rank + config.seq_len as u64 * c;
     let last_stage = stage_layers * layer_per_rank + embedding_per_rank + 2 * c;
-    let params_per_rank_max = if layout.pp == 1 { first_stage + 2 * c } else { first_stage.max(last_stage) };
+    let params_per_rank_max = if layout.pp == 1 {
+        first_stage + 2 * c
+    } else {
+        first_stage.max(last_stage)
+    };
     let fpt = flops_per_token(config, seq);
     let tokens = (global_batch * seq) as f64;
     let bytes_per_param = 2.0 + 4.0 + 12.0 / layout.dp as f64;
-    let (s, b, h, a) = (seq as f64, micro_batch as f64, config.n_embd as f64, config.n_head as f64);
+    let (s, b, h, a) = (
+        seq as f64,
+        micro_batch as f64,
+        config.n_embd as f64,
+        config.n_head as f64,
+    );
     // 1F1B keeps up to `pp` microbatches in flight on the first stage, each holding the bf16
     // input of every layer of the stage: L/pp layers x pp microbatches = L layer inputs.
     let stored = 2.0 * s * b * h * l as f64;
@@ -140,12 +168,22 @@ mod tests {
     use super::*;
 
     fn mtnlg() -> GptConfig {
-        GptConfig { vocab_size: 51200, seq_len: 2048, n_layer: 105, n_head: 128, n_embd: 20480 }
+        GptConfig {
+            vocab_size: 51200,
+            seq_len: 2048,
+            n_layer: 105,
+            n_head: 128,
+            n_embd: 20480,
+        }
     }
 
     #[test]
     fn mtnlg_530b_has_530b_parameters_and_fits_its_layout() {
-        let layout = ParallelLayout { tp: 8, pp: 35, dp: 16 };
+        let layout = ParallelLayout {
+            tp: 8,
+            pp: 35,
+            dp: 16,
+        };
         layout.validate(&mtnlg()).unwrap();
         let k = cost(&mtnlg(), &layout, 2048, 1920, 1);
         assert!((529e9..531e9).contains(&(k.params as f64)), "{}", k.params);
@@ -153,14 +191,40 @@ mod tests {
         // A rank holds a 280th of the model plus its share of the embedding.
         assert!(k.params_per_rank_max > k.params / 280 && k.params_per_rank_max < k.params / 250);
         // It must fit an 80 GB A100, as it did.
-        assert!(k.memory_bytes_per_rank() < 80e9, "{}", k.memory_bytes_per_rank());
+        assert!(
+            k.memory_bytes_per_rank() < 80e9,
+            "{}",
+            k.memory_bytes_per_rank()
+        );
     }
 
     #[test]
     fn layouts_that_do_not_divide_are_named() {
-        let e = ParallelLayout { tp: 3, pp: 1, dp: 1 }.validate(&mtnlg()).unwrap_err().to_string();
-        assert!(e.starts_with("parallel.tp: tensor parallel size 3 does not divide model.n_head 128"), "{e}");
-        let e = ParallelLayout { tp: 8, pp: 4, dp: 1 }.validate(&mtnlg()).unwrap_err().to_string();
-        assert!(e.starts_with("parallel.pp: pipeline parallel size 4 does not divide model.n_layer 105"), "{e}");
+        let e = ParallelLayout {
+            tp: 3,
+            pp: 1,
+            dp: 1,
+        }
+        .validate(&mtnlg())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("parallel.tp: tensor parallel size 3 does not divide model.n_head 128"),
+            "{e}"
+        );
+        let e = ParallelLayout {
+            tp: 8,
+            pp: 4,
+            dp: 1,
+        }
+        .validate(&mtnlg())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(
+                "parallel.pp: pipeline parallel size 4 does not divide model.n_layer 105"
+            ),
+            "{e}"
+        );
     }
 }

@@ -33,10 +33,10 @@ struct Activations<F> {
     logits: Vec<F>,    // (B, T, Vp): probabilities after forward, dlogits during backward
     losses: Vec<F>,    // (B, T)
     // Backward scratch:
-    dres: Vec<F>, // (B, T, C): dL/d(residual stream) at the current layer boundary
-    dc: Vec<F>,   // (B, T, C)
+    dres: Vec<F>,  // (B, T, C): dL/d(residual stream) at the current layer boundary
+    dc: Vec<F>,    // (B, T, C)
     dwide: Vec<F>, // (B, T, 4C), also used as (B, T, 3C)
-    datt: Vec<F>, // (B, NH, T, T)
+    datt: Vec<F>,  // (B, NH, T, T)
     forwarded: bool,
 }
 
@@ -90,7 +90,11 @@ fn layer_mut<F>(buf: &mut [F], l: usize, n_layer: usize) -> &mut [F] {
 }
 
 /// Two disjoint ranges of one buffer, mutably; `a` must end at or before `b` starts.
-fn two_mut<F>(buf: &mut [F], a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&mut [F], &mut [F]) {
+fn two_mut<F>(
+    buf: &mut [F],
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+) -> (&mut [F], &mut [F]) {
     assert!(a.end <= b.start, "ranges overlap or are out of order");
     let (lo, hi) = buf.split_at_mut(b.start);
     (&mut lo[a], &mut hi[..b.end - b.start])
@@ -115,23 +119,36 @@ impl<F: Float> Gpt<F> {
     pub fn new(config: GptConfig, batch: usize, seq: usize) -> Result<Self, ModelError> {
         config.validate()?;
         if batch == 0 {
-            return Err(ModelError::invalid("batch.micro_batch", "must be at least 1"));
+            return Err(ModelError::invalid(
+                "batch.micro_batch",
+                "must be at least 1",
+            ));
         }
         if seq == 0 || seq > config.seq_len {
             return Err(ModelError::invalid(
-                "train.seq",
-                format!("{seq} is out of range; use 1 to model.seq_len ({})", config.seq_len),
+                "batch.seq_len",
+                format!(
+                    "{seq} is out of range; use 1 to model.seq_len ({})",
+                    config.seq_len
+                ),
             ));
         }
         let layout = ParamLayout::new(&config);
         let n = layout.numel();
         let acts = Activations::new(&config, batch, seq);
-        Ok(Gpt { config, layout, params: vec![F::ZERO; n], grads: vec![F::ZERO; n], acts })
+        Ok(Gpt {
+            config,
+            layout,
+            params: vec![F::ZERO; n],
+            grads: vec![F::ZERO; n],
+            acts,
+        })
     }
 
     /// Draws fresh parameters from `seed` (see [`ParamLayout::init`]).
     pub fn init_params(&mut self, seed: u64, init_std: f64) {
-        self.layout.init(&mut self.params, &self.config, seed, init_std);
+        self.layout
+            .init(&mut self.params, &self.config, seed, init_std);
     }
 
     /// The microbatch shape (B, T) this model was built for.
@@ -151,12 +168,21 @@ impl<F: Float> Gpt<F> {
     /// callers validate data before it reaches the model.
     pub fn forward(&mut self, tokens: &[u32], targets: &[u32]) -> F {
         let cfg = &self.config;
-        let (l_n, c, nh, v, vp) = (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.padded_vocab_size());
+        let (l_n, c, nh, v, vp) = (
+            cfg.n_layer,
+            cfg.n_embd,
+            cfg.n_head,
+            cfg.vocab_size,
+            cfg.padded_vocab_size(),
+        );
         let a = &mut self.acts;
         let (b, t) = (a.b, a.t);
         assert_eq!(tokens.len(), b * t, "tokens must be (B, T) = ({b}, {t})");
         assert_eq!(targets.len(), b * t, "targets must be (B, T) = ({b}, {t})");
-        assert!(tokens.iter().chain(targets).all(|&x| (x as usize) < v), "token id outside the vocabulary");
+        assert!(
+            tokens.iter().chain(targets).all(|&x| (x as usize) < v),
+            "token id outside the vocabulary"
+        );
         a.tokens.copy_from_slice(tokens);
         a.targets.copy_from_slice(targets);
         let p = &self.params;
@@ -165,22 +191,72 @@ impl<F: Float> Gpt<F> {
         k::encoder_forward(&mut a.encoded, tokens, &p[lay.wte..], &p[lay.wpe..], t, c);
         for l in 0..l_n {
             let o = lay.blocks[l];
-            let res_in: &[F] = if l == 0 { &a.encoded } else { layer(&a.residual3, l - 1, l_n) };
+            let res_in: &[F] = if l == 0 {
+                &a.encoded
+            } else {
+                layer(&a.residual3, l - 1, l_n)
+            };
             let ln1 = layer_mut(&mut a.ln1, l, l_n);
-            let (ln1_mean, ln1_rstd) = (layer_mut(&mut a.ln1_mean, l, l_n), layer_mut(&mut a.ln1_rstd, l, l_n));
-            k::layernorm_forward(ln1, ln1_mean, ln1_rstd, res_in, &p[o.ln1_w..o.ln1_w + c], &p[o.ln1_b..o.ln1_b + c], c);
+            let (ln1_mean, ln1_rstd) = (
+                layer_mut(&mut a.ln1_mean, l, l_n),
+                layer_mut(&mut a.ln1_rstd, l, l_n),
+            );
+            k::layernorm_forward(
+                ln1,
+                ln1_mean,
+                ln1_rstd,
+                res_in,
+                &p[o.ln1_w..o.ln1_w + c],
+                &p[o.ln1_b..o.ln1_b + c],
+                c,
+            );
             let qkv = layer_mut(&mut a.qkv, l, l_n);
-            k::matmul_forward(qkv, ln1, &p[o.qkv_w..o.qkv_w + 3 * c * c], Some(&p[o.qkv_b..o.qkv_b + 3 * c]), c, 3 * c, false);
+            k::matmul_forward(
+                qkv,
+                ln1,
+                &p[o.qkv_w..o.qkv_w + 3 * c * c],
+                Some(&p[o.qkv_b..o.qkv_b + 3 * c]),
+                c,
+                3 * c,
+                false,
+            );
             let atty = layer_mut(&mut a.atty, l, l_n);
             k::attention_forward(atty, layer_mut(&mut a.att, l, l_n), qkv, b, t, c, nh);
             let residual2 = layer_mut(&mut a.residual2, l, l_n);
             residual2.copy_from_slice(res_in);
-            k::matmul_forward(residual2, atty, &p[o.proj_w..o.proj_w + c * c], Some(&p[o.proj_b..o.proj_b + c]), c, c, true);
+            k::matmul_forward(
+                residual2,
+                atty,
+                &p[o.proj_w..o.proj_w + c * c],
+                Some(&p[o.proj_b..o.proj_b + c]),
+                c,
+                c,
+                true,
+            );
             let ln2 = layer_mut(&mut a.ln2, l, l_n);
-            let (ln2_mean, ln2_rstd) = (layer_mut(&mut a.ln2_mean, l, l_n), layer_mut(&mut a.ln2_rstd, l, l_n));
-            k::layernorm_forward(ln2, ln2_mean, ln2_rstd, residual2, &p[o.ln2_w..o.ln2_w + c], &p[o.ln2_b..o.ln2_b + c], c);
+            let (ln2_mean, ln2_rstd) = (
+                layer_mut(&mut a.ln2_mean, l, l_n),
+                layer_mut(&mut a.ln2_rstd, l, l_n),
+            );
+            k::layernorm_forward(
+                ln2,
+                ln2_mean,
+                ln2_rstd,
+                residual2,
+                &p[o.ln2_w..o.ln2_w + c],
+                &p[o.ln2_b..o.ln2_b + c],
+                c,
+            );
             let fch = layer_mut(&mut a.fch, l, l_n);
-            k::matmul_forward(fch, ln2, &p[o.fc_w..o.fc_w + 4 * c * c], Some(&p[o.fc_b..o.fc_b + 4 * c]), c, 4 * c, false);
+            k::matmul_forward(
+                fch,
+                ln2,
+                &p[o.fc_w..o.fc_w + 4 * c * c],
+                Some(&p[o.fc_b..o.fc_b + 4 * c]),
+                c,
+                4 * c,
+                false,
+            );
             let fch_gelu = layer_mut(&mut a.fch_gelu, l, l_n);
             k::gelu_forward(fch_gelu, fch);
             let (done, rest) = a.residual3.split_at_mut(l * b * t * c);
@@ -198,8 +274,24 @@ impl<F: Float> Gpt<F> {
             );
         }
         let last = layer(&a.residual3, l_n - 1, l_n);
-        k::layernorm_forward(&mut a.lnf, &mut a.lnf_mean, &mut a.lnf_rstd, last, &p[lay.lnf_w..lay.lnf_w + c], &p[lay.lnf_b..lay.lnf_b + c], c);
-        k::matmul_forward(&mut a.logits, &a.lnf, &p[lay.wte..lay.wte + vp * c], None, c, vp, false);
+        k::layernorm_forward(
+            &mut a.lnf,
+            &mut a.lnf_mean,
+            &mut a.lnf_rstd,
+            last,
+            &p[lay.lnf_w..lay.lnf_w + c],
+            &p[lay.lnf_b..lay.lnf_b + c],
+            c,
+        );
+        k::matmul_forward(
+            &mut a.logits,
+            &a.lnf,
+            &p[lay.wte..lay.wte + vp * c],
+            None,
+            c,
+            vp,
+            false,
+        );
         k::crossentropy_forward(&mut a.losses, &mut a.logits, targets, v, vp);
         a.forwarded = true;
         let total: F = a.losses.iter().copied().sum();
@@ -231,47 +323,135 @@ impl<F: Float> Gpt<F> {
         let lay = &self.layout;
 
         k::crossentropy_backward_inplace(&mut a.logits, &a.targets, dloss, vp);
-        k::matmul_backward(&mut a.dc, &mut g[lay.wte..lay.wte + vp * c], None, &a.logits, &a.lnf, &p[lay.wte..lay.wte + vp * c], c, vp, false);
+        k::matmul_backward(
+            &mut a.dc,
+            &mut g[lay.wte..lay.wte + vp * c],
+            None,
+            &a.logits,
+            &a.lnf,
+            &p[lay.wte..lay.wte + vp * c],
+            c,
+            vp,
+            false,
+        );
         a.dres.iter_mut().for_each(|x| *x = F::ZERO);
         {
             let (dw, db) = two_mut(g, lay.lnf_w..lay.lnf_w + c, lay.lnf_b..lay.lnf_b + c);
             let last = layer(&a.residual3, l_n - 1, l_n);
-            k::layernorm_backward(&mut a.dres, dw, db, &a.dc, last, &a.lnf_mean, &a.lnf_rstd, &p[lay.lnf_w..lay.lnf_w + c], c);
+            k::layernorm_backward(
+                &mut a.dres,
+                dw,
+                db,
+                &a.dc,
+                last,
+                &a.lnf_mean,
+                &a.lnf_rstd,
+                &p[lay.lnf_w..lay.lnf_w + c],
+                c,
+            );
         }
         for l in (0..l_n).rev() {
             let o = lay.blocks[l];
-            let res_in: &[F] = if l == 0 { &a.encoded } else { layer(&a.residual3, l - 1, l_n) };
+            let res_in: &[F] = if l == 0 {
+                &a.encoded
+            } else {
+                layer(&a.residual3, l - 1, l_n)
+            };
             let d4c = &mut a.dwide[..bt * 4 * c];
             // MLP: residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2)))).
             {
-                let (dw, db) = two_mut(g, o.fcproj_w..o.fcproj_w + 4 * c * c, o.fcproj_b..o.fcproj_b + c);
+                let (dw, db) = two_mut(
+                    g,
+                    o.fcproj_w..o.fcproj_w + 4 * c * c,
+                    o.fcproj_b..o.fcproj_b + c,
+                );
                 let w = &p[o.fcproj_w..o.fcproj_w + 4 * c * c];
-                k::matmul_backward(d4c, dw, Some(db), &a.dres, layer(&a.fch_gelu, l, l_n), w, 4 * c, c, false);
+                k::matmul_backward(
+                    d4c,
+                    dw,
+                    Some(db),
+                    &a.dres,
+                    layer(&a.fch_gelu, l, l_n),
+                    w,
+                    4 * c,
+                    c,
+                    false,
+                );
             }
             k::gelu_backward_inplace(d4c, layer(&a.fch, l, l_n));
             {
                 let (dw, db) = two_mut(g, o.fc_w..o.fc_w + 4 * c * c, o.fc_b..o.fc_b + 4 * c);
                 let w = &p[o.fc_w..o.fc_w + 4 * c * c];
-                k::matmul_backward(&mut a.dc, dw, Some(db), d4c, layer(&a.ln2, l, l_n), w, c, 4 * c, false);
+                k::matmul_backward(
+                    &mut a.dc,
+                    dw,
+                    Some(db),
+                    d4c,
+                    layer(&a.ln2, l, l_n),
+                    w,
+                    c,
+                    4 * c,
+                    false,
+                );
             }
             {
                 let (dw, db) = two_mut(g, o.ln2_w..o.ln2_w + c, o.ln2_b..o.ln2_b + c);
                 let (mean, rstd) = (layer(&a.ln2_mean, l, l_n), layer(&a.ln2_rstd, l, l_n));
                 let w = &p[o.ln2_w..o.ln2_w + c];
-                k::layernorm_backward(&mut a.dres, dw, db, &a.dc, layer(&a.residual2, l, l_n), mean, rstd, w, c);
+                k::layernorm_backward(
+                    &mut a.dres,
+                    dw,
+                    db,
+                    &a.dc,
+                    layer(&a.residual2, l, l_n),
+                    mean,
+                    rstd,
+                    w,
+                    c,
+                );
             }
             // Attention: residual2 = res_in + c_proj(attention(c_attn(ln_1(res_in)))).
             {
                 let (dw, db) = two_mut(g, o.proj_w..o.proj_w + c * c, o.proj_b..o.proj_b + c);
                 let w = &p[o.proj_w..o.proj_w + c * c];
-                k::matmul_backward(&mut a.dc, dw, Some(db), &a.dres, layer(&a.atty, l, l_n), w, c, c, false);
+                k::matmul_backward(
+                    &mut a.dc,
+                    dw,
+                    Some(db),
+                    &a.dres,
+                    layer(&a.atty, l, l_n),
+                    w,
+                    c,
+                    c,
+                    false,
+                );
             }
             let d3c = &mut a.dwide[..bt * 3 * c];
-            k::attention_backward(d3c, &mut a.datt, &a.dc, layer(&a.qkv, l, l_n), layer(&a.att, l, l_n), b, t, c, nh);
+            k::attention_backward(
+                d3c,
+                &mut a.datt,
+                &a.dc,
+                layer(&a.qkv, l, l_n),
+                layer(&a.att, l, l_n),
+                b,
+                t,
+                c,
+                nh,
+            );
             {
                 let (dw, db) = two_mut(g, o.qkv_w..o.qkv_w + 3 * c * c, o.qkv_b..o.qkv_b + 3 * c);
                 let w = &p[o.qkv_w..o.qkv_w + 3 * c * c];
-                k::matmul_backward(&mut a.dc, dw, Some(db), d3c, layer(&a.ln1, l, l_n), w, c, 3 * c, false);
+                k::matmul_backward(
+                    &mut a.dc,
+                    dw,
+                    Some(db),
+                    d3c,
+                    layer(&a.ln1, l, l_n),
+                    w,
+                    c,
+                    3 * c,
+                    false,
+                );
             }
             {
                 let (dw, db) = two_mut(g, o.ln1_w..o.ln1_w + c, o.ln1_b..o.ln1_b + c);
@@ -280,7 +460,11 @@ impl<F: Float> Gpt<F> {
                 k::layernorm_backward(&mut a.dres, dw, db, &a.dc, res_in, mean, rstd, w, c);
             }
         }
-        let (dwte, dwpe) = two_mut(g, lay.wte..lay.wte + vp * c, lay.wpe..lay.wpe + cfg.seq_len * c);
+        let (dwte, dwpe) = two_mut(
+            g,
+            lay.wte..lay.wte + vp * c,
+            lay.wpe..lay.wpe + cfg.seq_len * c,
+        );
         k::encoder_backward(dwte, dwpe, &a.dres, &a.tokens, t, c);
     }
 }

@@ -50,7 +50,11 @@ unsafe fn gemm_strided<F: Float>(
     scale: F,
     parallel: bool,
 ) {
-    let parallelism = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
+    let parallelism = if parallel {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
     // SAFETY: forwarded from the caller; gemm computes dst := alpha*dst + beta*lhs*rhs and reads
     // dst only when `read_dst` is set.
     unsafe {
@@ -82,7 +86,14 @@ unsafe fn gemm_strided<F: Float>(
 // Embedding
 
 /// `out (B, T, C) = wte[tokens] + wpe[t]`.
-pub fn encoder_forward<F: Float>(out: &mut [F], tokens: &[u32], wte: &[F], wpe: &[F], t: usize, c: usize) {
+pub fn encoder_forward<F: Float>(
+    out: &mut [F],
+    tokens: &[u32],
+    wte: &[F],
+    wpe: &[F],
+    t: usize,
+    c: usize,
+) {
     assert_eq!(out.len(), tokens.len() * c);
     out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
         let tok = tokens[row] as usize;
@@ -183,8 +194,10 @@ pub fn layernorm_backward<F: Float>(
             }
         });
     // Parameter gradients: a reduction over rows, split by columns so each sum has one owner.
-    dw.par_chunks_mut(COLS_PER_TASK).zip(db.par_chunks_mut(COLS_PER_TASK)).enumerate().for_each(
-        |(chunk, (dwc, dbc))| {
+    dw.par_chunks_mut(COLS_PER_TASK)
+        .zip(db.par_chunks_mut(COLS_PER_TASK))
+        .enumerate()
+        .for_each(|(chunk, (dwc, dbc))| {
             let c0 = chunk * COLS_PER_TASK;
             for (row, (d, x)) in dout.chunks_exact(c).zip(inp.chunks_exact(c)).enumerate() {
                 let (mu, rs) = (mean[row], rstd[row]);
@@ -194,8 +207,7 @@ pub fn layernorm_backward<F: Float>(
                     dwc[j] += (x[i] - mu) * rs * d[i];
                 }
             }
-        },
-    );
+        });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,7 +238,23 @@ pub fn matmul_forward<F: Float>(
     }
     // SAFETY: shapes asserted above; out is a distinct &mut borrow.
     unsafe {
-        gemm_strided(rows, oc, ic, out.as_mut_ptr(), oc, 1, true, inp.as_ptr(), ic, 1, w.as_ptr(), 1, ic, F::ONE, true)
+        gemm_strided(
+            rows,
+            oc,
+            ic,
+            out.as_mut_ptr(),
+            oc,
+            1,
+            true,
+            inp.as_ptr(),
+            ic,
+            1,
+            w.as_ptr(),
+            1,
+            ic,
+            F::ONE,
+            true,
+        )
     }
 }
 
@@ -270,16 +298,34 @@ pub fn matmul_backward<F: Float>(
             true,
         );
         // dw (OC, IC) += dout^T (OC, rows) @ inp (rows, IC)
-        gemm_strided(oc, ic, rows, dw.as_mut_ptr(), ic, 1, true, dout.as_ptr(), 1, oc, inp.as_ptr(), ic, 1, F::ONE, true);
+        gemm_strided(
+            oc,
+            ic,
+            rows,
+            dw.as_mut_ptr(),
+            ic,
+            1,
+            true,
+            dout.as_ptr(),
+            1,
+            oc,
+            inp.as_ptr(),
+            ic,
+            1,
+            F::ONE,
+            true,
+        );
     }
     if let Some(db) = dbias {
         assert_eq!(db.len(), oc);
-        db.par_chunks_mut(COLS_PER_TASK).enumerate().for_each(|(chunk, dbc)| {
-            let c0 = chunk * COLS_PER_TASK;
-            for d in dout.chunks_exact(oc) {
-                add_into(dbc, &d[c0..c0 + dbc.len()]);
-            }
-        });
+        db.par_chunks_mut(COLS_PER_TASK)
+            .enumerate()
+            .for_each(|(chunk, dbc)| {
+                let c0 = chunk * COLS_PER_TASK;
+                for d in dout.chunks_exact(oc) {
+                    add_into(dbc, &d[c0..c0 + dbc.len()]);
+                }
+            });
     }
 }
 
@@ -291,7 +337,15 @@ pub fn matmul_backward<F: Float>(
 /// `qkv (B, T, 3C)` holds `[q | k | v]`, head `h` in columns `h*hs..(h+1)*hs` of each part.
 /// Writes `att (B, NH, T, T)`, the softmax probabilities (zero above the diagonal), which
 /// backward needs, and `out (B, T, C)`, heads concatenated in order.
-pub fn attention_forward<F: Float>(out: &mut [F], att: &mut [F], qkv: &[F], b: usize, t: usize, c: usize, nh: usize) {
+pub fn attention_forward<F: Float>(
+    out: &mut [F],
+    att: &mut [F],
+    qkv: &[F],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) {
     let hs = c / nh;
     assert_eq!(qkv.len(), b * t * 3 * c);
     assert_eq!(out.len(), b * t * c);
@@ -309,7 +363,23 @@ pub fn attention_forward<F: Float>(out: &mut [F], att: &mut [F], qkv: &[F], b: u
         // alone: tasks differ in (bi, h), so their column ranges or row ranges are disjoint.
         unsafe {
             // scores (T, T) = scale * q (T, hs) @ k^T (hs, T)
-            gemm_strided(t, t, hs, a.as_mut_ptr(), t, 1, false, q, 3 * c, 1, k, 1, 3 * c, scale, false);
+            gemm_strided(
+                t,
+                t,
+                hs,
+                a.as_mut_ptr(),
+                t,
+                1,
+                false,
+                q,
+                3 * c,
+                1,
+                k,
+                1,
+                3 * c,
+                scale,
+                false,
+            );
         }
         for t1 in 0..t {
             let row = &mut a[t1 * t..(t1 + 1) * t];
@@ -327,7 +397,23 @@ pub fn attention_forward<F: Float>(out: &mut [F], att: &mut [F], qkv: &[F], b: u
         unsafe {
             // out (T, hs) = att (T, T) @ v (T, hs)
             let dst = o.0.add(bi * t * c + h * hs);
-            gemm_strided(t, hs, t, dst, c, 1, false, a.as_ptr(), t, 1, v, 3 * c, 1, F::ONE, false);
+            gemm_strided(
+                t,
+                hs,
+                t,
+                dst,
+                c,
+                1,
+                false,
+                a.as_ptr(),
+                t,
+                1,
+                v,
+                3 * c,
+                1,
+                F::ONE,
+                false,
+            );
         }
     });
 }
@@ -366,9 +452,41 @@ pub fn attention_backward<F: Float>(
         unsafe {
             let dv = d.0.add(base + 2 * c + h * hs);
             // dv (T, hs) = att^T (T, T) @ dout (T, hs)
-            gemm_strided(t, hs, t, dv, 3 * c, 1, false, a.as_ptr(), 1, t, d_o, c, 1, F::ONE, false);
+            gemm_strided(
+                t,
+                hs,
+                t,
+                dv,
+                3 * c,
+                1,
+                false,
+                a.as_ptr(),
+                1,
+                t,
+                d_o,
+                c,
+                1,
+                F::ONE,
+                false,
+            );
             // datt (T, T) = dout (T, hs) @ v^T (hs, T)
-            gemm_strided(t, t, hs, da.as_mut_ptr(), t, 1, false, d_o, c, 1, v, 1, 3 * c, F::ONE, false);
+            gemm_strided(
+                t,
+                t,
+                hs,
+                da.as_mut_ptr(),
+                t,
+                1,
+                false,
+                d_o,
+                c,
+                1,
+                v,
+                1,
+                3 * c,
+                F::ONE,
+                false,
+            );
         }
         // Softmax backward, in place: dpre = att * (datt - sum(att * datt)) along each row.
         for t1 in 0..t {
@@ -383,9 +501,41 @@ pub fn attention_backward<F: Float>(
             let dq = d.0.add(base + h * hs);
             let dk = d.0.add(base + c + h * hs);
             // dq (T, hs) = scale * dpre (T, T) @ k (T, hs)
-            gemm_strided(t, hs, t, dq, 3 * c, 1, false, da.as_ptr(), t, 1, k, 3 * c, 1, scale, false);
+            gemm_strided(
+                t,
+                hs,
+                t,
+                dq,
+                3 * c,
+                1,
+                false,
+                da.as_ptr(),
+                t,
+                1,
+                k,
+                3 * c,
+                1,
+                scale,
+                false,
+            );
             // dk (T, hs) = scale * dpre^T (T, T) @ q (T, hs)
-            gemm_strided(t, hs, t, dk, 3 * c, 1, false, da.as_ptr(), 1, t, q, 3 * c, 1, scale, false);
+            gemm_strided(
+                t,
+                hs,
+                t,
+                dk,
+                3 * c,
+                1,
+                false,
+                da.as_ptr(),
+                1,
+                t,
+                q,
+                3 * c,
+                1,
+                scale,
+                false,
+            );
         }
     });
 }
@@ -399,27 +549,35 @@ const GELU_SCALE: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
 pub fn gelu_forward<F: Float>(out: &mut [F], inp: &[F]) {
     let s = F::from_f64(GELU_SCALE);
     let (half, k) = (F::from_f64(0.5), F::from_f64(0.044715));
-    out.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(o, x)| {
-        for i in 0..o.len() {
-            let v = x[i];
-            o[i] = half * v * (F::ONE + (s * (v + k * v * v * v)).tanh());
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(inp.par_chunks(4096))
+        .for_each(|(o, x)| {
+            for i in 0..o.len() {
+                let v = x[i];
+                o[i] = half * v * (F::ONE + (s * (v + k * v * v * v)).tanh_fast());
+            }
+        });
 }
 
 /// `d = d * gelu'(inp)` in place: `d` holds dL/d(gelu output) and leaves holding dL/d(inp).
 pub fn gelu_backward_inplace<F: Float>(d: &mut [F], inp: &[F]) {
     let s = F::from_f64(GELU_SCALE);
-    let (half, k, k3) = (F::from_f64(0.5), F::from_f64(0.044715), F::from_f64(3.0 * 0.044715));
-    d.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(dd, x)| {
-        for i in 0..dd.len() {
-            let v = x[i];
-            let th = (s * (v + k * v * v * v)).tanh();
-            let sech2 = F::ONE - th * th;
-            let grad = half * (F::ONE + th) + half * v * sech2 * s * (F::ONE + k3 * v * v);
-            dd[i] *= grad;
-        }
-    });
+    let (half, k, k3) = (
+        F::from_f64(0.5),
+        F::from_f64(0.044715),
+        F::from_f64(3.0 * 0.044715),
+    );
+    d.par_chunks_mut(4096)
+        .zip(inp.par_chunks(4096))
+        .for_each(|(dd, x)| {
+            for i in 0..dd.len() {
+                let v = x[i];
+                let th = (s * (v + k * v * v * v)).tanh_fast();
+                let sech2 = F::ONE - th * th;
+                let grad = half * (F::ONE + th) + half * v * sech2 * s * (F::ONE + k3 * v * v);
+                dd[i] *= grad;
+            }
+        });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -428,25 +586,40 @@ pub fn gelu_backward_inplace<F: Float>(d: &mut [F], inp: &[F]) {
 /// Softmax cross-entropy for each row of `logits (rows, Vp)` against `targets`, over the first
 /// `v` columns only (the rest are vocabulary padding). Replaces the logits with probabilities
 /// (padding columns set to zero) and writes each row's loss.
-pub fn crossentropy_forward<F: Float>(losses: &mut [F], logits: &mut [F], targets: &[u32], v: usize, vp: usize) {
+pub fn crossentropy_forward<F: Float>(
+    losses: &mut [F],
+    logits: &mut [F],
+    targets: &[u32],
+    v: usize,
+    vp: usize,
+) {
     assert_eq!(logits.len(), targets.len() * vp);
-    logits.par_chunks_mut(vp).zip(losses.par_iter_mut()).enumerate().for_each(|(row, (l, loss))| {
-        let max = l[..v].iter().copied().fold(l[0], F::max);
-        let mut sum = F::ZERO;
-        for x in &mut l[..v] {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = F::ONE / sum;
-        l[..v].iter_mut().for_each(|x| *x *= inv);
-        l[v..].fill(F::ZERO);
-        *loss = -l[targets[row] as usize].ln();
-    });
+    logits
+        .par_chunks_mut(vp)
+        .zip(losses.par_iter_mut())
+        .enumerate()
+        .for_each(|(row, (l, loss))| {
+            let max = l[..v].iter().copied().fold(l[0], F::max);
+            let mut sum = F::ZERO;
+            for x in &mut l[..v] {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = F::ONE / sum;
+            l[..v].iter_mut().for_each(|x| *x *= inv);
+            l[v..].fill(F::ZERO);
+            *loss = -l[targets[row] as usize].ln();
+        });
 }
 
 /// Turns the probabilities left by [`crossentropy_forward`] into `dL/dlogits` in place, where
 /// each row's loss has weight `dloss`: `(p - onehot(target)) * dloss`.
-pub fn crossentropy_backward_inplace<F: Float>(probs: &mut [F], targets: &[u32], dloss: F, vp: usize) {
+pub fn crossentropy_backward_inplace<F: Float>(
+    probs: &mut [F],
+    targets: &[u32],
+    dloss: F,
+    vp: usize,
+) {
     probs.par_chunks_mut(vp).enumerate().for_each(|(row, p)| {
         p[targets[row] as usize] -= F::ONE;
         p.iter_mut().for_each(|x| *x *= dloss);
@@ -466,9 +639,11 @@ pub fn add_into<F: Float>(dst: &mut [F], src: &[F]) {
 
 /// `out = a + b`, elementwise and in parallel.
 pub fn residual_forward<F: Float>(out: &mut [F], a: &[F], b: &[F]) {
-    out.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(|(o, (x, y))| {
-        for i in 0..o.len() {
-            o[i] = x[i] + y[i];
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
+        .for_each(|(o, (x, y))| {
+            for i in 0..o.len() {
+                o[i] = x[i] + y[i];
+            }
+        });
 }

@@ -98,11 +98,24 @@ impl ParamLayout {
         let mut add = |name: String, shape: Vec<usize>, kind: TensorKind| {
             let offset = numel;
             numel += shape.iter().product::<usize>();
-            tensors.push(TensorSpec { name, shape, offset, kind });
+            tensors.push(TensorSpec {
+                name,
+                shape,
+                offset,
+                kind,
+            });
             offset
         };
-        let wte = add("wte".into(), vec![config.padded_vocab_size(), c], TensorKind::TokenEmbedding);
-        let wpe = add("wpe".into(), vec![config.seq_len, c], TensorKind::PositionEmbedding);
+        let wte = add(
+            "wte".into(),
+            vec![config.padded_vocab_size(), c],
+            TensorKind::TokenEmbedding,
+        );
+        let wpe = add(
+            "wpe".into(),
+            vec![config.seq_len, c],
+            TensorKind::PositionEmbedding,
+        );
         let mut blocks = Vec::with_capacity(config.n_layer);
         for l in 0..config.n_layer {
             let p = |s: &str| format!("h.{l}.{s}");
@@ -124,8 +137,21 @@ impl ParamLayout {
         }
         let lnf_w = add("ln_f.weight".into(), vec![c], TensorKind::NormWeight);
         let lnf_b = add("ln_f.bias".into(), vec![c], TensorKind::NormBias);
-        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        ParamLayout { tensors, by_name, numel, wte, wpe, blocks, lnf_w, lnf_b }
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        ParamLayout {
+            tensors,
+            by_name,
+            numel,
+            wte,
+            wpe,
+            blocks,
+            lnf_w,
+            lnf_b,
+        }
     }
 
     /// Total elements in each flat buffer.
@@ -146,14 +172,26 @@ impl ParamLayout {
     /// # Panics
     /// If `name` is not a tensor of this model or `buf` is not one of its flat buffers.
     pub fn view<'a, F>(&self, buf: &'a [F], name: &str) -> &'a [F] {
-        assert_eq!(buf.len(), self.numel, "buffer is not laid out by this table");
-        let spec = self.get(name).unwrap_or_else(|| panic!("no tensor named {name}"));
+        assert_eq!(
+            buf.len(),
+            self.numel,
+            "buffer is not laid out by this table"
+        );
+        let spec = self
+            .get(name)
+            .unwrap_or_else(|| panic!("no tensor named {name}"));
         &buf[spec.range()]
     }
 
     pub fn view_mut<'a, F>(&self, buf: &'a mut [F], name: &str) -> &'a mut [F] {
-        assert_eq!(buf.len(), self.numel, "buffer is not laid out by this table");
-        let spec = self.get(name).unwrap_or_else(|| panic!("no tensor named {name}"));
+        assert_eq!(
+            buf.len(),
+            self.numel,
+            "buffer is not laid out by this table"
+        );
+        let spec = self
+            .get(name)
+            .unwrap_or_else(|| panic!("no tensor named {name}"));
         &mut buf[spec.range()]
     }
 
@@ -169,15 +207,17 @@ impl ParamLayout {
             match t.kind {
                 TensorKind::NormWeight => out.fill(F::ONE),
                 TensorKind::Bias | TensorKind::NormBias => out.fill(F::ZERO),
-                TensorKind::ResidualWeight => {
-                    out.iter_mut().for_each(|x| *x = F::from_f64(residual_std * rng.normal()))
-                }
-                TensorKind::Weight | TensorKind::PositionEmbedding => {
-                    out.iter_mut().for_each(|x| *x = F::from_f64(std * rng.normal()))
-                }
+                TensorKind::ResidualWeight => out
+                    .iter_mut()
+                    .for_each(|x| *x = F::from_f64(residual_std * rng.normal())),
+                TensorKind::Weight | TensorKind::PositionEmbedding => out
+                    .iter_mut()
+                    .for_each(|x| *x = F::from_f64(std * rng.normal())),
                 TensorKind::TokenEmbedding => {
                     let real = config.vocab_size * config.n_embd;
-                    out[..real].iter_mut().for_each(|x| *x = F::from_f64(std * rng.normal()));
+                    out[..real]
+                        .iter_mut()
+                        .for_each(|x| *x = F::from_f64(std * rng.normal()));
                     out[real..].fill(F::ZERO);
                 }
             }
@@ -213,7 +253,13 @@ mod tests {
 
     #[test]
     fn init_is_per_tensor_and_zeroes_padding() {
-        let c = GptConfig { vocab_size: 100, seq_len: 8, n_layer: 2, n_head: 2, n_embd: 16 };
+        let c = GptConfig {
+            vocab_size: 100,
+            seq_len: 8,
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 16,
+        };
         let layout = ParamLayout::new(&c);
         let mut a = vec![0f32; layout.numel()];
         layout.init(&mut a, &c, 42, 0.02);
@@ -222,10 +268,16 @@ mod tests {
         assert!(wte[..100 * 16].iter().any(|&x| x != 0.0));
         assert!(layout.view(&a, "h.1.ln_2.weight").iter().all(|&x| x == 1.0));
         // A deeper model draws the same values for the tensors the two share.
-        let c2 = GptConfig { n_layer: 3, ..c.clone() };
+        let c2 = GptConfig {
+            n_layer: 3,
+            ..c.clone()
+        };
         let layout2 = ParamLayout::new(&c2);
         let mut b = vec![0f32; layout2.numel()];
         layout2.init(&mut b, &c2, 42, 0.02);
-        assert_eq!(layout.view(&a, "h.0.mlp.c_fc.weight"), layout2.view(&b, "h.0.mlp.c_fc.weight"));
+        assert_eq!(
+            layout.view(&a, "h.0.mlp.c_fc.weight"),
+            layout2.view(&b, "h.0.mlp.c_fc.weight")
+        );
     }
 }

@@ -22,7 +22,12 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// The MT-NLG recipe.
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
     }
 }
 
@@ -41,7 +46,13 @@ pub struct AdamW<F> {
 impl<F: Float> AdamW<F> {
     pub fn new(config: AdamWConfig, layout: &ParamLayout) -> Self {
         let n = layout.numel();
-        AdamW { config, m: vec![F::ZERO; n], v: vec![F::ZERO; n], step: 0, decay: layout.decay_ranges().collect() }
+        AdamW {
+            config,
+            m: vec![F::ZERO; n],
+            v: vec![F::ZERO; n],
+            step: 0,
+            decay: layout.decay_ranges().collect(),
+        }
     }
 
     /// One AdamW update of `params` from `grads` at learning rate `lr`.
@@ -57,7 +68,11 @@ impl<F: Float> AdamW<F> {
         let (lr_f, eps) = (F::from_f64(lr), F::from_f64(c.eps));
         let (inv_bc1, inv_bc2) = (F::from_f64(1.0 / bc1), F::from_f64(1.0 / bc2));
         for (range, decays) in &self.decay {
-            let wd = if *decays { F::from_f64(c.weight_decay) } else { F::ZERO };
+            let wd = if *decays {
+                F::from_f64(c.weight_decay)
+            } else {
+                F::ZERO
+            };
             let p = &mut params[range.clone()];
             let g = &grads[range.clone()];
             let m = &mut self.m[range.clone()];
@@ -78,14 +93,21 @@ impl<F: Float> AdamW<F> {
     }
 }
 
-/// The squared L2 norm of `x`, summed in f64 in a fixed chunk order so the result does not
-/// depend on the thread count. Callers add the squares of several shards before the square root.
+/// Fixed number of parts a norm is split into: fixed, not per thread, so the summation order
+/// and therefore the result never depend on the thread count.
+const NORM_PARTS: usize = 64;
+
+/// The squared L2 norm of `x`, summed in f64 in a fixed order. Callers add the squares of
+/// several shards before taking the square root. Allocates nothing.
 pub fn sum_squares<F: Float>(x: &[F]) -> f64 {
-    let partial: Vec<f64> = x
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| { let v = v.to_f64(); v * v }).sum::<f64>())
-        .collect();
-    partial.iter().sum()
+    let part_len = x.len().div_ceil(NORM_PARTS).max(1);
+    let mut parts = [0f64; NORM_PARTS];
+    parts.par_iter_mut().enumerate().for_each(|(i, p)| {
+        let lo = (i * part_len).min(x.len());
+        let hi = ((i + 1) * part_len).min(x.len());
+        *p = x[lo..hi].iter().map(|&v| v.to_f64() * v.to_f64()).sum();
+    });
+    parts.iter().sum()
 }
 
 /// Scales `grads` so their global norm is at most `max_norm` (as PyTorch's `clip_grad_norm_`,
@@ -94,7 +116,9 @@ pub fn clip_grads<F: Float>(grads: &mut [F], norm: f64, max_norm: f64) -> f64 {
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         let s = F::from_f64(coef);
-        grads.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|g| *g *= s));
+        grads
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|g| *g *= s));
         coef
     } else {
         1.0

@@ -26,13 +26,19 @@ impl LrSchedule {
         if !(self.peak_lr.is_finite() && self.peak_lr > 0.0 && self.peak_lr < 1.0) {
             return Err(ModelError::invalid(
                 "optim.lr.peak_lr",
-                format!("{} is out of range; use a number in (0, 1), for example 6e-4", self.peak_lr),
+                format!(
+                    "{} is out of range; use a number in (0, 1), for example 6e-4",
+                    self.peak_lr
+                ),
             ));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return Err(ModelError::invalid(
                 "optim.lr.min_lr_ratio",
-                format!("{} is out of range; use a fraction of the peak from 0 to 1 (MT-NLG: 0.1)", self.min_lr_ratio),
+                format!(
+                    "{} is out of range; use a fraction of the peak from 0 to 1 (MT-NLG: 0.1)",
+                    self.min_lr_ratio
+                ),
             ));
         }
         if self.decay_tokens < self.warmup_tokens {
@@ -56,9 +62,14 @@ impl LrSchedule {
             return self.peak_lr * tokens as f64 / self.warmup_tokens as f64;
         }
         if tokens >= self.decay_tokens || self.decay_tokens == self.warmup_tokens {
-            return if tokens >= self.decay_tokens { min_lr } else { self.peak_lr };
+            return if tokens >= self.decay_tokens {
+                min_lr
+            } else {
+                self.peak_lr
+            };
         }
-        let progress = (tokens - self.warmup_tokens) as f64 / (self.decay_tokens - self.warmup_tokens) as f64;
+        let progress =
+            (tokens - self.warmup_tokens) as f64 / (self.decay_tokens - self.warmup_tokens) as f64;
         min_lr + (self.peak_lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 }
@@ -76,7 +87,12 @@ pub struct BatchRamp {
 
 impl BatchRamp {
     pub fn constant(global: u64) -> Self {
-        BatchRamp { start: global, increment: 0, ramp_samples: 0, global }
+        BatchRamp {
+            start: global,
+            increment: 0,
+            ramp_samples: 0,
+            global,
+        }
     }
 
     /// Checks the ramp against the microbatch size: every batch on the way must be a whole
@@ -106,7 +122,10 @@ impl BatchRamp {
                 ),
             ));
         }
-        if self.increment == 0 || self.increment % micro_batch != 0 || (self.global - self.start) % self.increment != 0 {
+        if self.increment == 0
+            || self.increment % micro_batch != 0
+            || (self.global - self.start) % self.increment != 0
+        {
             return Err(ModelError::invalid(
                 "batch.rampup.increment",
                 format!(
@@ -152,7 +171,12 @@ mod tests {
 
     #[test]
     fn lr_warms_up_then_decays_to_ten_percent() {
-        let s = LrSchedule { peak_lr: 5e-5, warmup_tokens: 1000, decay_tokens: 11_000, min_lr_ratio: 0.1 };
+        let s = LrSchedule {
+            peak_lr: 5e-5,
+            warmup_tokens: 1000,
+            decay_tokens: 11_000,
+            min_lr_ratio: 0.1,
+        };
         assert_eq!(s.lr_at(500), 2.5e-5);
         assert_eq!(s.lr_at(1000), 5e-5);
         assert!((s.lr_at(6000) - 0.55 * 5e-5).abs() < 1e-18);
@@ -163,15 +187,27 @@ mod tests {
     #[test]
     fn batch_ramps_like_megatron() {
         // 32 -> 96 in steps of 32 over 300 samples: 2 increments of 150 samples each.
-        let r = BatchRamp { start: 32, increment: 32, ramp_samples: 300, global: 96 };
+        let r = BatchRamp {
+            start: 32,
+            increment: 32,
+            ramp_samples: 300,
+            global: 96,
+        };
         r.validate(8).unwrap();
         let batches: Vec<u64> = (0..8).map(|s| r.batch_at(r.consumed_before(s))).collect();
         assert_eq!(batches, [32, 32, 32, 32, 32, 64, 64, 64]);
         assert_eq!(r.batch_at(r.consumed_before(8)), 96);
         for s in 0..20 {
-            assert_eq!(r.consumed_before(s + 1), r.consumed_before(s) + r.batch_at(r.consumed_before(s)));
+            assert_eq!(
+                r.consumed_before(s + 1),
+                r.consumed_before(s) + r.batch_at(r.consumed_before(s))
+            );
         }
-        assert!(r.validate(24).unwrap_err().to_string().contains("batch.global_batch"));
+        assert!(r
+            .validate(24)
+            .unwrap_err()
+            .to_string()
+            .contains("batch.global_batch"));
         let c = BatchRamp::constant(16);
         assert_eq!(c.consumed_before(5), 80);
     }

@@ -1,11 +1,17 @@
 //! Every parameter's analytic gradient against central finite differences, in f64.
 
-use marathon_model::{Gpt, GptConfig};
 use marathon_model::rng::Rng;
+use marathon_model::{Gpt, GptConfig};
 
 #[test]
 fn every_gradient_matches_finite_differences_in_f64() {
-    let config = GptConfig { vocab_size: 50, seq_len: 6, n_layer: 2, n_head: 2, n_embd: 8 };
+    let config = GptConfig {
+        vocab_size: 50,
+        seq_len: 6,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 8,
+    };
     let (b, t) = (2, 5);
     let mut model = Gpt::<f64>::new(config.clone(), b, t).unwrap();
     model.init_params(3, 0.3);
@@ -42,12 +48,20 @@ fn every_gradient_matches_finite_differences_in_f64() {
             diff2 += (numeric - analytic[i]).powi(2);
             num2 += numeric * numeric;
         }
-        assert!(num2 > 0.0, "{} has an all-zero gradient: the check would prove nothing", spec.name);
+        assert!(
+            num2 > 0.0,
+            "{} has an all-zero gradient: the check would prove nothing",
+            spec.name
+        );
         let rel = (diff2 / num2).sqrt();
         if rel > worst.0 {
             worst = (rel, spec.name.clone());
         }
-        assert!(rel < 1e-6, "{}: relative error {rel:e} of the analytic gradient", spec.name);
+        assert!(
+            rel < 1e-6,
+            "{}: relative error {rel:e} of the analytic gradient",
+            spec.name
+        );
     }
     println!("worst relative gradient error {:e} in {}", worst.0, worst.1);
     // The padding rows of the tied embedding never receive gradient.

@@ -6,16 +6,32 @@ use marathon_model::{AdamW, AdamWConfig, Float, Gpt, GptConfig};
 use serde_json::Value;
 
 fn fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/reference_tiny.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/reference_tiny.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn ints(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32)).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+        })
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn model<F: Float>(fx: &Value) -> (Gpt<F>, Vec<u32>, Vec<u32>) {
@@ -29,16 +45,25 @@ fn model<F: Float>(fx: &Value) -> (Gpt<F>, Vec<u32>, Vec<u32>) {
         n_embd: get("n_embd"),
     };
     assert_eq!(config.padded_vocab_size(), get("padded_vocab_size"));
-    let (b, t) = (fx["batch"].as_u64().unwrap() as usize, fx["seq"].as_u64().unwrap() as usize);
+    let (b, t) = (
+        fx["batch"].as_u64().unwrap() as usize,
+        fx["seq"].as_u64().unwrap() as usize,
+    );
     let mut m = Gpt::<F>::new(config, b, t).unwrap();
     let names: Vec<String> = m.layout.tensors().iter().map(|s| s.name.clone()).collect();
     let recorded = fx["params"].as_object().unwrap();
-    assert_eq!(recorded.len(), names.len(), "fixture and model name different tensors");
+    assert_eq!(
+        recorded.len(),
+        names.len(),
+        "fixture and model name different tensors"
+    );
     for name in &names {
         let values = floats(&recorded[name]);
         let view = m.layout.view_mut(&mut m.params, name);
         assert_eq!(view.len(), values.len(), "{name}");
-        view.iter_mut().zip(&values).for_each(|(p, &v)| *p = F::from_f64(v));
+        view.iter_mut()
+            .zip(&values)
+            .for_each(|(p, &v)| *p = F::from_f64(v));
     }
     (m, ints(&fx["inputs"]), ints(&fx["targets"]))
 }
@@ -50,7 +75,10 @@ fn check<F: Float>(tol: f64) {
     let n = tokens.len();
     let loss = m.forward(&tokens, &targets).to_f64();
     let want = fx["loss"].as_f64().unwrap();
-    assert!(((loss - want) / want).abs() < tol, "loss {loss} vs reference {want}");
+    assert!(
+        ((loss - want) / want).abs() < tol,
+        "loss {loss} vs reference {want}"
+    );
     m.zero_grad();
     m.backward(F::from_f64(1.0 / n as f64));
     let mut worst = 0.0f64;
@@ -69,7 +97,11 @@ fn check<F: Float>(tol: f64) {
             assert!(rel < tol, "{name}[{i}]: gradient {got} vs reference {want} (relative to the tensor's largest {scale})");
         }
     }
-    println!("{}: loss rel err {:e}, worst gradient rel err {worst:e}", std::any::type_name::<F>(), ((loss - want) / want).abs());
+    println!(
+        "{}: loss rel err {:e}, worst gradient rel err {worst:e}",
+        std::any::type_name::<F>(),
+        ((loss - want) / want).abs()
+    );
 
     // Three AdamW steps with clipping on the same batch.
     let a = &fx["adamw"];
@@ -87,14 +119,25 @@ fn check<F: Float>(tol: f64) {
         let loss = m.forward(&tokens, &targets).to_f64();
         m.backward(F::from_f64(1.0 / n as f64));
         let norm = sum_squares(&m.grads).sqrt();
-        assert!(((loss - losses[step]) / losses[step]).abs() < tol, "step {step}: loss {loss} vs {}", losses[step]);
-        assert!(((norm - norms[step]) / norms[step]).abs() < tol, "step {step}: grad norm {norm} vs {}", norms[step]);
+        assert!(
+            ((loss - losses[step]) / losses[step]).abs() < tol,
+            "step {step}: loss {loss} vs {}",
+            losses[step]
+        );
+        assert!(
+            ((norm - norms[step]) / norms[step]).abs() < tol,
+            "step {step}: grad norm {norm} vs {}",
+            norms[step]
+        );
         clip_grads(&mut m.grads, norm, clip);
         opt.update(&mut m.params, &m.grads, lr);
     }
     let after = m.forward(&tokens, &targets).to_f64();
     let want = a["loss_after"].as_f64().unwrap();
-    assert!(((after - want) / want).abs() < tol, "loss after 3 AdamW steps {after} vs {want}");
+    assert!(
+        ((after - want) / want).abs() < tol,
+        "loss after 3 AdamW steps {after} vs {want}"
+    );
 }
 
 #[test]

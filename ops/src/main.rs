@@ -1,1 +1,203 @@
-fn main() {}
+//! `marathon`: the operator's command line.
+//!
+//! Parses arguments, draws progress and prints reports; everything it runs lives in the library
+//! crates. Errors reach the user through `anyhow` with the file, field or step they concern.
+
+mod bench;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use marathon_model::cost::{cost, ParallelLayout};
+use marathon_runtime::data::{prepare, PrepareOptions};
+use marathon_runtime::{TrainConfig, Trainer};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "marathon",
+    version,
+    about = "Train GPT models with 3D parallelism, for weeks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model from a TOML configuration.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Corpus preparation.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// Size a configuration's parallel layout: parameters, memory per rank, FLOPs per step.
+    Plan {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Tokenize text (.txt, .md, ...) and JSON-lines (.jsonl, a "text" field per line) corpora
+    /// with GPT-2 BPE into train.bin and val.bin.
+    Prepare {
+        /// Input files or directories (searched recursively); repeat for several.
+        #[arg(long = "input", required = true, num_args = 1..)]
+        inputs: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Fraction of tokens held out for validation.
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time training steps and compare with the GEMM library's speed on the step's largest
+    /// matrix product.
+    Train(bench::TrainArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train { config } => train(config),
+        Command::Data {
+            command:
+                DataCommand::Prepare {
+                    inputs,
+                    out,
+                    val_fraction,
+                },
+        } => {
+            let report = prepare(&PrepareOptions {
+                inputs,
+                out_dir: out,
+                val_fraction,
+            })?;
+            println!(
+                "prepared {} files, {} documents: {} training tokens in {}, {} validation tokens in {}",
+                report.files,
+                report.docs,
+                report.train_tokens,
+                report.train_path.display(),
+                report.val_tokens,
+                report.val_path.display()
+            );
+            Ok(())
+        }
+        Command::Bench {
+            command: BenchCommand::Train(args),
+        } => bench::train(args),
+        Command::Plan { config } => plan(config),
+    }
+}
+
+fn train(config: PathBuf) -> Result<()> {
+    let cfg = TrainConfig::load(&config)?;
+    let layout = cfg.parallel;
+    let k = cost(
+        &cfg.model,
+        &layout,
+        cfg.batch.seq_len,
+        cfg.batch.global_batch,
+        cfg.batch.micro_batch,
+    );
+    eprintln!(
+        "model: {} parameters, {} layers, hidden {}, {} heads, vocabulary {} (padded {}); {} threads",
+        k.params,
+        cfg.model.n_layer,
+        cfg.model.n_embd,
+        cfg.model.n_head,
+        cfg.model.vocab_size,
+        cfg.model.padded_vocab_size(),
+        rayon::current_num_threads()
+    );
+    let mut trainer =
+        Trainer::new(cfg).with_context(|| format!("start training from {}", config.display()))?;
+    let mut progress = progress::Progress::new(&trainer.cfg);
+    let summary = trainer.run(&mut progress)?;
+    progress.finish();
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+fn plan(config: PathBuf) -> Result<()> {
+    let cfg = TrainConfig::load(&config)?;
+    let layout: ParallelLayout = cfg.parallel;
+    let k = cost(
+        &cfg.model,
+        &layout,
+        cfg.batch.seq_len,
+        cfg.batch.global_batch,
+        cfg.batch.micro_batch,
+    );
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    println!("configuration      {}", config.display());
+    println!(
+        "model              {} layers, hidden {}, {} heads, sequence {}, vocabulary {} (padded {})",
+        cfg.model.n_layer,
+        cfg.model.n_embd,
+        cfg.model.n_head,
+        cfg.batch.seq_len,
+        cfg.model.vocab_size,
+        cfg.model.padded_vocab_size()
+    );
+    println!(
+        "layout             tp {} x pp {} x dp {} = {} ranks ({} layers per stage)",
+        layout.tp,
+        layout.pp,
+        layout.dp,
+        layout.world_size(),
+        cfg.model.n_layer / layout.pp
+    );
+    println!(
+        "parameters         {} ({:.1}B)",
+        k.params,
+        k.params as f64 / 1e9
+    );
+    println!(
+        "parameters/rank    {} at most ({:.2}B)",
+        k.params_per_rank_max,
+        k.params_per_rank_max as f64 / 1e9
+    );
+    println!(
+        "memory/rank        {:.1} GiB: {:.1} GiB weights, gradients and optimizer state (bf16 + fp32, optimizer sharded over dp), {:.1} GiB activations (micro batch {}, full recompute)",
+        gib(k.memory_bytes_per_rank()),
+        gib(k.state_bytes_per_rank),
+        gib(k.activation_bytes_per_rank),
+        cfg.batch.micro_batch
+    );
+    println!(
+        "FLOPs/step         {:.3e} for a global batch of {} x {} tokens ({:.3e} per rank)",
+        k.flops_per_step, cfg.batch.global_batch, cfg.batch.seq_len, k.flops_per_step_per_rank
+    );
+    println!("FLOPs/token        {:.3e}", k.flops_per_token);
+    Ok(())
+}

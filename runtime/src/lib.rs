@@ -1,1 +1,71 @@
-//! runtime
+//! marathon-runtime: the worker.
+//!
+//! Owns what runs a training job once its configuration is known: the data pipeline (token
+//! files, corpus preparation, the deterministic sampler), the configuration and its validation,
+//! and the trainer's step loop with evaluation and metrics. The process groups, pipeline
+//! schedule, checkpoint hooks, recovery and the node agent arrive with the parallelism,
+//! checkpoint and elastic work.
+//!
+//! Never parses command lines or draws progress bars: it reports progress through
+//! [`trainer::Observer`], and `ops` renders it.
+
+pub mod config;
+pub mod data;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use trainer::{Observer, StepRecord, Trainer};
+
+use std::path::PathBuf;
+
+/// Errors of the runtime. Each names the file, field or step involved.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The configuration file cannot be used: `field` says where, `reason` what to do.
+    #[error("config {path}: {field}: {reason}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    /// The configuration file does not parse (unknown field, wrong type, bad TOML).
+    #[error("config {path}: {message}")]
+    ConfigSyntax { path: PathBuf, message: String },
+    /// A data file is missing, empty, malformed or does not fit the model.
+    #[error("data file {path}: {reason}")]
+    Data { path: PathBuf, reason: String },
+    /// The loss stopped being a finite number.
+    #[error("training diverged at step {step}: the loss is {loss}; lower optim.lr.peak_lr or raise optim.lr.warmup_tokens")]
+    Diverged { step: u64, loss: f32 },
+    /// Reading or writing a file failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RuntimeError {
+    pub(crate) fn data(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        RuntimeError::Data {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        RuntimeError::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

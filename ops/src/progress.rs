@@ -1,0 +1,85 @@
+//! The training progress display: a bar on a terminal, plain lines otherwise (logs, CI).
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use marathon_runtime::trainer::{Observer, StepRecord};
+use marathon_runtime::TrainConfig;
+
+/// How often plain-line mode prints when stderr is not a terminal.
+const LINE_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    started: Instant,
+    last_line: Option<Instant>,
+    last_val: Option<f32>,
+}
+
+impl Progress {
+    pub fn new(cfg: &TrainConfig) -> Self {
+        let total = cfg.train.steps;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            let style = ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
+                .expect("static template");
+            bar.set_style(style);
+            bar
+        });
+        Progress {
+            bar,
+            total,
+            started: Instant::now(),
+            last_line: None,
+            last_val: None,
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+
+    fn message(&self, r: &StepRecord) -> String {
+        let val = self
+            .last_val
+            .map(|v| format!(" val {v:.4}"))
+            .unwrap_or_default();
+        format!(
+            "loss {:.4}{val} lr {:.2e} {:.0} tok/s",
+            r.loss, r.lr, r.tokens_per_s
+        )
+    }
+}
+
+impl Observer for Progress {
+    fn on_step(&mut self, r: &StepRecord) {
+        let msg = self.message(r);
+        if let Some(bar) = &self.bar {
+            bar.set_message(msg);
+            bar.set_position(r.step);
+            return;
+        }
+        let due =
+            self.last_line.is_none_or(|t| t.elapsed() >= LINE_INTERVAL) || r.step == self.total;
+        if due {
+            let elapsed = self.started.elapsed().as_secs_f64();
+            let eta = elapsed / r.step as f64 * (self.total - r.step) as f64;
+            eprintln!("step {}/{} {msg} ETA {eta:.0}s", r.step, self.total);
+            self.last_line = Some(Instant::now());
+        }
+    }
+
+    fn on_eval(&mut self, step: u64, val_loss: f32) {
+        self.last_val = Some(val_loss);
+        let line = format!("step {step}: validation loss {val_loss:.4}");
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}

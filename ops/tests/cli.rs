@@ -1,0 +1,173 @@
+//! The `marathon` binary end to end: prepare, train, plan, and errors on bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn marathon(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_marathon"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+#[test]
+fn prepare_then_train_writes_metrics_and_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    // The repository's own text is a corpus every checkout has.
+    let readme = repo().join("README.md");
+    let arch = repo().join("ARCHITECTURE.md");
+    let out = marathon(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            readme.to_str().unwrap(),
+            arch.to_str().unwrap(),
+            "--out",
+            "corpus",
+            "--val-fraction",
+            "0.2",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("prepared 2 files, 2 documents"),
+        "{}",
+        text(&out)
+    );
+    let config = r#"
+[model]
+vocab_size = 50257
+seq_len = 32
+n_layer = 1
+n_head = 2
+n_embd = 32
+[data]
+train = "corpus/train.bin"
+val = "corpus/val.bin"
+[batch]
+micro_batch = 2
+global_batch = 4
+seq_len = 32
+[optim]
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-8
+weight_decay = 0.1
+grad_clip = 1.0
+init_std = 0.02
+[optim.lr]
+peak_lr = 1e-3
+warmup_tokens = 256
+decay_tokens = 1024
+[train]
+steps = 4
+eval_every = 2
+eval_batches = 1
+metrics = "runs/m.jsonl"
+"#;
+    std::fs::write(dir.path().join("c.toml"), config).unwrap();
+    let out = marathon(&["train", "--config", "c.toml"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(summary["steps"], 4);
+    assert_eq!(summary["tokens"], 4 * 4 * 32);
+    assert!(
+        text(&out).contains("step 4: validation loss"),
+        "{}",
+        text(&out)
+    );
+    let metrics = std::fs::read_to_string(dir.path().join("runs/m.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.iter().filter(|l| l["kind"] == "step").count(), 4);
+    assert_eq!(lines.iter().filter(|l| l["kind"] == "eval").count(), 2);
+    assert!(
+        lines[0]["data"]["loss"].as_f64().unwrap() > 5.0,
+        "an untrained GPT-2 vocabulary model starts near ln(50257)"
+    );
+}
+
+#[test]
+fn bad_input_exits_non_zero_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = repo().join("configs/small.toml");
+    // A shipped configuration whose corpus is not prepared in this directory.
+    let out = marathon(&["train", "--config", small.to_str().unwrap()], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("data file data/repo/train.bin: cannot open"),
+        "{}",
+        text(&out)
+    );
+    // A typo in a field.
+    let bad = std::fs::read_to_string(&small)
+        .unwrap()
+        .replace("n_head = 4", "n_heads = 4");
+    std::fs::write(dir.path().join("bad.toml"), bad).unwrap();
+    let out = marathon(&["train", "--config", "bad.toml"], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("error: config bad.toml: ")
+            && text(&out).contains("unknown field `n_heads`"),
+        "{}",
+        text(&out)
+    );
+    // A missing configuration file.
+    let out = marathon(&["train", "--config", "nope.toml"], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("config nope.toml: cannot read"),
+        "{}",
+        text(&out)
+    );
+    // A parallel layout the single-process trainer cannot run.
+    let mtnlg = repo().join("configs/mtnlg-530b.toml");
+    let out = marathon(&["train", "--config", mtnlg.to_str().unwrap()], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("parallel: layout tp=8 pp=35 dp=16 needs 4480 worker processes"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn plan_sizes_the_mtnlg_530b_layout() {
+    let out = marathon(&["plan", "--config", "configs/mtnlg-530b.toml"], repo());
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("tp 8 x pp 35 x dp 16 = 4480 ranks (3 layers per stage)"),
+        "{t}"
+    );
+    assert!(t.contains("(529.6B)"), "{t}");
+    assert!(t.contains("memory/rank"), "{t}");
+    assert!(t.contains("FLOPs/step"), "{t}");
+}
+
+#[test]
+fn shipped_configurations_all_validate() {
+    for entry in std::fs::read_dir(repo().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = marathon(&["plan", "--config", path.to_str().unwrap()], repo());
+        assert!(out.status.success(), "{}: {}", path.display(), text(&out));
+    }
+}

@@ -1,0 +1,244 @@
+//! The training configuration: a TOML file, parsed strictly and validated field by field.
+//!
+//! Unknown fields are refused (a typo never silently falls back to a default), and every value
+//! is checked before anything runs; errors name the field as written in the file
+//! (`batch.micro_batch`) and say what is accepted.
+
+use std::path::{Path, PathBuf};
+
+use marathon_model::cost::ParallelLayout;
+use marathon_model::{AdamWConfig, BatchRamp, GptConfig, LrSchedule, ModelError};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, RuntimeError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: GptConfig,
+    pub data: DataConfig,
+    pub batch: BatchConfig,
+    pub optim: OptimConfig,
+    pub train: RunConfig,
+    #[serde(default)]
+    pub parallel: ParallelLayout,
+    /// The file this configuration came from, for error messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Token file to train on (from `marathon data prepare`).
+    pub train: PathBuf,
+    /// Token file for validation loss; without it no validation runs.
+    pub val: Option<PathBuf>,
+    /// Seed of the data order.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Sequences per microbatch: one forward and backward pass.
+    pub micro_batch: usize,
+    /// Sequences per optimizer step once any ramp-up is over.
+    pub global_batch: usize,
+    /// Tokens per training sequence, at most `model.seq_len`.
+    pub seq_len: usize,
+    pub rampup: Option<RampupConfig>,
+}
+
+/// Megatron's batch-size ramp-up: from `start` sequences, `increment` at a time, over
+/// `ramp_tokens` tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RampupConfig {
+    pub start: usize,
+    pub increment: usize,
+    pub ramp_tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: LrSchedule,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip.
+    pub grad_clip: f64,
+    /// Standard deviation of the initial weights.
+    pub init_std: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Optimizer steps to run.
+    pub steps: u64,
+    /// Seed of the initial weights.
+    #[serde(default)]
+    pub seed: u64,
+    /// Run validation every this many steps (and after the last); 0 disables it.
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Microbatches of the validation file each validation averages over.
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Where to append one JSON line per step and per validation.
+    pub metrics: Option<PathBuf>,
+}
+
+fn default_eval_batches() -> usize {
+    8
+}
+
+impl TrainConfig {
+    /// Reads, parses and validates the configuration at `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::ConfigSyntax {
+            path: path.to_owned(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let mut cfg: TrainConfig =
+            toml::from_str(text).map_err(|e| RuntimeError::ConfigSyntax {
+                path: path.to_owned(),
+                message: e.to_string().trim_end().replace('\n', "\n  "),
+            })?;
+        cfg.source = path.to_owned();
+        cfg.validate().map_err(|e| cfg.error(e))?;
+        Ok(cfg)
+    }
+
+    /// Checks every value and every relation between values.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        self.model.validate()?;
+        self.parallel.validate(&self.model)?;
+        let b = &self.batch;
+        if b.micro_batch == 0 {
+            return Err(invalid("batch.micro_batch", "must be at least 1"));
+        }
+        if b.seq_len == 0 || b.seq_len > self.model.seq_len {
+            return Err(invalid(
+                "batch.seq_len",
+                format!(
+                    "{} is out of range; use 1 to model.seq_len ({})",
+                    b.seq_len, self.model.seq_len
+                ),
+            ));
+        }
+        self.batch_ramp().validate(b.micro_batch as u64)?;
+        let o = &self.optim;
+        o.lr.validate()?;
+        for (field, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(invalid(
+                    field,
+                    format!("{v} is out of range; use a number in [0, 1), for example 0.9"),
+                ));
+            }
+        }
+        if !(o.eps > 0.0 && o.eps < 1.0) {
+            return Err(invalid(
+                "optim.eps",
+                format!(
+                    "{} is out of range; use a small positive number such as 1e-8",
+                    o.eps
+                ),
+            ));
+        }
+        if !(o.weight_decay >= 0.0 && o.weight_decay < 1.0) {
+            return Err(invalid(
+                "optim.weight_decay",
+                format!(
+                    "{} is out of range; use a number in [0, 1), for example 0.1",
+                    o.weight_decay
+                ),
+            ));
+        }
+        if !(o.grad_clip > 0.0 && o.grad_clip.is_finite()) {
+            return Err(invalid(
+                "optim.grad_clip",
+                format!("{} must be a positive number, for example 1.0", o.grad_clip),
+            ));
+        }
+        if !(o.init_std > 0.0 && o.init_std < 1.0) {
+            return Err(invalid(
+                "optim.init_std",
+                format!(
+                    "{} is out of range; use a small positive number such as 0.02",
+                    o.init_std
+                ),
+            ));
+        }
+        let r = &self.train;
+        if r.steps == 0 {
+            return Err(invalid("train.steps", "must be at least 1"));
+        }
+        if r.eval_every > 0 && self.data.val.is_none() {
+            return Err(invalid(
+                "train.eval_every",
+                "is set but data.val names no validation file; set data.val or eval_every = 0",
+            ));
+        }
+        if r.eval_every > 0 && r.eval_batches == 0 {
+            return Err(invalid(
+                "train.eval_batches",
+                "must be at least 1 when train.eval_every is set",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A model-crate error about this configuration, as a runtime error naming the file.
+    pub fn error(&self, e: ModelError) -> RuntimeError {
+        match e {
+            ModelError::InvalidConfig { field, reason } => RuntimeError::Config {
+                path: self.source.clone(),
+                field,
+                reason,
+            },
+        }
+    }
+
+    /// The global batch schedule, in sequences.
+    pub fn batch_ramp(&self) -> BatchRamp {
+        let global = self.batch.global_batch as u64;
+        match &self.batch.rampup {
+            None => BatchRamp::constant(global),
+            Some(r) => BatchRamp {
+                start: r.start as u64,
+                increment: r.increment as u64,
+                ramp_samples: r.ramp_tokens / self.batch.seq_len as u64,
+                global,
+            },
+        }
+    }
+}
+
+impl OptimConfig {
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ModelError {
+    ModelError::InvalidConfig {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}

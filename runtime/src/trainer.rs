@@ -1,0 +1,283 @@
+//! The single-process trainer: the step loop, validation and metrics.
+//!
+//! One step takes the global batch the schedule gives, runs it as microbatches through forward
+//! and backward with every position's loss weighted by 1 / (tokens in the global batch), clips
+//! the global gradient norm, and applies AdamW at the learning rate of the tokens consumed.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use marathon_model::optim::{clip_grads, sum_squares};
+use marathon_model::{AdamW, BatchRamp, Gpt};
+use serde::Serialize;
+
+use crate::config::TrainConfig;
+use crate::data::{DataOrder, TokenFile};
+use crate::{Result, RuntimeError};
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    /// Mean loss over the global batch.
+    pub loss: f32,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub batch: u64,
+    /// Tokens consumed after this step.
+    pub tokens: u64,
+    pub step_ms: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Receives progress; `ops` draws it.
+pub trait Observer {
+    fn on_step(&mut self, _rec: &StepRecord) {}
+    fn on_eval(&mut self, _step: u64, _val_loss: f32) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default)]
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// The end of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_loss: f32,
+    pub final_val_loss: Option<f32>,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug)]
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub model: Gpt<f32>,
+    pub opt: AdamW<f32>,
+    train: TokenFile,
+    val: Option<TokenFile>,
+    order: DataOrder,
+    ramp: BatchRamp,
+    /// Steps completed.
+    pub step: u64,
+    /// Samples consumed by the completed steps: the data order's position.
+    pub consumed_samples: u64,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    metrics: Option<BufWriter<File>>,
+}
+
+impl Trainer {
+    /// Opens the data, checks it against the configuration, and builds the model with fresh
+    /// weights from `train.seed`.
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        if cfg.parallel.world_size() != 1 {
+            return Err(RuntimeError::Config {
+                path: cfg.source.clone(),
+                field: "parallel".into(),
+                reason: format!(
+                    "layout tp={} pp={} dp={} needs {} worker processes; this trainer runs one \
+                     (tp = pp = dp = 1). Use `marathon plan` to size a parallel layout",
+                    cfg.parallel.tp,
+                    cfg.parallel.pp,
+                    cfg.parallel.dp,
+                    cfg.parallel.world_size()
+                ),
+            });
+        }
+        let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
+        let train = TokenFile::open(&cfg.data.train, cfg.model.vocab_size)?;
+        check_samples(&train, seq, mb, "data.train")?;
+        let val = match &cfg.data.val {
+            Some(p) => {
+                let v = TokenFile::open(p, cfg.model.vocab_size)?;
+                check_samples(&v, seq, mb, "data.val")?;
+                Some(v)
+            }
+            None => None,
+        };
+        let order = DataOrder::new(cfg.data.seed, train.samples(seq));
+        let mut model = Gpt::new(cfg.model.clone(), mb, seq).map_err(|e| cfg.error(e))?;
+        model.init_params(cfg.train.seed, cfg.optim.init_std);
+        let opt = AdamW::new(cfg.optim.adamw(), &model.layout);
+        let metrics = match &cfg.train.metrics {
+            Some(p) => Some(open_metrics(p)?),
+            None => None,
+        };
+        let ramp = cfg.batch_ramp();
+        Ok(Trainer {
+            cfg,
+            model,
+            opt,
+            train,
+            val,
+            order,
+            ramp,
+            step: 0,
+            consumed_samples: 0,
+            inputs: vec![0; mb * seq],
+            targets: vec![0; mb * seq],
+            metrics,
+        })
+    }
+
+    /// The global batch, in sequences, of the next step.
+    pub fn next_batch(&self) -> u64 {
+        self.ramp.batch_at(self.consumed_samples)
+    }
+
+    /// Runs one optimizer step.
+    pub fn train_step(&mut self) -> Result<StepRecord> {
+        let started = Instant::now();
+        let (mb, seq) = (self.cfg.batch.micro_batch, self.cfg.batch.seq_len);
+        let batch = self.next_batch();
+        let micro_steps = batch as usize / mb;
+        let dloss = 1.0 / (batch as f32 * seq as f32);
+        self.model.zero_grad();
+        let mut loss_sum = 0.0f64;
+        for m in 0..micro_steps {
+            let first = self.consumed_samples + (m * mb) as u64;
+            for j in 0..mb {
+                let k = self.order.sample(first + j as u64);
+                let r = j * seq..(j + 1) * seq;
+                self.train
+                    .sample(k, &mut self.inputs[r.clone()], &mut self.targets[r]);
+            }
+            loss_sum += self.model.forward(&self.inputs, &self.targets) as f64;
+            self.model.backward(dloss);
+        }
+        let grad_norm = sum_squares(&self.model.grads).sqrt();
+        clip_grads(&mut self.model.grads, grad_norm, self.cfg.optim.grad_clip);
+        let tokens = (self.consumed_samples + batch) * seq as u64;
+        let lr = self.cfg.optim.lr.lr_at(tokens);
+        self.opt
+            .update(&mut self.model.params, &self.model.grads, lr);
+        self.consumed_samples += batch;
+        self.step += 1;
+        let step_ms = started.elapsed().as_secs_f64() * 1e3;
+        let rec = StepRecord {
+            step: self.step,
+            loss: (loss_sum / micro_steps as f64) as f32,
+            lr,
+            grad_norm,
+            batch,
+            tokens,
+            step_ms,
+            tokens_per_s: (batch * seq as u64) as f64 / (step_ms / 1e3),
+        };
+        if !rec.loss.is_finite() {
+            return Err(RuntimeError::Diverged {
+                step: rec.step,
+                loss: rec.loss,
+            });
+        }
+        self.write_metric(&serde_json::json!({ "kind": "step", "data": &rec }))?;
+        Ok(rec)
+    }
+
+    /// Mean loss over the first `train.eval_batches` microbatches of the validation file, in
+    /// file order. Leaves the gradients untouched.
+    pub fn evaluate(&mut self) -> Result<Option<f32>> {
+        let Some(val) = &self.val else {
+            return Ok(None);
+        };
+        let (mb, seq) = (self.cfg.batch.micro_batch, self.cfg.batch.seq_len);
+        let batches = self
+            .cfg
+            .train
+            .eval_batches
+            .min(val.samples(seq) / mb)
+            .max(1);
+        let mut sum = 0.0f64;
+        for b in 0..batches {
+            for j in 0..mb {
+                let r = j * seq..(j + 1) * seq;
+                val.sample(
+                    b * mb + j,
+                    &mut self.inputs[r.clone()],
+                    &mut self.targets[r],
+                );
+            }
+            sum += self.model.forward(&self.inputs, &self.targets) as f64;
+        }
+        let loss = (sum / batches as f64) as f32;
+        self.write_metric(
+            &serde_json::json!({ "kind": "eval", "data": { "step": self.step, "val_loss": loss } }),
+        )?;
+        Ok(Some(loss))
+    }
+
+    /// Runs the configured number of steps with periodic validation.
+    pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Summary> {
+        let started = Instant::now();
+        let (mut last, mut last_val) = (f32::NAN, None);
+        let every = self.cfg.train.eval_every;
+        while self.step < self.cfg.train.steps {
+            let rec = self.train_step()?;
+            observer.on_step(&rec);
+            last = rec.loss;
+            if every > 0 && (self.step % every == 0 || self.step == self.cfg.train.steps) {
+                if let Some(v) = self.evaluate()? {
+                    observer.on_eval(self.step, v);
+                    last_val = Some(v);
+                }
+            }
+        }
+        if let Some(m) = &mut self.metrics {
+            m.flush().map_err(|e| {
+                RuntimeError::io(
+                    "write metrics",
+                    self.cfg.train.metrics.clone().unwrap_or_default(),
+                    e,
+                )
+            })?;
+        }
+        Ok(Summary {
+            steps: self.step,
+            final_loss: last,
+            final_val_loss: last_val,
+            tokens: self.consumed_samples * self.cfg.batch.seq_len as u64,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn write_metric(&mut self, v: &serde_json::Value) -> Result<()> {
+        if let Some(m) = &mut self.metrics {
+            let path = self.cfg.train.metrics.as_deref().unwrap_or(Path::new(""));
+            writeln!(m, "{v}").map_err(|e| RuntimeError::io("write metrics", path, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_samples(f: &TokenFile, seq: usize, mb: usize, field: &str) -> Result<()> {
+    if f.samples(seq) < mb {
+        return Err(RuntimeError::data(
+            f.path(),
+            format!(
+                "({field}) holds {} tokens, fewer than one microbatch of {mb} sequences of {seq} \
+                 tokens needs ({}); use more text or a smaller batch.micro_batch or batch.seq_len",
+                f.len(),
+                mb * seq + 1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn open_metrics(path: &Path) -> Result<BufWriter<File>> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io("create directory", dir, e))?;
+    }
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| RuntimeError::io("open metrics file", path, e))?;
+    Ok(BufWriter::new(f))
+}

@@ -1,0 +1,99 @@
+//! Helpers shared by the runtime's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use marathon_runtime::data::tokens::write_token_file;
+use marathon_runtime::TrainConfig;
+
+/// tinyshakespeare, from `../shared/data/` beside the checkout or `MARATHON_TEST_TEXT`.
+/// Fails loudly when it is missing: a test that needs real text must not pass without it.
+pub fn shakespeare() -> PathBuf {
+    let path = std::env::var_os("MARATHON_TEST_TEXT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt")
+        });
+    assert!(
+        path.is_file(),
+        "test text {} is missing: these tests need tinyshakespeare.txt in ../shared/data/ beside the \
+         checkout, or MARATHON_TEST_TEXT set to a copy of it",
+        path.display()
+    );
+    path
+}
+
+/// A token file of `n` pseudo-random tokens below `vocab`, with some structure to learn
+/// (each token usually follows from the one before).
+pub fn synthetic_tokens(dir: &Path, name: &str, n: usize, vocab: u32, seed: u64) -> PathBuf {
+    let mut rng = marathon_model::rng::Rng::new(seed);
+    let mut tokens = Vec::with_capacity(n);
+    let mut prev = 0u32;
+    for _ in 0..n {
+        let t = if rng.below(4) == 0 {
+            rng.below(vocab as u64) as u32
+        } else {
+            (prev * 7 + 3) % vocab
+        };
+        tokens.push(t);
+        prev = t;
+    }
+    let path = dir.join(name);
+    write_token_file(&path, &tokens, vocab, 1).unwrap();
+    path
+}
+
+/// A small, valid configuration over the given token files, as TOML text.
+pub fn small_config_toml(train: &Path, val: Option<&Path>, vocab: usize) -> String {
+    let val = val
+        .map(|v| format!("val = {:?}\n", v.display().to_string()))
+        .unwrap_or_default();
+    format!(
+        r#"
+[model]
+vocab_size = {vocab}
+seq_len = 32
+n_layer = 2
+n_head = 2
+n_embd = 32
+
+[data]
+train = {train:?}
+{val}seed = 7
+
+[batch]
+micro_batch = 4
+global_batch = 8
+seq_len = 16
+
+[optim]
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-8
+weight_decay = 0.1
+grad_clip = 1.0
+init_std = 0.02
+
+[optim.lr]
+peak_lr = 3e-3
+warmup_tokens = 256
+decay_tokens = 4096
+
+[train]
+steps = 6
+seed = 3
+"#,
+        train = train.display().to_string(),
+    )
+}
+
+pub fn parse(text: &str) -> TrainConfig {
+    TrainConfig::parse(text, Path::new("test.toml")).unwrap()
+}
+
+/// The error message `TrainConfig::parse` gives for `text`.
+pub fn config_error(text: &str) -> String {
+    TrainConfig::parse(text, Path::new("bad.toml"))
+        .unwrap_err()
+        .to_string()
+}

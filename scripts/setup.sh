@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what marathon's build and tests need on a fresh Debian or Ubuntu machine that has a
+# Rust toolchain. Idempotent: anything already present is left alone. Says what it installs and
+# fails with a clear message where it cannot.
+set -euo pipefail
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+command -v cargo >/dev/null 2>&1 || die "cargo not found; install a Rust toolchain first (https://rustup.rs), then rerun"
+
+# System packages: protoc builds etcd-client's protocol definitions.
+apt_packages=()
+command -v protoc >/dev/null 2>&1 || apt_packages+=(protobuf-compiler)
+
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  command -v apt-get >/dev/null 2>&1 || die "missing ${apt_packages[*]} and no apt-get here; install them with your package manager"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || die "installing ${apt_packages[*]} needs root; rerun as root or install sudo"
+    sudo="sudo"
+  fi
+  say "installing ${apt_packages[*]} with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq || die "apt-get update failed; check the network or the apt sources"
+  $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null \
+    || die "apt-get install ${apt_packages[*]} failed"
+fi
+say "system packages ready"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: installs what the tests need, builds once in release mode
+# (tests and the main job share the build), and runs the suite with cargo-nextest when it is
+# installed, else with cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --release --locked --no-fail-fast "$@"
+else
+  printf 'test: cargo-nextest not installed; running cargo test (install it with `cargo install cargo-nextest --locked` for parallel runs)\n' >&2
+  cargo test --workspace --release --locked --no-fail-fast "$@"
+fi
