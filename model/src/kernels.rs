@@ -26,6 +26,33 @@ struct SharedMut<F>(*mut F);
 unsafe impl<F> Send for SharedMut<F> {}
 unsafe impl<F> Sync for SharedMut<F> {}
 
+thread_local! {
+    /// How deep this thread is inside the GEMM library. The library takes its packing scratch
+    /// from the heap on every call; tests use [`in_gemm`] to tell those allocations from ours.
+    static GEMM_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the current thread is inside a call to the GEMM library.
+pub fn in_gemm() -> bool {
+    GEMM_DEPTH.with(|d| d.get() > 0)
+}
+
+/// Marks the current thread as inside the GEMM library until dropped.
+struct GemmScope;
+
+impl GemmScope {
+    fn enter() -> Self {
+        GEMM_DEPTH.with(|d| d.set(d.get() + 1));
+        GemmScope
+    }
+}
+
+impl Drop for GemmScope {
+    fn drop(&mut self) {
+        GEMM_DEPTH.with(|d| d.set(d.get() - 1));
+    }
+}
+
 /// `dst (m, n) = [dst +] scale * lhs (m, k) @ rhs (k, n)` with explicit strides, through the GEMM
 /// library. `(rs, cs)` are the row and column strides of each operand.
 ///
@@ -55,6 +82,7 @@ unsafe fn gemm_strided<F: Float>(
     } else {
         Parallelism::None
     };
+    let _inside = GemmScope::enter();
     // SAFETY: forwarded from the caller; gemm computes dst := alpha*dst + beta*lhs*rhs and reads
     // dst only when `read_dst` is set.
     unsafe {

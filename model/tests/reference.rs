@@ -1,6 +1,9 @@
 //! The model against values recorded once from an independent PyTorch implementation
 //! (`fixtures/make_reference.py`, float64): loss, gradients, and three clipped AdamW steps.
 
+// The fixture helpers unwrap: a malformed fixture is a failed test, not a case to handle.
+#![allow(clippy::unwrap_used)]
+
 use marathon_model::optim::{clip_grads, sum_squares};
 use marathon_model::{AdamW, AdamWConfig, Float, Gpt, GptConfig};
 use serde_json::Value;

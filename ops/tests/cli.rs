@@ -8,7 +8,7 @@ fn marathon(args: &[&str], cwd: &Path) -> Output {
         .args(args)
         .current_dir(cwd)
         .output()
-        .unwrap()
+        .expect("run the marathon binary")
 }
 
 fn text(o: &Output) -> String {

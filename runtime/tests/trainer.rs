@@ -6,9 +6,11 @@ use common::*;
 use marathon_runtime::Trainer;
 
 fn losses_and_params(cfg: marathon_runtime::TrainConfig) -> (Vec<f32>, Vec<f32>) {
-    let mut t = Trainer::new(cfg).unwrap();
+    let mut t = Trainer::new(cfg).expect("build the trainer");
     let steps = t.cfg.train.steps;
-    let losses = (0..steps).map(|_| t.train_step().unwrap().loss).collect();
+    let losses = (0..steps)
+        .map(|_| t.train_step().expect("train a step").loss)
+        .collect();
     (losses, t.model.params.clone())
 }
 

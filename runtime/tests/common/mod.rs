@@ -39,7 +39,7 @@ pub fn synthetic_tokens(dir: &Path, name: &str, n: usize, vocab: u32, seed: u64)
         prev = t;
     }
     let path = dir.join(name);
-    write_token_file(&path, &tokens, vocab, 1).unwrap();
+    write_token_file(&path, &tokens, vocab, 1).expect("write a synthetic token file");
     path
 }
 
@@ -88,12 +88,12 @@ seed = 3
 }
 
 pub fn parse(text: &str) -> TrainConfig {
-    TrainConfig::parse(text, Path::new("test.toml")).unwrap()
+    TrainConfig::parse(text, Path::new("test.toml")).expect("a valid test configuration")
 }
 
 /// The error message `TrainConfig::parse` gives for `text`.
 pub fn config_error(text: &str) -> String {
     TrainConfig::parse(text, Path::new("bad.toml"))
-        .unwrap_err()
+        .expect_err("an invalid configuration")
         .to_string()
 }
