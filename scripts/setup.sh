@@ -9,9 +9,14 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install a Rust toolchain first (https://rustup.rs), then rerun"
 
-# System packages: protoc builds etcd-client's protocol definitions.
+# System packages the build or the tests need, as "command:package" pairs. The workspace builds
+# from crates.io alone today; the etcd and S3-API servers of the elastic and checkpoint tests
+# are added here with them.
+needs=()
 apt_packages=()
-command -v protoc >/dev/null 2>&1 || apt_packages+=(protobuf-compiler)
+for need in "${needs[@]}"; do
+  command -v "${need%%:*}" >/dev/null 2>&1 || apt_packages+=("${need#*:}")
+done
 
 if [ ${#apt_packages[@]} -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 || die "missing ${apt_packages[*]} and no apt-get here; install them with your package manager"

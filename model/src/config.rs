@@ -8,9 +8,13 @@ use crate::ModelError;
 /// vocabulary-parallel split both see aligned sizes (Megatron's `make-vocab-size-divisible-by`).
 pub const VOCAB_PAD_MULTIPLE: usize = 128;
 
-/// The largest value any dimension may take: keeps every product of dimensions inside `usize`
-/// and every buffer allocatable, and turns a typo like `n_embd = 1e12` into a clear error.
+/// The largest value any dimension may take: turns a typo like `n_embd = 1e12` into a clear
+/// error. Products of dimensions are bounded by [`PARAMS_MAX`].
 const DIM_MAX: usize = 1 << 24;
+
+/// The most parameters a model may have (about a quadrillion): keeps every size and offset of
+/// the flat buffers far inside `usize`.
+const PARAMS_MAX: u128 = 1 << 50;
 
 /// A GPT-2 model's shape: the `[model]` section of a training configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +67,17 @@ impl GptConfig {
                     format!("{value} is out of range; use a whole number from 1 to {DIM_MAX}"),
                 ));
             }
+        }
+        let (c, l) = (self.n_embd as u128, self.n_layer as u128);
+        let params = self.padded_vocab_size() as u128 * c
+            + self.seq_len as u128 * c
+            + l * (12 * c * c + 13 * c)
+            + 2 * c;
+        if params > PARAMS_MAX {
+            return Err(ModelError::invalid(
+                "model",
+                format!("{params} parameters is more than the {PARAMS_MAX} this build supports; check n_layer and n_embd"),
+            ));
         }
         if self.n_embd % self.n_head != 0 {
             return Err(ModelError::invalid(

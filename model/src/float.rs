@@ -33,7 +33,7 @@ pub trait Float:
     fn ln(self) -> Self;
     fn tanh(self) -> Self;
     /// tanh for the GELU: exact in f64 (gradient checks), a rational approximation in f32 that
-    /// is within a few ulp and vectorises, where libm's tanhf is a scalar call per element.
+    /// is within 5e-7 and vectorises, where libm's tanhf is a scalar call per element.
     fn tanh_fast(self) -> Self {
         self.tanh()
     }
@@ -85,7 +85,8 @@ macro_rules! impl_float {
 impl_float!(f32, tanh_f32_rational);
 
 /// Eigen's `generic_fast_tanh_float`: a 13/6 rational approximation of tanh on [-7.9, 7.9],
-/// where f32 tanh is already +-1 to the last bit outside it.
+/// where f32 tanh is already +-1 to the last bit outside it. Its error stays below 5e-7
+/// absolute (the test below), about four f32 ulp near 1.
 #[inline(always)]
 pub fn tanh_f32_rational(x: f32) -> f32 {
     const CLAMP: f32 = 7.905_311;

@@ -78,6 +78,39 @@ impl<F: Float> Activations<F> {
     }
 }
 
+#[cfg(test)]
+impl<F> Activations<F> {
+    /// Elements held, across every buffer.
+    fn elements(&self) -> usize {
+        let v = [
+            &self.encoded,
+            &self.ln1,
+            &self.ln1_mean,
+            &self.ln1_rstd,
+            &self.qkv,
+            &self.atty,
+            &self.att,
+            &self.residual2,
+            &self.ln2,
+            &self.ln2_mean,
+            &self.ln2_rstd,
+            &self.fch,
+            &self.fch_gelu,
+            &self.residual3,
+            &self.lnf,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+            &self.losses,
+            &self.dres,
+            &self.dc,
+            &self.dwide,
+            &self.datt,
+        ];
+        v.iter().map(|b| b.len()).sum()
+    }
+}
+
 /// Layer `l`'s slice of a buffer stacked over layers.
 fn layer<F>(buf: &[F], l: usize, n_layer: usize) -> &[F] {
     let n = buf.len() / n_layer;
@@ -143,6 +176,27 @@ impl<F: Float> Gpt<F> {
             grads: vec![F::ZERO; n],
             acts,
         })
+    }
+
+    /// Bytes that [`Gpt::new`] allocates for `config` and microbatches of (b, t), plus the two
+    /// AdamW moments: parameters, gradients, moments, activations and backward scratch.
+    /// Computed in f64, so an absurd shape gives a huge number instead of an overflow.
+    pub fn memory_bytes(config: &GptConfig, b: usize, t: usize) -> f64 {
+        let f = |x: usize| x as f64;
+        let (l, c, nh, vp) = (
+            f(config.n_layer),
+            f(config.n_embd),
+            f(config.n_head),
+            f(config.padded_vocab_size()),
+        );
+        let params = vp * c + f(config.seq_len) * c + l * (12.0 * c * c + 13.0 * c) + 2.0 * c;
+        let (bt, att) = (f(b) * f(t), f(b) * nh * f(t) * f(t));
+        // Per layer: ln1, qkv (3), atty, residual2, ln2, fch (4), fch_gelu (4), residual3 = 16 C
+        // per position, four per-position statistics, and the attention probabilities.
+        let per_layer = 16.0 * bt * c + 4.0 * bt + att;
+        // encoded, lnf, dres, dc, dwide (4); three per-position vectors; logits; datt.
+        let rest = 8.0 * bt * c + 3.0 * bt + bt * vp + att;
+        std::mem::size_of::<F>() as f64 * (4.0 * params + l * per_layer + rest)
     }
 
     /// Draws fresh parameters from `seed` (see [`ParamLayout::init`]).
@@ -259,9 +313,7 @@ impl<F: Float> Gpt<F> {
             );
             let fch_gelu = layer_mut(&mut a.fch_gelu, l, l_n);
             k::gelu_forward(fch_gelu, fch);
-            let (done, rest) = a.residual3.split_at_mut(l * b * t * c);
-            let residual3 = &mut rest[..b * t * c];
-            let _ = done;
+            let residual3 = layer_mut(&mut a.residual3, l, l_n);
             residual3.copy_from_slice(residual2);
             k::matmul_forward(
                 residual3,
@@ -466,5 +518,24 @@ impl<F: Float> Gpt<F> {
             lay.wpe..lay.wpe + cfg.seq_len * c,
         );
         k::encoder_backward(dwte, dwpe, &a.dres, &a.tokens, t, c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_estimate_matches_what_is_allocated() {
+        let config = GptConfig {
+            vocab_size: 300,
+            seq_len: 16,
+            n_layer: 3,
+            n_head: 2,
+            n_embd: 8,
+        };
+        let m = Gpt::<f32>::new(config.clone(), 2, 12).unwrap();
+        let actual = 4 * (4 * m.params.len() + m.acts.elements());
+        assert_eq!(Gpt::<f32>::memory_bytes(&config, 2, 12), actual as f64);
     }
 }

@@ -59,7 +59,6 @@ impl Drop for GemmScope {
 /// # Safety
 /// Every operand must be valid for the elements its shape and strides reach, and `dst` must not
 /// overlap `lhs` or `rhs`.
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_strided<F: Float>(
     m: usize,
     n: usize,
@@ -167,6 +166,11 @@ pub fn layernorm_forward<F: Float>(
     b: &[F],
     c: usize,
 ) {
+    let rows = inp.len() / c;
+    assert!(
+        inp.len() == rows * c && out.len() == rows * c && mean.len() == rows && rstd.len() == rows
+    );
+    assert!(w.len() == c && b.len() == c);
     let eps = F::from_f64(LN_EPS);
     let n = F::from_f64(c as f64);
     out.par_chunks_mut(c)
@@ -186,7 +190,6 @@ pub fn layernorm_forward<F: Float>(
 }
 
 /// Accumulates `dinp += dL/dinp`, `dw += dL/dw`, `db += dL/db` for a LayerNorm.
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward<F: Float>(
     dinp: &mut [F],
     dw: &mut [F],
@@ -198,6 +201,11 @@ pub fn layernorm_backward<F: Float>(
     w: &[F],
     c: usize,
 ) {
+    let rows = inp.len() / c;
+    assert!(inp.len() == rows * c && dinp.len() == rows * c && dout.len() == rows * c);
+    assert!(
+        mean.len() == rows && rstd.len() == rows && w.len() == c && dw.len() == c && db.len() == c
+    );
     let n = F::from_f64(c as f64);
     // Input gradient: rows are independent.
     dinp.par_chunks_mut(c)
@@ -261,9 +269,10 @@ pub fn matmul_forward<F: Float>(
     match (bias, accumulate) {
         (Some(b), false) => out.par_chunks_mut(oc).for_each(|o| o.copy_from_slice(b)),
         (Some(b), true) => out.par_chunks_mut(oc).for_each(|o| add_into(o, b)),
-        (None, false) => out.par_iter_mut().for_each(|o| *o = F::ZERO),
-        (None, true) => {}
+        (None, _) => {}
     }
+    // Without a bias to start from, the product overwrites `out` unless accumulating.
+    let read_dst = bias.is_some() || accumulate;
     // SAFETY: shapes asserted above; out is a distinct &mut borrow.
     unsafe {
         gemm_strided(
@@ -273,7 +282,7 @@ pub fn matmul_forward<F: Float>(
             out.as_mut_ptr(),
             oc,
             1,
-            true,
+            read_dst,
             inp.as_ptr(),
             ic,
             1,
@@ -288,7 +297,6 @@ pub fn matmul_forward<F: Float>(
 
 /// Backward of [`matmul_forward`]: `dinp (rows, IC) [+]= dout @ w` (overwrites unless
 /// `accumulate_dinp`), `dw (OC, IC) += dout^T @ inp`, `dbias (OC) += sum over rows of dout`.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_backward<F: Float>(
     dinp: &mut [F],
     dw: &mut [F],
@@ -448,7 +456,6 @@ pub fn attention_forward<F: Float>(
 
 /// Backward of [`attention_forward`]: overwrites `dqkv (B, T, 3C)` from `dout (B, T, C)`.
 /// `datt (B, NH, T, T)` is scratch.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward<F: Float>(
     dqkv: &mut [F],
     datt: &mut [F],
@@ -462,6 +469,8 @@ pub fn attention_backward<F: Float>(
 ) {
     let hs = c / nh;
     assert_eq!(dqkv.len(), b * t * 3 * c);
+    assert_eq!(qkv.len(), b * t * 3 * c);
+    assert_eq!(dout.len(), b * t * c);
     assert_eq!(datt.len(), b * nh * t * t);
     assert_eq!(att.len(), b * nh * t * t);
     let scale = F::from_f64(1.0 / (hs as f64).sqrt());
@@ -622,6 +631,8 @@ pub fn crossentropy_forward<F: Float>(
     vp: usize,
 ) {
     assert_eq!(logits.len(), targets.len() * vp);
+    assert_eq!(losses.len(), targets.len());
+    assert!(v <= vp);
     logits
         .par_chunks_mut(vp)
         .zip(losses.par_iter_mut())
@@ -648,6 +659,7 @@ pub fn crossentropy_backward_inplace<F: Float>(
     dloss: F,
     vp: usize,
 ) {
+    assert_eq!(probs.len(), targets.len() * vp);
     probs.par_chunks_mut(vp).enumerate().for_each(|(row, p)| {
         p[targets[row] as usize] -= F::ONE;
         p.iter_mut().for_each(|x| *x *= dloss);

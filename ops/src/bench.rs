@@ -28,6 +28,7 @@ pub struct TrainArgs {
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
+    anyhow::ensure!(args.steps > 0, "--steps: must be at least 1 timed step");
     let mut cfg = TrainConfig::load(&args.config)?;
     if let Some(b) = args.batch {
         cfg.batch.micro_batch = b;
@@ -38,7 +39,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     cfg.batch.rampup = None;
     cfg.train.steps = args.warmup + args.steps;
-    cfg.train.eval_every = 0;
+    cfg.train.eval_every_steps = 0;
     cfg.train.metrics = None;
     cfg.validate().map_err(|e| cfg.error(e))?;
     let (b, t) = (cfg.batch.global_batch, cfg.batch.seq_len);

@@ -101,14 +101,16 @@ fn run(cli: Cli) -> Result<()> {
                 out_dir: out,
                 val_fraction,
             })?;
+            let val = match &report.val_path {
+                Some(p) => format!("{} validation tokens in {}", report.val_tokens, p.display()),
+                None => "no validation split".to_string(),
+            };
             println!(
-                "prepared {} files, {} documents: {} training tokens in {}, {} validation tokens in {}",
+                "prepared {} files, {} documents: {} training tokens in {}, {val}",
                 report.files,
                 report.docs,
                 report.train_tokens,
                 report.train_path.display(),
-                report.val_tokens,
-                report.val_path.display()
             );
             Ok(())
         }

@@ -76,7 +76,7 @@ warmup_tokens = 256
 decay_tokens = 1024
 [train]
 steps = 4
-eval_every = 2
+eval_every_steps = 2
 eval_batches = 1
 metrics = "runs/m.jsonl"
 "#;
@@ -86,7 +86,7 @@ metrics = "runs/m.jsonl"
     let summary: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     assert_eq!(summary["steps"], 4);
-    assert_eq!(summary["tokens"], 4 * 4 * 32);
+    assert_eq!(summary["tokens_consumed"], 4 * 4 * 32);
     assert!(
         text(&out).contains("step 4: validation loss"),
         "{}",
@@ -170,4 +170,93 @@ fn shipped_configurations_all_validate() {
         let out = marathon(&["plan", "--config", path.to_str().unwrap()], repo());
         assert!(out.status.success(), "{}: {}", path.display(), text(&out));
     }
+}
+
+#[test]
+fn prepare_failures_exit_non_zero_naming_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.jsonl"),
+        "{\"text\": \"fine\"}\n{\"txt\": \"typo\"}\n",
+    )
+    .unwrap();
+    let out = marathon(
+        &["data", "prepare", "--input", "c.jsonl", "--out", "corpus"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("error: data file c.jsonl:2: has no \"text\" field"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join("corpus").exists());
+}
+
+#[test]
+fn bench_train_prints_step_figures_beside_the_gemm_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let readme = repo().join("README.md");
+    let out = marathon(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            readme.to_str().unwrap(),
+            "--out",
+            "data/repo",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let small = repo().join("configs/small.toml");
+    let args = [
+        "bench",
+        "train",
+        "--config",
+        small.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    let out = marathon(&args, dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for key in [
+        "ms_per_step",
+        "tokens_per_s",
+        "achieved_gflops",
+        "gemm_gflops",
+        "fraction_of_gemm_limit",
+    ] {
+        assert!(
+            report[key]
+                .as_f64()
+                .is_some_and(|v| v.is_finite() && v > 0.0),
+            "{key} in {report}"
+        );
+    }
+    assert_eq!(report["gemm_shape"], serde_json::json!([64, 256, 50304]));
+    let out = marathon(
+        &[
+            "bench",
+            "train",
+            "--config",
+            small.to_str().unwrap(),
+            "--steps",
+            "0",
+        ],
+        dir.path(),
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("--steps: must be at least 1"),
+        "{}",
+        text(&out)
+    );
 }

@@ -85,7 +85,7 @@ pub struct RunConfig {
     pub seed: u64,
     /// Run validation every this many steps (and after the last); 0 disables it.
     #[serde(default)]
-    pub eval_every: u64,
+    pub eval_every_steps: u64,
     /// Microbatches of the validation file each validation averages over.
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
@@ -102,7 +102,7 @@ impl TrainConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::ConfigSyntax {
             path: path.to_owned(),
-            message: format!("cannot read: {e}"),
+            message: format!("cannot read: {e}; pass the path of a TOML configuration (examples are in configs/)"),
         })?;
         Self::parse(&text, path)
     }
@@ -135,6 +135,21 @@ impl TrainConfig {
                     b.seq_len, self.model.seq_len
                 ),
             ));
+        }
+        if let Some(r) = &b.rampup {
+            let increments =
+                (b.global_batch.saturating_sub(r.start) / r.increment.max(1)).max(1) as u64;
+            if r.ramp_tokens < increments * b.seq_len as u64 {
+                return Err(invalid(
+                    "batch.rampup.ramp_tokens",
+                    format!(
+                        "{} is too short for {increments} increments of whole sequences of batch.seq_len {};                          use at least {}, or remove [batch.rampup] for a constant batch",
+                        r.ramp_tokens,
+                        b.seq_len,
+                        increments * b.seq_len as u64
+                    ),
+                ));
+            }
         }
         self.batch_ramp().validate(b.micro_batch as u64)?;
         let o = &self.optim;
@@ -184,16 +199,16 @@ impl TrainConfig {
         if r.steps == 0 {
             return Err(invalid("train.steps", "must be at least 1"));
         }
-        if r.eval_every > 0 && self.data.val.is_none() {
+        if r.eval_every_steps > 0 && self.data.val.is_none() {
             return Err(invalid(
-                "train.eval_every",
-                "is set but data.val names no validation file; set data.val or eval_every = 0",
+                "train.eval_every_steps",
+                "is set but data.val names no validation file; set data.val or eval_every_steps = 0",
             ));
         }
-        if r.eval_every > 0 && r.eval_batches == 0 {
+        if r.eval_every_steps > 0 && r.eval_batches == 0 {
             return Err(invalid(
                 "train.eval_batches",
-                "must be at least 1 when train.eval_every is set",
+                "must be at least 1 when train.eval_every_steps is set",
             ));
         }
         Ok(())

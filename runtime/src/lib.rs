@@ -31,12 +31,22 @@ pub enum RuntimeError {
     /// The configuration file does not parse (unknown field, wrong type, bad TOML).
     #[error("config {path}: {message}")]
     ConfigSyntax { path: PathBuf, message: String },
+    /// A command-line argument is out of range.
+    #[error("{name}: {reason}")]
+    Argument { name: &'static str, reason: String },
     /// A data file is missing, empty, malformed or does not fit the model.
     #[error("data file {path}: {reason}")]
     Data { path: PathBuf, reason: String },
     /// The loss stopped being a finite number.
-    #[error("training diverged at step {step}: the loss is {loss}; lower optim.lr.peak_lr or raise optim.lr.warmup_tokens")]
-    Diverged { step: u64, loss: f32 },
+    #[error(
+        "training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the update was \
+         not applied; lower optim.lr.peak_lr or raise optim.lr.warmup_tokens"
+    )]
+    Diverged {
+        step: u64,
+        loss: f32,
+        grad_norm: f64,
+    },
     /// Reading or writing a file failed.
     #[error("{action} {path}: {source}")]
     Io {

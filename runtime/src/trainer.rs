@@ -27,8 +27,8 @@ pub struct StepRecord {
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     pub batch: u64,
-    /// Tokens consumed after this step.
-    pub tokens: u64,
+    /// Tokens consumed by all steps up to and including this one.
+    pub tokens_consumed: u64,
     pub step_ms: f64,
     pub tokens_per_s: f64,
 }
@@ -50,8 +50,8 @@ pub struct Summary {
     pub steps: u64,
     pub final_loss: f32,
     pub final_val_loss: Option<f32>,
-    pub tokens: u64,
-    pub seconds: f64,
+    pub tokens_consumed: u64,
+    pub elapsed_s: f64,
 }
 
 #[derive(Debug)]
@@ -101,6 +101,13 @@ impl Trainer {
             }
             None => None,
         };
+        if train.samples(seq) > u32::MAX as usize {
+            return Err(RuntimeError::data(
+                train.path(),
+                format!("holds {} samples of {seq} tokens; the sampler indexes at most 2^32 per epoch, so raise batch.seq_len or split the corpus", train.samples(seq)),
+            ));
+        }
+        check_memory(&cfg)?;
         let order = DataOrder::new(cfg.data.seed, train.samples(seq));
         let mut model = Gpt::new(cfg.model.clone(), mb, seq).map_err(|e| cfg.error(e))?;
         model.init_params(cfg.train.seed, cfg.optim.init_std);
@@ -124,6 +131,14 @@ impl Trainer {
             targets: vec![0; mb * seq],
             metrics,
         })
+    }
+
+    /// Positions the trainer after `step` completed steps, as a resumed run is: the data order
+    /// and both schedules continue from there. Parameters and optimizer state (including
+    /// `opt.step`) are the caller's to restore, from a checkpoint or a peer.
+    pub fn seek(&mut self, step: u64) {
+        self.step = step;
+        self.consumed_samples = self.ramp.consumed_before(step);
     }
 
     /// The global batch, in sequences, of the next step.
@@ -151,10 +166,19 @@ impl Trainer {
             loss_sum += self.model.forward(&self.inputs, &self.targets) as f64;
             self.model.backward(dloss);
         }
+        let loss = (loss_sum / micro_steps as f64) as f32;
         let grad_norm = sum_squares(&self.model.grads).sqrt();
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            // Refuse the update: the parameters stay those of the last good step.
+            return Err(RuntimeError::Diverged {
+                step: self.step + 1,
+                loss,
+                grad_norm,
+            });
+        }
         clip_grads(&mut self.model.grads, grad_norm, self.cfg.optim.grad_clip);
-        let tokens = (self.consumed_samples + batch) * seq as u64;
-        let lr = self.cfg.optim.lr.lr_at(tokens);
+        let tokens_consumed = (self.consumed_samples + batch) * seq as u64;
+        let lr = self.cfg.optim.lr.lr_at(tokens_consumed);
         self.opt
             .update(&mut self.model.params, &self.model.grads, lr);
         self.consumed_samples += batch;
@@ -162,20 +186,14 @@ impl Trainer {
         let step_ms = started.elapsed().as_secs_f64() * 1e3;
         let rec = StepRecord {
             step: self.step,
-            loss: (loss_sum / micro_steps as f64) as f32,
+            loss,
             lr,
             grad_norm,
             batch,
-            tokens,
+            tokens_consumed,
             step_ms,
             tokens_per_s: (batch * seq as u64) as f64 / (step_ms / 1e3),
         };
-        if !rec.loss.is_finite() {
-            return Err(RuntimeError::Diverged {
-                step: rec.step,
-                loss: rec.loss,
-            });
-        }
         self.write_metric(&serde_json::json!({ "kind": "step", "data": &rec }))?;
         Ok(rec)
     }
@@ -216,7 +234,7 @@ impl Trainer {
     pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Summary> {
         let started = Instant::now();
         let (mut last, mut last_val) = (f32::NAN, None);
-        let every = self.cfg.train.eval_every;
+        let every = self.cfg.train.eval_every_steps;
         while self.step < self.cfg.train.steps {
             let rec = self.train_step()?;
             observer.on_step(&rec);
@@ -241,8 +259,8 @@ impl Trainer {
             steps: self.step,
             final_loss: last,
             final_val_loss: last_val,
-            tokens: self.consumed_samples * self.cfg.batch.seq_len as u64,
-            seconds: started.elapsed().as_secs_f64(),
+            tokens_consumed: self.consumed_samples * self.cfg.batch.seq_len as u64,
+            elapsed_s: started.elapsed().as_secs_f64(),
         })
     }
 
@@ -270,13 +288,49 @@ fn check_samples(f: &TokenFile, seq: usize, mb: usize, field: &str) -> Result<()
     Ok(())
 }
 
+/// Refuses a model and microbatch whose buffers would not fit in this machine's memory, before
+/// allocating anything, naming the fields to change.
+fn check_memory(cfg: &TrainConfig) -> Result<()> {
+    let need = Gpt::<f32>::memory_bytes(&cfg.model, cfg.batch.micro_batch, cfg.batch.seq_len);
+    let Some(have) = physical_memory_bytes() else {
+        return Ok(());
+    };
+    if need > have as f64 {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        return Err(RuntimeError::Config {
+            path: cfg.source.clone(),
+            field: "batch.micro_batch".into(),
+            reason: format!(
+                "the model's buffers for microbatches of {} x {} tokens need {:.1} GiB, more than \
+                 this machine's {:.1} GiB; lower batch.micro_batch or batch.seq_len, or choose a \
+                 smaller [model]",
+                cfg.batch.micro_batch,
+                cfg.batch.seq_len,
+                gib(need),
+                gib(have as f64)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Total physical memory, from /proc/meminfo where there is one.
+fn physical_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn open_metrics(path: &Path) -> Result<BufWriter<File>> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io("create directory", dir, e))?;
     }
+    // A new run starts a new file; appending would mix runs with the same step numbers.
     let f = OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .truncate(true)
         .open(path)
         .map_err(|e| RuntimeError::io("open metrics file", path, e))?;
     Ok(BufWriter::new(f))

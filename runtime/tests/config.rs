@@ -68,6 +68,10 @@ fn value_errors_name_the_field_and_what_is_accepted() {
             with("seq_len = 16\n", "seq_len = 16\n[batch.rampup]\nstart = 12\nincrement = 4\nramp_tokens = 100\n"),
             "batch.rampup.start: 12 must be a positive multiple of batch.micro_batch 4 no larger than batch.global_batch 8",
         ),
+        (
+            with("seq_len = 16\n", "seq_len = 16\n[batch.rampup]\nstart = 4\nincrement = 4\nramp_tokens = 8\n"),
+            "batch.rampup.ramp_tokens: 8 is too short for 1 increments of whole sequences of batch.seq_len 16",
+        ),
         (with("peak_lr = 3e-3", "peak_lr = 3"), "optim.lr.peak_lr: 3 is out of range; use a number in (0, 1)"),
         (with("decay_tokens = 4096", "decay_tokens = 100"), "optim.lr.decay_tokens: 100 is less than warmup_tokens 256"),
         (with("beta2 = 0.95", "beta2 = 1.5"), "optim.beta2: 1.5 is out of range"),
@@ -76,14 +80,15 @@ fn value_errors_name_the_field_and_what_is_accepted() {
         (with("grad_clip = 1.0", "grad_clip = 0.0"), "optim.grad_clip: 0 must be a positive number"),
         (with("init_std = 0.02", "init_std = 2.0"), "optim.init_std: 2 is out of range"),
         (with("steps = 6", "steps = 0"), "train.steps: must be at least 1"),
-        (with("steps = 6", "steps = 6\neval_every = 2\neval_batches = 0"), "train.eval_batches: must be at least 1"),
+        (with("steps = 6", "steps = 6\neval_every_steps = 2\neval_batches = 0"), "train.eval_batches: must be at least 1"),
         (
-            small_config_toml(Path::new("t.bin"), None, 50257).replace("steps = 6", "steps = 6\neval_every = 2"),
-            "train.eval_every: is set but data.val names no validation file",
+            small_config_toml(Path::new("t.bin"), None, 50257).replace("steps = 6", "steps = 6\neval_every_steps = 2"),
+            "train.eval_every_steps: is set but data.val names no validation file",
         ),
         (format!("{}\n[parallel]\ntp = 4\n", base()), "parallel.tp: tensor parallel size 4 does not divide model.n_head 2"),
         (format!("{}\n[parallel]\npp = 3\n", base()), "parallel.pp: pipeline parallel size 3 does not divide model.n_layer 2"),
         (format!("{}\n[parallel]\ndp = 0\n", base()), "parallel.dp: must be at least 1"),
+        (with("n_embd = 32", "n_embd = 16000000"), "parameters is more than the 1125899906842624 this build supports"),
     ];
     for (text, want) in cases {
         let e = config_error(&text);

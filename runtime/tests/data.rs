@@ -43,7 +43,7 @@ fn tokenizer_round_trips_shakespeare_and_prepare_counts_are_exact() {
     assert_eq!(r.train_tokens + r.val_tokens, total);
     assert_eq!(r.val_tokens, (total as f64 * 0.1).ceil() as u64);
     let train = TokenFile::open(&r.train_path, GPT2_VOCAB_SIZE as usize).unwrap();
-    let val = TokenFile::open(&r.val_path, GPT2_VOCAB_SIZE as usize).unwrap();
+    let val = TokenFile::open(r.val_path.as_ref().unwrap(), GPT2_VOCAB_SIZE as usize).unwrap();
     assert_eq!(
         (train.header.n_tokens, train.header.n_docs),
         (r.train_tokens, 1)
@@ -63,7 +63,11 @@ fn jsonl_documents_are_separated_by_end_of_text() {
     let plain = dir.path().join("p.txt");
     std::fs::write(&plain, "A plain text file is one document.").unwrap();
     let r = prepare(&opts(&[&corpus, &plain], &dir.path().join("out"), 0.0)).unwrap();
-    assert_eq!((r.files, r.docs, r.val_tokens), (2, 4, 0));
+    assert_eq!((r.files, r.docs, r.val_tokens, r.val_path), (2, 4, 0, None));
+    assert!(
+        !dir.path().join("out/val.bin").exists(),
+        "no empty validation file is written"
+    );
     let f = TokenFile::open(&r.train_path, 50257).unwrap();
     assert_eq!(f.header.n_docs, 4);
     let tokens: Vec<u32> = f.iter().collect();
@@ -121,6 +125,20 @@ fn bad_corpora_are_named_and_nothing_is_written() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing.txt: cannot read input"), "{e}");
+    let ok = dir.path().join("ok.txt");
+    std::fs::write(&ok, "Some text.").unwrap();
+    let e = prepare(&opts(&[&ok], &out, 1.5)).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "--val-fraction: 1.5 is out of range; use a fraction in [0, 1), for example 0.1"
+    );
+    // A failure leaves an existing corpus as it was.
+    let r = prepare(&opts(&[&ok], &out, 0.0)).unwrap();
+    let before = std::fs::read(&r.train_path).unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    assert!(prepare(&opts(&[&ok, &bad], &out, 0.0)).is_err());
+    assert_eq!(std::fs::read(&r.train_path).unwrap(), before);
+    assert!(!out.join("train.bin.tmp").exists());
 }
 
 #[test]
@@ -138,6 +156,10 @@ fn bad_token_files_are_refused_with_the_file_and_the_fault() {
     bad_magic[0] = b'X';
     let mut bad_version = bytes.clone();
     bad_version[8] = 9;
+    let mut bad_width = bytes.clone();
+    bad_width[12] = 4;
+    let mut no_tokens = bytes[..HEADER_BYTES].to_vec();
+    no_tokens[24..32].fill(0);
     let mut bad_token = bytes.clone();
     bad_token[HEADER_BYTES + 2..HEADER_BYTES + 4].copy_from_slice(&60000u16.to_le_bytes());
     let cases = [
@@ -146,6 +168,8 @@ fn bad_token_files_are_refused_with_the_file_and_the_fault() {
         (write("short.bin", b"MRTNTOK1"), "shorter than the 64-byte header"),
         (write("magic.bin", &bad_magic), "does not start with the token-file magic"),
         (write("version.bin", &bad_version), "has format version 9"),
+        (write("width.bin", &bad_width), "stores 4 bytes per token; this build reads 2"),
+        (write("none.bin", &no_tokens), "holds no tokens"),
         (write("cut.bin", &bytes[..bytes.len() - 1]), "header says 5 tokens (74 bytes) but the file is 73 bytes"),
         (write("token.bin", &bad_token), "token 1 has id 60000, outside the vocabulary of 50257"),
     ];
@@ -171,4 +195,14 @@ fn a_corpus_too_small_for_one_microbatch_is_refused() {
     let cfg = parse(&small_config_toml(&train, None, 256));
     let e = marathon_runtime::Trainer::new(cfg).unwrap_err().to_string();
     assert!(e.contains("tiny.bin: (data.train) holds 40 tokens, fewer than one microbatch of 4 sequences of 16 tokens needs (65)"), "{e}");
+}
+
+#[test]
+fn a_validation_file_too_small_for_one_microbatch_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = synthetic_tokens(dir.path(), "train.bin", 5_000, 256, 1);
+    let val = synthetic_tokens(dir.path(), "val.bin", 30, 256, 2);
+    let cfg = parse(&small_config_toml(&train, Some(&val), 256));
+    let e = marathon_runtime::Trainer::new(cfg).unwrap_err().to_string();
+    assert!(e.contains("val.bin: (data.val) holds 30 tokens"), "{e}");
 }

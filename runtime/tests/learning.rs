@@ -51,11 +51,16 @@ decay_tokens = 256000
 [train]
 steps = {STEPS_MAX}
 seed = 1
-eval_every = 10
+eval_every_steps = 10
 eval_batches = 8
 "#,
         train = r.train_path.display().to_string(),
-        val = r.val_path.display().to_string(),
+        val = r
+            .val_path
+            .as_ref()
+            .expect("a validation split")
+            .display()
+            .to_string(),
     );
     let mut t = Trainer::new(parse(&text)).unwrap();
     let first = t.evaluate().unwrap().unwrap();

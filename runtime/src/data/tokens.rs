@@ -15,7 +15,7 @@
 //! The file is memory-mapped, so a corpus larger than memory trains without being read whole.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -48,28 +48,136 @@ impl TokenFileHeader {
     }
 }
 
-/// Writes `tokens` as a token file at `path`, through a temporary file renamed into place so a
-/// crash never leaves a half-written file under the final name.
-pub fn write_token_file(path: &Path, tokens: &[u32], vocab_size: u32, n_docs: u64) -> Result<()> {
-    let header = TokenFileHeader {
-        vocab_size,
-        n_tokens: tokens.len() as u64,
-        n_docs,
-    };
-    let mut bytes = Vec::with_capacity(HEADER_BYTES + 2 * tokens.len());
-    bytes.extend_from_slice(&header.encode());
-    for &t in tokens {
-        let t = u16::try_from(t).map_err(|_| {
-            RuntimeError::data(path, format!("token id {t} does not fit in 16 bits"))
-        })?;
-        bytes.extend_from_slice(&t.to_le_bytes());
+/// Writes a token file as a stream: tokens go to `<path>.tmp` through a buffer, and
+/// [`TokenWriter::finish`] writes the header, syncs and renames the file into place, so a crash
+/// or an error never leaves a half-written file under the final name.
+#[derive(Debug)]
+pub struct TokenWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    n_tokens: u64,
+    n_docs: u64,
+    eot: Option<u32>,
+}
+
+impl TokenWriter {
+    /// Starts writing `path`. Documents are counted by the end-of-text token `eot`, if given.
+    pub fn create(path: &Path, eot: Option<u32>) -> Result<Self> {
+        let tmp = path.with_extension("bin.tmp");
+        let f = File::create(&tmp).map_err(|e| RuntimeError::io("create", &tmp, e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, f);
+        out.write_all(&[0u8; HEADER_BYTES])
+            .map_err(|e| RuntimeError::io("write", &tmp, e))?;
+        Ok(TokenWriter {
+            path: path.to_owned(),
+            tmp,
+            out,
+            n_tokens: 0,
+            n_docs: 0,
+            eot,
+        })
     }
-    let tmp = path.with_extension("bin.tmp");
-    let mut f = File::create(&tmp).map_err(|e| RuntimeError::io("create", &tmp, e))?;
-    f.write_all(&bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| RuntimeError::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| RuntimeError::io("rename into place", path, e))
+
+    pub fn push(&mut self, tokens: &[u32]) -> Result<()> {
+        for &t in tokens {
+            let t16 = u16::try_from(t).map_err(|_| {
+                RuntimeError::data(&self.path, format!("token id {t} does not fit in 16 bits"))
+            })?;
+            self.out
+                .write_all(&t16.to_le_bytes())
+                .map_err(|e| RuntimeError::io("write", &self.tmp, e))?;
+            if Some(t) == self.eot {
+                self.n_docs += 1;
+            }
+        }
+        self.n_tokens += tokens.len() as u64;
+        Ok(())
+    }
+
+    pub fn n_tokens(&self) -> u64 {
+        self.n_tokens
+    }
+
+    /// Writes the header, syncs, and renames the file into place. Returns its header.
+    pub fn finish(self, vocab_size: u32) -> Result<TokenFileHeader> {
+        let header = TokenFileHeader {
+            vocab_size,
+            n_tokens: self.n_tokens,
+            n_docs: self.n_docs,
+        };
+        let mut f = self
+            .out
+            .into_inner()
+            .map_err(|e| RuntimeError::io("write", &self.tmp, e.into_error()))?;
+        f.seek(SeekFrom::Start(0))
+            .and_then(|_| f.write_all(&header.encode()))
+            .and_then(|_| f.sync_all())
+            .map_err(|e| RuntimeError::io("write", &self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|e| RuntimeError::io("rename into place", &self.path, e))?;
+        Ok(header)
+    }
+
+    /// Finishes the file with all but its last `tail` tokens, which go to a new token file at
+    /// `tail_path` instead: how a validation split is held out of a stream whose length is known
+    /// only at its end. Copies just the tail. Returns both headers.
+    pub fn finish_split(
+        mut self,
+        tail: u64,
+        tail_path: &Path,
+        vocab_size: u32,
+    ) -> Result<(TokenFileHeader, TokenFileHeader)> {
+        assert!(tail <= self.n_tokens);
+        self.out
+            .flush()
+            .map_err(|e| RuntimeError::io("write", &self.tmp, e))?;
+        let keep = self.n_tokens - tail;
+        let mut tail_writer = TokenWriter::create(tail_path, self.eot)?;
+        let copied = (|| -> std::io::Result<()> {
+            let mut f = File::open(&self.tmp)?;
+            f.seek(SeekFrom::Start(HEADER_BYTES as u64 + 2 * keep))?;
+            let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+            let mut buf = vec![0u8; 1 << 20];
+            let mut left = 2 * tail as usize;
+            let mut ids = Vec::with_capacity(buf.len() / 2);
+            while left > 0 {
+                let n = left.min(buf.len());
+                r.read_exact(&mut buf[..n])?;
+                ids.clear();
+                ids.extend(
+                    buf[..n]
+                        .chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32),
+                );
+                tail_writer.push(&ids).map_err(std::io::Error::other)?;
+                left -= n;
+            }
+            self.out.get_ref().set_len(HEADER_BYTES as u64 + 2 * keep)
+        })();
+        if let Err(e) = copied {
+            tail_writer.abandon();
+            return Err(RuntimeError::io("split", &self.tmp, e));
+        }
+        self.n_docs -= tail_writer.n_docs;
+        self.n_tokens = keep;
+        let tail_header = tail_writer.finish(vocab_size)?;
+        Ok((self.finish(vocab_size)?, tail_header))
+    }
+
+    /// Drops the unfinished file.
+    pub fn abandon(self) {
+        drop(self.out);
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Writes `tokens` as a token file at `path` with `n_docs` documents in its header.
+pub fn write_token_file(path: &Path, tokens: &[u32], vocab_size: u32, n_docs: u64) -> Result<()> {
+    let mut w = TokenWriter::create(path, None)?;
+    w.push(tokens)?;
+    w.n_docs = n_docs;
+    w.finish(vocab_size).map(|_| ())
 }
 
 /// A token file opened for reading, checked whole at open: header, size, and every token id.
@@ -144,8 +252,13 @@ impl TokenFile {
             n_tokens: u64_at(24),
             n_docs: u64_at(32),
         };
-        let want = HEADER_BYTES as u64 + 2 * header.n_tokens;
-        if len != want {
+        // Checked: a corrupt header must not wrap around into a size that matches.
+        let want = header
+            .n_tokens
+            .checked_mul(2)
+            .and_then(|b| b.checked_add(HEADER_BYTES as u64));
+        if want != Some(len) {
+            let want = want.map_or_else(|| "more than 2^64".to_string(), |w| w.to_string());
             return Err(RuntimeError::data(
                 path,
                 format!(
