@@ -172,27 +172,19 @@ impl ParamLayout {
     /// # Panics
     /// If `name` is not a tensor of this model or `buf` is not one of its flat buffers.
     pub fn view<'a, F>(&self, buf: &'a [F], name: &str) -> &'a [F] {
-        assert_eq!(
-            buf.len(),
-            self.numel,
-            "buffer is not laid out by this table"
-        );
-        let spec = self
-            .get(name)
-            .unwrap_or_else(|| panic!("no tensor named {name}"));
-        &buf[spec.range()]
+        &buf[self.range_in(buf.len(), name)]
     }
 
     pub fn view_mut<'a, F>(&self, buf: &'a mut [F], name: &str) -> &'a mut [F] {
-        assert_eq!(
-            buf.len(),
-            self.numel,
-            "buffer is not laid out by this table"
-        );
-        let spec = self
-            .get(name)
-            .unwrap_or_else(|| panic!("no tensor named {name}"));
-        &mut buf[spec.range()]
+        let range = self.range_in(buf.len(), name);
+        &mut buf[range]
+    }
+
+    fn range_in(&self, buf_len: usize, name: &str) -> std::ops::Range<usize> {
+        assert_eq!(buf_len, self.numel, "buffer is not laid out by this table");
+        self.get(name)
+            .unwrap_or_else(|| panic!("no tensor named {name}"))
+            .range()
     }
 
     /// Initialises `params` from `seed`. Each tensor draws from its own stream keyed by its

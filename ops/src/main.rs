@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use marathon_model::cost::{cost, ParallelLayout};
+use marathon_model::cost::{cost, Cost};
 use marathon_runtime::data::{prepare, PrepareOptions};
 use marathon_runtime::{TrainConfig, Trainer};
 
@@ -121,16 +121,20 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn train(config: PathBuf) -> Result<()> {
-    let cfg = TrainConfig::load(&config)?;
-    let layout = cfg.parallel;
-    let k = cost(
+/// The cost of one step of `cfg` under its own layout.
+fn step_cost(cfg: &TrainConfig) -> Cost {
+    cost(
         &cfg.model,
-        &layout,
+        &cfg.parallel,
         cfg.batch.seq_len,
         cfg.batch.global_batch,
         cfg.batch.micro_batch,
-    );
+    )
+}
+
+fn train(config: PathBuf) -> Result<()> {
+    let cfg = TrainConfig::load(&config)?;
+    let k = step_cost(&cfg);
     eprintln!(
         "model: {} parameters, {} layers, hidden {}, {} heads, vocabulary {} (padded {}); {} threads",
         k.params,
@@ -152,14 +156,8 @@ fn train(config: PathBuf) -> Result<()> {
 
 fn plan(config: PathBuf) -> Result<()> {
     let cfg = TrainConfig::load(&config)?;
-    let layout: ParallelLayout = cfg.parallel;
-    let k = cost(
-        &cfg.model,
-        &layout,
-        cfg.batch.seq_len,
-        cfg.batch.global_batch,
-        cfg.batch.micro_batch,
-    );
+    let layout = cfg.parallel;
+    let k = step_cost(&cfg);
     let gib = |b: f64| b / (1u64 << 30) as f64;
     println!("configuration      {}", config.display());
     println!(
