@@ -2,9 +2,45 @@
 //!
 //! Owns membership, leases, generations, rendezvous, the leader, plans (live slots to a
 //! (tp, pp, dp) assignment and a microbatch split) and fencing. The deciding core does no I/O:
-//! events and the current time go in, actions come out. A `Coordinator` trait with an etcd
+//! events and the current time go in, actions come out. A [`Coordinator`] trait with an etcd
 //! implementation and an in-process one carries the decisions between machines.
 //!
 //! Never knows about tensors or object stores.
 //!
-//! Nothing is implemented here yet; the elastic-runtime issue fills this crate.
+//! Built so far: the [`Coordinator`] key-value contract and its in-process implementation,
+//! which process groups rendezvous through.
+
+pub mod coordinator;
+
+pub use coordinator::{Coordinator, InProcessCoordinator};
+
+use std::time::Duration;
+
+/// Errors of the elastic crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ElasticError {
+    /// A key did not appear before the deadline.
+    #[error("coordinator: key {key} did not appear within {waited_ms} ms")]
+    Timeout { key: String, waited_ms: u128 },
+    /// The coordinator cannot be reached or refused the request.
+    #[error("coordinator: {action} {key}: {reason}")]
+    Unavailable {
+        action: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+impl ElasticError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+
+    pub(crate) fn timeout(key: &str, waited: Duration) -> Self {
+        ElasticError::Timeout {
+            key: key.to_owned(),
+            waited_ms: waited.as_millis(),
+        }
+    }
+}

@@ -72,6 +72,8 @@ enum BenchCommand {
     /// Time training steps and compare with the GEMM library's speed on the step's largest
     /// matrix product.
     Train(bench::TrainArgs),
+    /// All-reduce bus bandwidth of the TCP process groups beside memcpy bandwidth.
+    Comm(bench::CommArgs),
 }
 
 fn main() -> ExitCode {
@@ -117,6 +119,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Train(args),
         } => bench::train(args),
+        Command::Bench {
+            command: BenchCommand::Comm(args),
+        } => bench::comm(args),
         Command::Plan { config } => plan(config),
     }
 }

@@ -260,3 +260,39 @@ fn bench_train_prints_step_figures_beside_the_gemm_limit() {
         text(&out)
     );
 }
+
+#[test]
+fn bench_comm_prints_bus_bandwidth_beside_memcpy() {
+    let out = marathon(
+        &[
+            "bench",
+            "comm",
+            "--ranks",
+            "2,3",
+            "--min-kib",
+            "64",
+            "--max-mib",
+            "1",
+        ],
+        repo(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("memcpy: "), "{stdout}");
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // 64 KiB, 256 KiB and 1 MiB for each of 2 and 3 ranks.
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    for r in &rows {
+        assert!(r["busbw_gbs"].as_f64().is_some_and(|b| b > 0.0), "{r}");
+        assert!(r["memcpy_gbs"].as_f64().is_some_and(|b| b > 0.0), "{r}");
+    }
+    let out = marathon(&["bench", "comm", "--ranks", "1"], repo());
+    assert!(
+        !out.status.success() && text(&out).contains("--ranks: every group needs at least 2 ranks"),
+        "{}",
+        text(&out)
+    );
+}

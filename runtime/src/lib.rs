@@ -9,6 +9,7 @@
 //! Never parses command lines or draws progress bars: it reports progress through
 //! [`trainer::Observer`], and `ops` renders it.
 
+pub mod comm;
 pub mod config;
 pub mod data;
 pub mod trainer;
@@ -46,6 +47,40 @@ pub enum RuntimeError {
         step: u64,
         loss: f32,
         grad_norm: f64,
+    },
+    /// A process-group operation was aborted (by the runtime, on a membership change).
+    #[error("{op} on group {group} (rank {rank}): aborted")]
+    Aborted {
+        op: &'static str,
+        group: String,
+        rank: usize,
+    },
+    /// A peer made no progress before the operation's deadline.
+    #[error(
+        "{op} on group {group} (rank {rank}): no progress from rank {peer} within {timeout_ms} ms"
+    )]
+    CommTimeout {
+        op: &'static str,
+        group: String,
+        rank: usize,
+        peer: usize,
+        timeout_ms: u128,
+    },
+    /// A peer's connection broke: it died or closed the group.
+    #[error("{op} on group {group} (rank {rank}): lost rank {peer}: {reason}")]
+    PeerLost {
+        op: &'static str,
+        group: String,
+        rank: usize,
+        peer: usize,
+        reason: String,
+    },
+    /// A process group could not form.
+    #[error("rendezvous of group {group} (rank {rank}): {reason}")]
+    Rendezvous {
+        group: String,
+        rank: usize,
+        reason: String,
     },
     /// Reading or writing a file failed.
     #[error("{action} {path}: {source}")]

@@ -1,0 +1,528 @@
+//! Process groups over TCP: the collectives that tensor, pipeline and data parallelism use on
+//! the CPU.
+//!
+//! Members rendezvous through the [`Coordinator`]: each binds a listener, publishes its address
+//! under a key namespaced by job, generation and group, and connects to the members of lower
+//! rank (a full mesh; pipeline and data-parallel groups are small). All-reduce is a ring
+//! reduce-scatter followed by a ring all-gather, which moves 2 (p - 1) / p of the buffer per
+//! member: the bandwidth-optimal schedule.
+//!
+//! Every operation has a deadline, and an [`AbortHandle`] can abort the group from any thread:
+//! it shuts the sockets down, so a blocked send or receive returns at once, and every pending
+//! and later operation fails with [`RuntimeError::Aborted`]. A member that dies closes its
+//! sockets, which its peers see as [`RuntimeError::PeerLost`] rather than waiting for it.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use marathon_elastic::Coordinator;
+
+use crate::{Result, RuntimeError};
+
+/// Bytes moved per blocking socket call, so deadlines and aborts are checked often.
+const IO_PIECE_BYTES: usize = 4 << 20;
+/// Handshake sent by the connecting side: magic and the connector's rank.
+const HELLO: &[u8; 4] = b"MRTN";
+
+/// Where a group lives and who this member is.
+#[derive(Debug, Clone)]
+pub struct GroupSpec {
+    pub job: String,
+    pub generation: u64,
+    /// The group's name, unique in the generation (`dp-0`, `tp-3`, `pp-1`).
+    pub name: String,
+    pub rank: usize,
+    pub size: usize,
+    /// The address this member listens on (port 0 picks a free one).
+    pub bind: SocketAddr,
+    /// Deadline of rendezvous and of each operation.
+    pub timeout: Duration,
+}
+
+impl GroupSpec {
+    fn key(&self, rank: usize) -> String {
+        format!(
+            "/marathon/{}/gen-{}/pg/{}/rank-{rank}",
+            self.job, self.generation, self.name
+        )
+    }
+}
+
+/// Aborts a [`ProcessGroup`] from another thread.
+#[derive(Debug, Clone)]
+pub struct AbortHandle {
+    aborted: Arc<AtomicBool>,
+    streams: Arc<Vec<TcpStream>>,
+}
+
+impl AbortHandle {
+    /// Fails every pending and later operation of the group with [`RuntimeError::Aborted`].
+    pub fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        for s in self.streams.iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// One member's connections to the other members of a group.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    spec: GroupSpec,
+    /// Stream to each peer, indexed by rank; `None` at this member's own rank.
+    peers: Vec<Option<TcpStream>>,
+    abort: AbortHandle,
+    /// Receive buffer of the reduce steps: one chunk, grown to the largest seen.
+    scratch: Vec<f32>,
+}
+
+/// The part of a buffer of `len` elements that rank `i` of `size` owns in reduce-scatter and
+/// all-gather: as even as possible, the first `len % size` ranks one element larger.
+pub fn chunk_range(len: usize, size: usize, i: usize) -> Range<usize> {
+    let (base, extra) = (len / size, len % size);
+    let start = i * base + i.min(extra);
+    start..start + base + usize::from(i < extra)
+}
+
+impl ProcessGroup {
+    /// Joins the group described by `spec`, waiting for every member until `spec.timeout`.
+    pub fn connect(coord: &dyn Coordinator, spec: GroupSpec) -> Result<Self> {
+        assert!(
+            spec.rank < spec.size,
+            "rank {} outside group of {}",
+            spec.rank,
+            spec.size
+        );
+        let deadline = Instant::now() + spec.timeout;
+        let fail = |reason: String| RuntimeError::Rendezvous {
+            group: spec.name.clone(),
+            rank: spec.rank,
+            reason,
+        };
+        let listener =
+            TcpListener::bind(spec.bind).map_err(|e| fail(format!("bind {}: {e}", spec.bind)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| fail(format!("local address: {e}")))?;
+        coord
+            .put(&spec.key(spec.rank), addr.to_string().as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+
+        let mut peers: Vec<Option<TcpStream>> = (0..spec.size).map(|_| None).collect();
+        // Connect to every lower rank and introduce ourselves.
+        for (peer, slot) in peers.iter_mut().enumerate().take(spec.rank) {
+            let value = coord
+                .wait_get(&spec.key(peer), deadline)
+                .map_err(|e| fail(e.to_string()))?;
+            let text = String::from_utf8_lossy(&value).into_owned();
+            let peer_addr: SocketAddr = text
+                .parse()
+                .map_err(|_| fail(format!("rank {peer} published a bad address {text:?}")))?;
+            let mut stream = connect_until(peer_addr, deadline)
+                .map_err(|e| fail(format!("connect to rank {peer} at {peer_addr}: {e}")))?;
+            let mut hello = [0u8; 8];
+            hello[..4].copy_from_slice(HELLO);
+            hello[4..].copy_from_slice(&(spec.rank as u32).to_le_bytes());
+            stream
+                .write_all(&hello)
+                .map_err(|e| fail(format!("greet rank {peer}: {e}")))?;
+            *slot = Some(stream);
+        }
+        // Accept every higher rank.
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| fail(e.to_string()))?;
+        let mut waiting = spec.size - spec.rank - 1;
+        while waiting > 0 {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(|e| fail(e.to_string()))?;
+                    stream
+                        .set_read_timeout(Some(remaining(deadline)))
+                        .map_err(|e| fail(e.to_string()))?;
+                    let mut hello = [0u8; 8];
+                    stream
+                        .read_exact(&mut hello)
+                        .map_err(|e| fail(format!("read a greeting: {e}")))?;
+                    let peer = u32::from_le_bytes(hello[4..].try_into().expect("4 bytes")) as usize;
+                    if &hello[..4] != HELLO
+                        || peer <= spec.rank
+                        || peer >= spec.size
+                        || peers[peer].is_some()
+                    {
+                        return Err(fail(format!("unexpected greeting {hello:?}")));
+                    }
+                    peers[peer] = Some(stream);
+                    waiting -= 1;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        let missing: Vec<usize> = (spec.rank + 1..spec.size)
+                            .filter(|&r| peers[r].is_none())
+                            .collect();
+                        return Err(fail(format!(
+                            "ranks {missing:?} did not connect within {} ms",
+                            spec.timeout.as_millis()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(fail(format!("accept: {e}"))),
+            }
+        }
+        let mut clones = Vec::new();
+        for s in peers.iter().flatten() {
+            s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
+            clones.push(s.try_clone().map_err(|e| fail(e.to_string()))?);
+        }
+        let abort = AbortHandle {
+            aborted: Arc::new(AtomicBool::new(false)),
+            streams: Arc::new(clones),
+        };
+        Ok(ProcessGroup {
+            spec,
+            peers,
+            abort,
+            scratch: Vec::new(),
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.spec.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.spec.size
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// A handle that aborts this group from any thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+
+    /// Sums `buf` across the group: every member ends with the same total.
+    pub fn all_reduce(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.reduce_scatter(buf)?;
+        self.all_gather(buf)
+    }
+
+    /// Sums `buf` across the group, in place, leaving this member's chunk
+    /// ([`chunk_range`] of its rank) holding the total; the rest of `buf` is left partial.
+    /// Returns that chunk's range.
+    pub fn reduce_scatter(&mut self, buf: &mut [f32]) -> Result<Range<usize>> {
+        let op = "reduce-scatter";
+        let deadline = self.begin(op)?;
+        let (p, r) = (self.spec.size, self.spec.rank);
+        let mine = chunk_range(buf.len(), p, r);
+        if p == 1 {
+            return Ok(mine);
+        }
+        let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+        let largest = chunk_range(buf.len(), p, 0).len();
+        if self.scratch.len() < largest {
+            self.scratch.resize(largest, 0.0);
+        }
+        // Chunk c starts at rank c + 1 and gathers one addend per hop, ending at rank c.
+        for s in 0..p - 1 {
+            let send = chunk_range(buf.len(), p, (r + 2 * p - 1 - s) % p);
+            let recv = chunk_range(buf.len(), p, (r + 2 * p - 2 - s) % p);
+            let incoming = &mut self.scratch[..recv.len()];
+            let (to, from) = (
+                peer_stream(&self.peers, next),
+                peer_stream(&self.peers, prev),
+            );
+            exchange(
+                &self.spec,
+                &self.abort,
+                op,
+                (to, next, &buf[send]),
+                (from, prev, as_bytes_mut(incoming)),
+                deadline,
+            )?;
+            for (x, &y) in buf[recv].iter_mut().zip(incoming.iter()) {
+                *x += y;
+            }
+        }
+        Ok(mine)
+    }
+
+    /// Gathers every member's chunk ([`chunk_range`] of its rank) of `buf`, in place.
+    pub fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        let op = "all-gather";
+        let deadline = self.begin(op)?;
+        let (p, r) = (self.spec.size, self.spec.rank);
+        if p == 1 {
+            return Ok(());
+        }
+        let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+        for s in 0..p - 1 {
+            let send = chunk_range(buf.len(), p, (r + p - s) % p);
+            let recv = chunk_range(buf.len(), p, (r + 2 * p - 1 - s) % p);
+            let (sent, received) = disjoint(buf, send, recv);
+            exchange(
+                &self.spec,
+                &self.abort,
+                op,
+                (self.stream(next), next, sent),
+                (self.stream(prev), prev, as_bytes_mut(received)),
+                deadline,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Copies `root`'s `buf` to every member.
+    pub fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        let op = "broadcast";
+        let deadline = self.begin(op)?;
+        if self.spec.rank == root {
+            for peer in (0..self.spec.size).filter(|&q| q != root) {
+                send_all(
+                    &self.spec,
+                    &self.abort,
+                    op,
+                    self.stream(peer),
+                    peer,
+                    as_bytes(buf),
+                    deadline,
+                )?;
+            }
+            Ok(())
+        } else {
+            recv_all(
+                &self.spec,
+                &self.abort,
+                op,
+                self.stream(root),
+                root,
+                as_bytes_mut(buf),
+                deadline,
+            )
+        }
+    }
+
+    /// Sends `buf` to `peer`, which must [`ProcessGroup::recv`] the same length.
+    pub fn send(&mut self, buf: &[f32], peer: usize) -> Result<()> {
+        let deadline = self.begin("send")?;
+        send_all(
+            &self.spec,
+            &self.abort,
+            "send",
+            self.stream(peer),
+            peer,
+            as_bytes(buf),
+            deadline,
+        )
+    }
+
+    /// Receives `buf.len()` elements from `peer`.
+    pub fn recv(&mut self, buf: &mut [f32], peer: usize) -> Result<()> {
+        let deadline = self.begin("recv")?;
+        recv_all(
+            &self.spec,
+            &self.abort,
+            "recv",
+            self.stream(peer),
+            peer,
+            as_bytes_mut(buf),
+            deadline,
+        )
+    }
+
+    /// Checks the group is usable and returns the operation's deadline.
+    fn begin(&self, op: &'static str) -> Result<Instant> {
+        if self.abort.aborted.load(Ordering::SeqCst) {
+            return Err(RuntimeError::Aborted {
+                op,
+                group: self.spec.name.clone(),
+                rank: self.spec.rank,
+            });
+        }
+        Ok(Instant::now() + self.spec.timeout)
+    }
+
+    fn stream(&self, peer: usize) -> &TcpStream {
+        assert!(peer != self.spec.rank, "rank {peer} cannot talk to itself");
+        peer_stream(&self.peers, peer)
+    }
+}
+
+fn peer_stream(peers: &[Option<TcpStream>], peer: usize) -> &TcpStream {
+    peers[peer].as_ref().expect("every peer is connected")
+}
+
+/// Sends to one peer while receiving from another (or the same one), so neither side's socket
+/// buffer fills while both wait to write.
+fn exchange(
+    spec: &GroupSpec,
+    abort: &AbortHandle,
+    op: &'static str,
+    (to, to_rank, out): (&TcpStream, usize, &[f32]),
+    (from, from_rank, into): (&TcpStream, usize, &mut [u8]),
+    deadline: Instant,
+) -> Result<()> {
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send_all(spec, abort, op, to, to_rank, as_bytes(out), deadline));
+        let received = recv_all(spec, abort, op, from, from_rank, into, deadline);
+        let sent = sender.join().unwrap_or_else(|_| {
+            Err(lost(
+                spec,
+                abort,
+                op,
+                to_rank,
+                "the sending thread panicked".into(),
+            ))
+        });
+        received.and(sent)
+    })
+}
+
+fn send_all(
+    spec: &GroupSpec,
+    abort: &AbortHandle,
+    op: &'static str,
+    mut s: &TcpStream,
+    peer: usize,
+    bytes: &[u8],
+    deadline: Instant,
+) -> Result<()> {
+    for piece in bytes.chunks(IO_PIECE_BYTES) {
+        s.set_write_timeout(Some(remaining(deadline)))
+            .map_err(|e| io_error(spec, abort, op, peer, e))?;
+        s.write_all(piece)
+            .map_err(|e| io_error(spec, abort, op, peer, e))?;
+    }
+    Ok(())
+}
+
+fn recv_all(
+    spec: &GroupSpec,
+    abort: &AbortHandle,
+    op: &'static str,
+    mut s: &TcpStream,
+    peer: usize,
+    bytes: &mut [u8],
+    deadline: Instant,
+) -> Result<()> {
+    for piece in bytes.chunks_mut(IO_PIECE_BYTES) {
+        s.set_read_timeout(Some(remaining(deadline)))
+            .map_err(|e| io_error(spec, abort, op, peer, e))?;
+        s.read_exact(piece)
+            .map_err(|e| io_error(spec, abort, op, peer, e))?;
+    }
+    Ok(())
+}
+
+/// Names a failed socket call: aborted, timed out, or the peer is gone.
+fn io_error(
+    spec: &GroupSpec,
+    abort: &AbortHandle,
+    op: &'static str,
+    peer: usize,
+    e: std::io::Error,
+) -> RuntimeError {
+    if abort.aborted.load(Ordering::SeqCst) {
+        return RuntimeError::Aborted {
+            op,
+            group: spec.name.clone(),
+            rank: spec.rank,
+        };
+    }
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => RuntimeError::CommTimeout {
+            op,
+            group: spec.name.clone(),
+            rank: spec.rank,
+            peer,
+            timeout_ms: spec.timeout.as_millis(),
+        },
+        ErrorKind::UnexpectedEof => lost(spec, abort, op, peer, "it closed the connection".into()),
+        _ => lost(spec, abort, op, peer, e.to_string()),
+    }
+}
+
+fn lost(
+    spec: &GroupSpec,
+    _abort: &AbortHandle,
+    op: &'static str,
+    peer: usize,
+    reason: String,
+) -> RuntimeError {
+    RuntimeError::PeerLost {
+        op,
+        group: spec.name.clone(),
+        rank: spec.rank,
+        peer,
+        reason,
+    }
+}
+
+fn connect_until(addr: SocketAddr, deadline: Instant) -> std::io::Result<TcpStream> {
+    loop {
+        match TcpStream::connect_timeout(&addr, remaining(deadline)) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Time left before `deadline`, at least a millisecond (a zero socket timeout means "none").
+fn remaining(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+/// Two disjoint ranges of one buffer: the first shared, the second mutable.
+fn disjoint(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mut [f32]) {
+    assert!(a.end <= b.start || b.end <= a.start, "ranges overlap");
+    if a.start < b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.end - b.start])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.end - a.start], &mut lo[b])
+    }
+}
+
+fn as_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and u8 has alignment 1; the length covers the same memory.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+fn as_bytes_mut(x: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as in `as_bytes`, and every byte pattern is a valid f32, so writes through the
+    // byte view cannot produce an invalid value.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_buffer_evenly() {
+        for len in [0, 1, 7, 8, 1001] {
+            for size in 1..6 {
+                let ranges: Vec<_> = (0..size).map(|i| chunk_range(len, size, i)).collect();
+                assert_eq!(ranges[0].start, 0);
+                assert_eq!(ranges[size - 1].end, len);
+                for w in ranges.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                    assert!(w[0].len() - w[1].len() <= 1);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Process groups over real TCP sockets on loopback: each collective against a reference
+//! computed locally, and abort, timeout and a lost peer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use marathon_elastic::InProcessCoordinator;
+use marathon_runtime::comm::{chunk_range, GroupSpec, ProcessGroup};
+use marathon_runtime::RuntimeError;
+
+fn spec(name: &str, rank: usize, size: usize, timeout: Duration) -> GroupSpec {
+    GroupSpec {
+        job: "test".into(),
+        generation: 1,
+        name: name.into(),
+        rank,
+        size,
+        bind: "127.0.0.1:0".parse().expect("loopback address"),
+        timeout,
+    }
+}
+
+/// Runs `f(group)` on `size` threads, one member each, and returns their results by rank.
+fn on_group<T: Send + 'static>(
+    name: &str,
+    size: usize,
+    timeout: Duration,
+    f: impl Fn(ProcessGroup) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let coord = Arc::new(InProcessCoordinator::new());
+    let f = Arc::new(f);
+    let handles: Vec<_> = (0..size)
+        .map(|rank| {
+            let (coord, f, s) = (coord.clone(), f.clone(), spec(name, rank, size, timeout));
+            std::thread::spawn(
+                move || f(ProcessGroup::connect(&*coord, s).expect("join the group")),
+            )
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("member thread"))
+        .collect()
+}
+
+/// Integer-valued inputs, so sums are exact in any order and results compare bitwise.
+fn input(rank: usize, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7 + rank * 13) % 101) as f32 - 50.0)
+        .collect()
+}
+
+#[test]
+fn collectives_match_a_local_reference_for_sizes_that_do_not_divide() {
+    for size in [2, 3, 4] {
+        for len in [1, 5, 7, 1000, 4099] {
+            let total: Vec<f32> = (0..len)
+                .map(|i| (0..size).map(|r| input(r, len)[i]).sum())
+                .collect();
+            let results = on_group("c", size, Duration::from_secs(30), move |mut g| {
+                let r = g.rank();
+                let mut all = input(r, len);
+                g.all_reduce(&mut all).unwrap();
+                let mut rs = input(r, len);
+                let mine = g.reduce_scatter(&mut rs).unwrap();
+                let mut gathered = vec![0.0; len];
+                let own = chunk_range(len, size, r);
+                gathered[own.clone()].copy_from_slice(&input(r, len)[own]);
+                g.all_gather(&mut gathered).unwrap();
+                let mut b = if r == 1 {
+                    input(9, len)
+                } else {
+                    vec![0.0; len]
+                };
+                g.broadcast(&mut b, 1).unwrap();
+                (all, rs[mine.clone()].to_vec(), mine, gathered, b)
+            });
+            for (r, (all, rs, mine, gathered, b)) in results.into_iter().enumerate() {
+                assert_eq!(all, total, "all-reduce, size {size}, len {len}, rank {r}");
+                assert_eq!(mine, chunk_range(len, size, r));
+                assert_eq!(
+                    rs,
+                    total[mine].to_vec(),
+                    "reduce-scatter, size {size}, len {len}, rank {r}"
+                );
+                let want: Vec<f32> = (0..len)
+                    .map(|i| {
+                        input(
+                            (0..size)
+                                .find(|&q| chunk_range(len, size, q).contains(&i))
+                                .unwrap(),
+                            len,
+                        )[i]
+                    })
+                    .collect();
+                assert_eq!(
+                    gathered, want,
+                    "all-gather, size {size}, len {len}, rank {r}"
+                );
+                assert_eq!(
+                    b,
+                    input(9, len),
+                    "broadcast, size {size}, len {len}, rank {r}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn send_and_recv_carry_a_buffer_between_two_ranks() {
+    let got = on_group("p2p", 3, Duration::from_secs(30), |mut g| {
+        let mut buf = vec![0.0f32; 100_003];
+        match g.rank() {
+            0 => g.send(&input(0, buf.len()), 2).unwrap(),
+            2 => g.recv(&mut buf, 0).unwrap(),
+            _ => {}
+        }
+        buf
+    });
+    assert_eq!(got[2], input(0, 100_003));
+}
+
+#[test]
+fn abort_fails_a_blocked_operation_at_once_and_every_later_one() {
+    let timeout = Duration::from_secs(60);
+    let results = on_group("abort", 2, timeout, move |mut g| {
+        if g.rank() == 1 {
+            // Stays silent, holding its sockets open, until rank 0 is done.
+            std::thread::sleep(Duration::from_millis(1500));
+            return None;
+        }
+        let handle = g.abort_handle();
+        let aborter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            handle.abort();
+        });
+        let started = Instant::now();
+        let first = g.recv(&mut [0.0f32; 16], 1).unwrap_err();
+        let waited = started.elapsed();
+        aborter.join().unwrap();
+        let later = g.all_reduce(&mut [1.0f32; 4]).unwrap_err();
+        Some((first, waited, later))
+    });
+    let (first, waited, later) = results.into_iter().next().flatten().unwrap();
+    assert!(
+        matches!(first, RuntimeError::Aborted { op: "recv", .. }),
+        "{first}"
+    );
+    assert_eq!(first.to_string(), "recv on group abort (rank 0): aborted");
+    assert!(
+        waited < timeout / 2,
+        "an abort must not wait for the deadline: {waited:?}"
+    );
+    assert!(matches!(later, RuntimeError::Aborted { .. }), "{later}");
+}
+
+#[test]
+fn a_silent_peer_fails_the_operation_at_its_deadline() {
+    let results = on_group("slow", 2, Duration::from_millis(300), |mut g| {
+        if g.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(1500));
+            return None;
+        }
+        Some(g.all_reduce(&mut [1.0f32; 8]).unwrap_err())
+    });
+    let e = results.into_iter().next().flatten().unwrap();
+    assert!(
+        matches!(e, RuntimeError::CommTimeout { peer: 1, .. }),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("no progress from rank 1 within 300 ms"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_peer_that_dies_mid_operation_is_reported_not_waited_for() {
+    let timeout = Duration::from_secs(60);
+    let results = on_group("dies", 3, timeout, move |mut g| {
+        if g.rank() == 2 {
+            // Dies after the group formed: its sockets close, as the kernel closes a dead
+            // process's sockets.
+            std::thread::sleep(Duration::from_millis(100));
+            drop(g);
+            return None;
+        }
+        let started = Instant::now();
+        let e = g.all_reduce(&mut vec![1.0f32; 1 << 20]).unwrap_err();
+        Some((e, started.elapsed()))
+    });
+    let (e, waited) = results.into_iter().next().flatten().unwrap();
+    assert!(waited < timeout / 2, "{waited:?}");
+    assert!(matches!(e, RuntimeError::PeerLost { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("reduce-scatter on group dies (rank 0): lost rank"),
+        "{e}"
+    );
+}
+
+#[test]
+fn rendezvous_names_the_members_that_never_came() {
+    let coord = InProcessCoordinator::new();
+    let e = ProcessGroup::connect(&coord, spec("lonely", 0, 3, Duration::from_millis(200)))
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "rendezvous of group lonely (rank 0): ranks [1, 2] did not connect within 200 ms"
+    );
+}
