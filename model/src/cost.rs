@@ -1,7 +1,7 @@
 //! The cost model of a parallel layout: parameters, FLOPs and memory per rank.
 //!
 //! Memory assumes the production recipe: bf16 weights, fp32 gradients, fp32 master weights and
-//! both Adam moments sharded across data parallelism (ZeRO-1, Megatron's distributed optimizer),
+//! both Adam moments (sharded across data parallelism with the distributed optimizer, ZeRO-1),
 //! a 1F1B pipeline and full activation recomputation.
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,10 @@ pub struct ParallelLayout {
     pub pp: usize,
     #[serde(default = "one")]
     pub dp: usize,
+    /// ZeRO-1: gradients are reduce-scattered, each data-parallel replica updates its shard of
+    /// the master weights and Adam moments, and the parameters are all-gathered.
+    #[serde(default)]
+    pub distributed_optimizer: bool,
 }
 
 fn one() -> usize {
@@ -32,6 +36,7 @@ impl Default for ParallelLayout {
             tp: 1,
             pp: 1,
             dp: 1,
+            distributed_optimizer: false,
         }
     }
 }
@@ -140,7 +145,12 @@ pub fn cost(
     };
     let fpt = flops_per_token(config, seq);
     let tokens = (global_batch * seq) as f64;
-    let bytes_per_param = 2.0 + 4.0 + 12.0 / layout.dp as f64;
+    let optimizer_shards = if layout.distributed_optimizer {
+        layout.dp as f64
+    } else {
+        1.0
+    };
+    let bytes_per_param = 2.0 + 4.0 + 12.0 / optimizer_shards;
     let (s, b, h, a) = (
         seq as f64,
         micro_batch as f64,
@@ -183,6 +193,7 @@ mod tests {
             tp: 8,
             pp: 35,
             dp: 16,
+            distributed_optimizer: true,
         };
         layout.validate(&mtnlg()).unwrap();
         let k = cost(&mtnlg(), &layout, 2048, 1920, 1);
@@ -204,6 +215,7 @@ mod tests {
             tp: 3,
             pp: 1,
             dp: 1,
+            distributed_optimizer: false,
         }
         .validate(&mtnlg())
         .unwrap_err()
@@ -216,6 +228,7 @@ mod tests {
             tp: 8,
             pp: 4,
             dp: 1,
+            distributed_optimizer: false,
         }
         .validate(&mtnlg())
         .unwrap_err()

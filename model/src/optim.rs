@@ -1,5 +1,7 @@
 //! AdamW with decoupled weight decay and global gradient-norm clipping, on flat buffers.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -31,31 +33,51 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW state: both moments as flat buffers laid out like the parameters, and the step count.
+/// AdamW state for a range of the flat parameter buffer (all of it, or a ZeRO shard): both
+/// moments for that range, and the step count.
 #[derive(Debug, Clone)]
 pub struct AdamW<F> {
     pub config: AdamWConfig,
+    /// The elements of the flat buffers this state covers.
+    pub shard: Range<usize>,
     pub m: Vec<F>,
     pub v: Vec<F>,
     /// Steps taken; bias correction uses it.
     pub step: u64,
-    /// Per element range, whether weight decay applies (biases and norms do not decay).
-    decay: Vec<(std::ops::Range<usize>, bool)>,
+    /// Shard-relative ranges and whether weight decay applies (biases and norms do not decay).
+    decay: Vec<(Range<usize>, bool)>,
 }
 
 impl<F: Float> AdamW<F> {
+    /// State for every parameter.
     pub fn new(config: AdamWConfig, layout: &ParamLayout) -> Self {
-        let n = layout.numel();
+        Self::for_shard(config, layout, 0..layout.numel())
+    }
+
+    /// State for the elements `shard` of the flat buffers only: the distributed optimizer's
+    /// share of one data-parallel replica.
+    pub fn for_shard(config: AdamWConfig, layout: &ParamLayout, shard: Range<usize>) -> Self {
+        assert!(shard.end <= layout.numel());
+        let decay = layout
+            .decay_ranges()
+            .filter_map(|(r, d)| {
+                let (lo, hi) = (r.start.max(shard.start), r.end.min(shard.end));
+                (lo < hi).then(|| (lo - shard.start..hi - shard.start, d))
+            })
+            .collect();
+        let n = shard.len();
         AdamW {
             config,
+            shard,
             m: vec![F::ZERO; n],
             v: vec![F::ZERO; n],
             step: 0,
-            decay: layout.decay_ranges().collect(),
+            decay,
         }
     }
 
-    /// One AdamW update of `params` from `grads` at learning rate `lr`.
+    /// One AdamW update at learning rate `lr` of `params` from `grads`, both this state's shard
+    /// of the flat buffers.
     pub fn update(&mut self, params: &mut [F], grads: &[F], lr: f64) {
         assert_eq!(params.len(), self.m.len());
         assert_eq!(grads.len(), self.m.len());
@@ -122,5 +144,43 @@ pub fn clip_grads<F: Float>(grads: &mut [F], norm: f64, max_norm: f64) -> f64 {
         coef
     } else {
         1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GptConfig;
+
+    #[test]
+    fn shards_update_exactly_as_the_whole() {
+        let config = GptConfig {
+            vocab_size: 100,
+            seq_len: 8,
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 16,
+        };
+        let layout = ParamLayout::new(&config);
+        let n = layout.numel();
+        let params: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let grads: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut whole = params.clone();
+        let mut opt = AdamW::new(AdamWConfig::default(), &layout);
+        let mut sharded = params.clone();
+        // Shard boundaries that cut through tensors, decayed and not.
+        let cuts = [0, 7, 1000, 2049, 2051, n];
+        let mut shards: Vec<AdamW<f32>> = cuts
+            .windows(2)
+            .map(|w| AdamW::for_shard(AdamWConfig::default(), &layout, w[0]..w[1]))
+            .collect();
+        for _ in 0..3 {
+            opt.update(&mut whole, &grads, 1e-2);
+            for s in &mut shards {
+                let r = s.shard.clone();
+                s.update(&mut sharded[r.clone()], &grads[r], 1e-2);
+            }
+        }
+        assert_eq!(whole, sharded);
     }
 }

@@ -192,8 +192,13 @@ fn plan(config: PathBuf) -> Result<()> {
         k.params_per_rank_max,
         k.params_per_rank_max as f64 / 1e9
     );
+    let sharding = if layout.distributed_optimizer {
+        "optimizer sharded over dp"
+    } else {
+        "optimizer replicated"
+    };
     println!(
-        "memory/rank        {:.1} GiB: {:.1} GiB weights, gradients and optimizer state (bf16 + fp32, optimizer sharded over dp), {:.1} GiB activations (micro batch {}, full recompute)",
+        "memory/rank        {:.1} GiB: {:.1} GiB weights, gradients and optimizer state (bf16 + fp32, {sharding}), {:.1} GiB activations (micro batch {}, full recompute)",
         gib(k.memory_bytes_per_rank()),
         gib(k.state_bytes_per_rank),
         gib(k.activation_bytes_per_rank),

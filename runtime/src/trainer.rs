@@ -13,6 +13,7 @@ use marathon_model::optim::{clip_grads, sum_squares};
 use marathon_model::{AdamW, BatchRamp, Gpt};
 use serde::Serialize;
 
+use crate::comm::{chunk_range, ProcessGroup};
 use crate::config::TrainConfig;
 use crate::data::{DataOrder, TokenFile};
 use crate::{Result, RuntimeError};
@@ -70,25 +71,41 @@ pub struct Trainer {
     inputs: Vec<u32>,
     targets: Vec<u32>,
     metrics: Option<BufWriter<File>>,
+    /// The data-parallel group, when this trainer is one replica of several.
+    group: Option<ProcessGroup>,
 }
 
 impl Trainer {
     /// Opens the data, checks it against the configuration, and builds the model with fresh
-    /// weights from `train.seed`.
+    /// weights from `train.seed`, in one process (`parallel.dp` must be 1).
     pub fn new(cfg: TrainConfig) -> Result<Self> {
-        if cfg.parallel.world_size() != 1 {
-            return Err(RuntimeError::Config {
-                path: cfg.source.clone(),
-                field: "parallel".into(),
-                reason: format!(
-                    "layout tp={} pp={} dp={} needs {} worker processes; this trainer runs one \
-                     (tp = pp = dp = 1). Use `marathon plan` to size a parallel layout",
-                    cfg.parallel.tp,
-                    cfg.parallel.pp,
-                    cfg.parallel.dp,
-                    cfg.parallel.world_size()
-                ),
-            });
+        Self::with_group(cfg, None)
+    }
+
+    /// As [`Trainer::new`], as one data-parallel replica of `group`, whose size must be
+    /// `parallel.dp`. Every replica starts from the same weights and ends each step with the
+    /// same ones.
+    pub fn with_group(cfg: TrainConfig, group: Option<ProcessGroup>) -> Result<Self> {
+        let layout = cfg.parallel;
+        let bad_layout = |reason: String| RuntimeError::Config {
+            path: cfg.source.clone(),
+            field: "parallel".into(),
+            reason,
+        };
+        if layout.tp != 1 || layout.pp != 1 {
+            return Err(bad_layout(format!(
+                "tp={} pp={}: tensor and pipeline parallelism are not available yet; set tp = pp = 1 \
+                 (data parallelism works). Use `marathon plan` to size a 3D layout",
+                layout.tp, layout.pp
+            )));
+        }
+        let replicas = group.as_ref().map_or(1, |g| g.size());
+        if replicas != layout.dp {
+            return Err(bad_layout(format!(
+                "dp={} needs {} data-parallel worker processes, but this trainer is one of {replicas}; \
+                 `marathon train` starts the workers",
+                layout.dp, layout.dp
+            )));
         }
         let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
         let train = TokenFile::open(&cfg.data.train, cfg.model.vocab_size)?;
@@ -111,10 +128,17 @@ impl Trainer {
         let order = DataOrder::new(cfg.data.seed, train.samples(seq));
         let mut model = Gpt::new(cfg.model.clone(), mb, seq).map_err(|e| cfg.error(e))?;
         model.init_params(cfg.train.seed, cfg.optim.init_std);
-        let opt = AdamW::new(cfg.optim.adamw(), &model.layout);
+        let rank = group.as_ref().map_or(0, |g| g.rank());
+        let shard = if layout.distributed_optimizer {
+            chunk_range(model.layout.numel(), replicas, rank)
+        } else {
+            0..model.layout.numel()
+        };
+        let opt = AdamW::for_shard(cfg.optim.adamw(), &model.layout, shard);
+        // One replica writes the metrics: the others hold the same numbers.
         let metrics = match &cfg.train.metrics {
-            Some(p) => Some(open_metrics(p)?),
-            None => None,
+            Some(p) if rank == 0 => Some(open_metrics(p)?),
+            _ => None,
         };
         let ramp = cfg.batch_ramp();
         Ok(Trainer {
@@ -130,6 +154,7 @@ impl Trainer {
             inputs: vec![0; mb * seq],
             targets: vec![0; mb * seq],
             metrics,
+            group,
         })
     }
 
@@ -155,7 +180,10 @@ impl Trainer {
         let dloss = 1.0 / (batch as f32 * seq as f32);
         self.model.zero_grad();
         let mut loss_sum = 0.0f64;
-        for m in 0..micro_steps {
+        // This replica's microbatches: a contiguous run, one more on the first replicas when
+        // they do not divide evenly. Which replica runs a microbatch changes nothing else.
+        let (replica, replicas) = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
+        for m in chunk_range(micro_steps, replicas, replica) {
             let first = self.consumed_samples + (m * mb) as u64;
             for j in 0..mb {
                 let k = self.order.sample(first + j as u64);
@@ -166,8 +194,8 @@ impl Trainer {
             loss_sum += self.model.forward(&self.inputs, &self.targets) as f64;
             self.model.backward(dloss);
         }
+        let (loss_sum, shard, grad_norm) = self.sync_gradients(loss_sum)?;
         let loss = (loss_sum / micro_steps as f64) as f32;
-        let grad_norm = sum_squares(&self.model.grads).sqrt();
         if !(loss.is_finite() && grad_norm.is_finite()) {
             // Refuse the update: the parameters stay those of the last good step.
             return Err(RuntimeError::Diverged {
@@ -176,11 +204,14 @@ impl Trainer {
                 grad_norm,
             });
         }
-        clip_grads(&mut self.model.grads, grad_norm, self.cfg.optim.grad_clip);
+        let grads = &mut self.model.grads[shard.clone()];
+        clip_grads(grads, grad_norm, self.cfg.optim.grad_clip);
         let tokens_consumed = (self.consumed_samples + batch) * seq as u64;
         let lr = self.cfg.optim.lr.lr_at(tokens_consumed);
-        self.opt
-            .update(&mut self.model.params, &self.model.grads, lr);
+        self.opt.update(&mut self.model.params[shard], grads, lr);
+        if let (Some(g), true) = (&mut self.group, self.cfg.parallel.distributed_optimizer) {
+            g.all_gather(&mut self.model.params)?;
+        }
         self.consumed_samples += batch;
         self.step += 1;
         let step_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -196,6 +227,40 @@ impl Trainer {
         };
         self.write_metric(&serde_json::json!({ "kind": "step", "data": &rec }))?;
         Ok(rec)
+    }
+
+    /// Sums the replicas' losses and gradients. Returns the summed loss, the range of the
+    /// gradient buffer this replica updates (all of it, or its shard with the distributed
+    /// optimizer), and the global gradient norm.
+    fn sync_gradients(&mut self, loss_sum: f64) -> Result<(f64, std::ops::Range<usize>, f64)> {
+        let grads = &mut self.model.grads;
+        let Some(g) = &mut self.group else {
+            return Ok((loss_sum, 0..grads.len(), sum_squares(grads).sqrt()));
+        };
+        let shard = if self.cfg.parallel.distributed_optimizer {
+            g.reduce_scatter(grads)?
+        } else {
+            g.all_reduce(grads)?;
+            0..grads.len()
+        };
+        // With the distributed optimizer each replica holds the sum for its shard only, so the
+        // squared norm is summed across replicas too; otherwise every replica adds up the same.
+        let own_sq = sum_squares(&grads[shard.clone()]);
+        let mut totals = [
+            loss_sum as f32,
+            if self.cfg.parallel.distributed_optimizer {
+                own_sq as f32
+            } else {
+                0.0
+            },
+        ];
+        g.all_reduce(&mut totals)?;
+        let norm_sq = if self.cfg.parallel.distributed_optimizer {
+            totals[1] as f64
+        } else {
+            own_sq
+        };
+        Ok((totals[0] as f64, shard, norm_sq.sqrt()))
     }
 
     /// Mean loss over the first `train.eval_batches` microbatches of the validation file, in
