@@ -5,8 +5,9 @@
 //! keeps the same contract across machines.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::ElasticError;
 
@@ -60,6 +61,81 @@ impl Coordinator for InProcessCoordinator {
                 .wait_timeout(map, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+}
+
+/// A coordinator in a directory, shared by the processes of one machine: each key is a file,
+/// written under a temporary name and renamed into place so a reader never sees half a value.
+/// The launcher of a single-machine job makes the directory and removes it at the end.
+#[derive(Debug, Clone)]
+pub struct DirCoordinator {
+    dir: PathBuf,
+}
+
+/// How often [`DirCoordinator::wait_get`] looks for a key that is not there yet.
+const DIR_POLL: Duration = Duration::from_millis(2);
+
+impl DirCoordinator {
+    /// Uses `dir`, which must exist.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DirCoordinator { dir: dir.into() }
+    }
+
+    /// The file of `key`: the key with its separators escaped, so every key is one file.
+    fn path(&self, key: &str) -> PathBuf {
+        let name: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join(format!("{name}.{:016x}", fnv1a(key)))
+    }
+}
+
+/// FNV-1a: distinguishes keys whose escaped names collide (`a/b` and `a_b`).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl Coordinator for DirCoordinator {
+    fn put(&self, key: &str, value: &[u8]) -> Result<(), ElasticError> {
+        let path = self.path(key);
+        let unavailable = |e: std::io::Error| ElasticError::Unavailable {
+            action: "put",
+            key: key.to_owned(),
+            reason: format!("{}: {e}", self.dir.display()),
+        };
+        let tmp = PathBuf::from(format!("{}.tmp{}", path.display(), std::process::id()));
+        std::fs::write(&tmp, value).map_err(unavailable)?;
+        std::fs::rename(&tmp, &path).map_err(unavailable)
+    }
+
+    fn wait_get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, ElasticError> {
+        let (path, started) = (self.path(key), Instant::now());
+        loop {
+            match std::fs::read(&path) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(ElasticError::Unavailable {
+                        action: "get",
+                        key: key.to_owned(),
+                        reason: format!("{}: {e}", path.display()),
+                    })
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ElasticError::timeout(key, started.elapsed()));
+            }
+            std::thread::sleep(DIR_POLL);
         }
     }
 }
@@ -124,5 +200,19 @@ mod tests {
     #[test]
     fn in_process_coordinator_passes_the_conformance_suite() {
         conformance::run(Arc::new(InProcessCoordinator::new()), "/marathon/test");
+    }
+
+    #[test]
+    fn dir_coordinator_passes_the_conformance_suite() {
+        let dir = std::env::temp_dir().join(format!("marathon-coord-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        conformance::run(Arc::new(DirCoordinator::new(&dir)), "/marathon/test");
+        // Keys that escape to the same name stay apart.
+        let c = DirCoordinator::new(&dir);
+        c.put("/a/b", b"slash").unwrap();
+        c.put("/a_b", b"underscore").unwrap();
+        let soon = Instant::now() + Duration::from_secs(1);
+        assert_eq!(c.wait_get("/a/b", soon).unwrap(), b"slash");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

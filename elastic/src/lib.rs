@@ -12,7 +12,7 @@
 
 pub mod coordinator;
 
-pub use coordinator::{Coordinator, InProcessCoordinator};
+pub use coordinator::{Coordinator, DirCoordinator, InProcessCoordinator};
 
 use std::time::Duration;
 

@@ -4,16 +4,17 @@
 //! crates. Errors reach the user through `anyhow` with the file, field or step they concern.
 
 mod bench;
+mod launch;
 mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use marathon_model::cost::{cost, Cost};
 use marathon_runtime::data::{prepare, PrepareOptions};
-use marathon_runtime::{TrainConfig, Trainer};
+use marathon_runtime::TrainConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,10 +29,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train a model from a TOML configuration.
+    /// Train a model from a TOML configuration; a layout of several ranks starts one worker
+    /// process per rank on this machine.
     Train {
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        layout: launch::LayoutFlags,
+    },
+    /// One rank of a job that `marathon train` launched.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        coord_dir: PathBuf,
+        #[command(flatten)]
+        layout: launch::LayoutFlags,
     },
     /// Corpus preparation.
     Data {
@@ -89,7 +105,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config } => train(config),
+        Command::Train { config, layout } => launch::train(&config, &layout),
+        Command::Worker {
+            config,
+            rank,
+            coord_dir,
+            layout,
+        } => launch::worker(&config, &layout, rank, &coord_dir),
         Command::Data {
             command:
                 DataCommand::Prepare {
@@ -127,7 +149,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// The cost of one step of `cfg` under its own layout.
-fn step_cost(cfg: &TrainConfig) -> Cost {
+pub(crate) fn step_cost(cfg: &TrainConfig) -> Cost {
     cost(
         &cfg.model,
         &cfg.parallel,
@@ -135,28 +157,6 @@ fn step_cost(cfg: &TrainConfig) -> Cost {
         cfg.batch.global_batch,
         cfg.batch.micro_batch,
     )
-}
-
-fn train(config: PathBuf) -> Result<()> {
-    let cfg = TrainConfig::load(&config)?;
-    let k = step_cost(&cfg);
-    eprintln!(
-        "model: {} parameters, {} layers, hidden {}, {} heads, vocabulary {} (padded {}); {} threads",
-        k.params,
-        cfg.model.n_layer,
-        cfg.model.n_embd,
-        cfg.model.n_head,
-        cfg.model.vocab_size,
-        cfg.model.padded_vocab_size(),
-        rayon::current_num_threads()
-    );
-    let mut trainer =
-        Trainer::new(cfg).with_context(|| format!("start training from {}", config.display()))?;
-    let mut progress = progress::Progress::new(&trainer.cfg);
-    let summary = trainer.run(&mut progress)?;
-    progress.finish();
-    println!("{}", serde_json::to_string(&summary)?);
-    Ok(())
 }
 
 fn plan(config: PathBuf) -> Result<()> {

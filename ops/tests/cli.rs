@@ -1,5 +1,8 @@
 //! The `marathon` binary end to end: prepare, train, plan, and errors on bad input.
 
+// The helpers unwrap as the tests do: an unexpected error is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -143,7 +146,9 @@ fn bad_input_exits_non_zero_naming_what_is_wrong() {
     let out = marathon(&["train", "--config", mtnlg.to_str().unwrap()], dir.path());
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("parallel: layout tp=8 pp=35 dp=16 needs 4480 worker processes"),
+        text(&out).contains(
+            "parallel: tp=8 pp=35: tensor and pipeline parallelism are not available yet"
+        ),
         "{}",
         text(&out)
     );
@@ -295,4 +300,119 @@ fn bench_comm_prints_bus_bandwidth_beside_memcpy() {
         "{}",
         text(&out)
     );
+}
+
+/// A corpus and a tiny configuration in `dir`, training `steps` steps.
+fn tiny_job(dir: &Path, steps: u64) {
+    let (readme, arch) = (repo().join("README.md"), repo().join("ARCHITECTURE.md"));
+    let out = marathon(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            readme.to_str().unwrap(),
+            arch.to_str().unwrap(),
+            "--out",
+            "corpus",
+            "--val-fraction",
+            "0.2",
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let config = format!(
+        "[model]\nvocab_size = 50257\nseq_len = 32\nn_layer = 1\nn_head = 2\nn_embd = 32\n\
+         [data]\ntrain = \"corpus/train.bin\"\n\
+         [batch]\nmicro_batch = 2\nglobal_batch = 6\nseq_len = 32\n\
+         [optim]\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\nweight_decay = 0.1\ngrad_clip = 1.0\ninit_std = 0.02\n\
+         [optim.lr]\npeak_lr = 1e-3\nwarmup_tokens = 256\ndecay_tokens = 4096\n\
+         [train]\nsteps = {steps}\n"
+    );
+    std::fs::write(dir.join("c.toml"), config).unwrap();
+}
+
+fn summary(o: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {}", text(o)))
+}
+
+#[test]
+fn launched_data_parallel_workers_train_as_one_process_does() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path(), 4);
+    let one = marathon(&["train", "--config", "c.toml"], dir.path());
+    assert!(one.status.success(), "{}", text(&one));
+    // Three microbatches over two worker processes: two and one.
+    let two = marathon(&["train", "--config", "c.toml", "--dp", "2"], dir.path());
+    assert!(two.status.success(), "{}", text(&two));
+    assert!(
+        text(&two).contains("launching 2 workers (dp 2)"),
+        "{}",
+        text(&two)
+    );
+    let (a, b) = (summary(&one), summary(&two));
+    let (la, lb) = (
+        a["final_loss"].as_f64().unwrap(),
+        b["final_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (la - lb).abs() <= 1e-5 * la,
+        "one process {la}, two workers {lb}"
+    );
+    assert_eq!(a["tokens_consumed"], b["tokens_consumed"]);
+}
+
+#[test]
+fn a_killed_worker_stops_the_job_and_is_named() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path(), 1_000_000);
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_marathon"))
+        .args(["train", "--config", "c.toml", "--dp", "2"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the launcher");
+    let mut lines = BufReader::new(launcher.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let mut pids = [0u32; 2];
+    let mut seen = Vec::new();
+    // Wait for both workers to start and for training to make progress.
+    for line in lines.by_ref() {
+        seen.push(line.clone());
+        if let Some(rest) = line.strip_prefix("worker rank ") {
+            let (rank, pid) = rest.split_once(": pid ").unwrap();
+            pids[rank.parse::<usize>().unwrap()] = pid.parse().unwrap();
+        }
+        if line.starts_with("step ") {
+            break;
+        }
+    }
+    assert!(pids.iter().all(|&p| p > 0), "{seen:?}");
+    let killed = Command::new("kill")
+        .args(["-9", &pids[1].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.collect();
+    let status = launcher.wait().unwrap();
+    let all = rest.join("\n");
+    assert!(!status.success(), "{all}");
+    assert!(
+        all.contains(&format!(
+            "worker rank 1 (pid {}) was killed by signal 9; stopped the other workers",
+            pids[1]
+        )),
+        "{all}"
+    );
+    // No worker is left behind: both are gone (reaped, not zombies).
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "worker pid {pid} is still there"
+        );
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use marathon_model::optim::{clip_grads, sum_squares};
 use marathon_model::{AdamW, BatchRamp, Gpt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::comm::{chunk_range, ProcessGroup};
 use crate::config::TrainConfig;
@@ -19,7 +19,7 @@ use crate::data::{DataOrder, TokenFile};
 use crate::{Result, RuntimeError};
 
 /// What one optimizer step did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
     pub step: u64,
     /// Mean loss over the global batch.
@@ -46,7 +46,7 @@ pub struct Quiet;
 impl Observer for Quiet {}
 
 /// The end of a run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub steps: u64,
     pub final_loss: f32,
@@ -87,44 +87,20 @@ impl Trainer {
     /// same ones.
     pub fn with_group(cfg: TrainConfig, group: Option<ProcessGroup>) -> Result<Self> {
         let layout = cfg.parallel;
-        let bad_layout = |reason: String| RuntimeError::Config {
-            path: cfg.source.clone(),
-            field: "parallel".into(),
-            reason,
-        };
-        if layout.tp != 1 || layout.pp != 1 {
-            return Err(bad_layout(format!(
-                "tp={} pp={}: tensor and pipeline parallelism are not available yet; set tp = pp = 1 \
-                 (data parallelism works). Use `marathon plan` to size a 3D layout",
-                layout.tp, layout.pp
-            )));
-        }
         let replicas = group.as_ref().map_or(1, |g| g.size());
         if replicas != layout.dp {
-            return Err(bad_layout(format!(
-                "dp={} needs {} data-parallel worker processes, but this trainer is one of {replicas}; \
-                 `marathon train` starts the workers",
-                layout.dp, layout.dp
-            )));
+            return Err(RuntimeError::Config {
+                path: cfg.source.clone(),
+                field: "parallel.dp".into(),
+                reason: format!(
+                    "{} needs {} data-parallel worker processes, but this trainer is one of \
+                     {replicas}; `marathon train` starts the workers",
+                    layout.dp, layout.dp
+                ),
+            });
         }
+        let (train, val) = preflight(&cfg)?;
         let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
-        let train = TokenFile::open(&cfg.data.train, cfg.model.vocab_size)?;
-        check_samples(&train, seq, mb, "data.train")?;
-        let val = match &cfg.data.val {
-            Some(p) => {
-                let v = TokenFile::open(p, cfg.model.vocab_size)?;
-                check_samples(&v, seq, mb, "data.val")?;
-                Some(v)
-            }
-            None => None,
-        };
-        if train.samples(seq) > u32::MAX as usize {
-            return Err(RuntimeError::data(
-                train.path(),
-                format!("holds {} samples of {seq} tokens; the sampler indexes at most 2^32 per epoch, so raise batch.seq_len or split the corpus", train.samples(seq)),
-            ));
-        }
-        check_memory(&cfg)?;
         let order = DataOrder::new(cfg.data.seed, train.samples(seq));
         let mut model = Gpt::new(cfg.model.clone(), mb, seq).map_err(|e| cfg.error(e))?;
         model.init_params(cfg.train.seed, cfg.optim.init_std);
@@ -336,6 +312,47 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// Everything a worker checks before it trains that needs no peers: the layout is one this
+/// build runs, the data files open and fit the model and batch, and the buffers fit in memory.
+/// A launcher runs it before starting any worker. Returns the opened train and val files.
+pub fn preflight(cfg: &TrainConfig) -> Result<(TokenFile, Option<TokenFile>)> {
+    let layout = cfg.parallel;
+    if layout.tp != 1 || layout.pp != 1 {
+        return Err(RuntimeError::Config {
+            path: cfg.source.clone(),
+            field: "parallel".into(),
+            reason: format!(
+                "tp={} pp={}: tensor and pipeline parallelism are not available yet; set tp = pp = 1 \
+                 (data parallelism works). Use `marathon plan` to size a 3D layout",
+                layout.tp, layout.pp
+            ),
+        });
+    }
+    let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
+    let train = TokenFile::open(&cfg.data.train, cfg.model.vocab_size)?;
+    check_samples(&train, seq, mb, "data.train")?;
+    if train.samples(seq) > u32::MAX as usize {
+        return Err(RuntimeError::data(
+            train.path(),
+            format!(
+                "holds {} samples of {seq} tokens; the sampler indexes at most 2^32 per epoch, so \
+                 raise batch.seq_len or split the corpus",
+                train.samples(seq)
+            ),
+        ));
+    }
+    let val = match &cfg.data.val {
+        Some(p) => {
+            let v = TokenFile::open(p, cfg.model.vocab_size)?;
+            check_samples(&v, seq, mb, "data.val")?;
+            Some(v)
+        }
+        None => None,
+    };
+    check_memory(cfg)?;
+    Ok((train, val))
 }
 
 fn check_samples(f: &TokenFile, seq: usize, mb: usize, field: &str) -> Result<()> {

@@ -1,0 +1,312 @@
+//! Running a job: in this process when its layout is one rank, else as one worker process per
+//! rank on this machine, rendezvousing through a directory coordinator.
+//!
+//! The launcher shows one progress display (rank 0 reports its steps as JSON lines on stdout),
+//! keeps the last lines each worker wrote to stderr, and when a worker dies stops the others
+//! and exits non-zero naming the rank, its exit status and those lines.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use marathon_elastic::DirCoordinator;
+use marathon_runtime::comm::{GroupSpec, ProcessGroup};
+use marathon_runtime::trainer::{preflight, Observer, StepRecord, Summary};
+use marathon_runtime::{TrainConfig, Trainer};
+use serde::{Deserialize, Serialize};
+
+use crate::progress::Progress;
+
+/// Lines of each worker's stderr kept for the report when it dies.
+const TAIL_LINES: usize = 20;
+/// The most worker processes a one-machine launch starts.
+const LOCAL_RANKS_MAX: usize = 64;
+/// How long workers wait for each other to form their groups, and for each operation.
+const GROUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Layout flags that override the configuration's `[parallel]` section.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LayoutFlags {
+    /// Tensor-parallel size.
+    #[arg(long)]
+    tp: Option<usize>,
+    /// Pipeline-parallel size.
+    #[arg(long)]
+    pp: Option<usize>,
+    /// Data-parallel size.
+    #[arg(long)]
+    dp: Option<usize>,
+}
+
+impl LayoutFlags {
+    fn apply(&self, cfg: &mut TrainConfig) -> Result<()> {
+        let p = &mut cfg.parallel;
+        p.tp = self.tp.unwrap_or(p.tp);
+        p.pp = self.pp.unwrap_or(p.pp);
+        p.dp = self.dp.unwrap_or(p.dp);
+        cfg.validate().map_err(|e| cfg.error(e))?;
+        Ok(())
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (flag, v) in [("--tp", self.tp), ("--pp", self.pp), ("--dp", self.dp)] {
+            if let Some(v) = v {
+                out.extend([flag.to_string(), v.to_string()]);
+            }
+        }
+        out
+    }
+}
+
+/// What a worker tells the launcher, one JSON object per line on stdout.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Event {
+    Step(StepRecord),
+    Eval { step: u64, val_loss: f32 },
+    Summary(Summary),
+}
+
+/// `marathon train`.
+pub fn train(config: &Path, flags: &LayoutFlags) -> Result<()> {
+    let mut cfg = TrainConfig::load(config)?;
+    flags.apply(&mut cfg)?;
+    let m = &cfg.model;
+    eprintln!(
+        "model: {} parameters, {} layers, hidden {}, {} heads, vocabulary {} (padded {})",
+        crate::step_cost(&cfg).params,
+        m.n_layer,
+        m.n_embd,
+        m.n_head,
+        m.vocab_size,
+        m.padded_vocab_size()
+    );
+    if cfg.parallel.world_size() == 1 {
+        let mut trainer = Trainer::new(cfg)
+            .with_context(|| format!("start training from {}", config.display()))?;
+        let mut progress = Progress::new(&trainer.cfg);
+        let summary = trainer.run(&mut progress)?;
+        progress.finish();
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
+    launch(config, flags, &cfg)
+}
+
+/// `marathon worker`: one rank of a launched job.
+pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path) -> Result<()> {
+    let mut cfg = TrainConfig::load(config)?;
+    flags.apply(&mut cfg)?;
+    let spec = GroupSpec {
+        job: "local".into(),
+        generation: 0,
+        name: "dp-0".into(),
+        rank,
+        size: cfg.parallel.dp,
+        bind: "127.0.0.1:0".parse().expect("loopback address"),
+        timeout: GROUP_TIMEOUT,
+    };
+    let group = ProcessGroup::connect(&DirCoordinator::new(coord_dir), spec)?;
+    let mut trainer = Trainer::with_group(cfg, Some(group))?;
+    let mut report = Reporter { enabled: rank == 0 };
+    let summary = trainer.run(&mut report)?;
+    report.send(&Event::Summary(summary));
+    Ok(())
+}
+
+/// Rank 0's observer: every event as a JSON line on stdout, for the launcher.
+struct Reporter {
+    enabled: bool,
+}
+
+impl Reporter {
+    fn send(&self, e: &Event) {
+        if self.enabled {
+            println!("{}", serde_json::to_string(e).expect("events serialise"));
+        }
+    }
+}
+
+impl Observer for Reporter {
+    fn on_step(&mut self, rec: &StepRecord) {
+        self.send(&Event::Step(rec.clone()));
+    }
+    fn on_eval(&mut self, step: u64, val_loss: f32) {
+        self.send(&Event::Eval { step, val_loss });
+    }
+}
+
+/// A running worker and the last lines it wrote to stderr.
+struct Worker {
+    rank: usize,
+    child: Child,
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
+    // Refuse what every worker would refuse before starting any of them.
+    preflight(cfg).with_context(|| format!("start training from {}", config.display()))?;
+    let world = cfg.parallel.world_size();
+    if world > LOCAL_RANKS_MAX {
+        bail!(
+            "{}: parallel layout of {world} ranks: a one-machine launch starts one process per rank, \
+             at most {LOCAL_RANKS_MAX}; lower parallel.dp",
+            config.display()
+        );
+    }
+    let exe = std::env::current_exe().context("find the marathon executable")?;
+    let coord_dir =
+        std::env::temp_dir().join(format!("marathon-{}-{}", std::process::id(), nanos()));
+    std::fs::create_dir_all(&coord_dir)
+        .with_context(|| format!("create {}", coord_dir.display()))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / world).max(1);
+    eprintln!(
+        "launching {world} workers (dp {}), {threads} threads each",
+        cfg.parallel.dp
+    );
+    let (events_tx, events) = mpsc::channel::<Event>();
+    let mut workers = Vec::with_capacity(world);
+    for rank in 0..world {
+        let spawned = Command::new(&exe)
+            .arg("worker")
+            .arg("--config")
+            .arg(config)
+            .args(["--rank", &rank.to_string()])
+            .arg("--coord-dir")
+            .arg(&coord_dir)
+            .args(flags.args())
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                stop_all(&mut workers);
+                bail!("start worker rank {rank} from {}: {e}", exe.display());
+            }
+        };
+        eprintln!("worker rank {rank}: pid {}", child.id());
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let t = tail.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+                if t.len() == TAIL_LINES {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let tx = events_tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(e) = serde_json::from_str::<Event>(&line) {
+                    let _ = tx.send(e);
+                }
+            }
+        });
+        workers.push(Worker { rank, child, tail });
+    }
+    drop(events_tx);
+    let result = supervise(&mut workers, &events, cfg);
+    let _ = std::fs::remove_dir_all(&coord_dir);
+    let summary = result?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+/// Shows rank 0's progress until every worker has exited; stops them all when one fails.
+fn supervise(
+    workers: &mut [Worker],
+    events: &mpsc::Receiver<Event>,
+    cfg: &TrainConfig,
+) -> Result<Summary> {
+    let mut progress = Progress::new(cfg);
+    let mut summary = None;
+    let mut done = vec![false; workers.len()];
+    loop {
+        match events.recv_timeout(Duration::from_millis(50)) {
+            Ok(Event::Step(rec)) => progress.on_step(&rec),
+            Ok(Event::Eval { step, val_loss }) => progress.on_eval(step, val_loss),
+            Ok(Event::Summary(s)) => summary = Some(s),
+            Err(_) => {}
+        }
+        for (i, w) in workers.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
+            let status = w
+                .child
+                .try_wait()
+                .with_context(|| format!("wait for worker rank {}", w.rank))?;
+            match status {
+                Some(s) if s.success() => done[i] = true,
+                Some(s) => {
+                    let (rank, pid) = (w.rank, w.child.id());
+                    let tail: Vec<String> = w
+                        .tail
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .cloned()
+                        .collect();
+                    stop_all(workers);
+                    progress.finish();
+                    bail!(
+                        "worker rank {rank} (pid {pid}) {}; stopped the other workers. Its last lines:\n  {}",
+                        describe(s),
+                        if tail.is_empty() { "(none)".to_string() } else { tail.join("\n  ") }
+                    );
+                }
+                None => {}
+            }
+        }
+        if done.iter().all(|&d| d) {
+            // Rank 0 wrote its summary before exiting; take what is still in the pipe.
+            while let Ok(e) = events.recv_timeout(Duration::from_millis(200)) {
+                if let Event::Summary(s) = e {
+                    summary = Some(s);
+                }
+            }
+            progress.finish();
+            return summary.context("rank 0 exited without reporting a summary");
+        }
+    }
+}
+
+/// Kills every worker still running and reaps them all, so no process is left behind.
+fn stop_all(workers: &mut [Worker]) {
+    for w in workers.iter_mut() {
+        let _ = w.child.kill();
+    }
+    for w in workers.iter_mut() {
+        let _ = w.child.wait();
+    }
+}
+
+fn describe(s: ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => format!("ended ({s})"),
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
