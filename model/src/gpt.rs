@@ -363,6 +363,28 @@ impl<F: Float> Gpt<F> {
     /// # Panics
     /// If called twice for one forward pass: the forward's probabilities are consumed.
     pub fn backward(&mut self, dloss: F) {
+        // Moved out and back: no allocation, and the gradient buffer can be borrowed apart
+        // from the rest of the model.
+        let mut grads = std::mem::take(&mut self.grads);
+        self.backward_into(&mut grads, dloss, |_| {});
+        self.grads = grads;
+    }
+
+    /// As [`Gpt::backward`], adding into `grads` (laid out by `self.layout`), and handing each
+    /// part of `grads` to `ready` as soon as backward is done writing it, in the order of
+    /// [`ParamLayout::backward_buckets`]. Data parallelism all-reduces those parts while
+    /// backward goes on with the layers below.
+    pub fn backward_into<'g>(
+        &mut self,
+        grads: &'g mut [F],
+        dloss: F,
+        mut ready: impl FnMut(&'g mut [F]),
+    ) {
+        assert_eq!(
+            grads.len(),
+            self.layout.numel(),
+            "gradients are not laid out by this model"
+        );
         let cfg = &self.config;
         let (l_n, c, nh, vp) = (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size());
         let a = &mut self.acts;
@@ -371,8 +393,15 @@ impl<F: Float> Gpt<F> {
         let (b, t) = (a.b, a.t);
         let bt = b * t;
         let p = &self.params;
-        let g = &mut self.grads;
         let lay = &self.layout;
+        // The part of `grads` backward may still write: a prefix, so offsets stay absolute.
+        let mut rest: &'g mut [F] = grads;
+        let mut release = |rest: &mut &'g mut [F], from: usize| {
+            let (head, tail) = std::mem::take(rest).split_at_mut(from);
+            ready(tail);
+            *rest = head;
+        };
+        let g = &mut *rest;
 
         k::crossentropy_backward_inplace(&mut a.logits, &a.targets, dloss, vp);
         k::matmul_backward(
@@ -402,7 +431,9 @@ impl<F: Float> Gpt<F> {
                 c,
             );
         }
+        release(&mut rest, lay.lnf_w);
         for l in (0..l_n).rev() {
+            let g = &mut *rest;
             let o = lay.blocks[l];
             let res_in: &[F] = if l == 0 {
                 &a.encoded
@@ -511,19 +542,52 @@ impl<F: Float> Gpt<F> {
                 let w = &p[o.ln1_w..o.ln1_w + c];
                 k::layernorm_backward(&mut a.dres, dw, db, &a.dc, res_in, mean, rstd, w, c);
             }
+            release(&mut rest, o.ln1_w);
         }
         let (dwte, dwpe) = two_mut(
-            g,
+            rest,
             lay.wte..lay.wte + vp * c,
             lay.wpe..lay.wpe + cfg.seq_len * c,
         );
         k::encoder_backward(dwte, dwpe, &a.dres, &a.tokens, t, c);
+        ready(rest);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backward_hands_out_each_bucket_once_it_is_final() {
+        let config = GptConfig {
+            vocab_size: 300,
+            seq_len: 16,
+            n_layer: 3,
+            n_head: 2,
+            n_embd: 8,
+        };
+        let mut m = Gpt::<f64>::new(config, 2, 12).unwrap();
+        m.init_params(5, 0.1);
+        let tokens: Vec<u32> = (0..24).map(|i| i * 11 % 300).collect();
+        let targets: Vec<u32> = (0..24).map(|i| i * 7 % 300).collect();
+        m.forward(&tokens, &targets);
+        m.backward(0.5);
+        let whole = m.grads.clone();
+
+        m.forward(&tokens, &targets);
+        let mut grads = vec![0.0; m.layout.numel()];
+        let base = grads.as_ptr() as usize;
+        let mut seen = Vec::new();
+        // Each part, when handed out, already holds its final gradient.
+        m.backward_into(&mut grads, 0.5, |part| {
+            let start = (part.as_ptr() as usize - base) / std::mem::size_of::<f64>();
+            assert_eq!(part, &whole[start..start + part.len()]);
+            seen.push(start..start + part.len());
+        });
+        assert_eq!(seen, m.layout.backward_buckets());
+        assert_eq!(grads, whole);
+    }
 
     #[test]
     fn memory_estimate_matches_what_is_allocated() {

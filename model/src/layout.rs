@@ -216,6 +216,17 @@ impl ParamLayout {
         }
     }
 
+    /// The parts of the gradient buffer in the order backward finishes them: the final
+    /// LayerNorm, each layer from the last to the first, then both embeddings (the tied token
+    /// embedding gets gradient from the head first and from the input last). They tile the
+    /// buffer from its end to its start.
+    pub fn backward_buckets(&self) -> Vec<std::ops::Range<usize>> {
+        let mut bounds = vec![self.numel, self.lnf_w];
+        bounds.extend(self.blocks.iter().rev().map(|b| b.ln1_w));
+        bounds.push(0);
+        bounds.windows(2).map(|w| w[1]..w[0]).collect()
+    }
+
     /// Whether weight decay applies, element by element ranges: `(range, decays)` for each tensor.
     pub fn decay_ranges(&self) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> + '_ {
         self.tensors.iter().map(|t| (t.range(), t.kind.decays()))

@@ -159,7 +159,11 @@ impl Trainer {
         // This replica's microbatches: a contiguous run, one more on the first replicas when
         // they do not divide evenly. Which replica runs a microbatch changes nothing else.
         let (replica, replicas) = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
-        for m in chunk_range(micro_steps, replicas, replica) {
+        // Without the distributed optimizer, the last microbatch's backward overlaps with the
+        // all-reduce of the gradient buckets it has finished.
+        let overlap = self.group.is_some() && !self.cfg.parallel.distributed_optimizer;
+        let mine = chunk_range(micro_steps, replicas, replica);
+        for m in mine.clone() {
             let first = self.consumed_samples + (m * mb) as u64;
             for j in 0..mb {
                 let k = self.order.sample(first + j as u64);
@@ -168,9 +172,21 @@ impl Trainer {
                     .sample(k, &mut self.inputs[r.clone()], &mut self.targets[r]);
             }
             loss_sum += self.model.forward(&self.inputs, &self.targets) as f64;
-            self.model.backward(dloss);
+            if overlap && m + 1 == mine.end {
+                self.backward_overlapped(dloss)?;
+            } else {
+                self.model.backward(dloss);
+            }
         }
-        let (loss_sum, shard, grad_norm) = self.sync_gradients(loss_sum)?;
+        if overlap && mine.is_empty() {
+            // No backward to overlap with; reduce the same buckets in the same order as the
+            // replicas that have one, since collectives pair up by order.
+            let group = self.group.as_mut().expect("overlap needs a group");
+            for bucket in self.model.layout.backward_buckets() {
+                group.all_reduce(&mut self.model.grads[bucket])?;
+            }
+        }
+        let (loss_sum, shard, grad_norm) = self.sync_gradients(loss_sum, overlap)?;
         let loss = (loss_sum / micro_steps as f64) as f32;
         if !(loss.is_finite() && grad_norm.is_finite()) {
             // Refuse the update: the parameters stay those of the last good step.
@@ -208,7 +224,12 @@ impl Trainer {
     /// Sums the replicas' losses and gradients. Returns the summed loss, the range of the
     /// gradient buffer this replica updates (all of it, or its shard with the distributed
     /// optimizer), and the global gradient norm.
-    fn sync_gradients(&mut self, loss_sum: f64) -> Result<(f64, std::ops::Range<usize>, f64)> {
+    /// `reduced` says the gradients were already all-reduced, overlapped with backward.
+    fn sync_gradients(
+        &mut self,
+        loss_sum: f64,
+        reduced: bool,
+    ) -> Result<(f64, std::ops::Range<usize>, f64)> {
         let grads = &mut self.model.grads;
         let Some(g) = &mut self.group else {
             return Ok((loss_sum, 0..grads.len(), sum_squares(grads).sqrt()));
@@ -216,7 +237,9 @@ impl Trainer {
         let shard = if self.cfg.parallel.distributed_optimizer {
             g.reduce_scatter(grads)?
         } else {
-            g.all_reduce(grads)?;
+            if !reduced {
+                g.all_reduce(grads)?;
+            }
             0..grads.len()
         };
         // With the distributed optimizer each replica holds the sum for its shard only, so the
@@ -237,6 +260,32 @@ impl Trainer {
             own_sq
         };
         Ok((totals[0] as f64, shard, norm_sq.sqrt()))
+    }
+
+    /// Backward of the last microbatch with each finished gradient bucket all-reduced on a
+    /// communication thread while backward goes on with the layers below.
+    fn backward_overlapped(&mut self, dloss: f32) -> Result<()> {
+        let group = self.group.as_mut().expect("overlap needs a group");
+        let model = &mut self.model;
+        let mut grads = std::mem::take(&mut model.grads);
+        let result = std::thread::scope(|s| {
+            let (buckets, ready) = std::sync::mpsc::channel::<&mut [f32]>();
+            let comm = s.spawn(move || -> Result<()> {
+                for bucket in ready {
+                    group.all_reduce(bucket)?;
+                }
+                Ok(())
+            });
+            model.backward_into(&mut grads, dloss, |bucket| {
+                // After a failed all-reduce the receiver is gone; the error comes from join.
+                let _ = buckets.send(bucket);
+            });
+            drop(buckets);
+            comm.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+        model.grads = grads;
+        result
     }
 
     /// Mean loss over the first `train.eval_batches` microbatches of the validation file, in

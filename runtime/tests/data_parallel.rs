@@ -138,3 +138,20 @@ fn dp3_with_uneven_microbatch_counts_equals_one_process() {
         "dp3 uneven, distributed optimizer",
     );
 }
+
+#[test]
+fn a_replica_without_microbatches_still_takes_part() {
+    // Two microbatches over three replicas: the third runs none, yet joins every collective.
+    let (_dir, cfg) = config(4, 2);
+    let reference = single(&cfg);
+    assert_equivalent(
+        &reference,
+        &replicated(&cfg, 3, false),
+        "dp3, one idle replica",
+    );
+    assert_equivalent(
+        &reference,
+        &replicated(&cfg, 3, true),
+        "dp3, one idle replica, distributed optimizer",
+    );
+}
