@@ -6,10 +6,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use marathon_model::cost::flops_per_token;
+use marathon_model::ParamLayout;
 use marathon_runtime::comm::{GroupSpec, ProcessGroup};
+use marathon_runtime::trainer::StepRecord;
 use marathon_runtime::{TrainConfig, Trainer};
 
 #[derive(Debug, Args)]
@@ -28,6 +30,14 @@ pub struct TrainArgs {
     /// Tokens per sequence (sets batch.seq_len).
     #[arg(long)]
     seq: Option<usize>,
+    /// Sequences per step when they are split into several microbatches of --batch
+    /// (sets batch.global_batch).
+    #[arg(long)]
+    global_batch: Option<usize>,
+    /// Data-parallel replicas, run as threads of this process sharing its cores, each with a
+    /// real TCP process group.
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -40,23 +50,30 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if let Some(s) = args.seq {
         cfg.batch.seq_len = s;
     }
+    if let Some(g) = args.global_batch {
+        cfg.batch.global_batch = g;
+    }
+    cfg.parallel.dp = args.dp;
     cfg.batch.rampup = None;
     cfg.train.steps = args.warmup + args.steps;
     cfg.train.eval_every_steps = 0;
     cfg.train.metrics = None;
     cfg.validate().map_err(|e| cfg.error(e))?;
-    let (b, t) = (cfg.batch.global_batch, cfg.batch.seq_len);
+    let (b, t, dp) = (cfg.batch.global_batch, cfg.batch.seq_len, cfg.parallel.dp);
     let threads = rayon::current_num_threads();
-    let mut trainer = Trainer::new(cfg.clone())?;
-    for _ in 0..args.warmup {
-        trainer.train_step()?;
-    }
-    let mut times = Vec::with_capacity(args.steps as usize);
-    for _ in 0..args.steps {
-        times.push(trainer.train_step()?.step_ms);
-    }
-    let mean_ms = times.iter().sum::<f64>() / times.len().max(1) as f64;
-    let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let records = if dp == 1 {
+        run_steps(Trainer::new(cfg.clone())?, args.warmup, args.steps)?
+    } else {
+        run_replicas(&cfg, args.warmup, args.steps, (threads / dp).max(1))?
+    };
+    let mean =
+        |f: fn(&StepRecord) -> f64| records.iter().map(f).sum::<f64>() / records.len() as f64;
+    let mean_ms = mean(|r| r.step_ms);
+    let min_ms = records
+        .iter()
+        .map(|r| r.step_ms)
+        .fold(f64::INFINITY, f64::min);
+    let (wait_ms, overlapped_ms) = (mean(|r| r.comm_wait_ms), mean(|r| r.comm_overlapped_ms));
     let tokens = (b * t) as f64;
     let step_gflops = flops_per_token(&cfg.model, t) * tokens / 1e9;
     let achieved = step_gflops / (mean_ms / 1e3);
@@ -70,9 +87,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let report = serde_json::json!({
         "impl": "marathon-cpu-fp32",
         "threads": threads,
+        "dp": dp,
         "batch": b,
+        "micro_batch": cfg.batch.micro_batch,
         "seq": t,
-        "params": trainer.model.layout.numel(),
+        "params": ParamLayout::new(&cfg.model).numel(),
         "ms_per_step": mean_ms,
         "ms_per_step_min": min_ms,
         "tokens_per_s": tokens / (mean_ms / 1e3),
@@ -81,18 +100,73 @@ pub fn train(args: TrainArgs) -> Result<()> {
         "gemm_shape": [m, k, n],
         "gemm_gflops": limit,
         "fraction_of_gemm_limit": achieved / limit,
+        "comm_wait_fraction": wait_ms / mean_ms,
+        "comm_overlapped_fraction": overlapped_ms / mean_ms,
+        "pipeline_bubble_fraction": 0.0,
     });
     println!(
-        "bench train: {} layers, hidden {}, batch {b} x seq {t}, {threads} threads\n  \
+        "bench train: {} layers, hidden {}, batch {b} x seq {t}, dp {dp}, {threads} threads\n  \
          {mean_ms:.1} ms/step (min {min_ms:.1}), {:.0} tokens/s, {achieved:.1} GFLOP/s achieved\n  \
-         GEMM limit {limit:.1} GFLOP/s on ({m} x {k}) @ ({k} x {n}): the step runs at {:.0}% of it",
+         GEMM limit {limit:.1} GFLOP/s on ({m} x {k}) @ ({k} x {n}): the step runs at {:.0}% of it\n  \
+         communication: {:.1}% of the step waiting, {:.1}% overlapped with backward; pipeline bubble: none (pp 1)",
         cfg.model.n_layer,
         cfg.model.n_embd,
         tokens / (mean_ms / 1e3),
-        100.0 * achieved / limit
+        100.0 * achieved / limit,
+        100.0 * wait_ms / mean_ms,
+        100.0 * overlapped_ms / mean_ms,
     );
     println!("{report}");
     Ok(())
+}
+
+/// Runs `warmup` untimed steps and returns the records of `steps` timed ones.
+fn run_steps(mut trainer: Trainer, warmup: u64, steps: u64) -> Result<Vec<StepRecord>> {
+    for _ in 0..warmup {
+        trainer.train_step()?;
+    }
+    (0..steps).map(|_| Ok(trainer.train_step()?)).collect()
+}
+
+/// Runs `cfg` as `parallel.dp` replicas on threads of this process, each with its own pool of
+/// `threads` compute threads and a real TCP process group; returns rank 0's timed records.
+fn run_replicas(
+    cfg: &TrainConfig,
+    warmup: u64,
+    steps: u64,
+    threads: usize,
+) -> Result<Vec<StepRecord>> {
+    let coord = std::sync::Arc::new(marathon_elastic::InProcessCoordinator::new());
+    let dp = cfg.parallel.dp;
+    let replicas: Vec<_> = (0..dp)
+        .map(|rank| {
+            let (coord, cfg) = (coord.clone(), cfg.clone());
+            std::thread::spawn(move || -> Result<Vec<StepRecord>> {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()?;
+                let spec = GroupSpec {
+                    job: "bench".into(),
+                    generation: 0,
+                    name: "dp-0".into(),
+                    rank,
+                    size: dp,
+                    bind: "127.0.0.1:0".parse().expect("loopback address"),
+                    timeout: Duration::from_secs(600),
+                };
+                let group = ProcessGroup::connect(&*coord, spec)?;
+                pool.install(|| run_steps(Trainer::with_group(cfg, Some(group))?, warmup, steps))
+            })
+        })
+        .collect();
+    let mut first = None;
+    for r in replicas {
+        let records = r
+            .join()
+            .map_err(|_| anyhow::anyhow!("a benchmark replica panicked"))??;
+        first.get_or_insert(records);
+    }
+    first.context("no replica ran")
 }
 
 /// GFLOP/s of the GEMM library on `(m, k) @ (k, n)` in f32 with all threads, best of several runs.

@@ -248,6 +248,37 @@ fn bench_train_prints_step_figures_beside_the_gemm_limit() {
         );
     }
     assert_eq!(report["gemm_shape"], serde_json::json!([64, 256, 50304]));
+    // Two data-parallel replicas report where the step's time went.
+    let args = [
+        "bench",
+        "train",
+        "--config",
+        small.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--global-batch",
+        "4",
+        "--seq",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--dp",
+        "2",
+    ];
+    let out = marathon(&args, dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["dp"], 2);
+    assert!(
+        report["comm_wait_fraction"]
+            .as_f64()
+            .is_some_and(|f| f > 0.0 && f < 1.0),
+        "{report}"
+    );
+    assert!(stdout.contains("communication: "), "{stdout}");
     let out = marathon(
         &[
             "bench",

@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use marathon_model::optim::{clip_grads, sum_squares};
 use marathon_model::{AdamW, BatchRamp, Gpt};
@@ -32,6 +32,13 @@ pub struct StepRecord {
     pub tokens_consumed: u64,
     pub step_ms: f64,
     pub tokens_per_s: f64,
+    /// Time the step waited on collectives (data-parallel gradient and loss sums, the
+    /// distributed optimizer's gather): communication not hidden behind compute.
+    #[serde(default)]
+    pub comm_wait_ms: f64,
+    /// Time collectives ran on the communication thread while backward went on.
+    #[serde(default)]
+    pub comm_overlapped_ms: f64,
 }
 
 /// Receives progress; `ops` draws it.
@@ -163,6 +170,7 @@ impl Trainer {
         // all-reduce of the gradient buckets it has finished.
         let overlap = self.group.is_some() && !self.cfg.parallel.distributed_optimizer;
         let mine = chunk_range(micro_steps, replicas, replica);
+        let (mut comm_wait, mut comm_overlapped) = (Duration::ZERO, Duration::ZERO);
         for m in mine.clone() {
             let first = self.consumed_samples + (m * mb) as u64;
             for j in 0..mb {
@@ -173,11 +181,14 @@ impl Trainer {
             }
             loss_sum += self.model.forward(&self.inputs, &self.targets) as f64;
             if overlap && m + 1 == mine.end {
-                self.backward_overlapped(dloss)?;
+                let (wait, overlapped) = self.backward_overlapped(dloss)?;
+                comm_wait += wait;
+                comm_overlapped += overlapped;
             } else {
                 self.model.backward(dloss);
             }
         }
+        let sync_started = Instant::now();
         if overlap && mine.is_empty() {
             // No backward to overlap with; reduce the same buckets in the same order as the
             // replicas that have one, since collectives pair up by order.
@@ -187,6 +198,9 @@ impl Trainer {
             }
         }
         let (loss_sum, shard, grad_norm) = self.sync_gradients(loss_sum, overlap)?;
+        if self.group.is_some() {
+            comm_wait += sync_started.elapsed();
+        }
         let loss = (loss_sum / micro_steps as f64) as f32;
         if !(loss.is_finite() && grad_norm.is_finite()) {
             // Refuse the update: the parameters stay those of the last good step.
@@ -202,7 +216,9 @@ impl Trainer {
         let lr = self.cfg.optim.lr.lr_at(tokens_consumed);
         self.opt.update(&mut self.model.params[shard], grads, lr);
         if let (Some(g), true) = (&mut self.group, self.cfg.parallel.distributed_optimizer) {
+            let gather_started = Instant::now();
             g.all_gather(&mut self.model.params)?;
+            comm_wait += gather_started.elapsed();
         }
         self.consumed_samples += batch;
         self.step += 1;
@@ -216,6 +232,8 @@ impl Trainer {
             tokens_consumed,
             step_ms,
             tokens_per_s: (batch * seq as u64) as f64 / (step_ms / 1e3),
+            comm_wait_ms: comm_wait.as_secs_f64() * 1e3,
+            comm_overlapped_ms: comm_overlapped.as_secs_f64() * 1e3,
         };
         self.write_metric(&serde_json::json!({ "kind": "step", "data": &rec }))?;
         Ok(rec)
@@ -263,26 +281,33 @@ impl Trainer {
     }
 
     /// Backward of the last microbatch with each finished gradient bucket all-reduced on a
-    /// communication thread while backward goes on with the layers below.
-    fn backward_overlapped(&mut self, dloss: f32) -> Result<()> {
+    /// communication thread while backward goes on with the layers below. Returns how long the
+    /// step then waited for the last buckets, and how long the communication thread worked.
+    fn backward_overlapped(&mut self, dloss: f32) -> Result<(Duration, Duration)> {
         let group = self.group.as_mut().expect("overlap needs a group");
         let model = &mut self.model;
         let mut grads = std::mem::take(&mut model.grads);
         let result = std::thread::scope(|s| {
             let (buckets, ready) = std::sync::mpsc::channel::<&mut [f32]>();
-            let comm = s.spawn(move || -> Result<()> {
+            let comm = s.spawn(move || -> Result<Duration> {
+                let mut busy = Duration::ZERO;
                 for bucket in ready {
+                    let t0 = Instant::now();
                     group.all_reduce(bucket)?;
+                    busy += t0.elapsed();
                 }
-                Ok(())
+                Ok(busy)
             });
             model.backward_into(&mut grads, dloss, |bucket| {
                 // After a failed all-reduce the receiver is gone; the error comes from join.
                 let _ = buckets.send(bucket);
             });
             drop(buckets);
-            comm.join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            let waiting = Instant::now();
+            let busy = comm
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            Ok((waiting.elapsed(), busy))
         });
         model.grads = grads;
         result
