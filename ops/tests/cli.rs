@@ -29,24 +29,7 @@ fn repo() -> &'static Path {
 #[test]
 fn prepare_then_train_writes_metrics_and_a_summary() {
     let dir = tempfile::tempdir().unwrap();
-    // The repository's own text is a corpus every checkout has.
-    let readme = repo().join("README.md");
-    let arch = repo().join("ARCHITECTURE.md");
-    let out = marathon(
-        &[
-            "data",
-            "prepare",
-            "--input",
-            readme.to_str().unwrap(),
-            arch.to_str().unwrap(),
-            "--out",
-            "corpus",
-            "--val-fraction",
-            "0.2",
-        ],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    let out = prepare_corpus(dir.path());
     assert!(
         text(&out).contains("prepared 2 files, 2 documents"),
         "{}",
@@ -333,16 +316,17 @@ fn bench_comm_prints_bus_bandwidth_beside_memcpy() {
     );
 }
 
-/// A corpus and a tiny configuration in `dir`, training `steps` steps.
-fn tiny_job(dir: &Path, steps: u64) {
+/// Prepares `corpus/` in `dir` from the repository's own text, which every checkout has.
+fn prepare_corpus(dir: &Path) -> Output {
     let (readme, arch) = (repo().join("README.md"), repo().join("ARCHITECTURE.md"));
+    let (readme, arch) = (readme.to_str().unwrap(), arch.to_str().unwrap());
     let out = marathon(
         &[
             "data",
             "prepare",
             "--input",
-            readme.to_str().unwrap(),
-            arch.to_str().unwrap(),
+            readme,
+            arch,
             "--out",
             "corpus",
             "--val-fraction",
@@ -351,6 +335,12 @@ fn tiny_job(dir: &Path, steps: u64) {
         dir,
     );
     assert!(out.status.success(), "{}", text(&out));
+    out
+}
+
+/// A corpus and a tiny configuration in `dir`, training `steps` steps.
+fn tiny_job(dir: &Path, steps: u64) {
+    prepare_corpus(dir);
     let config = format!(
         "[model]\nvocab_size = 50257\nseq_len = 32\nn_layer = 1\nn_head = 2\nn_embd = 32\n\
          [data]\ntrain = \"corpus/train.bin\"\n\
