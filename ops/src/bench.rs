@@ -152,7 +152,8 @@ fn run_replicas(
                     rank,
                     size: dp,
                     bind: "127.0.0.1:0".parse().expect("loopback address"),
-                    timeout: Duration::from_secs(600),
+                    rendezvous_timeout: Duration::from_secs(60),
+                    op_timeout: Duration::from_secs(600),
                 };
                 let group = ProcessGroup::connect(&*coord, spec)?;
                 pool.install(|| run_steps(Trainer::with_group(cfg, Some(group))?, warmup, steps))
@@ -279,7 +280,8 @@ fn allreduce_times(p: usize, sizes: &[usize]) -> Result<Vec<(usize, usize, f64)>
                     rank,
                     size: p,
                     bind: "127.0.0.1:0".parse().expect("loopback address"),
-                    timeout: Duration::from_secs(600),
+                    rendezvous_timeout: Duration::from_secs(60),
+                    op_timeout: Duration::from_secs(600),
                 };
                 let mut g = ProcessGroup::connect(&*coord, spec)?;
                 let mut buf = vec![1.0f32; sizes.iter().max().copied().unwrap_or(0) / 4];

@@ -8,8 +8,8 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +26,14 @@ use crate::progress::Progress;
 
 /// Lines of each worker's stderr kept for the report when it dies.
 const TAIL_LINES: usize = 20;
+/// Exit status of a worker whose group lost a peer (or was aborted): collateral damage of
+/// another worker's failure.
+pub const EXIT_PEER_LOST: i32 = 3;
+/// Exit status of a worker whose launcher went away (its stdin closed).
+pub const EXIT_LAUNCHER_GONE: i32 = 4;
+/// How long the launcher waits, after seeing only collateral failures, for the worker that
+/// really failed to be seen exiting.
+const COLLATERAL_WAIT: Duration = Duration::from_secs(2);
 /// The most worker processes a one-machine launch starts.
 const LOCAL_RANKS_MAX: usize = 64;
 /// How long workers wait for each other to form their groups, and for each operation.
@@ -103,6 +111,13 @@ pub fn train(config: &Path, flags: &LayoutFlags) -> Result<()> {
 
 /// `marathon worker`: one rank of a launched job.
 pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path) -> Result<()> {
+    // The launcher holds our stdin open; when it goes away, so do we, rather than training on
+    // with nobody to report to.
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        eprintln!("the launcher is gone; stopping");
+        std::process::exit(EXIT_LAUNCHER_GONE);
+    });
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
     let spec = GroupSpec {
@@ -112,7 +127,8 @@ pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path)
         rank,
         size: cfg.parallel.dp,
         bind: "127.0.0.1:0".parse().expect("loopback address"),
-        timeout: GROUP_TIMEOUT,
+        rendezvous_timeout: GROUP_TIMEOUT,
+        op_timeout: GROUP_TIMEOUT,
     };
     let group = ProcessGroup::connect(&DirCoordinator::new(coord_dir), spec)?;
     let mut trainer = Trainer::with_group(cfg, Some(group))?;
@@ -144,11 +160,33 @@ impl Observer for Reporter {
     }
 }
 
-/// A running worker and the last lines it wrote to stderr.
+/// A running worker: its process, the write end of its stdin (its tie to the launcher), and
+/// the thread keeping the last lines it wrote to stderr.
 struct Worker {
     rank: usize,
     child: Child,
+    _stdin: Option<ChildStdin>,
     tail: Arc<Mutex<VecDeque<String>>>,
+    tail_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The workers of a launch. Dropping it kills and reaps every worker still running, so no
+/// path out of the launcher, error or panic, leaves a process behind.
+struct Workers(Vec<Worker>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        stop_all(&mut self.0);
+    }
+}
+
+/// Removes the coordinator directory however the launch ends.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
@@ -163,10 +201,13 @@ fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
         );
     }
     let exe = std::env::current_exe().context("find the marathon executable")?;
-    let coord_dir =
-        std::env::temp_dir().join(format!("marathon-{}-{}", std::process::id(), nanos()));
-    std::fs::create_dir_all(&coord_dir)
-        .with_context(|| format!("create {}", coord_dir.display()))?;
+    let coord_dir = RemoveDir(std::env::temp_dir().join(format!(
+        "marathon-{}-{}",
+        std::process::id(),
+        nanos()
+    )));
+    std::fs::create_dir_all(&coord_dir.0)
+        .with_context(|| format!("create {}", coord_dir.0.display()))?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / world).max(1);
     eprintln!(
@@ -174,33 +215,27 @@ fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
         cfg.parallel.dp
     );
     let (events_tx, events) = mpsc::channel::<Event>();
-    let mut workers = Vec::with_capacity(world);
+    let mut workers = Workers(Vec::with_capacity(world));
     for rank in 0..world {
-        let spawned = Command::new(&exe)
+        let mut child = Command::new(&exe)
             .arg("worker")
             .arg("--config")
             .arg(config)
             .args(["--rank", &rank.to_string()])
             .arg("--coord-dir")
-            .arg(&coord_dir)
+            .arg(&coord_dir.0)
             .args(flags.args())
             .env("RAYON_NUM_THREADS", threads.to_string())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                stop_all(&mut workers);
-                bail!("start worker rank {rank} from {}: {e}", exe.display());
-            }
-        };
+            .spawn()
+            .with_context(|| format!("start worker rank {rank} from {}", exe.display()))?;
         eprintln!("worker rank {rank}: pid {}", child.id());
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let stderr = child.stderr.take().expect("stderr is piped");
         let t = tail.clone();
-        std::thread::spawn(move || {
+        let tail_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
                 if t.len() == TAIL_LINES {
@@ -218,12 +253,17 @@ fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
                 }
             }
         });
-        workers.push(Worker { rank, child, tail });
+        let stdin = child.stdin.take();
+        workers.0.push(Worker {
+            rank,
+            child,
+            _stdin: stdin,
+            tail,
+            tail_reader: Some(tail_reader),
+        });
     }
     drop(events_tx);
-    let result = supervise(&mut workers, &events, cfg);
-    let _ = std::fs::remove_dir_all(&coord_dir);
-    let summary = result?;
+    let summary = supervise(&mut workers.0, &events, cfg)?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
@@ -236,7 +276,7 @@ fn supervise(
 ) -> Result<Summary> {
     let mut progress = Progress::new(cfg);
     let mut summary = None;
-    let mut done = vec![false; workers.len()];
+    let mut exited: Vec<Option<ExitStatus>> = vec![None; workers.len()];
     loop {
         match events.recv_timeout(Duration::from_millis(50)) {
             Ok(Event::Step(rec)) => progress.on_step(&rec),
@@ -244,39 +284,53 @@ fn supervise(
             Ok(Event::Summary(s)) => summary = Some(s),
             Err(_) => {}
         }
-        for (i, w) in workers.iter_mut().enumerate() {
-            if done[i] {
-                continue;
+        poll_exits(workers, &mut exited)?;
+        if exited.iter().flatten().any(|s| !s.success()) {
+            // A worker that failed because a peer vanished is collateral: give the one that
+            // really died a moment to be seen, and name it.
+            let patience = std::time::Instant::now() + COLLATERAL_WAIT;
+            while !exited
+                .iter()
+                .flatten()
+                .any(|s| !s.success() && !is_collateral(*s))
+                && std::time::Instant::now() < patience
+            {
+                std::thread::sleep(Duration::from_millis(10));
+                poll_exits(workers, &mut exited)?;
             }
-            let status = w
-                .child
-                .try_wait()
-                .with_context(|| format!("wait for worker rank {}", w.rank))?;
-            match status {
-                Some(s) if s.success() => done[i] = true,
-                Some(s) => {
-                    let (rank, pid) = (w.rank, w.child.id());
-                    let tail: Vec<String> = w
-                        .tail
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .cloned()
-                        .collect();
-                    stop_all(workers);
-                    progress.finish();
-                    bail!(
-                        "worker rank {rank} (pid {pid}) {}; stopped the other workers. Its last lines:\n  {}",
-                        describe(s),
-                        if tail.is_empty() { "(none)".to_string() } else { tail.join("\n  ") }
-                    );
+            let culprit = (0..workers.len())
+                .filter(|&i| exited[i].is_some_and(|s| !s.success()))
+                .min_by_key(|&i| (exited[i].is_some_and(is_collateral), i))
+                .expect("a worker failed");
+            let status = exited[culprit].expect("it exited");
+            stop_all(workers);
+            progress.finish();
+            let w = &mut workers[culprit];
+            if let Some(reader) = w.tail_reader.take() {
+                let _ = reader.join(); // its stderr closed when it exited
+            }
+            let tail: Vec<String> = w
+                .tail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect();
+            bail!(
+                "worker rank {} (pid {}) {}; stopped the other workers. Its last lines:\n  {}",
+                w.rank,
+                w.child.id(),
+                describe(status),
+                if tail.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    tail.join("\n  ")
                 }
-                None => {}
-            }
+            );
         }
-        if done.iter().all(|&d| d) {
-            // Rank 0 wrote its summary before exiting; take what is still in the pipe.
-            while let Ok(e) = events.recv_timeout(Duration::from_millis(200)) {
+        if exited.iter().all(Option::is_some) {
+            // Every stdout reader ends with its worker; take all rank 0 wrote.
+            for e in events.iter() {
                 if let Event::Summary(s) = e {
                     summary = Some(s);
                 }
@@ -285,6 +339,23 @@ fn supervise(
             return summary.context("rank 0 exited without reporting a summary");
         }
     }
+}
+
+fn poll_exits(workers: &mut [Worker], exited: &mut [Option<ExitStatus>]) -> Result<()> {
+    for (w, e) in workers.iter_mut().zip(exited.iter_mut()) {
+        if e.is_none() {
+            *e = w
+                .child
+                .try_wait()
+                .with_context(|| format!("wait for worker rank {}", w.rank))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a worker exited because a peer or the launcher went away, not by its own fault.
+fn is_collateral(s: ExitStatus) -> bool {
+    matches!(s.code(), Some(EXIT_PEER_LOST) | Some(EXIT_LAUNCHER_GONE))
 }
 
 /// Kills every worker still running and reaps them all, so no process is left behind.

@@ -14,7 +14,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use marathon_model::cost::{cost, Cost};
 use marathon_runtime::data::{prepare, PrepareOptions};
-use marathon_runtime::TrainConfig;
+use marathon_runtime::{RuntimeError, TrainConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -98,7 +98,23 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A worker that failed because its group broke says so in its status, so the
+            // launcher can name the worker that really failed.
+            let peer_failure = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<RuntimeError>(),
+                    Some(
+                        RuntimeError::PeerLost { .. }
+                            | RuntimeError::Aborted { .. }
+                            | RuntimeError::CommTimeout { .. }
+                    )
+                )
+            });
+            if peer_failure {
+                ExitCode::from(launch::EXIT_PEER_LOST as u8)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -437,3 +437,53 @@ fn a_killed_worker_stops_the_job_and_is_named() {
         );
     }
 }
+
+/// Whether process `pid` is still running (a zombie awaiting its reaper counts as gone).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn workers_stop_when_their_launcher_is_killed() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path(), 1_000_000);
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_marathon"))
+        .args(["train", "--config", "c.toml", "--dp", "2"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the launcher");
+    let mut pids = Vec::new();
+    for line in BufReader::new(launcher.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some((_, pid)) = line.split_once(": pid ") {
+            pids.push(pid.parse::<u32>().unwrap());
+        }
+        if line.starts_with("step ") {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 2);
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while pids.iter().any(|&p| running(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        pids.iter().all(|&p| !running(p)),
+        "workers {pids:?} outlived their launcher"
+    );
+}

@@ -25,8 +25,10 @@ use crate::{Result, RuntimeError};
 
 /// Bytes moved per blocking socket call, so deadlines and aborts are checked often.
 const IO_PIECE_BYTES: usize = 4 << 20;
-/// Handshake sent by the connecting side: magic and the connector's rank.
+/// Handshake sent by the connecting side: magic, a hash naming the job, generation and group,
+/// and the connector's rank.
 const HELLO: &[u8; 4] = b"MRTN";
+const HELLO_BYTES: usize = 16;
 
 /// Where a group lives and who this member is.
 #[derive(Debug, Clone)]
@@ -39,11 +41,25 @@ pub struct GroupSpec {
     pub size: usize,
     /// The address this member listens on (port 0 picks a free one).
     pub bind: SocketAddr,
-    /// Deadline of rendezvous and of each operation.
-    pub timeout: Duration,
+    /// How long rendezvous waits for every member.
+    pub rendezvous_timeout: Duration,
+    /// Deadline of each operation.
+    pub op_timeout: Duration,
 }
 
 impl GroupSpec {
+    fn hello(&self, rank: usize) -> [u8; HELLO_BYTES] {
+        let id = format!("{}/{}/{}", self.job, self.generation, self.name);
+        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut h = [0u8; HELLO_BYTES];
+        h[..4].copy_from_slice(HELLO);
+        h[4..12].copy_from_slice(&hash.to_le_bytes());
+        h[12..].copy_from_slice(&(rank as u32).to_le_bytes());
+        h
+    }
+
     fn key(&self, rank: usize) -> String {
         format!(
             "/marathon/{}/gen-{}/pg/{}/rank-{rank}",
@@ -89,7 +105,7 @@ pub fn chunk_range(len: usize, size: usize, i: usize) -> Range<usize> {
 }
 
 impl ProcessGroup {
-    /// Joins the group described by `spec`, waiting for every member until `spec.timeout`.
+    /// Joins the group described by `spec`, waiting for every member until `spec.rendezvous_timeout`.
     pub fn connect(coord: &dyn Coordinator, spec: GroupSpec) -> Result<Self> {
         assert!(
             spec.rank < spec.size,
@@ -97,7 +113,7 @@ impl ProcessGroup {
             spec.rank,
             spec.size
         );
-        let deadline = Instant::now() + spec.timeout;
+        let deadline = Instant::now() + spec.rendezvous_timeout;
         let fail = |reason: String| RuntimeError::Rendezvous {
             group: spec.name.clone(),
             rank: spec.rank,
@@ -124,9 +140,7 @@ impl ProcessGroup {
                 .map_err(|_| fail(format!("rank {peer} published a bad address {text:?}")))?;
             let mut stream = connect_until(peer_addr, deadline)
                 .map_err(|e| fail(format!("connect to rank {peer} at {peer_addr}: {e}")))?;
-            let mut hello = [0u8; 8];
-            hello[..4].copy_from_slice(HELLO);
-            hello[4..].copy_from_slice(&(spec.rank as u32).to_le_bytes());
+            let hello = spec.hello(spec.rank);
             stream
                 .write_all(&hello)
                 .map_err(|e| fail(format!("greet rank {peer}: {e}")))?;
@@ -144,19 +158,22 @@ impl ProcessGroup {
                         .set_nonblocking(false)
                         .map_err(|e| fail(e.to_string()))?;
                     stream
-                        .set_read_timeout(Some(remaining(deadline)))
+                        .set_read_timeout(Some(remaining(deadline).min(Duration::from_secs(5))))
                         .map_err(|e| fail(e.to_string()))?;
-                    let mut hello = [0u8; 8];
-                    stream
-                        .read_exact(&mut hello)
-                        .map_err(|e| fail(format!("read a greeting: {e}")))?;
-                    let peer = u32::from_le_bytes(hello[4..].try_into().expect("4 bytes")) as usize;
-                    if &hello[..4] != HELLO
-                        || peer <= spec.rank
+                    let mut hello = [0u8; HELLO_BYTES];
+                    // A connection that does not greet as a member of this group (a stale
+                    // address of another job, generation or group) is dropped, not fatal.
+                    let Ok(()) = stream.read_exact(&mut hello) else {
+                        continue;
+                    };
+                    let peer =
+                        u32::from_le_bytes(hello[12..].try_into().expect("4 bytes")) as usize;
+                    if peer <= spec.rank
                         || peer >= spec.size
                         || peers[peer].is_some()
+                        || hello != spec.hello(peer)
                     {
-                        return Err(fail(format!("unexpected greeting {hello:?}")));
+                        continue;
                     }
                     peers[peer] = Some(stream);
                     waiting -= 1;
@@ -168,7 +185,7 @@ impl ProcessGroup {
                             .collect();
                         return Err(fail(format!(
                             "ranks {missing:?} did not connect within {} ms",
-                            spec.timeout.as_millis()
+                            spec.rendezvous_timeout.as_millis()
                         )));
                     }
                     std::thread::sleep(Duration::from_millis(1));
@@ -212,16 +229,31 @@ impl ProcessGroup {
 
     /// Sums `buf` across the group: every member ends with the same total.
     pub fn all_reduce(&mut self, buf: &mut [f32]) -> Result<()> {
-        self.reduce_scatter(buf)?;
-        self.all_gather(buf)
+        let deadline = self.begin("all-reduce")?;
+        let done = self
+            .reduce_scatter_until(buf, deadline)
+            .and_then(|_| self.all_gather_until(buf, deadline));
+        self.fail_fast(done)
     }
 
     /// Sums `buf` across the group, in place, leaving this member's chunk
     /// ([`chunk_range`] of its rank) holding the total; the rest of `buf` is left partial.
     /// Returns that chunk's range.
     pub fn reduce_scatter(&mut self, buf: &mut [f32]) -> Result<Range<usize>> {
+        let deadline = self.begin("reduce-scatter")?;
+        let done = self.reduce_scatter_until(buf, deadline);
+        self.fail_fast(done)
+    }
+
+    /// Gathers every member's chunk ([`chunk_range`] of its rank) of `buf`, in place.
+    pub fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        let deadline = self.begin("all-gather")?;
+        let done = self.all_gather_until(buf, deadline);
+        self.fail_fast(done)
+    }
+
+    fn reduce_scatter_until(&mut self, buf: &mut [f32], deadline: Instant) -> Result<Range<usize>> {
         let op = "reduce-scatter";
-        let deadline = self.begin(op)?;
         let (p, r) = (self.spec.size, self.spec.rank);
         let mine = chunk_range(buf.len(), p, r);
         if p == 1 {
@@ -256,10 +288,8 @@ impl ProcessGroup {
         Ok(mine)
     }
 
-    /// Gathers every member's chunk ([`chunk_range`] of its rank) of `buf`, in place.
-    pub fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+    fn all_gather_until(&mut self, buf: &mut [f32], deadline: Instant) -> Result<()> {
         let op = "all-gather";
-        let deadline = self.begin(op)?;
         let (p, r) = (self.spec.size, self.spec.rank);
         if p == 1 {
             return Ok(());
@@ -285,6 +315,17 @@ impl ProcessGroup {
     pub fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         let op = "broadcast";
         let deadline = self.begin(op)?;
+        assert!(
+            root < self.spec.size,
+            "broadcast root {root} outside group of {}",
+            self.spec.size
+        );
+        let done = self.broadcast_until(buf, root, deadline);
+        self.fail_fast(done)
+    }
+
+    fn broadcast_until(&mut self, buf: &mut [f32], root: usize, deadline: Instant) -> Result<()> {
+        let op = "broadcast";
         if self.spec.rank == root {
             for peer in (0..self.spec.size).filter(|&q| q != root) {
                 send_all(
@@ -314,7 +355,7 @@ impl ProcessGroup {
     /// Sends `buf` to `peer`, which must [`ProcessGroup::recv`] the same length.
     pub fn send(&mut self, buf: &[f32], peer: usize) -> Result<()> {
         let deadline = self.begin("send")?;
-        send_all(
+        let done = send_all(
             &self.spec,
             &self.abort,
             "send",
@@ -322,13 +363,14 @@ impl ProcessGroup {
             peer,
             as_bytes(buf),
             deadline,
-        )
+        );
+        self.fail_fast(done)
     }
 
     /// Receives `buf.len()` elements from `peer`.
     pub fn recv(&mut self, buf: &mut [f32], peer: usize) -> Result<()> {
         let deadline = self.begin("recv")?;
-        recv_all(
+        let done = recv_all(
             &self.spec,
             &self.abort,
             "recv",
@@ -336,7 +378,18 @@ impl ProcessGroup {
             peer,
             as_bytes_mut(buf),
             deadline,
-        )
+        );
+        self.fail_fast(done)
+    }
+
+    /// A failed operation leaves the streams mid-message, so the group is done: abort it, which
+    /// also fails the peers' pending operations at once instead of at their deadlines. The
+    /// runtime forms a new group.
+    fn fail_fast<T>(&self, result: Result<T>) -> Result<T> {
+        if result.is_err() {
+            self.abort.abort();
+        }
+        result
     }
 
     /// Checks the group is usable and returns the operation's deadline.
@@ -348,11 +401,16 @@ impl ProcessGroup {
                 rank: self.spec.rank,
             });
         }
-        Ok(Instant::now() + self.spec.timeout)
+        Ok(Instant::now() + self.spec.op_timeout)
     }
 
     fn stream(&self, peer: usize) -> &TcpStream {
         assert!(peer != self.spec.rank, "rank {peer} cannot talk to itself");
+        assert!(
+            peer < self.spec.size,
+            "rank {peer} outside group of {}",
+            self.spec.size
+        );
         peer_stream(&self.peers, peer)
     }
 }
@@ -393,14 +451,22 @@ fn send_all(
     op: &'static str,
     mut s: &TcpStream,
     peer: usize,
-    bytes: &[u8],
+    mut bytes: &[u8],
     deadline: Instant,
 ) -> Result<()> {
-    for piece in bytes.chunks(IO_PIECE_BYTES) {
-        s.set_write_timeout(Some(remaining(deadline)))
+    // One system call at a time, each with the time left: a peer that trickles data cannot
+    // stretch the operation past its deadline.
+    while !bytes.is_empty() {
+        let timeout = left(deadline)
+            .ok_or_else(|| io_error(spec, abort, op, peer, ErrorKind::TimedOut.into()))?;
+        s.set_write_timeout(Some(timeout))
             .map_err(|e| io_error(spec, abort, op, peer, e))?;
-        s.write_all(piece)
-            .map_err(|e| io_error(spec, abort, op, peer, e))?;
+        match s.write(&bytes[..bytes.len().min(IO_PIECE_BYTES)]) {
+            Ok(0) => return Err(io_error(spec, abort, op, peer, ErrorKind::WriteZero.into())),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(spec, abort, op, peer, e)),
+        }
     }
     Ok(())
 }
@@ -411,16 +477,37 @@ fn recv_all(
     op: &'static str,
     mut s: &TcpStream,
     peer: usize,
-    bytes: &mut [u8],
+    mut bytes: &mut [u8],
     deadline: Instant,
 ) -> Result<()> {
-    for piece in bytes.chunks_mut(IO_PIECE_BYTES) {
-        s.set_read_timeout(Some(remaining(deadline)))
+    while !bytes.is_empty() {
+        let timeout = left(deadline)
+            .ok_or_else(|| io_error(spec, abort, op, peer, ErrorKind::TimedOut.into()))?;
+        s.set_read_timeout(Some(timeout))
             .map_err(|e| io_error(spec, abort, op, peer, e))?;
-        s.read_exact(piece)
-            .map_err(|e| io_error(spec, abort, op, peer, e))?;
+        let piece = bytes.len().min(IO_PIECE_BYTES);
+        match s.read(&mut bytes[..piece]) {
+            Ok(0) => {
+                return Err(io_error(
+                    spec,
+                    abort,
+                    op,
+                    peer,
+                    ErrorKind::UnexpectedEof.into(),
+                ))
+            }
+            Ok(n) => bytes = &mut std::mem::take(&mut bytes)[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(spec, abort, op, peer, e)),
+        }
     }
     Ok(())
+}
+
+/// Time left before `deadline`, or None once it has passed.
+fn left(deadline: Instant) -> Option<Duration> {
+    let d = deadline.saturating_duration_since(Instant::now());
+    (!d.is_zero()).then_some(d)
 }
 
 /// Names a failed socket call: aborted, timed out, or the peer is gone.
@@ -444,9 +531,11 @@ fn io_error(
             group: spec.name.clone(),
             rank: spec.rank,
             peer,
-            timeout_ms: spec.timeout.as_millis(),
+            timeout_ms: spec.op_timeout.as_millis(),
         },
-        ErrorKind::UnexpectedEof => lost(spec, abort, op, peer, "it closed the connection".into()),
+        ErrorKind::UnexpectedEof | ErrorKind::WriteZero => {
+            lost(spec, abort, op, peer, "it closed the connection".into())
+        }
         _ => lost(spec, abort, op, peer, e.to_string()),
     }
 }

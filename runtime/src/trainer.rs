@@ -263,21 +263,23 @@ impl Trainer {
         // With the distributed optimizer each replica holds the sum for its shard only, so the
         // squared norm is summed across replicas too; otherwise every replica adds up the same.
         let own_sq = sum_squares(&grads[shard.clone()]);
-        let mut totals = [
-            loss_sum as f32,
-            if self.cfg.parallel.distributed_optimizer {
-                own_sq as f32
-            } else {
-                0.0
-            },
-        ];
+        let shard_sq = if self.cfg.parallel.distributed_optimizer {
+            own_sq
+        } else {
+            0.0
+        };
+        // Each f64 travels as a high and a low f32, which keeps about 48 bits of the sum.
+        let split = |x: f64| [x as f32, (x - (x as f32) as f64) as f32];
+        let ([l_hi, l_lo], [n_hi, n_lo]) = (split(loss_sum), split(shard_sq));
+        let mut totals = [l_hi, l_lo, n_hi, n_lo];
         g.all_reduce(&mut totals)?;
+        let join = |hi: f32, lo: f32| hi as f64 + lo as f64;
         let norm_sq = if self.cfg.parallel.distributed_optimizer {
-            totals[1] as f64
+            join(totals[2], totals[3])
         } else {
             own_sq
         };
-        Ok((totals[0] as f64, shard, norm_sq.sqrt()))
+        Ok((join(totals[0], totals[1]), shard, norm_sq.sqrt()))
     }
 
     /// Backward of the last microbatch with each finished gradient bucket all-reduced on a

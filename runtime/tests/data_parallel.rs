@@ -41,7 +41,8 @@ fn replicated(cfg: &TrainConfig, dp: usize, distributed_optimizer: bool) -> Vec<
                     rank,
                     size: dp,
                     bind: "127.0.0.1:0".parse().expect("loopback address"),
-                    timeout: Duration::from_secs(60),
+                    rendezvous_timeout: Duration::from_secs(60),
+                    op_timeout: Duration::from_secs(60),
                 };
                 let group =
                     ProcessGroup::connect(&*coord, spec).expect("join the data-parallel group");
