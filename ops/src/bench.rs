@@ -145,16 +145,7 @@ fn run_replicas(
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()?;
-                let spec = GroupSpec {
-                    job: "bench".into(),
-                    generation: 0,
-                    name: "dp-0".into(),
-                    rank,
-                    size: dp,
-                    bind: "127.0.0.1:0".parse().expect("loopback address"),
-                    rendezvous_timeout: Duration::from_secs(60),
-                    op_timeout: Duration::from_secs(600),
-                };
+                let spec = GroupSpec::loopback("bench", "dp-0", rank, dp, Duration::from_secs(600));
                 let group = ProcessGroup::connect(&*coord, spec)?;
                 pool.install(|| run_steps(Trainer::with_group(cfg, Some(group))?, warmup, steps))
             })
@@ -273,16 +264,13 @@ fn allreduce_times(p: usize, sizes: &[usize]) -> Result<Vec<(usize, usize, f64)>
         .map(|rank| {
             let (coord, sizes) = (coord.clone(), sizes.clone());
             std::thread::spawn(move || -> Result<Vec<(usize, usize, f64)>> {
-                let spec = GroupSpec {
-                    job: "bench".into(),
-                    generation: 0,
-                    name: format!("allreduce-{p}"),
+                let spec = GroupSpec::loopback(
+                    "bench",
+                    &format!("allreduce-{p}"),
                     rank,
-                    size: p,
-                    bind: "127.0.0.1:0".parse().expect("loopback address"),
-                    rendezvous_timeout: Duration::from_secs(60),
-                    op_timeout: Duration::from_secs(600),
-                };
+                    p,
+                    Duration::from_secs(600),
+                );
                 let mut g = ProcessGroup::connect(&*coord, spec)?;
                 let mut buf = vec![1.0f32; sizes.iter().max().copied().unwrap_or(0) / 4];
                 let mut rows = Vec::new();

@@ -120,16 +120,8 @@ pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path)
     });
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
-    let spec = GroupSpec {
-        job: "local".into(),
-        generation: 0,
-        name: "dp-0".into(),
-        rank,
-        size: cfg.parallel.dp,
-        bind: "127.0.0.1:0".parse().expect("loopback address"),
-        rendezvous_timeout: GROUP_TIMEOUT,
-        op_timeout: GROUP_TIMEOUT,
-    };
+    let mut spec = GroupSpec::loopback("local", "dp-0", rank, cfg.parallel.dp, GROUP_TIMEOUT);
+    spec.rendezvous_timeout = GROUP_TIMEOUT;
     let group = ProcessGroup::connect(&DirCoordinator::new(coord_dir), spec)?;
     let mut trainer = Trainer::with_group(cfg, Some(group))?;
     let mut report = Reporter { enabled: rank == 0 };

@@ -384,14 +384,14 @@ fn launched_data_parallel_workers_train_as_one_process_does() {
     assert_eq!(a["tokens_consumed"], b["tokens_consumed"]);
 }
 
-#[test]
-fn a_killed_worker_stops_the_job_and_is_named() {
+/// A long dp2 job in `dir`, started and running: the launcher, its remaining stderr lines,
+/// and the workers' pids by rank.
+fn running_dp2_job(dir: &Path) -> (std::process::Child, impl Iterator<Item = String>, [u32; 2]) {
     use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    tiny_job(dir.path(), 1_000_000);
+    tiny_job(dir, 1_000_000);
     let mut launcher = Command::new(env!("CARGO_BIN_EXE_marathon"))
         .args(["train", "--config", "c.toml", "--dp", "2"])
-        .current_dir(dir.path())
+        .current_dir(dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -413,29 +413,7 @@ fn a_killed_worker_stops_the_job_and_is_named() {
         }
     }
     assert!(pids.iter().all(|&p| p > 0), "{seen:?}");
-    let killed = Command::new("kill")
-        .args(["-9", &pids[1].to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let rest: Vec<String> = lines.collect();
-    let status = launcher.wait().unwrap();
-    let all = rest.join("\n");
-    assert!(!status.success(), "{all}");
-    assert!(
-        all.contains(&format!(
-            "worker rank 1 (pid {}) was killed by signal 9; stopped the other workers",
-            pids[1]
-        )),
-        "{all}"
-    );
-    // No worker is left behind: both are gone (reaped, not zombies).
-    for pid in pids {
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "worker pid {pid} is still there"
-        );
-    }
+    (launcher, lines, pids)
 }
 
 /// Whether process `pid` is still running (a zombie awaiting its reaper counts as gone).
@@ -452,30 +430,36 @@ fn running(pid: u32) -> bool {
 }
 
 #[test]
-fn workers_stop_when_their_launcher_is_killed() {
-    use std::io::{BufRead, BufReader};
+fn a_killed_worker_stops_the_job_and_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    tiny_job(dir.path(), 1_000_000);
-    let mut launcher = Command::new(env!("CARGO_BIN_EXE_marathon"))
-        .args(["train", "--config", "c.toml", "--dp", "2"])
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the launcher");
-    let mut pids = Vec::new();
-    for line in BufReader::new(launcher.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-    {
-        if let Some((_, pid)) = line.split_once(": pid ") {
-            pids.push(pid.parse::<u32>().unwrap());
-        }
-        if line.starts_with("step ") {
-            break;
-        }
+    let (mut launcher, lines, pids) = running_dp2_job(dir.path());
+    let killed = Command::new("kill")
+        .args(["-9", &pids[1].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.collect();
+    let status = launcher.wait().unwrap();
+    let all = rest.join("\n");
+    assert!(!status.success(), "{all}");
+    let named = format!(
+        "worker rank 1 (pid {}) was killed by signal 9; stopped the other workers",
+        pids[1]
+    );
+    assert!(all.contains(&named), "{all}");
+    // No worker is left behind: both are gone and reaped.
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "worker pid {pid} is still there"
+        );
     }
-    assert_eq!(pids.len(), 2);
+}
+
+#[test]
+fn workers_stop_when_their_launcher_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut launcher, _lines, pids) = running_dp2_job(dir.path());
     launcher.kill().unwrap();
     launcher.wait().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -47,7 +47,25 @@ pub struct GroupSpec {
     pub op_timeout: Duration,
 }
 
+/// How long a loopback group waits for its members by default.
+const LOOPBACK_RENDEZVOUS: Duration = Duration::from_secs(60);
+
 impl GroupSpec {
+    /// A group of processes or threads on this machine, listening on loopback, in
+    /// generation 0. Each operation may take up to `op_timeout`.
+    pub fn loopback(job: &str, name: &str, rank: usize, size: usize, op_timeout: Duration) -> Self {
+        GroupSpec {
+            job: job.into(),
+            generation: 0,
+            name: name.into(),
+            rank,
+            size,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            rendezvous_timeout: LOOPBACK_RENDEZVOUS,
+            op_timeout,
+        }
+    }
+
     fn hello(&self, rank: usize) -> [u8; HELLO_BYTES] {
         let id = format!("{}/{}/{}", self.job, self.generation, self.name);
         let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {

@@ -9,17 +9,8 @@ use marathon_runtime::comm::{chunk_range, GroupSpec, ProcessGroup};
 use marathon_runtime::RuntimeError;
 
 fn spec(name: &str, rank: usize, size: usize, timeout: Duration) -> GroupSpec {
-    GroupSpec {
-        job: "test".into(),
-        generation: 1,
-        name: name.into(),
-        rank,
-        size,
-        bind: "127.0.0.1:0".parse().expect("loopback address"),
-        // Rendezvous gets its own generous deadline: only operations are timed here.
-        rendezvous_timeout: Duration::from_secs(60),
-        op_timeout: timeout,
-    }
+    // Rendezvous keeps its own generous deadline: only operations are timed here.
+    GroupSpec::loopback("test", name, rank, size, timeout)
 }
 
 /// Runs `f(group)` on `size` threads, one member each, and returns their results by rank.

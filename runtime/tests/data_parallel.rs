@@ -34,16 +34,8 @@ fn replicated(cfg: &TrainConfig, dp: usize, distributed_optimizer: bool) -> Vec<
         .map(|rank| {
             let (coord, cfg) = (coord.clone(), cfg.clone());
             std::thread::spawn(move || {
-                let spec = GroupSpec {
-                    job: "dp-test".into(),
-                    generation: 0,
-                    name: "dp-0".into(),
-                    rank,
-                    size: dp,
-                    bind: "127.0.0.1:0".parse().expect("loopback address"),
-                    rendezvous_timeout: Duration::from_secs(60),
-                    op_timeout: Duration::from_secs(60),
-                };
+                let spec =
+                    GroupSpec::loopback("dp-test", "dp-0", rank, dp, Duration::from_secs(60));
                 let group =
                     ProcessGroup::connect(&*coord, spec).expect("join the data-parallel group");
                 let mut t = Trainer::with_group(cfg, Some(group)).expect("replica trainer");
