@@ -385,6 +385,29 @@ impl ProcessGroup {
         self.fail_fast(done)
     }
 
+    /// Sends `out` to `to` while receiving `into` from `from`, concurrently, so two neighbours
+    /// that send to each other at once (a pipeline's steady state) never wait on each other's
+    /// socket buffers.
+    pub fn send_recv(
+        &mut self,
+        out: &[f32],
+        to: usize,
+        into: &mut [f32],
+        from: usize,
+    ) -> Result<()> {
+        let op = "send-recv";
+        let deadline = self.begin(op)?;
+        let done = exchange(
+            &self.spec,
+            &self.abort,
+            op,
+            (self.stream(to), to, out),
+            (self.stream(from), from, as_bytes_mut(into)),
+            deadline,
+        );
+        self.fail_fast(done)
+    }
+
     /// Receives `buf.len()` elements from `peer`.
     pub fn recv(&mut self, buf: &mut [f32], peer: usize) -> Result<()> {
         let deadline = self.begin("recv")?;

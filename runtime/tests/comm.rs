@@ -209,3 +209,18 @@ fn rendezvous_names_the_members_that_never_came() {
         "rendezvous of group lonely (rank 0): ranks [1, 2] did not connect within 200 ms"
     );
 }
+
+#[test]
+fn neighbours_can_send_to_each_other_at_once() {
+    // Far larger than any socket buffer: plain send then recv on both sides would deadlock.
+    let len = 4 << 20;
+    let got = on_group("swap", 2, Duration::from_secs(60), move |mut g| {
+        let (me, other) = (g.rank(), 1 - g.rank());
+        let mut into = vec![0.0f32; len];
+        g.send_recv(&input(me, len), other, &mut into, other)
+            .unwrap();
+        into
+    });
+    assert_eq!(got[0], input(1, len));
+    assert_eq!(got[1], input(0, len));
+}
