@@ -7,12 +7,15 @@
 //!
 //! Never knows about tensors or object stores.
 //!
-//! Built so far: the [`Coordinator`] key-value contract and its in-process implementation,
-//! which process groups rendezvous through.
+//! Built so far: the [`Coordinator`] key-value contract with its in-process and directory
+//! implementations, which process groups rendezvous through, and the [`Topology`] that places
+//! each rank in a (tp, pp, dp) layout and names its groups.
 
 pub mod coordinator;
+pub mod topology;
 
 pub use coordinator::{Coordinator, DirCoordinator, InProcessCoordinator};
+pub use topology::{Axis, Topology};
 
 use std::time::Duration;
 

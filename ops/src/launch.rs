@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use marathon_elastic::DirCoordinator;
+use marathon_elastic::{Axis, DirCoordinator, Topology};
 use marathon_runtime::comm::{GroupSpec, ProcessGroup};
 use marathon_runtime::trainer::{preflight, Observer, StepRecord, Summary};
 use marathon_runtime::{TrainConfig, Trainer};
@@ -120,7 +120,12 @@ pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path)
     });
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
-    let mut spec = GroupSpec::loopback("local", "dp-0", rank, cfg.parallel.dp, GROUP_TIMEOUT);
+    // This rank's data-parallel group: the ranks that share its tensor and pipeline coordinates.
+    let p = cfg.parallel;
+    let topology = Topology::new(p.tp, p.pp, p.dp);
+    let (members, me) = topology.group(rank, Axis::Data);
+    let name = topology.group_name(rank, Axis::Data);
+    let mut spec = GroupSpec::loopback("local", &name, me, members.len(), GROUP_TIMEOUT);
     spec.rendezvous_timeout = GROUP_TIMEOUT;
     let group = ProcessGroup::connect(&DirCoordinator::new(coord_dir), spec)?;
     let mut trainer = Trainer::with_group(cfg, Some(group))?;
