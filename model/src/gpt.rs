@@ -350,11 +350,6 @@ impl<F: Float> Gpt<F> {
         total / F::from_f64((b * t) as f64)
     }
 
-    /// The per-position losses of the last forward pass, (B, T).
-    pub fn losses(&self) -> &[F] {
-        &self.acts.losses
-    }
-
     /// Backpropagates the last forward pass and adds the parameter gradients into `grads`, with
     /// each position's loss weighted by `dloss`. For the mean loss of this microbatch alone,
     /// `dloss` is 1 / (B * T); over a global batch it is 1 / (tokens in the whole batch), which

@@ -181,6 +181,18 @@ fn prepare_failures_exit_non_zero_naming_the_file_and_line() {
     assert!(!dir.path().join("corpus").exists());
 }
 
+/// Runs a benchmark that must succeed; returns the JSON report on its last stdout line, and
+/// all of stdout.
+fn bench_report(args: &[&str], dir: &Path) -> (serde_json::Value, String) {
+    let out = marathon(args, dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap(),
+        stdout,
+    )
+}
+
 #[test]
 fn bench_train_prints_step_figures_beside_the_gemm_limit() {
     let dir = tempfile::tempdir().unwrap();
@@ -198,24 +210,14 @@ fn bench_train_prints_step_figures_beside_the_gemm_limit() {
     );
     assert!(out.status.success(), "{}", text(&out));
     let small = repo().join("configs/small.toml");
-    let args = [
-        "bench",
-        "train",
-        "--config",
-        small.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--seq",
-        "32",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
+    let small = small.to_str().unwrap();
+    let tiny = [
+        "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "0",
     ];
-    let out = marathon(&args, dir.path());
-    assert!(out.status.success(), "{}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let (report, _) = bench_report(
+        &[&["bench", "train", "--config", small], &tiny[..]].concat(),
+        dir.path(),
+    );
     for key in [
         "ms_per_step",
         "tokens_per_s",
@@ -232,28 +234,11 @@ fn bench_train_prints_step_figures_beside_the_gemm_limit() {
     }
     assert_eq!(report["gemm_shape"], serde_json::json!([64, 256, 50304]));
     // Two data-parallel replicas report where the step's time went.
-    let args = [
-        "bench",
-        "train",
-        "--config",
-        small.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--global-batch",
-        "4",
-        "--seq",
-        "32",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--dp",
-        "2",
-    ];
-    let out = marathon(&args, dir.path());
-    assert!(out.status.success(), "{}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let dp2 = ["--global-batch", "4", "--dp", "2"];
+    let (report, stdout) = bench_report(
+        &[&["bench", "train", "--config", small], &tiny[..], &dp2[..]].concat(),
+        dir.path(),
+    );
     assert_eq!(report["dp"], 2);
     assert!(
         report["comm_wait_fraction"]
@@ -263,14 +248,7 @@ fn bench_train_prints_step_figures_beside_the_gemm_limit() {
     );
     assert!(stdout.contains("communication: "), "{stdout}");
     let out = marathon(
-        &[
-            "bench",
-            "train",
-            "--config",
-            small.to_str().unwrap(),
-            "--steps",
-            "0",
-        ],
+        &["bench", "train", "--config", small, "--steps", "0"],
         dir.path(),
     );
     assert!(

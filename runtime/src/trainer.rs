@@ -47,11 +47,6 @@ pub trait Observer {
     fn on_eval(&mut self, _step: u64, _val_loss: f32) {}
 }
 
-/// An observer that ignores everything.
-#[derive(Debug, Default)]
-pub struct Quiet;
-impl Observer for Quiet {}
-
 /// The end of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {

@@ -33,10 +33,6 @@ impl DataOrder {
         order
     }
 
-    pub fn n_samples(&self) -> usize {
-        self.n_samples
-    }
-
     fn shuffle(&mut self, epoch: u64) {
         self.perm
             .iter_mut()
