@@ -27,6 +27,8 @@ pub trait Float:
 {
     const ZERO: Self;
     const ONE: Self;
+    /// The most negative finite value: the maximum of nothing.
+    const MIN: Self;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
@@ -46,6 +48,7 @@ macro_rules! impl_float {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
+            const MIN: Self = <$t>::MIN;
             #[inline(always)]
             fn from_f64(x: f64) -> Self {
                 x as $t

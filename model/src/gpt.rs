@@ -1,113 +1,194 @@
-//! The GPT-2 model on the CPU: flat buffers plus one forward and one backward pass.
+//! The GPT-2 model on the CPU: flat buffers plus one forward and one backward pass, for the
+//! whole model or for one rank's shard of it.
+//!
+//! A shard is a pipeline stage (a run of layers, with the embeddings on the first stage and the
+//! final LayerNorm, head and loss on the last) cut by Megatron's tensor parallelism: attention
+//! heads and MLP columns split across ranks, the vocabulary split for the embedding and the
+//! loss. The stage keeps the activations of several microbatches at once (one "slot" each), as
+//! a 1F1B pipeline schedule needs; backward scratch is shared by all slots.
 
+use std::convert::Infallible;
+
+use crate::collective::{Collective, Solo};
 use crate::config::GptConfig;
 use crate::kernels as k;
-use crate::layout::ParamLayout;
+use crate::layout::{ParamLayout, Shard};
 use crate::{Float, ModelError};
 
-/// Activations of one microbatch, allocated once for its (B, T) and reused every step.
-#[derive(Debug)]
-struct Activations<F> {
+/// The sizes a shard computes with.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
     b: usize,
     t: usize,
+    /// Model width: the residual stream is whole on every rank.
+    c: usize,
+    /// Attention heads on this rank, and their width (C / tp).
+    nh: usize,
+    cq: usize,
+    /// MLP width on this rank (4C / tp).
+    f4: usize,
+    /// This rank's vocabulary slice: `vl` ids from `v0`; `v` is the real vocabulary.
+    v0: usize,
+    vl: usize,
+    v: usize,
+    /// Layers of this stage.
+    l: usize,
+    tp: usize,
+    first: bool,
+    last: bool,
+}
+
+impl Dims {
+    fn new(cfg: &GptConfig, shard: Shard, b: usize, t: usize) -> Self {
+        let vl = cfg.padded_vocab_size() / shard.tp;
+        Dims {
+            b,
+            t,
+            c: cfg.n_embd,
+            nh: cfg.n_head / shard.tp,
+            cq: cfg.n_embd / shard.tp,
+            f4: 4 * cfg.n_embd / shard.tp,
+            v0: shard.tp_rank * vl,
+            vl,
+            v: cfg.vocab_size,
+            l: shard.layers(cfg.n_layer).len(),
+            tp: shard.tp,
+            first: shard.first_stage(),
+            last: shard.last_stage(),
+        }
+    }
+
+    /// Elements of one slot's saved activations, as [`Saved::new`] allocates them.
+    fn saved_elements(&self) -> usize {
+        let Dims {
+            b,
+            t,
+            c,
+            nh,
+            cq,
+            f4,
+            vl,
+            l,
+            last,
+            ..
+        } = *self;
+        let bt = b * t;
+        // Per layer: ln1, residual2, ln2, residual3 (C each), qkv (3 C/tp), atty (C/tp), fch
+        // and fch_gelu (4 C/tp each), four per-position statistics, attention probabilities.
+        let per_layer = 4 * bt * c + bt * (3 * cq + cq + 2 * f4) + 4 * bt + b * nh * t * t;
+        // encoded; on the last stage lnf, its statistics, the logits slice and the losses.
+        let head = if last { bt * c + 3 * bt + bt * vl } else { 0 };
+        l * per_layer + bt * c + head
+    }
+
+    /// Elements of the backward scratch, as [`Scratch::new`] allocates them.
+    fn scratch_elements(&self) -> usize {
+        let Dims {
+            b,
+            t,
+            c,
+            nh,
+            cq,
+            f4,
+            tp,
+            last,
+            ..
+        } = *self;
+        let bt = b * t;
+        let ce = if last { tp * bt + 3 * bt } else { 0 };
+        2 * bt * c + bt * f4.max(3 * cq) + b * nh * t * t + ce
+    }
+}
+
+/// What forward keeps of one microbatch for its backward.
+#[derive(Debug)]
+struct Saved<F> {
     tokens: Vec<u32>,  // (B, T)
     targets: Vec<u32>, // (B, T)
-    encoded: Vec<F>,   // (B, T, C): the residual stream entering layer 0
+    encoded: Vec<F>,   // (B, T, C): the residual stream entering this stage's first layer
     // Per layer, stacked (L, ...):
     ln1: Vec<F>,       // (L, B, T, C)
     ln1_mean: Vec<F>,  // (L, B, T)
     ln1_rstd: Vec<F>,  // (L, B, T)
-    qkv: Vec<F>,       // (L, B, T, 3C)
-    atty: Vec<F>,      // (L, B, T, C)
-    att: Vec<F>,       // (L, B, NH, T, T)
+    qkv: Vec<F>,       // (L, B, T, 3C/tp)
+    atty: Vec<F>,      // (L, B, T, C/tp)
+    att: Vec<F>,       // (L, B, NH/tp, T, T)
     residual2: Vec<F>, // (L, B, T, C)
     ln2: Vec<F>,       // (L, B, T, C)
     ln2_mean: Vec<F>,  // (L, B, T)
     ln2_rstd: Vec<F>,  // (L, B, T)
-    fch: Vec<F>,       // (L, B, T, 4C)
-    fch_gelu: Vec<F>,  // (L, B, T, 4C)
+    fch: Vec<F>,       // (L, B, T, 4C/tp)
+    fch_gelu: Vec<F>,  // (L, B, T, 4C/tp)
     residual3: Vec<F>, // (L, B, T, C): the residual stream leaving each layer
-    lnf: Vec<F>,       // (B, T, C)
-    lnf_mean: Vec<F>,  // (B, T)
-    lnf_rstd: Vec<F>,  // (B, T)
-    logits: Vec<F>,    // (B, T, Vp): probabilities after forward, dlogits during backward
-    losses: Vec<F>,    // (B, T)
-    // Backward scratch:
-    dres: Vec<F>,  // (B, T, C): dL/d(residual stream) at the current layer boundary
-    dc: Vec<F>,    // (B, T, C)
-    dwide: Vec<F>, // (B, T, 4C), also used as (B, T, 3C)
-    datt: Vec<F>,  // (B, NH, T, T)
+    // Last stage only (empty elsewhere):
+    lnf: Vec<F>,      // (B, T, C)
+    lnf_mean: Vec<F>, // (B, T)
+    lnf_rstd: Vec<F>, // (B, T)
+    logits: Vec<F>,   // (B, T, Vp/tp): probabilities after forward, dlogits during backward
+    losses: Vec<F>,   // (B, T)
     forwarded: bool,
 }
 
-impl<F: Float> Activations<F> {
-    fn new(cfg: &GptConfig, b: usize, t: usize) -> Self {
-        let (l, c, nh, vp) = (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size());
-        let bt = b * t;
+impl<F: Float> Saved<F> {
+    fn new(d: &Dims) -> Self {
+        let (l, bt, c) = (d.l, d.b * d.t, d.c);
         let z = |n: usize| vec![F::ZERO; n];
-        Activations {
-            b,
-            t,
+        let h = |n: usize| if d.last { z(n) } else { Vec::new() };
+        Saved {
             tokens: vec![0; bt],
             targets: vec![0; bt],
             encoded: z(bt * c),
             ln1: z(l * bt * c),
             ln1_mean: z(l * bt),
             ln1_rstd: z(l * bt),
-            qkv: z(l * bt * 3 * c),
-            atty: z(l * bt * c),
-            att: z(l * b * nh * t * t),
+            qkv: z(l * bt * 3 * d.cq),
+            atty: z(l * bt * d.cq),
+            att: z(l * d.b * d.nh * d.t * d.t),
             residual2: z(l * bt * c),
             ln2: z(l * bt * c),
             ln2_mean: z(l * bt),
             ln2_rstd: z(l * bt),
-            fch: z(l * bt * 4 * c),
-            fch_gelu: z(l * bt * 4 * c),
+            fch: z(l * bt * d.f4),
+            fch_gelu: z(l * bt * d.f4),
             residual3: z(l * bt * c),
-            lnf: z(bt * c),
-            lnf_mean: z(bt),
-            lnf_rstd: z(bt),
-            logits: z(bt * vp),
-            losses: z(bt),
-            dres: z(bt * c),
-            dc: z(bt * c),
-            dwide: z(bt * 4 * c),
-            datt: z(b * nh * t * t),
+            lnf: h(bt * c),
+            lnf_mean: h(bt),
+            lnf_rstd: h(bt),
+            logits: h(bt * d.vl),
+            losses: h(bt),
             forwarded: false,
         }
     }
 }
 
-#[cfg(test)]
-impl<F> Activations<F> {
-    /// Elements held, across every buffer.
-    fn elements(&self) -> usize {
-        let v = [
-            &self.encoded,
-            &self.ln1,
-            &self.ln1_mean,
-            &self.ln1_rstd,
-            &self.qkv,
-            &self.atty,
-            &self.att,
-            &self.residual2,
-            &self.ln2,
-            &self.ln2_mean,
-            &self.ln2_rstd,
-            &self.fch,
-            &self.fch_gelu,
-            &self.residual3,
-            &self.lnf,
-            &self.lnf_mean,
-            &self.lnf_rstd,
-            &self.logits,
-            &self.losses,
-            &self.dres,
-            &self.dc,
-            &self.dwide,
-            &self.datt,
-        ];
-        v.iter().map(|b| b.len()).sum()
+/// Backward's working buffers, shared by every slot.
+#[derive(Debug)]
+struct Scratch<F> {
+    dres: Vec<F>,  // (B, T, C): dL/d(residual stream) at the current layer boundary
+    dc: Vec<F>,    // (B, T, C)
+    dwide: Vec<F>, // (B, T, max(4C, 3C)/tp)
+    datt: Vec<F>,  // (B, NH/tp, T, T)
+    // The cross-entropy's statistics, last stage only: every rank's row maxima (tp, B, T), the
+    // whole vocabulary's maxima (B, T), and the sums of exponentials and target logits (2, B, T).
+    ce_maxes: Vec<F>,
+    ce_max: Vec<F>,
+    ce_sums: Vec<F>,
+}
+
+impl<F: Float> Scratch<F> {
+    fn new(d: &Dims) -> Self {
+        let bt = d.b * d.t;
+        let z = |n: usize| vec![F::ZERO; n];
+        let h = |n: usize| if d.last { z(n) } else { Vec::new() };
+        Scratch {
+            dres: z(bt * d.c),
+            dc: z(bt * d.c),
+            dwide: z(bt * d.f4.max(3 * d.cq)),
+            datt: z(d.b * d.nh * d.t * d.t),
+            ce_maxes: h(d.tp * bt),
+            ce_max: h(bt),
+            ce_sums: h(2 * bt),
+        }
     }
 }
 
@@ -133,24 +214,47 @@ fn two_mut<F>(
     (&mut lo[a], &mut hi[..b.end - b.start])
 }
 
-/// A GPT-2 model with its parameter and gradient buffers and the activations of one microbatch
-/// shape. Optimizer state lives in [`crate::AdamW`], laid out by the same [`ParamLayout`].
+fn infallible<T>(r: Result<T, Infallible>) -> T {
+    match r {
+        Ok(x) => x,
+        Err(never) => match never {},
+    }
+}
+
+/// A GPT-2 model, or one rank's shard of it, with its parameter and gradient buffers and the
+/// activations of one microbatch shape. Optimizer state lives in [`crate::AdamW`], laid out by
+/// the same [`ParamLayout`].
 #[derive(Debug)]
 pub struct Gpt<F> {
     pub config: GptConfig,
     pub layout: ParamLayout,
-    /// All parameters, laid out by `layout`.
+    /// This shard's parameters, laid out by `layout`.
     pub params: Vec<F>,
     /// Gradients, laid out by `layout`; [`Gpt::backward`] adds into them.
     pub grads: Vec<F>,
-    acts: Activations<F>,
+    dims: Dims,
+    saved: Vec<Saved<F>>,
+    scratch: Scratch<F>,
 }
 
 impl<F: Float> Gpt<F> {
-    /// Builds a model with zeroed parameters and activation buffers for microbatches of
+    /// Builds the whole model with zeroed parameters and activation buffers for microbatches of
     /// `batch` sequences of `seq` tokens. All memory the step needs is allocated here.
     pub fn new(config: GptConfig, batch: usize, seq: usize) -> Result<Self, ModelError> {
+        Self::new_shard(config, Shard::WHOLE, batch, seq, 1)
+    }
+
+    /// As [`Gpt::new`] for one rank's `shard`, keeping the activations of up to `slots`
+    /// microbatches at once (a pipeline stage needs one per microbatch in flight).
+    pub fn new_shard(
+        config: GptConfig,
+        shard: Shard,
+        batch: usize,
+        seq: usize,
+        slots: usize,
+    ) -> Result<Self, ModelError> {
         config.validate()?;
+        shard.validate(&config)?;
         if batch == 0 {
             return Err(ModelError::invalid(
                 "batch.micro_batch",
@@ -166,15 +270,18 @@ impl<F: Float> Gpt<F> {
                 ),
             ));
         }
-        let layout = ParamLayout::new(&config);
+        assert!(slots > 0, "a model keeps at least one microbatch");
+        let layout = ParamLayout::sharded(&config, shard);
         let n = layout.numel();
-        let acts = Activations::new(&config, batch, seq);
+        let dims = Dims::new(&config, shard, batch, seq);
         Ok(Gpt {
             config,
             layout,
             params: vec![F::ZERO; n],
             grads: vec![F::ZERO; n],
-            acts,
+            dims,
+            saved: (0..slots).map(|_| Saved::new(&dims)).collect(),
+            scratch: Scratch::new(&dims),
         })
     }
 
@@ -182,21 +289,30 @@ impl<F: Float> Gpt<F> {
     /// AdamW moments: parameters, gradients, moments, activations and backward scratch.
     /// Computed in f64, so an absurd shape gives a huge number instead of an overflow.
     pub fn memory_bytes(config: &GptConfig, b: usize, t: usize) -> f64 {
+        Self::shard_memory_bytes(config, Shard::WHOLE, b, t, 1)
+    }
+
+    /// As [`Gpt::memory_bytes`] for one rank's shard keeping `slots` microbatches.
+    pub fn shard_memory_bytes(
+        config: &GptConfig,
+        shard: Shard,
+        b: usize,
+        t: usize,
+        slots: usize,
+    ) -> f64 {
         let f = |x: usize| x as f64;
-        let (l, c, nh, vp) = (
+        let (l, c, vp) = (
             f(config.n_layer),
             f(config.n_embd),
-            f(config.n_head),
             f(config.padded_vocab_size()),
         );
-        let params = vp * c + f(config.seq_len) * c + l * (12.0 * c * c + 13.0 * c) + 2.0 * c;
-        let (bt, att) = (f(b) * f(t), f(b) * nh * f(t) * f(t));
-        // Per layer: ln1, qkv (3), atty, residual2, ln2, fch (4), fch_gelu (4), residual3 = 16 C
-        // per position, four per-position statistics, and the attention probabilities.
-        let per_layer = 16.0 * bt * c + 4.0 * bt + att;
-        // encoded, lnf, dres, dc, dwide (4); three per-position vectors; logits; datt.
-        let rest = 8.0 * bt * c + 3.0 * bt + bt * vp + att;
-        std::mem::size_of::<F>() as f64 * (4.0 * params + l * per_layer + rest)
+        let whole = vp * c + f(config.seq_len) * c + l * (12.0 * c * c + 13.0 * c) + 2.0 * c;
+        // Close enough for a memory check without building the layout: the sharded share.
+        let params = whole / f(shard.tp * shard.pp);
+        // Activation sizes are products of small numbers; in f64 they cannot overflow.
+        let d = Dims::new(config, shard, b, t);
+        let acts = f(slots) * d.saved_elements() as f64 + d.scratch_elements() as f64;
+        std::mem::size_of::<F>() as f64 * (4.0 * params + acts)
     }
 
     /// Draws fresh parameters from `seed` (see [`ParamLayout::init`]).
@@ -207,30 +323,66 @@ impl<F: Float> Gpt<F> {
 
     /// The microbatch shape (B, T) this model was built for.
     pub fn batch_shape(&self) -> (usize, usize) {
-        (self.acts.b, self.acts.t)
+        (self.dims.b, self.dims.t)
+    }
+
+    /// Microbatches whose activations this model can keep at once.
+    pub fn slots(&self) -> usize {
+        self.saved.len()
     }
 
     pub fn zero_grad(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = F::ZERO);
     }
 
-    /// Runs the forward pass on `tokens` (B, T) predicting `targets` (B, T) and returns the mean
-    /// loss over the B * T positions. Keeps the activations for [`Gpt::backward`].
+    /// Runs the forward pass of the whole model on `tokens` (B, T) predicting `targets` (B, T)
+    /// and returns the mean loss over the B * T positions. Keeps the activations for
+    /// [`Gpt::backward`].
     ///
     /// # Panics
-    /// If the shapes differ from [`Gpt::batch_shape`] or a token is outside the vocabulary;
-    /// callers validate data before it reaches the model.
+    /// If this model is a shard, the shapes differ from [`Gpt::batch_shape`] or a token is
+    /// outside the vocabulary; callers validate data before it reaches the model.
     pub fn forward(&mut self, tokens: &[u32], targets: &[u32]) -> F {
-        let cfg = &self.config;
-        let (l_n, c, nh, v, vp) = (
-            cfg.n_layer,
-            cfg.n_embd,
-            cfg.n_head,
-            cfg.vocab_size,
-            cfg.padded_vocab_size(),
+        let loss = infallible(self.forward_stage(0, tokens, targets, None, &mut Solo));
+        loss.expect("the whole model has a loss")
+    }
+
+    /// Runs this stage's forward pass for one microbatch, keeping its activations in `slot` for
+    /// [`Gpt::backward_stage`]. The first stage reads `tokens`; later stages take `input`, the
+    /// previous stage's [`Gpt::stage_output`]. The last stage scores `targets` and returns the
+    /// mean loss over the B * T positions; other stages return `None`. `tp` is this rank's
+    /// tensor-parallel group, of `shard.tp` members.
+    ///
+    /// # Panics
+    /// As [`Gpt::forward`], and if `input` is missing on a later stage or given to the first.
+    pub fn forward_stage<C: Collective<F>>(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        targets: &[u32],
+        input: Option<&[F]>,
+        tp: &mut C,
+    ) -> Result<Option<F>, C::Error> {
+        let d = self.dims;
+        let Dims {
+            b,
+            t,
+            c,
+            nh,
+            cq,
+            f4,
+            v0,
+            vl,
+            v,
+            ..
+        } = d;
+        let l_n = d.l;
+        assert!(
+            tp.size() == d.tp && tp.rank() == self.layout.shard.tp_rank,
+            "the tensor-parallel group does not match the shard"
         );
-        let a = &mut self.acts;
-        let (b, t) = (a.b, a.t);
+        let a = &mut self.saved[slot];
+        let s = &mut self.scratch;
         assert_eq!(tokens.len(), b * t, "tokens must be (B, T) = ({b}, {t})");
         assert_eq!(targets.len(), b * t, "targets must be (B, T) = ({b}, {t})");
         assert!(
@@ -242,7 +394,18 @@ impl<F: Float> Gpt<F> {
         let p = &self.params;
         let lay = &self.layout;
 
-        k::encoder_forward(&mut a.encoded, tokens, &p[lay.wte..], &p[lay.wpe..], t, c);
+        match (d.first, input) {
+            (true, None) => {
+                let wte = lay.wte.expect("the first stage holds the embedding");
+                let wpe = lay.wpe.expect("the first stage holds the embedding");
+                // Vocabulary-parallel: each rank looks up its own slice, the sum is the lookup.
+                k::embedding_forward(&mut a.encoded, tokens, &p[wte..wte + vl * c], v0, c);
+                tp.all_reduce(&mut a.encoded)?;
+                k::position_forward(&mut a.encoded, &p[wpe..wpe + t * c], t, c);
+            }
+            (false, Some(x)) => a.encoded.copy_from_slice(x),
+            _ => panic!("only stages after the first take an input"),
+        }
         for l in 0..l_n {
             let o = lay.blocks[l];
             let res_in: &[F] = if l == 0 {
@@ -251,51 +414,46 @@ impl<F: Float> Gpt<F> {
                 layer(&a.residual3, l - 1, l_n)
             };
             let ln1 = layer_mut(&mut a.ln1, l, l_n);
-            let (ln1_mean, ln1_rstd) = (
-                layer_mut(&mut a.ln1_mean, l, l_n),
-                layer_mut(&mut a.ln1_rstd, l, l_n),
-            );
             k::layernorm_forward(
                 ln1,
-                ln1_mean,
-                ln1_rstd,
+                layer_mut(&mut a.ln1_mean, l, l_n),
+                layer_mut(&mut a.ln1_rstd, l, l_n),
                 res_in,
                 &p[o.ln1_w..o.ln1_w + c],
                 &p[o.ln1_b..o.ln1_b + c],
                 c,
             );
+            // Column-parallel: this rank's heads of q, k and v.
             let qkv = layer_mut(&mut a.qkv, l, l_n);
             k::matmul_forward(
                 qkv,
                 ln1,
-                &p[o.qkv_w..o.qkv_w + 3 * c * c],
-                Some(&p[o.qkv_b..o.qkv_b + 3 * c]),
+                &p[o.qkv_w..o.qkv_w + 3 * cq * c],
+                Some(&p[o.qkv_b..o.qkv_b + 3 * cq]),
                 c,
-                3 * c,
+                3 * cq,
                 false,
             );
             let atty = layer_mut(&mut a.atty, l, l_n);
-            k::attention_forward(atty, layer_mut(&mut a.att, l, l_n), qkv, b, t, c, nh);
+            k::attention_forward(atty, layer_mut(&mut a.att, l, l_n), qkv, b, t, cq, nh);
+            // Row-parallel: partial products summed over ranks, then the bias once.
             let residual2 = layer_mut(&mut a.residual2, l, l_n);
-            residual2.copy_from_slice(res_in);
             k::matmul_forward(
                 residual2,
                 atty,
-                &p[o.proj_w..o.proj_w + c * c],
-                Some(&p[o.proj_b..o.proj_b + c]),
+                &p[o.proj_w..o.proj_w + c * cq],
+                None,
+                cq,
                 c,
-                c,
-                true,
+                false,
             );
+            tp.all_reduce(residual2)?;
+            k::residual_bias_add(residual2, res_in, &p[o.proj_b..o.proj_b + c]);
             let ln2 = layer_mut(&mut a.ln2, l, l_n);
-            let (ln2_mean, ln2_rstd) = (
-                layer_mut(&mut a.ln2_mean, l, l_n),
-                layer_mut(&mut a.ln2_rstd, l, l_n),
-            );
             k::layernorm_forward(
                 ln2,
-                ln2_mean,
-                ln2_rstd,
+                layer_mut(&mut a.ln2_mean, l, l_n),
+                layer_mut(&mut a.ln2_rstd, l, l_n),
                 residual2,
                 &p[o.ln2_w..o.ln2_w + c],
                 &p[o.ln2_b..o.ln2_b + c],
@@ -305,49 +463,94 @@ impl<F: Float> Gpt<F> {
             k::matmul_forward(
                 fch,
                 ln2,
-                &p[o.fc_w..o.fc_w + 4 * c * c],
-                Some(&p[o.fc_b..o.fc_b + 4 * c]),
+                &p[o.fc_w..o.fc_w + f4 * c],
+                Some(&p[o.fc_b..o.fc_b + f4]),
                 c,
-                4 * c,
+                f4,
                 false,
             );
             let fch_gelu = layer_mut(&mut a.fch_gelu, l, l_n);
             k::gelu_forward(fch_gelu, fch);
             let residual3 = layer_mut(&mut a.residual3, l, l_n);
-            residual3.copy_from_slice(residual2);
             k::matmul_forward(
                 residual3,
                 fch_gelu,
-                &p[o.fcproj_w..o.fcproj_w + 4 * c * c],
-                Some(&p[o.fcproj_b..o.fcproj_b + c]),
-                4 * c,
+                &p[o.fcproj_w..o.fcproj_w + c * f4],
+                None,
+                f4,
                 c,
-                true,
+                false,
             );
+            tp.all_reduce(residual3)?;
+            k::residual_bias_add(residual3, residual2, &p[o.fcproj_b..o.fcproj_b + c]);
         }
+        a.forwarded = true;
+        if !d.last {
+            return Ok(None);
+        }
+        let (wte, lnf_w, lnf_b) = (
+            lay.wte.expect("the last stage holds the head"),
+            lay.lnf_w.expect("the last stage holds ln_f"),
+            lay.lnf_b.expect("the last stage holds ln_f"),
+        );
         let last = layer(&a.residual3, l_n - 1, l_n);
         k::layernorm_forward(
             &mut a.lnf,
             &mut a.lnf_mean,
             &mut a.lnf_rstd,
             last,
-            &p[lay.lnf_w..lay.lnf_w + c],
-            &p[lay.lnf_b..lay.lnf_b + c],
+            &p[lnf_w..lnf_w + c],
+            &p[lnf_b..lnf_b + c],
             c,
         );
+        // The tied head, vocabulary-parallel: this rank's slice of the logits.
         k::matmul_forward(
             &mut a.logits,
             &a.lnf,
-            &p[lay.wte..lay.wte + vp * c],
+            &p[wte..wte + vl * c],
             None,
             c,
-            vp,
+            vl,
             false,
         );
-        k::crossentropy_forward(&mut a.losses, &mut a.logits, targets, v, vp);
-        a.forwarded = true;
+        let bt = b * t;
+        let r = tp.rank();
+        k::crossentropy_max(&mut s.ce_maxes[r * bt..(r + 1) * bt], &a.logits, v0, v);
+        tp.all_gather(&mut s.ce_maxes)?;
+        s.ce_max.copy_from_slice(&s.ce_maxes[..bt]);
+        for part in s.ce_maxes.chunks_exact(bt).skip(1) {
+            s.ce_max
+                .iter_mut()
+                .zip(part)
+                .for_each(|(m, &x)| *m = m.max(x));
+        }
+        let (sums, target_logits) = s.ce_sums.split_at_mut(bt);
+        k::crossentropy_exp(
+            sums,
+            target_logits,
+            &mut a.logits,
+            &s.ce_max,
+            targets,
+            v0,
+            v,
+        );
+        tp.all_reduce(&mut s.ce_sums)?;
+        let (sums, target_logits) = s.ce_sums.split_at(bt);
+        k::crossentropy_finish(&mut a.losses, &mut a.logits, sums, target_logits);
         let total: F = a.losses.iter().copied().sum();
-        total / F::from_f64((b * t) as f64)
+        Ok(Some(total / F::from_f64(bt as f64)))
+    }
+
+    /// The residual stream leaving this stage for the microbatch in `slot`, (B, T, C): what the
+    /// next stage takes as its input.
+    pub fn stage_output(&self, slot: usize) -> &[F] {
+        layer(&self.saved[slot].residual3, self.dims.l - 1, self.dims.l)
+    }
+
+    /// dL/d(this stage's input), (B, T, C), left by the last [`Gpt::backward_stage`]: what the
+    /// previous stage takes as its output gradient.
+    pub fn input_grad(&self) -> &[F] {
+        &self.scratch.dres
     }
 
     /// Backpropagates the last forward pass and adds the parameter gradients into `grads`, with
@@ -373,20 +576,50 @@ impl<F: Float> Gpt<F> {
         &mut self,
         grads: &'g mut [F],
         dloss: F,
-        mut ready: impl FnMut(&'g mut [F]),
+        ready: impl FnMut(&'g mut [F]),
     ) {
+        infallible(self.backward_stage(0, grads, dloss, None, &mut Solo, ready));
+    }
+
+    /// This stage's backward for the microbatch in `slot`, as [`Gpt::backward_into`]. The last
+    /// stage starts from its loss; earlier stages take `output_grad`, the next stage's
+    /// [`Gpt::input_grad`]. Afterwards [`Gpt::input_grad`] holds the gradient to send back.
+    ///
+    /// # Panics
+    /// If `slot` holds no forward pass, or `output_grad` is missing on an earlier stage or
+    /// given to the last.
+    pub fn backward_stage<'g, C: Collective<F>>(
+        &mut self,
+        slot: usize,
+        grads: &'g mut [F],
+        dloss: F,
+        output_grad: Option<&[F]>,
+        tp: &mut C,
+        mut ready: impl FnMut(&'g mut [F]),
+    ) -> Result<(), C::Error> {
         assert_eq!(
             grads.len(),
             self.layout.numel(),
             "gradients are not laid out by this model"
         );
-        let cfg = &self.config;
-        let (l_n, c, nh, vp) = (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size());
-        let a = &mut self.acts;
+        let d = self.dims;
+        let Dims {
+            b,
+            t,
+            c,
+            nh,
+            cq,
+            f4,
+            v0,
+            vl,
+            ..
+        } = d;
+        let l_n = d.l;
+        let bt = b * t;
+        let a = &mut self.saved[slot];
+        let s = &mut self.scratch;
         assert!(a.forwarded, "backward needs a forward pass first");
         a.forwarded = false;
-        let (b, t) = (a.b, a.t);
-        let bt = b * t;
         let p = &self.params;
         let lay = &self.layout;
         // The part of `grads` backward may still write: a prefix, so offsets stay absolute.
@@ -396,37 +629,47 @@ impl<F: Float> Gpt<F> {
             ready(tail);
             *rest = head;
         };
-        let g = &mut *rest;
 
-        k::crossentropy_backward_inplace(&mut a.logits, &a.targets, dloss, vp);
-        k::matmul_backward(
-            &mut a.dc,
-            &mut g[lay.wte..lay.wte + vp * c],
-            None,
-            &a.logits,
-            &a.lnf,
-            &p[lay.wte..lay.wte + vp * c],
-            c,
-            vp,
-            false,
-        );
-        a.dres.iter_mut().for_each(|x| *x = F::ZERO);
-        {
-            let (dw, db) = two_mut(g, lay.lnf_w..lay.lnf_w + c, lay.lnf_b..lay.lnf_b + c);
-            let last = layer(&a.residual3, l_n - 1, l_n);
-            k::layernorm_backward(
-                &mut a.dres,
-                dw,
-                db,
-                &a.dc,
-                last,
-                &a.lnf_mean,
-                &a.lnf_rstd,
-                &p[lay.lnf_w..lay.lnf_w + c],
-                c,
-            );
+        match (d.last, output_grad) {
+            (true, None) => {
+                let g = &mut *rest;
+                let wte = lay.wte.expect("the last stage holds the head");
+                let (lnf_w, lnf_b) = (
+                    lay.lnf_w.expect("the last stage holds ln_f"),
+                    lay.lnf_b.expect("the last stage holds ln_f"),
+                );
+                k::crossentropy_backward_inplace(&mut a.logits, &a.targets, dloss, v0);
+                k::matmul_backward(
+                    &mut s.dc,
+                    &mut g[wte..wte + vl * c],
+                    None,
+                    &a.logits,
+                    &a.lnf,
+                    &p[wte..wte + vl * c],
+                    c,
+                    vl,
+                    false,
+                );
+                // The head's input is used by every rank: its gradient is the sum.
+                tp.all_reduce(&mut s.dc)?;
+                s.dres.iter_mut().for_each(|x| *x = F::ZERO);
+                let (dw, db) = two_mut(g, lnf_w..lnf_w + c, lnf_b..lnf_b + c);
+                k::layernorm_backward(
+                    &mut s.dres,
+                    dw,
+                    db,
+                    &s.dc,
+                    layer(&a.residual3, l_n - 1, l_n),
+                    &a.lnf_mean,
+                    &a.lnf_rstd,
+                    &p[lnf_w..lnf_w + c],
+                    c,
+                );
+                release(&mut rest, lnf_w);
+            }
+            (false, Some(dy)) => s.dres.copy_from_slice(dy),
+            _ => panic!("only stages before the last take an output gradient"),
         }
-        release(&mut rest, lay.lnf_w);
         for l in (0..l_n).rev() {
             let g = &mut *rest;
             let o = lay.blocks[l];
@@ -435,52 +678,54 @@ impl<F: Float> Gpt<F> {
             } else {
                 layer(&a.residual3, l - 1, l_n)
             };
-            let d4c = &mut a.dwide[..bt * 4 * c];
+            let d4c = &mut s.dwide[..bt * f4];
             // MLP: residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2)))).
             {
                 let (dw, db) = two_mut(
                     g,
-                    o.fcproj_w..o.fcproj_w + 4 * c * c,
+                    o.fcproj_w..o.fcproj_w + c * f4,
                     o.fcproj_b..o.fcproj_b + c,
                 );
-                let w = &p[o.fcproj_w..o.fcproj_w + 4 * c * c];
+                let w = &p[o.fcproj_w..o.fcproj_w + c * f4];
                 k::matmul_backward(
                     d4c,
                     dw,
                     Some(db),
-                    &a.dres,
+                    &s.dres,
                     layer(&a.fch_gelu, l, l_n),
                     w,
-                    4 * c,
+                    f4,
                     c,
                     false,
                 );
             }
             k::gelu_backward_inplace(d4c, layer(&a.fch, l, l_n));
             {
-                let (dw, db) = two_mut(g, o.fc_w..o.fc_w + 4 * c * c, o.fc_b..o.fc_b + 4 * c);
-                let w = &p[o.fc_w..o.fc_w + 4 * c * c];
+                let (dw, db) = two_mut(g, o.fc_w..o.fc_w + f4 * c, o.fc_b..o.fc_b + f4);
+                let w = &p[o.fc_w..o.fc_w + f4 * c];
                 k::matmul_backward(
-                    &mut a.dc,
+                    &mut s.dc,
                     dw,
                     Some(db),
                     d4c,
                     layer(&a.ln2, l, l_n),
                     w,
                     c,
-                    4 * c,
+                    f4,
                     false,
                 );
             }
+            // Column-parallel input: every rank's partial input gradient, summed.
+            tp.all_reduce(&mut s.dc)?;
             {
                 let (dw, db) = two_mut(g, o.ln2_w..o.ln2_w + c, o.ln2_b..o.ln2_b + c);
                 let (mean, rstd) = (layer(&a.ln2_mean, l, l_n), layer(&a.ln2_rstd, l, l_n));
                 let w = &p[o.ln2_w..o.ln2_w + c];
                 k::layernorm_backward(
-                    &mut a.dres,
+                    &mut s.dres,
                     dw,
                     db,
-                    &a.dc,
+                    &s.dc,
                     layer(&a.residual2, l, l_n),
                     mean,
                     rstd,
@@ -489,63 +734,122 @@ impl<F: Float> Gpt<F> {
                 );
             }
             // Attention: residual2 = res_in + c_proj(attention(c_attn(ln_1(res_in)))).
+            let datty = &mut s.dc[..bt * cq];
             {
-                let (dw, db) = two_mut(g, o.proj_w..o.proj_w + c * c, o.proj_b..o.proj_b + c);
-                let w = &p[o.proj_w..o.proj_w + c * c];
+                let (dw, db) = two_mut(g, o.proj_w..o.proj_w + c * cq, o.proj_b..o.proj_b + c);
+                let w = &p[o.proj_w..o.proj_w + c * cq];
                 k::matmul_backward(
-                    &mut a.dc,
+                    datty,
                     dw,
                     Some(db),
-                    &a.dres,
+                    &s.dres,
                     layer(&a.atty, l, l_n),
                     w,
-                    c,
+                    cq,
                     c,
                     false,
                 );
             }
-            let d3c = &mut a.dwide[..bt * 3 * c];
+            let d3c = &mut s.dwide[..bt * 3 * cq];
             k::attention_backward(
                 d3c,
-                &mut a.datt,
-                &a.dc,
+                &mut s.datt,
+                datty,
                 layer(&a.qkv, l, l_n),
                 layer(&a.att, l, l_n),
                 b,
                 t,
-                c,
+                cq,
                 nh,
             );
             {
-                let (dw, db) = two_mut(g, o.qkv_w..o.qkv_w + 3 * c * c, o.qkv_b..o.qkv_b + 3 * c);
-                let w = &p[o.qkv_w..o.qkv_w + 3 * c * c];
+                let (dw, db) = two_mut(g, o.qkv_w..o.qkv_w + 3 * cq * c, o.qkv_b..o.qkv_b + 3 * cq);
+                let w = &p[o.qkv_w..o.qkv_w + 3 * cq * c];
                 k::matmul_backward(
-                    &mut a.dc,
+                    &mut s.dc,
                     dw,
                     Some(db),
                     d3c,
                     layer(&a.ln1, l, l_n),
                     w,
                     c,
-                    3 * c,
+                    3 * cq,
                     false,
                 );
             }
+            tp.all_reduce(&mut s.dc)?;
             {
                 let (dw, db) = two_mut(g, o.ln1_w..o.ln1_w + c, o.ln1_b..o.ln1_b + c);
                 let (mean, rstd) = (layer(&a.ln1_mean, l, l_n), layer(&a.ln1_rstd, l, l_n));
                 let w = &p[o.ln1_w..o.ln1_w + c];
-                k::layernorm_backward(&mut a.dres, dw, db, &a.dc, res_in, mean, rstd, w, c);
+                k::layernorm_backward(&mut s.dres, dw, db, &s.dc, res_in, mean, rstd, w, c);
             }
             release(&mut rest, o.ln1_w);
         }
-        let (dwte, dwpe) = two_mut(
-            rest,
-            lay.wte..lay.wte + vp * c,
-            lay.wpe..lay.wpe + cfg.seq_len * c,
-        );
-        k::encoder_backward(dwte, dwpe, &a.dres, &a.tokens, t, c);
-        ready(rest);
+        if d.first {
+            let (wte, wpe) = (
+                lay.wte.expect("the first stage holds the embedding"),
+                lay.wpe.expect("the first stage holds the embedding"),
+            );
+            let (dwte, dwpe) = two_mut(rest, wte..wte + vl * c, wpe..wpe + self.config.seq_len * c);
+            k::embedding_backward(dwte, &s.dres, &a.tokens, v0, c);
+            k::position_backward(dwpe, &s.dres, t, c);
+        }
+        if !rest.is_empty() {
+            ready(rest);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl<F> Gpt<F> {
+    /// Elements held in activations and scratch, across every buffer.
+    fn activation_elements(&self) -> usize {
+        let saved: usize = self
+            .saved
+            .iter()
+            .map(|a| {
+                [
+                    &a.encoded,
+                    &a.ln1,
+                    &a.ln1_mean,
+                    &a.ln1_rstd,
+                    &a.qkv,
+                    &a.atty,
+                    &a.att,
+                    &a.residual2,
+                    &a.ln2,
+                    &a.ln2_mean,
+                    &a.ln2_rstd,
+                    &a.fch,
+                    &a.fch_gelu,
+                    &a.residual3,
+                    &a.lnf,
+                    &a.lnf_mean,
+                    &a.lnf_rstd,
+                    &a.logits,
+                    &a.losses,
+                ]
+                .iter()
+                .map(|v| v.len())
+                .sum::<usize>()
+            })
+            .sum();
+        let s = &self.scratch;
+        let scratch: usize = [
+            &s.dres,
+            &s.dc,
+            &s.dwide,
+            &s.datt,
+            &s.ce_maxes,
+            &s.ce_max,
+            &s.ce_sums,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum();
+        saved + scratch
     }
 }
 
@@ -594,7 +898,35 @@ mod tests {
             n_embd: 8,
         };
         let m = Gpt::<f32>::new(config.clone(), 2, 12).unwrap();
-        let actual = 4 * (4 * m.params.len() + m.acts.elements());
+        let actual = 4 * (4 * m.params.len() + m.activation_elements());
         assert_eq!(Gpt::<f32>::memory_bytes(&config, 2, 12), actual as f64);
+        // A shard's activations: the estimate counts what it allocates.
+        let config = GptConfig {
+            n_layer: 4,
+            n_head: 4,
+            ..config
+        };
+        for shard in [
+            Shard {
+                tp: 2,
+                tp_rank: 1,
+                pp: 2,
+                stage: 1,
+            },
+            Shard {
+                tp: 4,
+                tp_rank: 0,
+                pp: 4,
+                stage: 0,
+            },
+        ] {
+            let m = Gpt::<f32>::new_shard(config.clone(), shard, 2, 12, 3).unwrap();
+            let estimate = Gpt::<f32>::shard_memory_bytes(&config, shard, 2, 12, 3);
+            let params = ParamLayout::new(&config).numel() as f64 / (shard.tp * shard.pp) as f64;
+            assert_eq!(
+                estimate,
+                4.0 * (4.0 * params + m.activation_elements() as f64)
+            );
+        }
     }
 }

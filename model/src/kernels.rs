@@ -110,42 +110,52 @@ unsafe fn gemm_strided<F: Float>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Embedding
+// Embedding (vocabulary-parallel)
 
-/// `out (B, T, C) = wte[tokens] + wpe[t]`.
-pub fn encoder_forward<F: Float>(
-    out: &mut [F],
-    tokens: &[u32],
-    wte: &[F],
-    wpe: &[F],
-    t: usize,
-    c: usize,
-) {
+/// `out (B, T, C) = wte[tokens]` for the tokens in this rank's vocabulary slice, which starts at
+/// `v0`, and zero for the others: summed over the tensor-parallel ranks, every row is its
+/// token's embedding.
+pub fn embedding_forward<F: Float>(out: &mut [F], tokens: &[u32], wte: &[F], v0: usize, c: usize) {
     assert_eq!(out.len(), tokens.len() * c);
+    let vl = wte.len() / c;
     out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
-        let tok = tokens[row] as usize;
-        let pos = row % t;
-        let (e, p) = (&wte[tok * c..(tok + 1) * c], &wpe[pos * c..(pos + 1) * c]);
-        for i in 0..c {
-            o[i] = e[i] + p[i];
+        match (tokens[row] as usize).checked_sub(v0).filter(|&i| i < vl) {
+            Some(i) => o.copy_from_slice(&wte[i * c..(i + 1) * c]),
+            None => o.fill(F::ZERO),
         }
     });
 }
 
-/// `dwte[tokens] += dout`, `dwpe[t] += dout`. Sequential: rows scatter into shared embedding
-/// rows, and a fixed order keeps the sums deterministic. It is O(B * T * C), tiny beside GEMMs.
-pub fn encoder_backward<F: Float>(
+/// `out (B, T, C) += wpe[t]`.
+pub fn position_forward<F: Float>(out: &mut [F], wpe: &[F], t: usize, c: usize) {
+    out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+        let pos = row % t;
+        add_into(o, &wpe[pos * c..(pos + 1) * c]);
+    });
+}
+
+/// `dwte[tokens - v0] += dout` for the tokens in this rank's vocabulary slice. Sequential: rows
+/// scatter into shared embedding rows, and a fixed order keeps the sums deterministic. It is
+/// O(B * T * C), tiny beside GEMMs.
+pub fn embedding_backward<F: Float>(
     dwte: &mut [F],
-    dwpe: &mut [F],
     dout: &[F],
     tokens: &[u32],
-    t: usize,
+    v0: usize,
     c: usize,
 ) {
+    let vl = dwte.len() / c;
     for (row, d) in dout.chunks_exact(c).enumerate() {
-        let tok = tokens[row] as usize;
+        if let Some(i) = (tokens[row] as usize).checked_sub(v0).filter(|&i| i < vl) {
+            add_into(&mut dwte[i * c..(i + 1) * c], d);
+        }
+    }
+}
+
+/// `dwpe[t] += dout`, in a fixed order as [`embedding_backward`].
+pub fn position_backward<F: Float>(dwpe: &mut [F], dout: &[F], t: usize, c: usize) {
+    for (row, d) in dout.chunks_exact(c).enumerate() {
         let pos = row % t;
-        add_into(&mut dwte[tok * c..(tok + 1) * c], d);
         add_into(&mut dwpe[pos * c..(pos + 1) * c], d);
     }
 }
@@ -618,50 +628,105 @@ pub fn gelu_backward_inplace<F: Float>(d: &mut [F], inp: &[F]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cross-entropy over the real vocabulary
+// Cross-entropy over the real vocabulary, vocabulary-parallel
+//
+// Each tensor-parallel rank holds the logits of its vocabulary slice, (rows, Vl) starting at
+// vocabulary id `v0`; columns at or beyond the real vocabulary `v` are padding and never count.
+// The softmax needs two sums over the whole vocabulary, which the caller forms between the
+// steps: the maximum of each row (gathered from every rank), then the sum of exponentials and
+// the target's logit (all-reduced). The full logits are never gathered.
 
-/// Softmax cross-entropy for each row of `logits (rows, Vp)` against `targets`, over the first
-/// `v` columns only (the rest are vocabulary padding). Replaces the logits with probabilities
-/// (padding columns set to zero) and writes each row's loss.
-pub fn crossentropy_forward<F: Float>(
-    losses: &mut [F],
+/// The real columns of a slice of `vl` vocabulary ids starting at `v0`.
+fn real_cols(v0: usize, vl: usize, v: usize) -> usize {
+    v.saturating_sub(v0).min(vl)
+}
+
+/// Step 1: each row's largest real logit in this slice (`F::MIN` where the slice has none).
+pub fn crossentropy_max<F: Float>(maxes: &mut [F], logits: &[F], v0: usize, v: usize) {
+    let vl = logits.len() / maxes.len();
+    let real = real_cols(v0, vl, v);
+    maxes
+        .par_iter_mut()
+        .zip(logits.par_chunks(vl))
+        .for_each(|(m, l)| *m = l[..real].iter().copied().fold(F::MIN, F::max));
+}
+
+/// Step 2: replaces the real logits with `exp(logit - max)` (padding with zero), given each
+/// row's maximum over the whole vocabulary, and writes this slice's part of each row's sum of
+/// exponentials and of its target's logit minus the maximum (zero where the target is
+/// elsewhere).
+pub fn crossentropy_exp<F: Float>(
+    sums: &mut [F],
+    target_logits: &mut [F],
     logits: &mut [F],
+    maxes: &[F],
     targets: &[u32],
+    v0: usize,
     v: usize,
-    vp: usize,
 ) {
-    assert_eq!(logits.len(), targets.len() * vp);
-    assert_eq!(losses.len(), targets.len());
-    assert!(v <= vp);
+    let rows = targets.len();
+    let vl = logits.len() / rows;
+    let real = real_cols(v0, vl, v);
+    assert!(sums.len() == rows && target_logits.len() == rows && maxes.len() == rows);
     logits
-        .par_chunks_mut(vp)
-        .zip(losses.par_iter_mut())
+        .par_chunks_mut(vl)
+        .zip(sums.par_iter_mut().zip(target_logits.par_iter_mut()))
         .enumerate()
-        .for_each(|(row, (l, loss))| {
-            let max = l[..v].iter().copied().fold(l[0], F::max);
-            let mut sum = F::ZERO;
-            for x in &mut l[..v] {
+        .for_each(|(row, (l, (sum, tl)))| {
+            let max = maxes[row];
+            *tl = match (targets[row] as usize)
+                .checked_sub(v0)
+                .filter(|&i| i < real)
+            {
+                Some(i) => l[i] - max,
+                None => F::ZERO,
+            };
+            let mut s = F::ZERO;
+            for x in &mut l[..real] {
                 *x = (*x - max).exp();
-                sum += *x;
+                s += *x;
             }
-            let inv = F::ONE / sum;
-            l[..v].iter_mut().for_each(|x| *x *= inv);
-            l[v..].fill(F::ZERO);
-            *loss = -l[targets[row] as usize].ln();
+            l[real..].fill(F::ZERO);
+            *sum = s;
         });
 }
 
-/// Turns the probabilities left by [`crossentropy_forward`] into `dL/dlogits` in place, where
-/// each row's loss has weight `dloss`: `(p - onehot(target)) * dloss`.
+/// Step 3: given each row's sum of exponentials and target logit over the whole vocabulary,
+/// turns the exponentials into probabilities and writes each row's loss,
+/// `ln(sum) - (logit[target] - max)`.
+pub fn crossentropy_finish<F: Float>(
+    losses: &mut [F],
+    probs: &mut [F],
+    sums: &[F],
+    target_logits: &[F],
+) {
+    let rows = losses.len();
+    let vl = probs.len() / rows;
+    probs
+        .par_chunks_mut(vl)
+        .zip(losses.par_iter_mut())
+        .enumerate()
+        .for_each(|(row, (p, loss))| {
+            let inv = F::ONE / sums[row];
+            p.iter_mut().for_each(|x| *x *= inv);
+            *loss = sums[row].ln() - target_logits[row];
+        });
+}
+
+/// Turns the probabilities left by [`crossentropy_finish`] into `dL/dlogits` in place, where
+/// each row's loss has weight `dloss`: `(p - onehot(target)) * dloss`, the one-hot only where
+/// the target is in this slice.
 pub fn crossentropy_backward_inplace<F: Float>(
     probs: &mut [F],
     targets: &[u32],
     dloss: F,
-    vp: usize,
+    v0: usize,
 ) {
-    assert_eq!(probs.len(), targets.len() * vp);
-    probs.par_chunks_mut(vp).enumerate().for_each(|(row, p)| {
-        p[targets[row] as usize] -= F::ONE;
+    let vl = probs.len() / targets.len();
+    probs.par_chunks_mut(vl).enumerate().for_each(|(row, p)| {
+        if let Some(i) = (targets[row] as usize).checked_sub(v0).filter(|&i| i < vl) {
+            p[i] -= F::ONE;
+        }
         p.iter_mut().for_each(|x| *x *= dloss);
     });
 }
@@ -677,13 +742,17 @@ pub fn add_into<F: Float>(dst: &mut [F], src: &[F]) {
     }
 }
 
-/// `out = a + b`, elementwise and in parallel.
-pub fn residual_forward<F: Float>(out: &mut [F], a: &[F], b: &[F]) {
-    out.par_chunks_mut(4096)
-        .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
-        .for_each(|(o, (x, y))| {
-            for i in 0..o.len() {
-                o[i] = x[i] + y[i];
+/// `out (rows, C) += residual (rows, C) + bias (C)`: a row-parallel layer's summed output joins
+/// the residual stream, with the bias added once after the sum.
+pub fn residual_bias_add<F: Float>(out: &mut [F], residual: &[F], bias: &[F]) {
+    let c = bias.len();
+    assert_eq!(out.len(), residual.len());
+    out.par_chunks_mut(c)
+        .zip(residual.par_chunks(c))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(o, r)| {
+            for i in 0..c {
+                o[i] += r[i] + bias[i];
             }
         });
 }

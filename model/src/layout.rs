@@ -4,12 +4,72 @@
 //! [`ParamLayout`]. Tensors are ordered embedding first, then layer by layer, then the final
 //! LayerNorm, so the tensors of any run of layers form one contiguous range: a pipeline stage's
 //! state, a ZeRO shard or a checkpoint chunk is a range of the buffer, copied in one piece.
+//!
+//! A layout describes either the whole model or one rank's [`Shard`] of it: the tensors of its
+//! pipeline stage, each cut to its tensor-parallel slice by Megatron's rules. Every local tensor
+//! knows the box of the global tensor it holds, so state can move between layouts by boxes.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use crate::config::GptConfig;
 use crate::rng::Rng;
-use crate::Float;
+use crate::{Float, ModelError};
+
+/// Where one rank sits in the model: its tensor-parallel slice and its pipeline stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// Tensor-parallel size and this rank's place in its tensor-parallel group.
+    pub tp: usize,
+    pub tp_rank: usize,
+    /// Pipeline size and this rank's stage.
+    pub pp: usize,
+    pub stage: usize,
+}
+
+impl Shard {
+    /// The whole model in one piece.
+    pub const WHOLE: Shard = Shard {
+        tp: 1,
+        tp_rank: 0,
+        pp: 1,
+        stage: 0,
+    };
+
+    /// Checks the shard splits `config` into whole pieces, naming the dimension that does not
+    /// divide (see also [`crate::cost::ParallelLayout::validate`]).
+    pub fn validate(&self, config: &GptConfig) -> Result<(), ModelError> {
+        crate::cost::ParallelLayout {
+            tp: self.tp,
+            pp: self.pp,
+            dp: 1,
+            distributed_optimizer: false,
+        }
+        .validate(config)?;
+        assert!(
+            self.tp_rank < self.tp && self.stage < self.pp,
+            "{self:?} is outside its own layout"
+        );
+        Ok(())
+    }
+
+    /// The global indices of this stage's layers: an equal, contiguous run.
+    pub fn layers(&self, n_layer: usize) -> Range<usize> {
+        let per = n_layer / self.pp;
+        self.stage * per..(self.stage + 1) * per
+    }
+
+    /// The first stage holds the embeddings.
+    pub fn first_stage(&self) -> bool {
+        self.stage == 0
+    }
+
+    /// The last stage holds the final LayerNorm, the head (the tied token embedding) and the
+    /// loss.
+    pub fn last_stage(&self) -> bool {
+        self.stage + 1 == self.pp
+    }
+}
 
 /// What a tensor is, which decides its initialisation and whether weight decay applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,14 +100,26 @@ impl TensorKind {
     }
 }
 
-/// One named tensor: its global shape and its place in the flat buffers.
+/// One named tensor: the box of the global tensor this layout holds, and its place in the flat
+/// buffers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
     /// Hugging Face GPT-2 style name: `wte`, `h.3.attn.c_attn.weight`, `ln_f.bias`.
     pub name: String,
+    /// The local shape: the box this layout holds.
     pub shape: Vec<usize>,
+    /// The whole tensor's shape. `c_attn` is stored as (3, C, C) (q, k, v stacked), so that a
+    /// tensor-parallel slice of whole heads is one box.
+    pub global_shape: Vec<usize>,
+    /// Where the local box starts in the global tensor, per dimension.
+    pub box_offset: Vec<usize>,
+    /// The dimension tensor parallelism splits, or `None` where every tensor-parallel rank holds
+    /// the whole tensor (norms, position embedding, the biases of row-parallel layers).
+    pub split_dim: Option<usize>,
     pub offset: usize,
     pub kind: TensorKind,
+    /// The tensor's index in the whole model, which keys its initialisation stream.
+    pub index: usize,
 }
 
 impl TensorSpec {
@@ -55,7 +127,7 @@ impl TensorSpec {
         self.shape.iter().product()
     }
 
-    pub fn range(&self) -> std::ops::Range<usize> {
+    pub fn range(&self) -> Range<usize> {
         self.offset..self.offset + self.numel()
     }
 }
@@ -77,80 +149,162 @@ pub struct BlockOffsets {
     pub fcproj_b: usize,
 }
 
-/// The size table of a model: every tensor, in buffer order.
+/// The size table of a model or of one rank's shard of it: every tensor, in buffer order.
 #[derive(Debug, Clone)]
 pub struct ParamLayout {
+    pub shard: Shard,
     tensors: Vec<TensorSpec>,
     by_name: HashMap<String, usize>,
     numel: usize,
-    pub wte: usize,
-    pub wpe: usize,
+    /// The token embedding, on the first and on the last stage (the tied head).
+    pub wte: Option<usize>,
+    /// The position embedding, on the first stage.
+    pub wpe: Option<usize>,
+    /// This stage's layers, in order.
     pub blocks: Vec<BlockOffsets>,
-    pub lnf_w: usize,
-    pub lnf_b: usize,
+    /// The final LayerNorm, on the last stage.
+    pub lnf_w: Option<usize>,
+    pub lnf_b: Option<usize>,
 }
 
 impl ParamLayout {
+    /// The whole model.
     pub fn new(config: &GptConfig) -> Self {
+        Self::sharded(config, Shard::WHOLE)
+    }
+
+    /// One rank's shard: its stage's tensors, each cut to its tensor-parallel slice. Megatron's
+    /// rules: `c_attn` and `c_fc` split by output (column-parallel, whole heads for attention),
+    /// both `c_proj`s by input (row-parallel), the token embedding by vocabulary; norms, the
+    /// position embedding and the row-parallel biases are held whole by every rank.
+    ///
+    /// # Panics
+    /// If the shard does not divide the model; check with [`Shard::validate`] first.
+    pub fn sharded(config: &GptConfig, shard: Shard) -> Self {
+        shard
+            .validate(config)
+            .unwrap_or_else(|e| panic!("{shard:?} does not split this model: {e}"));
         let c = config.n_embd;
+        let (first, last) = (shard.first_stage(), shard.last_stage());
+        let layers = shard.layers(config.n_layer);
         let mut tensors = Vec::new();
         let mut numel = 0;
-        let mut add = |name: String, shape: Vec<usize>, kind: TensorKind| {
+        let mut index = 0;
+        // Every tensor of the whole model passes through here in order, so `index` is the same
+        // in every shard; `keep` says whether this shard holds it.
+        let mut add = |name: String, global: Vec<usize>, split: Option<usize>, kind, keep: bool| {
+            let i = index;
+            index += 1;
+            if !keep {
+                return usize::MAX;
+            }
+            let mut shape = global.clone();
+            let mut box_offset = vec![0; global.len()];
+            if let Some(d) = split {
+                shape[d] /= shard.tp;
+                box_offset[d] = shard.tp_rank * shape[d];
+            }
             let offset = numel;
             numel += shape.iter().product::<usize>();
             tensors.push(TensorSpec {
                 name,
                 shape,
+                global_shape: global,
+                box_offset,
+                split_dim: split,
                 offset,
                 kind,
+                index: i,
             });
             offset
         };
+        let vp = config.padded_vocab_size();
+        // The last stage of a pipeline keeps its own copy of the tied embedding for the head.
         let wte = add(
             "wte".into(),
-            vec![config.padded_vocab_size(), c],
+            vec![vp, c],
+            Some(0),
             TensorKind::TokenEmbedding,
+            first || last,
         );
         let wpe = add(
             "wpe".into(),
             vec![config.seq_len, c],
+            None,
             TensorKind::PositionEmbedding,
+            first,
         );
-        let mut blocks = Vec::with_capacity(config.n_layer);
+        let mut blocks = Vec::with_capacity(layers.len());
         for l in 0..config.n_layer {
             let p = |s: &str| format!("h.{l}.{s}");
+            let keep = layers.contains(&l);
             use TensorKind::*;
-            blocks.push(BlockOffsets {
-                ln1_w: add(p("ln_1.weight"), vec![c], NormWeight),
-                ln1_b: add(p("ln_1.bias"), vec![c], NormBias),
-                qkv_w: add(p("attn.c_attn.weight"), vec![3 * c, c], Weight),
-                qkv_b: add(p("attn.c_attn.bias"), vec![3 * c], Bias),
-                proj_w: add(p("attn.c_proj.weight"), vec![c, c], ResidualWeight),
-                proj_b: add(p("attn.c_proj.bias"), vec![c], Bias),
-                ln2_w: add(p("ln_2.weight"), vec![c], NormWeight),
-                ln2_b: add(p("ln_2.bias"), vec![c], NormBias),
-                fc_w: add(p("mlp.c_fc.weight"), vec![4 * c, c], Weight),
-                fc_b: add(p("mlp.c_fc.bias"), vec![4 * c], Bias),
-                fcproj_w: add(p("mlp.c_proj.weight"), vec![c, 4 * c], ResidualWeight),
-                fcproj_b: add(p("mlp.c_proj.bias"), vec![c], Bias),
-            });
+            let offsets = BlockOffsets {
+                ln1_w: add(p("ln_1.weight"), vec![c], None, NormWeight, keep),
+                ln1_b: add(p("ln_1.bias"), vec![c], None, NormBias, keep),
+                qkv_w: add(
+                    p("attn.c_attn.weight"),
+                    vec![3, c, c],
+                    Some(1),
+                    Weight,
+                    keep,
+                ),
+                qkv_b: add(p("attn.c_attn.bias"), vec![3, c], Some(1), Bias, keep),
+                proj_w: add(
+                    p("attn.c_proj.weight"),
+                    vec![c, c],
+                    Some(1),
+                    ResidualWeight,
+                    keep,
+                ),
+                proj_b: add(p("attn.c_proj.bias"), vec![c], None, Bias, keep),
+                ln2_w: add(p("ln_2.weight"), vec![c], None, NormWeight, keep),
+                ln2_b: add(p("ln_2.bias"), vec![c], None, NormBias, keep),
+                fc_w: add(p("mlp.c_fc.weight"), vec![4 * c, c], Some(0), Weight, keep),
+                fc_b: add(p("mlp.c_fc.bias"), vec![4 * c], Some(0), Bias, keep),
+                fcproj_w: add(
+                    p("mlp.c_proj.weight"),
+                    vec![c, 4 * c],
+                    Some(1),
+                    ResidualWeight,
+                    keep,
+                ),
+                fcproj_b: add(p("mlp.c_proj.bias"), vec![c], None, Bias, keep),
+            };
+            if keep {
+                blocks.push(offsets);
+            }
         }
-        let lnf_w = add("ln_f.weight".into(), vec![c], TensorKind::NormWeight);
-        let lnf_b = add("ln_f.bias".into(), vec![c], TensorKind::NormBias);
+        let lnf_w = add(
+            "ln_f.weight".into(),
+            vec![c],
+            None,
+            TensorKind::NormWeight,
+            last,
+        );
+        let lnf_b = add(
+            "ln_f.bias".into(),
+            vec![c],
+            None,
+            TensorKind::NormBias,
+            last,
+        );
         let by_name = tensors
             .iter()
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
+        let held = |o: usize| (o != usize::MAX).then_some(o);
         ParamLayout {
+            shard,
             tensors,
             by_name,
             numel,
-            wte,
-            wpe,
+            wte: held(wte),
+            wpe: held(wpe),
             blocks,
-            lnf_w,
-            lnf_b,
+            lnf_w: held(lnf_w),
+            lnf_b: held(lnf_b),
         }
     }
 
@@ -180,7 +334,7 @@ impl ParamLayout {
         &mut buf[range]
     }
 
-    fn range_in(&self, buf_len: usize, name: &str) -> std::ops::Range<usize> {
+    fn range_in(&self, buf_len: usize, name: &str) -> Range<usize> {
         assert_eq!(buf_len, self.numel, "buffer is not laid out by this table");
         self.get(name)
             .unwrap_or_else(|| panic!("no tensor named {name}"))
@@ -188,48 +342,123 @@ impl ParamLayout {
     }
 
     /// Initialises `params` from `seed`. Each tensor draws from its own stream keyed by its
-    /// index, so a tensor's values never depend on the tensors before it, and any shard of the
-    /// model can initialise just its own part and still match the whole model.
+    /// index in the whole model, so a tensor's values never depend on the tensors before it, and
+    /// a shard draws its whole tensors and keeps its box: every layout starts from the same
+    /// model.
     pub fn init<F: Float>(&self, params: &mut [F], config: &GptConfig, seed: u64, std: f64) {
         assert_eq!(params.len(), self.numel);
         let residual_std = std / (2.0 * config.n_layer as f64).sqrt();
-        for (i, t) in self.tensors.iter().enumerate() {
+        let mut whole = Vec::new();
+        for t in &self.tensors {
             let out = &mut params[t.range()];
-            let mut rng = Rng::stream(seed, i as u64);
+            let mut rng = Rng::stream(seed, t.index as u64);
+            let mut draw = |n: usize, std: f64, real: usize| {
+                whole.clear();
+                whole.extend((0..n).map(|i| {
+                    if i < real {
+                        F::from_f64(std * rng.normal())
+                    } else {
+                        F::ZERO
+                    }
+                }));
+            };
+            let n: usize = t.global_shape.iter().product();
             match t.kind {
-                TensorKind::NormWeight => out.fill(F::ONE),
-                TensorKind::Bias | TensorKind::NormBias => out.fill(F::ZERO),
-                TensorKind::ResidualWeight => out
-                    .iter_mut()
-                    .for_each(|x| *x = F::from_f64(residual_std * rng.normal())),
-                TensorKind::Weight | TensorKind::PositionEmbedding => out
-                    .iter_mut()
-                    .for_each(|x| *x = F::from_f64(std * rng.normal())),
-                TensorKind::TokenEmbedding => {
-                    let real = config.vocab_size * config.n_embd;
-                    out[..real]
-                        .iter_mut()
-                        .for_each(|x| *x = F::from_f64(std * rng.normal()));
-                    out[real..].fill(F::ZERO);
+                TensorKind::NormWeight => {
+                    out.fill(F::ONE);
+                    continue;
                 }
+                TensorKind::Bias | TensorKind::NormBias => {
+                    out.fill(F::ZERO);
+                    continue;
+                }
+                TensorKind::ResidualWeight => draw(n, residual_std, n),
+                TensorKind::Weight | TensorKind::PositionEmbedding => draw(n, std, n),
+                // The padding rows beyond the real vocabulary stay zero.
+                TensorKind::TokenEmbedding => draw(n, std, config.vocab_size * config.n_embd),
             }
+            copy_box(&whole, &t.global_shape, &t.box_offset, out, &t.shape);
         }
     }
 
     /// The parts of the gradient buffer in the order backward finishes them: the final
-    /// LayerNorm, each layer from the last to the first, then both embeddings (the tied token
+    /// LayerNorm, each layer from the last to the first, then the embeddings (the tied token
     /// embedding gets gradient from the head first and from the input last). They tile the
-    /// buffer from its end to its start.
-    pub fn backward_buckets(&self) -> Vec<std::ops::Range<usize>> {
-        let mut bounds = vec![self.numel, self.lnf_w];
+    /// buffer from its end to its start; parts this shard does not hold are left out.
+    pub fn backward_buckets(&self) -> Vec<Range<usize>> {
+        let mut bounds = vec![self.numel];
+        bounds.extend(self.lnf_w);
         bounds.extend(self.blocks.iter().rev().map(|b| b.ln1_w));
         bounds.push(0);
-        bounds.windows(2).map(|w| w[1]..w[0]).collect()
+        bounds
+            .windows(2)
+            .map(|w| w[1]..w[0])
+            .filter(|r| !r.is_empty())
+            .collect()
     }
 
     /// Whether weight decay applies, element by element ranges: `(range, decays)` for each tensor.
-    pub fn decay_ranges(&self) -> impl Iterator<Item = (std::ops::Range<usize>, bool)> + '_ {
+    pub fn decay_ranges(&self) -> impl Iterator<Item = (Range<usize>, bool)> + '_ {
         self.tensors.iter().map(|t| (t.range(), t.kind.decays()))
+    }
+
+    /// The ranges of the buffer whose elements this rank counts in a global sum over the model,
+    /// such as the gradient norm: each element of the whole model is counted by exactly one
+    /// rank of a model-parallel group. Tensors every tensor-parallel rank holds whole are
+    /// counted by tensor-parallel rank 0, and the last stage's copy of the tied embedding not
+    /// at all (the first stage counts it).
+    pub fn unique_ranges(&self) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for t in &self.tensors {
+            let replica = (t.split_dim.is_none() && self.shard.tp_rank != 0)
+                || (t.kind == TensorKind::TokenEmbedding && !self.shard.first_stage());
+            if replica {
+                continue;
+            }
+            match out.last_mut() {
+                Some(r) if r.end == t.offset => r.end = t.range().end,
+                _ => out.push(t.range()),
+            }
+        }
+        out
+    }
+}
+
+/// Copies the box of `src` (laid out row-major as `src_shape`) that starts at `offset` and has
+/// shape `dst_shape` into `dst`.
+///
+/// # Panics
+/// If the box does not fit inside `src_shape` or the lengths do not match the shapes.
+pub fn copy_box<F: Copy>(
+    src: &[F],
+    src_shape: &[usize],
+    offset: &[usize],
+    dst: &mut [F],
+    dst_shape: &[usize],
+) {
+    let dims = src_shape.len();
+    assert!(dims > 0 && offset.len() == dims && dst_shape.len() == dims);
+    assert_eq!(src.len(), src_shape.iter().product::<usize>());
+    assert_eq!(dst.len(), dst_shape.iter().product::<usize>());
+    for d in 0..dims {
+        assert!(
+            offset[d] + dst_shape[d] <= src_shape[d],
+            "box outside its tensor"
+        );
+    }
+    let row = dst_shape[dims - 1];
+    if row == 0 {
+        return;
+    }
+    for (r, out) in dst.chunks_exact_mut(row).enumerate() {
+        // The global index of this row's first element: walk the outer dimensions.
+        let (mut rest, mut start, mut stride) = (r, offset[dims - 1], src_shape[dims - 1]);
+        for d in (0..dims - 1).rev() {
+            start += (rest % dst_shape[d] + offset[d]) * stride;
+            rest /= dst_shape[d];
+            stride *= src_shape[d];
+        }
+        out.copy_from_slice(&src[start..start + row]);
     }
 }
 

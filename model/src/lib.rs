@@ -10,6 +10,7 @@
 //! Never knows about files, sockets, async, etcd or object stores: callers hand it token ids and
 //! buffers, and it hands back numbers.
 
+pub mod collective;
 pub mod config;
 pub mod cost;
 pub mod float;
@@ -20,10 +21,11 @@ pub mod optim;
 pub mod rng;
 pub mod schedule;
 
+pub use collective::{Collective, Solo};
 pub use config::GptConfig;
 pub use float::Float;
 pub use gpt::Gpt;
-pub use layout::{ParamLayout, TensorSpec};
+pub use layout::{ParamLayout, Shard, TensorSpec};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{BatchRamp, LrSchedule};
 
