@@ -103,6 +103,25 @@ impl Topology {
             Axis::Pipeline => format!("pp-dp{}-tp{}", c.dp, c.tp),
         }
     }
+
+    /// The group that shares the tied token embedding's gradient: the first and the last stage
+    /// of `rank`'s pipeline, when it has more than one stage and `rank` is one of them. Returns
+    /// the members, `rank`'s place among them and the group's name.
+    pub fn embedding_group(&self, rank: usize) -> Option<(Vec<usize>, usize, String)> {
+        let c = self.coords(rank);
+        if self.pp == 1 || (c.pp != 0 && c.pp != self.pp - 1) {
+            return None;
+        }
+        let members = vec![
+            self.rank(Coords { pp: 0, ..c }),
+            self.rank(Coords {
+                pp: self.pp - 1,
+                ..c
+            }),
+        ];
+        let me = usize::from(c.pp != 0);
+        Some((members, me, format!("emb-dp{}-tp{}", c.dp, c.tp)))
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +168,12 @@ mod tests {
         assert_eq!(t.group(5, Axis::Tensor), (vec![4, 5], 1));
         assert_eq!(t.group(5, Axis::Data), (vec![5, 7], 0));
         assert_eq!(t.group(5, Axis::Pipeline), (vec![1, 5], 1));
+        assert_eq!(
+            t.embedding_group(5),
+            Some((vec![1, 5], 1, "emb-dp0-tp1".to_string()))
+        );
+        assert_eq!(Topology::new(2, 3, 1).embedding_group(2), None);
+        assert_eq!(Topology::new(2, 1, 2).embedding_group(0), None);
     }
 
     #[test]

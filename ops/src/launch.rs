@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use marathon_elastic::{Axis, DirCoordinator, Topology};
-use marathon_runtime::comm::{GroupSpec, ProcessGroup};
+use marathon_elastic::{DirCoordinator, Topology};
+use marathon_runtime::comm::GroupSpec;
 use marathon_runtime::trainer::{preflight, Observer, StepRecord, Summary};
+use marathon_runtime::Groups;
 use marathon_runtime::{TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
@@ -120,15 +121,13 @@ pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path)
     });
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
-    // This rank's data-parallel group: the ranks that share its tensor and pipeline coordinates.
+    // This rank's tensor, pipeline, data and embedding groups, from its place in the layout.
     let p = cfg.parallel;
     let topology = Topology::new(p.tp, p.pp, p.dp);
-    let (members, me) = topology.group(rank, Axis::Data);
-    let name = topology.group_name(rank, Axis::Data);
-    let mut spec = GroupSpec::loopback("local", &name, me, members.len(), GROUP_TIMEOUT);
-    spec.rendezvous_timeout = GROUP_TIMEOUT;
-    let group = ProcessGroup::connect(&DirCoordinator::new(coord_dir), spec)?;
-    let mut trainer = Trainer::with_group(cfg, Some(group))?;
+    let mut template = GroupSpec::loopback("local", "", 0, 1, GROUP_TIMEOUT);
+    template.rendezvous_timeout = GROUP_TIMEOUT;
+    let groups = Groups::connect(&DirCoordinator::new(coord_dir), topology, rank, &template)?;
+    let mut trainer = Trainer::with_groups(cfg, groups)?;
     let mut report = Reporter { enabled: rank == 0 };
     let summary = trainer.run(&mut report)?;
     report.send(&Event::Summary(summary));
@@ -193,7 +192,7 @@ fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
     if world > LOCAL_RANKS_MAX {
         bail!(
             "{}: parallel layout of {world} ranks: a one-machine launch starts one process per rank, \
-             at most {LOCAL_RANKS_MAX}; lower parallel.dp",
+             at most {LOCAL_RANKS_MAX}; lower parallel.tp, parallel.pp or parallel.dp",
             config.display()
         );
     }
@@ -207,9 +206,10 @@ fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
         .with_context(|| format!("create {}", coord_dir.0.display()))?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / world).max(1);
+    let p = cfg.parallel;
     eprintln!(
-        "launching {world} workers (dp {}), {threads} threads each",
-        cfg.parallel.dp
+        "launching {world} workers (tp {} x pp {} x dp {}), {threads} threads each",
+        p.tp, p.pp, p.dp
     );
     let (events_tx, events) = mpsc::channel::<Event>();
     let mut workers = Workers(Vec::with_capacity(world));

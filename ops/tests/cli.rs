@@ -124,14 +124,13 @@ fn bad_input_exits_non_zero_naming_what_is_wrong() {
         "{}",
         text(&out)
     );
-    // A parallel layout the single-process trainer cannot run.
+    // A layout far too large for one machine is refused before any worker starts.
     let mtnlg = repo().join("configs/mtnlg-530b.toml");
     let out = marathon(&["train", "--config", mtnlg.to_str().unwrap()], dir.path());
     assert!(!out.status.success());
     assert!(
-        text(&out).contains(
-            "parallel: tp=8 pp=35: tensor and pipeline parallelism are not available yet"
-        ),
+        text(&out).contains("batch.micro_batch: the 4480 ranks of this layout need")
+            && text(&out).contains("more than this machine's"),
         "{}",
         text(&out)
     );
@@ -320,7 +319,7 @@ fn prepare_corpus(dir: &Path) -> Output {
 fn tiny_job(dir: &Path, steps: u64) {
     prepare_corpus(dir);
     let config = format!(
-        "[model]\nvocab_size = 50257\nseq_len = 32\nn_layer = 1\nn_head = 2\nn_embd = 32\n\
+        "[model]\nvocab_size = 50257\nseq_len = 32\nn_layer = 2\nn_head = 2\nn_embd = 32\n\
          [data]\ntrain = \"corpus/train.bin\"\n\
          [batch]\nmicro_batch = 2\nglobal_batch = 6\nseq_len = 32\n\
          [optim]\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\nweight_decay = 0.1\ngrad_clip = 1.0\ninit_std = 0.02\n\
@@ -337,7 +336,7 @@ fn summary(o: &Output) -> serde_json::Value {
 }
 
 #[test]
-fn launched_data_parallel_workers_train_as_one_process_does() {
+fn launched_workers_train_as_one_process_does() {
     let dir = tempfile::tempdir().unwrap();
     tiny_job(dir.path(), 4);
     let one = marathon(&["train", "--config", "c.toml"], dir.path());
@@ -346,20 +345,30 @@ fn launched_data_parallel_workers_train_as_one_process_does() {
     let two = marathon(&["train", "--config", "c.toml", "--dp", "2"], dir.path());
     assert!(two.status.success(), "{}", text(&two));
     assert!(
-        text(&two).contains("launching 2 workers (dp 2)"),
+        text(&two).contains("launching 2 workers (tp 1 x pp 1 x dp 2)"),
         "{}",
         text(&two)
     );
-    let (a, b) = (summary(&one), summary(&two));
-    let (la, lb) = (
-        a["final_loss"].as_f64().unwrap(),
-        b["final_loss"].as_f64().unwrap(),
-    );
+    // Two tensor-parallel ranks in each of two pipeline stages.
+    let args = ["train", "--config", "c.toml", "--tp", "2", "--pp", "2"];
+    let four = marathon(&args, dir.path());
+    assert!(four.status.success(), "{}", text(&four));
     assert!(
-        (la - lb).abs() <= 1e-5 * la,
-        "one process {la}, two workers {lb}"
+        text(&four).contains("launching 4 workers (tp 2 x pp 2 x dp 1)"),
+        "{}",
+        text(&four)
     );
-    assert_eq!(a["tokens_consumed"], b["tokens_consumed"]);
+    let a = summary(&one);
+    let la = a["final_loss"].as_f64().unwrap();
+    for (what, run) in [("dp2", &two), ("tp2 x pp2", &four)] {
+        let b = summary(run);
+        let lb = b["final_loss"].as_f64().unwrap();
+        assert!(
+            (la - lb).abs() <= 1e-5 * la,
+            "one process {la}, {what} {lb}"
+        );
+        assert_eq!(a["tokens_consumed"], b["tokens_consumed"]);
+    }
 }
 
 /// A long dp2 job in `dir`, started and running: the launcher, its remaining stderr lines,

@@ -12,9 +12,11 @@
 pub mod comm;
 pub mod config;
 pub mod data;
+pub mod groups;
 pub mod trainer;
 
 pub use config::TrainConfig;
+pub use groups::Groups;
 pub use trainer::{Observer, StepRecord, Trainer};
 
 use std::path::PathBuf;

@@ -10,12 +10,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use marathon_model::optim::{clip_grads, sum_squares};
-use marathon_model::{AdamW, BatchRamp, Gpt};
+use marathon_model::{AdamW, BatchRamp, Gpt, Shard};
 use serde::{Deserialize, Serialize};
 
 use crate::comm::{chunk_range, ProcessGroup};
 use crate::config::TrainConfig;
 use crate::data::{DataOrder, TokenFile};
+use crate::groups::{Groups, TensorGroup};
 use crate::{Result, RuntimeError};
 
 /// What one optimizer step did.
@@ -39,6 +40,13 @@ pub struct StepRecord {
     /// Time collectives ran on the communication thread while backward went on.
     #[serde(default)]
     pub comm_overlapped_ms: f64,
+    /// Time in tensor-parallel collectives inside forward and backward.
+    #[serde(default)]
+    pub tp_comm_ms: f64,
+    /// Time blocked sending to or receiving from neighbouring pipeline stages: the pipeline
+    /// bubble plus the transfers.
+    #[serde(default)]
+    pub pipeline_wait_ms: f64,
 }
 
 /// Receives progress; `ops` draws it.
@@ -60,6 +68,7 @@ pub struct Summary {
 #[derive(Debug)]
 pub struct Trainer {
     pub cfg: TrainConfig,
+    /// This rank's shard of the model: its pipeline stage, cut to its tensor-parallel slice.
     pub model: Gpt<f32>,
     pub opt: AdamW<f32>,
     train: TokenFile,
@@ -72,53 +81,95 @@ pub struct Trainer {
     pub consumed_samples: u64,
     inputs: Vec<u32>,
     targets: Vec<u32>,
+    /// The activation received from the previous stage and the gradient from the next one.
+    act_in: Vec<f32>,
+    grad_in: Vec<f32>,
     metrics: Option<BufWriter<File>>,
-    /// The data-parallel group, when this trainer is one replica of several.
-    group: Option<ProcessGroup>,
+    groups: Groups,
+}
+
+/// Where a step's time went, beyond compute.
+#[derive(Debug, Default, Clone, Copy)]
+struct StepTimes {
+    comm_wait: Duration,
+    comm_overlapped: Duration,
+    tp_comm: Duration,
+    pipeline_wait: Duration,
 }
 
 impl Trainer {
     /// Opens the data, checks it against the configuration, and builds the model with fresh
-    /// weights from `train.seed`, in one process (`parallel.dp` must be 1).
+    /// weights from `train.seed`, in one process (`parallel` must be all ones).
     pub fn new(cfg: TrainConfig) -> Result<Self> {
-        Self::with_group(cfg, None)
+        Self::with_groups(cfg, Groups::default())
     }
 
     /// As [`Trainer::new`], as one data-parallel replica of `group`, whose size must be
-    /// `parallel.dp`. Every replica starts from the same weights and ends each step with the
-    /// same ones.
+    /// `parallel.dp` (tensor and pipeline parallelism 1).
     pub fn with_group(cfg: TrainConfig, group: Option<ProcessGroup>) -> Result<Self> {
+        Self::with_groups(cfg, Groups::data(group))
+    }
+
+    /// As [`Trainer::new`], as one rank of a tensor x pipeline x data layout whose groups are
+    /// `groups`; their sizes must be those of `parallel`. The rank holds its shard of the model:
+    /// its stage's layers, cut to its tensor-parallel slice. Every data-parallel replica starts
+    /// from the same weights and ends each step with the same ones, and together the shards
+    /// compute what one process would.
+    pub fn with_groups(cfg: TrainConfig, groups: Groups) -> Result<Self> {
         let layout = cfg.parallel;
-        let replicas = group.as_ref().map_or(1, |g| g.size());
-        if replicas != layout.dp {
+        let [(tp_rank, tp), (stage, pp), (replica, replicas)] = groups.coords();
+        for (field, want, have) in [
+            ("parallel.tp", layout.tp, tp),
+            ("parallel.pp", layout.pp, pp),
+            ("parallel.dp", layout.dp, replicas),
+        ] {
+            if want != have {
+                return Err(RuntimeError::Config {
+                    path: cfg.source.clone(),
+                    field: field.into(),
+                    reason: format!(
+                        "{want} needs a group of {want} worker processes, but this trainer's \
+                         group has {have}; `marathon train` starts the workers"
+                    ),
+                });
+            }
+        }
+        if pp > 1 && groups.emb.is_none() == (stage == 0 || stage + 1 == pp) {
             return Err(RuntimeError::Config {
                 path: cfg.source.clone(),
-                field: "parallel.dp".into(),
-                reason: format!(
-                    "{} needs {} data-parallel worker processes, but this trainer is one of \
-                     {replicas}; `marathon train` starts the workers",
-                    layout.dp, layout.dp
-                ),
+                field: "parallel.pp".into(),
+                reason: "the first and last pipeline stages need their embedding group, and \
+                         only they"
+                    .into(),
             });
         }
         let (train, val) = preflight(&cfg)?;
         let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
         let order = DataOrder::new(cfg.data.seed, train.samples(seq));
-        let mut model = Gpt::new(cfg.model.clone(), mb, seq).map_err(|e| cfg.error(e))?;
+        let shard = Shard {
+            tp,
+            tp_rank,
+            pp,
+            stage,
+        };
+        // A 1F1B stage keeps at most one microbatch per later stage in flight, plus its own.
+        let slots = pp - stage;
+        let mut model =
+            Gpt::new_shard(cfg.model.clone(), shard, mb, seq, slots).map_err(|e| cfg.error(e))?;
         model.init_params(cfg.train.seed, cfg.optim.init_std);
-        let rank = group.as_ref().map_or(0, |g| g.rank());
-        let shard = if layout.distributed_optimizer {
-            chunk_range(model.layout.numel(), replicas, rank)
+        let opt_shard = if layout.distributed_optimizer {
+            chunk_range(model.layout.numel(), replicas, replica)
         } else {
             0..model.layout.numel()
         };
-        let opt = AdamW::for_shard(cfg.optim.adamw(), &model.layout, shard);
-        // One replica writes the metrics: the others hold the same numbers.
+        let opt = AdamW::for_shard(cfg.optim.adamw(), &model.layout, opt_shard);
+        // One rank writes the metrics: every rank ends a step knowing the same numbers.
         let metrics = match &cfg.train.metrics {
-            Some(p) if rank == 0 => Some(open_metrics(p)?),
+            Some(p) if tp_rank == 0 && stage == 0 && replica == 0 => Some(open_metrics(p)?),
             _ => None,
         };
         let ramp = cfg.batch_ramp();
+        let hidden = mb * seq * cfg.model.n_embd;
         Ok(Trainer {
             cfg,
             model,
@@ -131,8 +182,10 @@ impl Trainer {
             consumed_samples: 0,
             inputs: vec![0; mb * seq],
             targets: vec![0; mb * seq],
+            act_in: vec![0.0; if stage > 0 { hidden } else { 0 }],
+            grad_in: vec![0.0; if stage + 1 < pp { hidden } else { 0 }],
             metrics,
-            group,
+            groups,
         })
     }
 
@@ -157,45 +210,24 @@ impl Trainer {
         let micro_steps = batch as usize / mb;
         let dloss = 1.0 / (batch as f32 * seq as f32);
         self.model.zero_grad();
-        let mut loss_sum = 0.0f64;
         // This replica's microbatches: a contiguous run, one more on the first replicas when
         // they do not divide evenly. Which replica runs a microbatch changes nothing else.
-        let (replica, replicas) = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
+        let [_, _, (replica, replicas)] = self.groups.coords();
         // Without the distributed optimizer, the last microbatch's backward overlaps with the
         // all-reduce of the gradient buckets it has finished.
-        let overlap = self.group.is_some() && !self.cfg.parallel.distributed_optimizer;
+        let overlap = self.groups.dp.is_some() && !self.cfg.parallel.distributed_optimizer;
         let mine = chunk_range(micro_steps, replicas, replica);
-        let (mut comm_wait, mut comm_overlapped) = (Duration::ZERO, Duration::ZERO);
-        for m in mine.clone() {
-            let first = self.consumed_samples + (m * mb) as u64;
-            for j in 0..mb {
-                let k = self.order.sample(first + j as u64);
-                let r = j * seq..(j + 1) * seq;
-                self.train
-                    .sample(k, &mut self.inputs[r.clone()], &mut self.targets[r]);
-            }
-            loss_sum += self.model.forward(&self.inputs, &self.targets) as f64;
-            if overlap && m + 1 == mine.end {
-                let (wait, overlapped) = self.backward_overlapped(dloss)?;
-                comm_wait += wait;
-                comm_overlapped += overlapped;
-            } else {
-                self.model.backward(dloss);
-            }
-        }
+        let mut times = StepTimes::default();
+        let loss_sum = self.pipeline(mine.clone(), dloss, overlap, &mut times)?;
         let sync_started = Instant::now();
-        if overlap && mine.is_empty() {
+        if let (true, true, Some(group)) = (overlap, mine.is_empty(), &mut self.groups.dp) {
             // No backward to overlap with; reduce the same buckets in the same order as the
             // replicas that have one, since collectives pair up by order.
-            let group = self.group.as_mut().expect("overlap needs a group");
             for bucket in self.model.layout.backward_buckets() {
                 group.all_reduce(&mut self.model.grads[bucket])?;
             }
         }
         let (loss_sum, shard, grad_norm) = self.sync_gradients(loss_sum, overlap)?;
-        if self.group.is_some() {
-            comm_wait += sync_started.elapsed();
-        }
         let loss = (loss_sum / micro_steps as f64) as f32;
         if !(loss.is_finite() && grad_norm.is_finite()) {
             // Refuse the update: the parameters stay those of the last good step.
@@ -210,14 +242,16 @@ impl Trainer {
         let tokens_consumed = (self.consumed_samples + batch) * seq as u64;
         let lr = self.cfg.optim.lr.lr_at(tokens_consumed);
         self.opt.update(&mut self.model.params[shard], grads, lr);
-        if let (Some(g), true) = (&mut self.group, self.cfg.parallel.distributed_optimizer) {
-            let gather_started = Instant::now();
+        if let (Some(g), true) = (&mut self.groups.dp, self.cfg.parallel.distributed_optimizer) {
             g.all_gather(&mut self.model.params)?;
-            comm_wait += gather_started.elapsed();
+        }
+        if self.groups.dp.is_some() || self.groups.pp.is_some() || self.groups.tp.is_some() {
+            times.comm_wait += sync_started.elapsed();
         }
         self.consumed_samples += batch;
         self.step += 1;
         let step_ms = started.elapsed().as_secs_f64() * 1e3;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let rec = StepRecord {
             step: self.step,
             loss,
@@ -227,91 +261,287 @@ impl Trainer {
             tokens_consumed,
             step_ms,
             tokens_per_s: (batch * seq as u64) as f64 / (step_ms / 1e3),
-            comm_wait_ms: comm_wait.as_secs_f64() * 1e3,
-            comm_overlapped_ms: comm_overlapped.as_secs_f64() * 1e3,
+            comm_wait_ms: ms(times.comm_wait),
+            comm_overlapped_ms: ms(times.comm_overlapped),
+            tp_comm_ms: ms(times.tp_comm),
+            pipeline_wait_ms: ms(times.pipeline_wait),
         };
         self.write_metric(&serde_json::json!({ "kind": "step", "data": &rec }))?;
         Ok(rec)
     }
 
-    /// Sums the replicas' losses and gradients. Returns the summed loss, the range of the
-    /// gradient buffer this replica updates (all of it, or its shard with the distributed
-    /// optimizer), and the global gradient norm.
+    /// Fills the input and target buffers with microbatch `m` of the current step.
+    fn load_microbatch(&mut self, m: usize) {
+        let (mb, seq) = (self.cfg.batch.micro_batch, self.cfg.batch.seq_len);
+        let first = self.consumed_samples + (m * mb) as u64;
+        for j in 0..mb {
+            let k = self.order.sample(first + j as u64);
+            let r = j * seq..(j + 1) * seq;
+            self.train
+                .sample(k, &mut self.inputs[r.clone()], &mut self.targets[r]);
+        }
+    }
+
+    /// Runs this replica's microbatches `mine` through this stage in Megatron's 1F1B order:
+    /// warm-up forwards (one per later stage), then one forward and one backward at a time,
+    /// then the remaining backwards. Neighbouring stages exchange activations and gradients,
+    /// pairing a send with the matching receive where both sides send at once. Returns the
+    /// sum of the microbatches' mean losses on the last stage (zero on the others).
+    fn pipeline(
+        &mut self,
+        mine: std::ops::Range<usize>,
+        dloss: f32,
+        overlap: bool,
+        times: &mut StepTimes,
+    ) -> Result<f64> {
+        let [_, (stage, stages), _] = self.groups.coords();
+        let (first, last) = (stage == 0, stage + 1 == stages);
+        let count = mine.len();
+        let warmup = (stages - stage - 1).min(count);
+        let mut loss_sum = 0.0f64;
+        let (mut next_fwd, mut next_bwd) = (0, 0);
+        // Each call runs the next forward (or backward) of this stage and does its sends.
+        for i in 0..count + count {
+            // The op order of 1F1B: `warmup` forwards, then alternate, then backwards.
+            let forward = if i < warmup {
+                true
+            } else if next_fwd < count {
+                (i - warmup) % 2 == 0
+            } else {
+                false
+            };
+            if forward {
+                let m = next_fwd;
+                next_fwd += 1;
+                self.load_microbatch(mine.start + m);
+                if !first && m <= warmup {
+                    // Warm-up forwards, and the first steady one, receive on their own; the
+                    // later ones arrived with the previous backward's send.
+                    self.recv_activation(times)?;
+                }
+                let slot = m % self.model.slots();
+                let mut tp = TensorGroup {
+                    group: self.groups.tp.as_mut(),
+                    busy: Duration::ZERO,
+                };
+                let input = (!first).then_some(&self.act_in[..]);
+                let loss =
+                    self.model
+                        .forward_stage(slot, &self.inputs, &self.targets, input, &mut tp)?;
+                times.tp_comm += tp.busy;
+                loss_sum += loss.map_or(0.0, |l| l as f64);
+                if !last {
+                    let out = self.model.stage_output(slot);
+                    let pp = self
+                        .groups
+                        .pp
+                        .as_mut()
+                        .expect("stages have a pipeline group");
+                    let t0 = Instant::now();
+                    if m < warmup {
+                        pp.send(out, stage + 1)?;
+                    } else {
+                        // Steady state: the next stage sends this stage a gradient while
+                        // this stage sends it an activation.
+                        pp.send_recv(out, stage + 1, &mut self.grad_in, stage + 1)?;
+                    }
+                    times.pipeline_wait += t0.elapsed();
+                }
+            } else {
+                let m = next_bwd;
+                next_bwd += 1;
+                if !last && m + warmup >= count {
+                    // Cool-down backwards receive on their own.
+                    let pp = self
+                        .groups
+                        .pp
+                        .as_mut()
+                        .expect("stages have a pipeline group");
+                    let t0 = Instant::now();
+                    pp.recv(&mut self.grad_in, stage + 1)?;
+                    times.pipeline_wait += t0.elapsed();
+                }
+                let slot = m % self.model.slots();
+                let final_backward = m + 1 == count;
+                self.backward(slot, dloss, overlap && final_backward, times)?;
+                if !first {
+                    // In the steady state the previous stage is sending the next activation.
+                    let steady_more = next_fwd < count;
+                    let pp = self
+                        .groups
+                        .pp
+                        .as_mut()
+                        .expect("stages have a pipeline group");
+                    let t0 = Instant::now();
+                    if steady_more {
+                        pp.send_recv(
+                            self.model.input_grad(),
+                            stage - 1,
+                            &mut self.act_in,
+                            stage - 1,
+                        )?;
+                    } else {
+                        pp.send(self.model.input_grad(), stage - 1)?;
+                    }
+                    times.pipeline_wait += t0.elapsed();
+                }
+            }
+        }
+        Ok(loss_sum)
+    }
+
+    fn recv_activation(&mut self, times: &mut StepTimes) -> Result<()> {
+        let [_, (stage, _), _] = self.groups.coords();
+        let pp = self
+            .groups
+            .pp
+            .as_mut()
+            .expect("stages have a pipeline group");
+        let t0 = Instant::now();
+        pp.recv(&mut self.act_in, stage - 1)?;
+        times.pipeline_wait += t0.elapsed();
+        Ok(())
+    }
+
+    /// Backward of the microbatch in `slot`. With `overlap`, each finished gradient bucket is
+    /// all-reduced across replicas on a communication thread while backward goes on with the
+    /// layers below; the step then waits only for the last buckets.
+    fn backward(
+        &mut self,
+        slot: usize,
+        dloss: f32,
+        overlap: bool,
+        times: &mut StepTimes,
+    ) -> Result<()> {
+        let Trainer {
+            model,
+            groups,
+            grad_in,
+            ..
+        } = self;
+        let output_grad = groups
+            .pp
+            .as_ref()
+            .and_then(|pp| (pp.rank() + 1 < pp.size()).then_some(&grad_in[..]));
+        let mut tp = TensorGroup {
+            group: groups.tp.as_mut(),
+            busy: Duration::ZERO,
+        };
+        let mut grads = std::mem::take(&mut model.grads);
+        let result = match (overlap, groups.dp.as_mut()) {
+            (true, Some(dp)) => std::thread::scope(|s| {
+                let (buckets, ready) = std::sync::mpsc::channel::<&mut [f32]>();
+                let comm = s.spawn(move || -> Result<Duration> {
+                    let mut busy = Duration::ZERO;
+                    for bucket in ready {
+                        let t0 = Instant::now();
+                        dp.all_reduce(bucket)?;
+                        busy += t0.elapsed();
+                    }
+                    Ok(busy)
+                });
+                let done =
+                    model.backward_stage(slot, &mut grads, dloss, output_grad, &mut tp, |b| {
+                        // After a failed all-reduce the receiver is gone; the error comes from join.
+                        let _ = buckets.send(b);
+                    });
+                drop(buckets);
+                let waiting = Instant::now();
+                let busy = comm
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                done?;
+                times.comm_overlapped += busy?;
+                times.comm_wait += waiting.elapsed();
+                Ok(())
+            }),
+            _ => model.backward_stage(slot, &mut grads, dloss, output_grad, &mut tp, |_| {}),
+        };
+        model.grads = grads;
+        times.tp_comm += tp.busy;
+        result
+    }
+
+    /// Sums the gradients over replicas and the tied embedding's two copies, and the loss and
+    /// squared gradient norm over every rank. Returns the summed loss, the range of the gradient
+    /// buffer this rank updates (all of it, or its shard with the distributed optimizer), and
+    /// the global gradient norm.
     /// `reduced` says the gradients were already all-reduced, overlapped with backward.
     fn sync_gradients(
         &mut self,
         loss_sum: f64,
         reduced: bool,
     ) -> Result<(f64, std::ops::Range<usize>, f64)> {
-        let grads = &mut self.model.grads;
-        let Some(g) = &mut self.group else {
-            return Ok((loss_sum, 0..grads.len(), sum_squares(grads).sqrt()));
-        };
-        let shard = if self.cfg.parallel.distributed_optimizer {
-            g.reduce_scatter(grads)?
-        } else {
-            if !reduced {
-                g.all_reduce(grads)?;
+        let zero = self.cfg.parallel.distributed_optimizer && self.groups.dp.is_some();
+        let Trainer { model, groups, .. } = self;
+        let grads = &mut model.grads;
+        // The first and last stages each hold part of the tied embedding's gradient (input and
+        // head); both need the sum. Summing before or after the replicas gives the same total.
+        let mut tie = |grads: &mut [f32]| -> Result<()> {
+            if let (Some(emb), Some(wte)) = (groups.emb.as_mut(), model.layout.get("wte")) {
+                emb.all_reduce(&mut grads[wte.range()])?;
             }
-            0..grads.len()
+            Ok(())
         };
-        // With the distributed optimizer each replica holds the sum for its shard only, so the
-        // squared norm is summed across replicas too; otherwise every replica adds up the same.
-        let own_sq = sum_squares(&grads[shard.clone()]);
-        let shard_sq = if self.cfg.parallel.distributed_optimizer {
-            own_sq
+        let shard = match groups.dp.as_mut() {
+            Some(dp) if zero => {
+                tie(grads)?;
+                dp.reduce_scatter(grads)?
+            }
+            dp => {
+                if let (Some(dp), false) = (dp, reduced) {
+                    dp.all_reduce(grads)?;
+                }
+                tie(grads)?;
+                0..grads.len()
+            }
+        };
+        // Each element of the model is counted by one rank of its model-parallel group, and
+        // with the distributed optimizer by the one replica whose shard holds it.
+        let own_sq: f64 = model
+            .layout
+            .unique_ranges()
+            .into_iter()
+            .map(|r| r.start.max(shard.start)..r.end.min(shard.end))
+            .filter(|r| !r.is_empty())
+            .map(|r| sum_squares(&grads[r]))
+            .sum();
+        // The loss is known to the last stage's ranks; one of them counts it.
+        let [(tp_rank, _), (stage, stages), _] = groups.coords();
+        let loss_part = if tp_rank == 0 && stage + 1 == stages {
+            loss_sum
         } else {
             0.0
         };
         // Each f64 travels as a high and a low f32, which keeps about 48 bits of the sum.
         let split = |x: f64| [x as f32, (x - (x as f32) as f64) as f32];
-        let ([l_hi, l_lo], [n_hi, n_lo]) = (split(loss_sum), split(shard_sq));
-        let mut totals = [l_hi, l_lo, n_hi, n_lo];
-        g.all_reduce(&mut totals)?;
         let join = |hi: f32, lo: f32| hi as f64 + lo as f64;
-        let norm_sq = if self.cfg.parallel.distributed_optimizer {
-            join(totals[2], totals[3])
-        } else {
-            own_sq
-        };
+        let ([l_hi, l_lo], [n_hi, n_lo]) = (split(loss_part), split(own_sq));
+        let mut totals = [l_hi, l_lo, n_hi, n_lo];
+        for g in [groups.tp.as_mut(), groups.pp.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            g.all_reduce(&mut totals)?;
+        }
+        if let Some(dp) = groups.dp.as_mut() {
+            // Replicas hold the same norm unless each holds a shard of the gradient.
+            let norm = [totals[2], totals[3]];
+            if !zero {
+                totals[2..].fill(0.0);
+            }
+            dp.all_reduce(&mut totals)?;
+            if !zero {
+                totals[2..].copy_from_slice(&norm);
+            }
+        }
+        let norm_sq = join(totals[2], totals[3]);
         Ok((join(totals[0], totals[1]), shard, norm_sq.sqrt()))
     }
 
-    /// Backward of the last microbatch with each finished gradient bucket all-reduced on a
-    /// communication thread while backward goes on with the layers below. Returns how long the
-    /// step then waited for the last buckets, and how long the communication thread worked.
-    fn backward_overlapped(&mut self, dloss: f32) -> Result<(Duration, Duration)> {
-        let group = self.group.as_mut().expect("overlap needs a group");
-        let model = &mut self.model;
-        let mut grads = std::mem::take(&mut model.grads);
-        let result = std::thread::scope(|s| {
-            let (buckets, ready) = std::sync::mpsc::channel::<&mut [f32]>();
-            let comm = s.spawn(move || -> Result<Duration> {
-                let mut busy = Duration::ZERO;
-                for bucket in ready {
-                    let t0 = Instant::now();
-                    group.all_reduce(bucket)?;
-                    busy += t0.elapsed();
-                }
-                Ok(busy)
-            });
-            model.backward_into(&mut grads, dloss, |bucket| {
-                // After a failed all-reduce the receiver is gone; the error comes from join.
-                let _ = buckets.send(bucket);
-            });
-            drop(buckets);
-            let waiting = Instant::now();
-            let busy = comm
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-            Ok((waiting.elapsed(), busy))
-        });
-        model.grads = grads;
-        result
-    }
-
     /// Mean loss over the first `train.eval_batches` microbatches of the validation file, in
-    /// file order. Leaves the gradients untouched.
+    /// file order, run through the pipeline's stages. Every rank returns the same value. Leaves
+    /// the gradients untouched.
     pub fn evaluate(&mut self) -> Result<Option<f32>> {
         let Some(val) = &self.val else {
             return Ok(None);
@@ -323,6 +553,7 @@ impl Trainer {
             .eval_batches
             .min(val.samples(seq) / mb)
             .max(1);
+        let [_, (stage, stages), _] = self.groups.coords();
         let mut sum = 0.0f64;
         for b in 0..batches {
             for j in 0..mb {
@@ -333,7 +564,38 @@ impl Trainer {
                     &mut self.targets[r],
                 );
             }
-            sum += self.model.forward(&self.inputs, &self.targets) as f64;
+            if stage > 0 {
+                let pp = self
+                    .groups
+                    .pp
+                    .as_mut()
+                    .expect("stages have a pipeline group");
+                pp.recv(&mut self.act_in, stage - 1)?;
+            }
+            let mut tp = TensorGroup {
+                group: self.groups.tp.as_mut(),
+                busy: Duration::ZERO,
+            };
+            let input = (stage > 0).then_some(&self.act_in[..]);
+            let loss = self
+                .model
+                .forward_stage(0, &self.inputs, &self.targets, input, &mut tp)?;
+            sum += loss.map_or(0.0, |l| l as f64);
+            if stage + 1 < stages {
+                let pp = self
+                    .groups
+                    .pp
+                    .as_mut()
+                    .expect("stages have a pipeline group");
+                pp.send(self.model.stage_output(0), stage + 1)?;
+            }
+        }
+        if let Some(pp) = self.groups.pp.as_mut() {
+            // The last stage has the loss; the others learn it (as a high and a low part).
+            let part = if stage + 1 == stages { sum } else { 0.0 };
+            let mut v = [part as f32, (part - (part as f32) as f64) as f32];
+            pp.all_reduce(&mut v)?;
+            sum = v[0] as f64 + v[1] as f64;
         }
         let loss = (sum / batches as f64) as f32;
         self.write_metric(
@@ -389,18 +651,7 @@ impl Trainer {
 /// build runs, the data files open and fit the model and batch, and the buffers fit in memory.
 /// A launcher runs it before starting any worker. Returns the opened train and val files.
 pub fn preflight(cfg: &TrainConfig) -> Result<(TokenFile, Option<TokenFile>)> {
-    let layout = cfg.parallel;
-    if layout.tp != 1 || layout.pp != 1 {
-        return Err(RuntimeError::Config {
-            path: cfg.source.clone(),
-            field: "parallel".into(),
-            reason: format!(
-                "tp={} pp={}: tensor and pipeline parallelism are not available yet; set tp = pp = 1 \
-                 (data parallelism works). Use `marathon plan` to size a 3D layout",
-                layout.tp, layout.pp
-            ),
-        });
-    }
+    check_memory(cfg)?;
     let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
     let train = TokenFile::open(&cfg.data.train, cfg.model.vocab_size)?;
     check_samples(&train, seq, mb, "data.train")?;
@@ -422,7 +673,6 @@ pub fn preflight(cfg: &TrainConfig) -> Result<(TokenFile, Option<TokenFile>)> {
         }
         None => None,
     };
-    check_memory(cfg)?;
     Ok((train, val))
 }
 
@@ -442,9 +692,23 @@ fn check_samples(f: &TokenFile, seq: usize, mb: usize, field: &str) -> Result<()
 }
 
 /// Refuses a model and microbatch whose buffers would not fit in this machine's memory, before
-/// allocating anything, naming the fields to change.
+/// allocating anything, naming the fields to change. Every rank of the layout runs on this
+/// machine, so the need is the sum over all of them.
 fn check_memory(cfg: &TrainConfig) -> Result<()> {
-    let need = Gpt::<f32>::memory_bytes(&cfg.model, cfg.batch.micro_batch, cfg.batch.seq_len);
+    let p = cfg.parallel;
+    let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
+    let per_replica: f64 = (0..p.pp)
+        .map(|stage| {
+            let shard = Shard {
+                tp: p.tp,
+                tp_rank: 0,
+                pp: p.pp,
+                stage,
+            };
+            p.tp as f64 * Gpt::<f32>::shard_memory_bytes(&cfg.model, shard, mb, seq, p.pp - stage)
+        })
+        .sum();
+    let need = p.dp as f64 * per_replica;
     let Some(have) = physical_memory_bytes() else {
         return Ok(());
     };
@@ -454,12 +718,14 @@ fn check_memory(cfg: &TrainConfig) -> Result<()> {
             path: cfg.source.clone(),
             field: "batch.micro_batch".into(),
             reason: format!(
-                "the model's buffers for microbatches of {} x {} tokens need {:.1} GiB, more than \
-                 this machine's {:.1} GiB; lower batch.micro_batch or batch.seq_len, or choose a \
-                 smaller [model]",
+                "the {} ranks of this layout need {:.1} GiB for the model's buffers with \
+                 microbatches of {} x {} tokens, more than this machine's {:.1} GiB; lower \
+                 batch.micro_batch or batch.seq_len, choose a smaller [model], or run the layout \
+                 across machines",
+                p.world_size(),
+                gib(need),
                 cfg.batch.micro_batch,
                 cfg.batch.seq_len,
-                gib(need),
                 gib(have as f64)
             ),
         });
