@@ -6,13 +6,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
+use marathon_elastic::Topology;
 use marathon_model::cost::flops_per_token;
 use marathon_model::ParamLayout;
 use marathon_runtime::comm::{GroupSpec, ProcessGroup};
 use marathon_runtime::trainer::StepRecord;
-use marathon_runtime::{TrainConfig, Trainer};
+use marathon_runtime::{Groups, TrainConfig, Trainer};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -34,8 +35,14 @@ pub struct TrainArgs {
     /// (sets batch.global_batch).
     #[arg(long)]
     global_batch: Option<usize>,
-    /// Data-parallel replicas, run as threads of this process sharing its cores, each with a
-    /// real TCP process group.
+    /// Tensor-parallel size. Every rank runs as a thread of this process sharing its cores,
+    /// with real TCP process groups.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Pipeline-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Data-parallel replicas.
     #[arg(long, default_value_t = 1)]
     dp: usize,
 }
@@ -53,27 +60,48 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if let Some(g) = args.global_batch {
         cfg.batch.global_batch = g;
     }
+    cfg.parallel.tp = args.tp;
+    cfg.parallel.pp = args.pp;
     cfg.parallel.dp = args.dp;
     cfg.batch.rampup = None;
     cfg.train.steps = args.warmup + args.steps;
     cfg.train.eval_every_steps = 0;
     cfg.train.metrics = None;
     cfg.validate().map_err(|e| cfg.error(e))?;
-    let (b, t, dp) = (cfg.batch.global_batch, cfg.batch.seq_len, cfg.parallel.dp);
+    let (b, t) = (cfg.batch.global_batch, cfg.batch.seq_len);
+    let p = cfg.parallel;
+    let world = p.world_size();
     let threads = rayon::current_num_threads();
-    let records = if dp == 1 {
-        run_steps(Trainer::new(cfg.clone())?, args.warmup, args.steps)?
+    let ranks = if world == 1 {
+        vec![run_steps(
+            Trainer::new(cfg.clone())?,
+            args.warmup,
+            args.steps,
+        )?]
     } else {
-        run_replicas(&cfg, args.warmup, args.steps, (threads / dp).max(1))?
+        run_ranks(&cfg, args.warmup, args.steps, (threads / world).max(1))?
     };
-    let mean =
-        |f: fn(&StepRecord) -> f64| records.iter().map(f).sum::<f64>() / records.len() as f64;
-    let mean_ms = mean(|r| r.step_ms);
+    // Every rank ends a step at the same collective, so rank 0's step time is the job's; the
+    // communication and pipeline figures are means over ranks, as fractions of the step.
+    let n = (ranks.len() * ranks[0].len()) as f64;
+    let mean_all = |f: fn(&StepRecord) -> f64| ranks.iter().flatten().map(f).sum::<f64>() / n;
+    let records = &ranks[0];
+    let mean_ms = records.iter().map(|r| r.step_ms).sum::<f64>() / records.len() as f64;
     let min_ms = records
         .iter()
         .map(|r| r.step_ms)
         .fold(f64::INFINITY, f64::min);
-    let (wait_ms, overlapped_ms) = (mean(|r| r.comm_wait_ms), mean(|r| r.comm_overlapped_ms));
+    let step_all = mean_all(|r| r.step_ms);
+    let frac = |f: fn(&StepRecord) -> f64| mean_all(f) / step_all;
+    let (wait, overlapped, tp_comm, bubble) = (
+        frac(|r| r.comm_wait_ms),
+        frac(|r| r.comm_overlapped_ms),
+        frac(|r| r.tp_comm_ms),
+        frac(|r| r.pipeline_wait_ms),
+    );
+    // 1F1B's idle share with m microbatches per replica and p stages: (p - 1) / (m + p - 1).
+    let m_per_replica = (b / cfg.batch.micro_batch).div_ceil(p.dp) as f64;
+    let ideal_bubble = (p.pp as f64 - 1.0) / (m_per_replica + p.pp as f64 - 1.0);
     let tokens = (b * t) as f64;
     let step_gflops = flops_per_token(&cfg.model, t) * tokens / 1e9;
     let achieved = step_gflops / (mean_ms / 1e3);
@@ -87,7 +115,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let report = serde_json::json!({
         "impl": "marathon-cpu-fp32",
         "threads": threads,
-        "dp": dp,
+        "tp": p.tp,
+        "pp": p.pp,
+        "dp": p.dp,
         "batch": b,
         "micro_batch": cfg.batch.micro_batch,
         "seq": t,
@@ -100,21 +130,32 @@ pub fn train(args: TrainArgs) -> Result<()> {
         "gemm_shape": [m, k, n],
         "gemm_gflops": limit,
         "fraction_of_gemm_limit": achieved / limit,
-        "comm_wait_fraction": wait_ms / mean_ms,
-        "comm_overlapped_fraction": overlapped_ms / mean_ms,
-        "pipeline_bubble_fraction": 0.0,
+        "comm_wait_fraction": wait,
+        "comm_overlapped_fraction": overlapped,
+        "tp_comm_fraction": tp_comm,
+        "pipeline_bubble_fraction": bubble,
+        "pipeline_bubble_ideal": ideal_bubble,
     });
     println!(
-        "bench train: {} layers, hidden {}, batch {b} x seq {t}, dp {dp}, {threads} threads\n  \
+        "bench train: {} layers, hidden {}, batch {b} x seq {t}, tp {} x pp {} x dp {}, {threads} threads\n  \
          {mean_ms:.1} ms/step (min {min_ms:.1}), {:.0} tokens/s, {achieved:.1} GFLOP/s achieved\n  \
          GEMM limit {limit:.1} GFLOP/s on ({m} x {k}) @ ({k} x {n}): the step runs at {:.0}% of it\n  \
-         communication: {:.1}% of the step waiting, {:.1}% overlapped with backward; pipeline bubble: none (pp 1)",
+         communication: tensor-parallel {:.1}% of the step; {:.1}% waiting in the step's closing \
+         collectives (gradient sums, norm, gather; includes waiting for slower stages), {:.1}% \
+         overlapped with backward\n  \
+         pipeline: {:.1}% of the step waiting on neighbouring stages (1F1B's bubble alone would be {:.1}%)",
         cfg.model.n_layer,
         cfg.model.n_embd,
+        p.tp,
+        p.pp,
+        p.dp,
         tokens / (mean_ms / 1e3),
         100.0 * achieved / limit,
-        100.0 * wait_ms / mean_ms,
-        100.0 * overlapped_ms / mean_ms,
+        100.0 * tp_comm,
+        100.0 * wait,
+        100.0 * overlapped,
+        100.0 * bubble,
+        100.0 * ideal_bubble,
     );
     println!("{report}");
     Ok(())
@@ -128,37 +169,38 @@ fn run_steps(mut trainer: Trainer, warmup: u64, steps: u64) -> Result<Vec<StepRe
     (0..steps).map(|_| Ok(trainer.train_step()?)).collect()
 }
 
-/// Runs `cfg` as `parallel.dp` replicas on threads of this process, each with its own pool of
-/// `threads` compute threads and a real TCP process group; returns rank 0's timed records.
-fn run_replicas(
+/// Runs every rank of `cfg`'s layout on a thread of this process, each with its own pool of
+/// `threads` compute threads and real TCP process groups; returns each rank's timed records,
+/// in rank order.
+fn run_ranks(
     cfg: &TrainConfig,
     warmup: u64,
     steps: u64,
     threads: usize,
-) -> Result<Vec<StepRecord>> {
+) -> Result<Vec<Vec<StepRecord>>> {
     let coord = std::sync::Arc::new(marathon_elastic::InProcessCoordinator::new());
-    let dp = cfg.parallel.dp;
-    let replicas: Vec<_> = (0..dp)
+    let p = cfg.parallel;
+    let topology = Topology::new(p.tp, p.pp, p.dp);
+    let ranks: Vec<_> = (0..topology.world_size())
         .map(|rank| {
             let (coord, cfg) = (coord.clone(), cfg.clone());
             std::thread::spawn(move || -> Result<Vec<StepRecord>> {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()?;
-                let spec = GroupSpec::loopback("bench", "dp-0", rank, dp, Duration::from_secs(600));
-                let group = ProcessGroup::connect(&*coord, spec)?;
-                pool.install(|| run_steps(Trainer::with_group(cfg, Some(group))?, warmup, steps))
+                let template = GroupSpec::loopback("bench", "", 0, 1, Duration::from_secs(600));
+                let groups = Groups::connect(&*coord, topology, rank, &template)?;
+                pool.install(|| run_steps(Trainer::with_groups(cfg, groups)?, warmup, steps))
             })
         })
         .collect();
-    let mut first = None;
-    for r in replicas {
-        let records = r
-            .join()
-            .map_err(|_| anyhow::anyhow!("a benchmark replica panicked"))??;
-        first.get_or_insert(records);
-    }
-    first.context("no replica ran")
+    ranks
+        .into_iter()
+        .map(|r| {
+            r.join()
+                .map_err(|_| anyhow::anyhow!("a benchmark rank panicked"))?
+        })
+        .collect()
 }
 
 /// GFLOP/s of the GEMM library on `(m, k) @ (k, n)` in f32 with all threads, best of several runs.

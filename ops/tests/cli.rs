@@ -246,6 +246,25 @@ fn bench_train_prints_step_figures_beside_the_gemm_limit() {
         "{report}"
     );
     assert!(stdout.contains("communication: "), "{stdout}");
+    // All three dimensions: the pipeline's waiting and tensor parallelism's collectives.
+    let all3 = ["--global-batch", "8", "--tp", "2", "--pp", "2", "--dp", "2"];
+    let (report, stdout) = bench_report(
+        &[&["bench", "train", "--config", small], &tiny[..], &all3[..]].concat(),
+        dir.path(),
+    );
+    assert_eq!(
+        (report["tp"].as_u64(), report["pp"].as_u64()),
+        (Some(2), Some(2))
+    );
+    for key in ["tp_comm_fraction", "pipeline_bubble_fraction"] {
+        assert!(
+            report[key].as_f64().is_some_and(|f| f > 0.0 && f < 1.0),
+            "{key} in {report}"
+        );
+    }
+    // Two microbatches per replica over two stages: 1F1B idles 1 / 3 of the time.
+    assert!((report["pipeline_bubble_ideal"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9);
+    assert!(stdout.contains("pipeline: "), "{stdout}");
     let out = marathon(
         &["bench", "train", "--config", small, "--steps", "0"],
         dir.path(),

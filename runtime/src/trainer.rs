@@ -317,7 +317,8 @@ impl Trainer {
                 if !first && m <= warmup {
                     // Warm-up forwards, and the first steady one, receive on their own; the
                     // later ones arrived with the previous backward's send.
-                    self.recv_activation(times)?;
+                    let act_in = &mut self.act_in;
+                    pipe(&mut self.groups.pp, times, |pp| pp.recv(act_in, stage - 1))?;
                 }
                 let slot = m % self.model.slots();
                 let mut tp = TensorGroup {
@@ -332,75 +333,42 @@ impl Trainer {
                 loss_sum += loss.map_or(0.0, |l| l as f64);
                 if !last {
                     let out = self.model.stage_output(slot);
-                    let pp = self
-                        .groups
-                        .pp
-                        .as_mut()
-                        .expect("stages have a pipeline group");
-                    let t0 = Instant::now();
+                    let grad_in = &mut self.grad_in;
                     if m < warmup {
-                        pp.send(out, stage + 1)?;
+                        pipe(&mut self.groups.pp, times, |pp| pp.send(out, stage + 1))?;
                     } else {
                         // Steady state: the next stage sends this stage a gradient while
                         // this stage sends it an activation.
-                        pp.send_recv(out, stage + 1, &mut self.grad_in, stage + 1)?;
+                        pipe(&mut self.groups.pp, times, |pp| {
+                            pp.send_recv(out, stage + 1, grad_in, stage + 1)
+                        })?;
                     }
-                    times.pipeline_wait += t0.elapsed();
                 }
             } else {
                 let m = next_bwd;
                 next_bwd += 1;
                 if !last && m + warmup >= count {
                     // Cool-down backwards receive on their own.
-                    let pp = self
-                        .groups
-                        .pp
-                        .as_mut()
-                        .expect("stages have a pipeline group");
-                    let t0 = Instant::now();
-                    pp.recv(&mut self.grad_in, stage + 1)?;
-                    times.pipeline_wait += t0.elapsed();
+                    let grad_in = &mut self.grad_in;
+                    pipe(&mut self.groups.pp, times, |pp| pp.recv(grad_in, stage + 1))?;
                 }
                 let slot = m % self.model.slots();
                 let final_backward = m + 1 == count;
                 self.backward(slot, dloss, overlap && final_backward, times)?;
                 if !first {
-                    // In the steady state the previous stage is sending the next activation.
-                    let steady_more = next_fwd < count;
-                    let pp = self
-                        .groups
-                        .pp
-                        .as_mut()
-                        .expect("stages have a pipeline group");
-                    let t0 = Instant::now();
-                    if steady_more {
-                        pp.send_recv(
-                            self.model.input_grad(),
-                            stage - 1,
-                            &mut self.act_in,
-                            stage - 1,
-                        )?;
+                    let (grad, act_in) = (self.model.input_grad(), &mut self.act_in);
+                    if next_fwd < count {
+                        // Steady state: the previous stage sends the next activation meanwhile.
+                        pipe(&mut self.groups.pp, times, |pp| {
+                            pp.send_recv(grad, stage - 1, act_in, stage - 1)
+                        })?;
                     } else {
-                        pp.send(self.model.input_grad(), stage - 1)?;
+                        pipe(&mut self.groups.pp, times, |pp| pp.send(grad, stage - 1))?;
                     }
-                    times.pipeline_wait += t0.elapsed();
                 }
             }
         }
         Ok(loss_sum)
-    }
-
-    fn recv_activation(&mut self, times: &mut StepTimes) -> Result<()> {
-        let [_, (stage, _), _] = self.groups.coords();
-        let pp = self
-            .groups
-            .pp
-            .as_mut()
-            .expect("stages have a pipeline group");
-        let t0 = Instant::now();
-        pp.recv(&mut self.act_in, stage - 1)?;
-        times.pipeline_wait += t0.elapsed();
-        Ok(())
     }
 
     /// Backward of the microbatch in `slot`. With `overlap`, each finished gradient bucket is
@@ -645,6 +613,20 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// Runs one transfer between neighbouring pipeline stages, adding its time to the step's
+/// pipeline wait.
+fn pipe(
+    pp: &mut Option<ProcessGroup>,
+    times: &mut StepTimes,
+    op: impl FnOnce(&mut ProcessGroup) -> Result<()>,
+) -> Result<()> {
+    let pp = pp.as_mut().expect("stages have a pipeline group");
+    let t0 = Instant::now();
+    let done = op(pp);
+    times.pipeline_wait += t0.elapsed();
+    done
 }
 
 /// Everything a worker checks before it trains that needs no peers: the layout is one this

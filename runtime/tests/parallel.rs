@@ -195,61 +195,48 @@ fn deep_config(global_batch: usize) -> (tempfile::TempDir, TrainConfig) {
     (dir, cfg)
 }
 
+/// Runs each (tp, pp, dp, distributed optimizer) layout of the deep model over
+/// `global_batch` sequences and checks it against one process.
+fn check_layouts(global_batch: usize, layouts: &[(usize, usize, usize, bool)]) {
+    let (_dir, cfg) = deep_config(global_batch);
+    let reference = single(&cfg);
+    for &(tp, pp, dp, zero) in layouts {
+        let what = format!(
+            "tp{tp} x pp{pp} x dp{dp}{}, {} microbatches",
+            if zero { " distributed optimizer" } else { "" },
+            global_batch / 2
+        );
+        assert_equivalent(&reference, &parallel(&cfg, tp, pp, dp, zero), &what);
+    }
+}
+
 #[test]
 fn tp2_and_tp4_equal_one_process() {
-    let (_dir, cfg) = deep_config(8);
-    let reference = single(&cfg);
-    assert_equivalent(&reference, &parallel(&cfg, 2, 1, 1, false), "tp2");
-    assert_equivalent(&reference, &parallel(&cfg, 4, 1, 1, false), "tp4");
+    check_layouts(8, &[(2, 1, 1, false), (4, 1, 1, false)]);
 }
 
 #[test]
 fn pp2_with_4_microbatches_equals_one_process() {
-    let (_dir, cfg) = deep_config(8);
-    assert_equivalent(&single(&cfg), &parallel(&cfg, 1, 2, 1, false), "pp2");
+    check_layouts(8, &[(1, 2, 1, false)]);
 }
 
 #[test]
 fn pp4_with_8_microbatches_equals_one_process() {
-    let (_dir, cfg) = deep_config(16);
-    assert_equivalent(&single(&cfg), &parallel(&cfg, 1, 4, 1, false), "pp4");
+    check_layouts(16, &[(1, 4, 1, false)]);
 }
 
 #[test]
 fn tp2_pp2_equals_one_process() {
-    let (_dir, cfg) = deep_config(8);
-    assert_equivalent(&single(&cfg), &parallel(&cfg, 2, 2, 1, false), "tp2 x pp2");
+    check_layouts(8, &[(2, 2, 1, false)]);
 }
 
 #[test]
 fn dp2_tp2_pp2_equals_one_process() {
-    let (_dir, cfg) = deep_config(8);
-    let reference = single(&cfg);
-    assert_equivalent(
-        &reference,
-        &parallel(&cfg, 2, 2, 2, false),
-        "dp2 x tp2 x pp2",
-    );
-    assert_equivalent(
-        &reference,
-        &parallel(&cfg, 2, 2, 2, true),
-        "dp2 x tp2 x pp2, distributed optimizer",
-    );
+    check_layouts(8, &[(2, 2, 2, false), (2, 2, 2, true)]);
 }
 
 #[test]
 fn fewer_microbatches_than_stages_still_equal_one_process() {
     // Three microbatches over four stages, and over two uneven replicas of two stages.
-    let (_dir, cfg) = deep_config(6);
-    let reference = single(&cfg);
-    assert_equivalent(
-        &reference,
-        &parallel(&cfg, 1, 4, 1, false),
-        "pp4, 3 microbatches",
-    );
-    assert_equivalent(
-        &reference,
-        &parallel(&cfg, 1, 2, 2, true),
-        "dp2 x pp2 uneven",
-    );
+    check_layouts(6, &[(1, 4, 1, false), (1, 2, 2, true)]);
 }
