@@ -1,0 +1,454 @@
+//! The asynchronous checkpoint writer: snapshot into a staging buffer, persist in the
+//! background, commit when every rank's shard is durable.
+//!
+//! `snapshot` copies this rank's pieces into a staging buffer that is allocated once and reused;
+//! training goes on as soon as the copy is done. A background thread then cuts the pieces into
+//! chunks, checksums each chunk's raw bytes, encodes it and streams it into this rank's shard
+//! object as a multipart upload with bounded concurrency, then writes the rank's index. Rank 0
+//! commits: it waits until every rank's index exists, merges them into the manifest and writes
+//! the manifest create-only. There is at most one staged copy: a snapshot that comes while the
+//! previous persist is still running waits for it, and reports how long.
+
+use std::collections::BTreeMap;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use object_store::{PutMode, PutOptions, PutPayload, WriteMultipart};
+
+use crate::boxes::{range_to_boxes, TensorBox};
+use crate::codec::{checksum, encode, Codec};
+use crate::format::{self, Chunk, Manifest, RankIndex, TensorEntry};
+use crate::store::{is_transient, retry, Store, ATTEMPTS_MAX};
+use crate::{runtime, Result, StorageError};
+
+/// How a writer encodes and uploads.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub codec: Codec,
+    /// zstd level (1 fastest; 3 the default; up to 19).
+    pub level: i32,
+    /// Raw bytes per chunk at most: a ranged read decodes no more than this.
+    pub chunk_bytes: usize,
+    /// Multipart part size.
+    pub part_bytes: usize,
+    /// Parts uploading at once, at most.
+    pub uploads_inflight_max: usize,
+    /// How long the committer waits for every rank's shard.
+    pub commit_timeout: Duration,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            codec: Codec::ZstdShuffle4,
+            level: 1,
+            chunk_bytes: 4 << 20,
+            part_bytes: 8 << 20,
+            uploads_inflight_max: 4,
+            commit_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One piece of a rank's snapshot: a box of a named tensor of `shape`. Its values, row-major in
+/// the box, follow the previous piece's in the staging buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub tensor: String,
+    pub shape: Vec<u64>,
+    pub region: TensorBox,
+}
+
+/// How create-only commits are made safe on this store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitMode {
+    /// The store refuses a second create-only put: the manifest put itself decides.
+    CreateOnly,
+    /// The store accepts a create-only put over an existing object (Garage 2.5 does): the
+    /// single committing rank checks that no manifest exists before it writes.
+    LeaderChecked,
+}
+
+/// What a snapshot cost the training loop.
+#[derive(Debug)]
+pub struct SnapshotReport {
+    /// Time waiting for the previous persist to finish.
+    pub waited: Duration,
+    /// Time copying into the staging buffer.
+    pub copied: Duration,
+    /// How the previous persist ended, if one was running.
+    pub previous: Option<Result<PersistReport>>,
+}
+
+/// What a persist did.
+#[derive(Debug, Clone)]
+pub struct PersistReport {
+    pub step: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// From the end of the snapshot to this rank's shard and index being durable.
+    pub upload: Duration,
+    /// On the committing rank: the time until the manifest was written.
+    pub committed: Option<Duration>,
+}
+
+type Persist = JoinHandle<(Vec<f32>, Result<PersistReport>)>;
+
+/// A rank's checkpoint writer.
+pub struct CheckpointWriter {
+    store: Store,
+    rank: usize,
+    writers: usize,
+    opts: WriterOptions,
+    mode: CommitMode,
+    staging: Vec<f32>,
+    inflight: Option<Persist>,
+}
+
+impl std::fmt::Debug for CheckpointWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointWriter")
+            .field("url", &self.store.url)
+            .field("rank", &self.rank)
+            .field("writers", &self.writers)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl CheckpointWriter {
+    /// A writer for `rank` of `writers` ranks. Rank 0 commits; it probes once whether the store
+    /// enforces create-only puts (see [`CommitMode`]).
+    pub fn new(store: Store, rank: usize, writers: usize, opts: WriterOptions) -> Result<Self> {
+        assert!(rank < writers, "rank {rank} outside {writers} writers");
+        let mode = if rank == 0 {
+            runtime().block_on(probe_create_only(&store))?
+        } else {
+            CommitMode::CreateOnly
+        };
+        Ok(CheckpointWriter {
+            store,
+            rank,
+            writers,
+            opts,
+            mode,
+            staging: Vec::new(),
+            inflight: None,
+        })
+    }
+
+    pub fn commit_mode(&self) -> CommitMode {
+        self.mode
+    }
+
+    pub fn url(&self) -> &str {
+        &self.store.url
+    }
+
+    /// Stages the checkpoint of `step`: waits for the previous persist if it is still running,
+    /// lets `fill` copy this rank's `pieces` into the staging buffer (in order, each row-major
+    /// in its box), and starts persisting it in the background. `run` is the training state
+    /// the committing rank puts in the manifest.
+    pub fn snapshot(
+        &mut self,
+        step: u64,
+        run: serde_json::Value,
+        pieces: Vec<Piece>,
+        fill: impl FnOnce(&mut [f32]),
+    ) -> SnapshotReport {
+        let started = Instant::now();
+        let previous = self.wait();
+        let waited = started.elapsed();
+        let copy_started = Instant::now();
+        let n: u64 = pieces.iter().map(|p| p.region.numel()).sum();
+        // Allocated on the first snapshot; the same size every time after.
+        self.staging.resize(n as usize, 0.0);
+        fill(&mut self.staging);
+        let copied = copy_started.elapsed();
+        let job = Job {
+            store: self.store.clone(),
+            step,
+            rank: self.rank,
+            writers: self.writers,
+            opts: self.opts.clone(),
+            mode: self.mode,
+            run,
+            pieces,
+        };
+        let staging = std::mem::take(&mut self.staging);
+        self.inflight = Some(std::thread::spawn(move || {
+            let result = runtime().block_on(job.persist(&staging));
+            (staging, result)
+        }));
+        SnapshotReport {
+            waited,
+            copied,
+            previous,
+        }
+    }
+
+    /// Waits for the persist in flight, if any, and returns how it ended.
+    pub fn wait(&mut self) -> Option<Result<PersistReport>> {
+        let handle = self.inflight.take()?;
+        let (staging, result) = handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        self.staging = staging;
+        Some(result)
+    }
+}
+
+/// One rank's persist of one checkpoint.
+struct Job {
+    store: Store,
+    step: u64,
+    rank: usize,
+    writers: usize,
+    opts: WriterOptions,
+    mode: CommitMode,
+    run: serde_json::Value,
+    pieces: Vec<Piece>,
+}
+
+impl Job {
+    async fn persist(self, staging: &[f32]) -> Result<PersistReport> {
+        let started = Instant::now();
+        let path = self.store.path(&format::shard_name(self.step, self.rank));
+        // A failed upload is started again from the staging buffer, which is still ours.
+        let mut attempt = 1;
+        let (tensors, stored_bytes) = loop {
+            match self.upload_shard(staging).await {
+                Err(e) if attempt < ATTEMPTS_MAX && is_transient(&e) => {
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    attempt += 1;
+                }
+                done => break done.map_err(|e| StorageError::store("upload shard", &path, e))?,
+            }
+        };
+        let index = RankIndex {
+            rank: self.rank,
+            tensors,
+        };
+        let index_path = self.store.path(&format::index_name(self.step, self.rank));
+        let body = serde_json::to_vec(&index).expect("an index serialises");
+        retry(|| {
+            self.store
+                .inner
+                .put(&index_path, PutPayload::from(body.clone()))
+        })
+        .await
+        .map_err(|e| StorageError::store("write index", &index_path, e))?;
+        let upload = started.elapsed();
+        let committed = if self.rank == 0 {
+            self.commit().await?;
+            Some(started.elapsed())
+        } else {
+            None
+        };
+        Ok(PersistReport {
+            step: self.step,
+            raw_bytes: 4 * staging.len() as u64,
+            stored_bytes,
+            upload,
+            committed,
+        })
+    }
+
+    /// Streams every chunk of this rank's pieces into its shard object.
+    async fn upload_shard(&self, staging: &[f32]) -> object_store::Result<(Vec<TensorEntry>, u64)> {
+        let object = format::shard_name(self.step, self.rank);
+        let path = self.store.path(&object);
+        let upload = self.store.inner.put_multipart(&path).await?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, self.opts.part_bytes);
+        let mut entries: BTreeMap<String, TensorEntry> = BTreeMap::new();
+        let (mut raw, mut enc, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let chunk_elems = (self.opts.chunk_bytes / 4).max(1) as u64;
+        let (mut pos, mut byte_offset) = (0usize, 0u64);
+        for piece in &self.pieces {
+            let n = piece.region.numel();
+            let data = &staging[pos..pos + n as usize];
+            pos += n as usize;
+            let entry = entries
+                .entry(piece.tensor.clone())
+                .or_insert_with(|| TensorEntry {
+                    name: piece.tensor.clone(),
+                    dtype: "f32".into(),
+                    shape: piece.shape.clone(),
+                    chunks: Vec::new(),
+                });
+            let mut start = 0u64;
+            while start < n {
+                let end = (start + chunk_elems).min(n);
+                // Each run of the piece is one or a few boxes of it, contiguous in order.
+                let mut at = start;
+                for b in range_to_boxes(&piece.region.size, start, end) {
+                    let len = b.numel();
+                    let values = &data[at as usize..(at + len) as usize];
+                    at += len;
+                    raw.clear();
+                    raw.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+                    let crc32c = checksum(&raw);
+                    encode(
+                        self.opts.codec,
+                        self.opts.level,
+                        &raw,
+                        &mut enc,
+                        &mut scratch,
+                    )
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "marathon",
+                        source: Box::new(e),
+                    })?;
+                    w.wait_for_capacity(self.opts.uploads_inflight_max).await?;
+                    w.write(&enc);
+                    entry.chunks.push(Chunk {
+                        region: b.shifted(&piece.region.offset),
+                        object: object.clone(),
+                        byte_offset,
+                        byte_len: enc.len() as u64,
+                        codec: self.opts.codec,
+                        raw_len: raw.len() as u64,
+                        crc32c,
+                    });
+                    byte_offset += enc.len() as u64;
+                }
+                start = end;
+            }
+        }
+        w.finish().await?;
+        Ok((entries.into_values().collect(), byte_offset))
+    }
+
+    /// Waits for every rank's index, merges them into the manifest and writes it create-only.
+    async fn commit(&self) -> Result<()> {
+        let deadline = Instant::now() + self.opts.commit_timeout;
+        let mut indexes: Vec<Option<RankIndex>> = vec![None; self.writers];
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            for (r, slot) in indexes.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
+                let path = self.store.path(&format::index_name(self.step, r));
+                match retry(|| self.store.inner.get(&path)).await {
+                    Ok(got) => {
+                        let bytes = got
+                            .bytes()
+                            .await
+                            .map_err(|e| StorageError::store("read index", &path, e))?;
+                        let index = serde_json::from_slice(&bytes).map_err(|e| {
+                            StorageError::BadManifest {
+                                path: path.to_string(),
+                                reason: format!("rank index does not parse: {e}"),
+                            }
+                        })?;
+                        *slot = Some(index);
+                    }
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(StorageError::store("read index", &path, e)),
+                }
+            }
+            let missing: Vec<usize> = (0..self.writers)
+                .filter(|&r| indexes[r].is_none())
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(StorageError::CommitTimeout {
+                    step: self.step,
+                    missing,
+                    timeout_s: self.opts.commit_timeout.as_secs(),
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+        let mut tensors: BTreeMap<String, TensorEntry> = BTreeMap::new();
+        for index in indexes.into_iter().flatten() {
+            for t in index.tensors {
+                match tensors.get_mut(&t.name) {
+                    Some(e) => e.chunks.extend(t.chunks),
+                    None => {
+                        tensors.insert(t.name.clone(), t);
+                    }
+                }
+            }
+        }
+        let mut tensors: Vec<TensorEntry> = tensors.into_values().collect();
+        for t in &mut tensors {
+            t.chunks
+                .sort_by(|a, b| a.region.offset.cmp(&b.region.offset));
+        }
+        let manifest = Manifest {
+            format: format::FORMAT.into(),
+            version: format::VERSION,
+            step: self.step,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            writers: self.writers,
+            run: self.run.clone(),
+            tensors,
+        };
+        let path = self.store.path(&format::manifest_name(self.step));
+        // What the ranks wrote must be whole tensors before it may be committed.
+        manifest
+            .check_coverage()
+            .map_err(|reason| StorageError::BadManifest {
+                path: path.to_string(),
+                reason: format!("not committed: {reason}"),
+            })?;
+        let already = || StorageError::AlreadyCommitted {
+            step: self.step,
+            url: self.store.url.clone(),
+        };
+        if self.mode == CommitMode::LeaderChecked {
+            match self.store.inner.head(&path).await {
+                Ok(_) => return Err(already()),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(StorageError::store("check manifest", &path, e)),
+            }
+        }
+        let body = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match retry(|| {
+            self.store
+                .inner
+                .put_opts(&path, PutPayload::from(body.clone()), create.clone())
+        })
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(already()),
+            Err(e) => Err(StorageError::store("commit manifest", &path, e)),
+        }
+    }
+}
+
+/// Whether `store` refuses a second create-only put of the same object.
+pub async fn probe_create_only(store: &Store) -> Result<CommitMode> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let path = store.path(&format!(".marathon-probe-{}-{nanos}", std::process::id()));
+    let create = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    let put = || {
+        store
+            .inner
+            .put_opts(&path, PutPayload::from_static(b"probe"), create.clone())
+    };
+    put()
+        .await
+        .map_err(|e| StorageError::store("probe create-only put", &path, e))?;
+    let mode = match put().await {
+        Err(object_store::Error::AlreadyExists { .. }) => CommitMode::CreateOnly,
+        Ok(_) | Err(object_store::Error::NotImplemented) => CommitMode::LeaderChecked,
+        Err(e) => return Err(StorageError::store("probe create-only put", &path, e)),
+    };
+    let _ = store.inner.delete(&path).await;
+    Ok(mode)
+}

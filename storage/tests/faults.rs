@@ -1,0 +1,153 @@
+//! Faults through the fault-injecting store: a writer that stops between its shards and the
+//! manifest or halfway through the manifest, and shards damaged after the commit. An
+//! uncommitted checkpoint is never read, damage is found and named, and retention keeps the
+//! newest checkpoint that verifies.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use marathon_storage::faulty::{Faults, FaultyStore};
+use marathon_storage::format::{manifest_name, shard_name};
+use marathon_storage::retention::{collect, Retention};
+use marathon_storage::{Reader, StorageError, Store};
+use object_store::PutPayload;
+
+fn faulty_memory() -> (Store, Arc<FaultyStore>) {
+    let base = Store::open("memory://job").expect("open");
+    let faulty = Arc::new(FaultyStore::new(base.inner.clone(), Faults::default(), 3));
+    (base.wrapped(faulty.clone()), faulty)
+}
+
+#[test]
+fn a_writer_stopped_before_the_manifest_leaves_no_checkpoint() {
+    let (store, faulty) = faulty_memory();
+    save(&store, 1).expect("save 1");
+    faulty.set(Faults {
+        refuse_puts_to: Some("manifest.json".into()),
+        ..Faults::default()
+    });
+    let err = save(&store, 2).expect_err("the manifest put is refused");
+    assert!(err.to_string().contains("commit manifest"), "{err}");
+    let reader = Reader::new(store.clone());
+    assert_eq!(reader.committed().expect("list"), vec![1]);
+    assert!(reader
+        .list()
+        .expect("list")
+        .iter()
+        .any(|s| s.step == 2 && !s.committed));
+    assert!(matches!(
+        reader.manifest(2),
+        Err(StorageError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn a_manifest_torn_halfway_is_refused() {
+    let (store, faulty) = faulty_memory();
+    save(&store, 1).expect("save 1");
+    faulty.set(Faults {
+        tear_puts_to: Some("manifest.json".into()),
+        ..Faults::default()
+    });
+    save(&store, 2).expect_err("the manifest put tears");
+    let reader = Reader::new(store.clone());
+    let err = reader.manifest(2).expect_err("a torn manifest");
+    assert!(
+        matches!(err, StorageError::BadManifest { .. })
+            && err.to_string().contains("step-000000000002/manifest.json"),
+        "{err}"
+    );
+    check(&reader, 1).expect("the previous checkpoint still reads");
+}
+
+/// Replaces an object's bytes behind the store's back.
+fn damage(store: &Store, name: &str, f: impl FnOnce(&mut Vec<u8>)) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let path = store.path(name);
+    let mut bytes = rt
+        .block_on(async { store.inner.get(&path).await?.bytes().await })
+        .expect("read the object")
+        .to_vec();
+    f(&mut bytes);
+    rt.block_on(store.inner.put(&path, PutPayload::from(bytes)))
+        .expect("write the object back");
+}
+
+#[test]
+fn a_flipped_bit_or_a_truncated_shard_is_found_and_named() {
+    for (what, harm) in [
+        (
+            "flipped bit",
+            Box::new(|b: &mut Vec<u8>| b[100] ^= 0x10) as Box<dyn Fn(&mut Vec<u8>)>,
+        ),
+        (
+            "truncated",
+            Box::new(|b: &mut Vec<u8>| b.truncate(b.len() / 2)),
+        ),
+    ] {
+        let (store, _) = faulty_memory();
+        save(&store, 1).expect("save 1");
+        save(&store, 2).expect("save 2");
+        damage(&store, &shard_name(2, 0), |b| harm(b));
+        let reader = Reader::new(store.clone());
+        let err = check(&reader, 2).expect_err(what);
+        let msg = err.to_string();
+        assert!(
+            matches!(
+                err,
+                StorageError::Corrupt { .. } | StorageError::Store { .. }
+            ) && msg.contains("shard-r00000.bin"),
+            "{what}: {msg}"
+        );
+        if let StorageError::Corrupt { tensor, .. } = &err {
+            assert!(tensor == "a" || tensor == "b", "{what}: {msg}");
+        }
+        // Verification finds it too, and retention keeps the newest checkpoint that verifies.
+        let m = reader.manifest(2).expect("the manifest itself is sound");
+        assert!(reader.verify(&m).is_err(), "{what}");
+        save(&store, 3).expect("save 3");
+        damage(&store, &shard_name(3, 1), |b| harm(b));
+        let policy = Retention {
+            keep_last: 1,
+            keep_every: 0,
+            grace_ms: 0,
+        };
+        let done = collect(&reader, policy, u64::MAX / 2, false, |s| {
+            reader.manifest(s).and_then(|m| reader.verify(&m)).is_ok()
+        })
+        .expect("collect");
+        assert_eq!(done.newest_verified, Some(1), "{what}");
+        assert_eq!(
+            reader.committed().expect("list"),
+            vec![1, 3],
+            "{what}: kept the newest and the newest verified"
+        );
+        check(&reader, 1).expect("the verified checkpoint is whole");
+    }
+}
+
+#[test]
+fn a_manifest_of_an_unknown_version_or_a_missing_root_is_refused() {
+    let (store, _) = faulty_memory();
+    save(&store, 1).expect("save 1");
+    damage(&store, &manifest_name(1), |b| {
+        let text = String::from_utf8(b.clone())
+            .expect("json")
+            .replace("\"version\": 1", "\"version\": 99");
+        *b = text.into_bytes();
+    });
+    let err = Reader::new(store.clone())
+        .manifest(1)
+        .expect_err("version 99");
+    assert!(
+        matches!(err, StorageError::UnknownVersion { version: 99, .. })
+            && err
+                .to_string()
+                .contains("this build reads marathon-checkpoint version 1"),
+        "{err}"
+    );
+    let err = Store::open("ftp://host/x").expect_err("unknown scheme");
+    assert!(err.to_string().contains("unknown scheme ftp://"), "{err}");
+}
