@@ -10,8 +10,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install a Rust toolchain first (https://rustup.rs), then rerun"
 
 # System packages the build or the tests need, as "command:package" pairs. The workspace builds
-# from crates.io alone today; the etcd and S3-API servers of the elastic and checkpoint tests
-# are added here with them.
+# from crates.io alone today; the etcd server of the elastic tests is added here with them.
 needs=()
 apt_packages=()
 for need in "${needs[@]}"; do
@@ -32,3 +31,19 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
     || die "apt-get install ${apt_packages[*]} failed"
 fi
 say "system packages ready"
+
+# Garage, the S3-API object store the checkpoint tests start privately. It builds from crates.io
+# (about 15 minutes on 2 cores), so it is installed once into a tools folder that is kept
+# between runs: MARATHON_TOOLS, by default ~/.cache/marathon/tools.
+tools="${MARATHON_TOOLS:-$HOME/.cache/marathon/tools}"
+garage_version=2.5.0
+if [ -x "$tools/bin/garage" ] && "$tools/bin/garage" --version 2>/dev/null | grep -q "$garage_version"; then
+  say "garage $garage_version ready in $tools/bin"
+else
+  say "building garage $garage_version into $tools (once; about 15 minutes on 2 cores)"
+  mkdir -p "$tools"
+  log="$tools/garage-install.log"
+  cargo install garage --locked --version "$garage_version" --root "$tools" >"$log" 2>&1 \
+    || die "cargo install garage $garage_version failed; see $log"
+  say "garage $garage_version installed in $tools/bin"
+fi

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use marathon_elastic::{DirCoordinator, Topology};
+use marathon_runtime::checkpoint::CheckpointRecord;
 use marathon_runtime::comm::GroupSpec;
 use marathon_runtime::trainer::{preflight, Observer, StepRecord, Summary};
 use marathon_runtime::Groups;
@@ -81,6 +82,7 @@ impl LayoutFlags {
 enum Event {
     Step(StepRecord),
     Eval { step: u64, val_loss: f32 },
+    Checkpoint(CheckpointRecord),
     Summary(Summary),
 }
 
@@ -153,6 +155,9 @@ impl Observer for Reporter {
     }
     fn on_eval(&mut self, step: u64, val_loss: f32) {
         self.send(&Event::Eval { step, val_loss });
+    }
+    fn on_checkpoint(&mut self, rec: &CheckpointRecord) {
+        self.send(&Event::Checkpoint(rec.clone()));
     }
 }
 
@@ -278,6 +283,7 @@ fn supervise(
         match events.recv_timeout(Duration::from_millis(50)) {
             Ok(Event::Step(rec)) => progress.on_step(&rec),
             Ok(Event::Eval { step, val_loss }) => progress.on_eval(step, val_loss),
+            Ok(Event::Checkpoint(rec)) => progress.on_checkpoint(&rec),
             Ok(Event::Summary(s)) => summary = Some(s),
             Err(_) => {}
         }

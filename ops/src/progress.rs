@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use marathon_runtime::checkpoint::CheckpointRecord;
 use marathon_runtime::trainer::{Observer, StepRecord};
 use marathon_runtime::TrainConfig;
 
@@ -44,6 +45,13 @@ impl Progress {
         }
     }
 
+    fn println(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
     fn message(&self, r: &StepRecord) -> String {
         let val = self
             .last_val
@@ -76,10 +84,21 @@ impl Observer for Progress {
 
     fn on_eval(&mut self, step: u64, val_loss: f32) {
         self.last_val = Some(val_loss);
-        let line = format!("step {step}: validation loss {val_loss:.4}");
-        match &self.bar {
-            Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+        self.println(format!("step {step}: validation loss {val_loss:.4}"));
+    }
+
+    fn on_checkpoint(&mut self, r: &CheckpointRecord) {
+        if let Some(e) = &r.previous_failed {
+            self.println(format!(
+                "warning: the previous checkpoint was not committed: {e}"
+            ));
         }
+        self.println(format!(
+            "step {}: checkpoint staged ({:.1} MB in {:.0} ms, {:.0} ms of it waiting for the previous one); persisting in the background",
+            r.step,
+            r.staged_bytes as f64 / 1e6,
+            r.stall_ms,
+            r.waited_ms
+        ));
     }
 }

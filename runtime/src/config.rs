@@ -22,6 +22,8 @@ pub struct TrainConfig {
     pub train: RunConfig,
     #[serde(default)]
     pub parallel: ParallelLayout,
+    /// Checkpoints; without this section none are written or resumed from.
+    pub checkpoint: Option<CheckpointConfig>,
     /// The file this configuration came from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -97,6 +99,71 @@ fn default_eval_batches() -> usize {
     8
 }
 
+/// Where and how often checkpoints are written, which are kept, and whether a run resumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// The job's checkpoint root: a directory, or a URL (`file://`, `s3://bucket/prefix`,
+    /// `az://container/prefix`, `gs://bucket/prefix`, `memory://`).
+    pub root: String,
+    /// Take a checkpoint every this many steps, and after the last step; 0: after the last only.
+    #[serde(default)]
+    pub every_steps: u64,
+    /// The newest committed checkpoints kept.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// Steps that are multiples of this are kept for good; 0: none.
+    #[serde(default)]
+    pub keep_every: u64,
+    /// Chunk encoding.
+    #[serde(default)]
+    pub compression: Compression,
+    /// zstd level, 1 (fastest) to 19.
+    #[serde(default = "default_level")]
+    pub level: i32,
+    /// `auto` continues from the newest committed checkpoint under `root` when there is one;
+    /// `never` starts from fresh weights (and refuses a root that already holds checkpoints).
+    #[serde(default)]
+    pub resume: Resume,
+    /// Uncommitted checkpoints older than this are collected.
+    #[serde(default = "default_grace_s")]
+    pub abandoned_after_s: u64,
+    /// Object store options on top of the environment's, in object_store's key names
+    /// (`aws_endpoint`, `aws_region`, `aws_access_key_id`, ...).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+fn default_keep_last() -> usize {
+    3
+}
+
+fn default_level() -> i32 {
+    1
+}
+
+fn default_grace_s() -> u64 {
+    3600
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    None,
+    Zstd,
+    /// zstd of the byte planes of the values: smaller for floats at the same speed.
+    #[default]
+    ZstdShuffle,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resume {
+    #[default]
+    Auto,
+    Never,
+}
+
 impl TrainConfig {
     /// Reads, parses and validates the configuration at `path`.
     pub fn load(path: &Path) -> Result<Self> {
@@ -143,7 +210,8 @@ impl TrainConfig {
                 return Err(invalid(
                     "batch.rampup.ramp_tokens",
                     format!(
-                        "{} is too short for {increments} increments of whole sequences of batch.seq_len {};                          use at least {}, or remove [batch.rampup] for a constant batch",
+                        "{} is too short for {increments} increments of whole sequences of batch.seq_len {}; \
+                         use at least {}, or remove [batch.rampup] for a constant batch",
                         r.ramp_tokens,
                         b.seq_len,
                         increments * b.seq_len as u64
@@ -204,6 +272,26 @@ impl TrainConfig {
                 "train.eval_every_steps",
                 "is set but data.val names no validation file; set data.val or eval_every_steps = 0",
             ));
+        }
+        if let Some(c) = &self.checkpoint {
+            if c.root.trim().is_empty() {
+                return Err(invalid(
+                    "checkpoint.root",
+                    "is empty; name a directory or a URL such as s3://bucket/job",
+                ));
+            }
+            if c.keep_last == 0 {
+                return Err(invalid(
+                    "checkpoint.keep_last",
+                    "must be at least 1: the newest checkpoint is always kept",
+                ));
+            }
+            if !(1..=19).contains(&c.level) {
+                return Err(invalid(
+                    "checkpoint.level",
+                    format!("{} is out of range; use a zstd level from 1 to 19", c.level),
+                ));
+            }
         }
         if r.eval_every_steps > 0 && r.eval_batches == 0 {
             return Err(invalid(

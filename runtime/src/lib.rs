@@ -9,6 +9,7 @@
 //! Never parses command lines or draws progress bars: it reports progress through
 //! [`trainer::Observer`], and `ops` renders it.
 
+pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod data;
@@ -92,6 +93,9 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// Checkpoint storage failed: the message names the step, object, tensor or URL.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] marathon_storage::StorageError),
 }
 
 impl RuntimeError {

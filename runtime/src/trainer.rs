@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use marathon_model::optim::{clip_grads, sum_squares};
 use marathon_model::{AdamW, BatchRamp, Gpt, Shard};
+use marathon_storage::{CheckpointWriter, Reader};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, CheckpointRecord, Checkpointing, RunState, Source};
 use crate::comm::{chunk_range, ProcessGroup};
-use crate::config::TrainConfig;
+use crate::config::{Resume, TrainConfig};
 use crate::data::{DataOrder, TokenFile};
 use crate::groups::{Groups, TensorGroup};
 use crate::{Result, RuntimeError};
@@ -53,6 +55,7 @@ pub struct StepRecord {
 pub trait Observer {
     fn on_step(&mut self, _rec: &StepRecord) {}
     fn on_eval(&mut self, _step: u64, _val_loss: f32) {}
+    fn on_checkpoint(&mut self, _rec: &CheckpointRecord) {}
 }
 
 /// The end of a run.
@@ -86,6 +89,8 @@ pub struct Trainer {
     grad_in: Vec<f32>,
     metrics: Option<BufWriter<File>>,
     groups: Groups,
+    ckpt: Option<Checkpointing>,
+    resumed_from: Option<u64>,
 }
 
 /// Where a step's time went, beyond compute.
@@ -163,10 +168,34 @@ impl Trainer {
             0..model.layout.numel()
         };
         let opt = AdamW::for_shard(cfg.optim.adamw(), &model.layout, opt_shard);
-        // One rank writes the metrics: every rank ends a step knowing the same numbers.
-        let metrics = match &cfg.train.metrics {
-            Some(p) if tp_rank == 0 && stage == 0 && replica == 0 => Some(open_metrics(p)?),
-            _ => None,
+        let ckpt = match &cfg.checkpoint {
+            Some(c) => {
+                let store = checkpoint::open_store(c)?;
+                // Megatron's rank order; the committing writer is rank 0.
+                let rank = (stage * replicas + replica) * tp + tp_rank;
+                let world = tp * pp * replicas;
+                let writer = CheckpointWriter::new(
+                    store.clone(),
+                    rank,
+                    world,
+                    checkpoint::writer_options(c),
+                )?;
+                let pieces = checkpoint::plan_pieces(
+                    &model.layout,
+                    &opt.shard,
+                    replica,
+                    replicas,
+                    layout.distributed_optimizer,
+                );
+                Some(Checkpointing {
+                    writer,
+                    reader: Reader::new(store),
+                    pieces,
+                    every_steps: c.every_steps,
+                    last_step: None,
+                })
+            }
+            None => None,
         };
         let ramp = cfg.batch_ramp();
         let hidden = mb * seq * cfg.model.n_embd;
@@ -184,9 +213,194 @@ impl Trainer {
             targets: vec![0; mb * seq],
             act_in: vec![0.0; if stage > 0 { hidden } else { 0 }],
             grad_in: vec![0.0; if stage + 1 < pp { hidden } else { 0 }],
-            metrics,
+            metrics: None,
             groups,
+            ckpt,
+            resumed_from: None,
         })
+        .and_then(|mut t| {
+            t.resumed_from = t.resume()?;
+            // One rank writes the metrics: every rank ends a step knowing the same numbers. A
+            // resumed run adds to the file of the run it continues.
+            if let (Some(p), true) = (
+                &t.cfg.train.metrics,
+                tp_rank == 0 && stage == 0 && replica == 0,
+            ) {
+                t.metrics = Some(open_metrics(p, t.resumed_from.is_some())?);
+            }
+            Ok(t)
+        })
+    }
+
+    /// Continues from the newest committed checkpoint under `checkpoint.root`, if there is one
+    /// and `checkpoint.resume` is `auto`: parameters, both Adam moments and the optimizer step,
+    /// the data order's position and the schedules. A checkpoint that cannot be read on any
+    /// rank (a damaged chunk, a torn manifest) is skipped for the one before it, with a
+    /// warning; every rank agrees on the one it loads. Returns the step resumed from.
+    fn resume(&mut self) -> Result<Option<u64>> {
+        let (Some(ck), Some(c)) = (&self.ckpt, &self.cfg.checkpoint) else {
+            return Ok(None);
+        };
+        let url = ck.reader.store.url.clone();
+        let steps = ck.reader.committed()?;
+        let Some(&newest) = steps.last() else {
+            return Ok(None);
+        };
+        if c.resume == Resume::Never {
+            return Err(RuntimeError::Config {
+                path: self.cfg.source.clone(),
+                field: "checkpoint.resume".into(),
+                reason: format!(
+                    "is never, but {url} already holds committed checkpoints (the newest of step \
+                     {newest}); writing a new run there would mix the two. Choose a new \
+                     checkpoint.root, or set resume = \"auto\" to continue"
+                ),
+            });
+        }
+        for &step in steps.iter().rev() {
+            let attempt = self.load_checkpoint(step);
+            if let Err(e @ RuntimeError::Config { .. }) = attempt {
+                // The same manifest gives every rank the same verdict.
+                return Err(e);
+            }
+            let failed = self.sum_over_ranks(f32::from(attempt.is_err()))?;
+            match attempt {
+                Ok(state) if failed == 0.0 => {
+                    self.step = state.step;
+                    self.consumed_samples = state.consumed_samples;
+                    self.opt.step = state.optimizer_step;
+                    return Ok(Some(step));
+                }
+                Ok(_) => eprintln!(
+                    "warning: the checkpoint of step {step} under {url} could not be read on \
+                     another rank; falling back to the one before"
+                ),
+                Err(e) => eprintln!(
+                    "warning: the checkpoint of step {step} under {url} cannot be loaded ({e}); \
+                     falling back to the one before"
+                ),
+            }
+        }
+        Err(RuntimeError::Config {
+            path: self.cfg.source.clone(),
+            field: "checkpoint.root".into(),
+            reason: format!(
+                "none of the {} committed checkpoints under {url} could be loaded (see the \
+                 warnings above); run `marathon ckpt verify`, or set checkpoint.resume = \
+                 \"never\" with a new root to start afresh",
+                steps.len()
+            ),
+        })
+    }
+
+    /// Reads this rank's state from the checkpoint of `step` into the model and optimizer.
+    fn load_checkpoint(&mut self, step: u64) -> Result<RunState> {
+        let ck = self.ckpt.as_ref().expect("resuming needs checkpointing");
+        let m = ck.reader.manifest(step)?;
+        let state: RunState = serde_json::from_value(m.run.clone()).map_err(|e| {
+            marathon_storage::StorageError::BadManifest {
+                path: format!("{}/step {step}", ck.reader.store.url),
+                reason: format!("its run state does not parse: {e}"),
+            }
+        })?;
+        checkpoint::check_compatible(&self.cfg, &state, &ck.reader.store.url)?;
+        checkpoint::load_tensors(
+            &ck.reader,
+            &m,
+            &self.model.layout,
+            &mut self.model.params,
+            &self.opt.shard,
+            &mut self.opt.m,
+            &mut self.opt.v,
+        )?;
+        Ok(state)
+    }
+
+    /// The sum of `x` over every rank of the job: over the tensor, then pipeline, then data
+    /// groups.
+    fn sum_over_ranks(&mut self, x: f32) -> Result<f32> {
+        let mut v = [x];
+        for g in [
+            self.groups.tp.as_mut(),
+            self.groups.pp.as_mut(),
+            self.groups.dp.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            g.all_reduce(&mut v)?;
+        }
+        Ok(v[0])
+    }
+
+    /// The step this run resumed from, if it did.
+    pub fn resumed_from(&self) -> Option<u64> {
+        self.resumed_from
+    }
+
+    /// Snapshots this rank's state for a checkpoint of the current step and returns at once;
+    /// the persist runs in the background (see `marathon_storage::writer`). Waits first if the
+    /// previous persist is still running. `None` without `[checkpoint]`.
+    pub fn checkpoint(&mut self) -> Result<Option<CheckpointRecord>> {
+        let Some(ck) = self.ckpt.as_mut() else {
+            return Ok(None);
+        };
+        let seq = self.cfg.batch.seq_len as u64;
+        let state = RunState {
+            step: self.step,
+            consumed_samples: self.consumed_samples,
+            tokens_consumed: self.consumed_samples * seq,
+            data_seed: self.cfg.data.seed,
+            samples_per_epoch: self.train.samples(seq as usize) as u64,
+            init_seed: self.cfg.train.seed,
+            optimizer_step: self.opt.step,
+            lr: self.cfg.optim.lr.lr_at(self.consumed_samples * seq),
+            model: self.cfg.model.clone(),
+            layout: self.cfg.parallel,
+            seq_len: self.cfg.batch.seq_len,
+        };
+        let run = serde_json::to_value(&state).expect("the run state serialises");
+        let Checkpointing {
+            writer,
+            pieces,
+            last_step,
+            ..
+        } = ck;
+        let (params, m, v) = (&self.model.params, &self.opt.m, &self.opt.v);
+        let staged: usize = pieces.iter().map(|(_, _, r)| r.len()).sum();
+        let report = writer.snapshot(
+            self.step,
+            run,
+            pieces.iter().map(|(p, _, _)| p.clone()).collect(),
+            |buf| {
+                let mut at = 0;
+                for (_, source, r) in pieces.iter() {
+                    let src = match source {
+                        Source::Params => &params[r.clone()],
+                        Source::AdamM => &m[r.clone()],
+                        Source::AdamV => &v[r.clone()],
+                    };
+                    buf[at..at + r.len()].copy_from_slice(src);
+                    at += r.len();
+                }
+            },
+        );
+        *last_step = Some(self.step);
+        Ok(Some(CheckpointRecord::new(
+            self.step,
+            4 * staged as u64,
+            &report,
+        )))
+    }
+
+    /// Waits until the last checkpoint is durable (and, on rank 0, committed).
+    pub fn finish_checkpoints(&mut self) -> Result<()> {
+        if let Some(ck) = self.ckpt.as_mut() {
+            if let Some(done) = ck.writer.wait() {
+                done?;
+            }
+        }
+        Ok(())
     }
 
     /// Positions the trainer after `step` completed steps, as a resumed run is: the data order
@@ -587,7 +801,16 @@ impl Trainer {
                     last_val = Some(v);
                 }
             }
+            let ckpt_every = self.ckpt.as_ref().map_or(0, |c| c.every_steps);
+            let last_step = self.step == self.cfg.train.steps;
+            if (ckpt_every > 0 && self.step % ckpt_every == 0) || last_step {
+                if let Some(rec) = self.checkpoint()? {
+                    observer.on_checkpoint(&rec);
+                }
+            }
         }
+        // The last checkpoint is durable (and committed) before the run reports success.
+        self.finish_checkpoints()?;
         if let Some(m) = &mut self.metrics {
             m.flush().map_err(|e| {
                 RuntimeError::io(
@@ -723,15 +946,17 @@ fn physical_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn open_metrics(path: &Path) -> Result<BufWriter<File>> {
+fn open_metrics(path: &Path, resumed: bool) -> Result<BufWriter<File>> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io("create directory", dir, e))?;
     }
-    // A new run starts a new file; appending would mix runs with the same step numbers.
+    // A new run starts a new file (appending would mix runs with the same step numbers); a
+    // resumed run continues its own.
     let f = OpenOptions::new()
         .create(true)
         .write(true)
-        .truncate(true)
+        .append(resumed)
+        .truncate(!resumed)
         .open(path)
         .map_err(|e| RuntimeError::io("open metrics file", path, e))?;
     Ok(BufWriter::new(f))

@@ -4,15 +4,10 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use common::*;
-use marathon_elastic::{InProcessCoordinator, Topology};
 use marathon_model::layout::copy_box;
 use marathon_model::ParamLayout;
-use marathon_runtime::comm::GroupSpec;
-use marathon_runtime::{Groups, TrainConfig, Trainer};
+use marathon_runtime::{TrainConfig, Trainer};
 
 const STEPS: u64 = 10;
 
@@ -44,37 +39,16 @@ fn parallel(
     dp: usize,
     distributed_optimizer: bool,
 ) -> Vec<Run> {
-    let coord = Arc::new(InProcessCoordinator::new());
-    let mut cfg = cfg.clone();
-    cfg.parallel.tp = tp;
-    cfg.parallel.pp = pp;
-    cfg.parallel.dp = dp;
-    cfg.parallel.distributed_optimizer = distributed_optimizer;
-    let topology = Topology::new(tp, pp, dp);
-    let job = format!("test-tp{tp}-pp{pp}-dp{dp}-{distributed_optimizer}");
-    let handles: Vec<_> = (0..topology.world_size())
-        .map(|rank| {
-            let (coord, cfg, job) = (coord.clone(), cfg.clone(), job.clone());
-            std::thread::spawn(move || {
-                let template = GroupSpec::loopback(&job, "", 0, 1, Duration::from_secs(60));
-                let groups = Groups::connect(&*coord, topology, rank, &template)
-                    .expect("join this rank's groups");
-                let mut t = Trainer::with_groups(cfg, groups).expect("rank trainer");
-                let losses: Vec<f32> = (0..STEPS)
-                    .map(|_| t.train_step().expect("step").loss)
-                    .collect();
-                Run {
-                    losses,
-                    params: t.model.params,
-                    layout: t.model.layout,
-                }
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("rank thread"))
-        .collect()
+    on_every_rank(cfg, (tp, pp, dp), distributed_optimizer, |mut t| {
+        let losses: Vec<f32> = (0..STEPS)
+            .map(|_| t.train_step().expect("step").loss)
+            .collect();
+        Run {
+            losses,
+            params: t.model.params,
+            layout: t.model.layout,
+        }
+    })
 }
 
 /// Asserts every rank matches the single-process run within 1e-5 relative: the loss of each

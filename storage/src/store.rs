@@ -107,9 +107,11 @@ impl Store {
                 }
                 Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
             }
-            other => return Err(bad(format!(
+            other => {
+                return Err(bad(format!(
                 "unknown scheme {other}://; use a path, file://, memory://, s3://, az:// or gs://"
-            ))),
+            )))
+            }
         };
         let prefix = if scheme == "memory" {
             Path::from(rest.trim_matches('/'))

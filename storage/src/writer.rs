@@ -18,6 +18,7 @@ use object_store::{PutMode, PutOptions, PutPayload, WriteMultipart};
 use crate::boxes::{range_to_boxes, TensorBox};
 use crate::codec::{checksum, encode, Codec};
 use crate::format::{self, Chunk, Manifest, RankIndex, TensorEntry};
+use crate::retention::Retention;
 use crate::store::{is_transient, retry, Store, ATTEMPTS_MAX};
 use crate::{runtime, Result, StorageError};
 
@@ -35,6 +36,9 @@ pub struct WriterOptions {
     pub uploads_inflight_max: usize,
     /// How long the committer waits for every rank's shard.
     pub commit_timeout: Duration,
+    /// Applied by the committing rank after each commit; the checkpoint it just committed
+    /// counts as the newest verified one.
+    pub retention: Option<Retention>,
 }
 
 impl Default for WriterOptions {
@@ -46,6 +50,7 @@ impl Default for WriterOptions {
             part_bytes: 8 << 20,
             uploads_inflight_max: 4,
             commit_timeout: Duration::from_secs(600),
+            retention: None,
         }
     }
 }
@@ -177,7 +182,25 @@ impl CheckpointWriter {
         };
         let staging = std::mem::take(&mut self.staging);
         self.inflight = Some(std::thread::spawn(move || {
-            let result = runtime().block_on(job.persist(&staging));
+            let (store, retention) = (job.store.clone(), job.opts.retention);
+            let mut result = runtime().block_on(job.persist(&staging));
+            if let (
+                Ok(PersistReport {
+                    committed: Some(_), ..
+                }),
+                Some(policy),
+            ) = (&result, retention)
+            {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let reader = crate::Reader::new(store);
+                if let Err(e) =
+                    crate::retention::collect(&reader, policy, now, false, |s| s == step)
+                {
+                    result = Err(e);
+                }
+            }
             (staging, result)
         }));
         SnapshotReport {

@@ -97,3 +97,43 @@ pub fn config_error(text: &str) -> String {
         .expect_err("an invalid configuration")
         .to_string()
 }
+
+/// Runs `f` on a trainer for every rank of a tp x pp x dp layout of `cfg`, one thread each, on
+/// real TCP process groups; returns the results in rank order.
+pub fn on_every_rank<R: Send + 'static>(
+    cfg: &TrainConfig,
+    (tp, pp, dp): (usize, usize, usize),
+    distributed_optimizer: bool,
+    f: impl Fn(marathon_runtime::Trainer) -> R + Send + Sync + 'static,
+) -> Vec<R> {
+    use std::sync::Arc;
+    let coord = Arc::new(marathon_elastic::InProcessCoordinator::new());
+    let mut cfg = cfg.clone();
+    cfg.parallel.tp = tp;
+    cfg.parallel.pp = pp;
+    cfg.parallel.dp = dp;
+    cfg.parallel.distributed_optimizer = distributed_optimizer;
+    let topology = marathon_elastic::Topology::new(tp, pp, dp);
+    let f = Arc::new(f);
+    let handles: Vec<_> = (0..topology.world_size())
+        .map(|rank| {
+            let (coord, cfg, f) = (coord.clone(), cfg.clone(), f.clone());
+            std::thread::spawn(move || {
+                let template = marathon_runtime::comm::GroupSpec::loopback(
+                    "test",
+                    "",
+                    0,
+                    1,
+                    std::time::Duration::from_secs(60),
+                );
+                let groups = marathon_runtime::Groups::connect(&*coord, topology, rank, &template)
+                    .expect("join this rank's groups");
+                f(marathon_runtime::Trainer::with_groups(cfg, groups).expect("rank trainer"))
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("rank thread"))
+        .collect()
+}

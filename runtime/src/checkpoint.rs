@@ -1,0 +1,308 @@
+//! Checkpoints of a training run: what each rank stores, the training state beside the
+//! tensors, snapshots at step boundaries, and resuming in any layout.
+//!
+//! A rank stores each element of its shard that no other rank stores: elements every
+//! tensor-parallel rank holds are stored by tensor-parallel rank 0, the tied embedding by the
+//! first stage, and what data-parallel replicas hold alike is split evenly between them; with the
+//! distributed optimizer each replica stores its own shard of the Adam moments. Tensors are
+//! stored under their global names and shapes (`params/h.0.attn.c_attn.weight`, `adam_m/...`,
+//! `adam_v/...`) as boxes, so a run in any other layout reads back exactly the boxes it holds.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use marathon_model::cost::ParallelLayout;
+use marathon_model::{GptConfig, ParamLayout};
+use marathon_storage::boxes::range_to_boxes;
+use marathon_storage::codec::Codec;
+use marathon_storage::retention::Retention;
+use marathon_storage::writer::SnapshotReport;
+use marathon_storage::{
+    CheckpointWriter, Manifest, Piece, Reader, Store, TensorBox, WriterOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::comm::chunk_range;
+use crate::config::{CheckpointConfig, Compression, TrainConfig};
+use crate::{Result, RuntimeError};
+
+/// The training state stored in the manifest beside the tensors: enough to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Steps completed.
+    pub step: u64,
+    /// The data order's position: samples consumed by those steps.
+    pub consumed_samples: u64,
+    pub tokens_consumed: u64,
+    /// The data order is a seeded permutation per epoch of this many samples.
+    pub data_seed: u64,
+    pub samples_per_epoch: u64,
+    /// Seed of the initial weights (the only other random draw; there is no dropout).
+    pub init_seed: u64,
+    /// AdamW's step count, for its bias correction.
+    pub optimizer_step: u64,
+    /// The learning rate of the last step; the schedule is a function of tokens consumed.
+    pub lr: f64,
+    pub model: GptConfig,
+    /// The layout that wrote the checkpoint; any layout can read it.
+    pub layout: ParallelLayout,
+    pub seq_len: usize,
+}
+
+/// Which of a rank's buffers a piece is copied from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Params,
+    AdamM,
+    AdamV,
+}
+
+impl Source {
+    fn prefix(self) -> &'static str {
+        match self {
+            Source::Params => "params",
+            Source::AdamM => "adam_m",
+            Source::AdamV => "adam_v",
+        }
+    }
+}
+
+/// The pieces one rank stores, and where each one's values are in the rank's buffers (ranges
+/// of the parameter buffer, or of the optimizer state's shard for the moments).
+pub(crate) fn plan_pieces(
+    layout: &ParamLayout,
+    opt_shard: &Range<usize>,
+    replica: usize,
+    replicas: usize,
+    distributed_optimizer: bool,
+) -> Vec<(Piece, Source, Range<usize>)> {
+    let unique = layout.unique_ranges();
+    // This replica's even share of the elements the model-parallel group stores once.
+    let total: usize = unique.iter().map(|r| r.len()).sum();
+    let share = chunk_range(total, replicas, replica);
+    let mut mine = Vec::new();
+    let mut seen = 0;
+    for r in &unique {
+        let (lo, hi) = (share.start.max(seen), share.end.min(seen + r.len()));
+        if lo < hi {
+            mine.push(r.start + lo - seen..r.start + hi - seen);
+        }
+        seen += r.len();
+    }
+    let moments: Vec<Range<usize>> = if distributed_optimizer {
+        unique
+            .iter()
+            .map(|r| r.start.max(opt_shard.start)..r.end.min(opt_shard.end))
+            .filter(|r| !r.is_empty())
+            .collect()
+    } else {
+        mine.clone()
+    };
+    let mut out = Vec::new();
+    for (source, ranges) in [
+        (Source::Params, &mine),
+        (Source::AdamM, &moments),
+        (Source::AdamV, &moments),
+    ] {
+        for t in layout.tensors() {
+            let global: Vec<u64> = t.global_shape.iter().map(|&d| d as u64).collect();
+            let local: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+            let offset: Vec<u64> = t.box_offset.iter().map(|&d| d as u64).collect();
+            for r in ranges.iter() {
+                let (lo, hi) = (r.start.max(t.offset), r.end.min(t.range().end));
+                if lo >= hi {
+                    continue;
+                }
+                let mut at = lo;
+                for b in range_to_boxes(&local, (lo - t.offset) as u64, (hi - t.offset) as u64) {
+                    let n = b.numel() as usize;
+                    // Buffer positions: the moments cover only the optimizer's shard.
+                    let base = if source == Source::Params {
+                        0
+                    } else {
+                        opt_shard.start
+                    };
+                    out.push((
+                        Piece {
+                            tensor: format!("{}/{}", source.prefix(), t.name),
+                            shape: global.clone(),
+                            region: b.shifted(&offset),
+                        },
+                        source,
+                        at - base..at - base + n,
+                    ));
+                    at += n;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The store and options of a configuration's `[checkpoint]`.
+pub fn open_store(c: &CheckpointConfig) -> Result<Store> {
+    Store::open_with(&c.root, c.options.clone()).map_err(RuntimeError::from)
+}
+
+pub(crate) fn writer_options(c: &CheckpointConfig) -> WriterOptions {
+    WriterOptions {
+        codec: match c.compression {
+            Compression::None => Codec::Raw,
+            Compression::Zstd => Codec::Zstd,
+            Compression::ZstdShuffle => Codec::ZstdShuffle4,
+        },
+        level: c.level,
+        retention: Some(retention(c)),
+        ..WriterOptions::default()
+    }
+}
+
+pub fn retention(c: &CheckpointConfig) -> Retention {
+    Retention {
+        keep_last: c.keep_last,
+        keep_every: c.keep_every,
+        grace_ms: c.abandoned_after_s.saturating_mul(1000),
+    }
+}
+
+/// A rank's checkpointing: its writer, what it stores, and how the last snapshot went.
+pub(crate) struct Checkpointing {
+    pub writer: CheckpointWriter,
+    pub reader: Reader,
+    pub pieces: Vec<(Piece, Source, Range<usize>)>,
+    pub every_steps: u64,
+    /// The step of the last snapshot taken.
+    pub last_step: Option<u64>,
+}
+
+impl std::fmt::Debug for Checkpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointing")
+            .field("writer", &self.writer)
+            .field("pieces", &self.pieces.len())
+            .finish()
+    }
+}
+
+/// What a checkpoint cost the step loop, for progress and benchmarks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    /// Training stalled this long: waiting for the previous persist plus the copy.
+    pub stall_ms: f64,
+    /// Of which waiting for the previous persist.
+    pub waited_ms: f64,
+    pub staged_bytes: u64,
+    /// Why the previous checkpoint's persist failed, if it did (it stays uncommitted).
+    pub previous_failed: Option<String>,
+}
+
+impl CheckpointRecord {
+    pub(crate) fn new(step: u64, staged_bytes: u64, r: &SnapshotReport) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        CheckpointRecord {
+            step,
+            stall_ms: ms(r.waited + r.copied),
+            waited_ms: ms(r.waited),
+            staged_bytes,
+            previous_failed: match &r.previous {
+                Some(Err(e)) => Some(e.to_string()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Reads this rank's state from `m`: every local tensor's box of the parameters, and the boxes
+/// of the optimizer's shard of both moments. Works from a checkpoint of any layout of the same
+/// model.
+pub(crate) fn load_tensors(
+    reader: &Reader,
+    m: &Manifest,
+    layout: &ParamLayout,
+    params: &mut [f32],
+    opt_shard: &Range<usize>,
+    adam_m: &mut [f32],
+    adam_v: &mut [f32],
+) -> marathon_storage::Result<()> {
+    for t in layout.tensors() {
+        let region = TensorBox {
+            offset: t.box_offset.iter().map(|&d| d as u64).collect(),
+            size: t.shape.iter().map(|&d| d as u64).collect(),
+        };
+        reader.read_box(
+            m,
+            &format!("params/{}", t.name),
+            &region,
+            &mut params[t.range()],
+        )?;
+        let (lo, hi) = (
+            t.offset.max(opt_shard.start),
+            t.range().end.min(opt_shard.end),
+        );
+        if lo >= hi {
+            continue;
+        }
+        let local: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        let offset: Vec<u64> = t.box_offset.iter().map(|&d| d as u64).collect();
+        let mut at = lo - opt_shard.start;
+        for b in range_to_boxes(&local, (lo - t.offset) as u64, (hi - t.offset) as u64) {
+            let n = b.numel() as usize;
+            let global = b.shifted(&offset);
+            reader.read_box(
+                m,
+                &format!("adam_m/{}", t.name),
+                &global,
+                &mut adam_m[at..at + n],
+            )?;
+            reader.read_box(
+                m,
+                &format!("adam_v/{}", t.name),
+                &global,
+                &mut adam_v[at..at + n],
+            )?;
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a checkpoint's run state fits this configuration: the same model, and a data
+/// order and sequence length it can continue.
+pub(crate) fn check_compatible(cfg: &TrainConfig, state: &RunState, url: &str) -> Result<()> {
+    let mismatch = |field: &str, there: String, here: String| RuntimeError::Config {
+        path: cfg.source.clone(),
+        field: field.into(),
+        reason: format!(
+            "the checkpoint of step {} under {url} was written with {there}, this configuration \
+             has {here}; use a root of this model's checkpoints, or set checkpoint.resume = \
+             \"never\" with a new root",
+            state.step
+        ),
+    };
+    let (a, b) = (&state.model, &cfg.model);
+    for (field, there, here) in [
+        ("model.vocab_size", a.vocab_size, b.vocab_size),
+        ("model.seq_len", a.seq_len, b.seq_len),
+        ("model.n_layer", a.n_layer, b.n_layer),
+        ("model.n_head", a.n_head, b.n_head),
+        ("model.n_embd", a.n_embd, b.n_embd),
+        ("batch.seq_len", state.seq_len, cfg.batch.seq_len),
+    ] {
+        if there != here {
+            return Err(mismatch(
+                field,
+                format!("{field} = {there}"),
+                format!("{here}"),
+            ));
+        }
+    }
+    if state.data_seed != cfg.data.seed {
+        return Err(mismatch(
+            "data.seed",
+            format!("data.seed = {}", state.data_seed),
+            format!("{}", cfg.data.seed),
+        ));
+    }
+    Ok(())
+}

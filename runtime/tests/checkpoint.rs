@@ -1,0 +1,191 @@
+//! Checkpoints in the trainer: a run stopped and resumed equals the uninterrupted run bitwise,
+//! in one process and in a dp2 x tp2 x pp2 layout; a checkpoint written in one layout resumes in
+//! another; a damaged newest checkpoint falls back to the one before; a checkpoint of another
+//! model is refused.
+
+mod common;
+
+use common::*;
+use marathon_runtime::checkpoint::CheckpointRecord;
+use marathon_runtime::config::{CheckpointConfig, Compression, Resume};
+use marathon_runtime::trainer::{Observer, StepRecord};
+use marathon_runtime::{TrainConfig, Trainer};
+
+const STEPS: u64 = 8;
+
+/// A model every layout up to tp 2 x pp 2 x dp 2 splits, over 8 sequences a step in
+/// microbatches of 2, checkpointing into `root` every 2 steps.
+fn config(dir: &std::path::Path, root: &str) -> TrainConfig {
+    let train = synthetic_tokens(dir, "train.bin", 40_000, 256, 11);
+    let mut cfg = parse(
+        &small_config_toml(&train, None, 256)
+            .replace("micro_batch = 4", "micro_batch = 2")
+            .replace("n_layer = 2", "n_layer = 4")
+            .replace("n_head = 2", "n_head = 4"),
+    );
+    cfg.train.steps = STEPS;
+    cfg.checkpoint = Some(CheckpointConfig {
+        root: root.to_string(),
+        every_steps: 2,
+        keep_last: 10,
+        keep_every: 0,
+        compression: Compression::ZstdShuffle,
+        level: 1,
+        resume: Resume::Auto,
+        abandoned_after_s: 3600,
+        options: Default::default(),
+    });
+    cfg
+}
+
+#[derive(Default)]
+struct Losses(Vec<(u64, f32)>, Vec<u64>);
+
+impl Observer for Losses {
+    fn on_step(&mut self, r: &StepRecord) {
+        self.0.push((r.step, r.loss));
+    }
+    fn on_checkpoint(&mut self, r: &CheckpointRecord) {
+        assert!(r.previous_failed.is_none(), "{:?}", r.previous_failed);
+        self.1.push(r.step);
+    }
+}
+
+/// Runs to `steps` and returns the (step, loss) of each step run, the checkpoints taken, the
+/// step resumed from and the final parameters.
+fn run_to(mut t: Trainer, steps: u64) -> (Vec<(u64, f32)>, Vec<u64>, Option<u64>, Vec<f32>) {
+    t.cfg.train.steps = steps;
+    let mut seen = Losses::default();
+    t.run(&mut seen).expect("run");
+    (seen.0, seen.1, t.resumed_from(), t.model.params)
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn a_resumed_run_equals_the_uninterrupted_one_bitwise() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let whole = config(dir.path(), &dir.path().join("whole").display().to_string());
+    let (all, saved, from, params) = run_to(Trainer::new(whole).expect("trainer"), STEPS);
+    assert_eq!((saved, from), (vec![2, 4, 6, 8], None));
+
+    let root = dir.path().join("resumed").display().to_string();
+    let cfg = config(dir.path(), &root);
+    let (first, _, _, _) = run_to(Trainer::new(cfg.clone()).expect("trainer"), 5);
+    assert_eq!(first[..], all[..5]);
+    // Stopped after step 5: the newest committed checkpoint is step 4 (and one of step 5,
+    // taken after the last step of that run).
+    let (rest, _, from, resumed) = run_to(Trainer::new(cfg).expect("trainer"), STEPS);
+    assert_eq!(from, Some(5));
+    assert_eq!(rest[..], all[5..], "losses after resuming");
+    assert_eq!(bits(&resumed), bits(&params), "final parameters");
+}
+
+#[test]
+fn a_resumed_dp2_tp2_pp2_run_equals_the_uninterrupted_one_bitwise() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let layout = (2, 2, 2);
+    for zero in [false, true] {
+        let whole = config(
+            dir.path(),
+            &dir.path()
+                .join(format!("whole-{zero}"))
+                .display()
+                .to_string(),
+        );
+        let uninterrupted = on_every_rank(&whole, layout, zero, |t| run_to(t, STEPS));
+        let cfg = config(
+            dir.path(),
+            &dir.path()
+                .join(format!("resumed-{zero}"))
+                .display()
+                .to_string(),
+        );
+        on_every_rank(&cfg, layout, zero, |t| run_to(t, 3));
+        let resumed = on_every_rank(&cfg, layout, zero, |t| run_to(t, STEPS));
+        for (r, (a, b)) in uninterrupted.iter().zip(&resumed).enumerate() {
+            assert_eq!(b.2, Some(3), "rank {r}");
+            assert_eq!(
+                b.0[..],
+                a.0[3..],
+                "rank {r} (distributed optimizer {zero}): losses"
+            );
+            assert_eq!(
+                bits(&b.3),
+                bits(&a.3),
+                "rank {r} (distributed optimizer {zero}): parameters"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_resumes_in_another_layout() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let whole = config(dir.path(), &dir.path().join("whole").display().to_string());
+    let (all, _, _, params) = run_to(Trainer::new(whole).expect("trainer"), STEPS);
+    // Written by dp2 x tp2 x pp2 with the distributed optimizer, continued by one process.
+    let cfg = config(dir.path(), &dir.path().join("moved").display().to_string());
+    on_every_rank(&cfg, (2, 2, 2), true, |t| run_to(t, 4));
+    let (rest, _, from, moved) = run_to(Trainer::new(cfg).expect("trainer"), STEPS);
+    assert_eq!(from, Some(4));
+    for ((s, a), (_, b)) in rest.iter().zip(&all[4..]) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {s}: {a} vs {b}");
+    }
+    let diff: f64 = moved
+        .iter()
+        .zip(&params)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = params
+        .iter()
+        .map(|&x| (x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        diff <= 1e-5 * norm,
+        "parameters differ by {:e} relative",
+        diff / norm
+    );
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_one_before() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let root = dir.path().join("ckpt");
+    let cfg = config(dir.path(), &root.display().to_string());
+    run_to(Trainer::new(cfg.clone()).expect("trainer"), 4);
+    // Flip one bit in the middle of the newest checkpoint's shard.
+    let shard = root.join("step-000000000004/shard-r00000.bin");
+    let mut bytes = std::fs::read(&shard).expect("the shard");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x04;
+    std::fs::write(&shard, bytes).expect("write it back");
+    let t = Trainer::new(cfg).expect("a trainer resuming from the step before");
+    assert_eq!(t.resumed_from(), Some(2));
+}
+
+#[test]
+fn a_checkpoint_of_another_model_or_an_unwanted_resume_is_refused() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let root = dir.path().join("ckpt").display().to_string();
+    let cfg = config(dir.path(), &root);
+    run_to(Trainer::new(cfg.clone()).expect("trainer"), 2);
+    let mut other = cfg.clone();
+    other.model.n_embd = 64;
+    let err = Trainer::new(other).expect_err("another model").to_string();
+    assert!(
+        err.contains("model.n_embd: the checkpoint of step 2 under")
+            && err.contains("model.n_embd = 32"),
+        "{err}"
+    );
+    let mut never = cfg;
+    never.checkpoint.as_mut().expect("checkpointing").resume = Resume::Never;
+    let err = Trainer::new(never)
+        .expect_err("resume = never over checkpoints")
+        .to_string();
+    assert!(err.contains("checkpoint.resume: is never, but"), "{err}");
+}
