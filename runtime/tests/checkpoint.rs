@@ -51,9 +51,12 @@ impl Observer for Losses {
     }
 }
 
-/// Runs to `steps` and returns the (step, loss) of each step run, the checkpoints taken, the
-/// step resumed from and the final parameters.
-fn run_to(mut t: Trainer, steps: u64) -> (Vec<(u64, f32)>, Vec<u64>, Option<u64>, Vec<f32>) {
+/// What a run did: the (step, loss) of each step it ran, the checkpoints it took, the step it
+/// resumed from and its final parameters.
+type Ran = (Vec<(u64, f32)>, Vec<u64>, Option<u64>, Vec<f32>);
+
+/// Runs to `steps`.
+fn run_to(mut t: Trainer, steps: u64) -> Ran {
     t.cfg.train.steps = steps;
     let mut seen = Losses::default();
     t.run(&mut seen).expect("run");
