@@ -4,6 +4,8 @@
 //! model is refused.
 
 mod common;
+#[path = "../../storage/tests/common/garage.rs"]
+mod garage;
 
 use common::*;
 use marathon_runtime::checkpoint::CheckpointRecord;
@@ -191,4 +193,44 @@ fn a_checkpoint_of_another_model_or_an_unwanted_resume_is_refused() {
         .expect_err("resume = never over checkpoints")
         .to_string();
     assert!(err.contains("checkpoint.resume: is never, but"), "{err}");
+}
+
+#[test]
+fn a_run_resumes_from_an_s3_api_store_that_was_killed_and_restarted() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let whole = config(dir.path(), &dir.path().join("whole").display().to_string());
+    let (all, _, _, params) = run_to(Trainer::new(whole).expect("trainer"), STEPS);
+    let mut server = garage::Garage::start();
+    let mut cfg = config(dir.path(), "s3://ckpt/jobs/resume");
+    let c = cfg.checkpoint.as_mut().expect("checkpointing");
+    c.options = server.options().into_iter().collect();
+    c.keep_last = 1;
+    on_every_rank(&cfg, (1, 2, 2), false, |t| run_to(t, 4));
+    server.restart();
+    let (rest, _, from, resumed) = run_to(Trainer::new(cfg.clone()).expect("trainer"), STEPS);
+    assert_eq!(from, Some(4));
+    for ((s, a), (_, b)) in rest.iter().zip(&all[4..]) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {s}: {a} vs {b}");
+    }
+    let diff: f64 = resumed
+        .iter()
+        .zip(&params)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = params
+        .iter()
+        .map(|&x| (x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        diff <= 1e-5 * norm,
+        "parameters differ by {:e} relative",
+        diff / norm
+    );
+    // Retention kept only the newest committed checkpoint.
+    let store = marathon_runtime::checkpoint::open_store(cfg.checkpoint.as_ref().expect("set"))
+        .expect("store");
+    let reader = marathon_storage::Reader::new(store);
+    assert_eq!(reader.committed().expect("list"), vec![STEPS]);
 }

@@ -47,6 +47,7 @@ pub struct Garage {
     child: Child,
     dir: tempfile::TempDir,
     pub s3_port: u16,
+    admin_port: u16,
 }
 
 impl Garage {
@@ -70,39 +71,39 @@ impl Garage {
              [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
              [admin]\napi_bind_addr = \"127.0.0.1:{admin_port}\"\n"
         );
-        let config_path = dir.path().join("garage.toml");
-        std::fs::write(&config_path, config).expect("write garage.toml");
-        let log = std::fs::File::create(dir.path().join("garage.log")).expect("garage log");
-        let child = Command::new(&bin)
-            .args(["server", "--single-node", "--default-bucket"])
-            .env("GARAGE_CONFIG_FILE", &config_path)
-            .env("GARAGE_DEFAULT_ACCESS_KEY", ACCESS_KEY)
-            .env("GARAGE_DEFAULT_SECRET_KEY", SECRET_KEY)
-            .env("GARAGE_DEFAULT_BUCKET", BUCKET)
-            .env("RUST_LOG", "garage=warn")
-            .stdout(log.try_clone().expect("garage log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        std::fs::write(dir.path().join("garage.toml"), config).expect("write garage.toml");
+        let child = spawn(&bin, dir.path());
         let mut g = Garage {
             child,
             dir,
             s3_port,
+            admin_port,
         };
+        g.wait_healthy();
+        g
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same data and ports.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&garage_binary(), self.dir.path());
+        self.wait_healthy();
+    }
+
+    fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !healthy(admin_port) {
-            if let Ok(Some(status)) = g.child.try_wait() {
-                panic!("garage exited with {status}: {}", g.log());
+        while !healthy(self.admin_port) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("garage exited with {status}: {}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "garage not healthy within 30 s: {}",
-                g.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        g
     }
 
     /// Options for `Store::open_with("s3://ckpt/...")`.
@@ -129,6 +130,27 @@ impl Drop for Garage {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `garage server` on the configuration in `dir`, appending to its log there.
+fn spawn(bin: &std::path::Path, dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("garage.log"))
+        .expect("garage log");
+    Command::new(bin)
+        .args(["server", "--single-node", "--default-bucket"])
+        .env("GARAGE_CONFIG_FILE", dir.join("garage.toml"))
+        .env("GARAGE_DEFAULT_ACCESS_KEY", ACCESS_KEY)
+        .env("GARAGE_DEFAULT_SECRET_KEY", SECRET_KEY)
+        .env("GARAGE_DEFAULT_BUCKET", BUCKET)
+        .env("RUST_LOG", "garage=warn")
+        .stdout(log.try_clone().expect("garage log"))
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()))
 }
 
 /// Whether Garage's admin API answers 200 on /health (it answers 503 until it can serve).
