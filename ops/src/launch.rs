@@ -19,6 +19,7 @@ use clap::Args;
 use marathon_elastic::{DirCoordinator, Topology};
 use marathon_runtime::checkpoint::CheckpointRecord;
 use marathon_runtime::comm::GroupSpec;
+use marathon_runtime::config::Resume;
 use marathon_runtime::trainer::{preflight, Observer, StepRecord, Summary};
 use marathon_runtime::Groups;
 use marathon_runtime::{TrainConfig, Trainer};
@@ -53,6 +54,10 @@ pub struct LayoutFlags {
     /// Data-parallel size.
     #[arg(long)]
     dp: Option<usize>,
+    /// Continue from the newest committed checkpoint under checkpoint.root (`auto`, the
+    /// default), or refuse a root that has one (`never`).
+    #[arg(long, value_parser = ["auto", "never"])]
+    resume: Option<String>,
 }
 
 impl LayoutFlags {
@@ -61,6 +66,19 @@ impl LayoutFlags {
         p.tp = self.tp.unwrap_or(p.tp);
         p.pp = self.pp.unwrap_or(p.pp);
         p.dp = self.dp.unwrap_or(p.dp);
+        if let Some(r) = &self.resume {
+            let Some(c) = cfg.checkpoint.as_mut() else {
+                anyhow::bail!(
+                    "--resume {r}: {} has no [checkpoint] section to resume from; add one with a root",
+                    cfg.source.display()
+                );
+            };
+            c.resume = if r == "never" {
+                Resume::Never
+            } else {
+                Resume::Auto
+            };
+        }
         cfg.validate().map_err(|e| cfg.error(e))?;
         Ok(())
     }
@@ -71,6 +89,9 @@ impl LayoutFlags {
             if let Some(v) = v {
                 out.extend([flag.to_string(), v.to_string()]);
             }
+        }
+        if let Some(r) = &self.resume {
+            out.extend(["--resume".to_string(), r.clone()]);
         }
         out
     }

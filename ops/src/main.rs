@@ -4,6 +4,7 @@
 //! crates. Errors reach the user through `anyhow` with the file, field or step they concern.
 
 mod bench;
+mod ckpt;
 mod launch;
 mod progress;
 
@@ -59,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Checkpoints: list, inspect, verify, collect.
+    Ckpt {
+        #[command(subcommand)]
+        command: ckpt::CkptCommand,
+    },
     /// Size a configuration's parallel layout: parameters, memory per rank, FLOPs per step.
     Plan {
         #[arg(long)]
@@ -90,6 +96,9 @@ enum BenchCommand {
     Train(bench::TrainArgs),
     /// All-reduce bus bandwidth of the TCP process groups beside memcpy bandwidth.
     Comm(bench::CommArgs),
+    /// What a checkpoint costs: training stall beside memcpy, persist beside the disk,
+    /// compression with and without the byte shuffle, load time.
+    Ckpt(bench::CkptArgs),
 }
 
 fn main() -> ExitCode {
@@ -160,6 +169,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Comm(args),
         } => bench::comm(args),
+        Command::Bench {
+            command: BenchCommand::Ckpt(args),
+        } => bench::ckpt(args),
+        Command::Ckpt { command } => ckpt::run(command),
         Command::Plan { config } => plan(config),
     }
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use marathon_model::optim::{clip_grads, sum_squares};
 use marathon_model::{AdamW, BatchRamp, Gpt, Shard};
+use marathon_storage::writer::PersistReport;
 use marathon_storage::{CheckpointWriter, Reader};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointRecord, Checkpointing, RunState, Source};
@@ -20,6 +22,9 @@ use crate::config::{Resume, TrainConfig};
 use crate::data::{DataOrder, TokenFile};
 use crate::groups::{Groups, TensorGroup};
 use crate::{Result, RuntimeError};
+
+/// Elements per block of the checkpoint snapshot's parallel copy (1 MiB).
+const COPY_BLOCK: usize = 1 << 18;
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -373,16 +378,25 @@ impl Trainer {
             run,
             pieces.iter().map(|(p, _, _)| p.clone()).collect(),
             |buf| {
-                let mut at = 0;
+                // Training waits for this copy, so it uses every core: each piece's
+                // destination, copied in blocks in parallel.
+                let mut jobs: Vec<(&mut [f32], &[f32])> = Vec::with_capacity(pieces.len());
+                let mut rest = buf;
                 for (_, source, r) in pieces.iter() {
+                    let (dst, tail) = std::mem::take(&mut rest).split_at_mut(r.len());
                     let src = match source {
                         Source::Params => &params[r.clone()],
                         Source::AdamM => &m[r.clone()],
                         Source::AdamV => &v[r.clone()],
                     };
-                    buf[at..at + r.len()].copy_from_slice(src);
-                    at += r.len();
+                    jobs.push((dst, src));
+                    rest = tail;
                 }
+                jobs.into_par_iter().for_each(|(dst, src)| {
+                    dst.par_chunks_mut(COPY_BLOCK)
+                        .zip(src.par_chunks(COPY_BLOCK))
+                        .for_each(|(d, s)| d.copy_from_slice(s));
+                });
             },
         );
         *last_step = Some(self.step);
@@ -395,12 +409,20 @@ impl Trainer {
 
     /// Waits until the last checkpoint is durable (and, on rank 0, committed).
     pub fn finish_checkpoints(&mut self) -> Result<()> {
-        if let Some(ck) = self.ckpt.as_mut() {
-            if let Some(done) = ck.writer.wait() {
-                done?;
-            }
+        self.wait_checkpoint().map(|_| ())
+    }
+
+    /// As [`Trainer::finish_checkpoints`], returning what the persist did, if one was running.
+    pub fn wait_checkpoint(&mut self) -> Result<Option<PersistReport>> {
+        match self.ckpt.as_mut().and_then(|ck| ck.writer.wait()) {
+            Some(done) => Ok(Some(done?)),
+            None => Ok(None),
         }
-        Ok(())
+    }
+
+    /// Parameters and both Adam moments of this rank, for tools that look at the state.
+    pub fn state(&self) -> [&[f32]; 3] {
+        [&self.model.params, &self.opt.m, &self.opt.v]
     }
 
     /// Positions the trainer after `step` completed steps, as a resumed run is: the data order

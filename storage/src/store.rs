@@ -21,6 +21,9 @@ pub struct Store {
     pub prefix: Path,
     /// The URL it was opened from, for messages.
     pub url: String,
+    /// For a local directory: the directory, whose files the writer syncs to disk, since the
+    /// local store's puts reach only the page cache.
+    pub local_dir: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -64,6 +67,7 @@ impl Store {
                     inner: Arc::new(fs),
                     prefix: Path::default(),
                     url: url.to_string(),
+                    local_dir: Some(dir.to_path_buf()),
                 });
             }
             "memory" => Arc::new(object_store::memory::InMemory::new()),
@@ -122,7 +126,32 @@ impl Store {
             inner,
             prefix,
             url: url.to_string(),
+            local_dir: None,
         })
+    }
+
+    /// Makes the object `name` durable: on a local directory, syncs the file and its directory
+    /// to disk; other stores are durable once a put returns.
+    pub async fn sync(&self, name: &str) -> Result<()> {
+        let Some(dir) = &self.local_dir else {
+            return Ok(());
+        };
+        let file = dir.join(name);
+        let sync = move || -> std::io::Result<()> {
+            std::fs::File::open(&file)?.sync_all()?;
+            if let Some(parent) = file.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        };
+        tokio::task::spawn_blocking(sync)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|e| StorageError::Url {
+                url: self.url.clone(),
+                reason: format!("sync {name} to disk: {e}"),
+            })
     }
 
     /// `name` under this store's prefix.
@@ -140,6 +169,7 @@ impl Store {
             inner,
             prefix: self.prefix.clone(),
             url: self.url.clone(),
+            local_dir: self.local_dir.clone(),
         }
     }
 }

@@ -248,6 +248,9 @@ impl Job {
                 done => break done.map_err(|e| StorageError::store("upload shard", &path, e))?,
             }
         };
+        self.store
+            .sync(&format::shard_name(self.step, self.rank))
+            .await?;
         let index = RankIndex {
             rank: self.rank,
             tensors,
@@ -442,7 +445,7 @@ impl Job {
         })
         .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => self.store.sync(&format::manifest_name(self.step)).await,
             Err(object_store::Error::AlreadyExists { .. }) => Err(already()),
             Err(e) => Err(StorageError::store("commit manifest", &path, e)),
         }
