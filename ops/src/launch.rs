@@ -104,6 +104,7 @@ enum Event {
     Step(StepRecord),
     Eval { step: u64, val_loss: f32 },
     Checkpoint(CheckpointRecord),
+    Resumed { step: u64 },
     Summary(Summary),
 }
 
@@ -125,6 +126,9 @@ pub fn train(config: &Path, flags: &LayoutFlags) -> Result<()> {
         let mut trainer = Trainer::new(cfg)
             .with_context(|| format!("start training from {}", config.display()))?;
         let mut progress = Progress::new(&trainer.cfg);
+        if let Some(step) = trainer.resumed_from() {
+            progress.on_resumed(step, &trainer.cfg);
+        }
         let summary = trainer.run(&mut progress)?;
         progress.finish();
         println!("{}", serde_json::to_string(&summary)?);
@@ -152,6 +156,9 @@ pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path)
     let groups = Groups::connect(&DirCoordinator::new(coord_dir), topology, rank, &template)?;
     let mut trainer = Trainer::with_groups(cfg, groups)?;
     let mut report = Reporter { enabled: rank == 0 };
+    if let Some(step) = trainer.resumed_from() {
+        report.send(&Event::Resumed { step });
+    }
     let summary = trainer.run(&mut report)?;
     report.send(&Event::Summary(summary));
     Ok(())
@@ -305,6 +312,7 @@ fn supervise(
             Ok(Event::Step(rec)) => progress.on_step(&rec),
             Ok(Event::Eval { step, val_loss }) => progress.on_eval(step, val_loss),
             Ok(Event::Checkpoint(rec)) => progress.on_checkpoint(&rec),
+            Ok(Event::Resumed { step }) => progress.on_resumed(step, cfg),
             Ok(Event::Summary(s)) => summary = Some(s),
             Err(_) => {}
         }

@@ -18,6 +18,8 @@ pub struct Progress {
     started: Instant,
     last_line: Option<Instant>,
     last_val: Option<f32>,
+    /// The step a resumed run started from; the ETA counts from there.
+    first_step: u64,
 }
 
 impl Progress {
@@ -36,6 +38,7 @@ impl Progress {
             started: Instant::now(),
             last_line: None,
             last_val: None,
+            first_step: 0,
         }
     }
 
@@ -43,6 +46,19 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
+    }
+
+    /// Says where a resumed run continues from.
+    pub fn on_resumed(&mut self, step: u64, cfg: &TrainConfig) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+            bar.reset_eta();
+        }
+        self.first_step = step;
+        let root = cfg.checkpoint.as_ref().map_or("", |c| c.root.as_str());
+        self.println(format!(
+            "resumed from the checkpoint of step {step} under {root}"
+        ));
     }
 
     fn println(&self, line: String) {
@@ -76,7 +92,8 @@ impl Observer for Progress {
             self.last_line.is_none_or(|t| t.elapsed() >= LINE_INTERVAL) || r.step == self.total;
         if due {
             let elapsed = self.started.elapsed().as_secs_f64();
-            let eta = elapsed / r.step as f64 * (self.total - r.step) as f64;
+            let done = r.step.saturating_sub(self.first_step).max(1);
+            let eta = elapsed / done as f64 * self.total.saturating_sub(r.step) as f64;
             eprintln!("step {}/{} {msg} ETA {eta:.0}s", r.step, self.total);
             self.last_line = Some(Instant::now());
         }

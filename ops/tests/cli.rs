@@ -477,3 +477,151 @@ fn workers_stop_when_their_launcher_is_killed() {
         "workers {pids:?} outlived their launcher"
     );
 }
+
+#[test]
+fn checkpoints_resume_and_the_ckpt_tools_list_inspect_verify_and_collect_them() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path(), 4);
+    let mut config = std::fs::read_to_string(dir.path().join("c.toml")).unwrap();
+    config.push_str("[checkpoint]\nroot = \"ckpt\"\nevery_steps = 2\nkeep_last = 5\n");
+    std::fs::write(dir.path().join("c.toml"), &config).unwrap();
+    // Two workers write each checkpoint; the last one is taken after step 4.
+    let first = marathon(&["train", "--config", "c.toml", "--pp", "2"], dir.path());
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("step 2: checkpoint staged"),
+        "{}",
+        text(&first)
+    );
+    let ls = marathon(&["ckpt", "ls", "ckpt"], dir.path());
+    assert!(ls.status.success(), "{}", text(&ls));
+    for step in ["           2  committed", "           4  committed"] {
+        assert!(text(&ls).contains(step), "{}", text(&ls));
+    }
+    assert!(text(&ls).contains("tp 1 x pp 2 x dp 1"), "{}", text(&ls));
+    let inspect = marathon(&["ckpt", "inspect", "ckpt"], dir.path());
+    assert!(inspect.status.success(), "{}", text(&inspect));
+    assert!(
+        text(&inspect).contains("step 4 written by 2 ranks"),
+        "{}",
+        text(&inspect)
+    );
+    assert!(
+        text(&inspect).contains("adam_v/h.1.mlp.c_fc.weight"),
+        "{}",
+        text(&inspect)
+    );
+    let verify = marathon(&["ckpt", "verify", "ckpt"], dir.path());
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(text(&verify).contains("step 4: ok"), "{}", text(&verify));
+
+    // Going on to step 6 resumes from step 4 in one process.
+    std::fs::write(
+        dir.path().join("c.toml"),
+        config.replace("steps = 4", "steps = 6"),
+    )
+    .unwrap();
+    let more = marathon(&["train", "--config", "c.toml"], dir.path());
+    assert!(more.status.success(), "{}", text(&more));
+    assert_eq!(summary(&more)["steps"], 6);
+    assert!(
+        text(&more).contains("resumed from the checkpoint of step 4 under ckpt"),
+        "{}",
+        text(&more)
+    );
+    let never = marathon(
+        &["train", "--config", "c.toml", "--resume", "never"],
+        dir.path(),
+    );
+    assert!(!never.status.success());
+    assert!(
+        text(&never).contains("checkpoint.resume: is never, but"),
+        "{}",
+        text(&never)
+    );
+
+    // A flipped bit fails verification, naming the object, and gc keeps what verifies.
+    let shard = dir.path().join("ckpt/step-000000000006/shard-r00000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let verify = marathon(&["ckpt", "verify", "ckpt", "--step", "6"], dir.path());
+    assert!(!verify.status.success());
+    assert!(
+        text(&verify).contains("step 6: FAILED") && text(&verify).contains("shard-r00000.bin"),
+        "{}",
+        text(&verify)
+    );
+    let gc = marathon(
+        &["ckpt", "gc", "ckpt", "--keep-last", "1", "--dry-run"],
+        dir.path(),
+    );
+    assert!(gc.status.success(), "{}", text(&gc));
+    assert!(
+        text(&gc).contains("would remove 1 expired checkpoints [2]"),
+        "{}",
+        text(&gc)
+    );
+    assert!(
+        text(&gc).contains("newest verified: step 4"),
+        "{}",
+        text(&gc)
+    );
+    let gc = marathon(&["ckpt", "gc", "ckpt", "--keep-last", "1"], dir.path());
+    assert!(gc.status.success(), "{}", text(&gc));
+    let ls = marathon(&["ckpt", "ls", "ckpt"], dir.path());
+    assert!(
+        !text(&ls).contains("           2  committed"),
+        "{}",
+        text(&ls)
+    );
+    assert!(
+        text(&ls).contains("           4  committed")
+            && text(&ls).contains("           6  committed"),
+        "{}",
+        text(&ls)
+    );
+
+    let missing = marathon(&["ckpt", "ls", "nowhere"], dir.path());
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing).contains("checkpoint root nowhere: no such directory"),
+        "{}",
+        text(&missing)
+    );
+}
+
+#[test]
+fn bench_ckpt_prints_stall_persist_compression_and_load() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path(), 1);
+    let (report, stdout) = bench_report(
+        &["bench", "ckpt", "--config", "c.toml", "--checkpoints", "1"],
+        dir.path(),
+    );
+    for key in [
+        "memcpy_ms",
+        "disk_fsync_gbs",
+        "stall_over_memcpy",
+        "persist_over_disk_uncompressed",
+    ] {
+        assert!(
+            report[key]
+                .as_f64()
+                .is_some_and(|v| v.is_finite() && v > 0.0),
+            "{key} in {report}"
+        );
+    }
+    let shuffled = report["codecs"]["adam_m_zstd_shuffle"]["ratio"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        shuffled > report["codecs"]["adam_m_zstd"]["ratio"].as_f64().unwrap(),
+        "{report}"
+    );
+    assert!(
+        stdout.contains("stall") && stdout.contains("memcpy"),
+        "{stdout}"
+    );
+}
