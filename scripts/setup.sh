@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what marathon's build and tests need on a fresh Debian or Ubuntu machine that has a
-# Rust toolchain. Idempotent: anything already present is left alone. Says what it installs and
-# fails with a clear message where it cannot.
+# Installs what marathon's build needs on a fresh Debian or Ubuntu machine that has a Rust
+# toolchain, and with --test-servers also the servers the tests start (Garage, an S3-API store).
+# Idempotent: anything already present is left alone. Says what it installs and fails with a
+# clear message where it cannot.
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*" >&2; }
@@ -31,6 +32,7 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
     || die "apt-get install ${apt_packages[*]} failed"
 fi
 say "system packages ready"
+[ "${1:-}" = "--test-servers" ] || exit 0
 
 # Garage, the S3-API object store the checkpoint tests start privately. It builds from crates.io
 # (about 15 minutes on 2 cores), so it is installed once into a tools folder that is kept
