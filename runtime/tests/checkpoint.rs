@@ -65,6 +65,31 @@ fn run_to(mut t: Trainer, steps: u64) -> Ran {
     (seen.0, seen.1, t.resumed_from(), t.model.params)
 }
 
+/// Asserts a resumed run's losses and final parameters equal the reference's within 1e-5
+/// relative (parameters in L2): what a different layout's summation order allows.
+fn assert_close(losses: &[(u64, f32)], reference: &[(u64, f32)], params: &[f32], expected: &[f32]) {
+    assert_eq!(losses.len(), reference.len());
+    for ((s, a), (_, b)) in losses.iter().zip(reference) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {s}: {a} vs {b}");
+    }
+    let diff: f64 = params
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = expected
+        .iter()
+        .map(|&x| (x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        diff <= 1e-5 * norm,
+        "parameters differ by {:e} relative",
+        diff / norm
+    );
+}
+
 fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }
@@ -136,25 +161,7 @@ fn a_checkpoint_resumes_in_another_layout() {
     on_every_rank(&cfg, (2, 2, 2), true, |t| run_to(t, 4));
     let (rest, _, from, moved) = run_to(Trainer::new(cfg).expect("trainer"), STEPS);
     assert_eq!(from, Some(4));
-    for ((s, a), (_, b)) in rest.iter().zip(&all[4..]) {
-        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {s}: {a} vs {b}");
-    }
-    let diff: f64 = moved
-        .iter()
-        .zip(&params)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let norm: f64 = params
-        .iter()
-        .map(|&x| (x as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    assert!(
-        diff <= 1e-5 * norm,
-        "parameters differ by {:e} relative",
-        diff / norm
-    );
+    assert_close(&rest, &all[4..], &moved, &params);
 }
 
 #[test]
@@ -209,25 +216,7 @@ fn a_run_resumes_from_an_s3_api_store_that_was_killed_and_restarted() {
     server.restart();
     let (rest, _, from, resumed) = run_to(Trainer::new(cfg.clone()).expect("trainer"), STEPS);
     assert_eq!(from, Some(4));
-    for ((s, a), (_, b)) in rest.iter().zip(&all[4..]) {
-        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {s}: {a} vs {b}");
-    }
-    let diff: f64 = resumed
-        .iter()
-        .zip(&params)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let norm: f64 = params
-        .iter()
-        .map(|&x| (x as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    assert!(
-        diff <= 1e-5 * norm,
-        "parameters differ by {:e} relative",
-        diff / norm
-    );
+    assert_close(&rest, &all[4..], &resumed, &params);
     // Retention kept only the newest committed checkpoint.
     let store = marathon_runtime::checkpoint::open_store(cfg.checkpoint.as_ref().expect("set"))
         .expect("store");

@@ -81,34 +81,25 @@ impl Store {
                     // After the client options, which would replace it.
                     b = b.with_allow_http(true);
                 }
-                for (k, v) in &options {
-                    let key = k.parse().map_err(|e| bad(format!("option {k}: {e}")))?;
-                    b = b.with_config(key, v);
-                }
+                b = configure(b, &options, &bad, |b, k, v| b.with_config(k, v))?;
                 Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
             }
             "az" | "azure" => {
                 let (container, _) = split(rest);
-                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(container)
                     .with_retry(retry_config())
                     .with_client_options(client_options());
-                for (k, v) in &options {
-                    let key = k.parse().map_err(|e| bad(format!("option {k}: {e}")))?;
-                    b = b.with_config(key, v);
-                }
+                let b = configure(b, &options, &bad, |b, k, v| b.with_config(k, v))?;
                 Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
             }
             "gs" => {
                 let (bucket, _) = split(rest);
-                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry_config())
                     .with_client_options(client_options());
-                for (k, v) in &options {
-                    let key = k.parse().map_err(|e| bad(format!("option {k}: {e}")))?;
-                    b = b.with_config(key, v);
-                }
+                let b = configure(b, &options, &bad, |b, k, v| b.with_config(k, v))?;
                 Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
             }
             other => {
@@ -172,6 +163,24 @@ impl Store {
             local_dir: self.local_dir.clone(),
         }
     }
+}
+
+/// Applies `options` to a store builder through `set`, naming an unknown key.
+fn configure<B, K>(
+    mut builder: B,
+    options: &[(String, String)],
+    bad: &dyn Fn(String) -> StorageError,
+    set: impl Fn(B, K, &str) -> B,
+) -> Result<B>
+where
+    K: std::str::FromStr,
+    K::Err: std::fmt::Display,
+{
+    for (k, v) in options {
+        let key = k.parse().map_err(|e| bad(format!("option {k}: {e}")))?;
+        builder = set(builder, key, v);
+    }
+    Ok(builder)
 }
 
 /// HTTP stores retry transient failures themselves: capped exponential backoff.
