@@ -8,10 +8,12 @@
 //! Never knows about tensors or object stores.
 //!
 //! Built so far: the [`Coordinator`] key-value contract with its in-process and directory
-//! implementations, which process groups rendezvous through, and the [`Topology`] that places
-//! each rank in a (tp, pp, dp) layout and names its groups.
+//! implementations, which process groups rendezvous through, the [`Topology`] that places each
+//! rank in a (tp, pp, dp) layout and names its groups, and the planner ([`plan`]) that turns
+//! live slots into a generation's layout, keeping survivors in place.
 
 pub mod coordinator;
+pub mod plan;
 pub mod topology;
 
 pub use coordinator::{Coordinator, DirCoordinator, InProcessCoordinator};

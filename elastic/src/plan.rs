@@ -1,0 +1,481 @@
+//! The planner: live slots and a fixed (tp, pp) to a data-parallel degree, a place for every
+//! rank, and each replica's share of the global batch. A pure function: no I/O, no clock.
+//!
+//! A tensor-parallel group always lives on one node (in production its ranks talk over NVLink),
+//! so the unit of placement is a *block*: `tp` slots of one node, holding one pipeline stage of
+//! one replica. A replica is `pp` blocks, one per stage. Workers that survive a membership
+//! change keep their stage and tensor rank, so they continue from the state in their memory;
+//! only their replica number may change. Replicas that lost a block are dissolved, and their
+//! surviving blocks, with any new ones, form as many whole replicas as they can; a block that
+//! takes a stage it did not hold receives that stage's state from a healthy replica (peer
+//! transfer). The global batch stays exactly the same: its microbatches are split as evenly as
+//! possible, the first replicas taking one more when they do not divide.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One slot: a worker process a node can run.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Slot {
+    pub node: String,
+    pub index: usize,
+}
+
+/// Where one block of the plan is, and where its state comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub replica: usize,
+    pub stage: usize,
+    /// The `tp` slots, in tensor-rank order, all on one node.
+    pub slots: Vec<Slot>,
+    pub state: StateSource,
+}
+
+/// Where a block's state comes from at the start of the generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateSource {
+    /// The block held this stage in the previous generation and keeps its memory.
+    Kept,
+    /// The block of the same stage in this replica of the plan sends it (peer transfer).
+    Peer(usize),
+    /// No live block holds the stage: it comes from the newest committed checkpoint (or, at
+    /// the start of a job without one, from initialisation).
+    Storage,
+}
+
+/// A generation's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub tp: usize,
+    pub pp: usize,
+    pub dp: usize,
+    /// Every block, by replica then stage.
+    pub blocks: Vec<Block>,
+    /// Microbatches of each replica; they add up to the global batch's.
+    pub microbatches: Vec<usize>,
+    /// Blocks left out that still hold a stage's state (what survived of a broken replica):
+    /// a later plan uses them first for that stage, with no transfer.
+    pub standby: Vec<(usize, Vec<Slot>)>,
+}
+
+impl Plan {
+    /// The block holding stage `stage` of replica `replica`.
+    pub fn block(&self, replica: usize, stage: usize) -> &Block {
+        &self.blocks[replica * self.pp + stage]
+    }
+
+    /// Every slot's (replica, stage, tensor rank).
+    pub fn roles(&self) -> BTreeMap<Slot, (usize, usize, usize)> {
+        let mut out = BTreeMap::new();
+        for b in &self.blocks {
+            for (t, s) in b.slots.iter().enumerate() {
+                out.insert(s.clone(), (b.replica, b.stage, t));
+            }
+        }
+        out
+    }
+}
+
+/// What the planner is asked.
+#[derive(Debug, Clone)]
+pub struct PlanRequest<'a> {
+    pub tp: usize,
+    pub pp: usize,
+    /// Microbatches in the global batch.
+    pub microbatches: usize,
+    /// The live slots, by node.
+    pub live: &'a BTreeMap<String, usize>,
+    /// The plan of the generation before, if any: survivors keep their stage and tensor rank.
+    pub previous: Option<&'a Plan>,
+}
+
+/// Why no plan is possible.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "{blocks} blocks of {tp} slots on one node are live, but one replica needs {pp} (tp {tp} x \
+         pp {pp}); add nodes or slots, or choose a smaller layout"
+    )]
+    TooFewSlots { tp: usize, pp: usize, blocks: usize },
+    #[error("the global batch has no microbatches")]
+    NoMicrobatches,
+}
+
+/// Plans a generation. Deterministic: the same request gives the same plan on every member.
+pub fn plan(req: &PlanRequest<'_>) -> Result<Plan, PlanError> {
+    let (tp, pp) = (req.tp, req.pp);
+    assert!(tp > 0 && pp > 0, "tp and pp are at least 1");
+    if req.microbatches == 0 {
+        return Err(PlanError::NoMicrobatches);
+    }
+    // Blocks that survive from the previous plan, with the stage they hold, by old replica.
+    let mut kept: BTreeMap<usize, Vec<(usize, Vec<Slot>)>> = BTreeMap::new();
+    let mut used: BTreeSet<Slot> = BTreeSet::new();
+    let alive = |slots: &[Slot]| {
+        slots
+            .iter()
+            .all(|s| s.index < req.live.get(&s.node).copied().unwrap_or(0))
+    };
+    let mut spares: Vec<(Option<usize>, Vec<Slot>)> = Vec::new();
+    if let Some(prev) = req.previous.filter(|p| p.tp == tp && p.pp == pp) {
+        for b in prev.blocks.iter().filter(|b| alive(&b.slots)) {
+            kept.entry(b.replica)
+                .or_default()
+                .push((b.stage, b.slots.clone()));
+            used.extend(b.slots.iter().cloned());
+        }
+        for (stage, slots) in prev.standby.iter().filter(|(_, s)| alive(s)) {
+            spares.push((Some(*stage), slots.clone()));
+            used.extend(slots.iter().cloned());
+        }
+    }
+    // Whole replicas survive as they are; the blocks of broken ones are spares that remember
+    // the stage they hold.
+    let mut whole: Vec<Vec<(usize, Vec<Slot>)>> = Vec::new();
+    for (_, mut blocks) in kept {
+        if blocks.len() == pp {
+            blocks.sort_by_key(|(stage, _)| *stage);
+            whole.push(blocks);
+        } else {
+            spares.extend(
+                blocks
+                    .into_iter()
+                    .map(|(stage, slots)| (Some(stage), slots)),
+            );
+        }
+    }
+    // New blocks from the free slots of each node, in node and slot order.
+    for (node, &n) in req.live {
+        let free: Vec<Slot> = (0..n)
+            .map(|index| Slot {
+                node: node.clone(),
+                index,
+            })
+            .filter(|s| !used.contains(s))
+            .collect();
+        for chunk in free.chunks_exact(tp) {
+            spares.push((None, chunk.to_vec()));
+        }
+    }
+    let blocks_live = whole.len() * pp + spares.len();
+    // Never more replicas than microbatches: a replica with none would only wait.
+    let new_replicas = (spares.len() / pp).min(req.microbatches.saturating_sub(whole.len()));
+    if whole.len() + new_replicas == 0 {
+        return Err(PlanError::TooFewSlots {
+            tp,
+            pp,
+            blocks: blocks_live,
+        });
+    }
+    let whole_count = whole.len().min(req.microbatches);
+    // Whole replicas beyond the microbatches' count stand by, holding their state.
+    let mut pool = spares;
+    for replica in whole.drain(whole_count..) {
+        pool.extend(
+            replica
+                .into_iter()
+                .map(|(stage, slots)| (Some(stage), slots)),
+        );
+    }
+    // Fill the new replicas' stages: first with spares that already hold the stage, then
+    // with any spare, which will receive the stage's state.
+    let mut wanted: Vec<(usize, usize)> = (0..new_replicas)
+        .flat_map(|r| (0..pp).map(move |s| (r, s)))
+        .collect();
+    let mut fresh: Vec<Vec<Option<(Vec<Slot>, bool)>>> = vec![vec![None; pp]; new_replicas];
+    wanted.retain(
+        |&(r, s)| match pool.iter().position(|(held, _)| *held == Some(s)) {
+            Some(i) => {
+                let (_, slots) = pool.remove(i);
+                fresh[r][s] = Some((slots, false));
+                false
+            }
+            None => true,
+        },
+    );
+    for (r, s) in wanted {
+        // Spares that hold no stage first, so blocks with state stay usable for later plans.
+        let i = pool
+            .iter()
+            .position(|(held, _)| held.is_none())
+            .unwrap_or(0);
+        let (_, slots) = pool.remove(i);
+        fresh[r][s] = Some((slots, true));
+    }
+    let dp = whole.len() + new_replicas;
+    let mut blocks = Vec::with_capacity(dp * pp);
+    for (r, replica) in whole.into_iter().enumerate() {
+        for (stage, slots) in replica {
+            blocks.push(Block {
+                replica: r,
+                stage,
+                slots,
+                state: StateSource::Kept,
+            });
+        }
+    }
+    let mut needs = Vec::new();
+    for (k, replica) in fresh.into_iter().enumerate() {
+        for (stage, filled) in replica.into_iter().enumerate() {
+            let (slots, transfer) = filled.expect("every stage of a new replica is filled");
+            if transfer {
+                needs.push(blocks.len());
+            }
+            blocks.push(Block {
+                replica: whole_count + k,
+                stage,
+                slots,
+                // Until a source is found below.
+                state: if transfer {
+                    StateSource::Storage
+                } else {
+                    StateSource::Kept
+                },
+            });
+        }
+    }
+    // A block that takes a stage it does not hold receives it from the first replica that
+    // keeps that stage; with none left, from storage.
+    for i in needs {
+        let stage = blocks[i].stage;
+        let source = blocks
+            .iter()
+            .find(|b| b.stage == stage && b.state == StateSource::Kept)
+            .map(|b| b.replica);
+        blocks[i].state = source.map_or(StateSource::Storage, StateSource::Peer);
+    }
+    let microbatches = (0..dp)
+        .map(|r| req.microbatches / dp + usize::from(r < req.microbatches % dp))
+        .collect();
+    let standby = pool
+        .into_iter()
+        .filter_map(|(held, slots)| held.map(|stage| (stage, slots)))
+        .collect();
+    Ok(Plan {
+        tp,
+        pp,
+        dp,
+        blocks,
+        microbatches,
+        standby,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (SplitMix64) for the property tests.
+    struct Gen(u64);
+
+    impl Gen {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)) % n
+        }
+    }
+
+    /// The (replica, stage, tensor rank) each slot of `p` held, standby blocks included (as
+    /// replica `usize::MAX`).
+    fn held(p: &Plan) -> BTreeMap<Slot, (usize, usize, usize)> {
+        let mut out = p.roles();
+        for (stage, slots) in &p.standby {
+            for (t, s) in slots.iter().enumerate() {
+                out.insert(s.clone(), (usize::MAX, *stage, t));
+            }
+        }
+        out
+    }
+
+    /// Checks every invariant of `p` for `req`, and its stickiness to `req.previous`.
+    fn check(req: &PlanRequest<'_>, p: &Plan, seed: u64) {
+        let ctx = format!("seed {seed}: {req:?}\n{p:?}");
+        let blocks_live: usize = req.live.values().map(|n| n / req.tp).sum();
+        assert_eq!(p.dp, (blocks_live / req.pp).min(req.microbatches), "{ctx}");
+        assert_eq!(p.blocks.len(), p.dp * p.pp, "{ctx}");
+        let mut seen = BTreeSet::new();
+        for (i, b) in p.blocks.iter().enumerate() {
+            assert_eq!((b.replica, b.stage), (i / p.pp, i % p.pp), "{ctx}");
+            assert_eq!(b.slots.len(), req.tp, "{ctx}");
+            // A tensor-parallel group on one node, on live slots, each slot used once.
+            assert!(b.slots.iter().all(|s| s.node == b.slots[0].node), "{ctx}");
+            for s in &b.slots {
+                assert!(s.index < req.live[&s.node], "{ctx}");
+                assert!(seen.insert(s.clone()), "slot {s:?} twice; {ctx}");
+            }
+            match b.state {
+                StateSource::Kept => {
+                    let prev = req
+                        .previous
+                        .expect("only a previous plan's blocks are kept");
+                    let old = held(prev);
+                    for (t, s) in b.slots.iter().enumerate() {
+                        let (_, stage, rank) = old[s];
+                        assert_eq!((stage, rank), (b.stage, t), "a kept block moved; {ctx}");
+                    }
+                }
+                StateSource::Peer(q) => {
+                    assert_eq!(p.block(q, b.stage).state, StateSource::Kept, "{ctx}");
+                }
+                StateSource::Storage => {
+                    // Only when no block of the plan keeps the stage.
+                    assert!(
+                        !p.blocks
+                            .iter()
+                            .any(|o| o.stage == b.stage && o.state == StateSource::Kept),
+                        "{ctx}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            p.microbatches.iter().sum::<usize>(),
+            req.microbatches,
+            "{ctx}"
+        );
+        let (lo, hi) = (p.microbatches.iter().min(), p.microbatches.iter().max());
+        assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{ctx}");
+        // Survivors keep their stage and tensor rank whenever their block is in the plan.
+        if let Some(prev) = req.previous {
+            let old = held(prev);
+            let new = p.roles();
+            for (slot, &(_, stage, rank)) in &new {
+                if let Some(&(_, s0, r0)) = old.get(slot) {
+                    let kept = p
+                        .blocks
+                        .iter()
+                        .any(|b| b.slots.contains(slot) && b.state == StateSource::Kept);
+                    if kept {
+                        assert_eq!((stage, rank), (s0, r0), "{ctx}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_clusters_and_failures_give_valid_sticky_plans() {
+        for seed in 0..3000u64 {
+            let mut g = Gen(seed);
+            let tp = [1, 2, 4][g.below(3) as usize];
+            let pp = 1 + g.below(4) as usize;
+            let microbatches = 1 + g.below(40) as usize;
+            let mut live: BTreeMap<String, usize> = (0..1 + g.below(12))
+                .map(|n| (format!("node-{n:02}"), g.below(10) as usize))
+                .collect();
+            let mut previous: Option<Plan> = None;
+            for _generation in 0..4 {
+                let req = PlanRequest {
+                    tp,
+                    pp,
+                    microbatches,
+                    live: &live,
+                    previous: previous.as_ref(),
+                };
+                match plan(&req) {
+                    Ok(p) => {
+                        check(&req, &p, seed);
+                        previous = Some(p);
+                    }
+                    Err(PlanError::TooFewSlots { blocks, .. }) => {
+                        assert!(blocks < pp, "seed {seed}: refused with {blocks} blocks");
+                    }
+                    Err(e) => panic!("seed {seed}: {e}"),
+                }
+                // A node dies, loses slots, or a node joins.
+                match g.below(3) {
+                    0 if !live.is_empty() => {
+                        let k = live
+                            .keys()
+                            .nth(g.below(live.len() as u64) as usize)
+                            .cloned();
+                        live.remove(&k.expect("a node"));
+                    }
+                    1 if !live.is_empty() => {
+                        let k = live
+                            .keys()
+                            .nth(g.below(live.len() as u64) as usize)
+                            .cloned();
+                        let n = live.get_mut(&k.expect("a node")).expect("the node");
+                        *n = n.saturating_sub(1 + g.below(3) as usize);
+                    }
+                    _ => {
+                        live.insert(format!("node-new-{}", g.below(1000)), g.below(10) as usize);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_lost_node_shrinks_data_parallelism_and_its_return_regrows_it_by_peer_transfer() {
+        // MT-NLG's shape in miniature: 8 slots a node, tp 8, pp 2, 4 replicas on 8 nodes.
+        let mut live: BTreeMap<String, usize> = (0..8).map(|n| (format!("n{n}"), 8)).collect();
+        let req = |live: &BTreeMap<String, usize>, prev: Option<&Plan>| {
+            plan(&PlanRequest {
+                tp: 8,
+                pp: 2,
+                microbatches: 30,
+                live,
+                previous: prev,
+            })
+            .expect("a plan")
+        };
+        let first = req(&live, None);
+        assert_eq!(first.dp, 4);
+        assert!(first.blocks.iter().all(|b| b.state == StateSource::Storage));
+        let first = Plan {
+            blocks: first
+                .blocks
+                .into_iter()
+                .map(|b| Block {
+                    state: StateSource::Kept,
+                    ..b
+                })
+                .collect(),
+            ..first
+        };
+        live.remove("n3");
+        let second = req(&live, Some(&first));
+        assert_eq!(second.dp, 3);
+        assert_eq!(second.microbatches, vec![10, 10, 10]);
+        // Every block kept its stage: nothing moves, nothing is transferred; the broken
+        // replica's surviving block waits as a spare.
+        assert!(second.blocks.iter().all(|b| b.state == StateSource::Kept));
+        live.insert("n3".into(), 8);
+        let third = req(&live, Some(&second));
+        assert_eq!(third.dp, 4);
+        assert_eq!(third.microbatches, vec![8, 8, 7, 7]);
+        // The spare kept its stage; the returning node takes the other and receives it.
+        let new = &third.blocks[6..];
+        assert_eq!(
+            new.iter().filter(|b| b.state == StateSource::Kept).count(),
+            1
+        );
+        assert_eq!(
+            new.iter()
+                .filter(|b| matches!(b.state, StateSource::Peer(_)))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn too_few_slots_for_one_replica_is_refused_with_the_reason() {
+        let live: BTreeMap<String, usize> = [("a".to_string(), 7)].into();
+        let err = plan(&PlanRequest {
+            tp: 8,
+            pp: 1,
+            microbatches: 4,
+            live: &live,
+            previous: None,
+        })
+        .expect_err("no block of 8 fits in 7 slots");
+        assert_eq!(
+            err.to_string().split(';').next(),
+            Some("0 blocks of 8 slots on one node are live, but one replica needs 1 (tp 8 x pp 1)")
+        );
+    }
+}
