@@ -181,7 +181,9 @@ pub fn plan(req: &PlanRequest<'_>) -> Result<Plan, PlanError> {
     let mut wanted: Vec<(usize, usize)> = (0..new_replicas)
         .flat_map(|r| (0..pp).map(move |s| (r, s)))
         .collect();
-    let mut fresh: Vec<Vec<Option<(Vec<Slot>, bool)>>> = vec![vec![None; pp]; new_replicas];
+    // Per new replica and stage: the block's slots, and whether it must receive the state.
+    type Filled = Option<(Vec<Slot>, bool)>;
+    let mut fresh: Vec<Vec<Filled>> = vec![vec![None; pp]; new_replicas];
     wanted.retain(
         |&(r, s)| match pool.iter().position(|(held, _)| *held == Some(s)) {
             Some(i) => {
