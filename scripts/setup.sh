@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what marathon's build needs on a fresh Debian or Ubuntu machine that has a Rust
-# toolchain, and with --test-servers also the servers the tests start (Garage, an S3-API store).
+# toolchain, and with --test-servers also the servers the tests start (etcd, and Garage, an
+# S3-API store).
 # Idempotent: anything already present is left alone. Says what it installs and fails with a
 # clear message where it cannot.
 set -euo pipefail
@@ -10,9 +11,10 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install a Rust toolchain first (https://rustup.rs), then rerun"
 
-# System packages the build or the tests need, as "command:package" pairs. The workspace builds
-# from crates.io alone today; the etcd server of the elastic tests is added here with them.
-needs=()
+# System packages, as "command:package" pairs: protoc builds etcd's gRPC client; the tests also
+# start private etcd servers.
+needs=("protoc:protobuf-compiler")
+[ "${1:-}" = "--test-servers" ] && needs+=("etcd:etcd-server")
 apt_packages=()
 for need in "${needs[@]}"; do
   command -v "${need%%:*}" >/dev/null 2>&1 || apt_packages+=("${need#*:}")

@@ -1,8 +1,9 @@
-//! The coordinator's key-value contract, and the in-process implementation.
+//! The coordinator's key-value contract, and the in-process and directory implementations (the
+//! etcd one is in [`crate::etcd`]).
 //!
 //! Process groups find each other by publishing their addresses under keys namespaced by job,
-//! generation and group, and waiting for the keys of their peers. The etcd implementation
-//! keeps the same contract across machines.
+//! generation and group, and waiting for the keys of their peers. Generations advance by
+//! compare-and-swap. The etcd implementation keeps the same contract across machines.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,6 +23,24 @@ pub trait Coordinator: Send + Sync {
     /// The value of `key`, waiting until it exists or `deadline` passes
     /// ([`ElasticError::Timeout`]).
     fn wait_get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, ElasticError>;
+
+    /// The value of `key`, if it exists.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ElasticError>;
+
+    /// Sets `key` to `new` if its value is `expected` (`None`: if it does not exist), atomically
+    /// with respect to every other writer. Returns whether it did.
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, ElasticError>;
+
+    /// Removes `key`; removing a missing key is not an error.
+    fn delete(&self, key: &str) -> Result<(), ElasticError>;
+
+    /// Every key under `prefix`, with its value, in key order.
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ElasticError>;
 }
 
 /// A coordinator inside one process, for single-machine runs and tests.
@@ -35,19 +54,58 @@ impl InProcessCoordinator {
     pub fn new() -> Self {
         Self::default()
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Coordinator for InProcessCoordinator {
     fn put(&self, key: &str, value: &[u8]) -> Result<(), ElasticError> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.lock();
         map.insert(key.to_owned(), value.to_vec());
         self.changed.notify_all();
         Ok(())
     }
 
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ElasticError> {
+        Ok(self.lock().get(key).cloned())
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, ElasticError> {
+        let mut map = self.lock();
+        if map.get(key).map(Vec::as_slice) != expected {
+            return Ok(false);
+        }
+        map.insert(key.to_owned(), new.to_vec());
+        self.changed.notify_all();
+        Ok(true)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ElasticError> {
+        self.lock().remove(key);
+        Ok(())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ElasticError> {
+        let map = self.lock();
+        let mut out: Vec<_> = map
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     fn wait_get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, ElasticError> {
         let started = Instant::now();
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.lock();
         loop {
             if let Some(v) = map.get(key) {
                 return Ok(v.clone());
@@ -65,9 +123,11 @@ impl Coordinator for InProcessCoordinator {
     }
 }
 
-/// A coordinator in a directory, shared by the processes of one machine: each key is a file,
-/// written under a temporary name and renamed into place so a reader never sees half a value.
-/// The launcher of a single-machine job makes the directory and removes it at the end.
+/// A coordinator in a directory, shared by the processes of one machine: each key is a file
+/// holding the key, a zero byte and the value, written under a temporary name and renamed into
+/// place so a reader never sees half a value. Compare-and-swap holds a lock directory (whose
+/// creation is atomic) for its read and write. The launcher of a single-machine job makes the
+/// directory and removes it at the end.
 #[derive(Debug, Clone)]
 pub struct DirCoordinator {
     dir: PathBuf,
@@ -105,38 +165,133 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
+impl DirCoordinator {
+    fn unavailable(&self, action: &'static str, key: &str, e: std::io::Error) -> ElasticError {
+        ElasticError::Unavailable {
+            action,
+            key: key.to_owned(),
+            reason: format!("{}: {e}", self.dir.display()),
+        }
+    }
+
+    /// Reads a key's file: its key and value, or `None` when it does not exist.
+    fn read(
+        &self,
+        path: &std::path::Path,
+        key: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, ElasticError> {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let at = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+                let k = String::from_utf8_lossy(&bytes[..at]).into_owned();
+                Ok(Some((k, bytes.get(at + 1..).unwrap_or_default().to_vec())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.unavailable("get", key, e)),
+        }
+    }
+
+    /// Runs `f` holding the directory's lock, waiting for it at most a few seconds.
+    fn locked<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce() -> Result<T, ElasticError>,
+    ) -> Result<T, ElasticError> {
+        let lock = self.dir.join(".lock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::fs::create_dir(&lock) {
+                Ok(()) => break,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AlreadyExists
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(DIR_POLL);
+                }
+                Err(e) => return Err(self.unavailable("lock for compare-and-swap", key, e)),
+            }
+        }
+        let result = f();
+        let _ = std::fs::remove_dir(&lock);
+        result
+    }
+}
+
 impl Coordinator for DirCoordinator {
     fn put(&self, key: &str, value: &[u8]) -> Result<(), ElasticError> {
         let path = self.path(key);
-        let unavailable = |e: std::io::Error| ElasticError::Unavailable {
-            action: "put",
-            key: key.to_owned(),
-            reason: format!("{}: {e}", self.dir.display()),
-        };
         let tmp = PathBuf::from(format!("{}.tmp{}", path.display(), std::process::id()));
-        std::fs::write(&tmp, value).map_err(unavailable)?;
-        std::fs::rename(&tmp, &path).map_err(unavailable)
+        let mut body = Vec::with_capacity(key.len() + 1 + value.len());
+        body.extend_from_slice(key.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value);
+        std::fs::write(&tmp, body).map_err(|e| self.unavailable("put", key, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| self.unavailable("put", key, e))
     }
 
     fn wait_get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, ElasticError> {
         let (path, started) = (self.path(key), Instant::now());
         loop {
-            match std::fs::read(&path) {
-                Ok(v) => return Ok(v),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(ElasticError::Unavailable {
-                        action: "get",
-                        key: key.to_owned(),
-                        reason: format!("{}: {e}", path.display()),
-                    })
-                }
+            if let Some((_, v)) = self.read(&path, key)? {
+                return Ok(v);
             }
             if Instant::now() >= deadline {
                 return Err(ElasticError::timeout(key, started.elapsed()));
             }
             std::thread::sleep(DIR_POLL);
         }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ElasticError> {
+        Ok(self.read(&self.path(key), key)?.map(|(_, v)| v))
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, ElasticError> {
+        self.locked(key, || {
+            if self.get(key)?.as_deref() != expected {
+                return Ok(false);
+            }
+            self.put(key, new)?;
+            Ok(true)
+        })
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ElasticError> {
+        match std::fs::remove_file(self.path(key)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.unavailable("delete", key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ElasticError> {
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|e| self.unavailable("list", prefix, e))?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry
+                .map_err(|e| self.unavailable("list", prefix, e))?
+                .path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.starts_with('.') || name.contains(".tmp") {
+                continue;
+            }
+            if let Some((k, v)) = self.read(&path, prefix)? {
+                if k.starts_with(prefix) {
+                    out.push((k, v));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 }
 
@@ -153,6 +308,61 @@ pub mod conformance {
         put_then_get(&*c, prefix);
         wait_sees_a_later_put(c.clone(), prefix);
         missing_key_times_out(&*c, prefix);
+        compare_and_swap_has_one_winner(c.clone(), prefix);
+        list_and_delete(&*c, prefix);
+    }
+
+    fn compare_and_swap_has_one_winner(c: Arc<dyn Coordinator>, prefix: &str) {
+        let key = format!("{prefix}/generation");
+        assert!(c.compare_and_swap(&key, None, b"0").expect("create"));
+        assert!(!c.compare_and_swap(&key, None, b"0").expect("create again"));
+        assert!(!c.compare_and_swap(&key, Some(b"7"), b"8").expect("stale"));
+        // Eight threads race to advance the counter from every value; each value is taken by
+        // exactly one of them.
+        let wins: usize = (0..8)
+            .map(|_| {
+                let (c, key) = (c.clone(), key.clone());
+                std::thread::spawn(move || {
+                    let mut won = 0;
+                    for g in 0..20u32 {
+                        let (from, to) = (g.to_string(), (g + 1).to_string());
+                        if c.compare_and_swap(&key, Some(from.as_bytes()), to.as_bytes())
+                            .expect("swap")
+                        {
+                            won += 1;
+                        }
+                    }
+                    won
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().expect("racer"))
+            .sum();
+        assert_eq!(c.get(&key).expect("get"), Some(b"20".to_vec()));
+        assert_eq!(wins, 20);
+    }
+
+    fn list_and_delete(c: &dyn Coordinator, prefix: &str) {
+        let dir = format!("{prefix}/nodes/");
+        for n in ["b", "a", "c"] {
+            c.put(&format!("{dir}{n}"), n.as_bytes()).expect("put");
+        }
+        c.put(&format!("{prefix}/nodesX"), b"outside").expect("put");
+        let keys: Vec<String> = c
+            .list(&dir)
+            .expect("list")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            keys,
+            [format!("{dir}a"), format!("{dir}b"), format!("{dir}c")]
+        );
+        c.delete(&format!("{dir}b")).expect("delete");
+        c.delete(&format!("{dir}b")).expect("delete a missing key");
+        assert_eq!(c.list(&dir).expect("list").len(), 2);
+        assert_eq!(c.get(&format!("{dir}b")).expect("get"), None);
     }
 
     fn put_then_get(c: &dyn Coordinator, prefix: &str) {

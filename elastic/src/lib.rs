@@ -13,10 +13,12 @@
 //! live slots into a generation's layout, keeping survivors in place.
 
 pub mod coordinator;
+pub mod etcd;
 pub mod plan;
 pub mod topology;
 
 pub use coordinator::{Coordinator, DirCoordinator, InProcessCoordinator};
+pub use etcd::{EtcdCoordinator, Registration};
 pub use topology::{Axis, Topology};
 
 use std::time::Duration;

@@ -1,0 +1,363 @@
+//! The coordinator on etcd, through its v3 API.
+//!
+//! Every call has a timeout, and calls that fail for want of a connection are retried a few
+//! times with backoff (the client reconnects underneath). `wait_get` watches the key instead of
+//! polling. Leases carry node registrations: [`EtcdCoordinator::register`] puts a key under a
+//! lease and keeps the lease alive in the background; when the lease cannot be kept alive the
+//! registration says so, and its holder must treat that as its own death.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+
+use crate::{Coordinator, ElasticError};
+
+/// How long one etcd call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts of a call that fails for want of a connection.
+const ATTEMPTS_MAX: u32 = 4;
+
+/// A [`Coordinator`] on an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdCoordinator {
+    client: Client,
+    rt: Arc<tokio::runtime::Runtime>,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for EtcdCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EtcdCoordinator({:?})", self.endpoints)
+    }
+}
+
+impl EtcdCoordinator {
+    /// Connects to the cluster at `endpoints` (`http://host:port`, comma-separated lists split
+    /// by the caller), waiting at most `timeout`.
+    pub fn connect(endpoints: &[String], timeout: Duration) -> Result<Self, ElasticError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("marathon-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| unavailable("start a runtime for", "", e))?;
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = rt
+            .block_on(async {
+                tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await
+            })
+            .map_err(|_| ElasticError::Unavailable {
+                action: "connect to",
+                key: endpoints.join(","),
+                reason: format!(
+                    "no answer within {} ms; is etcd running there?",
+                    timeout.as_millis()
+                ),
+            })?
+            .map_err(|e| unavailable("connect to", &endpoints.join(","), e))?;
+        let c = EtcdCoordinator {
+            client,
+            rt: Arc::new(rt),
+            endpoints: endpoints.to_vec(),
+        };
+        // The connection is lazy: one read proves the cluster answers.
+        c.get("/marathon/.probe")?;
+        Ok(c)
+    }
+
+    /// Runs `op` with the call timeout, retrying failures to reach etcd with backoff.
+    fn call<T, F, Fut>(&self, action: &'static str, key: &str, op: F) -> Result<T, ElasticError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.rt.block_on(async {
+            let mut backoff = Duration::from_millis(50);
+            let mut attempt = 1;
+            loop {
+                let result = tokio::time::timeout(CALL_TIMEOUT, op(self.client.clone())).await;
+                let err = match result {
+                    Ok(Ok(v)) => return Ok(v),
+                    Ok(Err(e)) if !transient(&e) => return Err(unavailable(action, key, e)),
+                    Ok(Err(e)) => unavailable(action, key, e),
+                    Err(_) => ElasticError::Unavailable {
+                        action,
+                        key: key.to_owned(),
+                        reason: format!("no answer within {} ms", CALL_TIMEOUT.as_millis()),
+                    },
+                };
+                if attempt >= ATTEMPTS_MAX {
+                    return Err(err);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+        })
+    }
+
+    /// Puts `key` = `value` under a new lease of `ttl` and keeps the lease alive in the
+    /// background until the registration is dropped, when the key is revoked at once. If the
+    /// lease cannot be kept alive, [`Registration::lost`] turns true.
+    pub fn register(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Registration, ElasticError> {
+        let ttl_s = ttl.as_secs().max(1) as i64;
+        let lease = self.call("grant a lease for", key, |mut c| async move {
+            c.lease_grant(ttl_s, None).await
+        })?;
+        let id = lease.id();
+        let (k, v) = (key.to_owned(), value.to_vec());
+        self.call("register", key, |mut c| {
+            let (k, v) = (k.clone(), v.clone());
+            async move { c.put(k, v, Some(PutOptions::new().with_lease(id))).await }
+        })?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = {
+            let (client, lost, stop) = (self.client.clone(), lost.clone(), stop.clone());
+            let period = Duration::from_millis((ttl_s as u64 * 1000) / 3);
+            self.rt.spawn(keep_alive(
+                client,
+                id,
+                period,
+                Duration::from_secs(ttl_s as u64),
+                lost,
+                stop,
+            ))
+        };
+        Ok(Registration {
+            coord: self.clone(),
+            lease: id,
+            key: key.to_owned(),
+            lost,
+            stop,
+            task: Some(task),
+        })
+    }
+}
+
+/// Keeps lease `id` alive every `period`; if no keep-alive succeeds for `ttl`, the lease is
+/// gone and `lost` is set.
+async fn keep_alive(
+    mut client: Client,
+    id: i64,
+    period: Duration,
+    ttl: Duration,
+    lost: Arc<AtomicBool>,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    let mut last_ok = Instant::now();
+    let mut keeper = None;
+    loop {
+        if keeper.is_none() {
+            keeper = client.lease_keep_alive(id).await.ok();
+        }
+        let ok = match keeper.as_mut() {
+            Some((k, stream)) => {
+                let sent = k.keep_alive().await.is_ok();
+                // A TTL of 0 in the answer means the lease no longer exists.
+                sent && matches!(
+                    tokio::time::timeout(period, stream.message()).await,
+                    Ok(Ok(Some(r))) if r.ttl() > 0
+                )
+            }
+            None => false,
+        };
+        if ok {
+            last_ok = Instant::now();
+        } else {
+            keeper = None;
+            if last_ok.elapsed() >= ttl {
+                lost.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+        tokio::select! {
+            _ = stop.notified() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
+
+/// A key kept alive under a lease; see [`EtcdCoordinator::register`].
+pub struct Registration {
+    coord: EtcdCoordinator,
+    lease: i64,
+    key: String,
+    lost: Arc<AtomicBool>,
+    stop: Arc<tokio::sync::Notify>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registration({} lease {:x})", self.key, self.lease)
+    }
+}
+
+impl Registration {
+    /// Whether the lease expired: the key is gone, and the holder must stop as if dead.
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Stops keeping the lease alive without revoking it, as a crashed holder would: the key
+    /// disappears when the lease's time runs out.
+    pub fn abandon(mut self) {
+        self.stop.notify_one();
+        self.task.take();
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            self.stop.notify_one();
+            task.abort();
+            let lease = self.lease;
+            let _ = self
+                .coord
+                .call("revoke the lease of", &self.key, |mut c| async move {
+                    c.lease_revoke(lease).await
+                });
+        }
+    }
+}
+
+impl Coordinator for EtcdCoordinator {
+    fn put(&self, key: &str, value: &[u8]) -> Result<(), ElasticError> {
+        self.call("put", key, |mut c| {
+            let (k, v) = (key.to_owned(), value.to_vec());
+            async move { c.put(k, v, None).await }
+        })
+        .map(|_| ())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ElasticError> {
+        let resp = self.call("get", key, |mut c| {
+            let k = key.to_owned();
+            async move { c.get(k, None).await }
+        })?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    fn wait_get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, ElasticError> {
+        let started = Instant::now();
+        let resp = self.call("get", key, |mut c| {
+            let k = key.to_owned();
+            async move { c.get(k, None).await }
+        })?;
+        if let Some(kv) = resp.kvs().first() {
+            return Ok(kv.value().to_vec());
+        }
+        // Watch from just after the read, so a put in between is not missed.
+        let from = resp.header().map_or(0, |h| h.revision()) + 1;
+        let mut client = self.client.clone();
+        let k = key.to_owned();
+        let watched = self.rt.block_on(async move {
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(left, async move {
+                let (_watcher, mut stream) = client
+                    .watch(k, Some(WatchOptions::new().with_start_revision(from)))
+                    .await?;
+                while let Some(msg) = stream.message().await? {
+                    for e in msg.events() {
+                        if e.event_type() == EventType::Put {
+                            if let Some(kv) = e.kv() {
+                                return Ok(Some(kv.value().to_vec()));
+                            }
+                        }
+                    }
+                }
+                Ok::<_, etcd_client::Error>(None)
+            })
+            .await
+        });
+        match watched {
+            Ok(Ok(Some(v))) => Ok(v),
+            Ok(Ok(None)) => Err(ElasticError::Unavailable {
+                action: "watch",
+                key: key.to_owned(),
+                reason: "the watch ended".into(),
+            }),
+            Ok(Err(e)) => Err(unavailable("watch", key, e)),
+            Err(_) => Err(ElasticError::timeout(key, started.elapsed())),
+        }
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, ElasticError> {
+        let resp = self.call("compare-and-swap", key, |mut c| {
+            let (k, new) = (key.to_owned(), new.to_vec());
+            let when = match expected {
+                // A key that never existed, or was deleted, has create revision 0.
+                None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
+                Some(v) => Compare::value(k.clone(), CompareOp::Equal, v.to_vec()),
+            };
+            let txn = Txn::new().when([when]).and_then([TxnOp::put(k, new, None)]);
+            async move { c.txn(txn).await }
+        })?;
+        Ok(resp.succeeded())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ElasticError> {
+        self.call("delete", key, |mut c| {
+            let k = key.to_owned();
+            async move { c.delete(k, None).await }
+        })
+        .map(|_| ())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ElasticError> {
+        let resp = self.call("list", prefix, |mut c| {
+            let p = prefix.to_owned();
+            async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
+        })?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect())
+    }
+}
+
+/// Whether an etcd error is about reaching the cluster, which a retry may cure.
+fn transient(e: &etcd_client::Error) -> bool {
+    matches!(
+        e,
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)
+    ) || matches!(
+        e,
+        // gRPC's UNAVAILABLE (14) and DEADLINE_EXCEEDED (4).
+        etcd_client::Error::GRpcStatus(s) if matches!(i32::from(s.code()), 14 | 4)
+    )
+}
+
+fn unavailable(action: &'static str, key: &str, e: impl std::fmt::Display) -> ElasticError {
+    ElasticError::Unavailable {
+        action,
+        key: key.to_owned(),
+        reason: e.to_string(),
+    }
+}
