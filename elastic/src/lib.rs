@@ -9,11 +9,14 @@
 //!
 //! Built so far: the [`Coordinator`] key-value contract with its in-process and directory
 //! implementations, which process groups rendezvous through, the [`Topology`] that places each
-//! rank in a (tp, pp, dp) layout and names its groups, and the planner ([`plan`]) that turns
-//! live slots into a generation's layout, keeping survivors in place.
+//! rank in a (tp, pp, dp) layout and names its groups, the planner ([`plan`]) that turns live
+//! slots into a generation's layout, keeping survivors in place, the membership core
+//! ([`membership`]) that decides when to abort, re-plan and start a generation, and the etcd
+//! coordinator ([`etcd`]). The agent that runs them against etcd and workers is still to come.
 
 pub mod coordinator;
 pub mod etcd;
+pub mod membership;
 pub mod plan;
 pub mod topology;
 

@@ -1,0 +1,302 @@
+//! The membership core: who is live, which generation runs, and what to do when that changes.
+//! No I/O and no clock: events and the current time go in, actions come out, so the protocol
+//! can be tested exhaustively and simulated deterministically. Each agent runs one; the agent
+//! turns its actions into etcd transactions, process-group aborts and worker commands.
+//!
+//! The protocol. Every agent sees the same registrations (by watch) and the same committed
+//! generations. When a node's lease expires, a worker exits or the step watchdog declares a
+//! worker hung, every agent whose workers are in the running plan aborts their collectives at
+//! once, so nobody waits for a timeout. After a short settling window, which gathers failures
+//! that happen together, the leader plans the next generation from the live slots and the
+//! running plan and proposes it as a compare-and-swap on the generation counter: a proposal from
+//! an old generation fails, which fences it. When a generation commits, every agent starts it:
+//! surviving workers keep their stage and state, moved blocks receive theirs from a peer, and
+//! only a stage with no live copy comes from storage.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use crate::plan::{plan, Plan, PlanError, PlanRequest, Slot, StateSource};
+
+/// What an agent observes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A node registered (or re-registered) with this many slots.
+    Registered { node: String, slots: usize },
+    /// A node's registration is gone: its lease expired or it left.
+    Expired { node: String },
+    /// A worker process exited; its slot is free again but its state is gone.
+    WorkerExited { slot: Slot },
+    /// A worker finished a step.
+    Progress { slot: Slot },
+    /// The leader election's result.
+    Leader { node: String },
+    /// A generation and its plan were committed.
+    Committed { generation: u64, plan: Plan },
+    /// Time passed.
+    Tick,
+}
+
+/// What the agent must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Abort the running generation's process groups now: a member is gone.
+    Abort { generation: u64 },
+    /// Kill a worker the watchdog declared hung.
+    Evict { slot: Slot },
+    /// Leader only: commit `plan` as generation `to` if the counter still reads `from`.
+    Propose { from: u64, to: u64, plan: Plan },
+    /// Start generation `generation`: build its groups and run the plan. `from_storage` lists
+    /// the stages with no live copy, which load from the newest committed checkpoint.
+    Start {
+        generation: u64,
+        plan: Plan,
+        from_storage: Vec<usize>,
+    },
+    /// Leader only: no plan is possible with the live slots; the job waits for more.
+    CannotPlan { reason: String },
+}
+
+/// Timing of the protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long after a change the leader waits before planning, to gather changes that come
+    /// together.
+    pub settle: Duration,
+    /// A worker in the plan that makes no step progress for this long is declared hung.
+    pub hang: Duration,
+}
+
+/// One agent's view of the job.
+#[derive(Debug)]
+pub struct Membership {
+    me: String,
+    tp: usize,
+    pp: usize,
+    microbatches: usize,
+    timing: Timing,
+    live: BTreeMap<String, usize>,
+    leader: Option<String>,
+    generation: u64,
+    plan: Option<Plan>,
+    /// Slots of the running plan whose worker died or hung since it started.
+    lost: BTreeSet<Slot>,
+    /// When the first change not yet planned for happened.
+    changed_at: Option<Instant>,
+    /// The generation this agent last proposed, so it proposes once per change.
+    proposed: Option<u64>,
+    last_progress: BTreeMap<Slot, Instant>,
+    aborted: bool,
+}
+
+impl Membership {
+    pub fn new(me: &str, tp: usize, pp: usize, microbatches: usize, timing: Timing) -> Self {
+        Membership {
+            me: me.to_owned(),
+            tp,
+            pp,
+            microbatches,
+            timing,
+            live: BTreeMap::new(),
+            leader: None,
+            generation: 0,
+            plan: None,
+            lost: BTreeSet::new(),
+            changed_at: None,
+            proposed: None,
+            last_progress: BTreeMap::new(),
+            aborted: false,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    /// Feeds one event observed at `now`; returns what to do, in order.
+    pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Registered { node, slots } => {
+                if self.live.insert(node, slots) != Some(slots) {
+                    self.changed(now);
+                }
+            }
+            Event::Expired { node } => {
+                if self.live.remove(&node).is_some() {
+                    let gone: Vec<Slot> = self.planned_slots().filter(|s| s.node == node).collect();
+                    self.lose(gone, &mut out);
+                    self.changed(now);
+                }
+            }
+            Event::WorkerExited { slot } => {
+                if self.planned_slots().any(|s| s == slot) {
+                    self.lose(vec![slot], &mut out);
+                    self.changed(now);
+                }
+            }
+            Event::Progress { slot } => {
+                self.last_progress.insert(slot, now);
+            }
+            Event::Leader { node } => self.leader = Some(node),
+            Event::Committed { generation, plan } => {
+                if generation > self.generation {
+                    let first = self.generation == 0;
+                    self.generation = generation;
+                    self.lost.clear();
+                    self.aborted = false;
+                    self.proposed = None;
+                    // Changes after the plan was made are planned for again.
+                    let stale = plan_misses(&plan, &self.live);
+                    self.changed_at = if stale {
+                        self.changed_at.or(Some(now))
+                    } else {
+                        None
+                    };
+                    let from_storage = if first {
+                        Vec::new()
+                    } else {
+                        let mut s: Vec<usize> = plan
+                            .blocks
+                            .iter()
+                            .filter(|b| b.state == StateSource::Storage)
+                            .map(|b| b.stage)
+                            .collect();
+                        s.dedup();
+                        s
+                    };
+                    self.last_progress = plan
+                        .blocks
+                        .iter()
+                        .flat_map(|b| b.slots.iter().cloned())
+                        .map(|s| (s, now))
+                        .collect();
+                    self.plan = Some(plan.clone());
+                    out.push(Action::Start {
+                        generation,
+                        plan,
+                        from_storage,
+                    });
+                }
+            }
+            Event::Tick => {}
+        }
+        self.watchdog(now, &mut out);
+        self.maybe_propose(now, &mut out);
+        out
+    }
+
+    fn planned_slots(&self) -> impl Iterator<Item = Slot> + '_ {
+        self.plan
+            .iter()
+            .flat_map(|p| p.blocks.iter().flat_map(|b| b.slots.iter().cloned()))
+    }
+
+    fn changed(&mut self, now: Instant) {
+        self.changed_at.get_or_insert(now);
+    }
+
+    /// Marks `slots` lost; the first loss in a generation aborts its groups.
+    fn lose(&mut self, slots: Vec<Slot>, out: &mut Vec<Action>) {
+        if slots.is_empty() {
+            return;
+        }
+        self.lost.extend(slots);
+        if !self.aborted && self.generation > 0 {
+            self.aborted = true;
+            out.push(Action::Abort {
+                generation: self.generation,
+            });
+        }
+    }
+
+    /// Declares hung the planned workers with no progress for `timing.hang`.
+    fn watchdog(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let hung: Vec<Slot> = self
+            .last_progress
+            .iter()
+            .filter(|(s, &t)| now.duration_since(t) >= self.timing.hang && !self.lost.contains(*s))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for slot in hung {
+            if slot.node == self.me {
+                out.push(Action::Evict { slot: slot.clone() });
+            }
+            self.last_progress.remove(&slot);
+            self.lose(vec![slot], out);
+            self.changed(now);
+        }
+    }
+
+    fn maybe_propose(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let settled = self
+            .changed_at
+            .is_some_and(|t| now.duration_since(t) >= self.timing.settle);
+        if !settled || self.leader.as_deref() != Some(self.me.as_str()) {
+            return;
+        }
+        let to = self.generation + 1;
+        if self.proposed == Some(to) {
+            return;
+        }
+        // Blocks that lost a member lost their state: they are planned as if new.
+        let previous = self.plan.as_ref().map(|p| without_lost(p, &self.lost));
+        let req = PlanRequest {
+            tp: self.tp,
+            pp: self.pp,
+            microbatches: self.microbatches,
+            live: &self.live,
+            previous: previous.as_ref(),
+        };
+        match plan(&req) {
+            Ok(plan) => {
+                self.proposed = Some(to);
+                out.push(Action::Propose {
+                    from: self.generation,
+                    to,
+                    plan,
+                });
+            }
+            Err(e @ (PlanError::TooFewSlots { .. } | PlanError::NoMicrobatches)) => {
+                // Asked again at the next change.
+                self.changed_at = None;
+                out.push(Action::CannotPlan {
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// `plan` with the blocks that lost a member left out, and their standby too.
+fn without_lost(plan: &Plan, lost: &BTreeSet<Slot>) -> Plan {
+    let keep = |slots: &[Slot]| !slots.iter().any(|s| lost.contains(s));
+    Plan {
+        blocks: plan
+            .blocks
+            .iter()
+            .filter(|b| keep(&b.slots))
+            .cloned()
+            .collect(),
+        standby: plan
+            .standby
+            .iter()
+            .filter(|(_, s)| keep(s))
+            .cloned()
+            .collect(),
+        ..plan.clone()
+    }
+}
+
+/// Whether `plan` uses a slot that is no longer live or leaves a node's slots unplanned that a
+/// new plan could use.
+fn plan_misses(plan: &Plan, live: &BTreeMap<String, usize>) -> bool {
+    plan.blocks
+        .iter()
+        .flat_map(|b| &b.slots)
+        .any(|s| s.index >= live.get(&s.node).copied().unwrap_or(0))
+}
