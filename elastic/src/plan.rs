@@ -13,15 +13,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::{Deserialize, Serialize};
+
 /// One slot: a worker process a node can run.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Slot {
     pub node: String,
     pub index: usize,
 }
 
 /// Where one block of the plan is, and where its state comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Block {
     pub replica: usize,
     pub stage: usize,
@@ -31,7 +33,7 @@ pub struct Block {
 }
 
 /// Where a block's state comes from at the start of the generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StateSource {
     /// The block held this stage in the previous generation and keeps its memory.
     Kept,
@@ -43,7 +45,7 @@ pub enum StateSource {
 }
 
 /// A generation's plan.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub tp: usize,
     pub pp: usize,

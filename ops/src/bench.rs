@@ -571,3 +571,150 @@ fn fsync_write_gbs(dir: &std::path::Path, bytes: usize) -> Result<f64> {
     std::fs::remove_file(&path)?;
     Ok(bytes as f64 / secs / 1e9)
 }
+
+#[derive(Debug, Args)]
+pub struct ElasticArgs {
+    /// etcd endpoints, comma-separated (http://127.0.0.1:2379).
+    #[arg(long)]
+    etcd: String,
+    /// Agents to simulate, each a thread with its own lease.
+    #[arg(long, default_value_t = 560)]
+    agents: usize,
+    /// Slots of each agent's node.
+    #[arg(long, default_value_t = 8)]
+    slots: usize,
+    #[arg(long, default_value_t = 8)]
+    tp: usize,
+    #[arg(long, default_value_t = 35)]
+    pp: usize,
+    /// Microbatches of the global batch.
+    #[arg(long, default_value_t = 1920)]
+    microbatches: usize,
+    /// etcd connections the agents share.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+}
+
+/// `marathon bench elastic`: how long a cluster of agents takes to register under leases,
+/// have the leader plan generation 1, and have every agent hold the plan, against a real etcd.
+pub fn elastic(args: ElasticArgs) -> Result<()> {
+    use marathon_elastic::plan::{plan, PlanRequest};
+    use marathon_elastic::{Coordinator, EtcdCoordinator};
+    use std::sync::Arc;
+    anyhow::ensure!(
+        args.agents > 0 && args.connections > 0,
+        "--agents and --connections: at least 1"
+    );
+    let endpoints: Vec<String> = args.etcd.split(',').map(str::to_owned).collect();
+    let conns: Vec<Arc<EtcdCoordinator>> = (0..args.connections)
+        .map(|_| EtcdCoordinator::connect(&endpoints, Duration::from_secs(5)).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    let job = format!("/marathon/bench-{}", nanos_now());
+    let nodes = format!("{job}/nodes/");
+    let plan_key = format!("{job}/gen-1/plan");
+    let generation_key = format!("{job}/generation");
+    let started = Instant::now();
+    let agents: Vec<_> = (0..args.agents)
+        .map(|i| {
+            let c = conns[i % conns.len()].clone();
+            let (nodes, plan_key) = (nodes.clone(), plan_key.clone());
+            let slots = args.slots;
+            std::thread::spawn(
+                move || -> Result<(Duration, Duration, marathon_elastic::Registration)> {
+                    let key = format!("{nodes}node-{i:05}");
+                    let reg =
+                        c.register(&key, slots.to_string().as_bytes(), Duration::from_secs(10))?;
+                    let registered = started.elapsed();
+                    let plan = c.wait_get(&plan_key, Instant::now() + Duration::from_secs(60))?;
+                    anyhow::ensure!(!plan.is_empty(), "empty plan");
+                    Ok((registered, started.elapsed(), reg))
+                },
+            )
+        })
+        .collect();
+    // The leader: waits for every registration, plans, and commits generation 1.
+    let leader = &conns[0];
+    let all_registered = loop {
+        let live = leader.list(&nodes)?;
+        if live.len() == args.agents {
+            break (started.elapsed(), live);
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "only {} of {} agents registered within 60 s",
+            live.len(),
+            args.agents
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (seen_all, live) = all_registered;
+    let live: std::collections::BTreeMap<String, usize> = live
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.trim_start_matches(&nodes).to_owned(),
+                String::from_utf8_lossy(&v).parse().unwrap_or(0),
+            )
+        })
+        .collect();
+    let p = plan(&PlanRequest {
+        tp: args.tp,
+        pp: args.pp,
+        microbatches: args.microbatches,
+        live: &live,
+        previous: None,
+    })?;
+    let planned = started.elapsed();
+    anyhow::ensure!(
+        leader.compare_and_swap(&generation_key, None, b"1")?,
+        "generation 1 was already taken"
+    );
+    leader.put(&plan_key, &serde_json::to_vec(&p)?)?;
+    let committed = started.elapsed();
+    let mut last_registered = Duration::ZERO;
+    let mut last_holding = Duration::ZERO;
+    let mut registrations = Vec::new();
+    for a in agents {
+        let (r, h, reg) = a
+            .join()
+            .map_err(|_| anyhow::anyhow!("an agent thread panicked"))??;
+        last_registered = last_registered.max(r);
+        last_holding = last_holding.max(h);
+        registrations.push(reg);
+    }
+    drop(registrations);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let report = serde_json::json!({
+        "agents": args.agents,
+        "slots": args.slots,
+        "tp": args.tp,
+        "pp": args.pp,
+        "dp": p.dp,
+        "connections": args.connections,
+        "all_registered_ms": ms(last_registered),
+        "leader_saw_all_ms": ms(seen_all),
+        "planned_ms": ms(planned),
+        "committed_ms": ms(committed),
+        "all_hold_plan_ms": ms(last_holding),
+    });
+    println!(
+        "bench elastic: {} agents x {} slots against {}, {} connections\n  \
+         all registered under leases in {:.0} ms; the leader saw them all at {:.0} ms, planned \
+         tp {} x pp {} x dp {} at {:.0} ms and committed generation 1 at {:.0} ms\n  \
+         every agent held the plan {:.0} ms after the start",
+        args.agents,
+        args.slots,
+        args.etcd,
+        args.connections,
+        ms(last_registered),
+        ms(seen_all),
+        args.tp,
+        args.pp,
+        p.dp,
+        ms(planned),
+        ms(committed),
+        ms(last_holding),
+    );
+    println!("{report}");
+    Ok(())
+}

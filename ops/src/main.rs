@@ -99,6 +99,9 @@ enum BenchCommand {
     /// What a checkpoint costs: training stall beside memcpy, persist beside the disk,
     /// compression with and without the byte shuffle, load time.
     Ckpt(bench::CkptArgs),
+    /// How long a cluster of agents takes to register under leases and agree on a plan,
+    /// against a real etcd.
+    Elastic(bench::ElasticArgs),
 }
 
 fn main() -> ExitCode {
@@ -172,6 +175,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Ckpt(args),
         } => bench::ckpt(args),
+        Command::Bench {
+            command: BenchCommand::Elastic(args),
+        } => bench::elastic(args),
         Command::Ckpt { command } => ckpt::run(command),
         Command::Plan { config } => plan(config),
     }

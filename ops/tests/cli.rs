@@ -625,3 +625,37 @@ fn bench_ckpt_prints_stall_persist_compression_and_load() {
         "{stdout}"
     );
 }
+
+#[path = "../../elastic/tests/common/etcd.rs"]
+mod etcd;
+
+#[test]
+fn bench_elastic_registers_agents_and_agrees_on_a_plan_against_etcd() {
+    let server = etcd::Etcd::start();
+    server.connect();
+    let args = [
+        "bench",
+        "elastic",
+        "--etcd",
+        &server.url,
+        "--agents",
+        "24",
+        "--slots",
+        "8",
+        "--tp",
+        "8",
+        "--pp",
+        "3",
+        "--microbatches",
+        "64",
+        "--connections",
+        "4",
+    ];
+    let (report, stdout) = bench_report(&args, Path::new("."));
+    assert_eq!(report["dp"], 8, "{report}");
+    assert!(
+        report["all_hold_plan_ms"].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+    assert!(stdout.contains("every agent held the plan"), "{stdout}");
+}

@@ -1,0 +1,3 @@
+//! Helpers shared by the elastic tests.
+
+pub mod etcd;
