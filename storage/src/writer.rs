@@ -311,32 +311,36 @@ impl Job {
                     let len = b.numel();
                     let values = &data[at as usize..(at + len) as usize];
                     at += len;
-                    raw.clear();
-                    raw.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-                    let crc32c = checksum(&raw);
-                    encode(
-                        self.opts.codec,
-                        self.opts.level,
-                        &raw,
-                        &mut enc,
-                        &mut scratch,
-                    )
-                    .map_err(|e| object_store::Error::Generic {
-                        store: "marathon",
-                        source: Box::new(e),
-                    })?;
+                    let raw = le_bytes(values, &mut raw);
+                    let crc32c = checksum(raw);
+                    let stored: &[u8] = if self.opts.codec == Codec::Raw {
+                        raw
+                    } else {
+                        encode(
+                            self.opts.codec,
+                            self.opts.level,
+                            raw,
+                            &mut enc,
+                            &mut scratch,
+                        )
+                        .map_err(|e| object_store::Error::Generic {
+                            store: "marathon",
+                            source: Box::new(e),
+                        })?;
+                        &enc
+                    };
                     w.wait_for_capacity(self.opts.uploads_inflight_max).await?;
-                    w.write(&enc);
+                    w.write(stored);
                     entry.chunks.push(Chunk {
                         region: b.shifted(&piece.region.offset),
                         object: object.clone(),
                         byte_offset,
-                        byte_len: enc.len() as u64,
+                        byte_len: stored.len() as u64,
                         codec: self.opts.codec,
                         raw_len: raw.len() as u64,
                         crc32c,
                     });
-                    byte_offset += enc.len() as u64;
+                    byte_offset += stored.len() as u64;
                 }
                 start = end;
             }
@@ -449,6 +453,22 @@ impl Job {
             Err(object_store::Error::AlreadyExists { .. }) => Err(already()),
             Err(e) => Err(StorageError::store("commit manifest", &path, e)),
         }
+    }
+}
+
+/// The little-endian bytes of `values`: a view of them where the machine is little-endian (no
+/// copy), else converted into `buf`.
+fn le_bytes<'a>(values: &'a [f32], buf: &'a mut Vec<u8>) -> &'a [u8] {
+    if cfg!(target_endian = "little") {
+        // SAFETY: f32 has no padding and every byte pattern is a valid u8; the view covers
+        // exactly the slice's memory and lives no longer than it.
+        unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        }
+    } else {
+        buf.clear();
+        buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        buf
     }
 }
 
