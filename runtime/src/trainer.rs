@@ -338,6 +338,67 @@ impl Trainer {
         Ok(v[0])
     }
 
+    /// Continues with new process groups: a new generation of the job, with the same tensor
+    /// and pipeline layout and a data-parallel degree that may differ (a replica lost or added).
+    /// The rank keeps its shard of the model and its optimizer state; the next step splits the
+    /// global batch over the new replicas, so the data order continues exactly.
+    ///
+    /// Errors: a group whose tensor or pipeline size differs from the layout's, and the
+    /// distributed optimizer, whose shards would have to move between replicas (not supported
+    /// yet: resume from a checkpoint in the new layout instead).
+    pub fn regroup(&mut self, groups: Groups) -> Result<()> {
+        let [(tp_rank, tp), (stage, pp), (_, dp)] = groups.coords();
+        let shard = self.model.layout.shard;
+        let bad = |reason: String| RuntimeError::Config {
+            path: self.cfg.source.clone(),
+            field: "parallel".into(),
+            reason,
+        };
+        if (tp, tp_rank, pp, stage) != (shard.tp, shard.tp_rank, shard.pp, shard.stage) {
+            return Err(bad(format!(
+                "a new generation must keep each rank's shard: this rank holds tensor rank {} of \
+                 {} and stage {} of {}, the new groups give {tp_rank} of {tp} and {stage} of {pp}",
+                shard.tp_rank, shard.tp, shard.stage, shard.pp
+            )));
+        }
+        if self.cfg.parallel.distributed_optimizer && dp != self.cfg.parallel.dp {
+            return Err(bad(format!(
+                "changing the data-parallel degree from {} to {dp} with the distributed \
+                 optimizer would move optimizer shards between replicas, which is not supported \
+                 yet; resume from a checkpoint in the new layout",
+                self.cfg.parallel.dp
+            )));
+        }
+        self.cfg.parallel.dp = dp;
+        self.groups = groups;
+        Ok(())
+    }
+
+    /// Makes this rank's state that of replica `source` of its data-parallel group: parameters,
+    /// both Adam moments, the optimizer step and the data order's position, broadcast over the
+    /// group. A replica joining a running job receives its state this way from a healthy one,
+    /// instead of from storage; every member of the group calls it.
+    pub fn transfer_state(&mut self, source: usize) -> Result<()> {
+        let Some(dp) = self.groups.dp.as_mut() else {
+            return Ok(());
+        };
+        dp.broadcast(&mut self.model.params, source)?;
+        dp.broadcast(&mut self.opt.m, source)?;
+        dp.broadcast(&mut self.opt.v, source)?;
+        // Counters travel bit for bit, as the f32s that share their bits.
+        let words = |x: u64| [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)];
+        let [a, b] = words(self.step);
+        let [c, d] = words(self.consumed_samples);
+        let [e, f] = words(self.opt.step);
+        let mut counters = [a, b, c, d, e, f];
+        dp.broadcast(&mut counters, source)?;
+        let word = |lo: f32, hi: f32| lo.to_bits() as u64 | (hi.to_bits() as u64) << 32;
+        self.step = word(counters[0], counters[1]);
+        self.consumed_samples = word(counters[2], counters[3]);
+        self.opt.step = word(counters[4], counters[5]);
+        Ok(())
+    }
+
     /// The step this run resumed from, if it did.
     pub fn resumed_from(&self) -> Option<u64> {
         self.resumed_from

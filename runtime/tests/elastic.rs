@@ -1,0 +1,188 @@
+//! Generations in the trainer: a running job's ranks re-form their process groups with a
+//! different data-parallel degree at a step boundary and continue from their in-memory state;
+//! a joining replica receives its state from a healthy one over the data-parallel group. The
+//! job still computes what one process computes, and the data order goes on exactly.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use marathon_elastic::{InProcessCoordinator, Topology};
+use marathon_runtime::comm::GroupSpec;
+use marathon_runtime::{Groups, TrainConfig, Trainer};
+
+const STEPS: u64 = 8;
+const SWITCH: u64 = 3;
+
+fn config(dir: &std::path::Path) -> TrainConfig {
+    let train = synthetic_tokens(dir, "train.bin", 40_000, 256, 11);
+    let mut cfg = parse(
+        &small_config_toml(&train, None, 256)
+            .replace("micro_batch = 4", "micro_batch = 2")
+            .replace("global_batch = 8", "global_batch = 12"),
+    );
+    cfg.train.steps = STEPS;
+    cfg
+}
+
+fn groups(
+    coord: &InProcessCoordinator,
+    generation: u64,
+    topology: Topology,
+    rank: usize,
+) -> Groups {
+    let mut template = GroupSpec::loopback("elastic", "", 0, 1, Duration::from_secs(60));
+    template.generation = generation;
+    Groups::connect(coord, topology, rank, &template).expect("join the generation's groups")
+}
+
+/// What one rank saw: the loss of every step it ran, its parameters right after joining (for
+/// a joining rank) or at the switch, and at the end.
+struct Seen {
+    losses: Vec<(u64, f32)>,
+    at_switch: Vec<f32>,
+    params: Vec<f32>,
+}
+
+fn steps(t: &mut Trainer, to: u64, losses: &mut Vec<(u64, f32)>) {
+    while t.step < to {
+        let r = t.train_step().expect("step");
+        losses.push((r.step, r.loss));
+    }
+}
+
+/// Runs tp 2 x dp `before` to the switch, then tp 2 x dp `after`: ranks of replicas beyond
+/// `after` leave, new ones join and receive replica 0's state.
+fn resize(cfg: &TrainConfig, before: usize, after: usize) -> Vec<Seen> {
+    let coord = Arc::new(InProcessCoordinator::new());
+    let (old, new) = (Topology::new(2, 1, before), Topology::new(2, 1, after));
+    let ranks = old.world_size().max(new.world_size());
+    let handles: Vec<_> = (0..ranks)
+        .map(|rank| {
+            let (coord, cfg) = (coord.clone(), cfg.clone());
+            std::thread::spawn(move || {
+                let mut losses = Vec::new();
+                let mut t = if rank < old.world_size() {
+                    let mut c = cfg.clone();
+                    c.parallel.tp = 2;
+                    c.parallel.dp = before;
+                    let mut t =
+                        Trainer::with_groups(c, groups(&coord, 0, old, rank)).expect("trainer");
+                    steps(&mut t, SWITCH, &mut losses);
+                    if rank >= new.world_size() {
+                        // This replica leaves at the step boundary.
+                        return Seen {
+                            losses,
+                            at_switch: Vec::new(),
+                            params: t.model.params,
+                        };
+                    }
+                    t.regroup(groups(&coord, 1, new, rank)).expect("regroup");
+                    t
+                } else {
+                    let mut c = cfg.clone();
+                    c.parallel.tp = 2;
+                    c.parallel.dp = after;
+                    Trainer::with_groups(c, groups(&coord, 1, new, rank)).expect("joining trainer")
+                };
+                // Healthy replicas and joiners alike take replica 0's state.
+                t.transfer_state(0).expect("state transfer");
+                let at_switch = t.model.params.clone();
+                assert_eq!(t.step, SWITCH, "rank {rank} continues at the switch");
+                steps(&mut t, STEPS, &mut losses);
+                Seen {
+                    losses,
+                    at_switch,
+                    params: t.model.params,
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("rank thread"))
+        .collect()
+}
+
+fn check(cfg: &TrainConfig, seen: &[Seen], survivors: usize, what: &str) {
+    let mut single = Trainer::new(cfg.clone()).expect("single process");
+    let reference: Vec<f32> = (0..STEPS)
+        .map(|_| single.train_step().expect("step").loss)
+        .collect();
+    for (r, s) in seen.iter().enumerate().take(survivors) {
+        for &(step, loss) in &s.losses {
+            let want = reference[step as usize - 1];
+            assert!(
+                (loss - want).abs() <= 1e-5 * want.abs(),
+                "{what}: rank {r} step {step}: {loss} vs {want}"
+            );
+        }
+        assert_eq!(
+            s.losses.last().map(|l| l.0),
+            Some(STEPS),
+            "{what}: rank {r} finished"
+        );
+        // Ranks with the same tensor rank hold the same shard: they agree bitwise.
+        let twin = &seen[r % 2];
+        assert!(
+            s.params
+                .iter()
+                .zip(&twin.params)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: rank {r} disagrees with rank {}",
+            r % 2
+        );
+        assert!(
+            s.at_switch
+                .iter()
+                .zip(&twin.at_switch)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: rank {r} did not start the new generation from replica 0's state"
+        );
+    }
+}
+
+#[test]
+fn a_replica_joins_a_running_job_and_receives_its_state_from_a_peer() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    let seen = resize(&cfg, 2, 3);
+    // The joining replica (ranks 4 and 5) ran only the steps after the switch.
+    assert_eq!(seen[4].losses.first().map(|l| l.0), Some(SWITCH + 1));
+    check(&cfg, &seen, 6, "dp2 -> dp3");
+}
+
+#[test]
+fn a_job_shrinks_at_a_step_boundary_and_continues_from_memory() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    let seen = resize(&cfg, 3, 2);
+    check(&cfg, &seen, 4, "dp3 -> dp2");
+}
+
+#[test]
+fn a_new_generation_must_keep_each_ranks_shard() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    // Groups that would make a one-process rank tensor rank 1 of 2.
+    let coord = Arc::new(InProcessCoordinator::new());
+    let joins: Vec<_> = (0..2)
+        .map(|rank| {
+            let coord = coord.clone();
+            std::thread::spawn(move || groups(&coord, 1, Topology::new(2, 1, 1), rank))
+        })
+        .collect();
+    let mut both: Vec<Groups> = joins.into_iter().map(|h| h.join().expect("join")).collect();
+    let mut t = Trainer::new(cfg).expect("trainer");
+    let err = t
+        .regroup(both.pop().expect("rank 1's groups"))
+        .expect_err("a different shard");
+    assert!(
+        err.to_string().contains(
+            "a new generation must keep each rank's shard: this rank holds tensor rank 0 of 1"
+        ),
+        "{err}"
+    );
+}
