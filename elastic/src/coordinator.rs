@@ -27,13 +27,16 @@ pub trait Coordinator: Send + Sync {
     /// The value of `key`, if it exists.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ElasticError>;
 
-    /// Sets `key` to `new` if its value is `expected` (`None`: if it does not exist), atomically
-    /// with respect to every other writer. Returns whether it did.
+    /// Sets `key` to `new` if its value is `expected` (`None`: if it does not exist), and in
+    /// the same atomic step puts each of `also` (a generation's counter and its plan commit
+    /// together, or not at all), atomically with respect to every other writer. Returns whether
+    /// it did.
     fn compare_and_swap(
         &self,
         key: &str,
         expected: Option<&[u8]>,
         new: &[u8],
+        also: &[(&str, &[u8])],
     ) -> Result<bool, ElasticError>;
 
     /// Removes `key`; removing a missing key is not an error.
@@ -77,12 +80,16 @@ impl Coordinator for InProcessCoordinator {
         key: &str,
         expected: Option<&[u8]>,
         new: &[u8],
+        also: &[(&str, &[u8])],
     ) -> Result<bool, ElasticError> {
         let mut map = self.lock();
         if map.get(key).map(Vec::as_slice) != expected {
             return Ok(false);
         }
         map.insert(key.to_owned(), new.to_vec());
+        for (k, v) in also {
+            map.insert((*k).to_owned(), v.to_vec());
+        }
         self.changed.notify_all();
         Ok(true)
     }
@@ -251,10 +258,15 @@ impl Coordinator for DirCoordinator {
         key: &str,
         expected: Option<&[u8]>,
         new: &[u8],
+        also: &[(&str, &[u8])],
     ) -> Result<bool, ElasticError> {
         self.locked(key, || {
             if self.get(key)?.as_deref() != expected {
                 return Ok(false);
+            }
+            // The extra keys first: a reader that sees the new value finds them in place.
+            for (k, v) in also {
+                self.put(k, v)?;
             }
             self.put(key, new)?;
             Ok(true)
@@ -314,9 +326,18 @@ pub mod conformance {
 
     fn compare_and_swap_has_one_winner(c: Arc<dyn Coordinator>, prefix: &str) {
         let key = format!("{prefix}/generation");
-        assert!(c.compare_and_swap(&key, None, b"0").expect("create"));
-        assert!(!c.compare_and_swap(&key, None, b"0").expect("create again"));
-        assert!(!c.compare_and_swap(&key, Some(b"7"), b"8").expect("stale"));
+        let plan = format!("{prefix}/gen-0/plan");
+        assert!(c
+            .compare_and_swap(&key, None, b"0", &[(&plan, b"first")])
+            .expect("create"));
+        assert!(!c
+            .compare_and_swap(&key, None, b"0", &[(&plan, b"second")])
+            .expect("create again"));
+        assert!(!c
+            .compare_and_swap(&key, Some(b"7"), b"8", &[(&plan, b"stale")])
+            .expect("stale"));
+        // The extra key was written with the winning swap only.
+        assert_eq!(c.get(&plan).expect("get"), Some(b"first".to_vec()));
         // Eight threads race to advance the counter from every value; each value is taken by
         // exactly one of them.
         let wins: usize = (0..8)
@@ -326,7 +347,7 @@ pub mod conformance {
                     let mut won = 0;
                     for g in 0..20u32 {
                         let (from, to) = (g.to_string(), (g + 1).to_string());
-                        if c.compare_and_swap(&key, Some(from.as_bytes()), to.as_bytes())
+                        if c.compare_and_swap(&key, Some(from.as_bytes()), to.as_bytes(), &[])
                             .expect("swap")
                         {
                             won += 1;

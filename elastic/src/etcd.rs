@@ -302,6 +302,7 @@ impl Coordinator for EtcdCoordinator {
         key: &str,
         expected: Option<&[u8]>,
         new: &[u8],
+        also: &[(&str, &[u8])],
     ) -> Result<bool, ElasticError> {
         let resp = self.call("compare-and-swap", key, |mut c| {
             let (k, new) = (key.to_owned(), new.to_vec());
@@ -310,7 +311,9 @@ impl Coordinator for EtcdCoordinator {
                 None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
                 Some(v) => Compare::value(k.clone(), CompareOp::Equal, v.to_vec()),
             };
-            let txn = Txn::new().when([when]).and_then([TxnOp::put(k, new, None)]);
+            let mut ops = vec![TxnOp::put(k, new, None)];
+            ops.extend(also.iter().map(|(k, v)| TxnOp::put(*k, v.to_vec(), None)));
+            let txn = Txn::new().when([when]).and_then(ops);
             async move { c.txn(txn).await }
         })?;
         Ok(resp.succeeded())

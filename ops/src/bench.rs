@@ -665,11 +665,12 @@ pub fn elastic(args: ElasticArgs) -> Result<()> {
         previous: None,
     })?;
     let planned = started.elapsed();
+    // The generation and its plan commit in one transaction.
+    let body = serde_json::to_vec(&p)?;
     anyhow::ensure!(
-        leader.compare_and_swap(&generation_key, None, b"1")?,
+        leader.compare_and_swap(&generation_key, None, b"1", &[(&plan_key, &body)])?,
         "generation 1 was already taken"
     );
-    leader.put(&plan_key, &serde_json::to_vec(&p)?)?;
     let committed = started.elapsed();
     let mut last_registered = Duration::ZERO;
     let mut last_holding = Duration::ZERO;
