@@ -399,6 +399,52 @@ impl Trainer {
         Ok(())
     }
 
+    /// Brings the replicas of this rank's shard to one step at the start of a generation. A
+    /// peer that died in the middle of a step's last collective can leave some survivors with
+    /// the step applied and others without it; every replica then takes the state of the most
+    /// advanced one (the lowest-numbered when several are). Afterwards every rank of the job
+    /// must be at the same step, or all of them fail with [`RuntimeError::Config`] naming the
+    /// steps seen, and the job must resume from its newest checkpoint. Every rank calls it.
+    /// Returns the step the generation continues from.
+    pub fn reconcile(&mut self) -> Result<u64> {
+        let [_, _, (replica, replicas)] = self.groups.coords();
+        let words = |x: u64| [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)];
+        let word = |w: &[f32]| w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32;
+        let gather =
+            |g: Option<&mut ProcessGroup>, step: u64, me: usize, n: usize| -> Result<Vec<u64>> {
+                let mut all = vec![0f32; 2 * n];
+                all[2 * me..2 * me + 2].copy_from_slice(&words(step));
+                if let Some(g) = g {
+                    g.all_gather(&mut all)?;
+                }
+                Ok(all.chunks_exact(2).map(word).collect())
+            };
+        let steps = gather(self.groups.dp.as_mut(), self.step, replica, replicas)?;
+        let best = steps.iter().copied().max().unwrap_or(self.step);
+        if steps.iter().any(|&s| s != best) {
+            let source = steps.iter().position(|&s| s == best).unwrap_or(0);
+            self.transfer_state(source)?;
+        }
+        // The replicas of each shard now agree; the shards must agree with each other.
+        let [(tp_rank, tp), (stage, pp), _] = self.groups.coords();
+        let step = self.step;
+        let across_tp = gather(self.groups.tp.as_mut(), step, tp_rank, tp)?;
+        let across_pp = gather(self.groups.pp.as_mut(), step, stage, pp)?;
+        let differ = across_tp.iter().chain(&across_pp).any(|&s| s != step);
+        if self.sum_over_ranks(f32::from(differ))? > 0.0 {
+            return Err(RuntimeError::Config {
+                path: self.cfg.source.clone(),
+                field: "parallel".into(),
+                reason: format!(
+                    "the shards of the model stopped at different steps (this rank's tensor \
+                     group: {across_tp:?}, pipeline group: {across_pp:?}); no replica holds \
+                     every shard at one step, so the job must resume from its newest checkpoint"
+                ),
+            });
+        }
+        Ok(step)
+    }
+
     /// The step this run resumed from, if it did.
     pub fn resumed_from(&self) -> Option<u64> {
         self.resumed_from

@@ -186,3 +186,93 @@ fn a_new_generation_must_keep_each_ranks_shard() {
         "{err}"
     );
 }
+
+#[test]
+fn replicas_that_ended_a_step_apart_continue_from_the_most_advanced() {
+    // Two replicas run three steps together. Then replica 0 applies step 4 and replica 1 does
+    // not, as when a peer dies after only replica 0 received the step's last collective. In the
+    // next generation both continue from replica 0's step 4.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    let coord = Arc::new(InProcessCoordinator::new());
+    let dp2 = Topology::new(1, 1, 2);
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let (coord, mut cfg) = (coord.clone(), cfg.clone());
+            cfg.parallel.dp = 2;
+            std::thread::spawn(move || {
+                let mut t =
+                    Trainer::with_groups(cfg, groups(&coord, 0, dp2, rank)).expect("trainer");
+                let mut losses = Vec::new();
+                steps(&mut t, SWITCH, &mut losses);
+                t.regroup(Groups::default()).expect("alone");
+                if rank == 0 {
+                    steps(&mut t, SWITCH + 1, &mut losses);
+                }
+                t.regroup(groups(&coord, 2, dp2, rank)).expect("regroup");
+                assert_eq!(t.reconcile().expect("reconcile"), SWITCH + 1, "rank {rank}");
+                steps(&mut t, STEPS, &mut losses);
+                (losses, t.model.params)
+            })
+        })
+        .collect();
+    let runs: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("rank"))
+        .collect();
+    let mut single = Trainer::new(cfg).expect("single process");
+    let reference: Vec<f32> = (0..STEPS)
+        .map(|_| single.train_step().expect("step").loss)
+        .collect();
+    for (rank, (losses, params)) in runs.iter().enumerate() {
+        for &(step, loss) in losses {
+            let want = reference[step as usize - 1];
+            assert!(
+                (loss - want).abs() <= 1e-5 * want.abs(),
+                "rank {rank} step {step}: {loss} vs {want}"
+            );
+        }
+        assert!(
+            params
+                .iter()
+                .zip(&runs[0].1)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "rank {rank}"
+        );
+    }
+    // Exactly once: replica 1 never ran step 4, and each step ran once per replica otherwise.
+    let ran: Vec<u64> = runs[1].0.iter().map(|l| l.0).collect();
+    assert_eq!(ran, [1, 2, 3, 5, 6, 7, 8]);
+}
+
+#[test]
+fn shards_left_at_different_steps_are_refused_on_every_rank() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    let coord = Arc::new(InProcessCoordinator::new());
+    let tp2 = Topology::new(2, 1, 1);
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let (coord, mut cfg) = (coord.clone(), cfg.clone());
+            cfg.parallel.tp = 2;
+            std::thread::spawn(move || {
+                let mut t =
+                    Trainer::with_groups(cfg, groups(&coord, 0, tp2, rank)).expect("trainer");
+                t.train_step().expect("step");
+                // One tensor-parallel rank claims a step the other never took.
+                t.step += rank as u64;
+                t.reconcile()
+                    .map(|_| ())
+                    .expect_err("shards at steps 1 and 2")
+                    .to_string()
+            })
+        })
+        .collect();
+    for h in handles {
+        let err = h.join().expect("rank");
+        assert!(
+            err.contains("stopped at different steps") && err.contains("[1, 2]"),
+            "{err}"
+        );
+    }
+}
