@@ -148,6 +148,101 @@ impl EtcdCoordinator {
     }
 }
 
+/// A change under a watched prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: String,
+    /// The new value, or `None` when the key was deleted (or its lease expired).
+    pub value: Option<Vec<u8>>,
+}
+
+/// The changes under a prefix, as they happen; see [`EtcdCoordinator::watch_prefix`].
+#[derive(Debug)]
+pub struct Watch {
+    changes: std::sync::mpsc::Receiver<Result<Change, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watch {
+    /// The next change, waiting at most `timeout`; `Ok(None)` when none came.
+    pub fn next(&self, timeout: Duration) -> Result<Option<Change>, ElasticError> {
+        match self.changes.recv_timeout(timeout) {
+            Ok(Ok(c)) => Ok(Some(c)),
+            Ok(Err(reason)) => Err(ElasticError::Unavailable {
+                action: "watch",
+                key: String::new(),
+                reason,
+            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(ElasticError::Unavailable {
+                    action: "watch",
+                    key: String::new(),
+                    reason: "the watch ended".into(),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EtcdCoordinator {
+    /// Watches every key under `prefix` from now on: puts, deletes and lease expiries arrive in
+    /// order, without polling.
+    pub fn watch_prefix(&self, prefix: &str) -> Result<Watch, ElasticError> {
+        let mut client = self.client.clone();
+        let p = prefix.to_owned();
+        let (_watcher, mut stream) = self
+            .rt
+            .block_on(async move {
+                tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    client.watch(p, Some(WatchOptions::new().with_prefix())),
+                )
+                .await
+            })
+            .map_err(|_| ElasticError::Unavailable {
+                action: "watch",
+                key: prefix.to_owned(),
+                reason: format!("no answer within {} ms", CALL_TIMEOUT.as_millis()),
+            })?
+            .map_err(|e| unavailable("watch", prefix, e))?;
+        let (tx, changes) = std::sync::mpsc::channel();
+        let task = self.rt.spawn(async move {
+            // The watcher lives as long as the task: dropping it would cancel the watch.
+            let _watcher = _watcher;
+            loop {
+                match stream.message().await {
+                    Ok(Some(msg)) => {
+                        for e in msg.events() {
+                            let Some(kv) = e.kv() else { continue };
+                            let change = Change {
+                                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                                value: (e.event_type() == EventType::Put)
+                                    .then(|| kv.value().to_vec()),
+                            };
+                            if tx.send(Ok(change)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Watch { changes, task })
+    }
+}
+
 /// Keeps lease `id` alive every `period`; if no keep-alive succeeds for `ttl`, the lease is
 /// gone and `lost` is set.
 async fn keep_alive(

@@ -21,7 +21,7 @@ pub mod plan;
 pub mod topology;
 
 pub use coordinator::{Coordinator, DirCoordinator, InProcessCoordinator};
-pub use etcd::{EtcdCoordinator, Registration};
+pub use etcd::{Change, EtcdCoordinator, Registration, Watch};
 pub use topology::{Axis, Topology};
 
 use std::time::Duration;

@@ -79,3 +79,41 @@ fn a_holder_whose_lease_cannot_be_kept_alive_learns_it_is_dead() {
     let err = c.get("/marathon/job/nodes/c").expect_err("etcd is gone");
     assert!(err.to_string().contains("/marathon/job/nodes/c"), "{err}");
 }
+
+#[test]
+fn a_prefix_watch_sees_registrations_and_their_expiry_without_polling() {
+    let etcd = Etcd::start();
+    let c = etcd.connect();
+    let watch = c.watch_prefix("/marathon/job/nodes/").expect("watch");
+    let ttl = Duration::from_secs(2);
+    let reg = c
+        .register("/marathon/job/nodes/d", b"8", ttl)
+        .expect("register");
+    c.put("/marathon/job/elsewhere", b"x")
+        .expect("put outside the prefix");
+    let first = watch
+        .next(Duration::from_secs(5))
+        .expect("watch")
+        .expect("a change");
+    assert_eq!(
+        (first.key.as_str(), first.value.as_deref()),
+        ("/marathon/job/nodes/d", Some(&b"8"[..]))
+    );
+    // The holder stops keeping its lease alive: the watch sees the key go when the TTL runs out.
+    let stopped = Instant::now();
+    reg.abandon();
+    let gone = watch
+        .next(ttl + Duration::from_secs(3))
+        .expect("watch")
+        .expect("the expiry");
+    let seen_after = stopped.elapsed();
+    assert_eq!(
+        (gone.key.as_str(), gone.value),
+        ("/marathon/job/nodes/d", None)
+    );
+    assert!(
+        seen_after >= Duration::from_millis(500) && seen_after <= ttl + Duration::from_secs(2),
+        "{seen_after:?}"
+    );
+    println!("lease of TTL {ttl:?} seen expiring by the watch {seen_after:?} after its keep-alive stopped");
+}
