@@ -131,6 +131,7 @@ pub fn train(config: &Path, flags: &LayoutFlags) -> Result<()> {
         }
         let summary = trainer.run(&mut progress)?;
         progress.finish();
+        report_goodput(&summary);
         println!("{}", serde_json::to_string(&summary)?);
         return Ok(());
     }
@@ -294,8 +295,24 @@ fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
     }
     drop(events_tx);
     let summary = supervise(&mut workers.0, &events, cfg)?;
+    report_goodput(&summary);
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
+}
+
+/// Says on stderr where the run's time went.
+fn report_goodput(s: &Summary) {
+    let g = &s.goodput;
+    eprintln!(
+        "effective training time {:.1}% of {:.1} s: steps {:.1} s, validation {:.1} s, checkpoint \
+         stalls {:.2} s, waiting for the last checkpoint {:.2} s",
+        100.0 * g.effective_fraction,
+        s.elapsed_s,
+        g.training_s,
+        g.eval_s,
+        g.checkpoint_stall_s,
+        g.final_checkpoint_s
+    );
 }
 
 /// Shows rank 0's progress until every worker has exited; stops them all when one fails.

@@ -493,6 +493,16 @@ fn checkpoints_resume_and_the_ckpt_tools_list_inspect_verify_and_collect_them() 
         "{}",
         text(&first)
     );
+    assert!(
+        text(&first).contains("effective training time"),
+        "{}",
+        text(&first)
+    );
+    let fraction = summary(&first)["goodput"]["effective_fraction"].as_f64();
+    assert!(
+        fraction.is_some_and(|f| f > 0.0 && f <= 1.0),
+        "{fraction:?}"
+    );
     let ls = marathon(&["ckpt", "ls", "ckpt"], dir.path());
     assert!(ls.status.success(), "{}", text(&ls));
     for step in ["           2  committed", "           4  committed"] {

@@ -71,6 +71,21 @@ pub struct Summary {
     pub final_val_loss: Option<f32>,
     pub tokens_consumed: u64,
     pub elapsed_s: f64,
+    /// Where the run's time went.
+    #[serde(default)]
+    pub goodput: Goodput,
+}
+
+/// Where a run's wall time went: training steps, validation, checkpoint stalls (the staging
+/// copy and any wait for the previous persist) and the wait for the last checkpoint to commit.
+/// `effective_fraction` is the share spent in training steps.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Goodput {
+    pub training_s: f64,
+    pub eval_s: f64,
+    pub checkpoint_stall_s: f64,
+    pub final_checkpoint_s: f64,
+    pub effective_fraction: f64,
 }
 
 #[derive(Debug)]
@@ -919,13 +934,18 @@ impl Trainer {
     pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Summary> {
         let started = Instant::now();
         let (mut last, mut last_val) = (f32::NAN, None);
+        let mut goodput = Goodput::default();
         let every = self.cfg.train.eval_every_steps;
         while self.step < self.cfg.train.steps {
             let rec = self.train_step()?;
+            goodput.training_s += rec.step_ms / 1e3;
             observer.on_step(&rec);
             last = rec.loss;
             if every > 0 && (self.step % every == 0 || self.step == self.cfg.train.steps) {
-                if let Some(v) = self.evaluate()? {
+                let t0 = Instant::now();
+                let val = self.evaluate()?;
+                goodput.eval_s += t0.elapsed().as_secs_f64();
+                if let Some(v) = val {
                     observer.on_eval(self.step, v);
                     last_val = Some(v);
                 }
@@ -934,12 +954,22 @@ impl Trainer {
             let last_step = self.step == self.cfg.train.steps;
             if (ckpt_every > 0 && self.step % ckpt_every == 0) || last_step {
                 if let Some(rec) = self.checkpoint()? {
+                    goodput.checkpoint_stall_s += rec.stall_ms / 1e3;
                     observer.on_checkpoint(&rec);
                 }
             }
         }
         // The last checkpoint is durable (and committed) before the run reports success.
+        let t0 = Instant::now();
         self.finish_checkpoints()?;
+        goodput.final_checkpoint_s = t0.elapsed().as_secs_f64();
+        let elapsed_s = started.elapsed().as_secs_f64();
+        goodput.effective_fraction = if elapsed_s > 0.0 {
+            goodput.training_s / elapsed_s
+        } else {
+            0.0
+        };
+        self.write_metric(&serde_json::json!({ "kind": "goodput", "data": &goodput }))?;
         if let Some(m) = &mut self.metrics {
             m.flush().map_err(|e| {
                 RuntimeError::io(
@@ -954,7 +984,8 @@ impl Trainer {
             final_loss: last,
             final_val_loss: last_val,
             tokens_consumed: self.consumed_samples * self.cfg.batch.seq_len as u64,
-            elapsed_s: started.elapsed().as_secs_f64(),
+            elapsed_s,
+            goodput,
         })
     }
 

@@ -223,3 +223,27 @@ fn a_run_resumes_from_an_s3_api_store_that_was_killed_and_restarted() {
     let reader = marathon_storage::Reader::new(store);
     assert_eq!(reader.committed().expect("list"), vec![STEPS]);
 }
+
+#[test]
+fn a_run_accounts_for_its_time() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut t = Trainer::new(config(
+        dir.path(),
+        &dir.path().join("c").display().to_string(),
+    ))
+    .expect("trainer");
+    let s = t.run(&mut Losses::default()).expect("run");
+    let g = &s.goodput;
+    assert!(g.training_s > 0.0 && g.checkpoint_stall_s > 0.0, "{g:?}");
+    let accounted = g.training_s + g.eval_s + g.checkpoint_stall_s + g.final_checkpoint_s;
+    assert!(
+        accounted <= s.elapsed_s * 1.001,
+        "{g:?} in {} s",
+        s.elapsed_s
+    );
+    assert!((g.effective_fraction - g.training_s / s.elapsed_s).abs() < 1e-9);
+    assert!(
+        g.effective_fraction > 0.0 && g.effective_fraction <= 1.0,
+        "{g:?}"
+    );
+}
