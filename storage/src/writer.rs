@@ -34,6 +34,8 @@ pub struct WriterOptions {
     pub part_bytes: usize,
     /// Parts uploading at once, at most.
     pub uploads_inflight_max: usize,
+    /// Chunks encoding at once, at most, each on a blocking thread.
+    pub encoders_max: usize,
     /// How long the committer waits for every rank's shard.
     pub commit_timeout: Duration,
     /// Applied by the committing rank after each commit; the checkpoint it just committed
@@ -49,6 +51,7 @@ impl Default for WriterOptions {
             chunk_bytes: 4 << 20,
             part_bytes: 8 << 20,
             uploads_inflight_max: 4,
+            encoders_max: 2,
             commit_timeout: Duration::from_secs(600),
             retention: None,
         }
@@ -280,73 +283,120 @@ impl Job {
         })
     }
 
-    /// Streams every chunk of this rank's pieces into its shard object.
+    /// This rank's chunks in order: each a box of a tensor, and where its values are in the
+    /// staging buffer.
+    fn cuts(&self) -> Vec<(usize, TensorBox, std::ops::Range<usize>)> {
+        let chunk_elems = (self.opts.chunk_bytes / 4).max(1) as u64;
+        let mut out = Vec::new();
+        let mut pos = 0usize;
+        for (i, piece) in self.pieces.iter().enumerate() {
+            let n = piece.region.numel();
+            let mut start = 0u64;
+            while start < n {
+                let end = (start + chunk_elems).min(n);
+                // Each run of the piece is one or a few boxes of it, contiguous in order.
+                let mut at = pos + start as usize;
+                for b in range_to_boxes(&piece.region.size, start, end) {
+                    let len = b.numel() as usize;
+                    out.push((i, b.shifted(&piece.region.offset), at..at + len));
+                    at += len;
+                }
+                start = end;
+            }
+            pos += n as usize;
+        }
+        out
+    }
+
+    /// Streams every chunk of this rank's pieces into its shard object. Encoding runs on up to
+    /// `encoders_max` blocking threads at once, ahead of the upload, and chunks are written in
+    /// order.
     async fn upload_shard(&self, staging: &[f32]) -> object_store::Result<(Vec<TensorEntry>, u64)> {
         let object = format::shard_name(self.step, self.rank);
         let path = self.store.path(&object);
         let upload = self.store.inner.put_multipart(&path).await?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, self.opts.part_bytes);
-        let mut entries: BTreeMap<String, TensorEntry> = BTreeMap::new();
-        let (mut raw, mut enc, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
-        let chunk_elems = (self.opts.chunk_bytes / 4).max(1) as u64;
-        let (mut pos, mut byte_offset) = (0usize, 0u64);
-        for piece in &self.pieces {
-            let n = piece.region.numel();
-            let data = &staging[pos..pos + n as usize];
-            pos += n as usize;
-            let entry = entries
-                .entry(piece.tensor.clone())
-                .or_insert_with(|| TensorEntry {
-                    name: piece.tensor.clone(),
-                    dtype: "f32".into(),
-                    shape: piece.shape.clone(),
-                    chunks: Vec::new(),
-                });
-            let mut start = 0u64;
-            while start < n {
-                let end = (start + chunk_elems).min(n);
-                // Each run of the piece is one or a few boxes of it, contiguous in order.
-                let mut at = start;
-                for b in range_to_boxes(&piece.region.size, start, end) {
-                    let len = b.numel();
-                    let values = &data[at as usize..(at + len) as usize];
-                    at += len;
-                    let raw = le_bytes(values, &mut raw);
-                    let crc32c = checksum(raw);
-                    let stored: &[u8] = if self.opts.codec == Codec::Raw {
-                        raw
-                    } else {
-                        encode(
-                            self.opts.codec,
-                            self.opts.level,
-                            raw,
-                            &mut enc,
-                            &mut scratch,
-                        )
-                        .map_err(|e| object_store::Error::Generic {
-                            store: "marathon",
-                            source: Box::new(e),
-                        })?;
-                        &enc
-                    };
-                    w.wait_for_capacity(self.opts.uploads_inflight_max).await?;
-                    w.write(stored);
-                    entry.chunks.push(Chunk {
-                        region: b.shifted(&piece.region.offset),
-                        object: object.clone(),
-                        byte_offset,
-                        byte_len: stored.len() as u64,
-                        codec: self.opts.codec,
-                        raw_len: raw.len() as u64,
-                        crc32c,
+        let mut entries: Vec<TensorEntry> = Vec::new();
+        let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut byte_offset = 0u64;
+        let mut scratch = Vec::new();
+        let (codec, level) = (self.opts.codec, self.opts.level);
+        type Encoded = std::io::Result<(Vec<u8>, u32, u64)>;
+        let mut pending: std::collections::VecDeque<(
+            usize,
+            TensorBox,
+            tokio::task::JoinHandle<Encoded>,
+        )> = Default::default();
+        let failed = |e: String| object_store::Error::Generic {
+            store: "marathon",
+            source: e.into(),
+        };
+        let mut record =
+            |piece: usize, region: TensorBox, stored_len: u64, raw_len: u64, crc32c: u32| {
+                let p = &self.pieces[piece];
+                let e = *index.entry(p.tensor.as_str()).or_insert_with(|| {
+                    entries.push(TensorEntry {
+                        name: p.tensor.clone(),
+                        dtype: "f32".into(),
+                        shape: p.shape.clone(),
+                        chunks: Vec::new(),
                     });
-                    byte_offset += stored.len() as u64;
-                }
-                start = end;
+                    entries.len() - 1
+                });
+                entries[e].chunks.push(Chunk {
+                    region,
+                    object: object.clone(),
+                    byte_offset,
+                    byte_len: stored_len,
+                    codec,
+                    raw_len,
+                    crc32c,
+                });
+                byte_offset += stored_len;
+            };
+        for (piece, region, range) in self.cuts() {
+            let raw = le_bytes(&staging[range], &mut scratch);
+            if codec == Codec::Raw {
+                let crc32c = checksum(raw);
+                w.wait_for_capacity(self.opts.uploads_inflight_max).await?;
+                w.write(raw);
+                record(piece, region, raw.len() as u64, raw.len() as u64, crc32c);
+                continue;
+            }
+            let bytes = raw.to_vec();
+            pending.push_back((
+                piece,
+                region,
+                tokio::task::spawn_blocking(move || {
+                    let (mut out, mut scratch) = (Vec::new(), Vec::new());
+                    let crc32c = checksum(&bytes);
+                    encode(codec, level, &bytes, &mut out, &mut scratch)?;
+                    Ok((out, crc32c, bytes.len() as u64))
+                }),
+            ));
+            while pending.len() >= self.opts.encoders_max.max(1) {
+                let (piece, region, task) = pending.pop_front().expect("a pending chunk");
+                let (stored, crc32c, raw_len) = task
+                    .await
+                    .map_err(|e| failed(e.to_string()))?
+                    .map_err(|e| failed(e.to_string()))?;
+                w.wait_for_capacity(self.opts.uploads_inflight_max).await?;
+                w.write(&stored);
+                record(piece, region, stored.len() as u64, raw_len, crc32c);
             }
         }
+        while let Some((piece, region, task)) = pending.pop_front() {
+            let (stored, crc32c, raw_len) = task
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .map_err(|e| failed(e.to_string()))?;
+            w.wait_for_capacity(self.opts.uploads_inflight_max).await?;
+            w.write(&stored);
+            record(piece, region, stored.len() as u64, raw_len, crc32c);
+        }
         w.finish().await?;
-        Ok((entries.into_values().collect(), byte_offset))
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((entries, byte_offset))
     }
 
     /// Waits for every rank's index, merges them into the manifest and writes it create-only.
