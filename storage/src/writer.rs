@@ -354,7 +354,9 @@ impl Job {
                 });
                 byte_offset += stored_len;
             };
-        for (piece, region, range) in self.cuts() {
+        let cuts = self.cuts();
+        let total = cuts.len();
+        for (k, (piece, region, range)) in cuts.into_iter().enumerate() {
             let raw = le_bytes(&staging[range], &mut scratch);
             if codec == Codec::Raw {
                 let crc32c = checksum(raw);
@@ -374,7 +376,13 @@ impl Job {
                     Ok((out, crc32c, bytes.len() as u64))
                 }),
             ));
-            while pending.len() >= self.opts.encoders_max.max(1) {
+            // Write encoded chunks in order once enough are in flight, and all after the last.
+            let keep = if k + 1 == total {
+                0
+            } else {
+                self.opts.encoders_max.max(1) - 1
+            };
+            while pending.len() > keep {
                 let (piece, region, task) = pending.pop_front().expect("a pending chunk");
                 let (stored, crc32c, raw_len) = task
                     .await
@@ -384,15 +392,6 @@ impl Job {
                 w.write(&stored);
                 record(piece, region, stored.len() as u64, raw_len, crc32c);
             }
-        }
-        while let Some((piece, region, task)) = pending.pop_front() {
-            let (stored, crc32c, raw_len) = task
-                .await
-                .map_err(|e| failed(e.to_string()))?
-                .map_err(|e| failed(e.to_string()))?;
-            w.wait_for_capacity(self.opts.uploads_inflight_max).await?;
-            w.write(&stored);
-            record(piece, region, stored.len() as u64, raw_len, crc32c);
         }
         w.finish().await?;
         entries.sort_by(|a, b| a.name.cmp(&b.name));
