@@ -292,8 +292,7 @@ fn without_lost(plan: &Plan, lost: &BTreeSet<Slot>) -> Plan {
     }
 }
 
-/// Whether `plan` uses a slot that is no longer live or leaves a node's slots unplanned that a
-/// new plan could use.
+/// Whether `plan` uses a slot that is no longer live.
 fn plan_misses(plan: &Plan, live: &BTreeMap<String, usize>) -> bool {
     plan.blocks
         .iter()

@@ -165,6 +165,8 @@ pub struct ParamLayout {
     /// The final LayerNorm, on the last stage.
     pub lnf_w: Option<usize>,
     pub lnf_b: Option<usize>,
+    /// See [`ParamLayout::unique_ranges`].
+    unique: Vec<Range<usize>>,
 }
 
 impl ParamLayout {
@@ -295,7 +297,7 @@ impl ParamLayout {
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
         let held = |o: usize| (o != usize::MAX).then_some(o);
-        ParamLayout {
+        let mut layout = ParamLayout {
             shard,
             tensors,
             by_name,
@@ -305,7 +307,10 @@ impl ParamLayout {
             blocks,
             lnf_w: held(lnf_w),
             lnf_b: held(lnf_b),
-        }
+            unique: Vec::new(),
+        };
+        layout.unique = layout.compute_unique();
+        layout
     }
 
     /// Total elements in each flat buffer.
@@ -407,7 +412,13 @@ impl ParamLayout {
     /// rank of a model-parallel group. Tensors every tensor-parallel rank holds whole are
     /// counted by tensor-parallel rank 0, and the last stage's copy of the tied embedding not
     /// at all (the first stage counts it).
-    pub fn unique_ranges(&self) -> Vec<Range<usize>> {
+    pub fn unique_ranges(&self) -> &[Range<usize>] {
+        &self.unique
+    }
+
+    /// Computes [`ParamLayout::unique_ranges`] once, when the layout is built: the trainer sums
+    /// over them every step.
+    fn compute_unique(&self) -> Vec<Range<usize>> {
         let mut out: Vec<Range<usize>> = Vec::new();
         for t in &self.tensors {
             let replica = (t.split_dim.is_none() && self.shard.tp_rank != 0)

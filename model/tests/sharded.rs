@@ -241,7 +241,7 @@ fn shards_tile_every_tensor_and_count_each_element_once() {
                 // Mark each counted element of each local tensor at its global place.
                 let mut marks = vec![0usize; lay.numel()];
                 for r in lay.unique_ranges() {
-                    marks[r].fill(1);
+                    marks[r.clone()].fill(1);
                 }
                 for t in lay.tensors() {
                     let g = whole.get(&t.name).expect("sharded test");

@@ -82,7 +82,7 @@ pub(crate) fn plan_pieces(
     let share = chunk_range(total, replicas, replica);
     let mut mine = Vec::new();
     let mut seen = 0;
-    for r in &unique {
+    for r in unique {
         let (lo, hi) = (share.start.max(seen), share.end.min(seen + r.len()));
         if lo < hi {
             mine.push(r.start + lo - seen..r.start + hi - seen);

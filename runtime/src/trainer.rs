@@ -827,7 +827,7 @@ impl Trainer {
         let own_sq: f64 = model
             .layout
             .unique_ranges()
-            .into_iter()
+            .iter()
             .map(|r| r.start.max(shard.start)..r.end.min(shard.end))
             .filter(|r| !r.is_empty())
             .map(|r| sum_squares(&grads[r]))
