@@ -12,6 +12,8 @@
 
 pub mod collective;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod cost;
 pub mod float;
 pub mod gpt;
