@@ -12,9 +12,9 @@
 
 pub mod collective;
 pub mod config;
+pub mod cost;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod cost;
 pub mod float;
 pub mod gpt;
 pub mod kernels;

@@ -31,10 +31,16 @@ fn a_compile_error_names_the_line() {
     if cuda::require(&[Library::Nvrtc]).is_err() {
         panic!("NVRTC is missing; see every_kernel_compiles_with_nvrtc");
     }
-    let err = cuda::compile_source("extern \"C\" __global__ void k(float* x) { x[0] = y; }", "compute_90")
-        .expect_err("an undefined name must not compile");
+    let err = cuda::compile_source(
+        "extern \"C\" __global__ void k(float* x) { x[0] = y; }",
+        "compute_90",
+    )
+    .expect_err("an undefined name must not compile");
     let msg = err.to_string();
-    assert!(msg.contains("compute_90") && msg.contains("\"y\" is undefined"), "{msg}");
+    assert!(
+        msg.contains("compute_90") && msg.contains("\"y\" is undefined"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -58,6 +58,9 @@ pub struct LayoutFlags {
     /// default), or refuse a root that has one (`never`).
     #[arg(long, value_parser = ["auto", "never"])]
     resume: Option<String>,
+    /// Where the model computes: `cpu`, or `cuda` for one GPU (sets train.device).
+    #[arg(long, value_parser = ["cpu", "cuda"])]
+    device: Option<String>,
 }
 
 impl LayoutFlags {
@@ -79,6 +82,9 @@ impl LayoutFlags {
                 Resume::Auto
             };
         }
+        if let Some(d) = &self.device {
+            cfg.train.device = d.parse().map_err(anyhow::Error::msg)?;
+        }
         cfg.validate().map_err(|e| cfg.error(e))?;
         Ok(())
     }
@@ -92,6 +98,9 @@ impl LayoutFlags {
         }
         if let Some(r) = &self.resume {
             out.extend(["--resume".to_string(), r.clone()]);
+        }
+        if let Some(d) = &self.device {
+            out.extend(["--device".to_string(), d.clone()]);
         }
         out
     }

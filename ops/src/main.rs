@@ -5,6 +5,8 @@
 
 mod bench;
 mod ckpt;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod launch;
 mod progress;
 
@@ -102,6 +104,10 @@ enum BenchCommand {
     /// How long a cluster of agents takes to register under leases and agree on a plan,
     /// against a real etcd.
     Elastic(bench::ElasticArgs),
+    /// Every GPU check (each kernel against the CPU, training against the CPU, NCCL, a GPU
+    /// checkpoint resumed on the CPU) and the GPU bench, ending with a table. Needs a build
+    /// with `--features cuda` and a GPU.
+    Gpu(GpuArgs),
 }
 
 fn main() -> ExitCode {
@@ -178,8 +184,35 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Elastic(args),
         } => bench::elastic(args),
+        Command::Bench {
+            command: BenchCommand::Gpu(args),
+        } => gpu_bench(args),
         Command::Ckpt { command } => ckpt::run(command),
         Command::Plan { config } => plan(config),
+    }
+}
+
+#[cfg(feature = "cuda")]
+use gpu::GpuArgs;
+
+/// Without the `cuda` feature `bench gpu` only says how to get it.
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug, clap::Args)]
+struct GpuArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _rest: Vec<String>,
+}
+
+fn gpu_bench(args: GpuArgs) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    return gpu::run(args);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = args;
+        anyhow::bail!(
+            "bench gpu: this marathon was built without CUDA; build it with `cargo build \
+             --release --features cuda` (no CUDA installation is needed to build)"
+        )
     }
 }
 

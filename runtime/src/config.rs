@@ -93,6 +93,10 @@ pub struct RunConfig {
     pub eval_batches: usize,
     /// Where to append one JSON line per step and per validation.
     pub metrics: Option<PathBuf>,
+    /// Where the model computes: `cpu` (the default) or `cuda` (one GPU; needs a build with
+    /// the `cuda` feature).
+    #[serde(default)]
+    pub device: crate::device::Device,
 }
 
 fn default_eval_batches() -> usize {

@@ -13,7 +13,10 @@ pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod groups;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod trainer;
 
 pub use config::TrainConfig;
@@ -41,6 +44,10 @@ pub enum RuntimeError {
     /// A data file is missing, empty, malformed or does not fit the model.
     #[error("data file {path}: {reason}")]
     Data { path: PathBuf, reason: String },
+    /// The GPU cannot be used: no driver, no device, a failed CUDA call, or a build without
+    /// the `cuda` feature. The message says which and what to do.
+    #[error("GPU: {0}")]
+    Device(String),
     /// The loss stopped being a finite number.
     #[error(
         "training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the update was \

@@ -20,6 +20,7 @@ use crate::checkpoint::{self, CheckpointRecord, Checkpointing, RunState, Source}
 use crate::comm::{chunk_range, ProcessGroup};
 use crate::config::{Resume, TrainConfig};
 use crate::data::{DataOrder, TokenFile};
+use crate::device::{Device, GpuModel};
 use crate::groups::{Groups, TensorGroup};
 use crate::{Result, RuntimeError};
 
@@ -111,6 +112,9 @@ pub struct Trainer {
     groups: Groups,
     ckpt: Option<Checkpointing>,
     resumed_from: Option<u64>,
+    /// The model on the GPU when `train.device` is cuda; the host model then holds the state
+    /// only when it is loaded or fetched.
+    gpu: Option<GpuModel>,
 }
 
 /// Where a step's time went, beyond compute.
@@ -168,6 +172,18 @@ impl Trainer {
                     .into(),
             });
         }
+        let on_gpu = cfg.train.device == Device::Cuda;
+        if on_gpu && (tp, pp, replicas) != (1, 1, 1) {
+            return Err(RuntimeError::Config {
+                path: cfg.source.clone(),
+                field: "train.device".into(),
+                reason: format!(
+                    "cuda trains on one GPU in one process so far; this layout has tp {tp}, pp \
+                     {pp}, dp {replicas}: train it with device = \"cpu\", or on one GPU with \
+                     tp = pp = dp = 1"
+                ),
+            });
+        }
         let (train, val) = preflight(&cfg)?;
         let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
         let order = DataOrder::new(cfg.data.seed, train.samples(seq));
@@ -179,9 +195,16 @@ impl Trainer {
         };
         // A 1F1B stage keeps at most one microbatch per later stage in flight, plus its own.
         let slots = pp - stage;
+        // On a GPU the host model only holds the state: its activations are those of one token.
+        let (hb, hs) = if on_gpu { (1, 1) } else { (mb, seq) };
         let mut model =
-            Gpt::new_shard(cfg.model.clone(), shard, mb, seq, slots).map_err(|e| cfg.error(e))?;
+            Gpt::new_shard(cfg.model.clone(), shard, hb, hs, slots).map_err(|e| cfg.error(e))?;
         model.init_params(cfg.train.seed, cfg.optim.init_std);
+        let gpu = if on_gpu {
+            Some(GpuModel::open(&cfg, &model.params)?)
+        } else {
+            None
+        };
         let opt_shard = if layout.distributed_optimizer {
             chunk_range(model.layout.numel(), replicas, replica)
         } else {
@@ -237,9 +260,13 @@ impl Trainer {
             groups,
             ckpt,
             resumed_from: None,
+            gpu,
         })
         .and_then(|mut t| {
             t.resumed_from = t.resume()?;
+            if let (Some(g), Some(_)) = (t.gpu.as_mut(), t.resumed_from) {
+                g.upload_state(&t.model.params, &t.opt.m, &t.opt.v, t.opt.step)?;
+            }
             // One rank writes the metrics: every rank ends a step knowing the same numbers. A
             // resumed run adds to the file of the run it continues.
             if let (Some(p), true) = (
@@ -362,6 +389,7 @@ impl Trainer {
     /// distributed optimizer, whose shards would have to move between replicas (not supported
     /// yet: resume from a checkpoint in the new layout instead).
     pub fn regroup(&mut self, groups: Groups) -> Result<()> {
+        self.host_only("re-forming groups")?;
         let [(tp_rank, tp), (stage, pp), (_, dp)] = groups.coords();
         let shard = self.model.layout.shard;
         let bad = |reason: String| RuntimeError::Config {
@@ -394,6 +422,7 @@ impl Trainer {
     /// group. A replica joining a running job receives its state this way from a healthy one,
     /// instead of from storage; every member of the group calls it.
     pub fn transfer_state(&mut self, source: usize) -> Result<()> {
+        self.host_only("transferring state between replicas")?;
         let Some(dp) = self.groups.dp.as_mut() else {
             return Ok(());
         };
@@ -422,6 +451,7 @@ impl Trainer {
     /// steps seen, and the job must resume from its newest checkpoint. Every rank calls it.
     /// Returns the step the generation continues from.
     pub fn reconcile(&mut self) -> Result<u64> {
+        self.host_only("reconciling replicas")?;
         let [_, _, (replica, replicas)] = self.groups.coords();
         let words = |x: u64| [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)];
         let word = |w: &[f32]| w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32;
@@ -493,8 +523,36 @@ impl Trainer {
             last_step,
             ..
         } = ck;
-        let (params, m, v) = (&self.model.params, &self.opt.m, &self.opt.v);
         let staged: usize = pieces.iter().map(|(_, _, r)| r.len()).sum();
+        if let Some(gpu) = self.gpu.as_mut() {
+            // The device copies into the staging buffer on its copy stream; the persist waits
+            // for the copy, training does not.
+            let list: Vec<_> = pieces.iter().map(|(_, s, r)| (*s, r.clone())).collect();
+            let mut failed = None;
+            let report = writer.snapshot_fenced(
+                self.step,
+                run,
+                pieces.iter().map(|(p, _, _)| p.clone()).collect(),
+                |buf| match gpu.snapshot(buf, &list) {
+                    Ok(fence) => Some(fence),
+                    Err(e) => {
+                        let reason = e.to_string();
+                        failed = Some(e);
+                        Some(Box::new(move || Err(reason)))
+                    }
+                },
+            );
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            *last_step = Some(self.step);
+            return Ok(Some(CheckpointRecord::new(
+                self.step,
+                4 * staged as u64,
+                &report,
+            )));
+        }
+        let (params, m, v) = (&self.model.params, &self.opt.m, &self.opt.v);
         let report = writer.snapshot(
             self.step,
             run,
@@ -542,9 +600,34 @@ impl Trainer {
         }
     }
 
-    /// Parameters and both Adam moments of this rank, for tools that look at the state.
+    /// Parameters and both Adam moments of this rank, for tools that look at the state. On a
+    /// GPU these are the host's copies, current after [`Trainer::fetch_state`] (which
+    /// [`Trainer::run`] calls at its end).
     pub fn state(&self) -> [&[f32]; 3] {
         [&self.model.params, &self.opt.m, &self.opt.v]
+    }
+
+    /// Copies the GPU's fp32 master weights and moments into the host's buffers; nothing to do
+    /// on the CPU.
+    pub fn fetch_state(&mut self) -> Result<()> {
+        match &self.gpu {
+            Some(g) => g.download_state(&mut self.model.params, &mut self.opt.m, &mut self.opt.v),
+            None => Ok(()),
+        }
+    }
+
+    /// The GPU's name, when training on one.
+    pub fn device_name(&self) -> Option<&str> {
+        self.gpu.as_ref().map(|g| g.name())
+    }
+
+    fn host_only(&self, what: &str) -> Result<()> {
+        match self.gpu {
+            Some(_) => Err(RuntimeError::Device(format!(
+                "{what} is not supported on the CUDA backend yet"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Positions the trainer after `step` completed steps, as a resumed run is: the data order
@@ -567,6 +650,9 @@ impl Trainer {
         let batch = self.next_batch();
         let micro_steps = batch as usize / mb;
         let dloss = 1.0 / (batch as f32 * seq as f32);
+        if self.gpu.is_some() {
+            return self.gpu_step(started, batch, micro_steps, dloss);
+        }
         self.model.zero_grad();
         // This replica's microbatches: a contiguous run, one more on the first replicas when
         // they do not divide evenly. Which replica runs a microbatch changes nothing else.
@@ -623,6 +709,60 @@ impl Trainer {
             comm_overlapped_ms: ms(times.comm_overlapped),
             tp_comm_ms: ms(times.tp_comm),
             pipeline_wait_ms: ms(times.pipeline_wait),
+        };
+        self.write_metric(&serde_json::json!({ "kind": "step", "data": &rec }))?;
+        Ok(rec)
+    }
+
+    /// [`Trainer::train_step`] on the GPU: every microbatch's forward and backward, the
+    /// gradient norm and the update run on the device; the host reads back the loss and the
+    /// norm.
+    fn gpu_step(
+        &mut self,
+        started: Instant,
+        batch: u64,
+        micro_steps: usize,
+        dloss: f32,
+    ) -> Result<StepRecord> {
+        let seq = self.cfg.batch.seq_len;
+        let gpu = self.gpu.as_mut().expect("a GPU step has a GPU");
+        gpu.zero_grad()?;
+        for m in 0..micro_steps {
+            self.load_microbatch(m);
+            let gpu = self.gpu.as_mut().expect("a GPU step has a GPU");
+            gpu.forward(&self.inputs, &self.targets, dloss)?;
+            gpu.backward()?;
+        }
+        let gpu = self.gpu.as_mut().expect("a GPU step has a GPU");
+        let loss = (gpu.loss_sum()? / (batch as f64 * seq as f64)) as f32;
+        let grad_norm = gpu.grad_norm_sq()?.sqrt();
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            return Err(RuntimeError::Diverged {
+                step: self.step + 1,
+                loss,
+                grad_norm,
+            });
+        }
+        let tokens_consumed = (self.consumed_samples + batch) * seq as u64;
+        let lr = self.cfg.optim.lr.lr_at(tokens_consumed);
+        gpu.update(&self.cfg.optim.adamw(), lr, self.cfg.optim.grad_clip)?;
+        self.opt.step += 1;
+        self.consumed_samples += batch;
+        self.step += 1;
+        let step_ms = started.elapsed().as_secs_f64() * 1e3;
+        let rec = StepRecord {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+            batch,
+            tokens_consumed,
+            step_ms,
+            tokens_per_s: (batch * seq as u64) as f64 / (step_ms / 1e3),
+            comm_wait_ms: 0.0,
+            comm_overlapped_ms: 0.0,
+            tp_comm_ms: 0.0,
+            pipeline_wait_ms: 0.0,
         };
         self.write_metric(&serde_json::json!({ "kind": "step", "data": &rec }))?;
         Ok(rec)
@@ -890,6 +1030,12 @@ impl Trainer {
                     &mut self.targets[r],
                 );
             }
+            if let Some(gpu) = self.gpu.as_mut() {
+                gpu.reset_losses()?;
+                gpu.forward(&self.inputs, &self.targets, 0.0)?;
+                sum += gpu.loss_sum()? / (mb * seq) as f64;
+                continue;
+            }
             if stage > 0 {
                 let pp = self
                     .groups
@@ -962,6 +1108,7 @@ impl Trainer {
         // The last checkpoint is durable (and committed) before the run reports success.
         let t0 = Instant::now();
         self.finish_checkpoints()?;
+        self.fetch_state()?;
         goodput.final_checkpoint_s = t0.elapsed().as_secs_f64();
         let elapsed_s = started.elapsed().as_secs_f64();
         goodput.effective_fraction = if elapsed_s > 0.0 {
@@ -1061,7 +1208,11 @@ fn check_samples(f: &TokenFile, seq: usize, mb: usize, field: &str) -> Result<()
 /// machine, so the need is the sum over all of them.
 fn check_memory(cfg: &TrainConfig) -> Result<()> {
     let p = cfg.parallel;
-    let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
+    // On a GPU the host holds the state only; the device's memory is checked when it opens.
+    let (mb, seq) = match cfg.train.device {
+        Device::Cpu => (cfg.batch.micro_batch, cfg.batch.seq_len),
+        Device::Cuda => (1, 1),
+    };
     let per_replica: f64 = (0..p.pp)
         .map(|stage| {
             let shard = Shard {

@@ -23,7 +23,7 @@ pub use boxes::TensorBox;
 pub use format::Manifest;
 pub use reader::Reader;
 pub use store::Store;
-pub use writer::{CheckpointWriter, Piece, WriterOptions};
+pub use writer::{CheckpointWriter, Fence, Piece, WriterOptions};
 
 use std::sync::{Arc, OnceLock};
 
@@ -66,6 +66,9 @@ pub enum StorageError {
         object: String,
         reason: String,
     },
+    /// The copy of a snapshot into the staging buffer failed (a device error).
+    #[error("checkpoint of step {step}: the snapshot copy failed: {reason}; nothing was written")]
+    Snapshot { step: u64, reason: String },
     /// A checkpoint of this step is already committed; a second writer cannot replace it.
     #[error("checkpoint of step {step} at {url} is already committed; it is left as it is")]
     AlreadyCommitted { step: u64, url: String },

@@ -164,6 +164,23 @@ impl CheckpointWriter {
         pieces: Vec<Piece>,
         fill: impl FnOnce(&mut [f32]),
     ) -> SnapshotReport {
+        self.snapshot_fenced(step, run, pieces, |buf| {
+            fill(buf);
+            None
+        })
+    }
+
+    /// As [`CheckpointWriter::snapshot`] for a `fill` that only starts the copy (a device's
+    /// asynchronous copy into the staging buffer) and returns the fence that waits for it to
+    /// finish. The background persist waits on the fence before it reads the buffer; a fence
+    /// that fails fails the persist, and nothing is written.
+    pub fn snapshot_fenced(
+        &mut self,
+        step: u64,
+        run: serde_json::Value,
+        pieces: Vec<Piece>,
+        fill: impl FnOnce(&mut [f32]) -> Option<Fence>,
+    ) -> SnapshotReport {
         let started = Instant::now();
         let previous = self.wait();
         let waited = started.elapsed();
@@ -171,7 +188,7 @@ impl CheckpointWriter {
         let n: u64 = pieces.iter().map(|p| p.region.numel()).sum();
         // Allocated on the first snapshot; the same size every time after.
         self.staging.resize(n as usize, 0.0);
-        fill(&mut self.staging);
+        let fence = fill(&mut self.staging);
         let copied = copy_started.elapsed();
         let job = Job {
             store: self.store.clone(),
@@ -186,6 +203,10 @@ impl CheckpointWriter {
         let staging = std::mem::take(&mut self.staging);
         self.inflight = Some(std::thread::spawn(move || {
             let (store, retention) = (job.store.clone(), job.opts.retention);
+            if let Some(Err(reason)) = fence.map(|f| f()) {
+                let err = StorageError::Snapshot { step, reason };
+                return (staging, Err(err));
+            }
             let mut result = runtime().block_on(job.persist(&staging));
             if let (
                 Ok(PersistReport {
@@ -223,6 +244,10 @@ impl CheckpointWriter {
         Some(result)
     }
 }
+
+/// Waits until an asynchronous copy into the staging buffer has finished; the error says why
+/// it could not.
+pub type Fence = Box<dyn FnOnce() -> std::result::Result<(), String> + Send>;
 
 /// One rank's persist of one checkpoint.
 struct Job {

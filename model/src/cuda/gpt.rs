@@ -3,13 +3,14 @@
 //! master weights, gradients and Adam moments, all laid out by the same [`ParamLayout`] so that
 //! a checkpoint's boxes mean the same on either device.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use half::bf16 as Bf16;
 
 use super::blas::Out;
 use super::ops::AdamWStep;
-use super::{DeviceBuffer, Event, Gpu, Result, Slice, Stream};
+use super::{bytes, DeviceBuffer, Event, Gpu, Result, Slice, Stream};
 use crate::layout::{ParamLayout, Shard};
 use crate::{AdamWConfig, GptConfig, ModelError};
 
@@ -107,7 +108,11 @@ impl CudaGpt {
         }
         let layout = ParamLayout::sharded(&config, Shard::WHOLE);
         let n = layout.numel();
-        assert_eq!(master.len(), n, "master weights are not laid out by this model");
+        assert_eq!(
+            master.len(),
+            n,
+            "master weights are not laid out by this model"
+        );
         let (b, t, c, l) = (batch, seq, config.n_embd, config.n_layer);
         let (bt, nh, vp) = (b * t, config.n_head, config.padded_vocab_size());
         let z32 = |n: usize| Db::<f32>::zeros(&gpu, n);
@@ -166,7 +171,9 @@ impl CudaGpt {
             layout,
             gpu,
         };
-        model.gpu.cast_to_bf16(model.params.all(), model.master.all())?;
+        model
+            .gpu
+            .cast_to_bf16(model.params.all(), model.master.all())?;
         Ok(model)
     }
 
@@ -175,14 +182,20 @@ impl CudaGpt {
     pub fn memory_bytes(config: &GptConfig, b: usize, t: usize) -> f64 {
         let f = |x: usize| x as f64;
         let n = f(ParamLayout::new(config).numel());
-        let (bt, c, l, nh) = (f(b * t), f(config.n_embd), f(config.n_layer), f(config.n_head));
+        let (bt, c, l, nh) = (
+            f(b * t),
+            f(config.n_embd),
+            f(config.n_layer),
+            f(config.n_head),
+        );
         let tt = f(b) * nh * f(t) * f(t);
         let vp = f(config.padded_vocab_size());
         // master, grads, m, v (fp32); params (bf16); decay mask.
         let state = n * (4.0 * 4.0 + 2.0 + 1.0);
         // Per layer: fp32 residual2, residual3 and four statistics; bf16 ln1, qkv, atty, ln2,
         // fch, fch_gelu and the probabilities.
-        let per_layer = 4.0 * (2.0 * bt * c + 4.0 * bt) + 2.0 * (bt * (c + 3.0 * c + c + c + 8.0 * c) + tt);
+        let per_layer =
+            4.0 * (2.0 * bt * c + 4.0 * bt) + 2.0 * (bt * (c + 3.0 * c + c + c + 8.0 * c) + tt);
         let head = 4.0 * (bt * c + 3.0 * bt) + 2.0 * (bt * c + bt * vp);
         let scratch = 4.0 * bt * c + 2.0 * (bt * c * (2.0 + 4.0 + 8.0) + tt);
         state + l * per_layer + head + scratch
@@ -196,7 +209,7 @@ impl CudaGpt {
     /// Zeroes the gradients and the summed losses, before a step's first microbatch.
     pub fn zero_grad(&self) -> Result<()> {
         self.grads.zero(&self.gpu)?;
-        self.acts.losses.zero(&self.gpu)
+        self.reset_losses()
     }
 
     /// Forward of one microbatch, adding each position's loss into the step's sum. With
@@ -209,7 +222,11 @@ impl CudaGpt {
     pub fn forward(&mut self, tokens: &[u32], targets: &[u32], dloss: f32) -> Result<()> {
         let (b, t) = (self.b, self.t);
         let c = self.config.n_embd;
-        let (l_n, nh, v) = (self.config.n_layer, self.config.n_head, self.config.vocab_size);
+        let (l_n, nh, v) = (
+            self.config.n_layer,
+            self.config.n_head,
+            self.config.vocab_size,
+        );
         assert_eq!(tokens.len(), b * t, "tokens must be (B, T) = ({b}, {t})");
         assert_eq!(targets.len(), b * t, "targets must be (B, T) = ({b}, {t})");
         assert!(
@@ -313,7 +330,10 @@ impl CudaGpt {
             )?;
             g.residual_bias_add(residual3, residual2, p.slice(o.fcproj_b..o.fcproj_b + c))?;
         }
-        let (lnf_w, lnf_b) = (lay.lnf_w.expect("whole model"), lay.lnf_b.expect("whole model"));
+        let (lnf_w, lnf_b) = (
+            lay.lnf_w.expect("whole model"),
+            lay.lnf_b.expect("whole model"),
+        );
         g.layernorm_forward(
             a.lnf.all(),
             a.lnf_mean.all(),
@@ -348,7 +368,10 @@ impl CudaGpt {
         let heads: Vec<Slice<Bf16>> = s.heads.iter().map(|h| h.all()).collect();
         let heads: [Slice<Bf16>; 8] = heads.try_into().expect("eight head buffers");
         let (wte, wpe) = (lay.wte.expect("whole model"), lay.wpe.expect("whole model"));
-        let (lnf_w, lnf_b) = (lay.lnf_w.expect("whole model"), lay.lnf_b.expect("whole model"));
+        let (lnf_w, lnf_b) = (
+            lay.lnf_w.expect("whole model"),
+            lay.lnf_b.expect("whole model"),
+        );
         s.dres.zero(g)?;
         let dsmall = s.dsmall.all();
         // The tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf.
@@ -473,8 +496,11 @@ impl CudaGpt {
     /// The squared global gradient norm, left on the device for [`CudaGpt::update`] and
     /// returned (one small copy to the host).
     pub fn grad_norm_sq(&self) -> Result<f64> {
-        self.gpu
-            .sum_squares(self.s.norm_sq.all(), self.s.partials.all(), self.grads.all())?;
+        self.gpu.sum_squares(
+            self.s.norm_sq.all(),
+            self.s.partials.all(),
+            self.grads.all(),
+        )?;
         let mut out = [0f64];
         self.s.norm_sq.download(&self.gpu, &mut out)?;
         Ok(out[0])
@@ -524,27 +550,43 @@ impl CudaGpt {
         self.gpu.cast_to_bf16(self.params.all(), self.master.all())
     }
 
-    /// Starts copying master weights and both moments into `host` (laid out back to back) on
-    /// the copy stream, after the training stream's work so far, and returns at once with the
-    /// event that marks the copy done. Training goes on: forward and backward run alongside
-    /// the copy, and only the next [`CudaGpt::update`], the one kernel that writes what is
-    /// being copied, waits for it on the device.
+    /// Starts copying `pieces` of the state into `host`, back to back in order, on the copy
+    /// stream after the training stream's work so far, and returns at once with the event that
+    /// marks the copy done. Training goes on: forward and backward run alongside the copy, and
+    /// only the next [`CudaGpt::update`], the one kernel that writes what is being copied,
+    /// waits for it on the device.
     ///
     /// # Safety
     /// `host` must stay alive and untouched until the returned event has completed, and for
     /// full speed it should be page-locked ([`Gpu::pin`]).
-    pub unsafe fn snapshot_async(&mut self, host: &mut [f32]) -> Result<Arc<Event>> {
-        let n = self.master.len();
-        assert_eq!(host.len(), 3 * n, "the snapshot holds master weights and two moments");
+    pub unsafe fn snapshot_async(
+        &mut self,
+        host: &mut [f32],
+        pieces: &[(State, Range<usize>)],
+    ) -> Result<Arc<Event>> {
+        let total: usize = pieces.iter().map(|(_, r)| r.len()).sum();
+        assert_eq!(
+            host.len(),
+            total,
+            "the snapshot buffer does not fit the pieces"
+        );
         let ready = self.gpu.event(false)?;
         self.gpu.record(&ready, Stream::Training)?;
         self.gpu.wait(Stream::Copies, &ready)?;
-        for (i, src) in [&self.master, &self.m, &self.v].into_iter().enumerate() {
-            let dst = &mut host[i * n..(i + 1) * n];
-            // SAFETY: the source is a live allocation of `n` values; the caller keeps `dst`
-            // alive until the event completes.
+        let mut rest = host;
+        for (state, r) in pieces {
+            let src = match state {
+                State::Master => &self.master,
+                State::M => &self.m,
+                State::V => &self.v,
+            };
+            assert!(r.end <= src.len(), "piece {r:?} is outside the state");
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(r.len());
+            rest = tail;
+            // SAFETY: the source range lies in a live allocation; the caller keeps `dst` alive
+            // and untouched until the event completes.
             unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(dst, src.ptr(), self.gpu.copies)
+                cudarc::driver::result::memcpy_dtoh_async(dst, src.at(r.start), self.gpu.copies)
             }
             .map_err(super::driver("copying the snapshot"))?;
         }
@@ -553,12 +595,22 @@ impl CudaGpt {
         self.copy_fence = Some(done.clone());
         Ok(done)
     }
+
+    /// Zeroes the summed per-position losses (before validation, say).
+    pub fn reset_losses(&self) -> Result<()> {
+        self.acts.losses.zero(&self.gpu)
+    }
 }
 
-/// A slice's bytes, for products whose result type is chosen per call.
-fn bytes<T>(s: Slice<T>) -> Slice<u8> {
-    let n = s.len() * std::mem::size_of::<T>();
-    Slice::raw(s.ptr(), n)
+/// Which part of the optimizer state a snapshot piece copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// The fp32 master weights: the parameters a checkpoint stores.
+    Master,
+    /// Adam's first moment.
+    M,
+    /// Adam's second moment.
+    V,
 }
 
 /// Building the device model fails on a bad configuration or on the device.

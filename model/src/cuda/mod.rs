@@ -15,8 +15,8 @@
 //! - [`CudaGpt`]: the whole model's forward, backward and AdamW step on the device.
 
 mod blas;
-pub mod ops;
 mod gpt;
+pub mod ops;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -26,8 +26,8 @@ use std::sync::Arc;
 use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
 
-pub use blas::Blas;
-pub use gpt::CudaGpt;
+pub use blas::{Blas, Gemm, Out};
+pub use gpt::{CudaGpt, CudaModelError, State};
 
 /// The CUDA C source of every kernel but the matrix products.
 pub const KERNELS: &str = include_str!("kernels.cu");
@@ -231,7 +231,8 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("creating the context"))?;
-        ctx.bind_to_thread().map_err(driver("binding the context"))?;
+        ctx.bind_to_thread()
+            .map_err(driver("binding the context"))?;
         let capability = ctx
             .compute_capability()
             .map_err(driver("reading the compute capability"))?;
@@ -274,9 +275,21 @@ impl Gpu {
         &self.name
     }
 
+    /// Bytes of device memory free now.
+    pub fn free_memory(&self) -> Result<usize> {
+        self.bind()?;
+        let (free, _total) = self
+            .ctx
+            .mem_get_info()
+            .map_err(driver("reading free memory"))?;
+        Ok(free)
+    }
+
     /// Makes this GPU's context current on the calling thread.
     pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(driver("binding the context"))
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))
     }
 
     /// Waits until everything enqueued on the training stream has run.
@@ -321,6 +334,11 @@ impl Gpu {
             ctx: self.ctx.clone(),
             event,
         })
+    }
+
+    /// The raw handle of `stream`, for libraries that enqueue on it (NCCL).
+    pub fn stream_handle(&self, stream: Stream) -> sys::CUstream {
+        self.handle(stream)
     }
 
     fn handle(&self, stream: Stream) -> sys::CUstream {
@@ -404,7 +422,9 @@ unsafe impl Sync for Event {}
 impl Event {
     /// Blocks until the work before the event's last record has run.
     pub fn synchronize(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(driver("binding the context"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
         // SAFETY: the event is alive.
         unsafe { drv::event::synchronize(self.event) }.map_err(driver("waiting for an event"))
     }
@@ -464,7 +484,12 @@ pub struct DeviceBuffer<T> {
 
 impl<T> std::fmt::Debug for DeviceBuffer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceBuffer({} x {})", self.len, std::any::type_name::<T>())
+        write!(
+            f,
+            "DeviceBuffer({} x {})",
+            self.len,
+            std::any::type_name::<T>()
+        )
     }
 }
 
@@ -541,12 +566,7 @@ impl<T: Copy> DeviceBuffer<T> {
     pub fn zero(&self, gpu: &Gpu) -> Result<()> {
         // SAFETY: the range is this allocation.
         unsafe {
-            drv::memset_d8_async(
-                self.ptr,
-                0,
-                self.len * std::mem::size_of::<T>(),
-                gpu.stream,
-            )
+            drv::memset_d8_async(self.ptr, 0, self.len * std::mem::size_of::<T>(), gpu.stream)
         }
         .map_err(driver("zeroing a buffer"))
     }
@@ -580,6 +600,18 @@ impl<T: Copy> DeviceBuffer<T> {
         unsafe { drv::memcpy_dtoh_async(host, self.at(at), gpu.stream) }
             .map_err(driver("copying to the host"))?;
         gpu.sync()
+    }
+
+    /// Enqueues a copy of the buffer's first `host.len()` elements into `host` on the training
+    /// stream and returns at once.
+    ///
+    /// # Safety
+    /// `host` must stay alive and untouched until the training stream has run the copy.
+    pub unsafe fn download_async(&self, gpu: &Gpu, host: &mut [T]) -> Result<()> {
+        assert!(host.len() <= self.len, "download beyond the buffer");
+        // SAFETY: the source lies inside this allocation; the caller keeps `host` alive.
+        unsafe { drv::memcpy_dtoh_async(host, self.ptr, gpu.stream) }
+            .map_err(driver("copying to the host"))
     }
 
     /// The buffer's contents, after the training stream's work.
@@ -645,6 +677,11 @@ impl<'a, T> Slice<'a, T> {
     }
 }
 
+/// A slice's bytes, for products whose result type is chosen per call.
+pub fn bytes<T>(s: Slice<T>) -> Slice<u8> {
+    Slice::raw(s.ptr(), s.len() * std::mem::size_of::<T>())
+}
+
 /// Host memory allocated page-locked, for copies that run at the bus's full speed.
 pub struct PinnedBuffer<T> {
     ptr: *mut T,
@@ -654,7 +691,12 @@ pub struct PinnedBuffer<T> {
 
 impl<T> std::fmt::Debug for PinnedBuffer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PinnedBuffer({} x {})", self.len, std::any::type_name::<T>())
+        write!(
+            f,
+            "PinnedBuffer({} x {})",
+            self.len,
+            std::any::type_name::<T>()
+        )
     }
 }
 
@@ -663,8 +705,8 @@ impl<T: Copy> PinnedBuffer<T> {
     pub fn new(gpu: &Gpu, len: usize) -> Result<Self> {
         let bytes = (len * std::mem::size_of::<T>()).max(1);
         // SAFETY: a plain page-locked allocation; zeroed before any read.
-        let ptr = unsafe { drv::malloc_host(bytes, 0) }.map_err(driver("allocating pinned memory"))?
-            as *mut T;
+        let ptr = unsafe { drv::malloc_host(bytes, 0) }
+            .map_err(driver("allocating pinned memory"))? as *mut T;
         // SAFETY: `bytes` bytes were just allocated at `ptr`.
         unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, bytes) };
         Ok(PinnedBuffer {

@@ -301,7 +301,9 @@ impl Gpu {
     ) -> Result<()> {
         let c = out.len() / (b * t);
         let hs = c / nh;
-        assert!(out.len() == b * t * c && qkv.len() == 3 * out.len() && att.len() == b * nh * t * t);
+        assert!(
+            out.len() == b * t * c && qkv.len() == 3 * out.len() && att.len() == b * nh * t * t
+        );
         let [q, k, v, y] = scratch;
         assert!(scratch.iter().all(|s| s.len() == out.len()));
         let (qp, kp, vp, src) = (q.ptr(), k.ptr(), v.ptr(), qkv.ptr());
@@ -405,9 +407,25 @@ impl Gpu {
         // SAFETY: shapes checked above; all pointers come from live slices.
         unsafe {
             // datt (T, T) = dy (T, hs) @ v^T
-            self.gemm(g(false, true, t, t, hs, hs, hs, t, ths, ths, tt), 1.0, dyp, vp, 0.0, dap, 0)?;
+            self.gemm(
+                g(false, true, t, t, hs, hs, hs, t, ths, ths, tt),
+                1.0,
+                dyp,
+                vp,
+                0.0,
+                dap,
+                0,
+            )?;
             // dv (T, hs) = att^T (T, T) @ dy
-            self.gemm(g(true, false, t, hs, t, t, hs, hs, tt, ths, ths), 1.0, ap, dyp, 0.0, dv.ptr(), 0)?;
+            self.gemm(
+                g(true, false, t, hs, t, t, hs, hs, tt, ths, ths),
+                1.0,
+                ap,
+                dyp,
+                0.0,
+                dv.ptr(),
+                0,
+            )?;
         }
         let scale = 1.0 / (hs as f32).sqrt();
         let (rows, t32b) = ((bh * t) as i64, t as i32);
@@ -419,9 +437,25 @@ impl Gpu {
         // SAFETY: as above.
         unsafe {
             // dq (T, hs) = dscores (T, T) @ k
-            self.gemm(g(false, false, t, hs, t, t, hs, hs, tt, ths, ths), 1.0, dap, kp, 0.0, dq.ptr(), 0)?;
+            self.gemm(
+                g(false, false, t, hs, t, t, hs, hs, tt, ths, ths),
+                1.0,
+                dap,
+                kp,
+                0.0,
+                dq.ptr(),
+                0,
+            )?;
             // dk (T, hs) = dscores^T @ q
-            self.gemm(g(true, false, t, hs, t, t, hs, hs, tt, ths, ths), 1.0, dap, qp, 0.0, dk.ptr(), 0)?;
+            self.gemm(
+                g(true, false, t, hs, t, t, hs, hs, tt, ths, ths),
+                1.0,
+                dap,
+                qp,
+                0.0,
+                dk.ptr(),
+                0,
+            )?;
         }
         let (dqkvp, dqp, dkp, dvp) = (dqkv.ptr(), dq.ptr(), dk.ptr(), dv.ptr());
         self.elementwise(
@@ -525,8 +559,8 @@ impl Gpu {
             "adamw",
             n,
             args![
-                mp, pp, gp, mm, vp, dp, n64, lr, b1, b2, one_b1, one_b2, inv_bc1, inv_bc2, eps,
-                wd, np, max_norm
+                mp, pp, gp, mm, vp, dp, n64, lr, b1, b2, one_b1, one_b2, inv_bc1, inv_bc2, eps, wd,
+                np, max_norm
             ],
         )
     }
