@@ -51,3 +51,18 @@ else
     || die "cargo install garage $garage_version failed; see $log"
   say "garage $garage_version installed in $tools/bin"
 fi
+
+# NVRTC, CUDA's run-time compiler, from PyPI: the tests compile every kernel to PTX with it, which
+# needs no GPU. Installed once into the tools folder; scripts/test.sh puts it on the library path.
+nvrtc_version=13.0.88
+nvrtc="$tools/nvrtc"
+if [ -e "$nvrtc/nvidia/cu13/lib/libnvrtc.so.13" ] && [ -e "$nvrtc/version-$nvrtc_version" ]; then
+  say "nvrtc $nvrtc_version ready in $nvrtc"
+else
+  say "installing nvrtc $nvrtc_version into $nvrtc (pip, about 60 MB)"
+  rm -rf "$nvrtc"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$nvrtc" \
+    "nvidia-cuda-nvrtc==$nvrtc_version" || die "pip install nvidia-cuda-nvrtc==$nvrtc_version failed"
+  touch "$nvrtc/version-$nvrtc_version"
+  say "nvrtc $nvrtc_version installed in $nvrtc"
+fi

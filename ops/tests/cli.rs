@@ -669,3 +669,29 @@ fn bench_elastic_registers_agents_and_agrees_on_a_plan_against_etcd() {
     );
     assert!(stdout.contains("every agent held the plan"), "{stdout}");
 }
+
+#[test]
+fn training_on_a_gpu_without_one_says_so_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path(), 2);
+    let out = marathon(
+        &["train", "--config", "c.toml", "--device", "cuda"],
+        dir.path(),
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    // A build without the cuda feature says how to build one; a build with it, on a machine
+    // without a GPU, names the missing driver. Either way the user learns what to do.
+    let e = errors[0];
+    assert!(
+        e.contains("GPU: ")
+            && (e.contains("--features cuda") || e.contains("libcuda.so"))
+            && e.contains("--device cpu"),
+        "{e}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Nothing was trained or written.
+    assert!(!dir.path().join("checkpoints").exists());
+}

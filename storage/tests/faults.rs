@@ -11,7 +11,7 @@ use common::*;
 use marathon_storage::faulty::{Faults, FaultyStore};
 use marathon_storage::format::{manifest_name, shard_name};
 use marathon_storage::retention::{collect, Retention};
-use marathon_storage::{Reader, StorageError, Store};
+use marathon_storage::{CheckpointWriter, Reader, StorageError, Store, WriterOptions};
 use object_store::PutPayload;
 
 fn faulty_memory() -> (Store, Arc<FaultyStore>) {
@@ -150,4 +150,57 @@ fn a_manifest_of_an_unknown_version_or_a_missing_root_is_refused() {
     );
     let err = Store::open("ftp://host/x").expect_err("unknown scheme");
     assert!(err.to_string().contains("unknown scheme ftp://"), "{err}");
+}
+
+#[test]
+fn a_fenced_snapshot_persists_after_its_fence_and_a_failed_fence_writes_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let store = Store::open("memory://fenced").expect("open");
+    for (step, fail) in [(1, false), (2, true)] {
+        // Rank 0 waits for rank 1's shard only briefly when rank 1 is meant to fail.
+        let opts = WriterOptions {
+            commit_timeout: std::time::Duration::from_millis(if fail { 300 } else { 30_000 }),
+            ..options()
+        };
+        let mut writers: Vec<CheckpointWriter> = (0..2)
+            .map(|r| CheckpointWriter::new(store.clone(), r, 2, opts.clone()).expect("a writer"))
+            .collect();
+        let fenced = Arc::new(AtomicBool::new(false));
+        for (r, w) in writers.iter_mut().enumerate().rev() {
+            let (p, data) = pieces(r, step);
+            let flag = fenced.clone();
+            w.snapshot_fenced(step, serde_json::json!({ "step": step }), p, |buf| {
+                buf.copy_from_slice(&data);
+                // A device copy would still be running here; the persist must wait for it.
+                Some(Box::new(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    flag.store(true, Ordering::SeqCst);
+                    if fail && r == 1 {
+                        Err("device copy failed".into())
+                    } else {
+                        Ok(())
+                    }
+                }))
+            });
+        }
+        let one = writers[1].wait().expect("rank 1 ran");
+        let zero = writers[0].wait().expect("rank 0 ran");
+        assert!(fenced.load(Ordering::SeqCst));
+        let reader = Reader::new(store.clone());
+        if fail {
+            let err = one.expect_err("a failed fence fails the persist");
+            assert!(
+                matches!(err, StorageError::Snapshot { step: 2, .. })
+                    && err.to_string().contains("device copy failed"),
+                "{err}"
+            );
+            let err = zero.expect_err("rank 0 cannot commit without rank 1's shard");
+            assert!(matches!(err, StorageError::CommitTimeout { .. }), "{err}");
+            assert_eq!(reader.committed().expect("list"), vec![1]);
+        } else {
+            one.expect("rank 1 persisted");
+            assert!(zero.expect("rank 0 committed").committed.is_some());
+            check(&reader, step).expect("the fenced checkpoint reads back");
+        }
+    }
 }
