@@ -484,6 +484,60 @@ fn kernel_checks(mut g: Gpu) -> Result<Vec<Check>> {
         &dqkv,
     ));
 
+    // Fused attention (heads of 64), at a length that is not a multiple of its 64-row blocks.
+    let (fb, ft, fnh) = (2usize, 200usize, 4usize);
+    let fc = fnh * cuda::ops::FLASH_HEAD;
+    let qkv = r.bf16s(fb * ft * 3 * fc, 1.0);
+    let g_qkv = up_bf(&g, &qkv)?;
+    let (g_out, g_lse) = (
+        poisoned_bf(&g, fb * ft * fc)?,
+        poisoned_f32(&g, fb * fnh * ft)?,
+    );
+    g.flash_attention_forward(g_out.all(), g_lse.all(), g_qkv.all(), fb, ft, fnh)?;
+    let (mut fout, mut fatt) = (vec![0.0; fb * ft * fc], vec![0.0; fb * fnh * ft * ft]);
+    k::attention_forward(&mut fout, &mut fatt, &wide_bf(&qkv), fb, ft, fc, fnh);
+    out.push(check(
+        "fused attention forward (mma.sync)",
+        true,
+        &back_bf(&g, &g_out)?,
+        &fout,
+    ));
+    let dfo = r.bf16s(fb * ft * fc, 1.0);
+    let (g_dfo, g_dqkv, g_dd) = (
+        up_bf(&g, &dfo)?,
+        poisoned_bf(&g, fb * ft * 3 * fc)?,
+        poisoned_f32(&g, fb * fnh * ft)?,
+    );
+    g.flash_attention_backward(
+        g_dqkv.all(),
+        g_dd.all(),
+        g_dfo.all(),
+        g_out.all(),
+        g_qkv.all(),
+        g_lse.all(),
+        fb,
+        ft,
+        fnh,
+    )?;
+    let (mut fdqkv, mut fdatt) = (vec![0.0; fb * ft * 3 * fc], vec![0.0; fb * fnh * ft * ft]);
+    k::attention_backward(
+        &mut fdqkv,
+        &mut fdatt,
+        &wide_bf(&dfo),
+        &wide_bf(&qkv),
+        &fatt,
+        fb,
+        ft,
+        fc,
+        fnh,
+    );
+    out.push(check(
+        "fused attention backward (mma.sync)",
+        true,
+        &back_bf(&g, &g_dqkv)?,
+        &fdqkv,
+    ));
+
     // Cross-entropy over a padded vocabulary.
     let (v, vp) = (1000usize, 1024usize);
     let logits = r.bf16s(rows * vp, 2.0);
@@ -738,7 +792,7 @@ fn small_config(
 vocab_size = 50257
 seq_len = 128
 n_layer = 2
-n_head = 4
+n_head = 2
 n_embd = 128
 [data]
 train = "{train}"
@@ -851,6 +905,7 @@ struct Bench {
     step_after_snapshot_ms: f64,
     pinned_d2h_ms: f64,
     pinned_d2h_gbs: f64,
+    profile: Vec<(String, f64, usize)>,
 }
 
 impl Bench {
@@ -920,6 +975,24 @@ fn bench(args: &GpuArgs, data: &Path) -> Result<Bench> {
         .collect::<std::result::Result<_, _>>()?;
     ms.sort_by(f64::total_cmp);
     let median = ms[ms.len() / 2];
+    // Where a step's time goes: every launch and product timed with events over two steps.
+    let gpu = t.gpu().context("the bench trains on the GPU")?;
+    gpu.set_profiling(true);
+    t.train_step()?;
+    t.train_step()?;
+    let gpu = t.gpu().context("the bench trains on the GPU")?;
+    let profile = gpu.profile_report()?;
+    gpu.set_profiling(false);
+    let total: f64 = profile.iter().map(|p| p.1).sum();
+    eprintln!("  where a step's time goes (two steps, timed per launch):");
+    for (name, ms, n) in profile.iter().take(24) {
+        eprintln!(
+            "    {:>7.2} ms/step {:>5.1}%  {:>4} launches  {name}",
+            ms / 2.0,
+            100.0 * ms / total,
+            n / 2
+        );
+    }
     let tokens = (args.batch * args.seq) as f64;
     let flops = marathon_model::cost::flops_per_token(&cfg.model, args.seq) * tokens;
     // A first snapshot page-locks the writer's staging buffer; the second is the one timed.
@@ -962,5 +1035,6 @@ fn bench(args: &GpuArgs, data: &Path) -> Result<Bench> {
         step_after_snapshot_ms: after,
         pinned_d2h_ms: best,
         pinned_d2h_gbs: rec.staged_bytes as f64 / (best / 1e3) / 1e9,
+        profile,
     })
 }

@@ -102,6 +102,16 @@ mod imp {
             self.model.gpu.name()
         }
 
+        /// Turns per-operation timing on or off ([`marathon_model::cuda::Gpu::set_profiling`]).
+        pub fn set_profiling(&mut self, on: bool) {
+            self.model.gpu.set_profiling(on);
+        }
+
+        /// Milliseconds per operation since profiling was turned on, largest first.
+        pub fn profile_report(&self) -> Result<Vec<(String, f64, usize)>> {
+            self.model.gpu.profile_report().map_err(device_error)
+        }
+
         pub fn zero_grad(&mut self) -> Result<()> {
             self.model.zero_grad().map_err(device_error)
         }

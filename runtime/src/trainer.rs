@@ -616,6 +616,11 @@ impl Trainer {
         }
     }
 
+    /// The model on the GPU, when training on one.
+    pub fn gpu(&mut self) -> Option<&mut GpuModel> {
+        self.gpu.as_mut()
+    }
+
     /// The GPU's name, when training on one.
     pub fn device_name(&self) -> Option<&str> {
         self.gpu.as_ref().map(|g| g.name())

@@ -323,7 +323,24 @@ impl Gpu {
             self.blas.workspace = Some(DeviceBuffer::zeros(self, WORKSPACE_BYTES)?);
         }
         let stream = self.stream;
+        let timer = self.profile_start()?;
         // SAFETY: the caller's contract.
-        unsafe { self.blas.run(stream, g, alpha, a, b, beta, c, bias) }
+        unsafe { self.blas.run(stream, g, alpha, a, b, beta, c, bias) }?;
+        let ops = format!(
+            "{}{}",
+            if g.ta { "T" } else { "N" },
+            if g.tb { "T" } else { "N" }
+        );
+        let name = match g.batch {
+            Some((n, ..)) => format!("gemm {ops} {n} x ({} x {} x {})", g.r, g.c, g.k),
+            None => format!(
+                "gemm {ops} {} x {} x {}{}",
+                g.r,
+                g.c,
+                g.k,
+                if g.bias { " + bias" } else { "" }
+            ),
+        };
+        self.profile_end(timer, &name)
     }
 }

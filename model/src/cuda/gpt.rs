@@ -30,7 +30,10 @@ struct Acts {
     ln1_rstd: Db<f32>,
     qkv: Db<Bf16>,
     atty: Db<Bf16>,
+    /// The probabilities (L, B, NH, T, T), kept only when attention is not fused.
     att: Db<Bf16>,
+    /// Each row's log2-sum-exp2 (L, B, NH, T), kept when attention is fused.
+    lse: Db<f32>,
     residual2: Db<f32>,
     ln2: Db<Bf16>,
     ln2_mean: Db<f32>,
@@ -55,6 +58,8 @@ struct Scratch {
     dsmall: Db<Bf16>,
     dwide: Db<Bf16>,
     datt: Db<Bf16>,
+    /// The fused attention backward's row sums of dout * out, (B, NH, T).
+    dd: Db<f32>,
     /// Eight (B, NH, T, hs) buffers for attention.
     heads: Vec<Db<Bf16>>,
     partials: Db<f64>,
@@ -81,6 +86,8 @@ pub struct CudaGpt {
     copy_fence: Option<Arc<Event>>,
     b: usize,
     t: usize,
+    /// Heads of 64 run the fused attention kernels; others materialize the probabilities.
+    flash: bool,
     acts: Acts,
     s: Scratch,
 }
@@ -115,6 +122,12 @@ impl CudaGpt {
         );
         let (b, t, c, l) = (batch, seq, config.n_embd, config.n_layer);
         let (bt, nh, vp) = (b * t, config.n_head, config.padded_vocab_size());
+        let flash = c / nh == super::ops::FLASH_HEAD;
+        let (tt, rows) = if flash {
+            (0, b * nh * t)
+        } else {
+            (b * nh * t * t, 0)
+        };
         let z32 = |n: usize| Db::<f32>::zeros(&gpu, n);
         let zbf = |n: usize| Db::<Bf16>::zeros(&gpu, n);
         let acts = Acts {
@@ -126,7 +139,8 @@ impl CudaGpt {
             ln1_rstd: z32(l * bt)?,
             qkv: zbf(l * bt * 3 * c)?,
             atty: zbf(l * bt * c)?,
-            att: zbf(l * b * nh * t * t)?,
+            att: zbf(l * tt)?,
+            lse: z32(l * rows)?,
             residual2: z32(l * bt * c)?,
             ln2: zbf(l * bt * c)?,
             ln2_mean: z32(l * bt)?,
@@ -145,7 +159,8 @@ impl CudaGpt {
             dres_bf: zbf(bt * c)?,
             dsmall: zbf(bt * c)?,
             dwide: zbf(bt * 4 * c)?,
-            datt: zbf(b * nh * t * t)?,
+            datt: zbf(tt)?,
+            dd: z32(rows)?,
             heads: (0..8).map(|_| zbf(bt * c)).collect::<Result<_>>()?,
             partials: Db::zeros(&gpu, NORM_PARTS)?,
             norm_sq: Db::zeros(&gpu, 1)?,
@@ -163,6 +178,7 @@ impl CudaGpt {
             decay: Db::from_host(&gpu, &decay)?,
             step: 0,
             copy_fence: None,
+            flash,
             b,
             t,
             acts,
@@ -188,7 +204,8 @@ impl CudaGpt {
             f(config.n_layer),
             f(config.n_head),
         );
-        let tt = f(b) * nh * f(t) * f(t);
+        let fused = config.n_embd / config.n_head == super::ops::FLASH_HEAD;
+        let tt = if fused { 0.0 } else { f(b) * nh * f(t) * f(t) };
         let vp = f(config.padded_vocab_size());
         // master, grads, m, v (fp32); params (bf16); decay mask.
         let state = n * (4.0 * 4.0 + 2.0 + 1.0);
@@ -277,15 +294,19 @@ impl CudaGpt {
                 3 * c,
             )?;
             let atty = a.atty.part(l, l_n);
-            g.attention_forward(
-                atty,
-                a.att.part(l, l_n),
-                qkv,
-                [heads[0], heads[1], heads[2], heads[3]],
-                b,
-                t,
-                nh,
-            )?;
+            if self.flash {
+                g.flash_attention_forward(atty, a.lse.part(l, l_n), qkv, b, t, nh)?;
+            } else {
+                g.attention_forward(
+                    atty,
+                    a.att.part(l, l_n),
+                    qkv,
+                    [heads[0], heads[1], heads[2], heads[3]],
+                    b,
+                    t,
+                    nh,
+                )?;
+            }
             let residual2 = a.residual2.part(l, l_n);
             g.matmul_forward(
                 bytes(residual2),
@@ -451,17 +472,31 @@ impl CudaGpt {
                 c,
             )?;
             let dqkv = dwide.sub(0..b * t * 3 * c);
-            g.attention_backward(
-                dqkv,
-                s.datt.all(),
-                dsmall,
-                a.qkv.part(l, l_n),
-                a.att.part(l, l_n),
-                heads,
-                b,
-                t,
-                nh,
-            )?;
+            if self.flash {
+                g.flash_attention_backward(
+                    dqkv,
+                    s.dd.all(),
+                    dsmall,
+                    a.atty.part(l, l_n),
+                    a.qkv.part(l, l_n),
+                    a.lse.part(l, l_n),
+                    b,
+                    t,
+                    nh,
+                )?;
+            } else {
+                g.attention_backward(
+                    dqkv,
+                    s.datt.all(),
+                    dsmall,
+                    a.qkv.part(l, l_n),
+                    a.att.part(l, l_n),
+                    heads,
+                    b,
+                    t,
+                    nh,
+                )?;
+            }
             g.bias_backward(gr.slice(o.qkv_b..o.qkv_b + 3 * c), dqkv)?;
             g.matmul_backward(
                 dsmall,

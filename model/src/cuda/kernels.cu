@@ -18,6 +18,10 @@ __device__ __forceinline__ bf16 f2b(float f) {
     return (bf16)(u >> 16);
 }
 
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+    return (unsigned int)f2b(lo) | ((unsigned int)f2b(hi) << 16);
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
@@ -192,41 +196,65 @@ extern "C" __global__ void layernorm_param_backward(float* dw, float* db, const 
     }
 }
 
+// As above for a bias: 64 columns a block, a pair of bf16 per thread (OC is even).
 extern "C" __global__ void bias_backward(float* dbias, const bf16* dout, long rows, int oc) {
-    __shared__ float sb[8][33];
-    int col = blockIdx.x * 32 + threadIdx.x;
+    __shared__ float sb[8][65];
+    int col = blockIdx.x * 64 + threadIdx.x * 2;
     long r0 = (long)blockIdx.y * COL_ROWS;
-    float ab = 0.0f;
+    float a0 = 0.0f, a1 = 0.0f;
     if (col < oc) {
-        for (long r = r0 + threadIdx.y; r < rows && r < r0 + COL_ROWS; r += 8) ab += b2f(dout[r * oc + col]);
+        for (long r = r0 + threadIdx.y; r < rows && r < r0 + COL_ROWS; r += 8) {
+            u32 p = *(const u32*)(dout + r * oc + col);
+            a0 += b2f((bf16)(p & 0xffffu));
+            a1 += b2f((bf16)(p >> 16));
+        }
     }
-    sb[threadIdx.y][threadIdx.x] = ab;
+    sb[threadIdx.y][2 * threadIdx.x] = a0;
+    sb[threadIdx.y][2 * threadIdx.x + 1] = a1;
     __syncthreads();
     if (threadIdx.y == 0 && col < oc) {
-        for (int k = 1; k < 8; k++) ab += sb[k][threadIdx.x];
-        atomicAdd(&dbias[col], ab);
+        for (int k = 1; k < 8; k++) {
+            a0 += sb[k][2 * threadIdx.x];
+            a1 += sb[k][2 * threadIdx.x + 1];
+        }
+        atomicAdd(&dbias[col], a0);
+        atomicAdd(&dbias[col + 1], a1);
     }
 }
 
 // ------------------------------------------------------------------------------------------
 // GELU, tanh approximation
 
-extern "C" __global__ void gelu_forward(bf16* out, const bf16* inp, long n) {
+__device__ __forceinline__ float gelu(float v) {
     const float s = 0.7978845608028654f;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float v = b2f(inp[i]);
-        out[i] = f2b(0.5f * v * (1.0f + tanhf(s * (v + 0.044715f * v * v * v))));
+    return 0.5f * v * (1.0f + tanhf(s * (v + 0.044715f * v * v * v)));
+}
+
+__device__ __forceinline__ float gelu_grad(float v) {
+    const float s = 0.7978845608028654f;
+    float th = tanhf(s * (v + 0.044715f * v * v * v));
+    return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * s * (1.0f + 3.0f * 0.044715f * v * v);
+}
+
+// Pairs of bf16 at a time (n is even and the buffers 4-byte aligned).
+extern "C" __global__ void gelu_forward(bf16* out, const bf16* inp, long n) {
+    const u32* in2 = (const u32*)inp;
+    u32* out2 = (u32*)out;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n / 2; i += (long)gridDim.x * blockDim.x) {
+        u32 p = in2[i];
+        out2[i] = pack2(gelu(b2f((bf16)(p & 0xffffu))), gelu(b2f((bf16)(p >> 16))));
     }
 }
 
 // d = d * gelu'(inp), in place.
 extern "C" __global__ void gelu_backward(bf16* d, const bf16* inp, long n) {
-    const float s = 0.7978845608028654f;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float v = b2f(inp[i]);
-        float th = tanhf(s * (v + 0.044715f * v * v * v));
-        float g = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * s * (1.0f + 3.0f * 0.044715f * v * v);
-        d[i] = f2b(b2f(d[i]) * g);
+    const u32* in2 = (const u32*)inp;
+    u32* d2 = (u32*)d;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n / 2; i += (long)gridDim.x * blockDim.x) {
+        u32 p = in2[i], g = d2[i];
+        float g0 = b2f((bf16)(g & 0xffffu)) * gelu_grad(b2f((bf16)(p & 0xffffu)));
+        float g1 = b2f((bf16)(g >> 16)) * gelu_grad(b2f((bf16)(p >> 16)));
+        d2[i] = pack2(g0, g1);
     }
 }
 
@@ -339,32 +367,66 @@ extern "C" __global__ void softmax_causal_backward(bf16* datt, const bf16* att, 
 // Adds each row's loss into `losses`; with `dloss` > 0 it also turns the logits into
 // dL/dlogits = (p - onehot(target)) * dloss in place, padding columns zero.
 
+// Online softmax statistics: (max, sum of exp(x - max)) merged pairwise.
+__device__ __forceinline__ void ms_add(float& m, float& s, float x) {
+    if (x > m) {
+        s = s * __expf(m - x) + 1.0f;
+        m = x;
+    } else {
+        s += __expf(x - m);
+    }
+}
+
+__device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2) {
+    float mx = fmaxf(m, m2);
+    s = (m == -3.402823466e38f ? 0.0f : s * __expf(m - mx)) + (m2 == -3.402823466e38f ? 0.0f : s2 * __expf(m2 - mx));
+    m = mx;
+}
+
 extern "C" __global__ void crossentropy(float* losses, bf16* logits, const u32* targets, int vl, int v0, int v,
                                         float dloss) {
-    __shared__ float buf[32];
+    __shared__ float bm[32], bs[32];
     long row = blockIdx.x;
     bf16* l = logits + row * vl;
+    const u32* l2 = (const u32*)l;  // pairs of logits: vl is even and rows start 4-byte aligned
     int real = v - v0;
     if (real > vl) real = vl;
     if (real < 0) real = 0;
-    float mx = -3.402823466e38f;
-    for (int j = threadIdx.x; j < real; j += blockDim.x) mx = fmaxf(mx, b2f(l[j]));
-    mx = block_max(mx, buf);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < real; j += blockDim.x) s += __expf(b2f(l[j]) - mx);
-    s = block_sum(s, buf);
-    int tgt = (int)targets[row] - v0;
-    if (threadIdx.x == 0) {
-        float tl = b2f(l[tgt]) - mx;
-        losses[row] += logf(s) - tl;
+    // One pass for the maximum and the sum of exponentials.
+    float m = -3.402823466e38f, s = 0.0f;
+    for (int j = threadIdx.x; 2 * j < real; j += blockDim.x) {
+        u32 p = l2[j];
+        ms_add(m, s, b2f((bf16)(p & 0xffffu)));
+        if (2 * j + 1 < real) ms_add(m, s, b2f((bf16)(p >> 16)));
     }
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        ms_merge(m, s, m2, s2);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        bm[warp] = m;
+        bs[warp] = s;
+    }
+    __syncthreads();
+    m = lane < warps ? bm[lane] : -3.402823466e38f;
+    s = lane < warps ? bs[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        ms_merge(m, s, m2, s2);
+    }
+    int tgt = (int)targets[row] - v0;
+    if (threadIdx.x == 0) losses[row] += logf(s) - (b2f(l[tgt]) - m);
     if (dloss > 0.0f) {
         __syncthreads();  // thread 0 has read the target's logit
         float inv = 1.0f / s;
-        for (int j = threadIdx.x; j < vl; j += blockDim.x) {
-            float g = 0.0f;
-            if (j < real) g = (__expf(b2f(l[j]) - mx) * inv - (j == tgt ? 1.0f : 0.0f)) * dloss;
-            l[j] = f2b(g);
+        u32* w2 = (u32*)l;
+        for (int j = threadIdx.x; 2 * j < vl; j += blockDim.x) {
+            u32 p = w2[j];
+            int c0 = 2 * j, c1 = 2 * j + 1;
+            float g0 = c0 < real ? (__expf(b2f((bf16)(p & 0xffffu)) - m) * inv - (c0 == tgt ? 1.0f : 0.0f)) * dloss : 0.0f;
+            float g1 = c1 < real ? (__expf(b2f((bf16)(p >> 16)) - m) * inv - (c1 == tgt ? 1.0f : 0.0f)) * dloss : 0.0f;
+            w2[j] = pack2(g0, g1);
         }
     }
 }
@@ -422,4 +484,357 @@ extern "C" __global__ void adamw(float* master, bf16* params, const float* grads
         master[i] = p;
         params[i] = f2b(p);
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// Fused causal attention for heads of 64 (FlashAttention-2's scheme): the T x T scores never
+// reach device memory. Tensor cores through mma.sync m16n8k16 (bf16 in, fp32 accumulate; sm_80
+// and later). A block of 4 warps takes 64 rows; each warp 16 of them, its operand fragments in
+// registers. Softmax runs in the log2 domain: `scale_log2` is 1/sqrt(hs) * log2(e), and `lse`
+// keeps each row's log2-sum-exp2 for backward. Backward runs as two kernels, one over key
+// blocks (dK, dV) and one over query blocks (dQ), so no gradient needs atomics.
+
+#define FA_HS 64
+#define INFINITY __int_as_float(0x7f800000)
+#define FA_STR 72  // shared-memory row stride in bf16: 64 plus 8 of padding against bank conflicts
+
+__device__ __forceinline__ void mma16816(float* d, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+
+__device__ __forceinline__ u32 ld2(const bf16* p) { return *(const u32*)p; }
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Starts copying rows r0..r0+63 (row stride `ld`) of 64 values into shared memory s[row][col]
+// with cp.async, 16 bytes a thread at a time; rows at or beyond `t` are zero-filled.
+__device__ __forceinline__ void fa_load_tile(bf16* s, const bf16* g, long ld, int r0, int t) {
+    for (int i = threadIdx.x; i < 64 * 8; i += blockDim.x) {
+        int r = i >> 3, c = (i & 7) * 8;
+        bool in = r0 + r < t;
+        const bf16* src = g + (long)(in ? r0 + r : 0) * ld + c;
+        u32 dst = smem_addr(s + r * FA_STR + c);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
+__device__ __forceinline__ void fa_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+__device__ __forceinline__ void fa_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// A warp's A operand: rows q0..q0+15 by 64 columns, as four 16-wide k-steps.
+__device__ void fa_load_a(u32 a[4][4], const bf16* g, long ld, int q0, int t, int lane) {
+    int r0 = q0 + (lane >> 2), r1 = r0 + 8, c = 2 * (lane & 3);
+    for (int kk = 0; kk < 4; kk++) {
+        int cc = kk * 16 + c;
+        a[kk][0] = r0 < t ? ld2(g + (long)r0 * ld + cc) : 0u;
+        a[kk][1] = r1 < t ? ld2(g + (long)r1 * ld + cc) : 0u;
+        a[kk][2] = r0 < t ? ld2(g + (long)r0 * ld + cc + 8) : 0u;
+        a[kk][3] = r1 < t ? ld2(g + (long)r1 * ld + cc + 8) : 0u;
+    }
+}
+
+__device__ __forceinline__ void ldsm4(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm4t(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// acc (16 x 64, eight 8-wide tiles) += A (16 x 64) @ X^T, X in shared memory as X[n][k]. Each
+// ldmatrix.x4 fetches the B fragments of two k-steps of one n-tile.
+__device__ __forceinline__ void fa_mma_abt(float acc[8][4], const u32 a[4][4], const bf16* x, int lane) {
+    int m = lane >> 3, row = lane & 7;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+#pragma unroll
+        for (int kk = 0; kk < 4; kk += 2) {
+            u32 b[4];
+            ldsm4(b, smem_addr(x + (8 * j + row) * FA_STR + (kk + (m >> 1)) * 16 + (m & 1) * 8));
+            mma16816(acc[j], a[kk], b[0], b[1]);
+            mma16816(acc[j], a[kk + 1], b[2], b[3]);
+        }
+    }
+}
+
+// acc (16 x 64) += A (16 x 64) @ X, X in shared memory as X[k][n] (transposed on the fly).
+__device__ __forceinline__ void fa_mma_ab(float acc[8][4], const u32 a[4][4], const bf16* x, int lane) {
+    int m = lane >> 3, row = lane & 7;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+#pragma unroll
+        for (int kk = 0; kk < 4; kk += 2) {
+            u32 b[4];
+            ldsm4t(b, smem_addr(x + ((kk + (m >> 1)) * 16 + (m & 1) * 8 + row) * FA_STR + 8 * j));
+            mma16816(acc[j], a[kk], b[0], b[1]);
+            mma16816(acc[j], a[kk + 1], b[2], b[3]);
+        }
+    }
+}
+
+// An accumulator (16 x 64) as the A operand of the next product, rounded to bf16.
+__device__ __forceinline__ void fa_acc_to_a(u32 a[4][4], float acc[8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        a[kk][0] = pack2(acc[2 * kk][0], acc[2 * kk][1]);
+        a[kk][1] = pack2(acc[2 * kk][2], acc[2 * kk][3]);
+        a[kk][2] = pack2(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+        a[kk][3] = pack2(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+    }
+}
+
+// Writes a warp's 16 x 64 accumulator, scaled per row, to rows r0..r0+15 (row stride `ld`).
+__device__ void fa_store(bf16* g, long ld, float acc[8][4], int r0, int t, float s0, float s1, int lane) {
+    int a = r0 + (lane >> 2), b = a + 8, c = 2 * (lane & 3);
+    for (int j = 0; j < 8; j++) {
+        if (a < t) *(u32*)(g + (long)a * ld + 8 * j + c) = pack2(acc[j][0] * s0, acc[j][1] * s0);
+        if (b < t) *(u32*)(g + (long)b * ld + 8 * j + c) = pack2(acc[j][2] * s1, acc[j][3] * s1);
+    }
+}
+
+// out (B, T, C) and lse (B, NH, T) from qkv (B, T, 3C). Grid (ceil(T/64), B*NH), 128 threads.
+// Key and value tiles are double-buffered: the next one loads while this one is used.
+extern "C" __global__ void __launch_bounds__(128) flash_forward(bf16* out, float* lse, const bf16* qkv, int t, int nh,
+                                                                float scale_log2) {
+    __shared__ __align__(16) bf16 ks[2][64 * FA_STR];
+    __shared__ __align__(16) bf16 vs[2][64 * FA_STR];
+    int qb = blockIdx.x, bh = blockIdx.y, bi = bh / nh, h = bh % nh;
+    int c = nh * FA_HS;
+    long ld = 3L * c;
+    const bf16* q = qkv + (long)bi * t * ld + h * FA_HS;
+    const bf16* k = q + c;
+    const bf16* v = q + 2 * c;
+    int lane = threadIdx.x & 31, q0 = qb * 64 + (threadIdx.x >> 5) * 16;
+    int r0 = q0 + (lane >> 2), r1 = r0 + 8, cc = 2 * (lane & 3);
+    fa_load_tile(ks[0], k, ld, 0, t);
+    fa_load_tile(vs[0], v, ld, 0, t);
+    u32 qa[4][4];
+    fa_load_a(qa, q, ld, q0, t, lane);
+    float o[8][4];
+    for (int j = 0; j < 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    for (int kb = 0; kb <= qb; kb++) {
+        int buf = kb & 1;
+        if (kb < qb) {
+            fa_load_tile(ks[buf ^ 1], k, ld, (kb + 1) * 64, t);
+            fa_load_tile(vs[buf ^ 1], v, ld, (kb + 1) * 64, t);
+            asm volatile("cp.async.wait_group 2;" ::: "memory");
+        } else {
+            fa_wait_all();
+        }
+        __syncthreads();
+        float s[8][4];
+        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        fa_mma_abt(s, qa, ks[buf], lane);
+        bool edge = kb == qb || (kb + 1) * 64 > t;
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = kb * 64 + 8 * j + cc + (e & 1), row = e < 2 ? r0 : r1;
+                float x = (!edge || (key <= row && key < t)) ? s[j][e] * scale_log2 : -INFINITY;
+                s[j][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float f0 = exp2f(m0 - mx0), f1 = exp2f(m1 - mx1);
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= f0;
+        l1 *= f1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            o[j][0] *= f0;
+            o[j][1] *= f0;
+            o[j][2] *= f1;
+            o[j][3] *= f1;
+            s[j][0] = exp2f(s[j][0] - m0);
+            s[j][1] = exp2f(s[j][1] - m0);
+            s[j][2] = exp2f(s[j][2] - m1);
+            s[j][3] = exp2f(s[j][3] - m1);
+            l0 += s[j][0] + s[j][1];
+            l1 += s[j][2] + s[j][3];
+        }
+        u32 pa[4][4];
+        fa_acc_to_a(pa, s);
+        fa_mma_ab(o, pa, vs[buf], lane);
+        __syncthreads();  // the next iteration's loads overwrite the other buffer
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    fa_store(out + (long)bi * t * c + h * FA_HS, c, o, q0, t, 1.0f / l0, 1.0f / l1, lane);
+    if ((lane & 3) == 0) {
+        if (r0 < t) lse[(long)bh * t + r0] = m0 + log2f(l0);
+        if (r1 < t) lse[(long)bh * t + r1] = m1 + log2f(l1);
+    }
+}
+
+// D (B, NH, T) = rowsum(dout * out) per head: one warp per row.
+extern "C" __global__ void flash_backward_dot(float* d, const bf16* dout, const bf16* out, int b, int t, int nh) {
+    long row = blockIdx.x * (long)(blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= (long)b * nh * t) return;
+    int ti = (int)(row % t);
+    long bh = row / t;
+    int h = (int)(bh % nh), bi = (int)(bh / nh);
+    long base = ((long)bi * t + ti) * nh * FA_HS + h * FA_HS + 2 * lane;
+    float s = b2f(dout[base]) * b2f(out[base]) + b2f(dout[base + 1]) * b2f(out[base + 1]);
+    s = warp_sum(s);
+    if (lane == 0) d[row] = s;
+}
+
+// dK and dV: a block per 64 keys, each warp 16 of them, over the query blocks that see them.
+// Query and output-gradient tiles (and their rows' lse and D) are double-buffered.
+extern "C" __global__ void __launch_bounds__(128) flash_backward_kv(bf16* dqkv, const bf16* qkv, const bf16* dout,
+                                                                    const float* lse, const float* dd, int t, int nh,
+                                                                    float scale_log2, float scale) {
+    __shared__ __align__(16) bf16 qs[2][64 * FA_STR];
+    __shared__ __align__(16) bf16 os[2][64 * FA_STR];
+    __shared__ float ls[2][64], ds[2][64];
+    int kb = blockIdx.x, bh = blockIdx.y, bi = bh / nh, h = bh % nh;
+    int c = nh * FA_HS;
+    long ld = 3L * c;
+    const bf16* q = qkv + (long)bi * t * ld + h * FA_HS;
+    const bf16* k = q + c;
+    const bf16* v = q + 2 * c;
+    const bf16* dO = dout + (long)bi * t * c + h * FA_HS;
+    const float* L = lse + (long)bh * t;
+    const float* D = dd + (long)bh * t;
+    int lane = threadIdx.x & 31, k0 = kb * 64 + (threadIdx.x >> 5) * 16;
+    int kr0 = k0 + (lane >> 2), kr1 = kr0 + 8, cc = 2 * (lane & 3);
+    int nqb = (t + 63) / 64;
+    fa_load_tile(qs[0], q, ld, kb * 64, t);
+    fa_load_tile(os[0], dO, c, kb * 64, t);
+    if (threadIdx.x < 64) {
+        int r = kb * 64 + threadIdx.x;
+        ls[0][threadIdx.x] = r < t ? L[r] : 0.0f;
+        ds[0][threadIdx.x] = r < t ? D[r] : 0.0f;
+    }
+    u32 ka[4][4], va[4][4];
+    fa_load_a(ka, k, ld, k0, t, lane);
+    fa_load_a(va, v, ld, k0, t, lane);
+    float dk[8][4], dv[8][4];
+    for (int j = 0; j < 8; j++)
+        for (int e = 0; e < 4; e++) dk[j][e] = dv[j][e] = 0.0f;
+    for (int qb = kb; qb < nqb; qb++) {
+        int buf = (qb - kb) & 1;
+        if (qb + 1 < nqb) {
+            fa_load_tile(qs[buf ^ 1], q, ld, (qb + 1) * 64, t);
+            fa_load_tile(os[buf ^ 1], dO, c, (qb + 1) * 64, t);
+            if (threadIdx.x < 64) {
+                int r = (qb + 1) * 64 + threadIdx.x;
+                ls[buf ^ 1][threadIdx.x] = r < t ? L[r] : 0.0f;
+                ds[buf ^ 1][threadIdx.x] = r < t ? D[r] : 0.0f;
+            }
+            asm volatile("cp.async.wait_group 2;" ::: "memory");
+        } else {
+            fa_wait_all();
+        }
+        __syncthreads();
+        float s[8][4], dp[8][4];
+        for (int j = 0; j < 8; j++)
+            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
+        fa_mma_abt(s, ka, qs[buf], lane);   // S^T: keys x queries
+        fa_mma_abt(dp, va, os[buf], lane);  // dP^T
+        bool edge = qb == kb || (qb + 1) * 64 > t;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qi = 8 * j + cc + (e & 1), query = qb * 64 + qi, key = e < 2 ? kr0 : kr1;
+                bool ok = !edge || (query >= key && query < t);
+                float p = ok ? exp2f(s[j][e] * scale_log2 - ls[buf][qi]) : 0.0f;
+                dp[j][e] = ok ? p * (dp[j][e] - ds[buf][qi]) * scale : 0.0f;
+                s[j][e] = p;
+            }
+        }
+        u32 pa[4][4], da[4][4];
+        fa_acc_to_a(pa, s);
+        fa_mma_ab(dv, pa, os[buf], lane);  // dV += P^T dO
+        fa_acc_to_a(da, dp);
+        fa_mma_ab(dk, da, qs[buf], lane);  // dK += dS^T Q
+        __syncthreads();
+    }
+    bf16* dq = dqkv + (long)bi * t * ld + h * FA_HS;
+    fa_store(dq + c, ld, dk, k0, t, 1.0f, 1.0f, lane);
+    fa_store(dq + 2 * c, ld, dv, k0, t, 1.0f, 1.0f, lane);
+}
+
+// dQ: a block per 64 queries, each warp 16 of them, over the key blocks they see.
+extern "C" __global__ void __launch_bounds__(128) flash_backward_q(bf16* dqkv, const bf16* qkv, const bf16* dout,
+                                                                   const float* lse, const float* dd, int t, int nh,
+                                                                   float scale_log2, float scale) {
+    __shared__ __align__(16) bf16 ks[2][64 * FA_STR];
+    __shared__ __align__(16) bf16 vs[2][64 * FA_STR];
+    int qb = blockIdx.x, bh = blockIdx.y, bi = bh / nh, h = bh % nh;
+    int c = nh * FA_HS;
+    long ld = 3L * c;
+    const bf16* q = qkv + (long)bi * t * ld + h * FA_HS;
+    const bf16* k = q + c;
+    const bf16* v = q + 2 * c;
+    const bf16* dO = dout + (long)bi * t * c + h * FA_HS;
+    int lane = threadIdx.x & 31, q0 = qb * 64 + (threadIdx.x >> 5) * 16;
+    int r0 = q0 + (lane >> 2), r1 = r0 + 8, cc = 2 * (lane & 3);
+    fa_load_tile(ks[0], k, ld, 0, t);
+    fa_load_tile(vs[0], v, ld, 0, t);
+    float L0 = r0 < t ? lse[(long)bh * t + r0] : 0.0f, L1 = r1 < t ? lse[(long)bh * t + r1] : 0.0f;
+    float D0 = r0 < t ? dd[(long)bh * t + r0] : 0.0f, D1 = r1 < t ? dd[(long)bh * t + r1] : 0.0f;
+    u32 qa[4][4], oa[4][4];
+    fa_load_a(qa, q, ld, q0, t, lane);
+    fa_load_a(oa, dO, c, q0, t, lane);
+    float dq[8][4];
+    for (int j = 0; j < 8; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
+    for (int kb = 0; kb <= qb; kb++) {
+        int buf = kb & 1;
+        if (kb < qb) {
+            fa_load_tile(ks[buf ^ 1], k, ld, (kb + 1) * 64, t);
+            fa_load_tile(vs[buf ^ 1], v, ld, (kb + 1) * 64, t);
+            asm volatile("cp.async.wait_group 2;" ::: "memory");
+        } else {
+            fa_wait_all();
+        }
+        __syncthreads();
+        float s[8][4], dp[8][4];
+        for (int j = 0; j < 8; j++)
+            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
+        fa_mma_abt(s, qa, ks[buf], lane);   // S
+        fa_mma_abt(dp, oa, vs[buf], lane);  // dP
+        bool edge = kb == qb;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = kb * 64 + 8 * j + cc + (e & 1), row = e < 2 ? r0 : r1;
+                bool ok = (!edge || key <= row) && row < t;
+                float p = ok ? exp2f(s[j][e] * scale_log2 - (e < 2 ? L0 : L1)) : 0.0f;
+                dp[j][e] = ok ? p * (dp[j][e] - (e < 2 ? D0 : D1)) * scale : 0.0f;
+            }
+        }
+        u32 da[4][4];
+        fa_acc_to_a(da, dp);
+        fa_mma_ab(dq, da, ks[buf], lane);  // dQ += dS K
+        __syncthreads();
+    }
+    fa_store(dqkv + (long)bi * t * ld + h * FA_HS, ld, dq, q0, t, 1.0f, 1.0f, lane);
 }

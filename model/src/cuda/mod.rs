@@ -56,6 +56,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "sum_squares_partial",
     "sum_squares_finish",
     "adamw",
+    "flash_forward",
+    "flash_backward_dot",
+    "flash_backward_kv",
+    "flash_backward_q",
 ];
 
 /// What went wrong on the CUDA path, each naming the part and what to do.
@@ -208,6 +212,8 @@ pub struct Gpu {
     sms: u32,
     name: String,
     capability: (i32, i32),
+    /// Per-operation timings, when profiling is on.
+    profile: Option<std::cell::RefCell<Vec<(String, Event, Event)>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -267,6 +273,7 @@ impl Gpu {
             sms,
             name,
             capability,
+            profile: None,
         })
     }
 
@@ -298,6 +305,11 @@ impl Gpu {
         unsafe { drv::stream::synchronize(self.stream) }.map_err(driver("synchronizing"))
     }
 
+    /// Dynamic shared memory a kernel is launched with.
+    fn shared_bytes(&self, _name: &str) -> u32 {
+        0
+    }
+
     /// Blocks for an elementwise kernel over `n` elements: a grid-stride loop over at most 32
     /// blocks per multiprocessor.
     pub(crate) fn blocks(&self, n: usize, threads: u32) -> u32 {
@@ -317,9 +329,62 @@ impl Gpu {
         args: &mut [*mut c_void],
     ) -> Result<()> {
         let f = self.funcs.get(name).expect("every kernel is loaded");
+        let timer = self.profile_start()?;
         // SAFETY: the caller's contract.
-        unsafe { drv::launch_kernel(f.cu_function(), grid, block, 0, self.stream, args) }
-            .map_err(driver(format!("launching {name}")))
+        unsafe {
+            drv::launch_kernel(
+                f.cu_function(),
+                grid,
+                block,
+                self.shared_bytes(name),
+                self.stream,
+                args,
+            )
+        }
+        .map_err(driver(format!("launching {name}")))?;
+        self.profile_end(timer, name)
+    }
+
+    /// Starts timing the next operation when profiling is on.
+    pub(crate) fn profile_start(&self) -> Result<Option<Event>> {
+        if self.profile.is_none() {
+            return Ok(None);
+        }
+        let e = self.event(true)?;
+        self.record(&e, Stream::Training)?;
+        Ok(Some(e))
+    }
+
+    /// Ends the timing begun by [`Gpu::profile_start`], filing it under `name`.
+    pub(crate) fn profile_end(&self, start: Option<Event>, name: &str) -> Result<()> {
+        if let (Some(start), Some(p)) = (start, &self.profile) {
+            let end = self.event(true)?;
+            self.record(&end, Stream::Training)?;
+            p.borrow_mut().push((name.to_string(), start, end));
+        }
+        Ok(())
+    }
+
+    /// Turns per-operation timing on or off (off by default: it adds two events per launch).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(Default::default);
+    }
+
+    /// Milliseconds per operation name since profiling was turned on, largest first, with the
+    /// number of launches.
+    pub fn profile_report(&self) -> Result<Vec<(String, f64, usize)>> {
+        let Some(p) = &self.profile else {
+            return Ok(Vec::new());
+        };
+        let mut by: HashMap<String, (f64, usize)> = HashMap::new();
+        for (name, start, end) in p.borrow_mut().drain(..) {
+            let e = by.entry(name).or_default();
+            e.0 += end.elapsed_ms(&start)? as f64;
+            e.1 += 1;
+        }
+        let mut v: Vec<_> = by.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
     }
 
     /// An event on this GPU; `timing` makes it usable for elapsed times.

@@ -9,6 +9,9 @@ use super::{args, Gpu, Result, Slice};
 
 const THREADS: u32 = 256;
 
+/// The head width the fused attention kernels take.
+pub const FLASH_HEAD: usize = 64;
+
 type B<'a> = Slice<'a, Bf16>;
 type F<'a> = Slice<'a, f32>;
 
@@ -268,22 +271,29 @@ impl Gpu {
         let oc = dbias.len();
         let rows = dout.len() / oc;
         assert_eq!(dout.len(), rows * oc);
+        assert!(oc % 2 == 0, "bias gradients are summed in pairs of columns");
         let (db, d, rows64, oc32) = (dbias.ptr(), dout.ptr(), rows as i64, oc as i32);
-        self.columns("bias_backward", rows, oc, args![db, d, rows64, oc32])
+        // 64 columns a block: the kernel sums a pair of columns per thread.
+        self.columns(
+            "bias_backward",
+            rows,
+            oc.div_ceil(2),
+            args![db, d, rows64, oc32],
+        )
     }
 
     /// [`crate::kernels::gelu_forward`].
     pub fn gelu_forward(&self, out: B, inp: B) -> Result<()> {
-        assert_eq!(out.len(), inp.len());
+        assert!(out.len() == inp.len() && inp.len() % 2 == 0);
         let (o, i, n) = (out.ptr(), inp.ptr(), inp.len() as i64);
-        self.elementwise("gelu_forward", inp.len(), args![o, i, n])
+        self.elementwise("gelu_forward", inp.len() / 2, args![o, i, n])
     }
 
     /// [`crate::kernels::gelu_backward_inplace`].
     pub fn gelu_backward(&self, d: B, inp: B) -> Result<()> {
-        assert_eq!(d.len(), inp.len());
+        assert!(d.len() == inp.len() && inp.len() % 2 == 0);
         let (dp, i, n) = (d.ptr(), inp.ptr(), inp.len() as i64);
-        self.elementwise("gelu_backward", inp.len(), args![dp, i, n])
+        self.elementwise("gelu_backward", inp.len() / 2, args![dp, i, n])
     }
 
     /// [`crate::kernels::attention_forward`]: `out (B, T, C)` and the probabilities
@@ -465,6 +475,88 @@ impl Gpu {
         )
     }
 
+    /// [`crate::kernels::attention_forward`] fused (heads of 64): `out (B, T, C)` from
+    /// `qkv (B, T, 3C)` without forming the T x T probabilities; `lse (B, NH, T)` keeps what
+    /// backward needs to form them again.
+    pub fn flash_attention_forward(
+        &self,
+        out: B,
+        lse: F,
+        qkv: B,
+        b: usize,
+        t: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let c = out.len() / (b * t);
+        assert!(
+            c == nh * FLASH_HEAD,
+            "fused attention takes heads of {FLASH_HEAD}"
+        );
+        assert!(out.len() == b * t * c && qkv.len() == 3 * out.len() && lse.len() == b * nh * t);
+        let (o, l, q) = (out.ptr(), lse.ptr(), qkv.ptr());
+        let (t32, nh32) = (t as i32, nh as i32);
+        let scale_log2 = std::f32::consts::LOG2_E / (FLASH_HEAD as f32).sqrt();
+        // SAFETY: one block per 64 rows of one (batch, head); shapes checked above.
+        unsafe {
+            self.launch(
+                "flash_forward",
+                (t.div_ceil(64) as u32, (b * nh) as u32, 1),
+                (128, 1, 1),
+                args![o, l, q, t32, nh32, scale_log2],
+            )
+        }
+    }
+
+    /// [`crate::kernels::attention_backward`] fused (heads of 64): overwrites `dqkv` from
+    /// `dout`, the forward's `out` and `lse`. `dd (B, NH, T)` is scratch.
+    pub fn flash_attention_backward(
+        &self,
+        dqkv: B,
+        dd: F,
+        dout: B,
+        out: B,
+        qkv: B,
+        lse: F,
+        b: usize,
+        t: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let c = out.len() / (b * t);
+        assert!(
+            c == nh * FLASH_HEAD,
+            "fused attention takes heads of {FLASH_HEAD}"
+        );
+        assert!(dout.len() == out.len() && qkv.len() == 3 * out.len() && dqkv.len() == qkv.len());
+        assert!(lse.len() == b * nh * t && dd.len() == lse.len());
+        let (dp, d, o) = (dd.ptr(), dout.ptr(), out.ptr());
+        let (b32, t32, nh32) = (b as i32, t as i32, nh as i32);
+        self.per_row(
+            "flash_backward_dot",
+            b * nh * t,
+            args![dp, d, o, b32, t32, nh32],
+        )?;
+        let (dq, q, l) = (dqkv.ptr(), qkv.ptr(), lse.ptr());
+        let scale = 1.0 / (FLASH_HEAD as f32).sqrt();
+        let scale_log2 = std::f32::consts::LOG2_E * scale;
+        let grid = (t.div_ceil(64) as u32, (b * nh) as u32, 1);
+        // SAFETY: one block per 64 keys (then queries) of one (batch, head); the two kernels
+        // write disjoint parts of dqkv.
+        unsafe {
+            self.launch(
+                "flash_backward_kv",
+                grid,
+                (128, 1, 1),
+                args![dq, q, d, l, dp, t32, nh32, scale_log2, scale],
+            )?;
+            self.launch(
+                "flash_backward_q",
+                grid,
+                (128, 1, 1),
+                args![dq, q, d, l, dp, t32, nh32, scale_log2, scale],
+            )
+        }
+    }
+
     /// The cross-entropy of [`crate::kernels::crossentropy_max`] through
     /// [`crate::kernels::crossentropy_backward_inplace`] in one pass per row, for one rank
     /// holding the whole vocabulary: adds each row's loss into `losses` and, when `dloss > 0`,
@@ -480,6 +572,7 @@ impl Gpu {
         let rows = targets.len();
         let vl = logits.len() / rows;
         assert!(logits.len() == rows * vl && losses.len() == rows && v <= vl);
+        assert!(vl % 2 == 0, "the cross-entropy reads logits in pairs");
         let (l, lg, tg) = (losses.ptr(), logits.ptr(), targets.ptr());
         let (vl32, v032, v32) = (vl as i32, 0i32, v as i32);
         // SAFETY: one block per row; the shapes are checked above.
