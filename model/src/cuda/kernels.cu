@@ -529,7 +529,6 @@ __device__ __forceinline__ void fa_load_tile(bf16* s, const bf16* g, long ld, in
 }
 
 __device__ __forceinline__ void fa_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-__device__ __forceinline__ void fa_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
 // A warp's A operand: rows q0..q0+15 by 64 columns, as four 16-wide k-steps.
 __device__ void fa_load_a(u32 a[4][4], const bf16* g, long ld, int q0, int t, int lane) {

@@ -305,11 +305,6 @@ impl Gpu {
         unsafe { drv::stream::synchronize(self.stream) }.map_err(driver("synchronizing"))
     }
 
-    /// Dynamic shared memory a kernel is launched with.
-    fn shared_bytes(&self, _name: &str) -> u32 {
-        0
-    }
-
     /// Blocks for an elementwise kernel over `n` elements: a grid-stride loop over at most 32
     /// blocks per multiprocessor.
     pub(crate) fn blocks(&self, n: usize, threads: u32) -> u32 {
@@ -331,17 +326,8 @@ impl Gpu {
         let f = self.funcs.get(name).expect("every kernel is loaded");
         let timer = self.profile_start()?;
         // SAFETY: the caller's contract.
-        unsafe {
-            drv::launch_kernel(
-                f.cu_function(),
-                grid,
-                block,
-                self.shared_bytes(name),
-                self.stream,
-                args,
-            )
-        }
-        .map_err(driver(format!("launching {name}")))?;
+        unsafe { drv::launch_kernel(f.cu_function(), grid, block, 0, self.stream, args) }
+            .map_err(driver(format!("launching {name}")))?;
         self.profile_end(timer, name)
     }
 
