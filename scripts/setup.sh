@@ -61,8 +61,24 @@ if [ -e "$nvrtc/nvidia/cu13/lib/libnvrtc.so.13" ] && [ -e "$nvrtc/version-$nvrtc
 else
   say "installing nvrtc $nvrtc_version into $nvrtc (pip, about 60 MB)"
   rm -rf "$nvrtc"
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$nvrtc" \
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$nvrtc" \
     "nvidia-cuda-nvrtc==$nvrtc_version" || die "pip install nvidia-cuda-nvrtc==$nvrtc_version failed"
   touch "$nvrtc/version-$nvrtc_version"
   say "nvrtc $nvrtc_version installed in $nvrtc"
+fi
+
+# numpy and safetensors, for the independent check of Hugging Face exports
+# (ops/tests/fixtures/hf_gpt2_numpy.py); scripts/test.sh puts them on PYTHONPATH.
+py="$tools/python"
+py_packages="numpy==2.2.6 safetensors==0.5.3"
+if [ -e "$py/packages-$(echo "$py_packages" | tr ' =' '_-')" ]; then
+  say "python packages ready in $py"
+else
+  say "installing $py_packages into $py (pip)"
+  rm -rf "$py"
+  # shellcheck disable=SC2086
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$py" $py_packages \
+    || die "pip install $py_packages failed"
+  touch "$py/packages-$(echo "$py_packages" | tr ' =' '_-')"
+  say "python packages installed in $py"
 fi

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --test-servers
 tools="${MARATHON_TOOLS:-$HOME/.cache/marathon/tools}"
 export LD_LIBRARY_PATH="$tools/nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONPATH="$tools/python${PYTHONPATH:+:$PYTHONPATH}"
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check || { echo "test: code is not formatted; run cargo fmt --all" >&2; exit 1; }
 fi

@@ -541,6 +541,22 @@ impl<F: Float> Gpt<F> {
         Ok(Some(total / F::from_f64(bt as f64)))
     }
 
+    /// The next-token probabilities over the real vocabulary at position `row` (of B * T) of
+    /// the last [`Gpt::forward`], before [`Gpt::backward`] turns them into gradients. Whole
+    /// model only.
+    ///
+    /// # Panics
+    /// If this model is a shard or `row` is out of range.
+    pub fn probabilities(&self, row: usize) -> &[F] {
+        let d = self.dims;
+        assert!(
+            d.tp == 1 && d.first && d.last,
+            "probabilities come from the whole model"
+        );
+        assert!(row < d.b * d.t, "row {row} outside the microbatch");
+        &self.saved[0].logits[row * d.vl..row * d.vl + d.v]
+    }
+
     /// The residual stream leaving this stage for the microbatch in `slot`, (B, T, C): what the
     /// next stage takes as its input.
     pub fn stage_output(&self, slot: usize) -> &[F] {

@@ -6,6 +6,9 @@ use marathon_storage::format::Manifest;
 use marathon_storage::retention::{collect, Retention};
 use marathon_storage::{Reader, Store};
 
+use crate::convert::{diff, export_hf, import_hf, Dtype};
+use std::path::PathBuf;
+
 #[derive(Debug, Subcommand)]
 pub enum CkptCommand {
     /// Every checkpoint under a root: step, committed or not, size, the layout that wrote it.
@@ -43,6 +46,57 @@ pub enum CkptCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Writes a committed checkpoint, from any layout, as a Hugging Face GPT-2 model
+    /// (model.safetensors and config.json), one tensor in memory at a time.
+    Export {
+        #[command(flatten)]
+        root: RootArgs,
+        /// The directory to write (created; must not hold a model already).
+        dir: PathBuf,
+        #[arg(long, value_parser = ["hf"], default_value = "hf")]
+        format: String,
+        #[arg(long)]
+        step: Option<u64>,
+        /// Element type of the exported weights.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+    },
+    /// Turns a Hugging Face GPT-2 safetensors model into the checkpoint of step 0 under a root,
+    /// with fresh optimizer state, for fine-tuning. Every tensor is checked before anything is
+    /// written.
+    Import {
+        /// A directory with model.safetensors and config.json.
+        dir: PathBuf,
+        #[command(flatten)]
+        root: RootArgs,
+        /// The tensor-parallel size the checkpoint is recorded for (any layout can load it).
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        #[arg(long, default_value_t = 1)]
+        pp: usize,
+    },
+    /// Compares two checkpoints of one model, from any two layouts, tensor by tensor
+    /// (parameters and both Adam moments); exits non-zero where an element differs by more
+    /// than atol + rtol * |b| (bitwise by default).
+    Diff {
+        /// The first checkpoint's root.
+        a: String,
+        /// The second checkpoint's root (may be the same root, with other steps).
+        b: String,
+        #[arg(long)]
+        step_a: Option<u64>,
+        #[arg(long)]
+        step_b: Option<u64>,
+        #[arg(long, default_value_t = 0.0)]
+        atol: f64,
+        #[arg(long, default_value_t = 0.0)]
+        rtol: f64,
+        /// Compare the parameters only (an imported checkpoint has fresh moments).
+        #[arg(long)]
+        params_only: bool,
+        #[arg(long = "option", value_name = "KEY=VALUE")]
+        options: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -57,25 +111,39 @@ pub struct RootArgs {
 
 impl RootArgs {
     fn reader(&self) -> Result<Reader> {
-        let (scheme, rest) = self.root.split_once("://").unwrap_or(("file", &self.root));
-        if scheme == "file" && !std::path::Path::new(rest).is_dir() {
-            bail!(
-                "checkpoint root {}: no such directory; name the directory given as \
-                 checkpoint.root in the job's configuration",
-                self.root
-            );
-        }
-        let options = self
-            .options
-            .iter()
-            .map(|o| {
-                o.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .with_context(|| format!("--option {o}: write it as key=value"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Reader::new(Store::open_with(&self.root, options)?))
+        reader(&self.root, &self.options)
     }
+
+    /// The root as a store to write to, which need not exist yet.
+    fn store(&self) -> Result<Store> {
+        Ok(Store::open_with(&self.root, parse_options(&self.options)?)?)
+    }
+}
+
+fn parse_options(options: &[String]) -> Result<Vec<(String, String)>> {
+    options
+        .iter()
+        .map(|o| {
+            o.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--option {o}: write it as key=value"))
+        })
+        .collect()
+}
+
+/// A reader of the checkpoints under `root`, which must exist.
+pub(crate) fn reader(root: &str, options: &[String]) -> Result<Reader> {
+    let (scheme, rest) = root.split_once("://").unwrap_or(("file", root));
+    if scheme == "file" && !std::path::Path::new(rest).is_dir() {
+        bail!(
+            "checkpoint root {root}: no such directory; name the directory given as \
+             checkpoint.root in the job's configuration"
+        );
+    }
+    Ok(Reader::new(Store::open_with(
+        root,
+        parse_options(options)?,
+    )?))
 }
 
 pub fn run(command: CkptCommand) -> Result<()> {
@@ -88,6 +156,41 @@ pub fn run(command: CkptCommand) -> Result<()> {
             Ok(())
         }
         CkptCommand::Verify { root, step } => verify(&root.reader()?, step),
+        CkptCommand::Export {
+            root,
+            dir,
+            format: _,
+            step,
+            dtype,
+        } => {
+            let reader = root.reader()?;
+            let step = pick(&reader, step)?;
+            export_hf(&reader, step, &dir, dtype)
+        }
+        CkptCommand::Import { dir, root, tp, pp } => import_hf(&dir, || root.store(), tp, pp),
+        CkptCommand::Diff {
+            a,
+            b,
+            step_a,
+            step_b,
+            atol,
+            rtol,
+            params_only,
+            options,
+        } => {
+            let (ra, rb) = (reader(&a, &options)?, reader(&b, &options)?);
+            let (sa, sb) = (pick(&ra, step_a)?, pick(&rb, step_b)?);
+            let families: &[&str] = if params_only {
+                &["params"]
+            } else {
+                &["params", "adam_m", "adam_v"]
+            };
+            if diff((&ra, sa), (&rb, sb), families, atol, rtol)? {
+                Ok(())
+            } else {
+                bail!("the checkpoints differ beyond atol {atol} + rtol {rtol} x |b| (see DIFFERS above)")
+            }
+        }
         CkptCommand::Gc {
             root,
             keep_last,
@@ -123,7 +226,7 @@ pub fn run(command: CkptCommand) -> Result<()> {
 }
 
 /// `step`, or the newest committed one.
-fn pick(reader: &Reader, step: Option<u64>) -> Result<u64> {
+pub(crate) fn pick(reader: &Reader, step: Option<u64>) -> Result<u64> {
     match step {
         Some(s) => Ok(s),
         None => reader

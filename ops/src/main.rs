@@ -5,10 +5,12 @@
 
 mod bench;
 mod ckpt;
+mod convert;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod launch;
 mod progress;
+mod sample;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +54,8 @@ enum Command {
         #[command(flatten)]
         layout: launch::LayoutFlags,
     },
+    /// Text from a checkpoint, on the CPU: greedy, or sampled with a temperature and top-k.
+    Sample(sample::SampleArgs),
     /// Corpus preparation.
     Data {
         #[command(subcommand)]
@@ -188,6 +192,7 @@ fn run(cli: Cli) -> Result<()> {
             command: BenchCommand::Gpu(args),
         } => gpu_bench(args),
         Command::Ckpt { command } => ckpt::run(command),
+        Command::Sample(args) => sample::run(args),
         Command::Plan { config } => plan(config),
     }
 }

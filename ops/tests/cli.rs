@@ -695,3 +695,271 @@ fn training_on_a_gpu_without_one_says_so_in_one_line() {
     // Nothing was trained or written.
     assert!(!dir.path().join("checkpoints").exists());
 }
+
+/// `tiny_job` with checkpoints every `every` steps under `ck/`.
+fn tiny_job_with_checkpoints(dir: &Path, steps: u64, every: u64) {
+    tiny_job(dir, steps);
+    let path = dir.join("c.toml");
+    let mut config = std::fs::read_to_string(&path).unwrap();
+    config.push_str(&format!(
+        "[checkpoint]\nroot = \"ck\"\nevery_steps = {every}\nkeep_last = 4\n"
+    ));
+    std::fs::write(path, config).unwrap();
+}
+
+/// A tiny job trained for `steps` steps with checkpoints every `every` under `ck/`.
+fn trained_job(steps: u64, every: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job_with_checkpoints(dir.path(), steps, every);
+    let out = marathon(&["train", "--config", "c.toml"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    dir
+}
+
+fn python_with_numpy() -> Command {
+    let tools = std::env::var("MARATHON_TOOLS")
+        .unwrap_or_else(|_| format!("{}/.cache/marathon/tools", std::env::var("HOME").unwrap()));
+    let mut py = Command::new("python3");
+    let path = std::env::var("PYTHONPATH").unwrap_or_default();
+    py.env("PYTHONPATH", format!("{tools}/python:{path}"));
+    let probe = py
+        .args(["-c", "import numpy, safetensors"])
+        .output()
+        .expect("run python3");
+    assert!(
+        probe.status.success(),
+        "numpy and safetensors are needed: `scripts/setup.sh --test-servers` installs them into \
+         {tools}/python ({})",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let mut py = Command::new("python3");
+    py.env("PYTHONPATH", format!("{tools}/python:{path}"));
+    py
+}
+
+#[test]
+fn export_to_hugging_face_is_read_alike_by_an_independent_implementation_and_imports_back() {
+    let dir = trained_job(4, 2);
+    let d = dir.path();
+    let out = marathon(&["ckpt", "export", "ck", "hf"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    // numpy's GPT-2 over the exported files gives marathon's next-token probabilities.
+    let out = marathon(
+        &[
+            "sample",
+            "ck",
+            "--prompt",
+            "The runtime",
+            "--tokens",
+            "0",
+            "--probs-out",
+            "p.json",
+        ],
+        d,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let script = repo().join("ops/tests/fixtures/hf_gpt2_numpy.py");
+    let check = python_with_numpy()
+        .arg(script)
+        .args(["hf", "p.json"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    // Export then import gives back the parameters bitwise.
+    let out = marathon(&["ckpt", "import", "hf", "imported"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = marathon(&["ckpt", "diff", "ck", "imported", "--params-only"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    // Fresh moments: the whole checkpoints differ, and diff says so with its exit status.
+    let out = marathon(&["ckpt", "diff", "ck", "imported"], d);
+    assert!(
+        !out.status.success() && text(&out).contains("DIFFERS"),
+        "{}",
+        text(&out)
+    );
+    // A bf16 export imports within bf16 rounding.
+    let out = marathon(&["ckpt", "export", "ck", "hf16", "--dtype", "bf16"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = marathon(&["ckpt", "import", "hf16", "imported16"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = marathon(&["ckpt", "diff", "ck", "imported16", "--params-only"], d);
+    assert!(!out.status.success(), "bf16 is not bitwise: {}", text(&out));
+    let out = marathon(
+        &[
+            "ckpt",
+            "diff",
+            "ck",
+            "imported16",
+            "--params-only",
+            "--rtol",
+            "4e-3",
+        ],
+        d,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // A run continues from the imported weights, on any data.
+    let config = std::fs::read_to_string(d.join("c.toml"))
+        .unwrap()
+        .replace("root = \"ck\"", "root = \"imported\"")
+        .replace("[data]\n", "[data]\nseed = 99\n");
+    std::fs::write(d.join("fine.toml"), config).unwrap();
+    let out = marathon(&["train", "--config", "fine.toml"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("resumed from the checkpoint of step 0"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Rewrites the header of `file` (a safetensors model) through `edit`.
+fn edit_safetensors(
+    file: &Path,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut head = serde_json::to_vec(&header).unwrap();
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(file, out).unwrap();
+}
+
+#[test]
+fn import_refuses_bad_models_and_taken_destinations_and_writes_nothing() {
+    let dir = trained_job(2, 2);
+    let d = dir.path();
+    assert!(marathon(&["ckpt", "export", "ck", "hf"], d)
+        .status
+        .success());
+    let copy = |name: &str| {
+        std::fs::create_dir_all(d.join(name)).unwrap();
+        for f in ["model.safetensors", "config.json"] {
+            std::fs::copy(d.join("hf").join(f), d.join(name).join(f)).unwrap();
+        }
+        d.join(name).join("model.safetensors")
+    };
+    edit_safetensors(&copy("missing"), |h| {
+        h.remove("h.1.mlp.c_fc.bias");
+    });
+    edit_safetensors(&copy("misshapen"), |h| {
+        h["h.0.attn.c_attn.weight"]["shape"] = serde_json::json!([96, 32]);
+    });
+    for (model, says) in [
+        ("missing", "no tensor h.1.mlp.c_fc.bias"),
+        (
+            "misshapen",
+            "tensor h.0.attn.c_attn.weight has shape [96, 32]",
+        ),
+    ] {
+        let out = marathon(&["ckpt", "import", model, "dst"], d);
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains(says), "{}", text(&out));
+        assert!(!d.join("dst").exists(), "nothing is written for {model}");
+    }
+    let out = marathon(&["ckpt", "import", "hf", "dst", "--tp", "3"], d);
+    assert!(
+        !out.status.success() && text(&out).contains("--tp 3"),
+        "{}",
+        text(&out)
+    );
+    // A destination that holds step 0 already keeps it.
+    assert!(marathon(&["ckpt", "import", "hf", "dst"], d)
+        .status
+        .success());
+    let out = marathon(&["ckpt", "import", "misshapen", "dst"], d);
+    assert!(!out.status.success());
+    let out = marathon(&["ckpt", "import", "hf", "dst"], d);
+    assert!(
+        !out.status.success() && text(&out).contains("already committed"),
+        "{}",
+        text(&out)
+    );
+    let out = marathon(&["ckpt", "diff", "ck", "dst", "--params-only"], d);
+    assert!(
+        out.status.success(),
+        "the first import is intact: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn diff_compares_checkpoints_of_two_layouts() {
+    let dir = trained_job(2, 2);
+    let d = dir.path();
+    let tp2 = std::fs::read_to_string(d.join("c.toml"))
+        .unwrap()
+        .replace("root = \"ck\"", "root = \"ck-tp2\"");
+    std::fs::write(d.join("tp2.toml"), tp2).unwrap();
+    let out = marathon(&["train", "--config", "tp2.toml", "--tp", "2"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    // The same run in two layouts: equal to rounding, not bitwise.
+    let out = marathon(
+        &[
+            "ckpt", "diff", "ck", "ck-tp2", "--rtol", "1e-3", "--atol", "1e-6",
+        ],
+        d,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("tp 2 pp 1"), "{}", text(&out));
+    let out = marathon(&["ckpt", "diff", "ck", "ck", "--step-a", "2"], d);
+    assert!(
+        out.status.success(),
+        "a checkpoint equals itself: {}",
+        text(&out)
+    );
+    // Another model is refused, naming both.
+    let other = std::fs::read_to_string(d.join("c.toml"))
+        .unwrap()
+        .replace("n_embd = 32", "n_embd = 64")
+        .replace("root = \"ck\"", "root = \"ck-wide\"");
+    std::fs::write(d.join("wide.toml"), other).unwrap();
+    assert!(marathon(&["train", "--config", "wide.toml"], d)
+        .status
+        .success());
+    let out = marathon(&["ckpt", "diff", "ck", "ck-wide"], d);
+    assert!(
+        !out.status.success() && text(&out).contains("different models"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn sample_continues_a_prompt_reproducibly() {
+    let dir = trained_job(2, 2);
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let mut all = vec![
+            "sample",
+            "ck",
+            "--prompt",
+            "Checkpoints are",
+            "--tokens",
+            "8",
+        ];
+        all.extend_from_slice(args);
+        let out = marathon(&all, d);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let greedy = run(&["--temperature", "0"]);
+    assert!(greedy.starts_with("Checkpoints are"), "{greedy}");
+    assert!(greedy.len() > "Checkpoints are".len(), "{greedy}");
+    assert_eq!(greedy, run(&["--temperature", "0"]));
+    assert_eq!(run(&["--seed", "5"]), run(&["--seed", "5"]));
+    let out = marathon(&["sample", "ck", "--prompt", ""], d);
+    assert!(
+        !out.status.success() && text(&out).contains("--prompt"),
+        "{}",
+        text(&out)
+    );
+}

@@ -47,6 +47,10 @@ pub struct RunState {
     /// The layout that wrote the checkpoint; any layout can read it.
     pub layout: ParallelLayout,
     pub seq_len: usize,
+    /// Where weights that no run trained came from (`marathon ckpt import`); such a checkpoint
+    /// starts a new run on any data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// Which of a rank's buffers a piece is copied from.
@@ -289,13 +293,17 @@ pub(crate) fn check_compatible(cfg: &TrainConfig, state: &RunState, url: &str) -
         ("model.n_embd", a.n_embd, b.n_embd),
         ("batch.seq_len", state.seq_len, cfg.batch.seq_len),
     ] {
-        if there != here {
+        if there != here && !(field == "batch.seq_len" && state.origin.is_some()) {
             return Err(mismatch(
                 field,
                 format!("{field} = {there}"),
                 format!("{here}"),
             ));
         }
+    }
+    if state.origin.is_some() {
+        // Imported weights: no data order or sequence length to continue.
+        return Ok(());
     }
     if state.data_seed != cfg.data.seed {
         return Err(mismatch(
@@ -305,4 +313,55 @@ pub(crate) fn check_compatible(cfg: &TrainConfig, state: &RunState, url: &str) -
         ));
     }
     Ok(())
+}
+
+/// Writes one committed checkpoint of the whole model from one process: `params` and both
+/// moments laid out by [`ParamLayout::new`], with `state` as its run state. Used for weights
+/// that no training run wrote (`marathon ckpt import`). Refuses a store that already holds a
+/// committed checkpoint of `state.step`, before writing anything.
+pub fn save_whole(
+    store: Store,
+    state: &RunState,
+    params: &[f32],
+    adam_m: &[f32],
+    adam_v: &[f32],
+    opts: marathon_storage::WriterOptions,
+) -> Result<marathon_storage::writer::PersistReport> {
+    let layout = ParamLayout::new(&state.model);
+    let n = layout.numel();
+    assert!(params.len() == n && adam_m.len() == n && adam_v.len() == n);
+    if Reader::new(store.clone())
+        .committed()?
+        .contains(&state.step)
+    {
+        return Err(marathon_storage::StorageError::AlreadyCommitted {
+            step: state.step,
+            url: store.url.clone(),
+        }
+        .into());
+    }
+    let mut writer = CheckpointWriter::new(store, 0, 1, opts)?;
+    let pieces = plan_pieces(&layout, &(0..n), 0, 1, false);
+    let run = serde_json::to_value(state).expect("the run state serialises");
+    writer.snapshot(
+        state.step,
+        run,
+        pieces.iter().map(|(p, _, _)| p.clone()).collect(),
+        |buf| {
+            let mut at = 0;
+            for (_, source, r) in &pieces {
+                let src = match source {
+                    Source::Params => &params[r.clone()],
+                    Source::AdamM => &adam_m[r.clone()],
+                    Source::AdamV => &adam_v[r.clone()],
+                };
+                buf[at..at + r.len()].copy_from_slice(src);
+                at += r.len();
+            }
+        },
+    );
+    match writer.wait() {
+        Some(done) => Ok(done?),
+        None => unreachable!("a snapshot was just started"),
+    }
 }

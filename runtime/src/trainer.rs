@@ -515,6 +515,7 @@ impl Trainer {
             model: self.cfg.model.clone(),
             layout: self.cfg.parallel,
             seq_len: self.cfg.batch.seq_len,
+            origin: None,
         };
         let run = serde_json::to_value(&state).expect("the run state serialises");
         let Checkpointing {
