@@ -6,7 +6,7 @@ use marathon_storage::format::Manifest;
 use marathon_storage::retention::{collect, Retention};
 use marathon_storage::{Reader, Store};
 
-use crate::convert::{diff, export_hf, import_hf, Dtype};
+use crate::convert::{diff, export_hf, import_hf, reshard, Dtype, Tolerance};
 use std::path::PathBuf;
 
 #[derive(Debug, Subcommand)]
@@ -75,6 +75,34 @@ pub enum CkptCommand {
         #[arg(long, default_value_t = 1)]
         pp: usize,
     },
+    /// Writes a committed checkpoint as a new one stored for another layout (tensor, pipeline
+    /// and data-parallel degrees, the distributed optimizer on or off), streaming with about
+    /// two of the largest tensor box in memory; the source and destination may be different
+    /// stores. Prints the throughput and peak memory at the end.
+    Reshard {
+        #[command(flatten)]
+        src: RootArgs,
+        /// The destination root (a directory or URL; it must not hold this step committed).
+        dst: String,
+        /// The step (default: the newest committed).
+        #[arg(long)]
+        step: Option<u64>,
+        /// The target layout's tensor-parallel size (it must divide the heads).
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// The target layout's pipeline stages (they must divide the layers).
+        #[arg(long, default_value_t = 1)]
+        pp: usize,
+        /// The target layout's data-parallel replicas.
+        #[arg(long, default_value_t = 1)]
+        dp: usize,
+        /// Store the moments as the distributed optimizer's per-replica shards.
+        #[arg(long)]
+        zero: bool,
+        /// How the new checkpoint's chunks are stored.
+        #[arg(long, value_parser = ["none", "zstd", "zstd-shuffle"], default_value = "zstd-shuffle")]
+        compression: String,
+    },
     /// Compares two checkpoints of one model, from any two layouts, tensor by tensor
     /// (parameters and both Adam moments); exits non-zero where an element differs by more
     /// than atol + rtol * |b| (bitwise by default).
@@ -94,6 +122,10 @@ pub enum CkptCommand {
         /// Compare the parameters only (an imported checkpoint has fresh moments).
         #[arg(long)]
         params_only: bool,
+        /// Instead of elementwise, pass when each family's ‖a − b‖ / ‖b‖ is at most this: the
+        /// measure for one run continued in two layouts.
+        #[arg(long, conflicts_with_all = ["atol", "rtol"])]
+        l2_rtol: Option<f64>,
         #[arg(long = "option", value_name = "KEY=VALUE")]
         options: Vec<String>,
     },
@@ -167,6 +199,55 @@ pub fn run(command: CkptCommand) -> Result<()> {
             let step = pick(&reader, step)?;
             export_hf(&reader, step, &dir, dtype)
         }
+        CkptCommand::Reshard {
+            src,
+            dst,
+            step,
+            tp,
+            pp,
+            dp,
+            zero,
+            compression,
+        } => {
+            let reader = src.reader()?;
+            let codec = match compression.as_str() {
+                "none" => marathon_storage::codec::Codec::Raw,
+                "zstd" => marathon_storage::codec::Codec::Zstd,
+                _ => marathon_storage::codec::Codec::ZstdShuffle4,
+            };
+            let step = pick(&reader, step)?;
+            let target = marathon_model::cost::ParallelLayout {
+                tp,
+                pp,
+                dp,
+                distributed_optimizer: zero,
+            };
+            let options = parse_options(&src.options)?;
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let report = reshard(
+                &reader,
+                step,
+                || Ok(Store::open_with(&dst, options)?),
+                target,
+                codec,
+                tty,
+            )?;
+            eprintln!(
+                "resharded step {step} to tp {tp} pp {pp} dp {dp}{}: {:.1} MB in {:.2} s ({:.2} \
+                 GB/s) as {} objects of at most {:.1} MB; peak memory {}",
+                if zero { " (distributed optimizer)" } else { "" },
+                report.bytes as f64 / 1e6,
+                report.seconds,
+                report.gb_per_s,
+                report.writers,
+                report.bound_bytes as f64 / 1e6,
+                report
+                    .peak_rss_bytes
+                    .map_or("unknown".into(), |b| format!("{:.1} MB", b as f64 / 1e6))
+            );
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         CkptCommand::Import { dir, root, tp, pp } => import_hf(&dir, || root.store(), tp, pp),
         CkptCommand::Diff {
             a,
@@ -176,6 +257,7 @@ pub fn run(command: CkptCommand) -> Result<()> {
             atol,
             rtol,
             params_only,
+            l2_rtol,
             options,
         } => {
             let (ra, rb) = (reader(&a, &options)?, reader(&b, &options)?);
@@ -185,10 +267,14 @@ pub fn run(command: CkptCommand) -> Result<()> {
             } else {
                 &["params", "adam_m", "adam_v"]
             };
-            if diff((&ra, sa), (&rb, sb), families, atol, rtol)? {
+            let tol = match l2_rtol {
+                Some(x) => Tolerance::L2(x),
+                None => Tolerance::Elementwise { atol, rtol },
+            };
+            if diff((&ra, sa), (&rb, sb), families, tol)? {
                 Ok(())
             } else {
-                bail!("the checkpoints differ beyond atol {atol} + rtol {rtol} x |b| (see DIFFERS above)")
+                bail!("the checkpoints differ beyond {tol:?} (see DIFFERS above)")
             }
         }
         CkptCommand::Gc {

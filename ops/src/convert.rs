@@ -491,15 +491,28 @@ pub fn import_hf(
     Ok(())
 }
 
+/// How close two checkpoints must be.
+#[derive(Debug, Clone, Copy)]
+pub enum Tolerance {
+    /// Every element within `atol + rtol * |b|` (0 and 0: bitwise).
+    Elementwise { atol: f64, rtol: f64 },
+    /// Each family's ‖a − b‖ / ‖b‖ (over all its tensors) at most this: the measure for runs
+    /// in two layouts, whose Adam updates of near-zero gradients may differ elementwise.
+    L2(f64),
+}
+
 /// Compares the checkpoints `a` and `b` tensor by tensor, over `families` (`params`, `adam_m`,
-/// `adam_v`). Returns whether every element agrees within `atol + rtol * |b|`.
+/// `adam_v`). Returns whether they agree within `tol`.
 pub fn diff(
     a: (&Reader, u64),
     b: (&Reader, u64),
     families: &[&str],
-    atol: f64,
-    rtol: f64,
+    tol: Tolerance,
 ) -> Result<bool> {
+    let (atol, rtol) = match tol {
+        Tolerance::Elementwise { atol, rtol } => (atol, rtol),
+        Tolerance::L2(_) => (f64::INFINITY, 0.0),
+    };
     let (ma, mb) = (a.0.manifest(a.1)?, b.0.manifest(b.1)?);
     let (sa, sb) = (
         run_state(&ma, &a.0.store.url)?,
@@ -531,12 +544,15 @@ pub fn diff(
     );
     let mut all_ok = true;
     for family in families {
+        let (mut d2, mut n2) = (0f64, 0f64);
         for t in ParamLayout::new(&sa.model).tensors() {
             let name = format!("{family}/{}", t.name);
             let x = read_whole(a.0, &ma, &name, &t.global_shape)?;
             let y = read_whole(b.0, &mb, &name, &t.global_shape)?;
             let (mut same, mut max_abs, mut max_rel, mut ok) = (0usize, 0f64, 0f64, true);
             for (&p, &q) in x.iter().zip(&y) {
+                d2 += (p as f64 - q as f64).powi(2);
+                n2 += (q as f64).powi(2);
                 if p.to_bits() == q.to_bits() {
                     same += 1;
                     continue;
@@ -558,6 +574,16 @@ pub fn diff(
                 if ok { "" } else { "  DIFFERS" }
             );
         }
+        let l2 = d2.sqrt() / n2.sqrt().max(f64::MIN_POSITIVE);
+        let within = match tol {
+            Tolerance::L2(max) => l2 <= max,
+            Tolerance::Elementwise { .. } => true,
+        };
+        all_ok &= within;
+        println!(
+            "{family}: relative L2 difference {l2:.3e}{}",
+            if within { "" } else { "  DIFFERS" }
+        );
     }
     Ok(all_ok)
 }
@@ -608,4 +634,210 @@ mod tests {
         // GPT-2's Conv1D: (in, out) = (C, 3C).
         assert_eq!(attn.hf_shape, vec![8, 24]);
     }
+}
+
+/// What an offline reshard did.
+#[derive(Debug, serde::Serialize)]
+pub struct ReshardReport {
+    pub step: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub gb_per_s: f64,
+    /// The objects the new checkpoint was written as, each at most `bound_bytes` of values.
+    pub writers: usize,
+    pub bound_bytes: u64,
+    pub largest_box_bytes: u64,
+    /// Peak resident memory of this process (VmHWM).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// This process's peak resident memory, from /proc.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Writes the checkpoint of `step` under `reader` as a new committed checkpoint of the same
+/// step under `dst`, stored the way a job in `target` would store it: every box each target
+/// rank owns (parameters and, with `target.distributed_optimizer`, each replica's moment shard)
+/// read straight from the chunks it intersects, checksums checked as they stream.
+///
+/// Memory: the pieces are written in batches of at most the largest tensor box (or 16 MiB of
+/// values, if more), each batch as one writer of the new checkpoint, through two writers in
+/// turn: one batch is read while the previous one is written. So two of the largest box are
+/// held, plus the writers' upload and encode buffers.
+pub fn reshard(
+    reader: &Reader,
+    step: u64,
+    open_dst: impl FnOnce() -> Result<Store>,
+    target: ParallelLayout,
+    codec: marathon_storage::codec::Codec,
+    progress: bool,
+) -> Result<ReshardReport> {
+    use marathon_model::Shard;
+    use marathon_runtime::checkpoint::plan_pieces;
+    use marathon_runtime::comm::chunk_range;
+    use marathon_storage::{CheckpointWriter, Piece};
+    let started = Instant::now();
+    let m = reader.manifest(step)?;
+    let mut state = run_state(&m, &reader.store.url)?;
+    target.validate(&state.model).map_err(|e| {
+        anyhow::anyhow!(
+            "--tp {} --pp {} --dp {}: {e}",
+            target.tp,
+            target.pp,
+            target.dp
+        )
+    })?;
+    let dst = open_dst()?;
+    if Reader::new(dst.clone()).committed()?.contains(&step) {
+        bail!(
+            "{} already holds a committed checkpoint of step {step}; it is left as it is. \
+             Reshard into another root",
+            dst.url
+        );
+    }
+    // Every target rank's pieces, in rank order.
+    let mut pieces: Vec<Piece> = Vec::new();
+    for stage in 0..target.pp {
+        for replica in 0..target.dp {
+            for tp_rank in 0..target.tp {
+                let shard = Shard {
+                    tp: target.tp,
+                    tp_rank,
+                    pp: target.pp,
+                    stage,
+                };
+                let layout = ParamLayout::sharded(&state.model, shard);
+                let n = layout.numel();
+                let opt = if target.distributed_optimizer {
+                    chunk_range(n, target.dp, replica)
+                } else {
+                    0..n
+                };
+                let rank = plan_pieces(
+                    &layout,
+                    &opt,
+                    replica,
+                    target.dp,
+                    target.distributed_optimizer,
+                );
+                pieces.extend(rank.into_iter().map(|(p, _, _)| p));
+            }
+        }
+    }
+    for p in &pieces {
+        let entry = m
+            .tensor(&p.tensor)
+            .with_context(|| format!("the checkpoint of step {step} has no tensor {}", p.tensor))?;
+        ensure!(
+            entry.shape == p.shape,
+            "{} of step {step} has shape {:?}, but the model needs {:?}",
+            p.tensor,
+            entry.shape,
+            p.shape
+        );
+    }
+    let largest = pieces.iter().map(|p| p.region.numel()).max().unwrap_or(0);
+    let bound = largest.max(4 << 20);
+    // The first writer commits once every writer's index exists, so its staging lives to the
+    // end: it takes only the smallest piece.
+    let smallest = (0..pieces.len())
+        .min_by_key(|&i| pieces[i].region.numel())
+        .context("the model has no tensors")?;
+    let mut batches: Vec<Vec<Piece>> = vec![vec![pieces.remove(smallest)], Vec::new()];
+    let mut filled = 0u64;
+    for p in pieces {
+        let n = p.region.numel();
+        if filled + n > bound && !batches.last().expect("a batch").is_empty() {
+            batches.push(Vec::new());
+            filled = 0;
+        }
+        filled += n;
+        batches.last_mut().expect("a batch").push(p);
+    }
+    let total: u64 = batches.iter().flatten().map(|p| 4 * p.region.numel()).sum();
+    let bar = if progress {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "reshard {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("a valid template"),
+    );
+    state.layout = target;
+    let run = serde_json::to_value(&state)?;
+    let writers = batches.len();
+    // Upload and encode buffers kept small: two writers are alive at once.
+    let opts = WriterOptions {
+        retention: None,
+        codec,
+        uploads_inflight_max: 2,
+        encoders_max: 1,
+        ..WriterOptions::default()
+    };
+    // The first writer commits once every writer's index exists, so it stays until the end;
+    // the others are one writer taking each rank in turn, reusing its staging buffer.
+    // Two more writers take the other ranks in turn, each reusing its staging buffer, so one
+    // batch is read while the one before it is written.
+    let mut first = CheckpointWriter::new(dst.clone(), 0, writers, opts.clone())?;
+    let mut turns = [1, 2]
+        .map(|r| CheckpointWriter::new(dst.clone(), r.min(writers - 1), writers, opts.clone()));
+    let mut failed: Option<anyhow::Error> = None;
+    for (i, batch) in batches.into_iter().enumerate() {
+        let w = if i == 0 {
+            &mut first
+        } else {
+            let w = turns[i % 2].as_mut().map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(done) = w.set_rank(i) {
+                done?;
+            }
+            w
+        };
+        w.snapshot(step, run.clone(), batch.clone(), |buf| {
+            let mut at = 0;
+            for p in &batch {
+                let n = p.region.numel() as usize;
+                if failed.is_none() {
+                    if let Err(e) = reader.read_box(&m, &p.tensor, &p.region, &mut buf[at..at + n])
+                    {
+                        failed =
+                            Some(anyhow::Error::from(e).context(format!("reading {}", p.tensor)));
+                    }
+                }
+                at += n;
+                bar.inc(4 * n as u64);
+            }
+        });
+        if let Some(e) = failed.take() {
+            // Nothing commits without every writer's index; the first writer gives up at its
+            // deadline, leaving an uncommitted prefix for `ckpt gc`.
+            return Err(e);
+        }
+    }
+    for w in turns.iter_mut().flatten() {
+        if let Some(done) = w.wait() {
+            done?;
+        }
+    }
+    if let Some(done) = first.wait() {
+        done?;
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(ReshardReport {
+        step,
+        bytes: total,
+        seconds,
+        gb_per_s: total as f64 / seconds / 1e9,
+        writers,
+        bound_bytes: 4 * bound,
+        largest_box_bytes: 4 * largest,
+        peak_rss_bytes: peak_rss(),
+    })
 }

@@ -963,3 +963,141 @@ fn sample_continues_a_prompt_reproducibly() {
         text(&out)
     );
 }
+
+/// Rewrites `c.toml` in `dir` into `name` through `edit`.
+fn variant(dir: &Path, name: &str, edit: impl FnOnce(String) -> String) {
+    let config = std::fs::read_to_string(dir.join("c.toml")).unwrap();
+    std::fs::write(dir.join(name), edit(config)).unwrap();
+}
+
+fn run_ok(args: &[&str], dir: &Path) -> Output {
+    let out = marathon(args, dir);
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    out
+}
+
+#[test]
+fn reshard_round_trips_bitwise_and_training_continues_as_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tiny_job_with_checkpoints(d, 4, 4);
+    // Four layers and four heads, so tp 4 and pp 4 fit; the distributed optimizer on.
+    variant(d, "c.toml", |c| {
+        c.replace("n_layer = 2\nn_head = 2", "n_layer = 4\nn_head = 4")
+            + "[parallel]\ndistributed_optimizer = true\n"
+    });
+    let layout = ["--tp", "2", "--pp", "2", "--dp", "2"];
+    run_ok(&[&["train", "--config", "c.toml"][..], &layout].concat(), d);
+    // dp2 x tp2 x pp2 (ZeRO) -> tp1 -> tp4 -> pp4 -> dp2 x tp2 x pp2 (ZeRO).
+    for (src, dst, args) in [
+        ("ck", "tp1", vec![]),
+        ("tp1", "tp4", vec!["--tp", "4"]),
+        ("tp4", "pp4", vec!["--pp", "4"]),
+        (
+            "pp4",
+            "back",
+            vec!["--tp", "2", "--pp", "2", "--dp", "2", "--zero"],
+        ),
+    ] {
+        let out = run_ok(&[&["ckpt", "reshard", src, dst][..], &args].concat(), d);
+        assert!(text(&out).contains("peak memory"), "{}", text(&out));
+        run_ok(&["ckpt", "verify", dst], d);
+    }
+    for other in ["tp1", "pp4", "back"] {
+        let out = run_ok(&["ckpt", "diff", "ck", other], d);
+        assert!(!text(&out).contains("DIFFERS"), "{}", text(&out));
+    }
+    // Ten more steps in the original layout, and ten more in one process after resharding.
+    variant(d, "more.toml", |c| c.replace("steps = 4", "steps = 14"));
+    let stayed = run_ok(
+        &[&["train", "--config", "more.toml"][..], &layout].concat(),
+        d,
+    );
+    variant(d, "moved.toml", |c| {
+        c.replace("steps = 4", "steps = 14")
+            .replace("root = \"ck\"", "root = \"tp1\"")
+            .replace(
+                "distributed_optimizer = true",
+                "distributed_optimizer = false",
+            )
+    });
+    let moved = run_ok(&["train", "--config", "moved.toml"], d);
+    assert!(
+        text(&moved).contains("resumed from the checkpoint of step 4"),
+        "{}",
+        text(&moved)
+    );
+    let (a, b) = (summary(&stayed), summary(&moved));
+    let (la, lb) = (
+        a["final_loss"].as_f64().unwrap(),
+        b["final_loss"].as_f64().unwrap(),
+    );
+    assert!((la - lb).abs() <= 1e-5 * la, "stayed {la}, resharded {lb}");
+    run_ok(
+        &[
+            "ckpt",
+            "diff",
+            "ck",
+            "tp1",
+            "--params-only",
+            "--l2-rtol",
+            "1e-5",
+        ],
+        d,
+    );
+}
+
+#[test]
+fn reshard_refuses_bad_targets_and_taken_destinations() {
+    let dir = trained_job(2, 2);
+    let d = dir.path();
+    let out = marathon(&["ckpt", "reshard", "ck", "bad", "--tp", "3"], d);
+    assert!(
+        !out.status.success() && text(&out).contains("--tp 3") && text(&out).contains("n_head"),
+        "{}",
+        text(&out)
+    );
+    assert!(!d.join("bad").exists(), "nothing is written");
+    run_ok(&["ckpt", "reshard", "ck", "once"], d);
+    let out = marathon(&["ckpt", "reshard", "ck", "once", "--tp", "2"], d);
+    assert!(
+        !out.status.success() && text(&out).contains("already holds"),
+        "{}",
+        text(&out)
+    );
+    // The first reshard is intact.
+    run_ok(&["ckpt", "diff", "ck", "once"], d);
+}
+
+#[test]
+fn reshard_memory_stays_near_two_of_the_largest_box() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tiny_job_with_checkpoints(d, 1, 1);
+    // 64 layers of width 256: the checkpoint is several times the memory bound.
+    variant(d, "c.toml", |c| {
+        c.replace("n_layer = 2", "n_layer = 64")
+            .replace("n_embd = 32", "n_embd = 256")
+    });
+    run_ok(&["train", "--config", "c.toml"], d);
+    let out = run_ok(&["ckpt", "reshard", "ck", "tp2", "--tp", "2"], d);
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let (bytes, bound, peak) = (
+        report["bytes"].as_u64().unwrap(),
+        report["bound_bytes"].as_u64().unwrap(),
+        report["peak_rss_bytes"].as_u64().unwrap(),
+    );
+    // Two batches of staging, plus the writers' upload and encode buffers, the allocator's
+    // per-thread arenas and the process itself.
+    let limit = 2 * bound + (192 << 20);
+    assert!(
+        bytes > 3 * limit,
+        "the checkpoint ({bytes} B) must dwarf the limit ({limit} B)"
+    );
+    assert!(
+        peak < limit,
+        "peak memory {peak} B for a bound of {bound} B and {bytes} B resharded"
+    );
+    run_ok(&["ckpt", "diff", "ck", "tp2"], d);
+}

@@ -55,7 +55,7 @@ pub struct RunState {
 
 /// Which of a rank's buffers a piece is copied from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
+pub enum Source {
     Params,
     AdamM,
     AdamV,
@@ -73,7 +73,7 @@ impl Source {
 
 /// The pieces one rank stores, and where each one's values are in the rank's buffers (ranges
 /// of the parameter buffer, or of the optimizer state's shard for the moments).
-pub(crate) fn plan_pieces(
+pub fn plan_pieces(
     layout: &ParamLayout,
     opt_shard: &Range<usize>,
     replica: usize,

@@ -145,6 +145,21 @@ impl CheckpointWriter {
         })
     }
 
+    /// Makes this writer write as `rank` from the next snapshot on, keeping its staging buffer:
+    /// one process writing several writers' shares of a checkpoint in turn (an offline reshard)
+    /// reuses one buffer instead of allocating one per share. Waits for the persist in flight
+    /// first and returns how it ended.
+    pub fn set_rank(&mut self, rank: usize) -> Option<Result<PersistReport>> {
+        assert!(
+            rank < self.writers,
+            "rank {rank} of {} writers",
+            self.writers
+        );
+        let previous = self.wait();
+        self.rank = rank;
+        previous
+    }
+
     pub fn commit_mode(&self) -> CommitMode {
         self.mode
     }
