@@ -6,6 +6,11 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+// Shared with the storage and runtime tests; this file does not restart the server.
+#[allow(dead_code)]
+#[path = "../../storage/tests/common/garage.rs"]
+mod garage;
+
 fn marathon(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_marathon"))
         .args(args)
@@ -1100,4 +1105,31 @@ fn reshard_memory_stays_near_two_of_the_largest_box() {
         "peak memory {peak} B for a bound of {bound} B and {bytes} B resharded"
     );
     run_ok(&["ckpt", "diff", "ck", "tp2"], d);
+}
+
+#[test]
+fn reshard_reads_one_store_and_writes_another() {
+    let dir = trained_job(2, 2);
+    let d = dir.path();
+    let server = garage::Garage::start();
+    let options: Vec<String> = server
+        .options()
+        .into_iter()
+        .flat_map(|(k, v)| ["--option".to_string(), format!("{k}={v}")])
+        .collect();
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string())
+            .chain(options.iter().cloned())
+            .collect()
+    };
+    let dst = "s3://ckpt/jobs/resharded";
+    let args = with(&[
+        "ckpt", "reshard", "ck", dst, "--tp", "2", "--dp", "2", "--zero",
+    ]);
+    run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), d);
+    for cmd in [vec!["ckpt", "verify", dst], vec!["ckpt", "diff", "ck", dst]] {
+        let args = with(&cmd);
+        run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), d);
+    }
 }
