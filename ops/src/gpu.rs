@@ -413,6 +413,94 @@ fn kernel_checks(mut g: Gpu) -> Result<Vec<Check>> {
     k::gelu_backward_inplace(&mut dhc, &wide_bf(&h));
     out.push(check("gelu backward", true, &back_bf(&g, &g_dh)?, &dhc));
 
+    // A linear layer with GELU (cuBLASLt's epilogue where offered) and its backward.
+    let (gi, go) = (c, 4 * c);
+    let gx = r.bf16s(rows * gi, 1.0);
+    let (gw, gb) = (r.bf16s(go * gi, 0.1), r.bf16s(go, 0.5));
+    let (g_gx, g_gw, g_gb) = (up_bf(&g, &gx)?, up_bf(&g, &gw)?, up_bf(&g, &gb)?);
+    let (g_pre, g_act) = (poisoned_bf(&g, rows * go)?, poisoned_bf(&g, rows * go)?);
+    g.matmul_forward_gelu(
+        g_act.all(),
+        g_pre.all(),
+        g_gx.all(),
+        g_gw.all(),
+        g_gb.all(),
+        gi,
+        go,
+    )?;
+    let how = if g.gelu_fused() == Some(true) {
+        "epilogue"
+    } else {
+        "two passes"
+    };
+    let mut pre = vec![0.0; rows * go];
+    k::matmul_forward(
+        &mut pre,
+        &wide_bf(&gx),
+        &wide_bf(&gw),
+        Some(&wide_bf(&gb)),
+        gi,
+        go,
+        false,
+    );
+    // The CPU's GELU takes the bf16 pre-activation the GPU keeps.
+    let pre_bf: Vec<f64> = pre.iter().map(|&x| Bf16::from_f64(x).to_f64()).collect();
+    let mut act = vec![0.0; pre.len()];
+    k::gelu_forward(&mut act, &pre_bf);
+    out.push(check(
+        &format!("matmul + bias + gelu ({how})"),
+        true,
+        &[back_bf(&g, &g_pre)?, back_bf(&g, &g_act)?].concat(),
+        &[pre, act].concat(),
+    ));
+    // Backward through the next layer into the GELU: (dout @ w2) * gelu'(pre).
+    let w2 = r.bf16s(gi * go, 0.1);
+    let dy2 = r.bf16s(rows * gi, 1.0);
+    let dw2_0 = r.f32s(gi * go, 1.0);
+    let (g_w2, g_dy2, g_dw2, g_dact) = (
+        up_bf(&g, &w2)?,
+        up_bf(&g, &dy2)?,
+        up_f32(&g, &dw2_0)?,
+        poisoned_bf(&g, rows * go)?,
+    );
+    g.matmul_backward_gelu(
+        g_dact.all(),
+        g_dw2.all(),
+        g_dy2.all(),
+        g_act.all(),
+        g_w2.all(),
+        g_pre.all(),
+        go,
+        gi,
+    )?;
+    let act_gpu = back_bf(&g, &g_act)?;
+    let pre_gpu = back_bf(&g, &g_pre)?;
+    let (mut dact, mut dw2) = (vec![0.0; rows * go], wide(&dw2_0));
+    k::matmul_backward(
+        &mut dact,
+        &mut dw2,
+        None,
+        &wide_bf(&dy2),
+        &act_gpu,
+        &wide_bf(&w2),
+        go,
+        gi,
+        false,
+    );
+    k::gelu_backward_inplace(&mut dact, &pre_gpu);
+    out.push(check(
+        &format!("matmul backward * gelu' ({how})"),
+        true,
+        &back_bf(&g, &g_dact)?,
+        &dact,
+    ));
+    out.push(check(
+        "matmul backward * gelu': dw",
+        false,
+        &back_f32(&g, &g_dw2)?,
+        &dw2,
+    ));
+
     // Attention.
     let qkv = r.bf16s(rows * 3 * c, 1.0);
     let g_qkv = up_bf(&g, &qkv)?;

@@ -25,6 +25,19 @@ pub enum Out {
     F32,
 }
 
+/// GELU fused into a product's epilogue, with the pre-activation in an auxiliary buffer of the
+/// result's shape and type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Gelu {
+    #[default]
+    None,
+    /// `c = gelu(op(a) @ op(b) + bias)`, the pre-activation written to the auxiliary buffer.
+    Forward,
+    /// `c = (op(a) @ op(b)) * gelu'(aux)`: the input gradient of a GELU whose pre-activation is
+    /// the auxiliary buffer.
+    Backward,
+}
+
 /// One product's shape, row-major. `lda`, `ldb` and `ldc` are row strides in elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Gemm {
@@ -39,6 +52,8 @@ pub struct Gemm {
     pub out: Out,
     /// A bias of `c` bf16 values added to every row of the result.
     pub bias: bool,
+    /// GELU in the epilogue.
+    pub gelu: Gelu,
     /// `(count, stride of A, stride of B, stride of C)` in elements, for a batch of products.
     pub batch: Option<(usize, usize, usize, usize)>,
 }
@@ -57,6 +72,7 @@ impl Gemm {
             ldc: oc,
             out,
             bias,
+            gelu: Gelu::None,
             batch: None,
         }
     }
@@ -174,15 +190,25 @@ impl Blas {
                 4,
             )
             .map_err(blas("setting transb"))?;
-            if g.bias {
-                let epi = lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            use lts::cublasLtEpilogue_t as E;
+            let epi = match (g.bias, g.gelu) {
+                (true, Gelu::None) => Some(E::CUBLASLT_EPILOGUE_BIAS),
+                (true, Gelu::Forward) => Some(E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS),
+                (false, Gelu::Forward) => Some(E::CUBLASLT_EPILOGUE_GELU_AUX),
+                (false, Gelu::Backward) => Some(E::CUBLASLT_EPILOGUE_DGELU),
+                (false, Gelu::None) => None,
+                (true, Gelu::Backward) => unreachable!("a GELU's input gradient takes no bias"),
+            };
+            if let Some(epi) = epi {
                 lt::set_matmul_desc_attribute(
                     desc,
                     D::CUBLASLT_MATMUL_DESC_EPILOGUE,
                     std::ptr::addr_of!(epi).cast(),
                     std::mem::size_of_val(&epi),
                 )
-                .map_err(blas("setting the bias epilogue"))?;
+                .map_err(blas("setting the epilogue"))?;
+            }
+            if g.bias {
                 lt::set_matmul_desc_attribute(
                     desc,
                     D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
@@ -190,6 +216,17 @@ impl Blas {
                     std::mem::size_of_val(&bf),
                 )
                 .map_err(blas("setting the bias type"))?;
+            }
+            if g.gelu != Gelu::None {
+                // The auxiliary buffer has the result's column-major shape (c x r).
+                let ld = g.ldc as i64;
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                    std::ptr::addr_of!(ld).cast(),
+                    8,
+                )
+                .map_err(blas("setting the auxiliary leading dimension"))?;
             }
         }
         // Column-major shapes: first operand (c x k) after its op, second (k x r), D (c x r).
@@ -242,6 +279,7 @@ impl Blas {
         beta: f32,
         c: u64,
         bias: u64,
+        aux: u64,
     ) -> Result<()> {
         let ws = match &self.workspace {
             Some(w) => w.ptr(),
@@ -260,6 +298,18 @@ impl Blas {
                 )
             }
             .map_err(blas("setting the bias pointer"))?;
+        }
+        if g.gelu != Gelu::None {
+            // SAFETY: `desc` is alive; the attribute takes a device pointer.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                    std::ptr::addr_of!(aux).cast(),
+                    8,
+                )
+            }
+            .map_err(blas("setting the auxiliary pointer"))?;
         }
         // SAFETY: the caller's contract; the plan matches `g`.
         unsafe {
@@ -319,13 +369,33 @@ impl Gpu {
         c: u64,
         bias: u64,
     ) -> Result<()> {
+        // SAFETY: the caller's contract; no auxiliary buffer.
+        unsafe { self.gemm_aux(g, alpha, a, b, beta, c, bias, 0) }
+    }
+
+    /// As [`Gpu::gemm`] with `aux`, the auxiliary buffer of a GELU epilogue.
+    ///
+    /// # Safety
+    /// As [`Blas::run`], and `aux` must hold a bf16 (or `g.out`) matrix of the result's shape
+    /// when `g.gelu` is set.
+    pub unsafe fn gemm_aux(
+        &mut self,
+        g: Gemm,
+        alpha: f32,
+        a: u64,
+        b: u64,
+        beta: f32,
+        c: u64,
+        bias: u64,
+        aux: u64,
+    ) -> Result<()> {
         if self.blas.workspace.is_none() {
             self.blas.workspace = Some(DeviceBuffer::zeros(self, WORKSPACE_BYTES)?);
         }
         let stream = self.stream;
         let timer = self.profile_start()?;
         // SAFETY: the caller's contract.
-        unsafe { self.blas.run(stream, g, alpha, a, b, beta, c, bias) }?;
+        unsafe { self.blas.run(stream, g, alpha, a, b, beta, c, bias, aux) }?;
         let ops = format!(
             "{}{}",
             if g.ta { "T" } else { "N" },
@@ -334,11 +404,16 @@ impl Gpu {
         let name = match g.batch {
             Some((n, ..)) => format!("gemm {ops} {n} x ({} x {} x {})", g.r, g.c, g.k),
             None => format!(
-                "gemm {ops} {} x {} x {}{}",
+                "gemm {ops} {} x {} x {}{}{}",
                 g.r,
                 g.c,
                 g.k,
-                if g.bias { " + bias" } else { "" }
+                if g.bias { " + bias" } else { "" },
+                match g.gelu {
+                    Gelu::None => "",
+                    Gelu::Forward => " + gelu",
+                    Gelu::Backward => " * gelu'",
+                }
             ),
         };
         self.profile_end(timer, &name)

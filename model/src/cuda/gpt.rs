@@ -327,18 +327,16 @@ impl CudaGpt {
                 p.slice(o.ln2_w..o.ln2_w + c),
                 p.slice(o.ln2_b..o.ln2_b + c),
             )?;
-            let fch = a.fch.part(l, l_n);
-            g.matmul_forward(
-                bytes(fch),
-                Out::Bf16,
+            let fch_gelu = a.fch_gelu.part(l, l_n);
+            g.matmul_forward_gelu(
+                fch_gelu,
+                a.fch.part(l, l_n),
                 ln2,
                 p.slice(o.fc_w..o.fc_w + 4 * c * c),
-                Some(p.slice(o.fc_b..o.fc_b + 4 * c)),
+                p.slice(o.fc_b..o.fc_b + 4 * c),
                 c,
                 4 * c,
             )?;
-            let fch_gelu = a.fch_gelu.part(l, l_n);
-            g.gelu_forward(fch_gelu, fch)?;
             let residual3 = a.residual3.part(l, l_n);
             g.matmul_forward(
                 bytes(residual3),
@@ -429,16 +427,16 @@ impl CudaGpt {
             g.cast_to_bf16(dres_bf, s.dres.all())?;
             g.bias_backward(gr.slice(o.fcproj_b..o.fcproj_b + c), dres_bf)?;
             let dwide = s.dwide.all();
-            g.matmul_backward(
+            g.matmul_backward_gelu(
                 dwide,
                 gr.slice(o.fcproj_w..o.fcproj_w + 4 * c * c),
                 dres_bf,
                 a.fch_gelu.part(l, l_n),
                 p.slice(o.fcproj_w..o.fcproj_w + 4 * c * c),
+                a.fch.part(l, l_n),
                 4 * c,
                 c,
             )?;
-            g.gelu_backward(dwide, a.fch.part(l, l_n))?;
             g.bias_backward(gr.slice(o.fc_b..o.fc_b + 4 * c), dwide)?;
             g.matmul_backward(
                 dsmall,

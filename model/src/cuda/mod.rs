@@ -26,7 +26,7 @@ use std::sync::Arc;
 use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
 
-pub use blas::{Blas, Gemm, Out};
+pub use blas::{Blas, Gelu, Gemm, Out};
 pub use gpt::{CudaGpt, CudaModelError, State};
 
 /// The CUDA C source of every kernel but the matrix products.
@@ -214,6 +214,8 @@ pub struct Gpu {
     capability: (i32, i32),
     /// Per-operation timings, when profiling is on.
     profile: Option<std::cell::RefCell<Vec<(String, Event, Event)>>>,
+    /// Whether cuBLASLt's GELU epilogues work here; `None` until first tried.
+    pub(crate) fused_gelu: Option<bool>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -274,6 +276,7 @@ impl Gpu {
             name,
             capability,
             profile: None,
+            fused_gelu: None,
         })
     }
 

@@ -4,7 +4,7 @@
 
 use half::bf16 as Bf16;
 
-use super::blas::{Gemm, Out};
+use super::blas::{Gelu, Gemm, Out};
 use super::{args, Gpu, Result, Slice};
 
 const THREADS: u32 = 256;
@@ -244,6 +244,7 @@ impl Gpu {
             ldc: ic,
             out: Out::Bf16,
             bias: false,
+            gelu: Gelu::None,
             batch: None,
         };
         let g_w = Gemm {
@@ -257,6 +258,7 @@ impl Gpu {
             ldc: ic,
             out: Out::F32,
             bias: false,
+            gelu: Gelu::None,
             batch: None,
         };
         // SAFETY: shapes checked above; all pointers come from live slices.
@@ -264,6 +266,132 @@ impl Gpu {
             self.gemm(g_in, 1.0, dout.ptr(), w.ptr(), 0.0, dinp.ptr(), 0)?;
             self.gemm(g_w, 1.0, dout.ptr(), inp.ptr(), 1.0, dw.ptr(), 0)
         }
+    }
+
+    /// [`Gpu::matmul_forward`] with a bias, then [`Gpu::gelu_forward`]: `pre (rows, OC)` gets
+    /// the product plus bias and `out` its GELU, in one product through cuBLASLt's GELU
+    /// epilogue where the library offers it for these types, else in two passes.
+    pub fn matmul_forward_gelu(
+        &mut self,
+        out: B,
+        pre: B,
+        inp: B,
+        w: B,
+        bias: B,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        assert!(out.len() == pre.len());
+        if self.fused_gelu != Some(false) {
+            let rows = inp.len() / ic;
+            assert!(inp.len() == rows * ic && w.len() == oc * ic && pre.len() == rows * oc);
+            assert!(bias.len() == oc);
+            let mut g = Gemm::linear(rows, ic, oc, Out::Bf16, true);
+            g.gelu = Gelu::Forward;
+            // SAFETY: shapes checked above; all pointers come from live slices.
+            let fused = unsafe {
+                self.gemm_aux(
+                    g,
+                    1.0,
+                    inp.ptr(),
+                    w.ptr(),
+                    0.0,
+                    out.ptr(),
+                    bias.ptr(),
+                    pre.ptr(),
+                )
+            };
+            match fused {
+                Ok(()) => {
+                    self.fused_gelu = Some(true);
+                    return Ok(());
+                }
+                Err(super::CudaError::Blas { .. }) => self.fused_gelu = Some(false),
+                Err(e) => return Err(e),
+            }
+        }
+        self.matmul_forward(super::bytes(pre), Out::Bf16, inp, w, Some(bias), ic, oc)?;
+        self.gelu_forward(out, pre)
+    }
+
+    /// [`Gpu::matmul_backward`] into a GELU's output gradient, then [`Gpu::gelu_backward`]:
+    /// `dinp` gets `(dout @ w) * gelu'(pre)`, fused into the product's epilogue where the
+    /// library offers it, and `dw += dout^T @ inp` as usual.
+    pub fn matmul_backward_gelu(
+        &mut self,
+        dinp: B,
+        dw: F,
+        dout: B,
+        inp: B,
+        w: B,
+        pre: B,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        assert_eq!(pre.len(), inp.len());
+        if self.fused_gelu != Some(false) {
+            let rows = inp.len() / ic;
+            assert!(dinp.len() == inp.len() && dout.len() == rows * oc && w.len() == oc * ic);
+            let g_in = Gemm {
+                ta: false,
+                tb: false,
+                r: rows,
+                c: ic,
+                k: oc,
+                lda: oc,
+                ldb: ic,
+                ldc: ic,
+                out: Out::Bf16,
+                bias: false,
+                gelu: Gelu::Backward,
+                batch: None,
+            };
+            // SAFETY: shapes checked above; all pointers come from live slices.
+            let fused = unsafe {
+                self.gemm_aux(
+                    g_in,
+                    1.0,
+                    dout.ptr(),
+                    w.ptr(),
+                    0.0,
+                    dinp.ptr(),
+                    0,
+                    pre.ptr(),
+                )
+            };
+            match fused {
+                Ok(()) => {
+                    self.fused_gelu = Some(true);
+                    // The weight gradient alone: a product into dw, no epilogue.
+                    let g_w = Gemm {
+                        ta: true,
+                        tb: false,
+                        r: oc,
+                        c: ic,
+                        k: rows,
+                        lda: oc,
+                        ldb: ic,
+                        ldc: ic,
+                        out: Out::F32,
+                        bias: false,
+                        gelu: Gelu::None,
+                        batch: None,
+                    };
+                    assert_eq!(dw.len(), oc * ic);
+                    // SAFETY: as above.
+                    return unsafe { self.gemm(g_w, 1.0, dout.ptr(), inp.ptr(), 1.0, dw.ptr(), 0) };
+                }
+                Err(super::CudaError::Blas { .. }) => self.fused_gelu = Some(false),
+                Err(e) => return Err(e),
+            }
+        }
+        self.matmul_backward(dinp, dw, dout, inp, w, ic, oc)?;
+        self.gelu_backward(dinp, pre)
+    }
+
+    /// Whether GELU runs in cuBLASLt's epilogues on this device (`None` until first tried).
+    pub fn gelu_fused(&self) -> Option<bool> {
+        self.fused_gelu
     }
 
     /// `dbias (OC) += sum over rows of dout (rows, OC)`.
@@ -336,6 +464,7 @@ impl Gpu {
             ldc: t,
             out: Out::Bf16,
             bias: false,
+            gelu: Gelu::None,
             batch: Some((bh, t * hs, t * hs, t * t)),
         };
         let mix = Gemm {
@@ -349,6 +478,7 @@ impl Gpu {
             ldc: hs,
             out: Out::Bf16,
             bias: false,
+            gelu: Gelu::None,
             batch: Some((bh, t * t, t * hs, t * hs)),
         };
         // SAFETY: shapes checked above; all pointers come from live slices.
@@ -411,6 +541,7 @@ impl Gpu {
             ldc,
             out: Out::Bf16,
             bias: false,
+            gelu: Gelu::None,
             batch: Some((bh, sa, sb, sc)),
         };
         let (ap, dap) = (att.ptr(), datt.ptr());
