@@ -287,29 +287,33 @@ impl Blas {
         };
         let handle = self.handle;
         let plan = self.plan(g)?;
-        if g.bias {
-            // SAFETY: `desc` is alive; the attribute takes a device pointer.
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    plan.desc,
-                    lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    std::ptr::addr_of!(bias).cast(),
-                    8,
-                )
+        use lts::cublasLtMatmulDescAttributes_t as D;
+        for (on, attr, ptr, what) in [
+            (
+                g.bias,
+                D::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                bias,
+                "setting the bias pointer",
+            ),
+            (
+                g.gelu != Gelu::None,
+                D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                aux,
+                "setting the auxiliary pointer",
+            ),
+        ] {
+            if on {
+                // SAFETY: `desc` is alive; the attribute takes a device pointer.
+                unsafe {
+                    lt::set_matmul_desc_attribute(
+                        plan.desc,
+                        attr,
+                        std::ptr::addr_of!(ptr).cast(),
+                        8,
+                    )
+                }
+                .map_err(blas(what))?;
             }
-            .map_err(blas("setting the bias pointer"))?;
-        }
-        if g.gelu != Gelu::None {
-            // SAFETY: `desc` is alive; the attribute takes a device pointer.
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    plan.desc,
-                    lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
-                    std::ptr::addr_of!(aux).cast(),
-                    8,
-                )
-            }
-            .map_err(blas("setting the auxiliary pointer"))?;
         }
         // SAFETY: the caller's contract; the plan matches `g`.
         unsafe {

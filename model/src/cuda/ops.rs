@@ -247,6 +247,15 @@ impl Gpu {
             gelu: Gelu::None,
             batch: None,
         };
+        // SAFETY: shapes checked above; all pointers come from live slices.
+        unsafe { self.gemm(g_in, 1.0, dout.ptr(), w.ptr(), 0.0, dinp.ptr(), 0)? };
+        self.weight_grad(dw, dout, inp, ic, oc)
+    }
+
+    /// `dw (OC, IC) += dout^T @ inp`, accumulated in fp32.
+    fn weight_grad(&mut self, dw: F, dout: B, inp: B, ic: usize, oc: usize) -> Result<()> {
+        let rows = inp.len() / ic;
+        assert!(inp.len() == rows * ic && dout.len() == rows * oc && dw.len() == oc * ic);
         let g_w = Gemm {
             ta: true,
             tb: false,
@@ -262,10 +271,7 @@ impl Gpu {
             batch: None,
         };
         // SAFETY: shapes checked above; all pointers come from live slices.
-        unsafe {
-            self.gemm(g_in, 1.0, dout.ptr(), w.ptr(), 0.0, dinp.ptr(), 0)?;
-            self.gemm(g_w, 1.0, dout.ptr(), inp.ptr(), 1.0, dw.ptr(), 0)
-        }
+        unsafe { self.gemm(g_w, 1.0, dout.ptr(), inp.ptr(), 1.0, dw.ptr(), 0) }
     }
 
     /// [`Gpu::matmul_forward`] with a bias, then [`Gpu::gelu_forward`]: `pre (rows, OC)` gets
@@ -362,24 +368,7 @@ impl Gpu {
             match fused {
                 Ok(()) => {
                     self.fused_gelu = Some(true);
-                    // The weight gradient alone: a product into dw, no epilogue.
-                    let g_w = Gemm {
-                        ta: true,
-                        tb: false,
-                        r: oc,
-                        c: ic,
-                        k: rows,
-                        lda: oc,
-                        ldb: ic,
-                        ldc: ic,
-                        out: Out::F32,
-                        bias: false,
-                        gelu: Gelu::None,
-                        batch: None,
-                    };
-                    assert_eq!(dw.len(), oc * ic);
-                    // SAFETY: as above.
-                    return unsafe { self.gemm(g_w, 1.0, dout.ptr(), inp.ptr(), 1.0, dw.ptr(), 0) };
+                    return self.weight_grad(dw, dout, inp, ic, oc);
                 }
                 Err(super::CudaError::Blas { .. }) => self.fused_gelu = Some(false),
                 Err(e) => return Err(e),
