@@ -73,12 +73,8 @@ fn mapping(config: &GptConfig) -> Vec<Mapped> {
                         Orient::Transpose(rows, cols),
                     )
                 }
+                // Norms, biases (c_attn's (3, C) flattened) and the rest: one axis.
                 n => (n.to_string(), vec![g.iter().product()], Orient::Same),
-            };
-            let hf_shape = if hf_shape.len() == 1 && g.len() == 1 {
-                g.clone()
-            } else {
-                hf_shape
             };
             Mapped {
                 name: t.name.clone(),
@@ -91,11 +87,15 @@ fn mapping(config: &GptConfig) -> Vec<Mapped> {
         .collect()
 }
 
-/// marathon's values of one tensor in Hugging Face order.
-fn to_hf(m: &Mapped, x: &[f32]) -> Vec<f32> {
+/// marathon's values of one tensor in Hugging Face order (in place where no transpose is
+/// needed).
+fn to_hf(m: &Mapped, mut x: Vec<f32>) -> Vec<f32> {
     match m.orient {
-        Orient::Same => x.to_vec(),
-        Orient::Unpad(rows) => x[..rows * m.global[m.global.len() - 1]].to_vec(),
+        Orient::Same => x,
+        Orient::Unpad(rows) => {
+            x.truncate(rows * m.global[m.global.len() - 1]);
+            x
+        }
         Orient::Transpose(r, c) => {
             let mut out = vec![0.0; r * c];
             for i in 0..r {
@@ -167,15 +167,6 @@ impl Dtype {
     }
 }
 
-/// Round to nearest even, as every bf16 conversion in marathon.
-fn bf16_bits(x: f32) -> u16 {
-    let u = x.to_bits();
-    if (u & 0x7fff_ffff) > 0x7f80_0000 {
-        return ((u >> 16) | 0x40) as u16;
-    }
-    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
-}
-
 /// Writes the checkpoint of `step` under `reader` to `dir` as a Hugging Face GPT-2 model.
 pub fn export_hf(reader: &Reader, step: u64, dir: &Path, dtype: Dtype) -> Result<()> {
     let started = Instant::now();
@@ -228,14 +219,18 @@ pub fn export_hf(reader: &Reader, step: u64, dir: &Path, dtype: Dtype) -> Result
     out.write_all(&(head.len() as u64).to_le_bytes())?;
     out.write_all(&head)?;
     for t in &maps {
-        let x = read_whole(reader, &m, &format!("params/{}", t.name), &t.global)?;
-        let y = to_hf(t, &x);
-        match dtype {
-            Dtype::F32 => y.iter().try_for_each(|v| out.write_all(&v.to_le_bytes()))?,
+        let y = to_hf(
+            t,
+            read_whole(reader, &m, &format!("params/{}", t.name), &t.global)?,
+        );
+        let bytes: Vec<u8> = match dtype {
+            Dtype::F32 => y.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Dtype::Bf16 => y
                 .iter()
-                .try_for_each(|&v| out.write_all(&bf16_bits(v).to_le_bytes()))?,
-        }
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        };
+        out.write_all(&bytes)?;
     }
     out.into_inner()
         .map_err(|e| e.into_error())?
@@ -371,29 +366,10 @@ impl Safetensors {
                 .collect(),
             _ => raw
                 .chunks_exact(2)
-                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
         })
     }
-}
-
-fn f16_to_f32(h: u16) -> f32 {
-    let (sign, exp, frac) = (
-        (h >> 15) as u32,
-        ((h >> 10) & 0x1f) as u32,
-        (h & 0x3ff) as u32,
-    );
-    let bits = match (exp, frac) {
-        (0, 0) => sign << 31,
-        (0, f) => {
-            // Subnormal: normalise.
-            let shift = f.leading_zeros() - 21;
-            ((sign << 31) | ((113 - shift) << 23)) | ((f << (shift + 1)) & 0x3ff) << 13
-        }
-        (31, f) => (sign << 31) | 0x7f80_0000 | (f << 13),
-        (e, f) => (sign << 31) | ((e + 112) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// The model a Hugging Face `config.json` describes.
@@ -593,19 +569,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn half_precision_widens_exactly() {
-        for (h, f) in [
-            (0x3c00u16, 1.0f32),
-            (0xc000, -2.0),
-            (0x7bff, 65504.0),
-            (0x0001, 5.960_464_5e-8),
-            (0x0000, 0.0),
-        ] {
-            assert_eq!(f16_to_f32(h), f, "{h:#06x}");
-        }
-    }
-
-    #[test]
     fn hugging_face_order_round_trips() {
         let config = GptConfig {
             vocab_size: 300,
@@ -617,7 +580,7 @@ mod tests {
         for m in mapping(&config) {
             let n: usize = m.global.iter().product();
             let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
-            let y = to_hf(&m, &x);
+            let y = to_hf(&m, x.clone());
             assert_eq!(y.len(), m.hf_numel(), "{}", m.name);
             let mut back = vec![f32::NAN; n];
             from_hf(&m, &y, &mut back);

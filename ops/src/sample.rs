@@ -6,10 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
 use marathon_model::rng::Rng;
-use marathon_model::{Gpt, ParamLayout};
-use marathon_runtime::checkpoint::RunState;
+use marathon_model::Gpt;
+use marathon_runtime::checkpoint::{load_params, RunState};
 use marathon_runtime::data::prepare::gpt2_tokenizer;
-use marathon_storage::TensorBox;
 
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
@@ -53,17 +52,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .with_context(|| format!("step {step} under {} has no run state", args.root))?;
     let config = state.model;
     let t = config.seq_len;
-    let layout = ParamLayout::new(&config);
     let mut model = Gpt::<f32>::new(config, 1, t)?;
-    for spec in layout.tensors() {
-        let shape: Vec<u64> = spec.global_shape.iter().map(|&d| d as u64).collect();
-        reader.read_box(
-            &m,
-            &format!("params/{}", spec.name),
-            &TensorBox::whole(&shape),
-            &mut model.params[spec.range()],
-        )?;
-    }
+    load_params(&reader, &m, &model.layout, &mut model.params)?;
     let bpe = gpt2_tokenizer();
     let mut ids: Vec<u32> = bpe.encode_ordinary(&args.prompt);
     ensure!(!ids.is_empty(), "--prompt: give some text to continue");

@@ -855,6 +855,12 @@ fn import_refuses_bad_models_and_taken_destinations_and_writes_nothing() {
     edit_safetensors(&copy("missing"), |h| {
         h.remove("h.1.mlp.c_fc.bias");
     });
+    copy("llama");
+    let cfg = d.join("llama").join("config.json");
+    let llama = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"gpt2\"", "\"llama\"");
+    std::fs::write(&cfg, llama).unwrap();
     edit_safetensors(&copy("misshapen"), |h| {
         h["h.0.attn.c_attn.weight"]["shape"] = serde_json::json!([96, 32]);
     });
@@ -863,6 +869,10 @@ fn import_refuses_bad_models_and_taken_destinations_and_writes_nothing() {
         (
             "misshapen",
             "tensor h.0.attn.c_attn.weight has shape [96, 32]",
+        ),
+        (
+            "llama",
+            "model_type is llama; only GPT-2 models can be imported",
         ),
     ] {
         let out = marathon(&["ckpt", "import", model, "dst"], d);
@@ -1008,7 +1018,7 @@ fn reshard_round_trips_bitwise_and_training_continues_as_without_it() {
         assert!(text(&out).contains("peak memory"), "{}", text(&out));
         run_ok(&["ckpt", "verify", dst], d);
     }
-    for other in ["tp1", "pp4", "back"] {
+    for other in ["tp1", "tp4", "pp4", "back"] {
         let out = run_ok(&["ckpt", "diff", "ck", other], d);
         assert!(!text(&out).contains("DIFFERS"), "{}", text(&out));
     }

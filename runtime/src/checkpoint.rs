@@ -217,17 +217,13 @@ impl CheckpointRecord {
     }
 }
 
-/// Reads this rank's state from `m`: every local tensor's box of the parameters, and the boxes
-/// of the optimizer's shard of both moments. Works from a checkpoint of any layout of the same
-/// model.
-pub(crate) fn load_tensors(
+/// Reads every local tensor's box of the parameters from `m` into `params` (laid out by
+/// `layout`), from a checkpoint of any layout of the same model.
+pub fn load_params(
     reader: &Reader,
     m: &Manifest,
     layout: &ParamLayout,
     params: &mut [f32],
-    opt_shard: &Range<usize>,
-    adam_m: &mut [f32],
-    adam_v: &mut [f32],
 ) -> marathon_storage::Result<()> {
     for t in layout.tensors() {
         let region = TensorBox {
@@ -240,6 +236,24 @@ pub(crate) fn load_tensors(
             &region,
             &mut params[t.range()],
         )?;
+    }
+    Ok(())
+}
+
+/// Reads this rank's state from `m`: every local tensor's box of the parameters, and the boxes
+/// of the optimizer's shard of both moments. Works from a checkpoint of any layout of the same
+/// model.
+pub(crate) fn load_tensors(
+    reader: &Reader,
+    m: &Manifest,
+    layout: &ParamLayout,
+    params: &mut [f32],
+    opt_shard: &Range<usize>,
+    adam_m: &mut [f32],
+    adam_v: &mut [f32],
+) -> marathon_storage::Result<()> {
+    load_params(reader, m, layout, params)?;
+    for t in layout.tensors() {
         let (lo, hi) = (
             t.offset.max(opt_shard.start),
             t.range().end.min(opt_shard.end),
@@ -291,9 +305,8 @@ pub(crate) fn check_compatible(cfg: &TrainConfig, state: &RunState, url: &str) -
         ("model.n_layer", a.n_layer, b.n_layer),
         ("model.n_head", a.n_head, b.n_head),
         ("model.n_embd", a.n_embd, b.n_embd),
-        ("batch.seq_len", state.seq_len, cfg.batch.seq_len),
     ] {
-        if there != here && !(field == "batch.seq_len" && state.origin.is_some()) {
+        if there != here {
             return Err(mismatch(
                 field,
                 format!("{field} = {there}"),
@@ -304,6 +317,13 @@ pub(crate) fn check_compatible(cfg: &TrainConfig, state: &RunState, url: &str) -
     if state.origin.is_some() {
         // Imported weights: no data order or sequence length to continue.
         return Ok(());
+    }
+    if state.seq_len != cfg.batch.seq_len {
+        return Err(mismatch(
+            "batch.seq_len",
+            format!("batch.seq_len = {}", state.seq_len),
+            format!("{}", cfg.batch.seq_len),
+        ));
     }
     if state.data_seed != cfg.data.seed {
         return Err(mismatch(

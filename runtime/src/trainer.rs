@@ -698,6 +698,21 @@ impl Trainer {
         if self.groups.dp.is_some() || self.groups.pp.is_some() || self.groups.tp.is_some() {
             times.comm_wait += sync_started.elapsed();
         }
+        self.finish_step(started, batch, loss, lr, grad_norm, times)
+    }
+
+    /// Closes a step whose update is applied: advances the data order and the step count, and
+    /// records the step (returned, and written to the metrics).
+    fn finish_step(
+        &mut self,
+        started: Instant,
+        batch: u64,
+        loss: f32,
+        lr: f64,
+        grad_norm: f64,
+        times: StepTimes,
+    ) -> Result<StepRecord> {
+        let seq = self.cfg.batch.seq_len as u64;
         self.consumed_samples += batch;
         self.step += 1;
         let step_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -708,9 +723,9 @@ impl Trainer {
             lr,
             grad_norm,
             batch,
-            tokens_consumed,
+            tokens_consumed: self.consumed_samples * seq,
             step_ms,
-            tokens_per_s: (batch * seq as u64) as f64 / (step_ms / 1e3),
+            tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
             comm_wait_ms: ms(times.comm_wait),
             comm_overlapped_ms: ms(times.comm_overlapped),
             tp_comm_ms: ms(times.tp_comm),
@@ -753,25 +768,7 @@ impl Trainer {
         let lr = self.cfg.optim.lr.lr_at(tokens_consumed);
         gpu.update(&self.cfg.optim.adamw(), lr, self.cfg.optim.grad_clip)?;
         self.opt.step += 1;
-        self.consumed_samples += batch;
-        self.step += 1;
-        let step_ms = started.elapsed().as_secs_f64() * 1e3;
-        let rec = StepRecord {
-            step: self.step,
-            loss,
-            lr,
-            grad_norm,
-            batch,
-            tokens_consumed,
-            step_ms,
-            tokens_per_s: (batch * seq as u64) as f64 / (step_ms / 1e3),
-            comm_wait_ms: 0.0,
-            comm_overlapped_ms: 0.0,
-            tp_comm_ms: 0.0,
-            pipeline_wait_ms: 0.0,
-        };
-        self.write_metric(&serde_json::json!({ "kind": "step", "data": &rec }))?;
-        Ok(rec)
+        self.finish_step(started, batch, loss, lr, grad_norm, StepTimes::default())
     }
 
     /// Fills the input and target buffers with microbatch `m` of the current step.

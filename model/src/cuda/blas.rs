@@ -76,6 +76,44 @@ impl Gemm {
             batch: None,
         }
     }
+
+    /// `dinp (rows, ic) = dout (rows, oc) @ w (oc, ic)`, bf16, with `gelu` in the epilogue: a
+    /// linear layer's input gradient.
+    pub fn input_grad(rows: usize, ic: usize, oc: usize, gelu: Gelu) -> Self {
+        Gemm {
+            ta: false,
+            tb: false,
+            r: rows,
+            c: ic,
+            k: oc,
+            lda: oc,
+            ldb: ic,
+            ldc: ic,
+            out: Out::Bf16,
+            bias: false,
+            gelu,
+            batch: None,
+        }
+    }
+
+    /// `dw (oc, ic) += dout^T (oc, rows) @ inp (rows, ic)`, fp32: a linear layer's weight
+    /// gradient.
+    pub fn weight_grad(rows: usize, ic: usize, oc: usize) -> Self {
+        Gemm {
+            ta: true,
+            tb: false,
+            r: oc,
+            c: ic,
+            k: rows,
+            lda: oc,
+            ldb: ic,
+            ldc: ic,
+            out: Out::F32,
+            bias: false,
+            gelu: Gelu::None,
+            batch: None,
+        }
+    }
 }
 
 struct Plan {

@@ -266,7 +266,7 @@ impl CudaGpt {
             t,
             0,
         )?;
-        let heads: Vec<Slice<Bf16>> = self.s.heads.iter().map(|h| h.all()).collect();
+        let heads: [Slice<Bf16>; 8] = std::array::from_fn(|i| self.s.heads[i].all());
         for l in 0..l_n {
             let o = lay.blocks[l];
             let res_in = if l == 0 {
@@ -384,8 +384,7 @@ impl CudaGpt {
         let g = &mut self.gpu;
         let (p, gr) = (&self.params, &self.grads);
         let lay = &self.layout;
-        let heads: Vec<Slice<Bf16>> = s.heads.iter().map(|h| h.all()).collect();
-        let heads: [Slice<Bf16>; 8] = heads.try_into().expect("eight head buffers");
+        let heads: [Slice<Bf16>; 8] = std::array::from_fn(|i| s.heads[i].all());
         let (wte, wpe) = (lay.wte.expect("whole model"), lay.wpe.expect("whole model"));
         let (lnf_w, lnf_b) = (
             lay.lnf_w.expect("whole model"),

@@ -262,19 +262,23 @@ extern "C" __global__ void gelu_backward(bf16* d, const bf16* inp, long n) {
 // Attention. qkv (B, T, 3C) holds [q | k | v], head h in columns h*hs..(h+1)*hs of each part;
 // the products run on (B, NH, T, hs) copies, batched over (b, h).
 
+// Where element i of a (B, NH, T, hs) tensor sits in a (B, T, width) one: row (b, t), columns
+// h*hs + d.
+__device__ __forceinline__ long head_offset(long i, int t, int nh, int hs, long width) {
+    int d = (int)(i % hs);
+    long r = i / hs;
+    int ti = (int)(r % t);
+    r /= t;
+    int h = (int)(r % nh);
+    long bi = r / nh;
+    return (bi * t + ti) * width + (long)h * hs + d;
+}
+
 // q, k, v (B, NH, T, hs) from qkv (B, T, 3C).
 extern "C" __global__ void attention_split(bf16* q, bf16* k, bf16* v, const bf16* qkv, int b, int t, int nh, int hs) {
-    int c = nh * hs;
-    long n = (long)b * t * c;
+    long c = (long)nh * hs, n = (long)b * t * c;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        // i indexes (B, NH, T, hs).
-        int d = (int)(i % hs);
-        long r = i / hs;
-        int ti = (int)(r % t);
-        r /= t;
-        int h = (int)(r % nh);
-        int bi = (int)(r / nh);
-        long src = ((long)bi * t + ti) * 3 * c + (long)h * hs + d;
+        long src = head_offset(i, t, nh, hs, 3 * c);
         q[i] = qkv[src];
         k[i] = qkv[src + c];
         v[i] = qkv[src + 2 * c];
@@ -283,47 +287,24 @@ extern "C" __global__ void attention_split(bf16* q, bf16* k, bf16* v, const bf16
 
 // out (B, T, C) from y (B, NH, T, hs), heads concatenated in order.
 extern "C" __global__ void attention_merge(bf16* out, const bf16* y, int b, int t, int nh, int hs) {
-    int c = nh * hs;
-    long n = (long)b * t * c;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        int d = (int)(i % hs);
-        long r = i / hs;
-        int ti = (int)(r % t);
-        r /= t;
-        int h = (int)(r % nh);
-        int bi = (int)(r / nh);
-        out[((long)bi * t + ti) * c + (long)h * hs + d] = y[i];
-    }
+    long c = (long)nh * hs, n = (long)b * t * c;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[head_offset(i, t, nh, hs, c)] = y[i];
 }
 
 // The inverse of `attention_merge`: dy (B, NH, T, hs) from dout (B, T, C).
 extern "C" __global__ void attention_unmerge(bf16* dy, const bf16* dout, int b, int t, int nh, int hs) {
-    int c = nh * hs;
-    long n = (long)b * t * c;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        int d = (int)(i % hs);
-        long r = i / hs;
-        int ti = (int)(r % t);
-        r /= t;
-        int h = (int)(r % nh);
-        int bi = (int)(r / nh);
-        dy[i] = dout[((long)bi * t + ti) * c + (long)h * hs + d];
-    }
+    long c = (long)nh * hs, n = (long)b * t * c;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        dy[i] = dout[head_offset(i, t, nh, hs, c)];
 }
 
 // The inverse of `attention_split`: dqkv (B, T, 3C) from dq, dk, dv (B, NH, T, hs).
 extern "C" __global__ void attention_join(bf16* dqkv, const bf16* dq, const bf16* dk, const bf16* dv, int b, int t,
                                           int nh, int hs) {
-    int c = nh * hs;
-    long n = (long)b * t * c;
+    long c = (long)nh * hs, n = (long)b * t * c;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        int d = (int)(i % hs);
-        long r = i / hs;
-        int ti = (int)(r % t);
-        r /= t;
-        int h = (int)(r % nh);
-        int bi = (int)(r / nh);
-        long dst = ((long)bi * t + ti) * 3 * c + (long)h * hs + d;
+        long dst = head_offset(i, t, nh, hs, 3 * c);
         dqkv[dst] = dq[i];
         dqkv[dst + c] = dk[i];
         dqkv[dst + 2 * c] = dv[i];

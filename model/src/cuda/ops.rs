@@ -233,20 +233,7 @@ impl Gpu {
         let rows = inp.len() / ic;
         assert!(inp.len() == rows * ic && dinp.len() == inp.len() && dout.len() == rows * oc);
         assert!(w.len() == oc * ic && dw.len() == oc * ic);
-        let g_in = Gemm {
-            ta: false,
-            tb: false,
-            r: rows,
-            c: ic,
-            k: oc,
-            lda: oc,
-            ldb: ic,
-            ldc: ic,
-            out: Out::Bf16,
-            bias: false,
-            gelu: Gelu::None,
-            batch: None,
-        };
+        let g_in = Gemm::input_grad(rows, ic, oc, Gelu::None);
         // SAFETY: shapes checked above; all pointers come from live slices.
         unsafe { self.gemm(g_in, 1.0, dout.ptr(), w.ptr(), 0.0, dinp.ptr(), 0)? };
         self.weight_grad(dw, dout, inp, ic, oc)
@@ -256,20 +243,7 @@ impl Gpu {
     fn weight_grad(&mut self, dw: F, dout: B, inp: B, ic: usize, oc: usize) -> Result<()> {
         let rows = inp.len() / ic;
         assert!(inp.len() == rows * ic && dout.len() == rows * oc && dw.len() == oc * ic);
-        let g_w = Gemm {
-            ta: true,
-            tb: false,
-            r: oc,
-            c: ic,
-            k: rows,
-            lda: oc,
-            ldb: ic,
-            ldc: ic,
-            out: Out::F32,
-            bias: false,
-            gelu: Gelu::None,
-            batch: None,
-        };
+        let g_w = Gemm::weight_grad(rows, ic, oc);
         // SAFETY: shapes checked above; all pointers come from live slices.
         unsafe { self.gemm(g_w, 1.0, dout.ptr(), inp.ptr(), 1.0, dw.ptr(), 0) }
     }
@@ -338,20 +312,7 @@ impl Gpu {
         if self.fused_gelu != Some(false) {
             let rows = inp.len() / ic;
             assert!(dinp.len() == inp.len() && dout.len() == rows * oc && w.len() == oc * ic);
-            let g_in = Gemm {
-                ta: false,
-                tb: false,
-                r: rows,
-                c: ic,
-                k: oc,
-                lda: oc,
-                ldb: ic,
-                ldc: ic,
-                out: Out::Bf16,
-                bias: false,
-                gelu: Gelu::Backward,
-                batch: None,
-            };
+            let g_in = Gemm::input_grad(rows, ic, oc, Gelu::Backward);
             // SAFETY: shapes checked above; all pointers come from live slices.
             let fused = unsafe {
                 self.gemm_aux(
