@@ -148,6 +148,42 @@ impl EtcdCoordinator {
     }
 }
 
+impl EtcdCoordinator {
+    /// Takes `key` for the holder of `reg` if nobody holds it. The key lives under the
+    /// registration's lease, so it goes when its holder dies or leaves, and every watcher sees
+    /// the deletion and campaigns again. Returns the holder's value after the attempt (this
+    /// holder's `value` when it won).
+    pub fn campaign(
+        &self,
+        key: &str,
+        value: &[u8],
+        reg: &Registration,
+    ) -> Result<Vec<u8>, ElasticError> {
+        let lease = reg.lease;
+        let resp = self.call("campaign for", key, |mut c| {
+            let (k, v) = (key.to_owned(), value.to_vec());
+            let txn = Txn::new()
+                .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    k.clone(),
+                    v,
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(k, None)]);
+            async move { c.txn(txn).await }
+        })?;
+        if resp.succeeded() {
+            return Ok(value.to_vec());
+        }
+        let holder = resp.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        // The holder may have gone between the compare and the read: try again next change.
+        Ok(holder.unwrap_or_default())
+    }
+}
+
 /// A change under a watched prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -306,6 +342,16 @@ impl Registration {
     /// Whether the lease expired: the key is gone, and the holder must stop as if dead.
     pub fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the registered value, keeping the lease.
+    pub fn update(&self, value: &[u8]) -> Result<(), ElasticError> {
+        let lease = self.lease;
+        self.coord.call("update", &self.key, |mut c| {
+            let (k, v) = (self.key.clone(), value.to_vec());
+            async move { c.put(k, v, Some(PutOptions::new().with_lease(lease))).await }
+        })?;
+        Ok(())
     }
 
     /// Stops keeping the lease alive without revoking it, as a crashed holder would: the key

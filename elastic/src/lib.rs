@@ -11,17 +11,20 @@
 //! implementations, which process groups rendezvous through, the [`Topology`] that places each
 //! rank in a (tp, pp, dp) layout and names its groups, the planner ([`plan`]) that turns live
 //! slots into a generation's layout, keeping survivors in place, the membership core
-//! ([`membership`]) that decides when to abort, re-plan and start a generation, and the etcd
-//! coordinator ([`etcd`]). The agent that runs them against etcd and workers is still to come.
+//! ([`membership`]) that decides when to abort, re-plan and start a generation, the etcd
+//! coordinator ([`etcd`]) with leases and leader election, and the job's key layout with its
+//! generation-fenced writes ([`job`]). The agent that runs them is `marathon_runtime::agent`.
 
 pub mod coordinator;
 pub mod etcd;
+pub mod job;
 pub mod membership;
 pub mod plan;
 pub mod topology;
 
 pub use coordinator::{Coordinator, DirCoordinator, InProcessCoordinator};
 pub use etcd::{Change, EtcdCoordinator, Registration, Watch};
+pub use job::{JobKey, JobKeys};
 pub use topology::{Axis, Topology};
 
 use std::time::Duration;

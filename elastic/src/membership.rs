@@ -87,6 +87,8 @@ pub struct Membership {
     proposed: Option<u64>,
     last_progress: BTreeMap<Slot, Instant>,
     aborted: bool,
+    /// Live slots to wait for before planning the first generation.
+    wait_slots: usize,
 }
 
 impl Membership {
@@ -106,7 +108,15 @@ impl Membership {
             proposed: None,
             last_progress: BTreeMap::new(),
             aborted: false,
+            wait_slots: 0,
         }
+    }
+
+    /// Plans the first generation only once `slots` slots are live, so a job started on many
+    /// nodes at once starts at its full size rather than growing into it.
+    pub fn wait_for_slots(mut self, slots: usize) -> Self {
+        self.wait_slots = slots;
+        self
     }
 
     pub fn generation(&self) -> u64 {
@@ -214,18 +224,22 @@ impl Membership {
         }
     }
 
-    /// Declares hung the planned workers with no progress for `timing.hang`.
+    /// Declares hung this node's planned workers with no progress for `timing.hang`. Only an
+    /// agent sees its own workers' progress; it evicts the hung one and reports it lost, which
+    /// reaches every other agent as [`Event::WorkerExited`].
     fn watchdog(&mut self, now: Instant, out: &mut Vec<Action>) {
         let hung: Vec<Slot> = self
             .last_progress
             .iter()
-            .filter(|(s, &t)| now.duration_since(t) >= self.timing.hang && !self.lost.contains(*s))
+            .filter(|(s, &t)| {
+                s.node == self.me
+                    && now.duration_since(t) >= self.timing.hang
+                    && !self.lost.contains(*s)
+            })
             .map(|(s, _)| s.clone())
             .collect();
         for slot in hung {
-            if slot.node == self.me {
-                out.push(Action::Evict { slot: slot.clone() });
-            }
+            out.push(Action::Evict { slot: slot.clone() });
             self.last_progress.remove(&slot);
             self.lose(vec![slot], out);
             self.changed(now);
@@ -237,6 +251,9 @@ impl Membership {
             .changed_at
             .is_some_and(|t| now.duration_since(t) >= self.timing.settle);
         if !settled || self.leader.as_deref() != Some(self.me.as_str()) {
+            return;
+        }
+        if self.generation == 0 && self.live.values().sum::<usize>() < self.wait_slots {
             return;
         }
         let to = self.generation + 1;

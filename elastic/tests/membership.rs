@@ -101,6 +101,10 @@ impl Sim {
                 .entry(node.to_owned())
                 .or_default()
                 .push(a.clone());
+            if let Action::Evict { slot } = &a {
+                // The agent kills the hung worker and reports it lost to every agent.
+                self.broadcast(Event::WorkerExited { slot: slot.clone() });
+            }
             if let Action::Propose { from, to, plan } = a {
                 if self.generation == from {
                     self.generation = to;

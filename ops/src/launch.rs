@@ -64,7 +64,7 @@ pub struct LayoutFlags {
 }
 
 impl LayoutFlags {
-    fn apply(&self, cfg: &mut TrainConfig) -> Result<()> {
+    pub(crate) fn apply(&self, cfg: &mut TrainConfig) -> Result<()> {
         let p = &mut cfg.parallel;
         p.tp = self.tp.unwrap_or(p.tp);
         p.pp = self.pp.unwrap_or(p.pp);
@@ -89,7 +89,7 @@ impl LayoutFlags {
         Ok(())
     }
 
-    fn args(&self) -> Vec<String> {
+    pub(crate) fn args(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (flag, v) in [("--tp", self.tp), ("--pp", self.pp), ("--dp", self.dp)] {
             if let Some(v) = v {
@@ -118,7 +118,14 @@ enum Event {
 }
 
 /// `marathon train`.
-pub fn train(config: &Path, flags: &LayoutFlags) -> Result<()> {
+pub fn train(
+    config: &Path,
+    flags: &LayoutFlags,
+    etcd: &crate::elastic::TrainEtcdFlags,
+) -> Result<()> {
+    if etcd.enabled() {
+        return crate::elastic::train(config, flags, etcd);
+    }
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
     let m = &cfg.model;
@@ -310,7 +317,7 @@ fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
 }
 
 /// Says on stderr where the run's time went.
-fn report_goodput(s: &Summary) {
+pub(crate) fn report_goodput(s: &Summary) {
     let g = &s.goodput;
     eprintln!(
         "effective training time {:.1}% of {:.1} s: steps {:.1} s, validation {:.1} s, checkpoint \
@@ -322,6 +329,19 @@ fn report_goodput(s: &Summary) {
         g.checkpoint_stall_s,
         g.final_checkpoint_s
     );
+    let elastic = g.startup_s + g.detection_s + g.reform_s + g.transfer_s + g.recomputed_s;
+    if elastic > 0.0 {
+        eprintln!(
+            "elastic: start-up {:.2} s, failure detection (with the dropped step) {:.2} s, \
+             re-forming {:.2} s, state transfer {:.2} s, {} steps recomputed in {:.2} s",
+            g.startup_s,
+            g.detection_s,
+            g.reform_s,
+            g.transfer_s,
+            g.recomputed_steps,
+            g.recomputed_s
+        );
+    }
 }
 
 /// Shows rank 0's progress until every worker has exited; stops them all when one fails.

@@ -6,6 +6,7 @@
 mod bench;
 mod ckpt;
 mod convert;
+mod elastic;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod launch;
@@ -41,7 +42,15 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         layout: launch::LayoutFlags,
+        #[command(flatten)]
+        etcd: elastic::TrainEtcdFlags,
     },
+    /// Run one node of an elastic job: register its slots in etcd, take part in planning, and
+    /// run and supervise a worker process per slot through the job's generations.
+    Agent(elastic::AgentArgs),
+    /// One slot of a node that `marathon agent` runs.
+    #[command(hide = true)]
+    ElasticWorker(elastic::WorkerArgs),
     /// One rank of a job that `marathon train` launched.
     #[command(hide = true)]
     Worker {
@@ -143,7 +152,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, layout } => launch::train(&config, &layout),
+        Command::Train {
+            config,
+            layout,
+            etcd,
+        } => launch::train(&config, &layout, &etcd),
+        Command::Agent(args) => elastic::agent(args),
+        Command::ElasticWorker(args) => elastic::worker(args),
         Command::Worker {
             config,
             rank,

@@ -93,6 +93,11 @@ pub struct RunConfig {
     pub eval_batches: usize,
     /// Where to append one JSON line per step and per validation.
     pub metrics: Option<PathBuf>,
+    /// Where each data-parallel replica appends the ids of the samples it fed, one JSON line
+    /// per step and replica (`generation`, `step`, `replica`, `applied`, `samples`): an audit
+    /// trail of the data order, which shows every sample consumed once across resizes.
+    #[serde(default)]
+    pub samples_log: Option<PathBuf>,
     /// Where the model computes: `cpu` (the default) or `cuda` (one GPU; needs a build with
     /// the `cuda` feature).
     #[serde(default)]

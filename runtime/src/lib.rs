@@ -9,6 +9,7 @@
 //! Never parses command lines or draws progress bars: it reports progress through
 //! [`trainer::Observer`], and `ops` renders it.
 
+pub mod agent;
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod groups;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod trainer;
+pub mod worker;
 
 pub use config::TrainConfig;
 pub use groups::Groups;
@@ -103,6 +105,9 @@ pub enum RuntimeError {
     /// Checkpoint storage failed: the message names the step, object, tensor or URL.
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] marathon_storage::StorageError),
+    /// The coordinator (etcd) failed or could not be reached.
+    #[error("{0}")]
+    Coordinator(#[from] marathon_elastic::ElasticError),
 }
 
 impl RuntimeError {

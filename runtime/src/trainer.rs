@@ -7,6 +7,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use marathon_model::optim::{clip_grads, sum_squares};
@@ -87,6 +89,27 @@ pub struct Goodput {
     pub checkpoint_stall_s: f64,
     pub final_checkpoint_s: f64,
     pub effective_fraction: f64,
+    /// Elastic jobs: from the first plan to the first generation's reconciled replicas
+    /// (rendezvous, building the model, loading a checkpoint).
+    #[serde(default)]
+    pub startup_s: f64,
+    /// Elastic jobs: from the last committed step before a failure to its detection; the
+    /// dropped step's work is part of it.
+    #[serde(default)]
+    pub detection_s: f64,
+    /// Elastic jobs: from a failure's detection (or a growth's step boundary) to the new
+    /// generation's process groups: the settling window, planning and rendezvous.
+    #[serde(default)]
+    pub reform_s: f64,
+    /// Elastic jobs: reconciling the replicas of a new generation: peer state transfer, or
+    /// the reload from storage.
+    #[serde(default)]
+    pub transfer_s: f64,
+    /// Elastic jobs: steps run again after a reload from storage, and their time.
+    #[serde(default)]
+    pub recomputed_steps: u64,
+    #[serde(default)]
+    pub recomputed_s: f64,
 }
 
 #[derive(Debug)]
@@ -115,6 +138,20 @@ pub struct Trainer {
     /// The model on the GPU when `train.device` is cuda; the host model then holds the state
     /// only when it is loaded or fetched.
     gpu: Option<GpuModel>,
+    /// Raised by whoever wants the job to stop at the next step boundary (an elastic worker
+    /// told of a new generation); see [`Trainer::set_stop_signal`].
+    stop_signal: Option<Arc<AtomicBool>>,
+    /// Whether any rank raised its stop signal before the last step's closing sum.
+    stop_agreed: bool,
+    /// The sample ids this rank fed since the last [`Trainer::take_samples`], when recording.
+    samples: Option<Vec<u64>>,
+    /// The last validation loss.
+    last_val_loss: Option<f32>,
+    /// The elastic generation this trainer runs in (0 outside an elastic job).
+    generation: u64,
+    /// Where this rank appends the samples its replica fed (`train.samples_log`), on the
+    /// first stage's first tensor rank of each replica.
+    samples_log: Option<File>,
 }
 
 /// Where a step's time went, beyond compute.
@@ -145,6 +182,18 @@ impl Trainer {
     /// from the same weights and ends each step with the same ones, and together the shards
     /// compute what one process would.
     pub fn with_groups(cfg: TrainConfig, groups: Groups) -> Result<Self> {
+        Self::build(cfg, groups, true)
+    }
+
+    /// As [`Trainer::with_groups`], for a rank joining a running job: it does not look for a
+    /// checkpoint, because its state comes from a healthy replica through
+    /// [`Trainer::reconcile`], which every rank of the new generation calls next. Until then
+    /// its weights are the initial ones.
+    pub fn joining(cfg: TrainConfig, groups: Groups) -> Result<Self> {
+        Self::build(cfg, groups, false)
+    }
+
+    fn build(cfg: TrainConfig, groups: Groups, resume: bool) -> Result<Self> {
         let layout = cfg.parallel;
         let [(tp_rank, tp), (stage, pp), (replica, replicas)] = groups.coords();
         for (field, want, have) in [
@@ -211,35 +260,7 @@ impl Trainer {
             0..model.layout.numel()
         };
         let opt = AdamW::for_shard(cfg.optim.adamw(), &model.layout, opt_shard);
-        let ckpt = match &cfg.checkpoint {
-            Some(c) => {
-                let store = checkpoint::open_store(c)?;
-                // Megatron's rank order; the committing writer is rank 0.
-                let rank = (stage * replicas + replica) * tp + tp_rank;
-                let world = tp * pp * replicas;
-                let writer = CheckpointWriter::new(
-                    store.clone(),
-                    rank,
-                    world,
-                    checkpoint::writer_options(c),
-                )?;
-                let pieces = checkpoint::plan_pieces(
-                    &model.layout,
-                    &opt.shard,
-                    replica,
-                    replicas,
-                    layout.distributed_optimizer,
-                );
-                Some(Checkpointing {
-                    writer,
-                    reader: Reader::new(store),
-                    pieces,
-                    every_steps: c.every_steps,
-                    last_step: None,
-                })
-            }
-            None => None,
-        };
+        let ckpt = checkpointing(&cfg, &model, &opt, &groups)?;
         let ramp = cfg.batch_ramp();
         let hidden = mb * seq * cfg.model.n_embd;
         Ok(Trainer {
@@ -261,9 +282,17 @@ impl Trainer {
             ckpt,
             resumed_from: None,
             gpu,
+            stop_signal: None,
+            stop_agreed: false,
+            samples: None,
+            last_val_loss: None,
+            generation: 0,
+            samples_log: None,
         })
         .and_then(|mut t| {
-            t.resumed_from = t.resume()?;
+            if resume {
+                t.resumed_from = t.resume()?;
+            }
             if let (Some(g), Some(_)) = (t.gpu.as_mut(), t.resumed_from) {
                 g.upload_state(&t.model.params, &t.opt.m, &t.opt.v, t.opt.step)?;
             }
@@ -275,6 +304,7 @@ impl Trainer {
             ) {
                 t.metrics = Some(open_metrics(p, t.resumed_from.is_some())?);
             }
+            t.open_samples_log()?;
             Ok(t)
         })
     }
@@ -414,7 +444,65 @@ impl Trainer {
         }
         self.cfg.parallel.dp = dp;
         self.groups = groups;
-        Ok(())
+        // The writers of the new generation are its ranks. A persist still running belongs to
+        // the old one: it finishes (or fails, when a writer died) on its own thread, and the
+        // newest checkpoint that committed is what a later resume finds.
+        if let Some(mut old) = self.ckpt.take() {
+            std::thread::spawn(move || {
+                if let Some(Err(e)) = old.writer.wait() {
+                    eprintln!(
+                        "warning: a checkpoint of the previous generation did not commit: {e}"
+                    );
+                }
+            });
+        }
+        self.ckpt = checkpointing(&self.cfg, &self.model, &self.opt, &self.groups)?;
+        self.open_samples_log()
+    }
+
+    /// Reloads this rank's state from the newest committed checkpoint, as a fresh trainer
+    /// would: every rank of the job calls it, together. `None` when there is none (the state
+    /// is then the initial one, from step 0). The last resort of an elastic job whose
+    /// some stage has no live copy left.
+    pub fn reload(&mut self) -> Result<Option<u64>> {
+        self.host_only("reloading a checkpoint into a running trainer")?;
+        self.model
+            .init_params(self.cfg.train.seed, self.cfg.optim.init_std);
+        self.opt = AdamW::for_shard(
+            self.cfg.optim.adamw(),
+            &self.model.layout,
+            self.opt.shard.clone(),
+        );
+        self.step = 0;
+        self.consumed_samples = 0;
+        self.resumed_from = self.resume()?;
+        Ok(self.resumed_from)
+    }
+
+    /// Sets the flag any holder may raise to stop the job at the next step boundary. Every
+    /// rank adds its flag to the step's closing sum, so all ranks learn of a raise in the same
+    /// step and stop after it together ([`Trainer::stop_agreed`]), with the step applied
+    /// everywhere.
+    pub fn set_stop_signal(&mut self, signal: Arc<AtomicBool>) {
+        self.stop_signal = Some(signal);
+    }
+
+    /// Whether some rank raised its stop signal before the closing sum of the last step.
+    pub fn stop_agreed(&self) -> bool {
+        self.stop_agreed
+    }
+
+    /// Starts or stops recording the ids of the samples this rank feeds the model.
+    pub fn record_samples(&mut self, on: bool) {
+        self.samples = on.then(Vec::new);
+    }
+
+    /// The sample ids fed since the last call, in the order they were fed.
+    pub fn take_samples(&mut self) -> Vec<u64> {
+        self.samples
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Makes this rank's state that of replica `source` of its data-parallel group: parameters,
@@ -649,8 +737,54 @@ impl Trainer {
         self.ramp.batch_at(self.consumed_samples)
     }
 
-    /// Runs one optimizer step.
+    /// The elastic generation this trainer runs in, which the samples log records.
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+
+    /// Opens `train.samples_log` for appending on the rank that logs for its replica (the first
+    /// stage's first tensor rank); closes it on the others.
+    fn open_samples_log(&mut self) -> Result<()> {
+        let [(tp_rank, _), (stage, _), _] = self.groups.coords();
+        self.samples_log = None;
+        self.samples = None;
+        if let (Some(p), true) = (&self.cfg.train.samples_log, tp_rank == 0 && stage == 0) {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| RuntimeError::io("open the samples log", p, e))?;
+            self.samples_log = Some(file);
+            self.samples = Some(Vec::new());
+        }
+        Ok(())
+    }
+
+    /// Runs one optimizer step. With `train.samples_log`, the samples this replica fed are
+    /// logged whether or not the step completed: a step that failed after the replica sent its
+    /// gradients may still have been applied by the others.
     pub fn train_step(&mut self) -> Result<StepRecord> {
+        let step = self.step + 1;
+        let done = self.step_once();
+        if self.samples_log.is_some() {
+            let [_, _, (replica, _)] = self.groups.coords();
+            let line = serde_json::json!({
+                "generation": self.generation,
+                "step": step,
+                "replica": replica,
+                "applied": done.is_ok(),
+                "samples": self.take_samples(),
+            });
+            let file = self.samples_log.as_mut().expect("checked above");
+            // One write per line: appends from several processes stay whole lines.
+            let written = file.write_all(format!("{line}\n").as_bytes());
+            let path = self.cfg.train.samples_log.clone().unwrap_or_default();
+            written.map_err(|e| RuntimeError::io("append to the samples log", path, e))?;
+        }
+        done
+    }
+
+    fn step_once(&mut self) -> Result<StepRecord> {
         let started = Instant::now();
         let (mb, seq) = (self.cfg.batch.micro_batch, self.cfg.batch.seq_len);
         let batch = self.next_batch();
@@ -777,6 +911,9 @@ impl Trainer {
         let first = self.consumed_samples + (m * mb) as u64;
         for j in 0..mb {
             let k = self.order.sample(first + j as u64);
+            if let Some(seen) = self.samples.as_mut() {
+                seen.push(k as u64);
+            }
             let r = j * seq..(j + 1) * seq;
             self.train
                 .sample(k, &mut self.inputs[r.clone()], &mut self.targets[r]);
@@ -942,7 +1079,13 @@ impl Trainer {
         reduced: bool,
     ) -> Result<(f64, std::ops::Range<usize>, f64)> {
         let zero = self.cfg.parallel.distributed_optimizer && self.groups.dp.is_some();
-        let Trainer { model, groups, .. } = self;
+        let Trainer {
+            model,
+            groups,
+            stop_signal,
+            stop_agreed,
+            ..
+        } = self;
         let grads = &mut model.grads;
         // The first and last stages each hold part of the tied embedding's gradient (input and
         // head); both need the sum. Summing before or after the replicas gives the same total.
@@ -986,7 +1129,10 @@ impl Trainer {
         let split = |x: f64| [x as f32, (x - (x as f32) as f64) as f32];
         let join = |hi: f32, lo: f32| hi as f64 + lo as f64;
         let ([l_hi, l_lo], [n_hi, n_lo]) = (split(loss_part), split(own_sq));
-        let mut totals = [l_hi, l_lo, n_hi, n_lo];
+        let stop = stop_signal
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::SeqCst));
+        let mut totals = [l_hi, l_lo, n_hi, n_lo, f32::from(stop)];
         for g in [groups.tp.as_mut(), groups.pp.as_mut()]
             .into_iter()
             .flatten()
@@ -997,13 +1143,14 @@ impl Trainer {
             // Replicas hold the same norm unless each holds a shard of the gradient.
             let norm = [totals[2], totals[3]];
             if !zero {
-                totals[2..].fill(0.0);
+                totals[2..4].fill(0.0);
             }
             dp.all_reduce(&mut totals)?;
             if !zero {
-                totals[2..].copy_from_slice(&norm);
+                totals[2..4].copy_from_slice(&norm);
             }
         }
+        *stop_agreed = totals[4] > 0.0;
         let norm_sq = join(totals[2], totals[3]);
         Ok((join(totals[0], totals[1]), shard, norm_sq.sqrt()))
     }
@@ -1082,33 +1229,53 @@ impl Trainer {
     /// Runs the configured number of steps with periodic validation.
     pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Summary> {
         let started = Instant::now();
-        let (mut last, mut last_val) = (f32::NAN, None);
         let mut goodput = Goodput::default();
-        let every = self.cfg.train.eval_every_steps;
+        let mut last = f32::NAN;
         while self.step < self.cfg.train.steps {
-            let rec = self.train_step()?;
-            goodput.training_s += rec.step_ms / 1e3;
-            observer.on_step(&rec);
-            last = rec.loss;
-            if every > 0 && (self.step % every == 0 || self.step == self.cfg.train.steps) {
-                let t0 = Instant::now();
-                let val = self.evaluate()?;
-                goodput.eval_s += t0.elapsed().as_secs_f64();
-                if let Some(v) = val {
-                    observer.on_eval(self.step, v);
-                    last_val = Some(v);
-                }
-            }
-            let ckpt_every = self.ckpt.as_ref().map_or(0, |c| c.every_steps);
-            let last_step = self.step == self.cfg.train.steps;
-            if (ckpt_every > 0 && self.step % ckpt_every == 0) || last_step {
-                if let Some(rec) = self.checkpoint()? {
-                    goodput.checkpoint_stall_s += rec.stall_ms / 1e3;
-                    observer.on_checkpoint(&rec);
-                }
+            last = self.advance(observer, &mut goodput)?.loss;
+        }
+        self.conclude(started, goodput, last)
+    }
+
+    /// Runs one step, then the validation and the checkpoint it calls for, adding their times
+    /// to `goodput`.
+    pub fn advance(
+        &mut self,
+        observer: &mut dyn Observer,
+        goodput: &mut Goodput,
+    ) -> Result<StepRecord> {
+        let rec = self.train_step()?;
+        goodput.training_s += rec.step_ms / 1e3;
+        observer.on_step(&rec);
+        let every = self.cfg.train.eval_every_steps;
+        if every > 0 && (self.step % every == 0 || self.step == self.cfg.train.steps) {
+            let t0 = Instant::now();
+            let val = self.evaluate()?;
+            goodput.eval_s += t0.elapsed().as_secs_f64();
+            if let Some(v) = val {
+                observer.on_eval(self.step, v);
+                self.last_val_loss = Some(v);
             }
         }
-        // The last checkpoint is durable (and committed) before the run reports success.
+        let ckpt_every = self.ckpt.as_ref().map_or(0, |c| c.every_steps);
+        let last_step = self.step == self.cfg.train.steps;
+        if (ckpt_every > 0 && self.step % ckpt_every == 0) || last_step {
+            if let Some(ck) = self.checkpoint()? {
+                goodput.checkpoint_stall_s += ck.stall_ms / 1e3;
+                observer.on_checkpoint(&ck);
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Ends a run that started at `started`: waits until the last checkpoint is durable (and
+    /// committed), brings the state back from the device, and writes the accounting.
+    pub fn conclude(
+        &mut self,
+        started: Instant,
+        mut goodput: Goodput,
+        last_loss: f32,
+    ) -> Result<Summary> {
         let t0 = Instant::now();
         self.finish_checkpoints()?;
         self.fetch_state()?;
@@ -1131,8 +1298,8 @@ impl Trainer {
         }
         Ok(Summary {
             steps: self.step,
-            final_loss: last,
-            final_val_loss: last_val,
+            final_loss: last_loss,
+            final_val_loss: self.last_val_loss,
             tokens_consumed: self.consumed_samples * self.cfg.batch.seq_len as u64,
             elapsed_s,
             goodput,
@@ -1274,4 +1441,40 @@ fn open_metrics(path: &Path, resumed: bool) -> Result<BufWriter<File>> {
         .open(path)
         .map_err(|e| RuntimeError::io("open metrics file", path, e))?;
     Ok(BufWriter::new(f))
+}
+
+/// A rank's checkpointing in its layout: its writer (Megatron's rank order; rank 0 commits)
+/// and the pieces it stores. `None` without `[checkpoint]`.
+fn checkpointing(
+    cfg: &TrainConfig,
+    model: &Gpt<f32>,
+    opt: &AdamW<f32>,
+    groups: &Groups,
+) -> Result<Option<Checkpointing>> {
+    let Some(c) = &cfg.checkpoint else {
+        return Ok(None);
+    };
+    let [(tp_rank, tp), (stage, pp), (replica, replicas)] = groups.coords();
+    let store = checkpoint::open_store(c)?;
+    let rank = (stage * replicas + replica) * tp + tp_rank;
+    let writer = CheckpointWriter::new(
+        store.clone(),
+        rank,
+        tp * pp * replicas,
+        checkpoint::writer_options(c),
+    )?;
+    let pieces = checkpoint::plan_pieces(
+        &model.layout,
+        &opt.shard,
+        replica,
+        replicas,
+        cfg.parallel.distributed_optimizer,
+    );
+    Ok(Some(Checkpointing {
+        writer,
+        reader: Reader::new(store),
+        pieces,
+        every_steps: c.every_steps,
+        last_step: None,
+    }))
 }

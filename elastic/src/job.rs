@@ -1,0 +1,260 @@
+//! The keys of one job in the coordinator, and the writes that are fenced by generation.
+//!
+//! Everything of a job lives under `/marathon/<job>/`:
+//!
+//! | key | value |
+//! |---|---|
+//! | `nodes/<node>` | the node's slot count, under its lease |
+//! | `leader` | the leading node's name, under its lease |
+//! | `generation` | the running generation, in decimal |
+//! | `gen-<g>/plan` | generation g's [`Plan`], as JSON, written with the counter |
+//! | `gen-<g>/planned` | when and why generation g was planned, written with the counter |
+//! | `gen-<g>/committed` | the step generation g reached, its consumed-samples counter and its accounting |
+//! | `gen-<g>/lost/<node>/<slot>` | a worker of generation g that died or hung, and when that was seen |
+//! | `gen-<g>/pg/...`, `gen-<g>/nccl/...` | the process groups' rendezvous |
+//! | `done` | the job's summary, once its last step is committed |
+//!
+//! A generation and its plan are written in one compare-and-swap on the counter; every later
+//! write that matters (a step commit, the end of the job) is a transaction conditioned on the
+//! counter still holding its generation, so a member of an older generation cannot write.
+
+use crate::plan::{Plan, Slot};
+use crate::{Coordinator, ElasticError};
+
+/// The keys of one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobKeys {
+    root: String,
+}
+
+/// What a key of the job is; see [`JobKeys::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobKey {
+    Node(String),
+    Leader,
+    Generation,
+    Plan(u64),
+    Planned(u64),
+    Committed(u64),
+    Lost {
+        generation: u64,
+        slot: Slot,
+    },
+    Done,
+    /// A key this table does not name (rendezvous, for example).
+    Other,
+}
+
+impl JobKeys {
+    /// The keys of job `job`, whose name must be a path segment: no `/`.
+    pub fn new(job: &str) -> Self {
+        assert!(
+            !job.is_empty() && !job.contains('/'),
+            "a job name is one path segment"
+        );
+        JobKeys {
+            root: format!("/marathon/{job}/"),
+        }
+    }
+
+    /// `/marathon/<job>/`: every key of the job starts with it.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.root)
+    }
+
+    pub fn node(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.root)
+    }
+
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.root)
+    }
+
+    pub fn generation(&self) -> String {
+        format!("{}generation", self.root)
+    }
+
+    pub fn plan(&self, generation: u64) -> String {
+        format!("{}gen-{generation}/plan", self.root)
+    }
+
+    pub fn planned(&self, generation: u64) -> String {
+        format!("{}gen-{generation}/planned", self.root)
+    }
+
+    pub fn committed(&self, generation: u64) -> String {
+        format!("{}gen-{generation}/committed", self.root)
+    }
+
+    pub fn lost(&self, generation: u64, slot: &Slot) -> String {
+        format!(
+            "{}gen-{generation}/lost/{}/{}",
+            self.root, slot.node, slot.index
+        )
+    }
+
+    pub fn done(&self) -> String {
+        format!("{}done", self.root)
+    }
+
+    /// What `key` is.
+    pub fn parse(&self, key: &str) -> JobKey {
+        let Some(rest) = key.strip_prefix(&self.root) else {
+            return JobKey::Other;
+        };
+        if let Some(node) = rest.strip_prefix("nodes/") {
+            return JobKey::Node(node.to_owned());
+        }
+        match rest {
+            "leader" => return JobKey::Leader,
+            "generation" => return JobKey::Generation,
+            "done" => return JobKey::Done,
+            _ => {}
+        }
+        let Some((g, what)) = rest
+            .strip_prefix("gen-")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(g, w)| Some((g.parse::<u64>().ok()?, w)))
+        else {
+            return JobKey::Other;
+        };
+        match what {
+            "plan" => JobKey::Plan(g),
+            "planned" => JobKey::Planned(g),
+            "committed" => JobKey::Committed(g),
+            _ => match what.strip_prefix("lost/").and_then(|s| s.rsplit_once('/')) {
+                Some((node, index)) => match index.parse() {
+                    Ok(index) => JobKey::Lost {
+                        generation: g,
+                        slot: Slot {
+                            node: node.to_owned(),
+                            index,
+                        },
+                    },
+                    Err(_) => JobKey::Other,
+                },
+                None => JobKey::Other,
+            },
+        }
+    }
+}
+
+/// The running generation, 0 before the first.
+pub fn generation(coord: &dyn Coordinator, keys: &JobKeys) -> Result<u64, ElasticError> {
+    let key = keys.generation();
+    match coord.get(&key)? {
+        None => Ok(0),
+        Some(v) => parse_generation(&key, &v),
+    }
+}
+
+pub(crate) fn parse_generation(key: &str, v: &[u8]) -> Result<u64, ElasticError> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ElasticError::Unavailable {
+            action: "read",
+            key: key.to_owned(),
+            reason: format!(
+                "{:?} is not a generation number; the key belongs to marathon, do not edit it",
+                String::from_utf8_lossy(v)
+            ),
+        })
+}
+
+/// Commits `plan` as generation `to` if the counter still reads `from` (0: no generation yet),
+/// with `also` in the same transaction. Returns whether it did; a proposal from an old
+/// generation loses.
+pub fn propose(
+    coord: &dyn Coordinator,
+    keys: &JobKeys,
+    from: u64,
+    to: u64,
+    plan: &Plan,
+    also: &[(&str, &[u8])],
+) -> Result<bool, ElasticError> {
+    let plan_json = serde_json::to_vec(plan).expect("plans serialise");
+    let plan_key = keys.plan(to);
+    let mut writes: Vec<(&str, &[u8])> = vec![(&plan_key, &plan_json)];
+    writes.extend_from_slice(also);
+    let expected = from.to_string();
+    coord.compare_and_swap(
+        &keys.generation(),
+        (from > 0).then_some(expected.as_bytes()),
+        to.to_string().as_bytes(),
+        &writes,
+    )
+}
+
+/// Writes each of `writes` if generation `generation` is still the running one, all in one
+/// transaction. Returns whether it did: `false` means a newer generation exists and the writer
+/// is fenced.
+pub fn fenced_put(
+    coord: &dyn Coordinator,
+    keys: &JobKeys,
+    generation: u64,
+    writes: &[(&str, &[u8])],
+) -> Result<bool, ElasticError> {
+    let g = generation.to_string();
+    coord.compare_and_swap(&keys.generation(), Some(g.as_bytes()), g.as_bytes(), writes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::InProcessCoordinator;
+
+    #[test]
+    fn keys_parse_back_to_what_they_name() {
+        let k = JobKeys::new("j");
+        let slot = Slot {
+            node: "n-1".into(),
+            index: 3,
+        };
+        for (key, want) in [
+            (k.node("a"), JobKey::Node("a".into())),
+            (k.leader(), JobKey::Leader),
+            (k.generation(), JobKey::Generation),
+            (k.plan(7), JobKey::Plan(7)),
+            (k.planned(7), JobKey::Planned(7)),
+            (k.committed(7), JobKey::Committed(7)),
+            (
+                k.lost(2, &slot),
+                JobKey::Lost {
+                    generation: 2,
+                    slot: slot.clone(),
+                },
+            ),
+            (k.done(), JobKey::Done),
+            ("/marathon/j/gen-1/pg/dp-0/rank-0".into(), JobKey::Other),
+            ("/marathon/other/leader".into(), JobKey::Other),
+        ] {
+            assert_eq!(k.parse(&key), want, "{key}");
+        }
+    }
+
+    #[test]
+    fn writes_of_an_old_generation_are_fenced() {
+        let (c, k) = (InProcessCoordinator::new(), JobKeys::new("j"));
+        let plan = Plan {
+            tp: 1,
+            pp: 1,
+            dp: 1,
+            blocks: vec![],
+            microbatches: vec![1],
+            standby: vec![],
+        };
+        assert_eq!(generation(&c, &k).unwrap(), 0);
+        assert!(propose(&c, &k, 0, 1, &plan, &[]).unwrap());
+        assert!(!propose(&c, &k, 0, 1, &plan, &[]).unwrap(), "second first");
+        assert!(fenced_put(&c, &k, 1, &[(&k.committed(1), b"s1")]).unwrap());
+        assert!(propose(&c, &k, 1, 2, &plan, &[]).unwrap());
+        assert!(!fenced_put(&c, &k, 1, &[(&k.committed(1), b"late")]).unwrap());
+        assert_eq!(c.get(&k.committed(1)).unwrap(), Some(b"s1".to_vec()));
+        assert_eq!(generation(&c, &k).unwrap(), 2);
+    }
+}

@@ -1,0 +1,359 @@
+//! Elastic jobs on etcd: `marathon agent` (one per node), the hidden `elastic-worker` each
+//! agent starts per slot, and `marathon train --etcd`, which runs a job through local agents
+//! and reports it.
+
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use marathon_elastic::membership::Timing;
+use marathon_elastic::{Coordinator, EtcdCoordinator, JobKey, JobKeys};
+use marathon_runtime::agent::{self, AgentOptions};
+use marathon_runtime::trainer::{preflight, Summary};
+use marathon_runtime::worker::{self, StepCommit, WorkerOptions};
+use marathon_runtime::TrainConfig;
+
+use crate::launch::LayoutFlags;
+
+/// How an elastic job detects failures and re-forms.
+#[derive(Debug, Clone, Args)]
+pub struct ElasticFlags {
+    /// Time to live of each node's lease: a node that stops renewing it (a lost machine, a
+    /// partition) is declared dead this long after.
+    #[arg(long, default_value_t = 5000)]
+    lease_ttl_ms: u64,
+    /// How long the leader waits after a change before planning, to gather failures that
+    /// come together.
+    #[arg(long, default_value_t = 50)]
+    settle_ms: u64,
+    /// A worker with no completed step for this long is declared hung and evicted.
+    #[arg(long, default_value_t = 120_000)]
+    hang_ms: u64,
+    /// How long a node whose worker died offers no slots (0: it is used again at once).
+    #[arg(long, default_value_t = 30_000)]
+    cooldown_ms: u64,
+    /// Deadline of each collective and of each generation's rendezvous.
+    #[arg(long, default_value_t = 60_000)]
+    group_timeout_ms: u64,
+}
+
+impl ElasticFlags {
+    fn args(&self) -> Vec<String> {
+        [
+            ("--lease-ttl-ms", self.lease_ttl_ms),
+            ("--settle-ms", self.settle_ms),
+            ("--hang-ms", self.hang_ms),
+            ("--cooldown-ms", self.cooldown_ms),
+            ("--group-timeout-ms", self.group_timeout_ms),
+        ]
+        .into_iter()
+        .flat_map(|(f, v)| [f.to_string(), v.to_string()])
+        .collect()
+    }
+}
+
+/// `marathon agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// etcd endpoints, comma-separated (http://10.0.0.1:2379,http://10.0.0.2:2379).
+    #[arg(long)]
+    etcd: String,
+    /// The job's name: every agent of one job gives the same.
+    #[arg(long)]
+    job: String,
+    /// Worker processes this node runs (its GPUs).
+    #[arg(long)]
+    slots: usize,
+    /// This node's name, unique in the job (default: the host name and the agent's pid).
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(long)]
+    config: PathBuf,
+    /// Live slots to wait for before the first generation (default: plan with what is there).
+    #[arg(long, default_value_t = 0)]
+    wait_slots: usize,
+    #[command(flatten)]
+    layout: LayoutFlags,
+    #[command(flatten)]
+    elastic: ElasticFlags,
+}
+
+/// The hidden `marathon elastic-worker`: one slot of an agent.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    etcd: String,
+    #[arg(long)]
+    job: String,
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    slot: usize,
+    #[arg(long, default_value_t = 60_000)]
+    group_timeout_ms: u64,
+    #[command(flatten)]
+    layout: LayoutFlags,
+}
+
+fn endpoints(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Loads the configuration an elastic job runs, refusing what it cannot run yet.
+fn elastic_config(config: &Path, layout: &LayoutFlags) -> Result<TrainConfig> {
+    let mut cfg = TrainConfig::load(config)?;
+    layout.apply(&mut cfg)?;
+    if cfg.parallel.distributed_optimizer {
+        bail!(
+            "{}: parallel.distributed_optimizer: an elastic job changes its data-parallel degree, \
+             which would move optimizer shards between replicas; that is not supported yet. Set \
+             it to false, or train without --etcd",
+            config.display()
+        );
+    }
+    if cfg.train.device != marathon_runtime::device::Device::Cpu {
+        bail!(
+            "{}: train.device: elastic jobs run on the CPU backend so far (the GPU trainer runs \
+             one process); set device = \"cpu\", or train without --etcd",
+            config.display()
+        );
+    }
+    Ok(cfg)
+}
+
+fn microbatches(cfg: &TrainConfig) -> usize {
+    cfg.batch.global_batch / cfg.batch.micro_batch
+}
+
+/// `marathon agent`.
+pub fn agent(args: AgentArgs) -> Result<()> {
+    let cfg = elastic_config(&args.config, &args.layout)?;
+    preflight(&cfg).with_context(|| format!("start an agent for {}", args.config.display()))?;
+    if args.slots == 0 {
+        bail!("--slots: a node runs at least one worker");
+    }
+    let node = args.node.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let exe = std::env::current_exe().context("find the marathon executable")?;
+    let mut worker_args: Vec<String> = vec![
+        "elastic-worker".into(),
+        "--etcd".into(),
+        args.etcd.clone(),
+        "--job".into(),
+        args.job.clone(),
+        "--config".into(),
+        args.config.display().to_string(),
+        "--group-timeout-ms".into(),
+        args.elastic.group_timeout_ms.to_string(),
+    ];
+    worker_args.extend(args.layout.args());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::env::var("MARATHON_WORKER_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or((cores / args.slots).max(1));
+    let e = &args.elastic;
+    agent::run(AgentOptions {
+        endpoints: endpoints(&args.etcd),
+        job: args.job,
+        node,
+        slots: args.slots,
+        worker_program: exe,
+        worker_args,
+        worker_env: vec![("RAYON_NUM_THREADS".into(), threads.to_string())],
+        tp: cfg.parallel.tp,
+        pp: cfg.parallel.pp,
+        microbatches: microbatches(&cfg),
+        lease_ttl: Duration::from_millis(e.lease_ttl_ms),
+        timing: Timing {
+            settle: Duration::from_millis(e.settle_ms),
+            hang: Duration::from_millis(e.hang_ms),
+        },
+        cooldown: Duration::from_millis(e.cooldown_ms),
+        wait_slots: args.wait_slots,
+    })?;
+    Ok(())
+}
+
+/// `marathon elastic-worker`.
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let cfg = elastic_config(&args.config, &args.layout)?;
+    let coord = EtcdCoordinator::connect(&endpoints(&args.etcd), Duration::from_secs(10))?;
+    let _ = args.slot;
+    worker::run(
+        cfg,
+        Arc::new(coord),
+        WorkerOptions {
+            job: args.job,
+            group_timeout: Duration::from_millis(args.group_timeout_ms),
+        },
+        BufReader::new(std::io::stdin()),
+        std::io::stdout(),
+    )?;
+    Ok(())
+}
+
+/// `marathon train --etcd`: the job's flags.
+#[derive(Debug, Clone, Args)]
+pub struct TrainEtcdFlags {
+    /// Run the job elastically through agents coordinated by the etcd at these endpoints
+    /// (comma-separated); the agents run on this machine.
+    #[arg(long)]
+    etcd: Option<String>,
+    /// The job's name in etcd (default: the configuration's name and the time).
+    #[arg(long, requires = "etcd")]
+    job: Option<String>,
+    /// Local agents to start, each a node (default: parallel.dp).
+    #[arg(long, requires = "etcd")]
+    nodes: Option<usize>,
+    /// Slots of each node (default: parallel.tp x parallel.pp).
+    #[arg(long, requires = "etcd")]
+    slots: Option<usize>,
+    #[command(flatten)]
+    elastic: ElasticFlags,
+}
+
+impl TrainEtcdFlags {
+    pub fn enabled(&self) -> bool {
+        self.etcd.is_some()
+    }
+}
+
+/// The agents of a local job, killed however the launcher ends.
+struct Agents(Vec<Child>);
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for a in &mut self.0 {
+            let _ = a.kill();
+        }
+        for a in &mut self.0 {
+            let _ = a.wait();
+        }
+    }
+}
+
+/// `marathon train --etcd`: starts one agent per node on this machine, follows the job's
+/// commits in etcd, and prints its summary and where its time went.
+pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Result<()> {
+    let urls = flags.etcd.clone().expect("train --etcd");
+    let cfg = elastic_config(config, layout)?;
+    preflight(&cfg).with_context(|| format!("start training from {}", config.display()))?;
+    let p = cfg.parallel;
+    let nodes = flags.nodes.unwrap_or(p.dp);
+    let slots = flags.slots.unwrap_or(p.tp * p.pp);
+    let stem = config
+        .file_stem()
+        .map_or("job".into(), |s| s.to_string_lossy().into_owned());
+    let job = flags
+        .job
+        .clone()
+        .unwrap_or_else(|| format!("{stem}-{}", worker::unix_ms()));
+    let coord = EtcdCoordinator::connect(&endpoints(&urls), Duration::from_secs(10))
+        .with_context(|| format!("connect to etcd at {urls}"))?;
+    let keys = JobKeys::new(&job);
+    if let Some(done) = coord.get(&keys.done())? {
+        let _ = done;
+        bail!("job {job} already finished in etcd at {urls}; give another --job");
+    }
+    let watch = coord.watch_prefix(keys.root())?;
+    let exe = std::env::current_exe().context("find the marathon executable")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / (nodes * slots)).max(1);
+    eprintln!(
+        "job {job}: {nodes} agents of {slots} slots (tp {} x pp {}; dp up to {}), coordinated by {urls}",
+        p.tp,
+        p.pp,
+        nodes * slots / (p.tp * p.pp)
+    );
+    let mut agents = Agents(Vec::with_capacity(nodes));
+    for i in 0..nodes {
+        let child = Command::new(&exe)
+            .args(["agent", "--etcd", &urls, "--job", &job])
+            .args([
+                "--node",
+                &format!("node-{i}"),
+                "--slots",
+                &slots.to_string(),
+            ])
+            .arg("--config")
+            .arg(config)
+            .args(["--wait-slots", &(nodes * slots).to_string()])
+            .args(layout.args())
+            .args(flags.elastic.args())
+            .env("MARATHON_WORKER_THREADS", threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start agent node-{i} from {}", exe.display()))?;
+        eprintln!("agent node-{i}: pid {}", child.id());
+        agents.0.push(child);
+    }
+    let steps = cfg.train.steps;
+    let mut shown = (0u64, 0u64);
+    let mut last_shown = Instant::now();
+    let summary = loop {
+        if let Some(change) = watch.next(Duration::from_millis(200))? {
+            match (keys.parse(&change.key), change.value) {
+                (JobKey::Committed(_), Some(v)) => {
+                    let Ok(c) = serde_json::from_slice::<StepCommit>(&v) else {
+                        continue;
+                    };
+                    let fresh = (c.generation, c.step) != shown;
+                    if fresh
+                        && (c.generation != shown.0
+                            || last_shown.elapsed() >= Duration::from_secs(1)
+                            || c.step == steps)
+                    {
+                        let loss = c.loss.map_or("-".into(), |l| format!("{l:.4}"));
+                        eprintln!(
+                            "step {}/{steps} loss {loss} (generation {}, dp {})",
+                            c.step, c.generation, c.dp
+                        );
+                        shown = (c.generation, c.step);
+                        last_shown = Instant::now();
+                    }
+                }
+                (JobKey::Done, Some(v)) => {
+                    break serde_json::from_slice::<Summary>(&v)
+                        .context("the job's summary in etcd does not parse")?;
+                }
+                _ => {}
+            }
+        }
+        if agents
+            .0
+            .iter_mut()
+            .all(|a| matches!(a.try_wait(), Ok(Some(_))))
+        {
+            bail!(
+                "every agent of job {job} exited before the job finished; their messages are \
+                 above"
+            );
+        }
+    };
+    // The agents stop their workers and exit once they see the job done.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agents
+        .0
+        .iter_mut()
+        .any(|a| matches!(a.try_wait(), Ok(None)))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    crate::launch::report_goodput(&summary);
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}

@@ -1,0 +1,561 @@
+//! The node agent: registers its node's slots under a lease, runs the membership core
+//! (`marathon_elastic::membership`) against etcd, and supervises one worker process per slot
+//! (`crate::worker`), carrying each through the job's generations without restarting it.
+//!
+//! What the agent sees and does:
+//! - Its own workers' deaths, at once (it is their parent). It records the loss under the
+//!   generation (`gen-<g>/lost/<node>/<slot>`, which every agent watches), so every member
+//!   aborts its collectives without waiting for a timeout. A node whose worker died is suspect
+//!   (a bad GPU, a bad host): it offers no slots for `cooldown`, then offers them again and the
+//!   job grows back at a step boundary.
+//! - Every registration, the leader, every generation and every loss, by one watch on the
+//!   job's keys. The leader plans; a plan commits with the generation counter in one
+//!   compare-and-swap, which fences proposals from an older generation.
+//! - Its workers' step progress: a worker with none for `hang` is declared hung, killed and
+//!   recorded lost like a dead one.
+//! - Its own lease: a lease that could not be kept alive means the job has presumed this node
+//!   dead, so the agent kills its workers and exits rather than carry on as a zombie.
+//!
+//! The worker processes hold the agent's pipe as their stdin; when the agent dies, they exit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use marathon_elastic::membership::{Action, Event, Membership, Timing};
+use marathon_elastic::plan::{Plan, Slot};
+use marathon_elastic::{job, Change, Coordinator, EtcdCoordinator, JobKey, JobKeys};
+
+use crate::worker::{unix_ms, FromWorker, LostRecord, PlannedRecord, ToWorker};
+use crate::{Result, RuntimeError};
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub endpoints: Vec<String>,
+    pub job: String,
+    /// This node's name, unique in the job.
+    pub node: String,
+    pub slots: usize,
+    /// The program and arguments that start one worker; the agent adds `--slot <index>`.
+    pub worker_program: PathBuf,
+    pub worker_args: Vec<String>,
+    /// Environment for the workers.
+    pub worker_env: Vec<(String, String)>,
+    pub tp: usize,
+    pub pp: usize,
+    /// Microbatches in the global batch.
+    pub microbatches: usize,
+    /// Time to live of the node's lease: a node that stops renewing it is dead this long after.
+    pub lease_ttl: Duration,
+    pub timing: Timing,
+    /// How long a node whose worker died offers no slots.
+    pub cooldown: Duration,
+    /// Live slots the job waits for before its first generation.
+    pub wait_slots: usize,
+}
+
+/// How often the agent looks at its workers and the clock.
+const TICK: Duration = Duration::from_millis(5);
+/// How long workers have to exit after being told to stop, before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What reaches the agent's loop.
+enum Input {
+    Change(Change),
+    WatchFailed(String),
+    Worker {
+        index: usize,
+        pid: u32,
+        event: FromWorker,
+    },
+}
+
+/// One worker process.
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    /// The agent stopped it on purpose: its exit is no failure.
+    stopping: bool,
+    /// Why the agent killed it, when it was evicted.
+    evicted: Option<String>,
+}
+
+impl Worker {
+    fn send(&mut self, cmd: &ToWorker) {
+        let line = serde_json::to_string(cmd).expect("commands serialise");
+        // A worker that cannot hear is dead or dying; its exit is seen and handled.
+        let _ = writeln!(self.stdin, "{line}").and_then(|_| self.stdin.flush());
+    }
+}
+
+/// Kills and reaps every worker however the agent ends.
+struct Workers(BTreeMap<usize, Worker>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in self.0.values_mut() {
+            let _ = w.child.kill();
+        }
+        for w in self.0.values_mut() {
+            let _ = w.child.wait();
+        }
+    }
+}
+
+/// Runs an agent until the job is done (`Ok`), or until this node is presumed dead or
+/// something it cannot retry fails.
+pub fn run(opts: AgentOptions) -> Result<()> {
+    Agent::new(opts)?.run()
+}
+
+struct Agent {
+    opts: AgentOptions,
+    coord: Arc<EtcdCoordinator>,
+    keys: JobKeys,
+    membership: Membership,
+    registration: marathon_elastic::Registration,
+    workers: Workers,
+    inputs: mpsc::Receiver<Input>,
+    tx: mpsc::Sender<Input>,
+    /// Until when this node offers no slots, after one of its workers died.
+    withdrawn_until: Option<Instant>,
+    /// The reason last given for not planning, so it is said once.
+    cannot_plan: Option<String>,
+    done: bool,
+}
+
+impl Agent {
+    fn new(opts: AgentOptions) -> Result<Self> {
+        let coord = Arc::new(EtcdCoordinator::connect(
+            &opts.endpoints,
+            Duration::from_secs(10),
+        )?);
+        let keys = JobKeys::new(&opts.job);
+        let membership =
+            Membership::new(&opts.node, opts.tp, opts.pp, opts.microbatches, opts.timing)
+                .wait_for_slots(opts.wait_slots);
+        let registration = coord.register(
+            &keys.node(&opts.node),
+            opts.slots.to_string().as_bytes(),
+            opts.lease_ttl,
+        )?;
+        let (tx, inputs) = mpsc::channel();
+        Ok(Agent {
+            opts,
+            coord,
+            keys,
+            membership,
+            registration,
+            workers: Workers(BTreeMap::new()),
+            inputs,
+            tx,
+            withdrawn_until: None,
+            cannot_plan: None,
+            done: false,
+        })
+    }
+
+    fn log(&self, msg: impl std::fmt::Display) {
+        eprintln!("agent {}: {msg}", self.opts.node);
+    }
+
+    fn run(mut self) -> Result<()> {
+        self.log(format_args!(
+            "registered {} slots for job {} at {}",
+            self.opts.slots,
+            self.opts.job,
+            self.opts.endpoints.join(",")
+        ));
+        self.resync()?;
+        loop {
+            if self.registration.lost() {
+                self.log("lost its lease: the job presumes this node dead; stopping its workers");
+                return Err(RuntimeError::Argument {
+                    name: "lease",
+                    reason: format!(
+                        "node {} could not keep its lease alive within {} ms; its workers were \
+                         stopped so they cannot act for a dead node. Check the connection to \
+                         etcd, then start the agent again: it rejoins as a new node",
+                        self.opts.node,
+                        self.opts.lease_ttl.as_millis()
+                    ),
+                });
+            }
+            match self.inputs.recv_timeout(TICK) {
+                Ok(Input::Change(c)) => self.on_change(c)?,
+                Ok(Input::WatchFailed(reason)) => {
+                    self.log(format_args!("the watch ended ({reason}); watching again"));
+                    self.resync()?;
+                }
+                Ok(Input::Worker { index, pid, event }) => self.on_worker(index, pid, event),
+                Err(_) => {}
+            }
+            self.reap()?;
+            self.cooldown()?;
+            self.feed(Event::Tick)?;
+            if self.done && self.workers.0.is_empty() {
+                self.log("the job is done");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Watches the job's keys, then reads them all: anything that changes between the two is
+    /// seen twice, which the membership core takes calmly.
+    fn resync(&mut self) -> Result<()> {
+        let watch = self.coord.watch_prefix(self.keys.root())?;
+        let tx = self.tx.clone();
+        std::thread::spawn(move || loop {
+            match watch.next(Duration::from_secs(1)) {
+                Ok(Some(c)) => {
+                    if tx.send(Input::Change(c)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = tx.send(Input::WatchFailed(e.to_string()));
+                    return;
+                }
+            }
+        });
+        for (key, value) in self.coord.list(self.keys.root())? {
+            self.on_change(Change {
+                key,
+                value: Some(value),
+            })?;
+        }
+        if self.coord.get(&self.keys.leader())?.is_none() {
+            self.campaign()?;
+        }
+        Ok(())
+    }
+
+    fn campaign(&mut self) -> Result<()> {
+        let holder = self.coord.campaign(
+            &self.keys.leader(),
+            self.opts.node.as_bytes(),
+            &self.registration,
+        )?;
+        if !holder.is_empty() {
+            let node = String::from_utf8_lossy(&holder).into_owned();
+            if node == self.opts.node {
+                self.log("leads the job");
+            }
+            self.feed(Event::Leader { node })?;
+        }
+        Ok(())
+    }
+
+    fn on_change(&mut self, c: Change) -> Result<()> {
+        match (self.keys.parse(&c.key), c.value) {
+            (JobKey::Node(node), Some(v)) => {
+                let slots = String::from_utf8_lossy(&v).parse().unwrap_or(0);
+                self.feed(Event::Registered { node, slots })
+            }
+            (JobKey::Node(node), None) => self.feed(Event::Expired { node }),
+            (JobKey::Leader, Some(v)) => {
+                let node = String::from_utf8_lossy(&v).into_owned();
+                self.feed(Event::Leader { node })
+            }
+            (JobKey::Leader, None) => self.campaign(),
+            (JobKey::Generation, Some(v)) => {
+                let generation = job::generation(&*self.coord, &self.keys)?;
+                let _ = v;
+                if generation <= self.membership.generation() {
+                    return Ok(());
+                }
+                let key = self.keys.plan(generation);
+                let Some(json) = self.coord.get(&key)? else {
+                    return Ok(());
+                };
+                let plan: Plan =
+                    serde_json::from_slice(&json).map_err(|e| RuntimeError::Argument {
+                        name: "plan",
+                        reason: format!("{key} does not parse: {e}"),
+                    })?;
+                self.feed(Event::Committed { generation, plan })
+            }
+            (JobKey::Lost { generation, slot }, Some(_)) => {
+                if generation == self.membership.generation() {
+                    self.feed(Event::WorkerExited { slot })?;
+                }
+                Ok(())
+            }
+            (JobKey::Done, Some(_)) => {
+                if !self.done {
+                    self.done = true;
+                    self.log("the job reached its last step; stopping the workers");
+                    for w in self.workers.0.values_mut() {
+                        w.stopping = true;
+                        w.send(&ToWorker::Stop);
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn on_worker(&mut self, index: usize, pid: u32, event: FromWorker) {
+        let slot = Slot {
+            node: self.opts.node.clone(),
+            index,
+        };
+        match &event {
+            FromWorker::Step { .. } => {
+                let _ = self.feed(Event::Progress { slot });
+            }
+            FromWorker::Started {
+                generation,
+                rank,
+                dp,
+                step,
+                reloaded,
+                groups_ms,
+                reconcile_ms,
+            } => {
+                let _ = self.feed(Event::Progress { slot });
+                if *rank == 0 {
+                    let from = match reloaded {
+                        Some(0) => ", from initialisation".to_string(),
+                        Some(s) => format!(", from the checkpoint of step {s} (storage)"),
+                        None => String::new(),
+                    };
+                    self.log(format_args!(
+                        "generation {generation} started at step {step} with dp {dp}{from}: \
+                         groups in {groups_ms:.0} ms, replicas reconciled in {reconcile_ms:.0} ms"
+                    ));
+                }
+            }
+            FromWorker::Interrupted {
+                generation,
+                step,
+                reason,
+            } => self.log(format_args!(
+                "slot {index} (pid {pid}) left generation {generation} after step {step}: {reason}"
+            )),
+            FromWorker::Finished { .. } => {}
+        }
+    }
+
+    /// Handles the exit of each worker that exited.
+    fn reap(&mut self) -> Result<()> {
+        let mut exited = Vec::new();
+        for (&index, w) in self.workers.0.iter_mut() {
+            if let Some(status) = w
+                .child
+                .try_wait()
+                .map_err(|e| RuntimeError::io("wait for a worker of", self.opts.node.clone(), e))?
+            {
+                exited.push((index, status, w.stopping, w.evicted.take(), w.child.id()));
+            }
+        }
+        for (index, status, stopping, evicted, pid) in exited {
+            self.workers.0.remove(&index);
+            if stopping {
+                continue;
+            }
+            let reason = evicted.unwrap_or_else(|| format!("exited ({status})"));
+            self.log(format_args!("worker of slot {index} (pid {pid}) {reason}"));
+            let slot = Slot {
+                node: self.opts.node.clone(),
+                index,
+            };
+            let generation = self.membership.generation();
+            if generation > 0 {
+                let record = LostRecord {
+                    detected_at_ms: unix_ms(),
+                    reason: reason.clone(),
+                };
+                let json = serde_json::to_vec(&record).expect("records serialise");
+                self.coord.put(&self.keys.lost(generation, &slot), &json)?;
+            }
+            self.feed(Event::WorkerExited { slot })?;
+            if !self.opts.cooldown.is_zero() && self.withdrawn_until.is_none() {
+                self.log(format_args!(
+                    "offers no slots for {} ms: a node whose worker died is suspect",
+                    self.opts.cooldown.as_millis()
+                ));
+                self.registration.update(b"0")?;
+                self.withdrawn_until = Some(Instant::now() + self.opts.cooldown);
+            }
+        }
+        Ok(())
+    }
+
+    fn cooldown(&mut self) -> Result<()> {
+        if self.withdrawn_until.is_some_and(|t| Instant::now() >= t) {
+            self.withdrawn_until = None;
+            self.log(format_args!("offers its {} slots again", self.opts.slots));
+            self.registration
+                .update(self.opts.slots.to_string().as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn feed(&mut self, event: Event) -> Result<()> {
+        let actions = self.membership.handle(Instant::now(), event);
+        for a in actions {
+            self.act(a)?;
+        }
+        Ok(())
+    }
+
+    fn act(&mut self, action: Action) -> Result<()> {
+        match action {
+            Action::Abort { generation } => {
+                for w in self.workers.0.values_mut() {
+                    w.send(&ToWorker::Abort { generation });
+                }
+            }
+            Action::Evict { slot } => {
+                if let Some(w) = self.workers.0.get_mut(&slot.index) {
+                    w.evicted = Some(format!(
+                        "was declared hung (no step within {} ms) and killed",
+                        self.opts.timing.hang.as_millis()
+                    ));
+                    let _ = w.child.kill();
+                }
+            }
+            Action::Propose { from, to, plan } => {
+                let record = PlannedRecord {
+                    at_ms: unix_ms(),
+                    dp: plan.dp,
+                    leader: self.opts.node.clone(),
+                };
+                let json = serde_json::to_vec(&record).expect("records serialise");
+                let planned = self.keys.planned(to);
+                let won = job::propose(
+                    &*self.coord,
+                    &self.keys,
+                    from,
+                    to,
+                    &plan,
+                    &[(&planned, &json)],
+                )?;
+                if won {
+                    self.cannot_plan = None;
+                    self.log(format_args!(
+                        "planned generation {to}: dp {} (microbatches {:?})",
+                        plan.dp, plan.microbatches
+                    ));
+                } else {
+                    self.log(format_args!(
+                        "the proposal of generation {to} was fenced: generation {from} is no \
+                         longer the running one"
+                    ));
+                }
+            }
+            Action::Start {
+                generation, plan, ..
+            } => self.start(generation, plan)?,
+            Action::CannotPlan { reason } => {
+                if self.cannot_plan.as_deref() != Some(&reason) {
+                    self.log(format_args!("cannot plan yet: {reason}"));
+                    self.cannot_plan = Some(reason);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs this node's part of generation `generation`: starts a worker for each of its
+    /// slots in the plan that has none, tells each its place, and stops the workers the plan
+    /// neither uses nor keeps on standby.
+    fn start(&mut self, generation: u64, plan: Plan) -> Result<()> {
+        let me = &self.opts.node;
+        let mine: BTreeSet<usize> = plan
+            .blocks
+            .iter()
+            .flat_map(|b| &b.slots)
+            .filter(|s| &s.node == me)
+            .map(|s| s.index)
+            .collect();
+        let standby: BTreeSet<usize> = plan
+            .standby
+            .iter()
+            .flat_map(|(_, s)| s)
+            .filter(|s| &s.node == me)
+            .map(|s| s.index)
+            .collect();
+        for (index, w) in self.workers.0.iter_mut() {
+            if !mine.contains(index) && !standby.contains(index) && !w.stopping {
+                w.stopping = true;
+                let _ = w.child.kill();
+            }
+        }
+        for &index in &mine {
+            if !self.workers.0.contains_key(&index) {
+                let w = self.spawn(index)?;
+                self.workers.0.insert(index, w);
+            }
+            let slot = Slot {
+                node: me.clone(),
+                index,
+            };
+            let w = self.workers.0.get_mut(&index).expect("started above");
+            w.send(&ToWorker::Start {
+                generation,
+                plan: plan.clone(),
+                slot,
+            });
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, index: usize) -> Result<Worker> {
+        let mut child = Command::new(&self.opts.worker_program)
+            .args(&self.opts.worker_args)
+            .args(["--slot", &index.to_string()])
+            .envs(self.opts.worker_env.iter().cloned())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| RuntimeError::io("start a worker from", &self.opts.worker_program, e))?;
+        let pid = child.id();
+        self.log(format_args!("slot {index}: worker pid {pid}"));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Ok(event) = serde_json::from_str::<FromWorker>(&line) {
+                    if tx.send(Input::Worker { index, pid, event }).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let stdin = child.stdin.take().expect("stdin is piped");
+        Ok(Worker {
+            child,
+            stdin,
+            stopping: false,
+            evicted: None,
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Workers told to stop get a moment to finish their last checkpoint; then `Workers`
+        // kills what is left.
+        let deadline = Instant::now() + STOP_GRACE;
+        while self.done
+            && Instant::now() < deadline
+            && self
+                .workers
+                .0
+                .values_mut()
+                .any(|w| matches!(w.child.try_wait(), Ok(None)))
+        {
+            std::thread::sleep(TICK);
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! An elastic worker: one slot of a node, carried through the job's generations by its agent
+//! (`crate::agent`) without restarting.
+//!
+//! The agent speaks to the worker in JSON lines on the worker's stdin ([`ToWorker`]) and hears
+//! back on its stdout ([`FromWorker`]). A generation starts with its plan: the worker finds its
+//! place (replica, stage, tensor rank), joins the generation's process groups, and then
+//! - on its first generation, builds its trainer: from the newest checkpoint when some stage
+//!   has no live copy (the start of a job, or the last resort), else with no state at all,
+//!   to be filled by a peer;
+//! - on a later one, keeps its trainer and its memory (`Trainer::regroup`), reloading from
+//!   storage only when some stage has no live copy left.
+//!
+//! Every rank then calls `Trainer::reconcile`, which copies the state of the most advanced
+//! replica of each shard to the others: a joining replica receives its state from a healthy one
+//! over the process groups, never from storage. Rank 0 commits each step, with the consumed
+//! samples counter, in a transaction fenced by the generation ([`StepCommit`]); a refused
+//! commit means a newer generation exists, and the worker stops and waits for it.
+//!
+//! A generation ends three ways. An abort from the agent (a member died or hung) fails the
+//! step in flight at once; its partial work is dropped. A newer plan that only grows the job
+//! raises the trainer's stop signal, and every rank stops after the same step, with the step
+//! applied. The last step ends the job: rank 0 writes the job's summary fenced, and the agent
+//! stops its workers.
+
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use marathon_elastic::plan::{Plan, Slot, StateSource};
+use marathon_elastic::topology::Coords;
+use marathon_elastic::{job, Coordinator, JobKey, JobKeys, Topology};
+use serde::{Deserialize, Serialize};
+
+use crate::comm::{AbortHandle, GroupSpec};
+use crate::trainer::{Goodput, Observer, Summary};
+use crate::{Groups, Result, RuntimeError, TrainConfig, Trainer};
+
+/// What an agent tells its worker, one JSON object per line on the worker's stdin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// Run generation `generation` of `plan` as `slot`.
+    Start {
+        generation: u64,
+        plan: Plan,
+        slot: Slot,
+    },
+    /// Abort generation `generation`'s collectives now: one of its members is gone.
+    Abort { generation: u64 },
+    /// Exit.
+    Stop,
+}
+
+/// What a worker tells its agent, one JSON object per line on its stdout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// The worker joined generation `generation`'s groups and reconciled: it continues from
+    /// `step`. `reloaded` is the checkpoint step it loaded from storage, if it did (0: none
+    /// existed, so from initialisation).
+    Started {
+        generation: u64,
+        rank: usize,
+        dp: usize,
+        step: u64,
+        reloaded: Option<u64>,
+        groups_ms: f64,
+        reconcile_ms: f64,
+    },
+    /// A step completed.
+    Step {
+        generation: u64,
+        step: u64,
+        loss: f32,
+        step_ms: f64,
+    },
+    /// The generation ended before the job did.
+    Interrupted {
+        generation: u64,
+        step: u64,
+        reason: String,
+    },
+    /// The job reached its last step.
+    Finished { generation: u64 },
+}
+
+/// A generation's record of progress, committed by its rank 0 after each step (and once when
+/// it starts) under `gen-<g>/committed`, fenced by the generation. Times are Unix milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepCommit {
+    pub generation: u64,
+    /// Steps completed.
+    pub step: u64,
+    /// Samples consumed by those steps: the data order's position.
+    pub consumed_samples: u64,
+    /// The last step's loss; `None` in the record that starts the generation.
+    pub loss: Option<f32>,
+    pub dp: usize,
+    /// The step the generation started from.
+    pub first_step: u64,
+    /// When the worker was told to start the generation, when its groups formed, when the
+    /// replicas were reconciled, and when this record was written.
+    pub told_at_ms: u64,
+    pub groups_at_ms: u64,
+    pub ready_at_ms: u64,
+    pub at_ms: u64,
+    /// The checkpoint step the generation reloaded from storage, if it did (0: none existed).
+    pub reloaded: Option<u64>,
+    /// This generation's time in kept steps, validation and checkpoint stalls.
+    pub training_s: f64,
+    pub eval_s: f64,
+    pub checkpoint_stall_s: f64,
+    /// Steps this generation ran that an earlier one had already committed (after a reload
+    /// from storage), and their time.
+    pub recomputed_steps: u64,
+    pub recomputed_s: f64,
+}
+
+/// A worker lost in a generation, recorded by the agent that saw it under
+/// `gen-<g>/lost/<node>/<slot>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LostRecord {
+    pub detected_at_ms: u64,
+    pub reason: String,
+}
+
+/// A generation's planning, written by the leader with the plan under `gen-<g>/planned`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannedRecord {
+    pub at_ms: u64,
+    pub dp: usize,
+    pub leader: String,
+}
+
+/// The current time in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the worker needs besides its configuration.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub job: String,
+    /// Deadline of every collective, and of a generation's rendezvous.
+    pub group_timeout: Duration,
+}
+
+/// The exit status of a worker whose agent went away (its stdin closed).
+pub const EXIT_AGENT_GONE: i32 = 4;
+
+/// What the control thread and the training thread share.
+#[derive(Debug, Default)]
+struct Control {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+    /// The trainer's stop signal: a newer generation is waiting.
+    newer: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Default)]
+struct ControlState {
+    next: Option<(u64, Plan, Slot, u64)>,
+    stop: bool,
+    /// The newest generation the agent aborted.
+    aborted: u64,
+    /// The generation whose groups `aborts` abort.
+    running: u64,
+    aborts: Vec<AbortHandle>,
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handle(&self, cmd: ToWorker) {
+        let mut s = self.lock();
+        match cmd {
+            ToWorker::Start {
+                generation,
+                plan,
+                slot,
+            } => {
+                if s.next.as_ref().is_none_or(|n| n.0 < generation) && generation > s.running {
+                    s.next = Some((generation, plan, slot, unix_ms()));
+                    self.newer.store(true, Ordering::SeqCst);
+                }
+            }
+            ToWorker::Abort { generation } => {
+                s.aborted = s.aborted.max(generation);
+                if s.running <= generation {
+                    s.aborts.iter().for_each(AbortHandle::abort);
+                }
+            }
+            ToWorker::Stop => {
+                s.stop = true;
+                self.newer.store(true, Ordering::SeqCst);
+                s.aborts.iter().for_each(AbortHandle::abort);
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// The next generation to run, or `None` when told to stop.
+    fn next(&self) -> Option<(u64, Plan, Slot, u64)> {
+        let mut s = self.lock();
+        loop {
+            if s.stop {
+                return None;
+            }
+            if let Some(n) = s.next.take() {
+                self.newer.store(false, Ordering::SeqCst);
+                s.running = n.0;
+                s.aborts.clear();
+                return Some(n);
+            }
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Arms the abort of generation `generation`'s groups; fails at once if it was already
+    /// aborted or superseded.
+    fn arm(&self, generation: u64, groups: &Groups) -> Result<()> {
+        let mut s = self.lock();
+        s.aborts = [&groups.tp, &groups.pp, &groups.dp, &groups.emb]
+            .into_iter()
+            .flatten()
+            .map(|g| g.abort_handle())
+            .collect();
+        if s.aborted >= generation || s.stop || s.next.is_some() {
+            s.aborts.iter().for_each(AbortHandle::abort);
+            return Err(RuntimeError::Aborted {
+                op: "start",
+                group: format!("generation {generation}"),
+                rank: 0,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How a generation ended.
+enum Ended {
+    /// A newer generation was committed; every rank stopped after the same step.
+    Superseded,
+    /// A commit was refused: a newer generation exists.
+    Fenced,
+    /// The job's last step is done.
+    Finished,
+}
+
+/// Sends events to the agent.
+struct Events<W: Write>(W);
+
+impl<W: Write> Events<W> {
+    fn send(&mut self, e: &FromWorker) {
+        let line = serde_json::to_string(e).expect("events serialise");
+        // An agent that stopped listening is gone; stdin's end tells the worker so.
+        let _ = writeln!(self.0, "{line}").and_then(|_| self.0.flush());
+    }
+}
+
+struct Quiet;
+impl Observer for Quiet {}
+
+/// Runs an elastic worker until its agent says stop (`Ok`) or goes away (the process exits
+/// with [`EXIT_AGENT_GONE`]). `control` is the agent's side of the channel (the worker's
+/// stdin), `events` the worker's (its stdout).
+pub fn run(
+    cfg: TrainConfig,
+    coord: Arc<dyn Coordinator>,
+    opts: WorkerOptions,
+    control: impl BufRead + Send + 'static,
+    events: impl Write,
+) -> Result<()> {
+    let shared = Arc::new(Control::default());
+    {
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            for line in control.lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<ToWorker>(&line) {
+                    Ok(cmd) => shared.handle(cmd),
+                    Err(e) => {
+                        eprintln!("worker: ignoring a command that does not parse ({e}): {line}")
+                    }
+                }
+            }
+            eprintln!("worker: the agent is gone; stopping");
+            std::process::exit(EXIT_AGENT_GONE);
+        });
+    }
+    let keys = JobKeys::new(&opts.job);
+    let mut events = Events(events);
+    let mut trainer: Option<Trainer> = None;
+    while let Some((generation, plan, slot, told_at_ms)) = shared.next() {
+        let mut gen = Generation {
+            cfg: &cfg,
+            coord: &*coord,
+            keys: &keys,
+            opts: &opts,
+            control: &shared,
+            generation,
+            plan: &plan,
+            slot: &slot,
+            told_at_ms,
+        };
+        match gen.run(&mut trainer, &mut events) {
+            Ok(Ended::Finished) => events.send(&FromWorker::Finished { generation }),
+            Ok(Ended::Superseded) => {}
+            Ok(Ended::Fenced) => events.send(&FromWorker::Interrupted {
+                generation,
+                step: trainer.as_ref().map_or(0, |t| t.step),
+                reason: "fenced: a newer generation exists".into(),
+            }),
+            Err(e) => events.send(&FromWorker::Interrupted {
+                generation,
+                step: trainer.as_ref().map_or(0, |t| t.step),
+                reason: e.to_string(),
+            }),
+        }
+    }
+    Ok(())
+}
+
+/// One generation of one worker.
+struct Generation<'a> {
+    cfg: &'a TrainConfig,
+    coord: &'a dyn Coordinator,
+    keys: &'a JobKeys,
+    opts: &'a WorkerOptions,
+    control: &'a Control,
+    generation: u64,
+    plan: &'a Plan,
+    slot: &'a Slot,
+    told_at_ms: u64,
+}
+
+impl Generation<'_> {
+    fn run<W: Write>(
+        &mut self,
+        trainer: &mut Option<Trainer>,
+        events: &mut Events<W>,
+    ) -> Result<Ended> {
+        let (plan, g) = (self.plan, self.generation);
+        let role = plan.roles().get(self.slot).copied();
+        let Some((replica, stage, tp_rank)) = role else {
+            return Err(RuntimeError::Argument {
+                name: "slot",
+                reason: format!("{:?} has no place in the plan of generation {g}", self.slot),
+            });
+        };
+        let topology = Topology::new(plan.tp, plan.pp, plan.dp);
+        let rank = topology.rank(Coords {
+            pp: stage,
+            dp: replica,
+            tp: tp_rank,
+        });
+        let t0 = Instant::now();
+        let mut spec = GroupSpec::loopback(&self.opts.job, "", 0, 1, self.opts.group_timeout);
+        spec.generation = g;
+        spec.rendezvous_timeout = self.opts.group_timeout;
+        let groups = Groups::connect(self.coord, topology, rank, &spec)?;
+        self.control.arm(g, &groups)?;
+        let groups_at_ms = unix_ms();
+        let groups_ms = t0.elapsed().as_secs_f64() * 1e3;
+        // A stage that no block keeps in memory comes from the newest checkpoint, for every
+        // rank: the job resumes from there as a whole.
+        let from_storage = (0..plan.pp).any(|stage| {
+            !plan
+                .blocks
+                .iter()
+                .any(|b| b.stage == stage && b.state == StateSource::Kept)
+        });
+        let mut cfg = self.cfg.clone();
+        cfg.parallel.dp = plan.dp;
+        let mut reloaded = None;
+        let t1 = Instant::now();
+        let t = match trainer {
+            Some(t) => {
+                t.regroup(groups)?;
+                if from_storage {
+                    reloaded = Some(t.reload()?.unwrap_or(0));
+                }
+                t
+            }
+            None if from_storage => {
+                let t = Trainer::with_groups(cfg, groups)?;
+                reloaded = Some(t.resumed_from().unwrap_or(0));
+                trainer.insert(t)
+            }
+            None => trainer.insert(Trainer::joining(cfg, groups)?),
+        };
+        t.set_generation(g);
+        t.set_stop_signal(self.control.newer.clone());
+        let step = match t.reconcile() {
+            Ok(step) => step,
+            // Shards left at different steps: every rank failed together, and together they
+            // take the newest checkpoint.
+            Err(RuntimeError::Config { reason, .. }) => {
+                eprintln!("worker: {reason}; reloading the newest checkpoint");
+                reloaded = Some(t.reload()?.unwrap_or(0));
+                t.reconcile()?
+            }
+            Err(e) => return Err(e),
+        };
+        let reconcile_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let is_rank0 = rank == 0;
+        let high_water = if is_rank0 {
+            committed_high_water(self.coord, self.keys, g)?
+        } else {
+            0
+        };
+        let mut record = StepCommit {
+            generation: g,
+            step,
+            consumed_samples: t.consumed_samples,
+            loss: None,
+            dp: plan.dp,
+            first_step: step,
+            told_at_ms: self.told_at_ms,
+            groups_at_ms,
+            ready_at_ms: unix_ms(),
+            at_ms: unix_ms(),
+            reloaded,
+            training_s: 0.0,
+            eval_s: 0.0,
+            checkpoint_stall_s: 0.0,
+            recomputed_steps: 0,
+            recomputed_s: 0.0,
+        };
+        if is_rank0 && !self.commit(&record)? {
+            return Ok(Ended::Fenced);
+        }
+        events.send(&FromWorker::Started {
+            generation: g,
+            rank,
+            dp: plan.dp,
+            step,
+            reloaded,
+            groups_ms,
+            reconcile_ms,
+        });
+        let started = Instant::now();
+        let mut goodput = Goodput::default();
+        let mut last = f32::NAN;
+        while t.step < t.cfg.train.steps {
+            let before = goodput.training_s;
+            let rec = t.advance(&mut Quiet, &mut goodput)?;
+            last = rec.loss;
+            if rec.step <= high_water {
+                record.recomputed_steps += 1;
+                record.recomputed_s += goodput.training_s - before;
+                goodput.training_s = before;
+            }
+            events.send(&FromWorker::Step {
+                generation: g,
+                step: rec.step,
+                loss: rec.loss,
+                step_ms: rec.step_ms,
+            });
+            if t.stop_agreed() {
+                // A newer generation is committed: this one can commit nothing more, and the
+                // step every rank just applied is carried into the next by reconcile.
+                return Ok(Ended::Superseded);
+            }
+            if is_rank0 {
+                record.step = rec.step;
+                record.consumed_samples = t.consumed_samples;
+                record.loss = Some(rec.loss);
+                record.at_ms = unix_ms();
+                record.training_s = goodput.training_s;
+                record.eval_s = goodput.eval_s;
+                record.checkpoint_stall_s = goodput.checkpoint_stall_s;
+                if !self.commit(&record)? {
+                    return Ok(Ended::Fenced);
+                }
+            }
+        }
+        let summary = t.conclude(started, goodput, last)?;
+        if is_rank0 {
+            let job = job_summary(self.coord, self.keys, &summary)?;
+            let json = serde_json::to_vec(&job).expect("summaries serialise");
+            if !job::fenced_put(self.coord, self.keys, g, &[(&self.keys.done(), &json)])? {
+                return Ok(Ended::Fenced);
+            }
+        }
+        Ok(Ended::Finished)
+    }
+
+    /// Commits `record`, fenced by the generation; `false` when a newer one exists.
+    fn commit(&self, record: &StepCommit) -> Result<bool> {
+        let json = serde_json::to_vec(record).expect("commits serialise");
+        let key = self.keys.committed(self.generation);
+        Ok(job::fenced_put(
+            self.coord,
+            self.keys,
+            self.generation,
+            &[(&key, &json)],
+        )?)
+    }
+}
+
+/// The highest step any generation before `generation` committed.
+fn committed_high_water(coord: &dyn Coordinator, keys: &JobKeys, generation: u64) -> Result<u64> {
+    let mut high = 0;
+    for (k, v) in coord.list(keys.root())? {
+        if let JobKey::Committed(g) = keys.parse(&k) {
+            if g < generation {
+                if let Ok(c) = serde_json::from_slice::<StepCommit>(&v) {
+                    high = high.max(c.step);
+                }
+            }
+        }
+    }
+    Ok(high)
+}
+
+/// The job's summary: `last` (the final generation's rank 0) with the accounting of every
+/// generation, read back from the coordinator.
+fn job_summary(coord: &dyn Coordinator, keys: &JobKeys, last: &Summary) -> Result<Summary> {
+    let (mut commits, mut lost, mut planned) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, v) in coord.list(keys.root())? {
+        match keys.parse(&k) {
+            JobKey::Committed(_) => commits.extend(serde_json::from_slice::<StepCommit>(&v).ok()),
+            JobKey::Lost { generation, .. } => {
+                if let Ok(l) = serde_json::from_slice::<LostRecord>(&v) {
+                    lost.push((generation, l));
+                }
+            }
+            JobKey::Planned(_) => planned.extend(serde_json::from_slice::<PlannedRecord>(&v).ok()),
+            _ => {}
+        }
+    }
+    let mut summary = last.clone();
+    (summary.goodput, summary.elapsed_s) = goodput(&commits, &lost, &planned, unix_ms());
+    Ok(summary)
+}
+
+/// Where an elastic job's time went, from its generations' records: training in kept steps,
+/// validation, checkpoint stalls, and for each change of generation the time from the last
+/// committed step to the failure's detection (the dropped step's work included), from there to
+/// the new generation's groups (re-forming), and from there to reconciled replicas (peer
+/// transfer, or the reload from storage), plus steps run again after a reload. Returns it with
+/// the job's elapsed seconds, from its first plan to `end_ms`.
+pub fn goodput(
+    commits: &[StepCommit],
+    lost: &[(u64, LostRecord)],
+    planned: &[PlannedRecord],
+    end_ms: u64,
+) -> (Goodput, f64) {
+    let mut commits: Vec<&StepCommit> = commits.iter().collect();
+    commits.sort_by_key(|c| c.generation);
+    let start_ms = planned
+        .iter()
+        .map(|p| p.at_ms)
+        .chain(commits.first().map(|c| c.told_at_ms))
+        .min()
+        .unwrap_or(end_ms);
+    let s = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
+    let mut g = Goodput::default();
+    let mut previous: Option<&StepCommit> = None;
+    for c in &commits {
+        g.training_s += c.training_s;
+        g.eval_s += c.eval_s;
+        g.checkpoint_stall_s += c.checkpoint_stall_s;
+        g.recomputed_s += c.recomputed_s;
+        g.recomputed_steps += c.recomputed_steps;
+        match previous {
+            None => g.startup_s += s(start_ms, c.ready_at_ms),
+            Some(p) => {
+                let detected = lost
+                    .iter()
+                    .filter(|(gen, _)| *gen == p.generation)
+                    .map(|(_, l)| l.detected_at_ms)
+                    .min();
+                let from = match detected {
+                    Some(d) => {
+                        g.detection_s += s(p.at_ms, d);
+                        d
+                    }
+                    None => p.at_ms,
+                };
+                g.reform_s += s(from, c.groups_at_ms);
+                g.transfer_s += s(c.groups_at_ms, c.ready_at_ms);
+            }
+        }
+        previous = Some(c);
+    }
+    let elapsed_s = s(start_ms, end_ms);
+    g.effective_fraction = if elapsed_s > 0.0 {
+        g.training_s / elapsed_s
+    } else {
+        0.0
+    };
+    (g, elapsed_s)
+}
