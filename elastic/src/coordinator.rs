@@ -322,6 +322,44 @@ pub mod conformance {
         missing_key_times_out(&*c, prefix);
         compare_and_swap_has_one_winner(c.clone(), prefix);
         list_and_delete(&*c, prefix);
+        generations_fence_old_writers(&*c, prefix);
+    }
+
+    /// Plans commit with their generation, once; writes fenced by an old generation fail.
+    fn generations_fence_old_writers(c: &dyn Coordinator, prefix: &str) {
+        use crate::job::{fenced_put, generation, propose, JobKeys};
+        use crate::plan::Plan;
+        let keys = JobKeys::new(&format!("conformance{}", prefix.replace('/', "-")));
+        let plan = |dp: usize| Plan {
+            tp: 1,
+            pp: 1,
+            dp,
+            blocks: vec![],
+            microbatches: vec![1; dp],
+            standby: vec![],
+        };
+        assert_eq!(generation(c, &keys).expect("read"), 0);
+        assert!(propose(c, &keys, 0, 1, &plan(2), &[]).expect("first plan"));
+        assert!(!propose(c, &keys, 0, 1, &plan(3), &[]).expect("a rival first plan"));
+        let stored = c.get(&keys.plan(1)).expect("get").expect("the plan");
+        let stored: Plan = serde_json::from_slice(&stored).expect("a plan");
+        assert_eq!(stored.dp, 2, "the winner's plan");
+        assert!(fenced_put(c, &keys, 1, &[(&keys.committed(1), b"step 1")]).expect("commit"));
+        assert!(propose(c, &keys, 1, 2, &plan(1), &[]).expect("second plan"));
+        // The old generation can write nothing now, in one key or several.
+        let late = [
+            (keys.committed(1), b"late".as_slice()),
+            (keys.done(), b"done"),
+        ];
+        let late: Vec<(&str, &[u8])> = late.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert!(!fenced_put(c, &keys, 1, &late).expect("a fenced commit"));
+        assert_eq!(
+            c.get(&keys.committed(1)).expect("get"),
+            Some(b"step 1".to_vec())
+        );
+        assert_eq!(c.get(&keys.done()).expect("get"), None);
+        assert!(!propose(c, &keys, 1, 2, &plan(5), &[]).expect("a stale proposal"));
+        assert_eq!(generation(c, &keys).expect("read"), 2);
     }
 
     fn compare_and_swap_has_one_winner(c: Arc<dyn Coordinator>, prefix: &str) {

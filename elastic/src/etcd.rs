@@ -117,7 +117,7 @@ impl EtcdCoordinator {
         let lease = self.call("grant a lease for", key, |mut c| async move {
             c.lease_grant(ttl_s, None).await
         })?;
-        let id = lease.id();
+        let (id, granted_s) = (lease.id(), lease.ttl());
         let (k, v) = (key.to_owned(), value.to_vec());
         self.call("register", key, |mut c| {
             let (k, v) = (k.clone(), v.clone());
@@ -140,6 +140,7 @@ impl EtcdCoordinator {
         Ok(Registration {
             coord: self.clone(),
             lease: id,
+            ttl: Duration::from_secs(granted_s.max(0) as u64),
             key: key.to_owned(),
             lost,
             stop,
@@ -326,6 +327,7 @@ async fn keep_alive(
 pub struct Registration {
     coord: EtcdCoordinator,
     lease: i64,
+    ttl: Duration,
     key: String,
     lost: Arc<AtomicBool>,
     stop: Arc<tokio::sync::Notify>,
@@ -342,6 +344,12 @@ impl Registration {
     /// Whether the lease expired: the key is gone, and the holder must stop as if dead.
     pub fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
+    }
+
+    /// The lease's time to live as etcd granted it: whole seconds, and never below etcd's
+    /// minimum (1.5 election timeouts, 2 s with etcd's defaults).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// Replaces the registered value, keeping the lease.

@@ -152,7 +152,8 @@ pub fn generation(coord: &dyn Coordinator, keys: &JobKeys) -> Result<u64, Elasti
     }
 }
 
-pub(crate) fn parse_generation(key: &str, v: &[u8]) -> Result<u64, ElasticError> {
+/// Reads a generation counter's value (`key` names it in the error).
+pub fn parse_generation(key: &str, v: &[u8]) -> Result<u64, ElasticError> {
     std::str::from_utf8(v)
         .ok()
         .and_then(|s| s.parse().ok())

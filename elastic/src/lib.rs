@@ -57,3 +57,24 @@ impl ElasticError {
         }
     }
 }
+
+/// Runs `op` until it succeeds or `budget` has passed, backing off from 50 ms to 1 s between
+/// tries: a coordinator that is briefly unreachable (an etcd member lost, a leader election)
+/// costs a pause, not the job. Returns the last error when the budget runs out.
+pub fn retrying<T>(
+    budget: Duration,
+    mut op: impl FnMut() -> Result<T, ElasticError>,
+) -> Result<T, ElasticError> {
+    let deadline = std::time::Instant::now() + budget;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() && std::time::Instant::now() + backoff < deadline => {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -63,7 +63,7 @@ pub struct Timing {
     /// How long after a change the leader waits before planning, to gather changes that come
     /// together.
     pub settle: Duration,
-    /// A worker in the plan that makes no step progress for this long is declared hung.
+    /// A worker in the plan silent for this long (no step, no heartbeat) is declared hung.
     pub hang: Duration,
 }
 

@@ -117,3 +117,32 @@ fn a_prefix_watch_sees_registrations_and_their_expiry_without_polling() {
     );
     println!("lease of TTL {ttl:?} seen expiring by the watch {seen_after:?} after its keep-alive stopped");
 }
+
+#[test]
+fn one_campaigner_leads_until_its_lease_goes_then_another_takes_over() {
+    let etcd = Etcd::start();
+    let c = etcd.connect();
+    let ttl = Duration::from_secs(2);
+    let key = "/marathon/job/leader";
+    let a = c.register("/marathon/job/nodes/a", b"1", ttl).expect("a");
+    let b = c.register("/marathon/job/nodes/b", b"1", ttl).expect("b");
+    assert_eq!(c.campaign(key, b"a", &a).expect("a campaigns"), b"a");
+    // b learns who leads instead of taking over.
+    assert_eq!(c.campaign(key, b"b", &b).expect("b campaigns"), b"a");
+    assert_eq!(c.get(key).expect("get"), Some(b"a".to_vec()));
+    // The leader's lease goes (revoked here; expiry works the same): so does the leadership,
+    // and a watcher of the job sees it and campaigns.
+    let watch = c.watch_prefix("/marathon/job/").expect("watch");
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let change = watch
+            .next(deadline.saturating_duration_since(Instant::now()))
+            .expect("watch")
+            .expect("the leader's key is deleted before the deadline");
+        if change.key == key && change.value.is_none() {
+            break;
+        }
+    }
+    assert_eq!(c.campaign(key, b"b", &b).expect("b campaigns again"), b"b");
+}

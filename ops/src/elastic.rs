@@ -11,13 +11,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use marathon_elastic::membership::Timing;
-use marathon_elastic::{Coordinator, EtcdCoordinator, JobKey, JobKeys};
+use marathon_elastic::{retrying, Change, Coordinator, EtcdCoordinator, JobKey, JobKeys};
 use marathon_runtime::agent::{self, AgentOptions};
 use marathon_runtime::trainer::{preflight, Summary};
 use marathon_runtime::worker::{self, StepCommit, WorkerOptions};
 use marathon_runtime::TrainConfig;
 
 use crate::launch::LayoutFlags;
+
+/// How long the launcher keeps retrying etcd before it gives up on the job.
+const OUTAGE_MAX: Duration = Duration::from_secs(30);
 
 /// How an elastic job detects failures and re-forms.
 #[derive(Debug, Clone, Args)]
@@ -30,8 +33,10 @@ pub struct ElasticFlags {
     /// come together.
     #[arg(long, default_value_t = 50)]
     settle_ms: u64,
-    /// A worker with no completed step for this long is declared hung and evicted.
-    #[arg(long, default_value_t = 120_000)]
+    /// A worker process silent for this long (no heartbeat: stopped, or wedged whole) is
+    /// declared hung and evicted. A worker blocked in a collective still beats; the
+    /// collective's deadline (--group-timeout-ms) fails its step instead.
+    #[arg(long, default_value_t = 10_000)]
     hang_ms: u64,
     /// How long a node whose worker died offers no slots (0: it is used again at once).
     #[arg(long, default_value_t = 30_000)]
@@ -95,6 +100,8 @@ pub struct WorkerArgs {
     slot: usize,
     #[arg(long, default_value_t = 60_000)]
     group_timeout_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
     #[command(flatten)]
     layout: LayoutFlags,
 }
@@ -155,6 +162,8 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         args.config.display().to_string(),
         "--group-timeout-ms".into(),
         args.elastic.group_timeout_ms.to_string(),
+        "--heartbeat-ms".into(),
+        (args.elastic.hang_ms / 5).clamp(20, 1000).to_string(),
     ];
     worker_args.extend(args.layout.args());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -196,6 +205,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         WorkerOptions {
             job: args.job,
             group_timeout: Duration::from_millis(args.group_timeout_ms),
+            heartbeat: Duration::from_millis(args.heartbeat_ms),
         },
         BufReader::new(std::io::stdin()),
         std::io::stdout(),
@@ -266,7 +276,7 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
         let _ = done;
         bail!("job {job} already finished in etcd at {urls}; give another --job");
     }
-    let watch = coord.watch_prefix(keys.root())?;
+    let mut watch = coord.watch_prefix(keys.root())?;
     let exe = std::env::current_exe().context("find the marathon executable")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / (nodes * slots)).max(1);
@@ -304,7 +314,20 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
     let mut shown = (0u64, 0u64);
     let mut last_shown = Instant::now();
     let summary = loop {
-        if let Some(change) = watch.next(Duration::from_millis(200))? {
+        let change = match watch.next(Duration::from_millis(200)) {
+            Ok(c) => c,
+            Err(e) => {
+                // An etcd member went away: watch again through the others, and look for the
+                // end of the job in case it came meanwhile.
+                eprintln!("the watch of job {job} ended ({e}); watching again");
+                watch = retrying(OUTAGE_MAX, || coord.watch_prefix(keys.root()))?;
+                retrying(OUTAGE_MAX, || coord.get(&keys.done()))?.map(|v| Change {
+                    key: keys.done(),
+                    value: Some(v),
+                })
+            }
+        };
+        if let Some(change) = change {
             match (keys.parse(&change.key), change.value) {
                 (JobKey::Committed(_), Some(v)) => {
                     let Ok(c) = serde_json::from_slice::<StepCommit>(&v) else {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
 use marathon_elastic::plan::{Plan, Slot};
-use marathon_elastic::{job, Change, Coordinator, EtcdCoordinator, JobKey, JobKeys};
+use marathon_elastic::{job, retrying, Change, Coordinator, EtcdCoordinator, JobKey, JobKeys};
 
 use crate::worker::{unix_ms, FromWorker, LostRecord, PlannedRecord, ToWorker};
 use crate::{Result, RuntimeError};
@@ -63,6 +63,9 @@ pub struct AgentOptions {
 const TICK: Duration = Duration::from_millis(5);
 /// How long workers have to exit after being told to stop, before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the agent keeps retrying an etcd call before it gives up; a longer outage costs
+/// the node its lease anyway.
+const OUTAGE_MAX: Duration = Duration::from_secs(30);
 
 /// What reaches the agent's loop.
 enum Input {
@@ -166,10 +169,11 @@ impl Agent {
 
     fn run(mut self) -> Result<()> {
         self.log(format_args!(
-            "registered {} slots for job {} at {}",
+            "registered {} slots for job {} at {} under a lease of {} s",
             self.opts.slots,
             self.opts.job,
-            self.opts.endpoints.join(",")
+            self.opts.endpoints.join(","),
+            self.registration.ttl().as_secs()
         ));
         self.resync()?;
         loop {
@@ -208,7 +212,8 @@ impl Agent {
     /// Watches the job's keys, then reads them all: anything that changes between the two is
     /// seen twice, which the membership core takes calmly.
     fn resync(&mut self) -> Result<()> {
-        let watch = self.coord.watch_prefix(self.keys.root())?;
+        let (coord, root) = (self.coord.clone(), self.keys.root().to_owned());
+        let watch = retrying(OUTAGE_MAX, || coord.watch_prefix(&root))?;
         let tx = self.tx.clone();
         std::thread::spawn(move || loop {
             match watch.next(Duration::from_secs(1)) {
@@ -224,24 +229,23 @@ impl Agent {
                 }
             }
         });
-        for (key, value) in self.coord.list(self.keys.root())? {
+        for (key, value) in retrying(OUTAGE_MAX, || coord.list(&root))? {
             self.on_change(Change {
                 key,
                 value: Some(value),
             })?;
         }
-        if self.coord.get(&self.keys.leader())?.is_none() {
+        if retrying(OUTAGE_MAX, || coord.get(&self.keys.leader()))?.is_none() {
             self.campaign()?;
         }
         Ok(())
     }
 
     fn campaign(&mut self) -> Result<()> {
-        let holder = self.coord.campaign(
-            &self.keys.leader(),
-            self.opts.node.as_bytes(),
-            &self.registration,
-        )?;
+        let (key, me) = (self.keys.leader(), self.opts.node.as_bytes());
+        let holder = retrying(OUTAGE_MAX, || {
+            self.coord.campaign(&key, me, &self.registration)
+        })?;
         if !holder.is_empty() {
             let node = String::from_utf8_lossy(&holder).into_owned();
             if node == self.opts.node {
@@ -265,13 +269,12 @@ impl Agent {
             }
             (JobKey::Leader, None) => self.campaign(),
             (JobKey::Generation, Some(v)) => {
-                let generation = job::generation(&*self.coord, &self.keys)?;
-                let _ = v;
+                let generation = marathon_elastic::job::parse_generation(&c.key, &v)?;
                 if generation <= self.membership.generation() {
                     return Ok(());
                 }
                 let key = self.keys.plan(generation);
-                let Some(json) = self.coord.get(&key)? else {
+                let Some(json) = retrying(OUTAGE_MAX, || self.coord.get(&key))? else {
                     return Ok(());
                 };
                 let plan: Plan =
@@ -308,19 +311,26 @@ impl Agent {
             index,
         };
         match &event {
-            FromWorker::Step { .. } => {
+            FromWorker::Step { .. } | FromWorker::Alive => {
                 let _ = self.feed(Event::Progress { slot });
             }
             FromWorker::Started {
                 generation,
                 rank,
+                role: (replica, stage, tp_rank),
                 dp,
                 step,
                 reloaded,
                 groups_ms,
                 reconcile_ms,
+                digest,
             } => {
                 let _ = self.feed(Event::Progress { slot });
+                self.log(format_args!(
+                    "slot {index} (pid {pid}): generation {generation} as rank {rank} (replica \
+                     {replica}, stage {stage}, tensor rank {tp_rank}) at step {step}, state \
+                     digest {digest:016x}"
+                ));
                 if *rank == 0 {
                     let from = match reloaded {
                         Some(0) => ", from initialisation".to_string(),
@@ -374,7 +384,8 @@ impl Agent {
                     reason: reason.clone(),
                 };
                 let json = serde_json::to_vec(&record).expect("records serialise");
-                self.coord.put(&self.keys.lost(generation, &slot), &json)?;
+                let key = self.keys.lost(generation, &slot);
+                retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
             }
             self.feed(Event::WorkerExited { slot })?;
             if !self.opts.cooldown.is_zero() && self.withdrawn_until.is_none() {
@@ -382,7 +393,7 @@ impl Agent {
                     "offers no slots for {} ms: a node whose worker died is suspect",
                     self.opts.cooldown.as_millis()
                 ));
-                self.registration.update(b"0")?;
+                retrying(OUTAGE_MAX, || self.registration.update(b"0"))?;
                 self.withdrawn_until = Some(Instant::now() + self.opts.cooldown);
             }
         }
@@ -393,8 +404,8 @@ impl Agent {
         if self.withdrawn_until.is_some_and(|t| Instant::now() >= t) {
             self.withdrawn_until = None;
             self.log(format_args!("offers its {} slots again", self.opts.slots));
-            self.registration
-                .update(self.opts.slots.to_string().as_bytes())?;
+            let slots = self.opts.slots.to_string();
+            retrying(OUTAGE_MAX, || self.registration.update(slots.as_bytes()))?;
         }
         Ok(())
     }
@@ -431,14 +442,16 @@ impl Agent {
                 };
                 let json = serde_json::to_vec(&record).expect("records serialise");
                 let planned = self.keys.planned(to);
-                let won = job::propose(
-                    &*self.coord,
-                    &self.keys,
-                    from,
-                    to,
-                    &plan,
-                    &[(&planned, &json)],
-                )?;
+                let won = retrying(OUTAGE_MAX, || {
+                    job::propose(
+                        &*self.coord,
+                        &self.keys,
+                        from,
+                        to,
+                        &plan,
+                        &[(&planned, &json)],
+                    )
+                })?;
                 if won {
                     self.cannot_plan = None;
                     self.log(format_args!(

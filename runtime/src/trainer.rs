@@ -297,12 +297,13 @@ impl Trainer {
                 g.upload_state(&t.model.params, &t.opt.m, &t.opt.v, t.opt.step)?;
             }
             // One rank writes the metrics: every rank ends a step knowing the same numbers. A
-            // resumed run adds to the file of the run it continues.
+            // resumed run, or a rank joining a running one, adds to the file of the run it
+            // continues.
             if let (Some(p), true) = (
                 &t.cfg.train.metrics,
                 tp_rank == 0 && stage == 0 && replica == 0,
             ) {
-                t.metrics = Some(open_metrics(p, t.resumed_from.is_some())?);
+                t.metrics = Some(open_metrics(p, t.resumed_from.is_some() || !resume)?);
             }
             t.open_samples_log()?;
             Ok(t)
@@ -457,6 +458,13 @@ impl Trainer {
             });
         }
         self.ckpt = checkpointing(&self.cfg, &self.model, &self.opt, &self.groups)?;
+        // The first rank of the new generation writes the metrics, after the old one's lines.
+        let first = self.groups.coords().iter().all(|&(rank, _)| rank == 0);
+        self.metrics = match (&self.cfg.train.metrics, first, self.metrics.take()) {
+            (Some(_), true, Some(m)) => Some(m),
+            (Some(p), true, None) => Some(open_metrics(p, true)?),
+            _ => None,
+        };
         self.open_samples_log()
     }
 
@@ -490,6 +498,20 @@ impl Trainer {
     /// Whether some rank raised its stop signal before the closing sum of the last step.
     pub fn stop_agreed(&self) -> bool {
         self.stop_agreed
+    }
+
+    /// A digest of this rank's state: parameters, both moments and the counters, bit for bit.
+    /// Replicas of one shard that agree on it hold the same state.
+    pub fn state_digest(&self) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut mix = |x: u64| h = (h ^ x).wrapping_mul(0x100_0000_01b3);
+        for buf in [&self.model.params, &self.opt.m, &self.opt.v] {
+            buf.iter().for_each(|x| mix(x.to_bits() as u64));
+        }
+        [self.step, self.consumed_samples, self.opt.step]
+            .into_iter()
+            .for_each(mix);
+        h
     }
 
     /// Starts or stops recording the ids of the samples this rank feeds the model.
@@ -1306,10 +1328,13 @@ impl Trainer {
         })
     }
 
+    /// Writes one metrics line, whole: a process killed after a step loses nothing of it.
     fn write_metric(&mut self, v: &serde_json::Value) -> Result<()> {
         if let Some(m) = &mut self.metrics {
             let path = self.cfg.train.metrics.as_deref().unwrap_or(Path::new(""));
-            writeln!(m, "{v}").map_err(|e| RuntimeError::io("write metrics", path, e))?;
+            writeln!(m, "{v}")
+                .and_then(|_| m.flush())
+                .map_err(|e| RuntimeError::io("write metrics", path, e))?;
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use marathon_elastic::plan::{Plan, Slot, StateSource};
 use marathon_elastic::topology::Coords;
-use marathon_elastic::{job, Coordinator, JobKey, JobKeys, Topology};
+use marathon_elastic::{job, retrying, Coordinator, JobKey, JobKeys, Topology};
 use serde::{Deserialize, Serialize};
 
 use crate::comm::{AbortHandle, GroupSpec};
@@ -62,11 +62,15 @@ pub enum FromWorker {
     Started {
         generation: u64,
         rank: usize,
+        /// The worker's (replica, stage, tensor rank).
+        role: (usize, usize, usize),
         dp: usize,
         step: u64,
         reloaded: Option<u64>,
         groups_ms: f64,
         reconcile_ms: f64,
+        /// `Trainer::state_digest` after reconciling: every replica of a shard shows the same.
+        digest: u64,
     },
     /// A step completed.
     Step {
@@ -83,6 +87,10 @@ pub enum FromWorker {
     },
     /// The job reached its last step.
     Finished { generation: u64 },
+    /// The process is alive; sent every `WorkerOptions::heartbeat` by a thread of its own, so
+    /// a worker blocked in a collective still sends it and a stopped or wedged process does
+    /// not.
+    Alive,
 }
 
 /// A generation's record of progress, committed by its rank 0 after each step (and once when
@@ -146,7 +154,12 @@ pub struct WorkerOptions {
     pub job: String,
     /// Deadline of every collective, and of a generation's rendezvous.
     pub group_timeout: Duration,
+    /// How often the worker tells its agent it is alive.
+    pub heartbeat: Duration,
 }
+
+/// How long a worker keeps retrying an etcd read before it gives up.
+const OUTAGE_MAX: Duration = Duration::from_secs(30);
 
 /// The exit status of a worker whose agent went away (its stdin closed).
 pub const EXIT_AGENT_GONE: i32 = 4;
@@ -252,14 +265,15 @@ enum Ended {
     Finished,
 }
 
-/// Sends events to the agent.
-struct Events<W: Write>(W);
+/// Sends events to the agent; shared with the heartbeat thread.
+struct Events<W: Write>(Arc<Mutex<W>>);
 
 impl<W: Write> Events<W> {
-    fn send(&mut self, e: &FromWorker) {
+    fn send(&self, e: &FromWorker) {
         let line = serde_json::to_string(e).expect("events serialise");
+        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
         // An agent that stopped listening is gone; stdin's end tells the worker so.
-        let _ = writeln!(self.0, "{line}").and_then(|_| self.0.flush());
+        let _ = writeln!(w, "{line}").and_then(|_| w.flush());
     }
 }
 
@@ -274,7 +288,7 @@ pub fn run(
     coord: Arc<dyn Coordinator>,
     opts: WorkerOptions,
     control: impl BufRead + Send + 'static,
-    events: impl Write,
+    events: impl Write + Send + 'static,
 ) -> Result<()> {
     let shared = Arc::new(Control::default());
     {
@@ -294,7 +308,14 @@ pub fn run(
         });
     }
     let keys = JobKeys::new(&opts.job);
-    let mut events = Events(events);
+    let mut events = Events(Arc::new(Mutex::new(events)));
+    {
+        let (beat, every) = (Events(events.0.clone()), opts.heartbeat);
+        std::thread::spawn(move || loop {
+            beat.send(&FromWorker::Alive);
+            std::thread::sleep(every);
+        });
+    }
     let mut trainer: Option<Trainer> = None;
     while let Some((generation, plan, slot, told_at_ms)) = shared.next() {
         let mut gen = Generation {
@@ -438,11 +459,13 @@ impl Generation<'_> {
         events.send(&FromWorker::Started {
             generation: g,
             rank,
+            role: (replica, stage, tp_rank),
             dp: plan.dp,
             step,
             reloaded,
             groups_ms,
             reconcile_ms,
+            digest: t.state_digest(),
         });
         let started = Instant::now();
         let mut goodput = Goodput::default();
@@ -484,7 +507,9 @@ impl Generation<'_> {
         if is_rank0 {
             let job = job_summary(self.coord, self.keys, &summary)?;
             let json = serde_json::to_vec(&job).expect("summaries serialise");
-            if !job::fenced_put(self.coord, self.keys, g, &[(&self.keys.done(), &json)])? {
+            let done = self.keys.done();
+            let put = || job::fenced_put(self.coord, self.keys, g, &[(&done, &json)]);
+            if !retrying(self.opts.group_timeout, put)? {
                 return Ok(Ended::Fenced);
             }
         }
@@ -495,19 +520,17 @@ impl Generation<'_> {
     fn commit(&self, record: &StepCommit) -> Result<bool> {
         let json = serde_json::to_vec(record).expect("commits serialise");
         let key = self.keys.committed(self.generation);
-        Ok(job::fenced_put(
-            self.coord,
-            self.keys,
-            self.generation,
-            &[(&key, &json)],
-        )?)
+        // Every rank applied the step; a coordinator out of reach only delays its record.
+        Ok(retrying(self.opts.group_timeout, || {
+            job::fenced_put(self.coord, self.keys, self.generation, &[(&key, &json)])
+        })?)
     }
 }
 
 /// The highest step any generation before `generation` committed.
 fn committed_high_water(coord: &dyn Coordinator, keys: &JobKeys, generation: u64) -> Result<u64> {
     let mut high = 0;
-    for (k, v) in coord.list(keys.root())? {
+    for (k, v) in retrying(OUTAGE_MAX, || coord.list(keys.root()))? {
         if let JobKey::Committed(g) = keys.parse(&k) {
             if g < generation {
                 if let Ok(c) = serde_json::from_slice::<StepCommit>(&v) {
@@ -523,7 +546,7 @@ fn committed_high_water(coord: &dyn Coordinator, keys: &JobKeys, generation: u64
 /// generation, read back from the coordinator.
 fn job_summary(coord: &dyn Coordinator, keys: &JobKeys, last: &Summary) -> Result<Summary> {
     let (mut commits, mut lost, mut planned) = (Vec::new(), Vec::new(), Vec::new());
-    for (k, v) in coord.list(keys.root())? {
+    for (k, v) in retrying(OUTAGE_MAX, || coord.list(keys.root()))? {
         match keys.parse(&k) {
             JobKey::Committed(_) => commits.extend(serde_json::from_slice::<StepCommit>(&v).ok()),
             JobKey::Lost { generation, .. } => {

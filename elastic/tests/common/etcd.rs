@@ -105,3 +105,92 @@ impl Drop for Etcd {
         let _ = self.child.wait();
     }
 }
+
+/// A private etcd cluster of several members on loopback, each with its own data directory,
+/// killed on drop.
+pub struct EtcdCluster {
+    members: Vec<Option<Child>>,
+    _dir: tempfile::TempDir,
+    /// Each member's client URL.
+    pub urls: Vec<String>,
+}
+
+impl EtcdCluster {
+    pub fn start(size: usize) -> EtcdCluster {
+        let dir = tempfile::tempdir().expect("etcd data directory");
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        let mut urls = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let log =
+                std::fs::File::create(dir.path().join(format!("etcd-{i}.log"))).expect("etcd log");
+            let child = Command::new(etcd_binary())
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(dir.path().join(format!("data-{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer_url,
+                    "--initial-advertise-peer-urls",
+                    &peer_url,
+                ])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                .stdout(log.try_clone().expect("etcd log"))
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start etcd");
+            members.push(Some(child));
+            urls.push(url);
+        }
+        EtcdCluster {
+            members,
+            _dir: dir,
+            urls,
+        }
+    }
+
+    /// Waits until the cluster answers through every member.
+    pub fn connect(&self) -> EtcdCoordinator {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match EtcdCoordinator::connect(&self.urls, Duration::from_secs(2)) {
+                Ok(c) => return c,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("etcd cluster at {:?} never answered: {e}", self.urls),
+            }
+        }
+    }
+
+    /// Kills member `i` (SIGKILL) and waits for it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

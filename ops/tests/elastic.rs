@@ -1,0 +1,713 @@
+//! Elastic jobs end to end, against a real etcd: real worker processes and agents killed,
+//! stopped and resumed, and an etcd member lost. Each job is checked against the fault-free
+//! run of the same configuration in one process: every step's loss within 1e-4 relative, and
+//! every sample of the global order consumed exactly once (from the samples log).
+
+// The helpers unwrap as the tests do: an unexpected error is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use marathon_elastic::plan::Plan;
+use marathon_elastic::{Coordinator, EtcdCoordinator, JobKey, JobKeys};
+use marathon_runtime::worker::{unix_ms, LostRecord, PlannedRecord, StepCommit};
+
+#[path = "../../elastic/tests/common/etcd.rs"]
+mod etcd;
+
+const MARATHON: &str = env!("CARGO_BIN_EXE_marathon");
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// A corpus and a tiny configuration in `dir`: `global_batch` sequences of 32 tokens per
+/// step in microbatches of 2, and `extra` appended to `[train]`-level sections.
+fn job_dir(steps: u64, global_batch: u64, extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let (readme, arch) = (repo().join("README.md"), repo().join("ARCHITECTURE.md"));
+    let out = Command::new(MARATHON)
+        .args(["data", "prepare", "--input"])
+        .args([&readme, &arch])
+        .args(["--out", "corpus", "--val-fraction", "0.2"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let config = format!(
+        "[model]\nvocab_size = 50257\nseq_len = 32\nn_layer = 2\nn_head = 2\nn_embd = 32\n\
+         [data]\ntrain = \"corpus/train.bin\"\n\
+         [batch]\nmicro_batch = 2\nglobal_batch = {global_batch}\nseq_len = 32\n\
+         [optim]\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\nweight_decay = 0.1\ngrad_clip = 1.0\ninit_std = 0.02\n\
+         [optim.lr]\npeak_lr = 1e-3\nwarmup_tokens = 256\ndecay_tokens = 40960\n\
+         [train]\nsteps = {steps}\nmetrics = \"metrics.jsonl\"\nsamples_log = \"samples.jsonl\"\n{extra}"
+    );
+    std::fs::write(dir.path().join("c.toml"), &config).unwrap();
+    // The fault-free reference: the same job in one process, with its own logs.
+    let reference = config
+        .replace("metrics.jsonl", "ref-metrics.jsonl")
+        .replace("samples.jsonl", "ref-samples.jsonl")
+        .replace("root = \"ckpt\"", "root = \"ref-ckpt\"");
+    std::fs::write(dir.path().join("ref.toml"), reference).unwrap();
+    let out = Command::new(MARATHON)
+        .args(["train", "--config", "ref.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    dir
+}
+
+/// A process whose stderr lines are collected as they come, with the time each arrived.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    name: String,
+}
+
+impl Proc {
+    fn start(name: &str, dir: &Path, args: &[&str]) -> Proc {
+        let mut child = Command::new(MARATHON)
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                l.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Proc {
+            child,
+            lines,
+            name: name.into(),
+        }
+    }
+
+    fn text(&self) -> String {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The first line containing `what`, waiting at most `timeout`.
+    fn wait_for(&self, what: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((_, l)) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, l)| l.contains(what))
+            {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no line with {what:?} within {timeout:?}:\n{}",
+                self.name,
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit, at most `timeout`; returns its status and stdout.
+    fn finish(mut self, timeout: Duration) -> (std::process::ExitStatus, String, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut out = String::new();
+                std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut out)
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                return (status, out, self.text());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "{} did not finish within {timeout:?}:\n{}",
+                    self.name,
+                    self.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} said:\n{}", self.name, self.text());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `pid` of the worker an agent line names: "agent <node>: slot <i>: worker pid <pid>".
+fn worker_pid(p: &Proc, node: &str, slot: usize) -> u32 {
+    let line = p.wait_for(
+        &format!("agent {node}: slot {slot}: worker pid"),
+        Duration::from_secs(60),
+    );
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+fn signal(sig: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+/// Whether process `pid` is still running (a zombie counts as gone).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// A change seen: when (Unix milliseconds), the key, and its new value (`None`: deleted).
+type Seen = (u64, String, Option<Vec<u8>>);
+
+/// Every change of a job's keys in etcd, with the Unix millisecond it was seen.
+struct Recorder {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Recorder {
+    fn start(c: &EtcdCoordinator, keys: &JobKeys) -> Recorder {
+        let watch = c.watch_prefix(keys.root()).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            while let Ok(next) = watch.next(Duration::from_secs(1)) {
+                if let Some(ch) = next {
+                    s.lock().unwrap().push((unix_ms(), ch.key, ch.value));
+                }
+            }
+        });
+        Recorder { seen }
+    }
+
+    /// Waits until generation `g` has completed and committed step `step` or a later one.
+    fn wait_step(&self, keys: &JobKeys, g: u64, step: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let done = |c: &StepCommit| c.generation == g && c.step >= step && c.loss.is_some();
+        while !self.commits(keys).iter().any(|(_, c)| done(c)) {
+            assert!(
+                Instant::now() < deadline,
+                "generation {g} never reached step {step}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Every step commit seen, in order, with when it was seen.
+    fn commits(&self, keys: &JobKeys) -> Vec<(u64, StepCommit)> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|(_, k, _)| matches!(keys.parse(k), JobKey::Committed(_)))
+            .filter_map(|(t, _, v)| Some((*t, serde_json::from_slice(v.as_ref()?).ok()?)))
+            .collect()
+    }
+}
+
+/// Each generation's plan in etcd.
+fn plans(c: &EtcdCoordinator, keys: &JobKeys) -> BTreeMap<u64, Plan> {
+    c.list(keys.root())
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, v)| match keys.parse(&k) {
+            JobKey::Plan(g) => Some((g, serde_json::from_slice(&v).unwrap())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Checks the job in `dir` against its fault-free reference: every step's loss (the last
+/// record of each step: a step run again after a reload replaces the first) within 1e-4
+/// relative, and the samples each step's last generation fed, over every replica, equal as a
+/// multiset to the reference's.
+fn check_against_reference(dir: &Path, steps: u64) {
+    let losses = |name: &str| -> BTreeMap<u64, f64> {
+        std::fs::read_to_string(dir.join(name))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "step")
+            .map(|v| {
+                let d = &v["data"];
+                (d["step"].as_u64().unwrap(), d["loss"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let (got, want) = (losses("metrics.jsonl"), losses("ref-metrics.jsonl"));
+    assert_eq!(got.len() as u64, steps, "steps with a loss: {got:?}");
+    for (step, w) in &want {
+        let g = got[step];
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs(),
+            "step {step}: loss {g}, fault-free {w}"
+        );
+    }
+    let samples = |name: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join(name))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (got, want) = (samples("samples.jsonl"), samples("ref-samples.jsonl"));
+    let mut last_gen: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in &got {
+        let (s, g) = (
+            r["step"].as_u64().unwrap(),
+            r["generation"].as_u64().unwrap(),
+        );
+        let e = last_gen.entry(s).or_insert(g);
+        *e = (*e).max(g);
+    }
+    let ids = |rows: &[serde_json::Value], keep: &dyn Fn(&serde_json::Value) -> bool| {
+        let mut v: Vec<u64> = rows
+            .iter()
+            .filter(|r| keep(r))
+            .flat_map(|r| {
+                r["samples"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap())
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let consumed = ids(&got, &|r| {
+        r["generation"].as_u64() == last_gen.get(&r["step"].as_u64().unwrap()).copied()
+    });
+    let reference = ids(&want, &|_| true);
+    assert_eq!(last_gen.len() as u64, steps);
+    assert_eq!(
+        consumed.len(),
+        reference.len(),
+        "samples consumed: {} against {} fault-free",
+        consumed.len(),
+        reference.len()
+    );
+    assert!(
+        consumed == reference,
+        "the consumed samples differ from the fault-free run's"
+    );
+}
+
+fn summary(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+}
+
+/// Parses the agent's "generation <g> as rank ..." lines: (generation, tensor rank, replica,
+/// digest, node).
+fn digests(text: &str) -> Vec<(u64, usize, usize, String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("agent ")?;
+            let (node, rest) = rest.split_once(": slot ")?;
+            let (_, rest) = rest.split_once("generation ")?;
+            let (g, rest) = rest.split_once(" as rank ")?;
+            let (_, rest) = rest.split_once("(replica ")?;
+            let (replica, rest) = rest.split_once(", stage ")?;
+            let (_, rest) = rest.split_once("tensor rank ")?;
+            let (t, rest) = rest.split_once(')')?;
+            let digest = rest.rsplit(' ').next()?;
+            Some((
+                g.parse().ok()?,
+                t.parse().ok()?,
+                replica.parse().ok()?,
+                digest.to_string(),
+                node.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn ms_between(a: u64, b: u64) -> i64 {
+    b as i64 - a as i64
+}
+
+#[test]
+fn a_killed_worker_shrinks_the_job_without_restarts_and_its_node_grows_it_back() {
+    let server = etcd::Etcd::start();
+    let c = server.connect();
+    let dir = job_dir(40, 16, "");
+    let keys = JobKeys::new("kill");
+    let rec = Recorder::start(&c, &keys);
+    let args = [
+        "train",
+        "--config",
+        "c.toml",
+        "--tp",
+        "2",
+        "--dp",
+        "4",
+        "--etcd",
+        &server.url,
+        "--job",
+        "kill",
+        "--cooldown-ms",
+        "2500",
+        "--lease-ttl-ms",
+        "3000",
+        "--hang-ms",
+        "30000",
+        "--group-timeout-ms",
+        "20000",
+    ];
+    let job = Proc::start("train --etcd", dir.path(), &args);
+    let victim = worker_pid(&job, "node-2", 1);
+    rec.wait_step(&keys, 1, 8, Duration::from_secs(60));
+    let killed_at = unix_ms();
+    signal("-9", victim);
+    let (status, stdout, text) = job.finish(Duration::from_secs(120));
+    assert!(status.success(), "{text}");
+    // Shrunk to dp 3 around the loss, then grew back to dp 4 when the node offered its slots.
+    let plans = plans(&c, &keys);
+    let dps: Vec<usize> = plans.values().map(|p| p.dp).collect();
+    assert_eq!(dps, [4, 3, 4], "{text}");
+    // No surviving process restarted: the only workers started after the first eight are the
+    // two of the node that came back.
+    let starts: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(": worker pid "))
+        .collect();
+    assert_eq!(starts.len(), 10, "{starts:?}");
+    assert!(
+        starts[8..].iter().all(|l| l.starts_with("agent node-2:")),
+        "{starts:?}"
+    );
+    // The new replica's state equals a healthy replica's, bitwise, before its first step.
+    let d = digests(&text);
+    for t in 0..2 {
+        let gen3: Vec<_> = d.iter().filter(|x| x.0 == 3 && x.1 == t).collect();
+        assert_eq!(gen3.len(), 4, "{d:?}");
+        assert!(gen3.iter().any(|x| x.4 == "node-2"), "{gen3:?}");
+        assert!(
+            gen3.iter().all(|x| x.3 == gen3[0].3),
+            "tensor rank {t}: {gen3:?}"
+        );
+    }
+    check_against_reference(dir.path(), 40);
+    let s = summary(&stdout);
+    assert_eq!(s["steps"], 40);
+    assert_eq!(s["goodput"]["recomputed_steps"], 0, "{s}");
+    // The figures: from the kill to its detection, to the plan of generation 2, to its first
+    // completed step.
+    let lost: Vec<LostRecord> = c
+        .list(keys.root())
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| matches!(keys.parse(k), JobKey::Lost { generation: 1, .. }))
+        .map(|(_, v)| serde_json::from_slice(&v).unwrap())
+        .collect();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    let planned: PlannedRecord =
+        serde_json::from_slice(&c.get(&keys.planned(2)).unwrap().unwrap()).unwrap();
+    let commits = rec.commits(&keys);
+    let last_before = commits
+        .iter()
+        .filter(|(_, c)| c.generation == 1 && c.loss.is_some())
+        .map(|(_, c)| c.step)
+        .max()
+        .unwrap();
+    let (first_at, first) = commits
+        .iter()
+        .find(|(_, c)| c.generation == 2 && c.loss.is_some())
+        .unwrap();
+    eprintln!(
+        "kill -9 of one worker of dp4 x tp2: detected {} ms after the kill, generation 2 planned \
+         at {} ms, its first step ({}) committed at {} ms; last step of generation 1: {}, so {} \
+         steps recomputed",
+        ms_between(killed_at, lost[0].detected_at_ms),
+        ms_between(killed_at, planned.at_ms),
+        first.step,
+        ms_between(killed_at, *first_at),
+        last_before,
+        (last_before + 1).saturating_sub(first.step)
+    );
+    // At most the step in flight is lost: generation 2 goes on from the last committed step
+    // of generation 1 (or the one after it, when every replica applied it).
+    assert!(
+        first.step > last_before,
+        "{last_before} then {}",
+        first.step
+    );
+}
+
+#[test]
+fn a_stage_with_no_live_copy_resumes_from_the_newest_checkpoint() {
+    let server = etcd::Etcd::start();
+    let c = server.connect();
+    let dir = job_dir(
+        24,
+        8,
+        "[checkpoint]\nroot = \"ckpt\"\nevery_steps = 4\nkeep_last = 10\n",
+    );
+    let keys = JobKeys::new("last-resort");
+    let rec = Recorder::start(&c, &keys);
+    let args = [
+        "train",
+        "--config",
+        "c.toml",
+        "--tp",
+        "2",
+        "--etcd",
+        &server.url,
+        "--job",
+        "last-resort",
+        "--cooldown-ms",
+        "500",
+        "--group-timeout-ms",
+        "20000",
+    ];
+    let job = Proc::start("train --etcd", dir.path(), &args);
+    let victim = worker_pid(&job, "node-0", 1);
+    rec.wait_step(&keys, 1, 10, Duration::from_secs(60));
+    signal("-9", victim);
+    let (status, stdout, text) = job.finish(Duration::from_secs(120));
+    assert!(status.success(), "{text}");
+    // dp 1 lost its only copy of the shard: generation 2 reloads the newest checkpoint and
+    // says so.
+    let line = text
+        .lines()
+        .find(|l| l.contains("generation 2 started"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("from the checkpoint of step"), "{line}");
+    let commits = rec.commits(&keys);
+    let reached = commits
+        .iter()
+        .filter(|(_, c)| c.generation == 1)
+        .map(|(_, c)| c.step)
+        .max()
+        .unwrap();
+    let restart = commits
+        .iter()
+        .find(|(_, c)| c.generation == 2)
+        .map(|(_, c)| c.step)
+        .unwrap();
+    assert_eq!(restart % 4, 0, "resumed at step {restart}");
+    assert!(
+        restart <= reached && reached - restart < 8,
+        "{restart} after {reached}"
+    );
+    let s = summary(&stdout);
+    assert_eq!(s["goodput"]["recomputed_steps"], reached - restart, "{s}");
+    check_against_reference(dir.path(), 24);
+    let verify = Command::new(MARATHON)
+        .args(["ckpt", "verify", "ckpt"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+}
+
+/// Starts agent `node` of a job of `slots` slots per node, waiting for `wait` slots.
+fn agent(dir: &Path, urls: &str, job: &str, node: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "agent", "--etcd", urls, "--job", job, "--node", node, "--config", "c.toml",
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::start(&format!("agent {node}"), dir, &args);
+    p.wait_for("registered", Duration::from_secs(30));
+    p
+}
+
+#[test]
+fn losing_the_leaders_node_elects_another_and_the_node_rejoins_with_a_peers_state() {
+    let server = etcd::Etcd::start();
+    let c = server.connect();
+    let dir = job_dir(40, 12, "");
+    let keys = JobKeys::new("leader");
+    let rec = Recorder::start(&c, &keys);
+    let common = [
+        "--slots",
+        "1",
+        "--wait-slots",
+        "3",
+        "--lease-ttl-ms",
+        "1000",
+        "--hang-ms",
+        "30000",
+        "--group-timeout-ms",
+        "20000",
+        "--cooldown-ms",
+        "0",
+    ];
+    let nodes: Vec<Proc> = ["a", "b", "c"]
+        .iter()
+        .map(|n| agent(dir.path(), &server.url, "leader", n, &common))
+        .collect();
+    rec.wait_step(&keys, 1, 6, Duration::from_secs(60));
+    let leader = String::from_utf8(c.get(&keys.leader()).unwrap().unwrap()).unwrap();
+    let (mut gone, mut rest): (Vec<Proc>, Vec<Proc>) = nodes
+        .into_iter()
+        .partition(|p| p.name == format!("agent {leader}"));
+    let gone = gone.pop().unwrap();
+    let worker = worker_pid(&gone, &leader, 0);
+    // The whole node goes: its agent is killed, and its worker follows when its pipe closes.
+    let killed_at = unix_ms();
+    drop(gone);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running(worker) {
+        assert!(Instant::now() < deadline, "the worker outlived its agent");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rec.wait_step(&keys, 2, 1, Duration::from_secs(30));
+    let new_leader = String::from_utf8(c.get(&keys.leader()).unwrap().unwrap()).unwrap();
+    assert_ne!(new_leader, leader);
+    let first = rec
+        .commits(&keys)
+        .into_iter()
+        .find(|(_, c)| c.generation == 2 && c.loss.is_some())
+        .unwrap();
+    eprintln!(
+        "a whole node lost (lease TTL 1000 ms): generation 2's first step committed {} ms after \
+         the kill",
+        ms_between(killed_at, first.0)
+    );
+    // The node comes back under its old name: the job grows back at a step boundary.
+    let back = agent(dir.path(), &server.url, "leader", &leader, &common);
+    rest.push(back);
+    for p in rest {
+        let (status, _, text) = p.finish(Duration::from_secs(120));
+        assert!(status.success(), "{text}");
+    }
+    let dps: Vec<usize> = plans(&c, &keys).values().map(|p| p.dp).collect();
+    assert_eq!(dps.first(), Some(&3));
+    assert_eq!(dps.last(), Some(&3), "{dps:?}");
+    assert!(dps.contains(&2), "{dps:?}");
+    assert!(c.get(&keys.done()).unwrap().is_some());
+    check_against_reference(dir.path(), 40);
+}
+
+#[test]
+fn a_hung_worker_is_evicted_and_a_stopped_node_cannot_commit_when_it_wakes() {
+    let server = etcd::Etcd::start();
+    let c = server.connect();
+    let dir = job_dir(60, 12, "");
+    let keys = JobKeys::new("hang");
+    let rec = Recorder::start(&c, &keys);
+    let common = [
+        "--slots",
+        "1",
+        "--wait-slots",
+        "3",
+        "--lease-ttl-ms",
+        "1000",
+        "--hang-ms",
+        "1500",
+        "--group-timeout-ms",
+        "20000",
+        "--cooldown-ms",
+        "600000",
+    ];
+    let mut nodes: Vec<Proc> = ["a", "b", "c"]
+        .iter()
+        .map(|n| agent(dir.path(), &server.url, "hang", n, &common))
+        .collect();
+    rec.wait_step(&keys, 1, 5, Duration::from_secs(60));
+    // A worker stops making progress: its agent declares it hung and evicts it.
+    let hung = worker_pid(&nodes[2], "c", 0);
+    signal("-STOP", hung);
+    nodes[2].wait_for("declared hung", Duration::from_secs(20));
+    rec.wait_step(&keys, 2, 1, Duration::from_secs(30));
+    // It was killed: waking it finds nothing to wake.
+    assert!(!running(hung), "the evicted worker is gone");
+    // The node running rank 0 stops whole, agent and worker: its lease expires, the others
+    // re-form, and when it wakes it commits nothing and its agent exits.
+    let plan2 = &plans(&c, &keys)[&2];
+    let node0 = plan2.block(0, 0).slots[0].node.clone();
+    let i = nodes
+        .iter()
+        .position(|p| p.name == format!("agent {node0}"))
+        .unwrap();
+    let (agent_pid, worker) = (nodes[i].child.id(), worker_pid(&nodes[i], &node0, 0));
+    signal("-STOP", worker);
+    signal("-STOP", agent_pid);
+    rec.wait_step(&keys, 3, 2, Duration::from_secs(30));
+    let g3_planned: PlannedRecord =
+        serde_json::from_slice(&c.get(&keys.planned(3)).unwrap().unwrap()).unwrap();
+    signal("-CONT", worker);
+    signal("-CONT", agent_pid);
+    let zombie = nodes.remove(i);
+    let (status, _, text) = zombie.finish(Duration::from_secs(30));
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("lost its lease"), "{text}");
+    for p in nodes {
+        let (status, _, text) = p.finish(Duration::from_secs(120));
+        assert!(status.success(), "{text}");
+    }
+    // Fencing: nothing of generation 2 was committed once generation 3 was planned.
+    let late: Vec<_> = rec
+        .commits(&keys)
+        .into_iter()
+        .filter(|(_, c)| c.generation == 2 && c.at_ms > g3_planned.at_ms)
+        .collect();
+    assert!(late.is_empty(), "{late:?}");
+    check_against_reference(dir.path(), 60);
+}
+
+#[test]
+fn losing_one_member_of_a_three_member_etcd_cluster_does_not_stop_the_job() {
+    let mut cluster = etcd::EtcdCluster::start(3);
+    let c = cluster.connect();
+    let dir = job_dir(40, 8, "");
+    let keys = JobKeys::new("cluster");
+    let rec = Recorder::start(&c, &keys);
+    let urls = cluster.urls.join(",");
+    let args = [
+        "train",
+        "--config",
+        "c.toml",
+        "--dp",
+        "2",
+        "--etcd",
+        &urls,
+        "--job",
+        "cluster",
+        "--lease-ttl-ms",
+        "5000",
+        "--group-timeout-ms",
+        "20000",
+    ];
+    let job = Proc::start("train --etcd", dir.path(), &args);
+    rec.wait_step(&keys, 1, 8, Duration::from_secs(60));
+    cluster.kill(0);
+    let (status, _, text) = job.finish(Duration::from_secs(120));
+    assert!(status.success(), "{text}");
+    // One generation from start to end: nobody was declared dead.
+    assert_eq!(plans(&c, &keys).len(), 1, "{text}");
+    check_against_reference(dir.path(), 40);
+}
