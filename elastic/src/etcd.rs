@@ -49,7 +49,8 @@ impl EtcdCoordinator {
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(CALL_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+            // Generous: on a loaded machine a late ping answer must not cost the connection.
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(10));
         let client = rt
             .block_on(async {
                 tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await
@@ -404,45 +405,48 @@ impl Coordinator for EtcdCoordinator {
 
     fn wait_get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, ElasticError> {
         let started = Instant::now();
-        let resp = self.call("get", key, |mut c| {
+        // A watch that breaks (a member lost, a connection reset) is started again from a new
+        // read until the deadline.
+        loop {
+            let resp = self.call("get", key, |mut c| {
+                let k = key.to_owned();
+                async move { c.get(k, None).await }
+            })?;
+            if let Some(kv) = resp.kvs().first() {
+                return Ok(kv.value().to_vec());
+            }
+            // Watch from just after the read, so a put in between is not missed.
+            let from = resp.header().map_or(0, |h| h.revision()) + 1;
+            let mut client = self.client.clone();
             let k = key.to_owned();
-            async move { c.get(k, None).await }
-        })?;
-        if let Some(kv) = resp.kvs().first() {
-            return Ok(kv.value().to_vec());
-        }
-        // Watch from just after the read, so a put in between is not missed.
-        let from = resp.header().map_or(0, |h| h.revision()) + 1;
-        let mut client = self.client.clone();
-        let k = key.to_owned();
-        let watched = self.rt.block_on(async move {
-            let left = deadline.saturating_duration_since(Instant::now());
-            tokio::time::timeout(left, async move {
-                let (_watcher, mut stream) = client
-                    .watch(k, Some(WatchOptions::new().with_start_revision(from)))
-                    .await?;
-                while let Some(msg) = stream.message().await? {
-                    for e in msg.events() {
-                        if e.event_type() == EventType::Put {
-                            if let Some(kv) = e.kv() {
-                                return Ok(Some(kv.value().to_vec()));
+            let watched = self.rt.block_on(async move {
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::time::timeout(left, async move {
+                    let (_watcher, mut stream) = client
+                        .watch(k, Some(WatchOptions::new().with_start_revision(from)))
+                        .await?;
+                    while let Some(msg) = stream.message().await? {
+                        for e in msg.events() {
+                            if e.event_type() == EventType::Put {
+                                if let Some(kv) = e.kv() {
+                                    return Ok(Some(kv.value().to_vec()));
+                                }
                             }
                         }
                     }
+                    Ok::<_, etcd_client::Error>(None)
+                })
+                .await
+            });
+            match watched {
+                Ok(Ok(Some(v))) => return Ok(v),
+                Err(_) => return Err(ElasticError::timeout(key, started.elapsed())),
+                Ok(Ok(None)) | Ok(Err(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-                Ok::<_, etcd_client::Error>(None)
-            })
-            .await
-        });
-        match watched {
-            Ok(Ok(Some(v))) => Ok(v),
-            Ok(Ok(None)) => Err(ElasticError::Unavailable {
-                action: "watch",
-                key: key.to_owned(),
-                reason: "the watch ended".into(),
-            }),
-            Ok(Err(e)) => Err(unavailable("watch", key, e)),
-            Err(_) => Err(ElasticError::timeout(key, started.elapsed())),
+                Ok(Ok(None)) => return Err(ElasticError::timeout(key, started.elapsed())),
+                Ok(Err(e)) => return Err(unavailable("watch", key, e)),
+            }
         }
     }
 

@@ -11,6 +11,7 @@
 //! | `gen-<g>/planned` | when and why generation g was planned, written with the counter |
 //! | `gen-<g>/committed` | the step generation g reached, its consumed-samples counter and its accounting |
 //! | `gen-<g>/lost/<node>/<slot>` | a worker of generation g that died or hung, and when that was seen |
+//! | `gen-<g>/retry/<node>/<slot>` | a live worker that left generation g on an error of its own |
 //! | `gen-<g>/pg/...`, `gen-<g>/nccl/...` | the process groups' rendezvous |
 //! | `done` | the job's summary, once its last step is committed |
 //!
@@ -37,6 +38,10 @@ pub enum JobKey {
     Planned(u64),
     Committed(u64),
     Lost {
+        generation: u64,
+        slot: Slot,
+    },
+    Retry {
         generation: u64,
         slot: Slot,
     },
@@ -97,6 +102,13 @@ impl JobKeys {
         )
     }
 
+    pub fn retry(&self, generation: u64, slot: &Slot) -> String {
+        format!(
+            "{}gen-{generation}/retry/{}/{}",
+            self.root, slot.node, slot.index
+        )
+    }
+
     pub fn done(&self) -> String {
         format!("{}done", self.root)
     }
@@ -126,19 +138,28 @@ impl JobKeys {
             "plan" => JobKey::Plan(g),
             "planned" => JobKey::Planned(g),
             "committed" => JobKey::Committed(g),
-            _ => match what.strip_prefix("lost/").and_then(|s| s.rsplit_once('/')) {
-                Some((node, index)) => match index.parse() {
-                    Ok(index) => JobKey::Lost {
+            _ => {
+                let slot = |rest: &str| {
+                    let (node, index) = rest.rsplit_once('/')?;
+                    Some(Slot {
+                        node: node.to_owned(),
+                        index: index.parse().ok()?,
+                    })
+                };
+                if let Some(slot) = what.strip_prefix("lost/").and_then(slot) {
+                    JobKey::Lost {
                         generation: g,
-                        slot: Slot {
-                            node: node.to_owned(),
-                            index,
-                        },
-                    },
-                    Err(_) => JobKey::Other,
-                },
-                None => JobKey::Other,
-            },
+                        slot,
+                    }
+                } else if let Some(slot) = what.strip_prefix("retry/").and_then(slot) {
+                    JobKey::Retry {
+                        generation: g,
+                        slot,
+                    }
+                } else {
+                    JobKey::Other
+                }
+            }
         }
     }
 }
@@ -226,6 +247,13 @@ mod tests {
             (
                 k.lost(2, &slot),
                 JobKey::Lost {
+                    generation: 2,
+                    slot: slot.clone(),
+                },
+            ),
+            (
+                k.retry(2, &slot),
+                JobKey::Retry {
                     generation: 2,
                     slot: slot.clone(),
                 },

@@ -33,6 +33,10 @@ pub enum Event {
     Leader { node: String },
     /// A generation and its plan were committed.
     Committed { generation: u64, plan: Plan },
+    /// A worker of `generation` left it for a reason of its own (its coordinator connection
+    /// broke at rendezvous, say) while every member is still alive: the same members start a
+    /// new generation and continue from memory.
+    Retry { generation: u64 },
     /// Time passed.
     Tick,
 }
@@ -191,6 +195,15 @@ impl Membership {
                         plan,
                         from_storage,
                     });
+                }
+            }
+            Event::Retry { generation } => {
+                if generation == self.generation && generation > 0 {
+                    if !self.aborted {
+                        self.aborted = true;
+                        out.push(Action::Abort { generation });
+                    }
+                    self.changed(now);
                 }
             }
             Event::Tick => {}

@@ -303,3 +303,33 @@ fn a_stage_with_no_live_copy_comes_from_storage() {
     assert_eq!(sim.plan().dp, 1);
     assert_eq!(starts(&sim.take(survivor)), vec![(2, vec![1])]);
 }
+
+#[test]
+fn a_generation_left_on_a_workers_own_error_starts_over_with_the_same_members() {
+    let mut sim = Sim::new(&["a", "b", "c"], 2, 2, 1);
+    sim.run(SETTLE * 2, None);
+    assert_eq!((sim.generation, sim.plan().dp), (1, 3));
+    for n in ["a", "b", "c"] {
+        sim.take(n);
+    }
+    // A worker's coordinator connection broke at rendezvous: nobody died.
+    sim.broadcast(Event::Retry { generation: 1 });
+    for n in ["a", "b", "c"] {
+        assert_eq!(
+            sim.take(n),
+            vec![Action::Abort { generation: 1 }],
+            "node {n}"
+        );
+    }
+    sim.run(SETTLE * 2, None);
+    assert_eq!((sim.generation, sim.plan().dp), (2, 3));
+    assert!(sim
+        .plan()
+        .blocks
+        .iter()
+        .all(|b| b.state == StateSource::Kept));
+    // A retry of a generation that is over changes nothing.
+    sim.broadcast(Event::Retry { generation: 1 });
+    sim.run(SETTLE * 2, None);
+    assert_eq!(sim.generation, 2);
+}

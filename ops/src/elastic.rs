@@ -81,6 +81,10 @@ pub struct AgentArgs {
     /// Live slots to wait for before the first generation (default: plan with what is there).
     #[arg(long, default_value_t = 0)]
     wait_slots: usize,
+    /// This node's address that the other nodes reach its workers on (their process groups
+    /// listen there).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
     #[command(flatten)]
     layout: LayoutFlags,
     #[command(flatten)]
@@ -102,6 +106,8 @@ pub struct WorkerArgs {
     group_timeout_ms: u64,
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
     #[command(flatten)]
     layout: LayoutFlags,
 }
@@ -164,6 +170,8 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         args.elastic.group_timeout_ms.to_string(),
         "--heartbeat-ms".into(),
         (args.elastic.hang_ms / 5).clamp(20, 1000).to_string(),
+        "--host".into(),
+        args.host.to_string(),
     ];
     worker_args.extend(args.layout.args());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -206,6 +214,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             job: args.job,
             group_timeout: Duration::from_millis(args.group_timeout_ms),
             heartbeat: Duration::from_millis(args.heartbeat_ms),
+            host: args.host,
         },
         BufReader::new(std::io::stdin()),
         std::io::stdout(),

@@ -11,6 +11,7 @@ mod elastic;
 mod gpu;
 mod launch;
 mod progress;
+mod recovery;
 mod sample;
 
 use std::path::PathBuf;
@@ -117,6 +118,9 @@ enum BenchCommand {
     /// How long a cluster of agents takes to register under leases and agree on a plan,
     /// against a real etcd.
     Elastic(bench::ElasticArgs),
+    /// What a killed worker costs an elastic job on etcd, beside the same job stopping every
+    /// worker and resuming from its newest checkpoint.
+    Recovery(recovery::RecoveryArgs),
     /// Every GPU check (each kernel against the CPU, training against the CPU, NCCL, a GPU
     /// checkpoint resumed on the CPU) and the GPU bench, ending with a table. Needs a build
     /// with `--features cuda` and a GPU.
@@ -206,6 +210,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Gpu(args),
         } => gpu_bench(args),
+        Command::Bench {
+            command: BenchCommand::Recovery(args),
+        } => recovery::run(args),
         Command::Ckpt { command } => ckpt::run(command),
         Command::Sample(args) => sample::run(args),
         Command::Plan { config } => plan(config),

@@ -66,6 +66,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long the agent keeps retrying an etcd call before it gives up; a longer outage costs
 /// the node its lease anyway.
 const OUTAGE_MAX: Duration = Duration::from_secs(30);
+/// Generations a worker may leave on an error of its own with no step completed in between
+/// before its agent gives up on the node.
+const RETRIES_MAX: u32 = 3;
 
 /// What reaches the agent's loop.
 enum Input {
@@ -129,6 +132,10 @@ struct Agent {
     withdrawn_until: Option<Instant>,
     /// The reason last given for not planning, so it is said once.
     cannot_plan: Option<String>,
+    /// The newest generation this agent aborted.
+    aborted: u64,
+    /// Generations left on errors of a worker's own since the last completed step.
+    retries: u32,
     done: bool,
 }
 
@@ -159,12 +166,16 @@ impl Agent {
             tx,
             withdrawn_until: None,
             cannot_plan: None,
+            aborted: 0,
+            retries: 0,
             done: false,
         })
     }
 
     fn log(&self, msg: impl std::fmt::Display) {
-        eprintln!("agent {}: {msg}", self.opts.node);
+        // One write per line: the node's workers write to the same stderr.
+        let line = format!("agent {}: {msg}\n", self.opts.node);
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
 
     fn run(mut self) -> Result<()> {
@@ -196,7 +207,7 @@ impl Agent {
                     self.log(format_args!("the watch ended ({reason}); watching again"));
                     self.resync()?;
                 }
-                Ok(Input::Worker { index, pid, event }) => self.on_worker(index, pid, event),
+                Ok(Input::Worker { index, pid, event }) => self.on_worker(index, pid, event)?,
                 Err(_) => {}
             }
             self.reap()?;
@@ -290,6 +301,7 @@ impl Agent {
                 }
                 Ok(())
             }
+            (JobKey::Retry { generation, .. }, Some(_)) => self.feed(Event::Retry { generation }),
             (JobKey::Done, Some(_)) => {
                 if !self.done {
                     self.done = true;
@@ -305,14 +317,17 @@ impl Agent {
         }
     }
 
-    fn on_worker(&mut self, index: usize, pid: u32, event: FromWorker) {
+    fn on_worker(&mut self, index: usize, pid: u32, event: FromWorker) -> Result<()> {
         let slot = Slot {
             node: self.opts.node.clone(),
             index,
         };
         match &event {
             FromWorker::Step { .. } | FromWorker::Alive => {
-                let _ = self.feed(Event::Progress { slot });
+                if matches!(event, FromWorker::Step { .. }) {
+                    self.retries = 0;
+                }
+                self.feed(Event::Progress { slot })?;
             }
             FromWorker::Started {
                 generation,
@@ -325,7 +340,7 @@ impl Agent {
                 reconcile_ms,
                 digest,
             } => {
-                let _ = self.feed(Event::Progress { slot });
+                self.feed(Event::Progress { slot })?;
                 self.log(format_args!(
                     "slot {index} (pid {pid}): generation {generation} as rank {rank} (replica \
                      {replica}, stage {stage}, tensor rank {tp_rank}) at step {step}, state \
@@ -347,11 +362,44 @@ impl Agent {
                 generation,
                 step,
                 reason,
-            } => self.log(format_args!(
-                "slot {index} (pid {pid}) left generation {generation} after step {step}: {reason}"
-            )),
+                retry,
+            } => {
+                self.log(format_args!(
+                    "slot {index} (pid {pid}) left generation {generation} after step {step}: \
+                     {reason}"
+                ));
+                // Left the running generation on an error of its own, not an abort and not a
+                // newer generation: the same members start over from memory.
+                if *retry
+                    && *generation == self.membership.generation()
+                    && *generation > self.aborted
+                {
+                    self.retries += 1;
+                    if self.retries > RETRIES_MAX {
+                        return Err(RuntimeError::Argument {
+                            name: "worker",
+                            reason: format!(
+                                "slot {index} of node {} left {RETRIES_MAX} generations in a \
+                                 row without completing a step, the last time with: {reason}",
+                                self.opts.node
+                            ),
+                        });
+                    }
+                    let record = LostRecord {
+                        detected_at_ms: unix_ms(),
+                        reason: reason.clone(),
+                    };
+                    let json = serde_json::to_vec(&record).expect("records serialise");
+                    let key = self.keys.retry(*generation, &slot);
+                    retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
+                    self.feed(Event::Retry {
+                        generation: *generation,
+                    })?;
+                }
+            }
             FromWorker::Finished { .. } => {}
         }
+        Ok(())
     }
 
     /// Handles the exit of each worker that exited.
@@ -421,6 +469,7 @@ impl Agent {
     fn act(&mut self, action: Action) -> Result<()> {
         match action {
             Action::Abort { generation } => {
+                self.aborted = self.aborted.max(generation);
                 for w in self.workers.0.values_mut() {
                     w.send(&ToWorker::Abort { generation });
                 }

@@ -93,9 +93,10 @@ pub struct RunConfig {
     pub eval_batches: usize,
     /// Where to append one JSON line per step and per validation.
     pub metrics: Option<PathBuf>,
-    /// Where each data-parallel replica appends the ids of the samples it fed, one JSON line
-    /// per step and replica (`generation`, `step`, `replica`, `applied`, `samples`): an audit
-    /// trail of the data order, which shows every sample consumed once across resizes.
+    /// Where each data-parallel replica appends the ids of the samples it feeds, one JSON line
+    /// per step and replica (`generation`, `step`, `replica`, `samples`), written as the step
+    /// starts: an audit trail of the data order, which shows every sample consumed once across
+    /// resizes (a step's samples are those its last generation logged).
     #[serde(default)]
     pub samples_log: Option<PathBuf>,
     /// Where the model computes: `cpu` (the default) or `cuda` (one GPU; needs a build with

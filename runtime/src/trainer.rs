@@ -782,28 +782,50 @@ impl Trainer {
         Ok(())
     }
 
-    /// Runs one optimizer step. With `train.samples_log`, the samples this replica fed are
-    /// logged whether or not the step completed: a step that failed after the replica sent its
-    /// gradients may still have been applied by the others.
+    /// Runs one optimizer step. With `train.samples_log`, the samples this replica will feed
+    /// are logged before any of its gradients leave it: a replica that dies after sending them
+    /// has its samples in a step the others apply, and its line must already be there. A step
+    /// that completes checks that what it fed is what it logged.
     pub fn train_step(&mut self) -> Result<StepRecord> {
-        let step = self.step + 1;
+        if self.samples_log.is_none() {
+            return self.step_once();
+        }
+        let planned = self.replica_samples();
+        let [_, _, (replica, _)] = self.groups.coords();
+        let line = serde_json::json!({
+            "generation": self.generation,
+            "step": self.step + 1,
+            "replica": replica,
+            "samples": &planned,
+        });
+        let file = self.samples_log.as_mut().expect("checked above");
+        // One write per line: appends from several processes stay whole lines.
+        let written = file.write_all(format!("{line}\n").as_bytes());
+        let path = self.cfg.train.samples_log.clone().unwrap_or_default();
+        written.map_err(|e| RuntimeError::io("append to the samples log", path, e))?;
+        self.take_samples();
         let done = self.step_once();
-        if self.samples_log.is_some() {
-            let [_, _, (replica, _)] = self.groups.coords();
-            let line = serde_json::json!({
-                "generation": self.generation,
-                "step": step,
-                "replica": replica,
-                "applied": done.is_ok(),
-                "samples": self.take_samples(),
-            });
-            let file = self.samples_log.as_mut().expect("checked above");
-            // One write per line: appends from several processes stay whole lines.
-            let written = file.write_all(format!("{line}\n").as_bytes());
-            let path = self.cfg.train.samples_log.clone().unwrap_or_default();
-            written.map_err(|e| RuntimeError::io("append to the samples log", path, e))?;
+        let fed = self.take_samples();
+        if done.is_ok() {
+            assert_eq!(
+                fed, planned,
+                "step {}: the samples fed are not those logged",
+                self.step
+            );
         }
         done
+    }
+
+    /// The ids of the samples this replica feeds in the next step, in the order it feeds them.
+    fn replica_samples(&mut self) -> Vec<u64> {
+        let mb = self.cfg.batch.micro_batch;
+        let micro_steps = self.next_batch() as usize / mb;
+        let [_, _, (replica, replicas)] = self.groups.coords();
+        let first = self.consumed_samples;
+        chunk_range(micro_steps, replicas, replica)
+            .flat_map(|m| m * mb..(m + 1) * mb)
+            .map(|j| self.order.sample(first + j as u64) as u64)
+            .collect()
     }
 
     fn step_once(&mut self) -> Result<StepRecord> {

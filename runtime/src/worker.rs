@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use marathon_elastic::plan::{Plan, Slot, StateSource};
 use marathon_elastic::topology::Coords;
-use marathon_elastic::{job, retrying, Coordinator, JobKey, JobKeys, Topology};
+use marathon_elastic::{job, retrying, Coordinator, ElasticError, JobKey, JobKeys, Topology};
 use serde::{Deserialize, Serialize};
 
 use crate::comm::{AbortHandle, GroupSpec};
@@ -79,11 +79,14 @@ pub enum FromWorker {
         loss: f32,
         step_ms: f64,
     },
-    /// The generation ended before the job did.
+    /// The generation ended before the job did. `retry`: on an error of the worker's own (a
+    /// broken coordinator connection, a peer gone), not on an abort or a newer generation, so
+    /// the same members should start over.
     Interrupted {
         generation: u64,
         step: u64,
         reason: String,
+        retry: bool,
     },
     /// The job reached its last step.
     Finished { generation: u64 },
@@ -156,6 +159,8 @@ pub struct WorkerOptions {
     pub group_timeout: Duration,
     /// How often the worker tells its agent it is alive.
     pub heartbeat: Duration,
+    /// The address of this node that the other nodes' workers reach it on.
+    pub host: std::net::IpAddr,
 }
 
 /// How long a worker keeps retrying an etcd read before it gives up.
@@ -232,6 +237,12 @@ impl Control {
             }
             s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Whether generation `generation` was aborted or superseded, or the worker told to stop.
+    fn cancelled(&self, generation: u64) -> bool {
+        let s = self.lock();
+        s.aborted >= generation || s.stop || s.next.is_some()
     }
 
     /// Arms the abort of generation `generation`'s groups; fails at once if it was already
@@ -329,17 +340,32 @@ pub fn run(
             slot: &slot,
             told_at_ms,
         };
-        match gen.run(&mut trainer, &mut events) {
+        let ended = gen.run(&mut trainer, &mut events);
+        // An error of a generation that was aborted or superseded meanwhile is that; any other
+        // is the worker's own, and the same members should start over, unless it says a peer is
+        // gone or silent, which that peer's agent or lease reports.
+        let retry = |e: &RuntimeError| {
+            !shared.cancelled(generation)
+                && !matches!(
+                    e,
+                    RuntimeError::Aborted { .. }
+                        | RuntimeError::PeerLost { .. }
+                        | RuntimeError::CommTimeout { .. }
+                )
+        };
+        match ended {
             Ok(Ended::Finished) => events.send(&FromWorker::Finished { generation }),
             Ok(Ended::Superseded) => {}
             Ok(Ended::Fenced) => events.send(&FromWorker::Interrupted {
                 generation,
                 step: trainer.as_ref().map_or(0, |t| t.step),
                 reason: "fenced: a newer generation exists".into(),
+                retry: false,
             }),
             Err(e) => events.send(&FromWorker::Interrupted {
                 generation,
                 step: trainer.as_ref().map_or(0, |t| t.step),
+                retry: retry(&e),
                 reason: e.to_string(),
             }),
         }
@@ -383,8 +409,14 @@ impl Generation<'_> {
         let t0 = Instant::now();
         let mut spec = GroupSpec::loopback(&self.opts.job, "", 0, 1, self.opts.group_timeout);
         spec.generation = g;
+        spec.bind = std::net::SocketAddr::new(self.opts.host, 0);
         spec.rendezvous_timeout = self.opts.group_timeout;
-        let groups = Groups::connect(self.coord, topology, rank, &spec)?;
+        let abortable = Abortable {
+            inner: self.coord,
+            control: self.control,
+            generation: g,
+        };
+        let groups = Groups::connect(&abortable, topology, rank, &spec)?;
         self.control.arm(g, &groups)?;
         let groups_at_ms = unix_ms();
         let groups_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -620,4 +652,68 @@ pub fn goodput(
         0.0
     };
     (g, elapsed_s)
+}
+
+/// The coordinator as a generation's rendezvous sees it: waiting for a peer's key gives up
+/// within [`RENDEZVOUS_SLICE`] of the generation being aborted or superseded, rather than at its
+/// deadline, so a member that died at rendezvous costs the others no timeout.
+struct Abortable<'a> {
+    inner: &'a dyn Coordinator,
+    control: &'a Control,
+    generation: u64,
+}
+
+/// How often a rendezvous looks whether its generation was aborted.
+const RENDEZVOUS_SLICE: Duration = Duration::from_millis(100);
+
+impl Coordinator for Abortable<'_> {
+    fn put(&self, key: &str, value: &[u8]) -> Result<(), ElasticError> {
+        self.inner.put(key, value)
+    }
+
+    fn wait_get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, ElasticError> {
+        let started = Instant::now();
+        loop {
+            if self.control.cancelled(self.generation) {
+                return Err(ElasticError::Unavailable {
+                    action: "rendezvous at",
+                    key: key.to_owned(),
+                    reason: format!("generation {} was aborted", self.generation),
+                });
+            }
+            let slice = deadline.min(Instant::now() + RENDEZVOUS_SLICE);
+            match self.inner.wait_get(key, slice) {
+                Err(ElasticError::Timeout { .. }) if Instant::now() < deadline => {}
+                Err(ElasticError::Timeout { .. }) => {
+                    return Err(ElasticError::Timeout {
+                        key: key.to_owned(),
+                        waited_ms: started.elapsed().as_millis(),
+                    })
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ElasticError> {
+        self.inner.get(key)
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+        also: &[(&str, &[u8])],
+    ) -> Result<bool, ElasticError> {
+        self.inner.compare_and_swap(key, expected, new, also)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ElasticError> {
+        self.inner.delete(key)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ElasticError> {
+        self.inner.list(prefix)
+    }
 }

@@ -164,18 +164,23 @@ impl EtcdCluster {
         }
     }
 
-    /// Waits until the cluster answers through every member.
+    /// Waits until every member answers, then connects to them all.
     pub fn connect(&self) -> EtcdCoordinator {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match EtcdCoordinator::connect(&self.urls, Duration::from_secs(2)) {
-                Ok(c) => return c,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
+        for url in self.urls.iter().chain([&self.urls.join(",")]) {
+            let urls: Vec<String> = url.split(',').map(String::from).collect();
+            loop {
+                match EtcdCoordinator::connect(&urls, Duration::from_secs(2)) {
+                    Ok(c) if urls.len() == self.urls.len() => return c,
+                    Ok(_) => break,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    Err(e) => panic!("etcd member at {url} never answered: {e}"),
                 }
-                Err(e) => panic!("etcd cluster at {:?} never answered: {e}", self.urls),
             }
         }
+        unreachable!("the last round connects to every member")
     }
 
     /// Kills member `i` (SIGKILL) and waits for it.
