@@ -85,6 +85,10 @@ pub struct AgentArgs {
     /// listen there).
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
+    /// Exit when stdin closes: the agent belongs to the process that started it
+    /// (`marathon train --etcd`), and goes with it; its workers follow.
+    #[arg(long, hide = true)]
+    tied: bool,
     #[command(flatten)]
     layout: LayoutFlags,
     #[command(flatten)]
@@ -148,6 +152,14 @@ fn microbatches(cfg: &TrainConfig) -> usize {
 
 /// `marathon agent`.
 pub fn agent(args: AgentArgs) -> Result<()> {
+    if args.tied {
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            eprintln!("agent: the process that started it is gone; stopping");
+            // The workers read this process's pipe as their stdin, and exit when it closes.
+            std::process::exit(crate::launch::EXIT_LAUNCHER_GONE);
+        });
+    }
     let cfg = elastic_config(&args.config, &args.layout)?;
     preflight(&cfg).with_context(|| format!("start an agent for {}", args.config.display()))?;
     if args.slots == 0 {
@@ -248,7 +260,8 @@ impl TrainEtcdFlags {
     }
 }
 
-/// The agents of a local job, killed however the launcher ends.
+/// The agents of a local job, killed however the launcher ends; if the launcher is killed
+/// itself, each agent sees its stdin close and exits.
 struct Agents(Vec<Child>);
 
 impl Drop for Agents {
@@ -307,11 +320,11 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
             ])
             .arg("--config")
             .arg(config)
-            .args(["--wait-slots", &(nodes * slots).to_string()])
+            .args(["--wait-slots", &(nodes * slots).to_string(), "--tied"])
             .args(layout.args())
             .args(flags.elastic.args())
             .env("MARATHON_WORKER_THREADS", threads.to_string())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -27,8 +27,21 @@ fn repo() -> &'static Path {
 }
 
 /// A corpus and a tiny configuration in `dir`: `global_batch` sequences of 32 tokens per
-/// step in microbatches of 2, and `extra` appended to `[train]`-level sections.
+/// step in microbatches of 2, and `extra` appended to `[train]`-level sections; and the
+/// fault-free reference run of the same job in one process.
 fn job_dir(steps: u64, global_batch: u64, extra: &str) -> tempfile::TempDir {
+    let dir = job_config(steps, global_batch, extra);
+    let out = Command::new(MARATHON)
+        .args(["train", "--config", "ref.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    dir
+}
+
+/// As [`job_dir`], without the reference run.
+fn job_config(steps: u64, global_batch: u64, extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let (readme, arch) = (repo().join("README.md"), repo().join("ARCHITECTURE.md"));
     let out = Command::new(MARATHON)
@@ -54,12 +67,6 @@ fn job_dir(steps: u64, global_batch: u64, extra: &str) -> tempfile::TempDir {
         .replace("samples.jsonl", "ref-samples.jsonl")
         .replace("root = \"ckpt\"", "root = \"ref-ckpt\"");
     std::fs::write(dir.path().join("ref.toml"), reference).unwrap();
-    let out = Command::new(MARATHON)
-        .args(["train", "--config", "ref.toml"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
     dir
 }
 
@@ -763,4 +770,44 @@ fn losing_one_member_of_a_three_member_etcd_cluster_does_not_stop_the_job() {
     // One generation from start to end: nobody was declared dead.
     assert_eq!(plans(&c, &keys).len(), 1, "{text}");
     check_against_reference(dir.path(), 40);
+}
+
+#[test]
+fn killing_the_launcher_of_an_elastic_job_leaves_no_process_behind() {
+    let server = etcd::Etcd::start();
+    let dir = job_config(1_000_000, 8, "");
+    let args = [
+        "train",
+        "--config",
+        "c.toml",
+        "--dp",
+        "2",
+        "--etcd",
+        &server.url,
+        "--job",
+        "orphans",
+    ];
+    let job = Proc::start("train --etcd", dir.path(), &args);
+    let workers = [worker_pid(&job, "node-0", 0), worker_pid(&job, "node-1", 0)];
+    job.wait_for("generation 1 started", Duration::from_secs(60));
+    let agents: Vec<u32> = job
+        .text()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("agent node-")?
+                .split_once(": pid ")?
+                .1
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(agents.len(), 2, "{}", job.text());
+    drop(job);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for pid in agents.iter().chain(&workers) {
+        while running(*pid) {
+            assert!(Instant::now() < deadline, "pid {pid} outlived the launcher");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

@@ -1278,7 +1278,14 @@ impl Trainer {
         while self.step < self.cfg.train.steps {
             last = self.advance(observer, &mut goodput)?.loss;
         }
-        self.conclude(started, goodput, last)
+        let summary = self.conclude(started, goodput, last)?;
+        self.write_record("goodput", &summary.goodput)?;
+        Ok(summary)
+    }
+
+    /// Appends a record of `kind` to the metrics, on the rank that writes them.
+    pub fn write_record(&mut self, kind: &str, data: &impl Serialize) -> Result<()> {
+        self.write_metric(&serde_json::json!({ "kind": kind, "data": data }))
     }
 
     /// Runs one step, then the validation and the checkpoint it calls for, adding their times
@@ -1313,7 +1320,8 @@ impl Trainer {
     }
 
     /// Ends a run that started at `started`: waits until the last checkpoint is durable (and
-    /// committed), brings the state back from the device, and writes the accounting.
+    /// committed) and brings the state back from the device. Returns the run's summary, whose
+    /// accounting the caller records ([`Trainer::write_record`]).
     pub fn conclude(
         &mut self,
         started: Instant,
@@ -1330,16 +1338,6 @@ impl Trainer {
         } else {
             0.0
         };
-        self.write_metric(&serde_json::json!({ "kind": "goodput", "data": &goodput }))?;
-        if let Some(m) = &mut self.metrics {
-            m.flush().map_err(|e| {
-                RuntimeError::io(
-                    "write metrics",
-                    self.cfg.train.metrics.clone().unwrap_or_default(),
-                    e,
-                )
-            })?;
-        }
         Ok(Summary {
             steps: self.step,
             final_loss: last_loss,

@@ -538,6 +538,7 @@ impl Generation<'_> {
         let summary = t.conclude(started, goodput, last)?;
         if is_rank0 {
             let job = job_summary(self.coord, self.keys, &summary)?;
+            t.write_record("goodput", &job.goodput)?;
             let json = serde_json::to_vec(&job).expect("summaries serialise");
             let done = self.keys.done();
             let put = || job::fenced_put(self.coord, self.keys, g, &[(&done, &json)]);
