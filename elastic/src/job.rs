@@ -13,6 +13,7 @@
 //! | `gen-<g>/lost/<node>/<slot>` | a worker of generation g that died or hung, and when that was seen |
 //! | `gen-<g>/retry/<node>/<slot>` | a live worker that left generation g on an error of its own |
 //! | `gen-<g>/pg/...`, `gen-<g>/nccl/...` | the process groups' rendezvous |
+//! | `checkpoints/<step>` | the generation that committed the checkpoint of that step, written fenced just before its manifest |
 //! | `done` | the job's summary, once its last step is committed |
 //!
 //! A generation and its plan are written in one compare-and-swap on the counter; every later
@@ -45,6 +46,7 @@ pub enum JobKey {
         generation: u64,
         slot: Slot,
     },
+    Checkpoint(u64),
     Done,
     /// A key this table does not name (rendezvous, for example).
     Other,
@@ -109,6 +111,10 @@ impl JobKeys {
         )
     }
 
+    pub fn checkpoint(&self, step: u64) -> String {
+        format!("{}checkpoints/{step}", self.root)
+    }
+
     pub fn done(&self) -> String {
         format!("{}done", self.root)
     }
@@ -120,6 +126,9 @@ impl JobKeys {
         };
         if let Some(node) = rest.strip_prefix("nodes/") {
             return JobKey::Node(node.to_owned());
+        }
+        if let Some(step) = rest.strip_prefix("checkpoints/") {
+            return step.parse().map_or(JobKey::Other, JobKey::Checkpoint);
         }
         match rest {
             "leader" => return JobKey::Leader,
@@ -258,6 +267,7 @@ mod tests {
                     slot: slot.clone(),
                 },
             ),
+            (k.checkpoint(40), JobKey::Checkpoint(40)),
             (k.done(), JobKey::Done),
             ("/marathon/j/gen-1/pg/dp-0/rank-0".into(), JobKey::Other),
             ("/marathon/other/leader".into(), JobKey::Other),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use marathon_model::optim::{clip_grads, sum_squares};
 use marathon_model::{AdamW, BatchRamp, Gpt, Shard};
-use marathon_storage::writer::PersistReport;
+use marathon_storage::writer::{CommitGuard, PersistReport};
 use marathon_storage::{CheckpointWriter, Reader};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -152,6 +152,8 @@ pub struct Trainer {
     /// Where this rank appends the samples its replica fed (`train.samples_log`), on the
     /// first stage's first tensor rank of each replica.
     samples_log: Option<File>,
+    /// Asked before each checkpoint commit (see [`Trainer::set_commit_guard`]).
+    commit_guard: Option<CommitGuard>,
 }
 
 /// Where a step's time went, beyond compute.
@@ -288,6 +290,7 @@ impl Trainer {
             last_val_loss: None,
             generation: 0,
             samples_log: None,
+            commit_guard: None,
         })
         .and_then(|mut t| {
             if resume {
@@ -458,6 +461,7 @@ impl Trainer {
             });
         }
         self.ckpt = checkpointing(&self.cfg, &self.model, &self.opt, &self.groups)?;
+        self.set_commit_guard(self.commit_guard.clone());
         // The first rank of the new generation writes the metrics, after the old one's lines.
         let first = self.groups.coords().iter().all(|&(rank, _)| rank == 0);
         self.metrics = match (&self.cfg.train.metrics, first, self.metrics.take()) {
@@ -512,6 +516,16 @@ impl Trainer {
             .into_iter()
             .for_each(mix);
         h
+    }
+
+    /// Sets the guard the committing rank asks before each checkpoint commit: an elastic
+    /// worker's says whether its generation still runs, so a checkpoint of an old generation is
+    /// never committed.
+    pub fn set_commit_guard(&mut self, guard: Option<CommitGuard>) {
+        if let Some(ck) = self.ckpt.as_mut() {
+            ck.writer.set_commit_guard(guard.clone());
+        }
+        self.commit_guard = guard;
     }
 
     /// Starts or stops recording the ids of the samples this rank feeds the model.

@@ -32,6 +32,8 @@ use marathon_elastic::topology::Coords;
 use marathon_elastic::{job, retrying, Coordinator, ElasticError, JobKey, JobKeys, Topology};
 use serde::{Deserialize, Serialize};
 
+use marathon_storage::writer::CommitGuard;
+
 use crate::comm::{AbortHandle, GroupSpec};
 use crate::trainer::{Goodput, Observer, Summary};
 use crate::{Groups, Result, RuntimeError, TrainConfig, Trainer};
@@ -332,6 +334,7 @@ pub fn run(
         let mut gen = Generation {
             cfg: &cfg,
             coord: &*coord,
+            shared_coord: &coord,
             keys: &keys,
             opts: &opts,
             control: &shared,
@@ -377,6 +380,7 @@ pub fn run(
 struct Generation<'a> {
     cfg: &'a TrainConfig,
     coord: &'a dyn Coordinator,
+    shared_coord: &'a Arc<dyn Coordinator>,
     keys: &'a JobKeys,
     opts: &'a WorkerOptions,
     control: &'a Control,
@@ -449,6 +453,21 @@ impl Generation<'_> {
         };
         t.set_generation(g);
         t.set_stop_signal(self.control.newer.clone());
+        // A checkpoint commits only while this generation runs: the permission is a fenced
+        // write of the job's checkpoint index, just before the manifest.
+        let (coord, keys) = (self.shared_coord.clone(), self.keys.clone());
+        t.set_commit_guard(Some(CommitGuard(Arc::new(move |step| {
+            let record = serde_json::json!({ "generation": g, "at_ms": unix_ms() }).to_string();
+            let key = keys.checkpoint(step);
+            let put = || job::fenced_put(&*coord, &keys, g, &[(&key, record.as_bytes())]);
+            match retrying(OUTAGE_MAX, put) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!(
+                    "fenced: generation {g} of the job is no longer the running one"
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        }))));
         let step = match t.reconcile() {
             Ok(step) => step,
             // Shards left at different steps: every rank failed together, and together they

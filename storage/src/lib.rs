@@ -72,6 +72,14 @@ pub enum StorageError {
     /// A checkpoint of this step is already committed; a second writer cannot replace it.
     #[error("checkpoint of step {step} at {url} is already committed; it is left as it is")]
     AlreadyCommitted { step: u64, url: String },
+    /// The writer's commit guard refused the commit: the writer no longer speaks for the job
+    /// (an elastic job moved to a newer generation). Nothing was committed.
+    #[error("checkpoint of step {step} at {url} was not committed: {reason}")]
+    Fenced {
+        step: u64,
+        url: String,
+        reason: String,
+    },
     /// Ranks that did not report their shards before the commit deadline.
     #[error("checkpoint of step {step}: ranks {missing:?} did not finish their shards within {timeout_s} s; it stays uncommitted")]
     CommitTimeout {

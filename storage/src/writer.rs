@@ -10,6 +10,7 @@
 //! previous persist is still running waits for it, and reports how long.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,20 @@ pub struct WriterOptions {
     /// Applied by the committing rank after each commit; the checkpoint it just committed
     /// counts as the newest verified one.
     pub retention: Option<Retention>,
+    /// Asked by the committing rank, with the step, just before it writes the manifest; a
+    /// refusal leaves the checkpoint uncommitted ([`StorageError::Fenced`]).
+    pub commit_guard: Option<CommitGuard>,
+}
+
+/// Whether a commit may go ahead: `Ok(())`, or why not. It runs on a blocking thread and may
+/// block (an elastic job asks etcd whether the writer's generation still runs).
+#[derive(Clone)]
+pub struct CommitGuard(pub Arc<dyn Fn(u64) -> std::result::Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for CommitGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitGuard")
+    }
 }
 
 impl Default for WriterOptions {
@@ -54,6 +69,7 @@ impl Default for WriterOptions {
             encoders_max: 2,
             commit_timeout: Duration::from_secs(600),
             retention: None,
+            commit_guard: None,
         }
     }
 }
@@ -158,6 +174,11 @@ impl CheckpointWriter {
         let previous = self.wait();
         self.rank = rank;
         previous
+    }
+
+    /// Sets the guard asked before each later commit (see [`WriterOptions::commit_guard`]).
+    pub fn set_commit_guard(&mut self, guard: Option<CommitGuard>) {
+        self.opts.commit_guard = guard;
     }
 
     pub fn commit_mode(&self) -> CommitMode {
@@ -524,6 +545,20 @@ impl Job {
                 Ok(_) => return Err(already()),
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(StorageError::store("check manifest", &path, e)),
+            }
+        }
+        if let Some(CommitGuard(guard)) = self.opts.commit_guard.clone() {
+            let step = self.step;
+            let asked = tokio::task::spawn_blocking(move || guard(step))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            if let Err(reason) = asked {
+                return Err(StorageError::Fenced {
+                    step: self.step,
+                    url: self.store.url.clone(),
+                    reason,
+                });
             }
         }
         let body = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");

@@ -204,3 +204,49 @@ fn a_fenced_snapshot_persists_after_its_fence_and_a_failed_fence_writes_nothing(
         }
     }
 }
+
+#[test]
+fn a_commit_guard_decides_whether_the_manifest_is_written() {
+    use marathon_storage::writer::CommitGuard;
+    use std::sync::Mutex;
+    let store = Store::open("memory://guarded").expect("open");
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let guard = {
+        let asked = asked.clone();
+        CommitGuard(Arc::new(move |step| {
+            asked.lock().expect("asked").push(step);
+            match step {
+                1 => Ok(()),
+                _ => Err(format!("fenced at step {step}")),
+            }
+        }))
+    };
+    for step in [1, 2] {
+        let mut writers: Vec<CheckpointWriter> = (0..2)
+            .map(|r| CheckpointWriter::new(store.clone(), r, 2, options()).expect("a writer"))
+            .collect();
+        writers[0].set_commit_guard(Some(guard.clone()));
+        for (r, w) in writers.iter_mut().enumerate().rev() {
+            let (p, data) = pieces(r, step);
+            w.snapshot(step, serde_json::json!({ "step": step }), p, |buf| {
+                buf.copy_from_slice(&data)
+            });
+        }
+        writers[1].wait().expect("rank 1").expect("rank 1 persisted");
+        let zero = writers[0].wait().expect("rank 0");
+        if step == 1 {
+            zero.expect("step 1 is committed");
+        } else {
+            let e = zero.expect_err("step 2 is refused");
+            assert!(
+                matches!(e, StorageError::Fenced { step: 2, .. })
+                    && e.to_string().contains("fenced at step 2"),
+                "{e}"
+            );
+        }
+    }
+    // Only the committing rank asks, once per commit; the refused step has shards but no
+    // manifest, so it does not exist.
+    assert_eq!(*asked.lock().expect("asked"), vec![1, 2]);
+    assert_eq!(Reader::new(store).committed().expect("list"), vec![1]);
+}
