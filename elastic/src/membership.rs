@@ -93,6 +93,8 @@ pub struct Membership {
     aborted: bool,
     /// Live slots to wait for before planning the first generation.
     wait_slots: usize,
+    /// A change came after this agent's last proposal, which therefore does not cover it.
+    changed_since_proposal: bool,
 }
 
 impl Membership {
@@ -113,6 +115,7 @@ impl Membership {
             last_progress: BTreeMap::new(),
             aborted: false,
             wait_slots: 0,
+            changed_since_proposal: false,
         }
     }
 
@@ -154,7 +157,11 @@ impl Membership {
                 }
             }
             Event::Progress { slot } => {
-                self.last_progress.insert(slot, now);
+                // Only the running plan's workers are watched: a late beat from a worker that
+                // was stopped, or from a standby one, starts no watch.
+                if let Some(t) = self.last_progress.get_mut(&slot) {
+                    *t = now;
+                }
             }
             Event::Leader { node } => self.leader = Some(node),
             Event::Committed { generation, plan } => {
@@ -165,7 +172,8 @@ impl Membership {
                     self.aborted = false;
                     self.proposed = None;
                     // Changes after the plan was made are planned for again.
-                    let stale = plan_misses(&plan, &self.live);
+                    let stale = plan_misses(&plan, &self.live) || self.changed_since_proposal;
+                    self.changed_since_proposal = false;
                     self.changed_at = if stale {
                         self.changed_at.or(Some(now))
                     } else {
@@ -221,6 +229,14 @@ impl Membership {
 
     fn changed(&mut self, now: Instant) {
         self.changed_at.get_or_insert(now);
+        if self.proposed.is_some() {
+            self.changed_since_proposal = true;
+        }
+    }
+
+    /// The nodes this agent counts as live, with their slots.
+    pub fn live(&self) -> &BTreeMap<String, usize> {
+        &self.live
     }
 
     /// Marks `slots` lost; the first loss in a generation aborts its groups.
@@ -285,6 +301,7 @@ impl Membership {
         match plan(&req) {
             Ok(plan) => {
                 self.proposed = Some(to);
+                self.changed_since_proposal = false;
                 out.push(Action::Propose {
                     from: self.generation,
                     to,

@@ -333,3 +333,48 @@ fn a_generation_left_on_a_workers_own_error_starts_over_with_the_same_members() 
     sim.run(SETTLE * 2, None);
     assert_eq!(sim.generation, 2);
 }
+
+#[test]
+fn a_node_that_registers_while_a_plan_is_in_flight_is_planned_for_next() {
+    let timing = Timing {
+        settle: SETTLE,
+        hang: HANG,
+    };
+    let t0 = Instant::now();
+    let mut m = Membership::new("a", 1, 1, 4, timing);
+    m.handle(t0, Event::Leader { node: "a".into() });
+    m.handle(
+        t0,
+        Event::Registered {
+            node: "a".into(),
+            slots: 1,
+        },
+    );
+    let acts = m.handle(t0 + SETTLE, Event::Tick);
+    let [Action::Propose { plan, .. }] = acts.as_slice() else {
+        panic!("{acts:?}")
+    };
+    assert_eq!(plan.dp, 1);
+    // b registers after the proposal and before its commit.
+    m.handle(
+        t0 + SETTLE,
+        Event::Registered {
+            node: "b".into(),
+            slots: 1,
+        },
+    );
+    let plan = plan.clone();
+    let mut acts = m.handle(
+        t0 + SETTLE,
+        Event::Committed {
+            generation: 1,
+            plan,
+        },
+    );
+    acts.extend(m.handle(t0 + SETTLE * 3, Event::Tick));
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::Propose { to: 2, plan, .. } if plan.dp == 2)),
+        "{acts:?}"
+    );
+}

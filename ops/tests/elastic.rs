@@ -681,7 +681,7 @@ fn a_hung_worker_is_evicted_and_a_stopped_node_cannot_commit_when_it_wakes() {
         "--lease-ttl-ms",
         "1000",
         "--hang-ms",
-        "1500",
+        "3000",
         "--group-timeout-ms",
         "20000",
         "--cooldown-ms",
@@ -810,4 +810,49 @@ fn killing_the_launcher_of_an_elastic_job_leaves_no_process_behind() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+#[test]
+fn an_agent_restarted_under_its_name_has_its_old_workers_recorded_lost() {
+    let server = etcd::Etcd::start();
+    let c = server.connect();
+    let dir = job_dir(30, 8, "");
+    let keys = JobKeys::new("restart");
+    let rec = Recorder::start(&c, &keys);
+    let common = [
+        "--slots",
+        "1",
+        "--wait-slots",
+        "2",
+        "--lease-ttl-ms",
+        "30000",
+        "--cooldown-ms",
+        "0",
+        "--group-timeout-ms",
+        "20000",
+    ];
+    let a = agent(dir.path(), &server.url, "restart", "a", &common);
+    let b = agent(dir.path(), &server.url, "restart", "b", &common);
+    rec.wait_step(&keys, 1, 4, Duration::from_secs(60));
+    // b dies and comes straight back, long before its old lease (30 s) would expire.
+    drop(b);
+    let b = agent(dir.path(), &server.url, "restart", "b", &common);
+    let first = rec.first_step_after(&keys, 1, Duration::from_secs(20));
+    let lost: Vec<LostRecord> = c
+        .list(keys.root())
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| matches!(keys.parse(k), JobKey::Lost { generation: 1, .. }))
+        .map(|(_, v)| serde_json::from_slice(&v).unwrap())
+        .collect();
+    assert!(
+        lost.iter().any(|l| l.reason == "its agent restarted"),
+        "{lost:?}"
+    );
+    assert!(first.1.generation >= 2);
+    for p in [a, b] {
+        let (status, _, text) = p.finish(Duration::from_secs(120));
+        assert!(status.success(), "{text}");
+    }
+    check_against_reference(dir.path(), 30);
 }

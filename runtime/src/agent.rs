@@ -136,6 +136,9 @@ struct Agent {
     aborted: u64,
     /// Generations left on errors of a worker's own since the last completed step.
     retries: u32,
+    /// A worker of this node lost a peer that nobody has reported lost: if nobody does by the
+    /// time given (a partition between live nodes), the same members start over.
+    suspect: Option<(u64, Instant, Slot, String)>,
     done: bool,
 }
 
@@ -146,6 +149,7 @@ impl Agent {
             Duration::from_secs(10),
         )?);
         let keys = JobKeys::new(&opts.job);
+        forget_previous_run(&*coord, &keys, &opts.node)?;
         let membership =
             Membership::new(&opts.node, opts.tp, opts.pp, opts.microbatches, opts.timing)
                 .wait_for_slots(opts.wait_slots);
@@ -168,6 +172,7 @@ impl Agent {
             cannot_plan: None,
             aborted: 0,
             retries: 0,
+            suspect: None,
             done: false,
         })
     }
@@ -212,6 +217,19 @@ impl Agent {
             }
             self.reap()?;
             self.cooldown()?;
+            if let Some((generation, due, slot, reason)) = self.suspect.clone() {
+                if Instant::now() >= due {
+                    self.suspect = None;
+                    if generation == self.membership.generation() && generation > self.aborted {
+                        self.log(format_args!(
+                            "nobody reported the peer that slot {} lost in generation \
+                             {generation}; starting over",
+                            slot.index
+                        ));
+                        self.start_over(generation, slot, reason)?;
+                    }
+                }
+            }
             self.feed(Event::Tick)?;
             if self.done && self.workers.0.is_empty() {
                 self.log("the job is done");
@@ -240,7 +258,29 @@ impl Agent {
                 }
             }
         });
-        for (key, value) in retrying(OUTAGE_MAX, || coord.list(&root))? {
+        let mut listed = retrying(OUTAGE_MAX, || coord.list(&root))?;
+        // Registrations and the generation first: a loss is read against the generation.
+        listed.sort_by_key(|(k, _)| match self.keys.parse(k) {
+            JobKey::Node(_) => 0,
+            JobKey::Leader | JobKey::Generation => 1,
+            _ => 2,
+        });
+        // A node whose key went while nobody watched expired meanwhile.
+        let gone: Vec<String> = self
+            .membership
+            .live()
+            .keys()
+            .filter(|n| {
+                !listed
+                    .iter()
+                    .any(|(k, _)| self.keys.parse(k) == JobKey::Node((*n).clone()))
+            })
+            .cloned()
+            .collect();
+        for node in gone {
+            self.feed(Event::Expired { node })?;
+        }
+        for (key, value) in listed {
             self.on_change(Change {
                 key,
                 value: Some(value),
@@ -363,6 +403,7 @@ impl Agent {
                 step,
                 reason,
                 retry,
+                peer,
             } => {
                 self.log(format_args!(
                     "slot {index} (pid {pid}) left generation {generation} after step {step}: \
@@ -370,36 +411,57 @@ impl Agent {
                 ));
                 // Left the running generation on an error of its own, not an abort and not a
                 // newer generation: the same members start over from memory.
-                if *retry
-                    && *generation == self.membership.generation()
-                    && *generation > self.aborted
-                {
-                    self.retries += 1;
-                    if self.retries > RETRIES_MAX {
-                        return Err(RuntimeError::Argument {
-                            name: "worker",
-                            reason: format!(
-                                "slot {index} of node {} left {RETRIES_MAX} generations in a \
-                                 row without completing a step, the last time with: {reason}",
-                                self.opts.node
-                            ),
-                        });
-                    }
-                    let record = LostRecord {
-                        detected_at_ms: unix_ms(),
-                        reason: reason.clone(),
-                    };
-                    let json = serde_json::to_vec(&record).expect("records serialise");
-                    let key = self.keys.retry(*generation, &slot);
-                    retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
-                    self.feed(Event::Retry {
-                        generation: *generation,
-                    })?;
+                let running =
+                    *generation == self.membership.generation() && *generation > self.aborted;
+                if running && *retry {
+                    self.start_over(*generation, slot, reason.clone())?;
+                } else if running && *peer && self.suspect.is_none() {
+                    let due = Instant::now() + self.opts.lease_ttl * 2 + self.opts.timing.settle;
+                    self.suspect = Some((*generation, due, slot, reason.clone()));
                 }
             }
             FromWorker::Finished { .. } => {}
         }
         Ok(())
+    }
+
+    /// Asks every member to start generation `generation` over with the same members, giving
+    /// up on this node after [`RETRIES_MAX`] times in a row with no step completed.
+    fn start_over(&mut self, generation: u64, slot: Slot, reason: String) -> Result<()> {
+        self.retries += 1;
+        if self.retries > RETRIES_MAX {
+            return Err(RuntimeError::Argument {
+                name: "worker",
+                reason: format!(
+                    "slot {} of node {} left {RETRIES_MAX} generations in a row without \
+                     completing a step, the last time with: {reason}",
+                    slot.index, self.opts.node
+                ),
+            });
+        }
+        let record = LostRecord {
+            detected_at_ms: unix_ms(),
+            reason,
+        };
+        let json = serde_json::to_vec(&record).expect("records serialise");
+        let key = self.keys.retry(generation, &slot);
+        retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
+        self.feed(Event::Retry { generation })
+    }
+
+    /// Records `slot` lost in the running generation, for every agent to see.
+    fn record_lost(&mut self, slot: Slot, reason: String) -> Result<()> {
+        let generation = self.membership.generation();
+        if generation > 0 {
+            let record = LostRecord {
+                detected_at_ms: unix_ms(),
+                reason,
+            };
+            let json = serde_json::to_vec(&record).expect("records serialise");
+            let key = self.keys.lost(generation, &slot);
+            retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
+        }
+        self.feed(Event::WorkerExited { slot })
     }
 
     /// Handles the exit of each worker that exited.
@@ -425,17 +487,7 @@ impl Agent {
                 node: self.opts.node.clone(),
                 index,
             };
-            let generation = self.membership.generation();
-            if generation > 0 {
-                let record = LostRecord {
-                    detected_at_ms: unix_ms(),
-                    reason: reason.clone(),
-                };
-                let json = serde_json::to_vec(&record).expect("records serialise");
-                let key = self.keys.lost(generation, &slot);
-                retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
-            }
-            self.feed(Event::WorkerExited { slot })?;
+            self.record_lost(slot, reason)?;
             if !self.opts.cooldown.is_zero() && self.withdrawn_until.is_none() {
                 self.log(format_args!(
                     "offers no slots for {} ms: a node whose worker died is suspect",
@@ -602,6 +654,34 @@ impl Agent {
             evicted: None,
         })
     }
+}
+
+/// An agent restarted under its old name finds its node in the running plan: the workers it
+/// ran there died with it, whatever its old lease still says. It records them lost before it
+/// registers again, so every agent re-plans without them.
+fn forget_previous_run(coord: &dyn Coordinator, keys: &JobKeys, node: &str) -> Result<()> {
+    let generation = retrying(OUTAGE_MAX, || job::generation(coord, keys))?;
+    if generation == 0 {
+        return Ok(());
+    }
+    let Some(json) = retrying(OUTAGE_MAX, || coord.get(&keys.plan(generation)))? else {
+        return Ok(());
+    };
+    let Ok(plan) = serde_json::from_slice::<Plan>(&json) else {
+        return Ok(());
+    };
+    let record = LostRecord {
+        detected_at_ms: unix_ms(),
+        reason: "its agent restarted".into(),
+    };
+    let record = serde_json::to_vec(&record).expect("records serialise");
+    for slot in plan.blocks.iter().flat_map(|b| &b.slots) {
+        if slot.node == node {
+            let key = keys.lost(generation, slot);
+            retrying(OUTAGE_MAX, || coord.put(&key, &record))?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Agent {

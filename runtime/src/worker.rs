@@ -89,6 +89,10 @@ pub enum FromWorker {
         step: u64,
         reason: String,
         retry: bool,
+        /// The error says a peer is gone or silent (a lost connection, a collective's
+        /// deadline); its agent or lease normally reports that, but a partition between live
+        /// nodes is reported by nobody.
+        peer: bool,
     },
     /// The job reached its last step.
     Finished { generation: u64 },
@@ -241,6 +245,12 @@ impl Control {
         }
     }
 
+    /// Aborts the running generation's groups: this worker leaves it, and its peers must not
+    /// wait for it.
+    fn abort_running(&self) {
+        self.lock().aborts.iter().for_each(AbortHandle::abort);
+    }
+
     /// Whether generation `generation` was aborted or superseded, or the worker told to stop.
     fn cancelled(&self, generation: u64) -> bool {
         let s = self.lock();
@@ -364,11 +374,17 @@ pub fn run(
                 step: trainer.as_ref().map_or(0, |t| t.step),
                 reason: "fenced: a newer generation exists".into(),
                 retry: false,
+                peer: false,
             }),
             Err(e) => events.send(&FromWorker::Interrupted {
                 generation,
                 step: trainer.as_ref().map_or(0, |t| t.step),
                 retry: retry(&e),
+                peer: !shared.cancelled(generation)
+                    && matches!(
+                        e,
+                        RuntimeError::PeerLost { .. } | RuntimeError::CommTimeout { .. }
+                    ),
                 reason: e.to_string(),
             }),
         }
@@ -505,6 +521,7 @@ impl Generation<'_> {
             recomputed_s: 0.0,
         };
         if is_rank0 && !self.commit(&record)? {
+            self.control.abort_running();
             return Ok(Ended::Fenced);
         }
         events.send(&FromWorker::Started {
@@ -550,8 +567,17 @@ impl Generation<'_> {
                 record.eval_s = goodput.eval_s;
                 record.checkpoint_stall_s = goodput.checkpoint_stall_s;
                 if !self.commit(&record)? {
+                    // The peers must not wait in the next step for a rank that left.
+                    self.control.abort_running();
                     return Ok(Ended::Fenced);
                 }
+            }
+        }
+        if step == t.cfg.train.steps {
+            // The generation before ended right after the last step, and the checkpoint of that
+            // step may have been refused with it: the job ends on a checkpoint of its own.
+            if let Some(ck) = t.checkpoint()? {
+                goodput.checkpoint_stall_s += ck.stall_ms / 1e3;
             }
         }
         let summary = t.conclude(started, goodput, last)?;
@@ -676,7 +702,7 @@ pub fn goodput(
 
 /// The coordinator as a generation's rendezvous sees it: waiting for a peer's key gives up
 /// within [`RENDEZVOUS_SLICE`] of the generation being aborted or superseded, rather than at its
-/// deadline, so a member that died at rendezvous costs the others no timeout.
+/// deadline. (Accepting connections from higher ranks still waits for the deadline.)
 struct Abortable<'a> {
     inner: &'a dyn Coordinator,
     control: &'a Control,

@@ -232,7 +232,10 @@ fn a_commit_guard_decides_whether_the_manifest_is_written() {
                 buf.copy_from_slice(&data)
             });
         }
-        writers[1].wait().expect("rank 1").expect("rank 1 persisted");
+        writers[1]
+            .wait()
+            .expect("rank 1")
+            .expect("rank 1 persisted");
         let zero = writers[0].wait().expect("rank 0");
         if step == 1 {
             zero.expect("step 1 is committed");
