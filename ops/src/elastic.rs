@@ -26,7 +26,8 @@ const OUTAGE_MAX: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Args)]
 pub struct ElasticFlags {
     /// Time to live of each node's lease: a node that stops renewing it (a lost machine, a
-    /// partition) is declared dead this long after.
+    /// partition) is declared dead this long after. etcd grants whole seconds, and no less than
+    /// its minimum (2 s with its defaults).
     #[arg(long, default_value_t = 5000)]
     lease_ttl_ms: u64,
     /// How long the leader waits after a change before planning, to gather failures that
@@ -76,6 +77,8 @@ pub struct AgentArgs {
     /// This node's name, unique in the job (default: the host name and the agent's pid).
     #[arg(long)]
     node: Option<String>,
+    /// The job's configuration, the same on every node; the data-parallel degree is the
+    /// plan's, from the live slots.
     #[arg(long)]
     config: PathBuf,
     /// Live slots to wait for before the first generation (default: plan with what is there).
