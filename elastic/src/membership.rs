@@ -163,7 +163,14 @@ impl Membership {
                     *t = now;
                 }
             }
-            Event::Leader { node } => self.leader = Some(node),
+            Event::Leader { node } => {
+                let now_me = node == self.me && self.leader.as_deref() != Some(&self.me);
+                self.leader = Some(node);
+                // A new leader plans for what its predecessor left undone.
+                if now_me && self.stale() {
+                    self.changed(now);
+                }
+            }
             Event::Committed { generation, plan } => {
                 if generation > self.generation {
                     let first = self.generation == 0;
@@ -171,8 +178,8 @@ impl Membership {
                     self.lost.clear();
                     self.aborted = false;
                     self.proposed = None;
-                    // Changes after the plan was made are planned for again.
-                    let stale = plan_misses(&plan, &self.live) || self.changed_since_proposal;
+                    // Changes after the plan was made are planned for again, whoever made it.
+                    let stale = self.changed_since_proposal || self.stale_plan(&plan);
                     self.changed_since_proposal = false;
                     self.changed_at = if stale {
                         self.changed_at.or(Some(now))
@@ -219,6 +226,26 @@ impl Membership {
         self.watchdog(now, &mut out);
         self.maybe_propose(now, &mut out);
         out
+    }
+
+    /// Whether the running plan must be replaced: it lost a worker, uses a slot no longer
+    /// live, or the live slots allow more replicas.
+    fn stale(&self) -> bool {
+        !self.lost.is_empty() || self.plan.as_ref().is_some_and(|p| self.stale_plan(p))
+    }
+
+    fn stale_plan(&self, plan: &Plan) -> bool {
+        if plan_misses(plan, &self.live) {
+            return true;
+        }
+        let req = PlanRequest {
+            tp: self.tp,
+            pp: self.pp,
+            microbatches: self.microbatches,
+            live: &self.live,
+            previous: Some(plan),
+        };
+        crate::plan::plan(&req).is_ok_and(|best| best.dp > plan.dp)
     }
 
     fn planned_slots(&self) -> impl Iterator<Item = Slot> + '_ {

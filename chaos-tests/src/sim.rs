@@ -1,0 +1,556 @@
+//! A deterministic simulation of the coordination protocol: every agent runs the membership
+//! core (`marathon_elastic::membership`) against a simulated etcd on a simulated clock. The etcd
+//! delivers each change to each agent after its own random delay, so agents see changes at
+//! different times and in different orders relative to each other; each agent's own stream
+//! keeps etcd's order, as a watch does. It loses some deliveries, and the agent then
+//! resynchronises later (registrations, expiries, leader, generation), as a broken watch does.
+//! It expires the leases of nodes that die. Nodes die, come back, and lose workers, all drawn
+//! from one seed: a seed replays the same run.
+//!
+//! Checked after every committed generation and at the end:
+//! - at most one plan per generation, and the counter moves one at a time;
+//! - every plan keeps tensor x pipeline units whole, assigns no slot twice, and covers the
+//!   global batch;
+//! - a block kept from the previous generation keeps its stage and tensor rank;
+//! - a peer transfer's source keeps its state;
+//! - each agent starts generations in increasing order, each the committed plan;
+//! - a proposal from an old generation never commits;
+//! - with every fault over, the job settles on the largest plan the live nodes allow.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use marathon_elastic::membership::{Action, Event, Membership, Timing};
+use marathon_elastic::plan::{Plan, Slot, StateSource};
+
+/// The shape of a simulated cluster and how hard it is shaken.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub nodes: usize,
+    pub slots: usize,
+    pub tp: usize,
+    pub pp: usize,
+    pub microbatches: usize,
+    /// Simulated time with faults, then a quiet period in which the job must settle.
+    pub faults_ms: u64,
+    pub quiet_ms: u64,
+    /// Chance per 10 ms tick of a node dying, a dead node returning, and a worker dying.
+    pub p_node_death: f64,
+    pub p_revival: f64,
+    pub p_worker_death: f64,
+    /// Chance that a delivery is lost (the agent resynchronises later).
+    pub p_drop: f64,
+    /// Deliveries take up to this long.
+    pub delay_max_ms: u64,
+    pub lease_ttl_ms: u64,
+    pub settle_ms: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 6,
+            slots: 2,
+            tp: 2,
+            pp: 2,
+            microbatches: 8,
+            faults_ms: 5_000,
+            quiet_ms: 5_000,
+            p_node_death: 0.004,
+            p_revival: 0.01,
+            p_worker_death: 0.004,
+            p_drop: 0.02,
+            delay_max_ms: 40,
+            lease_ttl_ms: 300,
+            settle_ms: 50,
+        }
+    }
+}
+
+/// What a run did, and what it found wrong.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub seed: u64,
+    pub generations: u64,
+    pub fenced_proposals: u64,
+    pub node_deaths: u64,
+    pub revivals: u64,
+    pub worker_deaths: u64,
+    pub dropped: u64,
+    pub violations: Vec<String>,
+}
+
+/// SplitMix64: the same sequence for the same seed on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+struct Agent {
+    m: Membership,
+    alive: bool,
+    /// Deliveries due: (when, order of sending, event).
+    inbox: Vec<(u64, u64, Event)>,
+    /// When the last delivery queued is due: a watch delivers in order.
+    last_at: u64,
+    started: Vec<u64>,
+}
+
+struct World {
+    cfg: SimConfig,
+    rng: Rng,
+    t0: Instant,
+    now_ms: u64,
+    sent: u64,
+    generation: u64,
+    plans: BTreeMap<u64, Plan>,
+    /// Registered nodes and when their lease runs out (`None`: kept alive).
+    leases: BTreeMap<String, Option<u64>>,
+    leader: Option<String>,
+    agents: BTreeMap<String, Agent>,
+    report: Report,
+}
+
+fn node(i: usize) -> String {
+    format!("n{i}")
+}
+
+/// Runs one simulation from `seed`.
+pub fn run(seed: u64, cfg: &SimConfig) -> Report {
+    let mut w = World {
+        cfg: cfg.clone(),
+        rng: Rng(seed),
+        t0: Instant::now(),
+        now_ms: 0,
+        sent: 0,
+        generation: 0,
+        plans: BTreeMap::new(),
+        leases: BTreeMap::new(),
+        leader: None,
+        agents: BTreeMap::new(),
+        report: Report {
+            seed,
+            ..Report::default()
+        },
+    };
+    for i in 0..cfg.nodes {
+        w.join(&node(i));
+    }
+    let end = cfg.faults_ms + cfg.quiet_ms;
+    while w.now_ms < end {
+        w.now_ms += 10;
+        if w.now_ms < cfg.faults_ms {
+            w.faults();
+        }
+        w.expire_leases();
+        w.deliver();
+    }
+    w.check_settled();
+    w.report.generations = w.generation;
+    w.report
+}
+
+impl World {
+    fn now(&self) -> Instant {
+        self.t0 + Duration::from_millis(self.now_ms)
+    }
+
+    fn violation(&mut self, what: String) {
+        self.report
+            .violations
+            .push(format!("at {} ms: {what}", self.now_ms));
+    }
+
+    /// Sends `e` to every live agent, each after its own delay; a lost delivery is followed by
+    /// a resynchronisation.
+    fn broadcast(&mut self, e: Event) {
+        let names: Vec<String> = self.agents.keys().cloned().collect();
+        for n in names {
+            self.send(&n, e.clone());
+        }
+    }
+
+    fn send(&mut self, to: &str, e: Event) {
+        if !self.agents.get(to).is_some_and(|a| a.alive) {
+            return;
+        }
+        if self.rng.chance(self.cfg.p_drop) {
+            self.report.dropped += 1;
+            let at = self.now_ms + self.cfg.delay_max_ms * 3 + self.rng.below(100);
+            for e in self.snapshot(to) {
+                self.push(to, at, e);
+            }
+            return;
+        }
+        let at = self.now_ms + self.rng.below(self.cfg.delay_max_ms + 1);
+        self.push(to, at, e);
+    }
+
+    fn push(&mut self, to: &str, at: u64, e: Event) {
+        self.sent += 1;
+        let seq = self.sent;
+        if let Some(a) = self.agents.get_mut(to) {
+            a.last_at = a.last_at.max(at);
+            a.inbox.push((a.last_at, seq, e));
+        }
+    }
+
+    /// What agent `to` reads when it resynchronises: every registration (and the expiry of
+    /// every node it counts live that has none), the leader, the generation.
+    fn snapshot(&self, to: &str) -> Vec<Event> {
+        let mut out: Vec<Event> = self
+            .agents
+            .get(to)
+            .map(|a| {
+                a.m.live()
+                    .keys()
+                    .filter(|n| !self.leases.contains_key(*n))
+                    .map(|n| Event::Expired { node: n.clone() })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.extend(self.leases.keys().map(|n| Event::Registered {
+            node: n.clone(),
+            slots: self.cfg.slots,
+        }));
+        if let Some(l) = &self.leader {
+            out.push(Event::Leader { node: l.clone() });
+        }
+        if let Some(p) = self.plans.get(&self.generation) {
+            out.push(Event::Committed {
+                generation: self.generation,
+                plan: p.clone(),
+            });
+        }
+        out
+    }
+
+    fn join(&mut self, name: &str) {
+        let timing = Timing {
+            settle: Duration::from_millis(self.cfg.settle_ms),
+            hang: Duration::from_secs(3600),
+        };
+        let m = Membership::new(
+            name,
+            self.cfg.tp,
+            self.cfg.pp,
+            self.cfg.microbatches,
+            timing,
+        );
+        self.agents.insert(
+            name.to_owned(),
+            Agent {
+                m,
+                alive: true,
+                inbox: Vec::new(),
+                last_at: 0,
+                started: Vec::new(),
+            },
+        );
+        let at = self.now_ms;
+        for e in self.snapshot(name) {
+            self.push(name, at, e);
+        }
+        self.leases.insert(name.to_owned(), None);
+        self.broadcast(Event::Registered {
+            node: name.to_owned(),
+            slots: self.cfg.slots,
+        });
+        self.campaign();
+    }
+
+    /// The leader key goes with its holder's lease; the lowest registered node takes it.
+    fn campaign(&mut self) {
+        if self.leader.is_none() {
+            if let Some(n) = self.leases.keys().next().cloned() {
+                self.leader = Some(n.clone());
+                self.broadcast(Event::Leader { node: n });
+            }
+        }
+    }
+
+    fn faults(&mut self) {
+        let names: Vec<String> = self.agents.keys().cloned().collect();
+        for n in names {
+            let alive = self.agents[&n].alive;
+            if alive && self.rng.chance(self.cfg.p_node_death) {
+                self.report.node_deaths += 1;
+                self.agents.get_mut(&n).expect("agent").alive = false;
+                let ttl = self.cfg.lease_ttl_ms;
+                self.leases.insert(n.clone(), Some(self.now_ms + ttl));
+            } else if !alive && self.rng.chance(self.cfg.p_revival) {
+                if self.leases.contains_key(&n) {
+                    continue; // its old lease has not expired yet
+                }
+                self.report.revivals += 1;
+                self.join(&n);
+            } else if alive && self.rng.chance(self.cfg.p_worker_death) {
+                let planned: Vec<Slot> = self
+                    .plans
+                    .get(&self.generation)
+                    .into_iter()
+                    .flat_map(|p| p.blocks.iter().flat_map(|b| b.slots.iter()))
+                    .filter(|s| s.node == n)
+                    .cloned()
+                    .collect();
+                if !planned.is_empty() {
+                    self.report.worker_deaths += 1;
+                    let k = self.rng.below(planned.len() as u64) as usize;
+                    self.broadcast(Event::WorkerExited {
+                        slot: planned[k].clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn expire_leases(&mut self) {
+        let now = self.now_ms;
+        let gone: Vec<String> = self
+            .leases
+            .iter()
+            .filter(|(_, until)| until.is_some_and(|t| t <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            self.leases.remove(&n);
+            self.broadcast(Event::Expired { node: n.clone() });
+            if self.leader.as_deref() == Some(&n) {
+                self.leader = None;
+                self.campaign();
+            }
+        }
+    }
+
+    fn deliver(&mut self) {
+        let now = self.now();
+        let names: Vec<String> = self.agents.keys().cloned().collect();
+        for n in names {
+            let due: Vec<Event> = {
+                let a = self.agents.get_mut(&n).expect("agent");
+                if !a.alive {
+                    a.inbox.clear();
+                    continue;
+                }
+                a.inbox.sort_by_key(|(at, seq, _)| (*at, *seq));
+                let k = a.inbox.partition_point(|(at, _, _)| *at <= self.now_ms);
+                a.inbox.drain(..k).map(|(_, _, e)| e).collect()
+            };
+            let mut actions = Vec::new();
+            for e in due.into_iter().chain([Event::Tick]) {
+                let a = self.agents.get_mut(&n).expect("agent");
+                actions.extend(a.m.handle(now, e));
+            }
+            for act in actions {
+                self.act(&n, act);
+            }
+        }
+    }
+
+    fn act(&mut self, agent: &str, act: Action) {
+        match act {
+            Action::Propose { from, to, plan } => {
+                if to != from + 1 {
+                    self.violation(format!("{agent} proposed generation {to} from {from}"));
+                }
+                if from != self.generation {
+                    self.report.fenced_proposals += 1;
+                    return;
+                }
+                if self.plans.contains_key(&to) {
+                    self.violation(format!("a second plan for generation {to}"));
+                    return;
+                }
+                self.check_plan(to, &plan);
+                self.generation = to;
+                self.plans.insert(to, plan.clone());
+                self.broadcast(Event::Committed {
+                    generation: to,
+                    plan,
+                });
+            }
+            Action::Start {
+                generation, plan, ..
+            } => {
+                if self.plans.get(&generation) != Some(&plan) {
+                    self.violation(format!(
+                        "{agent} started generation {generation} with a plan that was not committed"
+                    ));
+                }
+                let a = self.agents.get_mut(agent).expect("agent");
+                if a.started.last().is_some_and(|&g| g >= generation) {
+                    let last = a.started.last().copied().unwrap_or(0);
+                    self.violation(format!(
+                        "{agent} started generation {generation} after {last}"
+                    ));
+                }
+                let a = self.agents.get_mut(agent).expect("agent");
+                a.started.push(generation);
+            }
+            Action::Abort { .. } | Action::Evict { .. } | Action::CannotPlan { .. } => {}
+        }
+    }
+
+    fn check_plan(&mut self, g: u64, plan: &Plan) {
+        let cfg = &self.cfg;
+        let mut problems = Vec::new();
+        if plan.blocks.len() != plan.dp * cfg.pp {
+            problems.push(format!(
+                "{} blocks for dp {} x pp {}",
+                plan.blocks.len(),
+                plan.dp,
+                cfg.pp
+            ));
+        }
+        if plan.microbatches.len() != plan.dp
+            || plan.microbatches.iter().sum::<usize>() != cfg.microbatches
+        {
+            problems.push(format!(
+                "microbatches {:?} do not cover {}",
+                plan.microbatches, cfg.microbatches
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for b in &plan.blocks {
+            if b.slots.len() != cfg.tp || b.slots.iter().any(|s| s.node != b.slots[0].node) {
+                problems.push(format!(
+                    "a block is not {} slots of one node: {:?}",
+                    cfg.tp, b
+                ));
+            }
+            for s in b
+                .slots
+                .iter()
+                .chain(plan.standby.iter().flat_map(|(_, s)| s))
+            {
+                if s.index >= cfg.slots {
+                    problems.push(format!("slot {s:?} does not exist"));
+                }
+            }
+            for s in &b.slots {
+                if !seen.insert(s.clone()) {
+                    problems.push(format!("slot {s:?} assigned twice"));
+                }
+            }
+            if let StateSource::Peer(r) = b.state {
+                let source = plan
+                    .blocks
+                    .iter()
+                    .find(|o| o.replica == r && o.stage == b.stage);
+                if !source.is_some_and(|o| o.state == StateSource::Kept) {
+                    problems.push(format!(
+                        "block {b:?} copies from a replica that keeps nothing"
+                    ));
+                }
+            }
+        }
+        for r in 0..plan.dp {
+            let mut stages: Vec<usize> = plan
+                .blocks
+                .iter()
+                .filter(|b| b.replica == r)
+                .map(|b| b.stage)
+                .collect();
+            stages.sort_unstable();
+            if stages != (0..cfg.pp).collect::<Vec<_>>() {
+                problems.push(format!("replica {r} holds stages {stages:?}"));
+            }
+        }
+        // A block kept from the previous generation holds what it held there, in a block or
+        // on standby.
+        if let Some(prev) = self.plans.get(&(g - 1)) {
+            let mut before = prev.roles();
+            for (stage, slots) in &prev.standby {
+                for (t, s) in slots.iter().enumerate() {
+                    before.insert(s.clone(), (usize::MAX, *stage, t));
+                }
+            }
+            for b in plan.blocks.iter().filter(|b| b.state == StateSource::Kept) {
+                for (t, s) in b.slots.iter().enumerate() {
+                    match before.get(s) {
+                        Some(&(_, stage, rank)) if stage == b.stage && rank == t => {}
+                        held => problems.push(format!(
+                            "{s:?} is kept as stage {} rank {t} but held {held:?}",
+                            b.stage
+                        )),
+                    }
+                }
+            }
+        }
+        for p in problems {
+            self.violation(format!("plan of generation {g}: {p}"));
+        }
+    }
+
+    /// After the quiet period every live node is known to all and the plan is the largest the
+    /// live slots allow.
+    fn check_settled(&mut self) {
+        let live: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.alive)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let blocks = live.len() * (self.cfg.slots / self.cfg.tp);
+        let dp_max = (blocks / self.cfg.pp).min(self.cfg.microbatches);
+        let Some(plan) = self.plans.get(&self.generation).cloned() else {
+            if dp_max > 0 {
+                self.violation("no plan at all".into());
+            }
+            return;
+        };
+        if dp_max == 0 {
+            return;
+        }
+        let stale = plan
+            .blocks
+            .iter()
+            .flat_map(|b| &b.slots)
+            .any(|s| !live.contains(&s.node));
+        if stale || plan.dp != dp_max {
+            let views: Vec<String> = self
+                .agents
+                .iter()
+                .filter(|(_, a)| a.alive)
+                .map(|(n, a)| {
+                    format!(
+                        "{n}: generation {}, live {:?}",
+                        a.m.generation(),
+                        a.m.live()
+                    )
+                })
+                .collect();
+            self.violation(format!(
+                "leader {:?}, etcd leases {:?}; views: {}",
+                self.leader,
+                self.leases,
+                views.join("; ")
+            ));
+            self.violation(format!(
+                "did not settle: generation {} has dp {} on {:?}, the live nodes {live:?} allow \
+                 dp {dp_max}",
+                self.generation,
+                plan.dp,
+                plan.blocks
+                    .iter()
+                    .map(|b| b.slots[0].node.as_str())
+                    .collect::<Vec<_>>()
+            ));
+        }
+    }
+}
