@@ -199,6 +199,9 @@ pub struct Change {
 pub struct Watch {
     changes: std::sync::mpsc::Receiver<Result<Change, String>>,
     task: tokio::task::JoinHandle<()>,
+    /// The runtime the watch runs on, kept alive as long as the watch even when the
+    /// coordinator that started it is dropped.
+    _rt: Arc<tokio::runtime::Runtime>,
 }
 
 impl Watch {
@@ -277,7 +280,11 @@ impl EtcdCoordinator {
                 }
             }
         });
-        Ok(Watch { changes, task })
+        Ok(Watch {
+            changes,
+            task,
+            _rt: self.rt.clone(),
+        })
     }
 }
 

@@ -146,3 +146,21 @@ fn one_campaigner_leads_until_its_lease_goes_then_another_takes_over() {
     }
     assert_eq!(c.campaign(key, b"b", &b).expect("b campaigns again"), b"b");
 }
+
+#[test]
+fn a_watch_goes_on_after_the_coordinator_that_started_it_is_dropped() {
+    let etcd = Etcd::start();
+    let watch = etcd
+        .connect()
+        .watch_prefix("/marathon/job/")
+        .expect("watch");
+    etcd.connect()
+        .put("/marathon/job/generation", b"1")
+        .expect("put");
+    let change = watch
+        .next(Duration::from_secs(5))
+        .expect("watch")
+        .expect("the put arrives");
+    assert_eq!(change.key, "/marathon/job/generation");
+    assert_eq!(change.value, Some(b"1".to_vec()));
+}

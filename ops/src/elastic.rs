@@ -107,8 +107,6 @@ pub struct WorkerArgs {
     job: String,
     #[arg(long)]
     config: PathBuf,
-    #[arg(long)]
-    slot: usize,
     #[arg(long, default_value_t = 60_000)]
     group_timeout_ms: u64,
     #[arg(long, default_value_t = 1000)]
@@ -221,7 +219,6 @@ pub fn agent(args: AgentArgs) -> Result<()> {
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let cfg = elastic_config(&args.config, &args.layout)?;
     let coord = EtcdCoordinator::connect(&endpoints(&args.etcd), Duration::from_secs(10))?;
-    let _ = args.slot;
     worker::run(
         cfg,
         Arc::new(coord),
@@ -297,8 +294,7 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
     let coord = EtcdCoordinator::connect(&endpoints(&urls), Duration::from_secs(10))
         .with_context(|| format!("connect to etcd at {urls}"))?;
     let keys = JobKeys::new(&job);
-    if let Some(done) = coord.get(&keys.done())? {
-        let _ = done;
+    if coord.get(&keys.done())?.is_some() {
         bail!("job {job} already finished in etcd at {urls}; give another --job");
     }
     let mut watch = coord.watch_prefix(keys.root())?;

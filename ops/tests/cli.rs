@@ -3,6 +3,8 @@
 // The helpers unwrap as the tests do: an unexpected error is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{repo, running};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -25,10 +27,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 #[test]
@@ -425,19 +423,6 @@ fn running_dp2_job(dir: &Path) -> (std::process::Child, impl Iterator<Item = Str
     }
     assert!(pids.iter().all(|&p| p > 0), "{seen:?}");
     (launcher, lines, pids)
-}
-
-/// Whether process `pid` is still running (a zombie awaiting its reaper counts as gone).
-fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
 }
 
 #[test]

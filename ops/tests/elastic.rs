@@ -6,6 +6,8 @@
 // The helpers unwrap as the tests do: an unexpected error is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{repo, running};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -21,10 +23,6 @@ use marathon_runtime::worker::{unix_ms, LostRecord, PlannedRecord, StepCommit};
 mod etcd;
 
 const MARATHON: &str = env!("CARGO_BIN_EXE_marathon");
-
-fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
 
 /// A corpus and a tiny configuration in `dir`: `global_batch` sequences of 32 tokens per
 /// step in microbatches of 2, and `extra` appended to `[train]`-level sections; and the
@@ -185,19 +183,6 @@ fn signal(sig: &str, pid: u32) {
     assert!(ok.success(), "kill {sig} {pid}");
 }
 
-/// Whether process `pid` is still running (a zombie counts as gone).
-fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
 /// A change seen: when (Unix milliseconds), the key, and its new value (`None`: deleted).
 type Seen = (u64, String, Option<Vec<u8>>);
 
@@ -259,6 +244,40 @@ impl Recorder {
             .filter_map(|(t, _, v)| Some((*t, serde_json::from_slice(v.as_ref()?).ok()?)))
             .collect()
     }
+}
+
+/// A private etcd and a client of it, the job directory with its fault-free reference run
+/// (see [`job_dir`]), the keys of job `job`, and a recorder of their changes.
+fn fixture(
+    job: &str,
+    steps: u64,
+    global_batch: u64,
+    extra: &str,
+) -> (
+    etcd::Etcd,
+    EtcdCoordinator,
+    tempfile::TempDir,
+    JobKeys,
+    Recorder,
+) {
+    let server = etcd::Etcd::start();
+    let c = server.connect();
+    let dir = job_dir(steps, global_batch, extra);
+    let keys = JobKeys::new(job);
+    let rec = Recorder::start(&c, &keys);
+    (server, c, dir, keys, rec)
+}
+
+/// The losses recorded in generation `g`.
+fn lost(c: &EtcdCoordinator, keys: &JobKeys, g: u64) -> Vec<LostRecord> {
+    c.list(keys.root())
+        .unwrap()
+        .into_iter()
+        .filter(
+            |(k, _)| matches!(keys.parse(k), JobKey::Lost { generation, .. } if generation == g),
+        )
+        .map(|(_, v)| serde_json::from_slice(&v).unwrap())
+        .collect()
 }
 
 /// Each generation's plan in etcd.
@@ -418,11 +437,7 @@ fn ms_between(a: u64, b: u64) -> i64 {
 
 #[test]
 fn a_killed_worker_shrinks_the_job_without_restarts_and_its_node_grows_it_back() {
-    let server = etcd::Etcd::start();
-    let c = server.connect();
-    let dir = job_dir(40, 16, "");
-    let keys = JobKeys::new("kill");
-    let rec = Recorder::start(&c, &keys);
+    let (server, c, dir, keys, rec) = fixture("kill", 40, 16, "");
     let args = [
         "train",
         "--config",
@@ -483,13 +498,7 @@ fn a_killed_worker_shrinks_the_job_without_restarts_and_its_node_grows_it_back()
     assert_eq!(s["goodput"]["recomputed_steps"], 0, "{s}");
     // The figures: from the kill to its detection, to the plan of generation 2, to its first
     // completed step.
-    let lost: Vec<LostRecord> = c
-        .list(keys.root())
-        .unwrap()
-        .into_iter()
-        .filter(|(k, _)| matches!(keys.parse(k), JobKey::Lost { generation: 1, .. }))
-        .map(|(_, v)| serde_json::from_slice(&v).unwrap())
-        .collect();
+    let lost = lost(&c, &keys, 1);
     assert_eq!(lost.len(), 1, "{lost:?}");
     let planned: PlannedRecord =
         serde_json::from_slice(&c.get(&keys.planned(2)).unwrap().unwrap()).unwrap();
@@ -526,15 +535,12 @@ fn a_killed_worker_shrinks_the_job_without_restarts_and_its_node_grows_it_back()
 
 #[test]
 fn a_stage_with_no_live_copy_resumes_from_the_newest_checkpoint() {
-    let server = etcd::Etcd::start();
-    let c = server.connect();
-    let dir = job_dir(
+    let (server, _, dir, keys, rec) = fixture(
+        "last-resort",
         24,
         8,
         "[checkpoint]\nroot = \"ckpt\"\nevery_steps = 4\nkeep_last = 10\n",
     );
-    let keys = JobKeys::new("last-resort");
-    let rec = Recorder::start(&c, &keys);
     let args = [
         "train",
         "--config",
@@ -592,11 +598,27 @@ fn a_stage_with_no_live_copy_resumes_from_the_newest_checkpoint() {
 }
 
 /// Starts agent `node` of a job of `slots` slots per node, waiting for `wait` slots.
-fn agent(dir: &Path, urls: &str, job: &str, node: &str, extra: &[&str]) -> Proc {
+/// The flags of a job's agents of one slot each: `nodes` of them, waited for before the
+/// first plan, with these timings.
+fn agent_flags(nodes: usize, lease_ttl_ms: u64, hang_ms: u64, cooldown_ms: u64) -> Vec<String> {
+    [
+        ("--slots", 1),
+        ("--wait-slots", nodes as u64),
+        ("--lease-ttl-ms", lease_ttl_ms),
+        ("--hang-ms", hang_ms),
+        ("--cooldown-ms", cooldown_ms),
+        ("--group-timeout-ms", 20_000),
+    ]
+    .into_iter()
+    .flat_map(|(f, v)| [f.to_string(), v.to_string()])
+    .collect()
+}
+
+fn agent(dir: &Path, urls: &str, job: &str, node: &str, flags: &[String]) -> Proc {
     let mut args = vec![
         "agent", "--etcd", urls, "--job", job, "--node", node, "--config", "c.toml",
     ];
-    args.extend_from_slice(extra);
+    args.extend(flags.iter().map(String::as_str));
     let p = Proc::start(&format!("agent {node}"), dir, &args);
     p.wait_for("registered", Duration::from_secs(30));
     p
@@ -604,25 +626,8 @@ fn agent(dir: &Path, urls: &str, job: &str, node: &str, extra: &[&str]) -> Proc 
 
 #[test]
 fn losing_the_leaders_node_elects_another_and_the_node_rejoins_with_a_peers_state() {
-    let server = etcd::Etcd::start();
-    let c = server.connect();
-    let dir = job_dir(40, 12, "");
-    let keys = JobKeys::new("leader");
-    let rec = Recorder::start(&c, &keys);
-    let common = [
-        "--slots",
-        "1",
-        "--wait-slots",
-        "3",
-        "--lease-ttl-ms",
-        "1000",
-        "--hang-ms",
-        "30000",
-        "--group-timeout-ms",
-        "20000",
-        "--cooldown-ms",
-        "0",
-    ];
+    let (server, c, dir, keys, rec) = fixture("leader", 40, 12, "");
+    let common = agent_flags(3, 1000, 30_000, 0);
     let nodes: Vec<Proc> = ["a", "b", "c"]
         .iter()
         .map(|n| agent(dir.path(), &server.url, "leader", n, &common))
@@ -668,25 +673,8 @@ fn losing_the_leaders_node_elects_another_and_the_node_rejoins_with_a_peers_stat
 
 #[test]
 fn a_hung_worker_is_evicted_and_a_stopped_node_cannot_commit_when_it_wakes() {
-    let server = etcd::Etcd::start();
-    let c = server.connect();
-    let dir = job_dir(60, 12, "");
-    let keys = JobKeys::new("hang");
-    let rec = Recorder::start(&c, &keys);
-    let common = [
-        "--slots",
-        "1",
-        "--wait-slots",
-        "3",
-        "--lease-ttl-ms",
-        "1000",
-        "--hang-ms",
-        "3000",
-        "--group-timeout-ms",
-        "20000",
-        "--cooldown-ms",
-        "600000",
-    ];
+    let (server, c, dir, keys, rec) = fixture("hang", 60, 12, "");
+    let common = agent_flags(3, 1000, 3000, 600_000);
     let mut nodes: Vec<Proc> = ["a", "b", "c"]
         .iter()
         .map(|n| agent(dir.path(), &server.url, "hang", n, &common))
@@ -814,23 +802,8 @@ fn killing_the_launcher_of_an_elastic_job_leaves_no_process_behind() {
 
 #[test]
 fn an_agent_restarted_under_its_name_has_its_old_workers_recorded_lost() {
-    let server = etcd::Etcd::start();
-    let c = server.connect();
-    let dir = job_dir(30, 8, "");
-    let keys = JobKeys::new("restart");
-    let rec = Recorder::start(&c, &keys);
-    let common = [
-        "--slots",
-        "1",
-        "--wait-slots",
-        "2",
-        "--lease-ttl-ms",
-        "30000",
-        "--cooldown-ms",
-        "0",
-        "--group-timeout-ms",
-        "20000",
-    ];
+    let (server, c, dir, keys, rec) = fixture("restart", 30, 8, "");
+    let common = agent_flags(2, 30_000, 10_000, 0);
     let a = agent(dir.path(), &server.url, "restart", "a", &common);
     let b = agent(dir.path(), &server.url, "restart", "b", &common);
     rec.wait_step(&keys, 1, 4, Duration::from_secs(60));
@@ -838,13 +811,7 @@ fn an_agent_restarted_under_its_name_has_its_old_workers_recorded_lost() {
     drop(b);
     let b = agent(dir.path(), &server.url, "restart", "b", &common);
     let first = rec.first_step_after(&keys, 1, Duration::from_secs(20));
-    let lost: Vec<LostRecord> = c
-        .list(keys.root())
-        .unwrap()
-        .into_iter()
-        .filter(|(k, _)| matches!(keys.parse(k), JobKey::Lost { generation: 1, .. }))
-        .map(|(_, v)| serde_json::from_slice(&v).unwrap())
-        .collect();
+    let lost = lost(&c, &keys, 1);
     assert!(
         lost.iter().any(|l| l.reason == "its agent restarted"),
         "{lost:?}"

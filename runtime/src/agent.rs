@@ -41,7 +41,7 @@ pub struct AgentOptions {
     /// This node's name, unique in the job.
     pub node: String,
     pub slots: usize,
-    /// The program and arguments that start one worker; the agent adds `--slot <index>`.
+    /// The program and arguments that start one worker.
     pub worker_program: PathBuf,
     pub worker_args: Vec<String>,
     /// Environment for the workers.
@@ -439,11 +439,7 @@ impl Agent {
                 ),
             });
         }
-        let record = LostRecord {
-            detected_at_ms: unix_ms(),
-            reason,
-        };
-        let json = serde_json::to_vec(&record).expect("records serialise");
+        let json = LostRecord::now(reason);
         let key = self.keys.retry(generation, &slot);
         retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
         self.feed(Event::Retry { generation })
@@ -453,11 +449,7 @@ impl Agent {
     fn record_lost(&mut self, slot: Slot, reason: String) -> Result<()> {
         let generation = self.membership.generation();
         if generation > 0 {
-            let record = LostRecord {
-                detected_at_ms: unix_ms(),
-                reason,
-            };
-            let json = serde_json::to_vec(&record).expect("records serialise");
+            let json = LostRecord::now(reason);
             let key = self.keys.lost(generation, &slot);
             retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
         }
@@ -626,7 +618,6 @@ impl Agent {
     fn spawn(&self, index: usize) -> Result<Worker> {
         let mut child = Command::new(&self.opts.worker_program)
             .args(&self.opts.worker_args)
-            .args(["--slot", &index.to_string()])
             .envs(self.opts.worker_env.iter().cloned())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -670,11 +661,7 @@ fn forget_previous_run(coord: &dyn Coordinator, keys: &JobKeys, node: &str) -> R
     let Ok(plan) = serde_json::from_slice::<Plan>(&json) else {
         return Ok(());
     };
-    let record = LostRecord {
-        detected_at_ms: unix_ms(),
-        reason: "its agent restarted".into(),
-    };
-    let record = serde_json::to_vec(&record).expect("records serialise");
+    let record = LostRecord::now("its agent restarted".into());
     for slot in plan.blocks.iter().flat_map(|b| &b.slots) {
         if slot.node == node {
             let key = keys.lost(generation, slot);

@@ -143,17 +143,23 @@ pub struct Trainer {
     stop_signal: Option<Arc<AtomicBool>>,
     /// Whether any rank raised its stop signal before the last step's closing sum.
     stop_agreed: bool,
-    /// The sample ids this rank fed since the last [`Trainer::take_samples`], when recording.
-    samples: Option<Vec<u64>>,
     /// The last validation loss.
     last_val_loss: Option<f32>,
     /// The elastic generation this trainer runs in (0 outside an elastic job).
     generation: u64,
-    /// Where this rank appends the samples its replica fed (`train.samples_log`), on the
+    /// Where this rank appends the samples its replica feeds (`train.samples_log`), on the
     /// first stage's first tensor rank of each replica.
-    samples_log: Option<File>,
+    samples_log: Option<SamplesLog>,
     /// Asked before each checkpoint commit (see [`Trainer::set_commit_guard`]).
     commit_guard: Option<CommitGuard>,
+}
+
+/// `train.samples_log`, open on the rank that logs for its replica, and the sample ids it fed
+/// in the step running.
+#[derive(Debug)]
+struct SamplesLog {
+    file: File,
+    fed: Vec<u64>,
 }
 
 /// Where a step's time went, beyond compute.
@@ -286,7 +292,6 @@ impl Trainer {
             gpu,
             stop_signal: None,
             stop_agreed: false,
-            samples: None,
             last_val_loss: None,
             generation: 0,
             samples_log: None,
@@ -526,19 +531,6 @@ impl Trainer {
             ck.writer.set_commit_guard(guard.clone());
         }
         self.commit_guard = guard;
-    }
-
-    /// Starts or stops recording the ids of the samples this rank feeds the model.
-    pub fn record_samples(&mut self, on: bool) {
-        self.samples = on.then(Vec::new);
-    }
-
-    /// The sample ids fed since the last call, in the order they were fed.
-    pub fn take_samples(&mut self) -> Vec<u64> {
-        self.samples
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
     }
 
     /// Makes this rank's state that of replica `source` of its data-parallel group: parameters,
@@ -783,15 +775,16 @@ impl Trainer {
     fn open_samples_log(&mut self) -> Result<()> {
         let [(tp_rank, _), (stage, _), _] = self.groups.coords();
         self.samples_log = None;
-        self.samples = None;
         if let (Some(p), true) = (&self.cfg.train.samples_log, tp_rank == 0 && stage == 0) {
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(p)
                 .map_err(|e| RuntimeError::io("open the samples log", p, e))?;
-            self.samples_log = Some(file);
-            self.samples = Some(Vec::new());
+            self.samples_log = Some(SamplesLog {
+                file,
+                fed: Vec::new(),
+            });
         }
         Ok(())
     }
@@ -812,14 +805,15 @@ impl Trainer {
             "replica": replica,
             "samples": &planned,
         });
-        let file = self.samples_log.as_mut().expect("checked above");
+        let log = self.samples_log.as_mut().expect("checked above");
         // One write per line: appends from several processes stay whole lines.
-        let written = file.write_all(format!("{line}\n").as_bytes());
-        let path = self.cfg.train.samples_log.clone().unwrap_or_default();
-        written.map_err(|e| RuntimeError::io("append to the samples log", path, e))?;
-        self.take_samples();
+        if let Err(e) = log.file.write_all(format!("{line}\n").as_bytes()) {
+            let path = self.cfg.train.samples_log.clone().unwrap_or_default();
+            return Err(RuntimeError::io("append to the samples log", path, e));
+        }
         let done = self.step_once();
-        let fed = self.take_samples();
+        let log = self.samples_log.as_mut().expect("still open");
+        let fed = std::mem::take(&mut log.fed);
         if done.is_ok() {
             assert_eq!(
                 fed, planned,
@@ -969,8 +963,8 @@ impl Trainer {
         let first = self.consumed_samples + (m * mb) as u64;
         for j in 0..mb {
             let k = self.order.sample(first + j as u64);
-            if let Some(seen) = self.samples.as_mut() {
-                seen.push(k as u64);
+            if let Some(log) = self.samples_log.as_mut() {
+                log.fed.push(k as u64);
             }
             let r = j * seq..(j + 1) * seq;
             self.train

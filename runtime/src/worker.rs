@@ -135,11 +135,22 @@ pub struct StepCommit {
 }
 
 /// A worker lost in a generation, recorded by the agent that saw it under
-/// `gen-<g>/lost/<node>/<slot>`.
+/// `gen-<g>/lost/<node>/<slot>` (or `gen-<g>/retry/...` for a live one that left it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LostRecord {
     pub detected_at_ms: u64,
     pub reason: String,
+}
+
+impl LostRecord {
+    /// The record of a loss seen now, as its key's value.
+    pub fn now(reason: String) -> Vec<u8> {
+        let record = LostRecord {
+            detected_at_ms: unix_ms(),
+            reason,
+        };
+        serde_json::to_vec(&record).expect("records serialise")
+    }
 }
 
 /// A generation's planning, written by the leader with the plan under `gen-<g>/planned`.

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,34 +41,41 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Starts etcd member `name` of the cluster `initial` (`name=peer-url,...`), with its data
+/// and log in `dir`, listening for clients on `url` and for peers on `peer_url`.
+fn spawn_member(dir: &Path, name: &str, url: &str, peer_url: &str, initial: &str) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("etcd log");
+    Command::new(etcd_binary())
+        .args(["--name", name, "--data-dir"])
+        .arg(dir.join(format!("data-{name}")))
+        .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+        .args([
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+        ])
+        .args([
+            "--initial-cluster",
+            initial,
+            "--initial-cluster-state",
+            "new",
+        ])
+        .stdout(log.try_clone().expect("etcd log"))
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start etcd")
+}
+
 impl Etcd {
     pub fn start() -> Etcd {
         let dir = tempfile::tempdir().expect("etcd data directory");
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new(etcd_binary())
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("test={peer_url}")])
-            .stdout(log.try_clone().expect("etcd log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start etcd");
+        let initial = format!("test={peer_url}");
+        let child = spawn_member(dir.path(), "test", &url, &peer_url, &initial);
         Etcd {
             child,
             _dir: dir,
@@ -130,30 +137,7 @@ impl EtcdCluster {
         for (i, (client, peer)) in ports.iter().enumerate() {
             let url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let log =
-                std::fs::File::create(dir.path().join(format!("etcd-{i}.log"))).expect("etcd log");
-            let child = Command::new(etcd_binary())
-                .args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(dir.path().join(format!("data-{i}")))
-                .args([
-                    "--listen-client-urls",
-                    &url,
-                    "--advertise-client-urls",
-                    &url,
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &peer_url,
-                    "--initial-advertise-peer-urls",
-                    &peer_url,
-                ])
-                .args(["--initial-cluster", &initial])
-                .args(["--initial-cluster-state", "new"])
-                .stdout(log.try_clone().expect("etcd log"))
-                .stderr(log)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("start etcd");
+            let child = spawn_member(dir.path(), &format!("m{i}"), &url, &peer_url, &initial);
             members.push(Some(child));
             urls.push(url);
         }
