@@ -1,12 +1,24 @@
 //! marathon-chaos: failure injection.
 //!
-//! Owns the scenarios that kill worker processes, nodes, etcd members and the object store for
-//! real, with a real etcd and a real S3-API server, and the deterministic simulation of the
-//! coordination protocol. It drives the `marathon` binary and uses the crates' test helpers.
+//! - [`run`]: one scenario against real processes: a three-member etcd cluster and a Garage
+//!   store ([`servers`]), one `marathon agent` per node with its workers ([`cluster`]), each
+//!   node in a network namespace of its own where the machine allows ([`network`]), and the
+//!   faults of a schedule drawn from a seed ([`scenario`]) injected as the job reaches their
+//!   steps; the invariants checked after it ([`check`]), and a report ([`report`]).
+//! - [`sim`]: the membership core of every agent against a simulated etcd that delays,
+//!   reorders and loses deliveries and expires leases, with nodes and workers dying and
+//!   returning, every run drawn from a seed and checked for the protocol's safety invariants.
 //!
-//! Built so far: the simulation ([`sim`]): the membership core of every agent against a
-//! simulated etcd that delays, reorders and loses deliveries and expires leases, with nodes and
-//! workers dying and returning, every run drawn from a seed and checked for the protocol's
-//! safety invariants. The real-process elastic failure tests live in `ops/tests/elastic.rs`.
+//! `marathon chaos run --seed S` replays one scenario, `marathon chaos soak --duration D` runs
+//! scenarios until the time is up, and `marathon chaos sim` runs the simulation.
 
+pub mod check;
+pub mod cluster;
+mod corpus;
+pub mod network;
+pub mod report;
+mod rng;
+pub mod run;
+pub mod scenario;
+pub mod servers;
 pub mod sim;

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
 use marathon_elastic::plan::{Plan, Slot, StateSource};
 
+use crate::rng::Rng;
+
 /// The shape of a simulated cluster and how hard it is shaken.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -78,27 +80,6 @@ pub struct Report {
     pub worker_deaths: u64,
     pub dropped: u64,
     pub violations: Vec<String>,
-}
-
-/// SplitMix64: the same sequence for the same seed on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 struct Agent {

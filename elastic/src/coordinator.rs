@@ -44,6 +44,13 @@ pub trait Coordinator: Send + Sync {
 
     /// Every key under `prefix`, with its value, in key order.
     fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ElasticError>;
+
+    /// Fails when whoever waits through this coordinator should give up (the generation it
+    /// waits for was aborted). A wait that does not go through [`Coordinator::wait_get`], such
+    /// as accepting connections, asks this between its polls.
+    fn check(&self) -> Result<(), ElasticError> {
+        Ok(())
+    }
 }
 
 /// A coordinator inside one process, for single-machine runs and tests.

@@ -289,7 +289,10 @@ impl EtcdCoordinator {
 }
 
 /// Keeps lease `id` alive every `period`; if no keep-alive succeeds for `ttl`, the lease is
-/// gone and `lost` is set.
+/// gone and `lost` is set. After a failed keep-alive it tries again every
+/// [`KEEP_ALIVE_RETRY`], not a whole period later: etcd counts the lease's time from the last
+/// keep-alive it received, so one that waits out a short outage (an etcd member lost, a
+/// leader election) must land as soon as etcd answers again.
 async fn keep_alive(
     mut client: Client,
     id: i64,
@@ -302,7 +305,10 @@ async fn keep_alive(
     let mut keeper = None;
     loop {
         if keeper.is_none() {
-            keeper = client.lease_keep_alive(id).await.ok();
+            keeper = tokio::time::timeout(period, client.lease_keep_alive(id))
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
         let ok = match keeper.as_mut() {
             Some((k, stream)) => {
@@ -324,12 +330,16 @@ async fn keep_alive(
                 return;
             }
         }
+        let next = if ok { period } else { KEEP_ALIVE_RETRY };
         tokio::select! {
             _ = stop.notified() => return,
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }
+
+/// How soon a failed keep-alive is tried again.
+const KEEP_ALIVE_RETRY: Duration = Duration::from_millis(100);
 
 /// A key kept alive under a lease; see [`EtcdCoordinator::register`].
 pub struct Registration {

@@ -412,6 +412,7 @@ pub fn ckpt(args: CkptArgs) -> Result<()> {
             resume: Resume::Never,
             abandoned_after_s: 3600,
             options: Default::default(),
+            faults: None,
         });
         let mut t = Trainer::new(cfg.clone())?;
         t.train_step()?;

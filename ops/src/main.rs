@@ -4,6 +4,7 @@
 //! crates. Errors reach the user through `anyhow` with the file, field or step they concern.
 
 mod bench;
+mod chaos;
 mod ckpt;
 mod convert;
 mod elastic;
@@ -80,6 +81,13 @@ enum Command {
     Ckpt {
         #[command(subcommand)]
         command: ckpt::CkptCommand,
+    },
+    /// Failure injection: scenarios of faults drawn from a seed against real processes (a
+    /// three-member etcd cluster, a Garage store, agents and workers), checked for the
+    /// invariants of an elastic job; and the simulation of the coordination protocol.
+    Chaos {
+        #[command(subcommand)]
+        command: chaos::ChaosCommand,
     },
     /// Size a configuration's parallel layout: parameters, memory per rank, FLOPs per step.
     Plan {
@@ -214,6 +222,7 @@ fn run(cli: Cli) -> Result<()> {
             command: BenchCommand::Recovery(args),
         } => recovery::run(args),
         Command::Ckpt { command } => ckpt::run(command),
+        Command::Chaos { command } => chaos::run_command(command),
         Command::Sample(args) => sample::run(args),
         Command::Plan { config } => plan(config),
     }

@@ -9,12 +9,14 @@
 //! `adam_v/...`) as boxes, so a run in any other layout reads back exactly the boxes it holds.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use marathon_model::cost::ParallelLayout;
 use marathon_model::{GptConfig, ParamLayout};
 use marathon_storage::boxes::range_to_boxes;
 use marathon_storage::codec::Codec;
+use marathon_storage::faulty::{Faults, FaultyStore};
 use marathon_storage::retention::Retention;
 use marathon_storage::writer::SnapshotReport;
 use marathon_storage::{
@@ -145,7 +147,20 @@ pub fn plan_pieces(
 
 /// The store and options of a configuration's `[checkpoint]`.
 pub fn open_store(c: &CheckpointConfig) -> Result<Store> {
-    Store::open_with(&c.root, c.options.clone()).map_err(RuntimeError::from)
+    let store = Store::open_with(&c.root, c.options.clone()).map_err(RuntimeError::from)?;
+    let Some(f) = &c.faults else {
+        return Ok(store);
+    };
+    let faults = Faults {
+        error_rate: f.error_rate,
+        delay: Duration::from_millis(f.delay_ms),
+        refuse_puts_to: f.refuse_puts_to.clone(),
+        tear_puts_to: f.tear_puts_to.clone(),
+    };
+    Ok(Store {
+        inner: Arc::new(FaultyStore::new(store.inner.clone(), faults, f.seed)),
+        ..store
+    })
 }
 
 pub(crate) fn writer_options(c: &CheckpointConfig) -> WriterOptions {

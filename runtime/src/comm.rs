@@ -197,6 +197,7 @@ impl ProcessGroup {
                     waiting -= 1;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    coord.check().map_err(|e| fail(e.to_string()))?;
                     if Instant::now() >= deadline {
                         let missing: Vec<usize> = (spec.rank + 1..spec.size)
                             .filter(|&r| peers[r].is_none())

@@ -142,6 +142,32 @@ pub struct CheckpointConfig {
     /// (`aws_endpoint`, `aws_region`, `aws_access_key_id`, ...).
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,
+    /// Faults injected into this process's requests to the store, for failure-injection runs
+    /// (`marathon chaos`): none unless the table is given.
+    #[serde(default)]
+    pub faults: Option<StoreFaults>,
+}
+
+/// `[checkpoint.faults]`: what goes wrong in the store's requests, drawn from `seed`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFaults {
+    /// Probability that a request fails with a transient error (retried by the writer and the
+    /// reader like a real one).
+    #[serde(default)]
+    pub error_rate: f64,
+    /// Added to every request, in milliseconds.
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// Puts to paths containing this store only half of their bytes and fail (a torn write).
+    #[serde(default)]
+    pub tear_puts_to: Option<String>,
+    /// Puts to paths containing this fail for good (a writer lost between its shards and its
+    /// manifest).
+    #[serde(default)]
+    pub refuse_puts_to: Option<String>,
+    #[serde(default)]
+    pub seed: u64,
 }
 
 fn default_keep_last() -> usize {
@@ -295,6 +321,17 @@ impl TrainConfig {
                     "checkpoint.keep_last",
                     "must be at least 1: the newest checkpoint is always kept",
                 ));
+            }
+            if let Some(f) = &c.faults {
+                if !(0.0..1.0).contains(&f.error_rate) {
+                    return Err(invalid(
+                        "checkpoint.faults.error_rate",
+                        format!(
+                            "{} is out of range; use a probability from 0 up to (not including) 1",
+                            f.error_rate
+                        ),
+                    ));
+                }
             }
             if !(1..=19).contains(&c.level) {
                 return Err(invalid(

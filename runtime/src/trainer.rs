@@ -710,8 +710,15 @@ impl Trainer {
     }
 
     /// As [`Trainer::finish_checkpoints`], returning what the persist did, if one was running.
+    /// A checkpoint of the same step that an earlier writer committed (an elastic job's
+    /// earlier generation, which reached the last step before it was superseded) stays as it
+    /// is, and is no error: that step's state is the same in every generation.
     pub fn wait_checkpoint(&mut self) -> Result<Option<PersistReport>> {
         match self.ckpt.as_mut().and_then(|ck| ck.writer.wait()) {
+            Some(Err(e @ marathon_storage::StorageError::AlreadyCommitted { .. })) => {
+                eprintln!("note: {e}");
+                Ok(None)
+            }
             Some(done) => Ok(Some(done?)),
             None => Ok(None),
         }

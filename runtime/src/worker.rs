@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use marathon_storage::writer::CommitGuard;
 
+use crate::checkpoint::CheckpointRecord;
 use crate::comm::{AbortHandle, GroupSpec};
 use crate::trainer::{Goodput, Observer, Summary};
 use crate::{Groups, Result, RuntimeError, TrainConfig, Trainer};
@@ -311,8 +312,19 @@ impl<W: Write> Events<W> {
     }
 }
 
+/// What a worker says of its steps: only a checkpoint that did not commit, which its agent's
+/// log then shows; the agent follows the steps through etcd.
 struct Quiet;
-impl Observer for Quiet {}
+impl Observer for Quiet {
+    fn on_checkpoint(&mut self, rec: &CheckpointRecord) {
+        if let Some(e) = &rec.previous_failed {
+            eprintln!(
+                "warning: the checkpoint before step {} did not commit: {e}",
+                rec.step
+            );
+        }
+    }
+}
 
 /// Runs an elastic worker until its agent says stop (`Ok`) or goes away (the process exits
 /// with [`EXIT_AGENT_GONE`]). `control` is the agent's side of the channel (the worker's
@@ -649,6 +661,17 @@ fn job_summary(coord: &dyn Coordinator, keys: &JobKeys, last: &Summary) -> Resul
     }
     let mut summary = last.clone();
     (summary.goodput, summary.elapsed_s) = goodput(&commits, &lost, &planned, unix_ms());
+    if summary.final_loss.is_nan() {
+        // A generation that began at the last step ran none: the job's last loss is the one
+        // the generation before it committed.
+        let newest = commits
+            .iter()
+            .filter(|c| c.step == summary.steps && c.loss.is_some())
+            .max_by_key(|c| c.generation);
+        if let Some(l) = newest.and_then(|c| c.loss) {
+            summary.final_loss = l;
+        }
+    }
     Ok(summary)
 }
 
@@ -728,14 +751,25 @@ impl Coordinator for Abortable<'_> {
         self.inner.put(key, value)
     }
 
+    fn check(&self) -> Result<(), ElasticError> {
+        if self.control.cancelled(self.generation) {
+            return Err(ElasticError::Unavailable {
+                action: "rendezvous",
+                key: String::new(),
+                reason: format!("generation {} was aborted", self.generation),
+            });
+        }
+        Ok(())
+    }
+
     fn wait_get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, ElasticError> {
         let started = Instant::now();
         loop {
-            if self.control.cancelled(self.generation) {
+            if let Err(ElasticError::Unavailable { reason, .. }) = self.check() {
                 return Err(ElasticError::Unavailable {
                     action: "rendezvous at",
                     key: key.to_owned(),
-                    reason: format!("generation {} was aborted", self.generation),
+                    reason,
                 });
             }
             let slice = deadline.min(Instant::now() + RENDEZVOUS_SLICE);

@@ -36,6 +36,7 @@ fn config(dir: &std::path::Path, root: &str) -> TrainConfig {
         resume: Resume::Auto,
         abandoned_after_s: 3600,
         options: Default::default(),
+        faults: None,
     });
     cfg
 }

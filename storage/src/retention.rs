@@ -9,6 +9,7 @@ use futures::TryStreamExt;
 use object_store::ObjectMeta;
 
 use crate::reader::Reader;
+use crate::store::retry;
 use crate::{runtime, Result, StorageError};
 
 /// Which checkpoints to keep.
@@ -85,23 +86,21 @@ pub fn collect(
 fn delete_step(reader: &Reader, step: u64, committed: bool) -> Result<()> {
     let store = &reader.store;
     runtime().block_on(async {
+        // Transient failures are retried like every other request; an object already gone
+        // (a retried delete whose first answer was lost) is no error.
         if committed {
             let manifest = store.path(&crate::format::manifest_name(step));
-            store
-                .inner
-                .delete(&manifest)
-                .await
-                .map_err(|e| StorageError::store("delete manifest", &manifest, e))?;
+            match retry(|| store.inner.delete(&manifest)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(StorageError::store("delete manifest", &manifest, e)),
+            }
         }
         let prefix = store.path(&crate::format::step_dir(step));
-        let objects: Vec<ObjectMeta> = store
-            .inner
-            .list(Some(&prefix))
-            .try_collect()
+        let objects: Vec<ObjectMeta> = retry(|| store.inner.list(Some(&prefix)).try_collect())
             .await
             .map_err(|e| StorageError::store("list", &prefix, e))?;
         for o in objects {
-            match store.inner.delete(&o.location).await {
+            match retry(|| store.inner.delete(&o.location)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(StorageError::store("delete", &o.location, e)),
             }

@@ -1,0 +1,710 @@
+//! One scenario against real processes: a three-member etcd cluster, a Garage store, and one
+//! `marathon agent` per node with its workers, all on loopback; the faults of the schedule
+//! injected as the job reaches their steps; the invariants checked at the end, and every
+//! process it started stopped, also when it fails.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use marathon_elastic::{JobKey, JobKeys};
+use marathon_runtime::trainer::Summary;
+use marathon_runtime::worker::unix_ms;
+use marathon_storage::{format, Reader, Store};
+use serde::Serialize;
+
+use crate::check;
+use crate::cluster::{run_to_end, AgentSpec, Node, Recorder};
+use crate::network::Network;
+use crate::scenario::{Fault, Scenario};
+use crate::servers::{running, signal, EtcdCluster, Garage};
+
+/// How scenarios are run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The `marathon` binary the agents and workers run.
+    pub exe: PathBuf,
+    /// Where each scenario's directory goes (kept); `None`: a temporary one, removed after.
+    pub keep_in: Option<PathBuf>,
+    /// A text corpus to train on; `None`: one drawn from the seed.
+    pub corpus: Option<PathBuf>,
+    /// A job with no step committed for this long has failed.
+    pub stall: Duration,
+    /// Say what happens as it happens, on stderr.
+    pub verbose: bool,
+    /// Raised to stop (Ctrl-C): the scenario in flight fails at once and cleans up.
+    pub interrupted: Arc<AtomicBool>,
+    /// Put each node in a network namespace of its own when this machine allows it (root);
+    /// `false`: every node on loopback, and network faults are not injected.
+    pub namespaces: bool,
+}
+
+/// A fault as it was injected.
+#[derive(Debug, Clone, Serialize)]
+pub struct Injected {
+    pub fault: Fault,
+    pub what: String,
+    /// The step the schedule gave, and the step of the latest commit when it landed.
+    pub at_step: u64,
+    pub landed_at_step: u64,
+    /// Why it was not injected, or what it found.
+    pub note: Option<String>,
+}
+
+/// Where a scenario's time went: the elastic job's goodput accounting.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Lost {
+    pub startup_s: f64,
+    pub detection_s: f64,
+    pub reform_s: f64,
+    pub transfer_s: f64,
+    pub recomputed_s: f64,
+    pub checkpoint_stall_s: f64,
+}
+
+/// What happened in a scenario, and its verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub seed: u64,
+    pub scenario: String,
+    /// How the nodes were networked: namespaces, or loopback and why.
+    pub network: String,
+    pub injected: Vec<Injected>,
+    /// Generations after the first: each a recovery or a growth.
+    pub recoveries: u64,
+    /// Agents started again after they exited or were killed.
+    pub agent_restarts: usize,
+    pub lost: Lost,
+    pub recomputed_steps: u64,
+    pub wall_s: f64,
+    pub violations: Vec<String>,
+    pub ok: bool,
+    /// The scenario's directory, when kept.
+    pub dir: Option<String>,
+}
+
+/// Runs the scenario of `seed`. An error is a scenario that could not be set up (a server
+/// missing, a port taken); what goes wrong in the job is a violation in the outcome.
+pub fn run(seed: u64, opts: &RunOptions) -> Result<Outcome> {
+    let scenario = Scenario::from_seed(seed);
+    let tmp;
+    let dir = match &opts.keep_in {
+        Some(root) => {
+            let d = root.join(format!("seed-{seed}"));
+            if d.exists() {
+                std::fs::remove_dir_all(&d)
+                    .with_context(|| format!("clear {} for seed {seed}", d.display()))?;
+            }
+            std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
+            d
+        }
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix(&format!("marathon-chaos-{seed}-"))
+                .tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let started = Instant::now();
+    let mut h = Harness::start(&scenario, opts, &dir)?;
+    let mut violations = h.drive(&scenario);
+    let (summary, mut end) = h.finish(&scenario);
+    violations.append(&mut end);
+    let outcome = h.outcome(&scenario, summary, violations, started, opts);
+    Ok(outcome)
+}
+
+struct Harness<'a> {
+    opts: &'a RunOptions,
+    dir: PathBuf,
+    spec: AgentSpec,
+    keys: JobKeys,
+    root: String,
+    etcd: EtcdCluster,
+    store: Garage,
+    nodes: Vec<Node>,
+    recorder: Recorder,
+    reference: Option<Child>,
+    injected: Vec<Injected>,
+    /// Checkpoint steps whose shard had a bit flipped, and when.
+    flipped: Vec<(u64, u64)>,
+    /// Every server pid, for the check that nothing is left running.
+    server_pids: BTreeSet<u32>,
+    /// Namespaces, or why the nodes run on loopback. Dropped last: the processes in the
+    /// namespaces go first.
+    network: Result<Network, String>,
+}
+
+impl<'a> Harness<'a> {
+    fn start(s: &Scenario, opts: &'a RunOptions, dir: &Path) -> Result<Harness<'a>> {
+        let network = if opts.namespaces {
+            Network::setup(std::process::id() as u64 * 131 + s.seed, s.nodes)
+                .map_err(|e| format!("loopback: network namespaces unavailable ({e:#})"))
+        } else {
+            Err("loopback (asked for)".to_string())
+        };
+        let host = network
+            .as_ref()
+            .map_or("127.0.0.1".to_string(), Network::server_ip);
+        let etcd = EtcdCluster::start(dir, 3, &host)?;
+        let store = Garage::start(&dir.join("garage"), &host)?;
+        let client = etcd.connect(Duration::from_secs(30))?;
+        let job = format!("chaos-{}", s.seed);
+        let keys = JobKeys::new(&job);
+        let recorder = Recorder::start(client, &keys)?;
+        let root = format!("s3://{}/{job}", crate::servers::GARAGE_BUCKET);
+        prepare(s, opts, dir, &root, &store)?;
+        // The fault-free reference of the same seed runs beside the job, in one process.
+        let reference = Command::new(&opts.exe)
+            .args(["train", "--config", "ref.toml"])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("reference.log"))?)
+            .spawn()
+            .context("start the fault-free reference run")?;
+        let spec = AgentSpec {
+            exe: opts.exe.clone(),
+            dir: dir.to_path_buf(),
+            etcd: etcd.urls().join(","),
+            job,
+            slots: s.slots,
+            wait_slots: s.nodes * s.slots,
+            tp: s.tp,
+            pp: s.pp,
+            lease_ttl_ms: 3000,
+            hang_ms: 3000,
+            cooldown_ms: 2000,
+            group_timeout_ms: 20_000,
+            namespaces: network.as_ref().ok().map(|n| {
+                (0..n.nodes())
+                    .map(|i| (n.namespace(i), n.node_ip(i)))
+                    .collect()
+            }),
+        };
+        let mut server_pids: BTreeSet<u32> = etcd.pids().into_iter().collect();
+        server_pids.extend(store.pid());
+        let mut h = Harness {
+            opts,
+            dir: dir.to_path_buf(),
+            spec,
+            keys,
+            root,
+            etcd,
+            store,
+            nodes: Vec::new(),
+            recorder,
+            reference: Some(reference),
+            injected: Vec::new(),
+            flipped: Vec::new(),
+            server_pids,
+            network,
+        };
+        for i in 0..s.nodes {
+            let node = Node::start(&h.spec, i)?;
+            h.nodes.push(node);
+        }
+        h.say(format_args!(
+            "seed {}: {}; {}; {} faults scheduled",
+            s.seed,
+            s.shape(),
+            h.network_mode(),
+            s.faults.len()
+        ));
+        Ok(h)
+    }
+
+    fn network_mode(&self) -> String {
+        match &self.network {
+            Ok(n) => format!("each node in a network namespace on {}/24", n.server_ip()),
+            Err(why) => why.clone(),
+        }
+    }
+
+    fn say(&self, msg: impl std::fmt::Display) {
+        if self.opts.verbose {
+            eprintln!("chaos: {msg}");
+        }
+    }
+
+    /// Injects the schedule's faults as the job reaches their steps, then waits for the job to
+    /// end. Returns what went wrong on the way.
+    fn drive(&mut self, s: &Scenario) -> Vec<String> {
+        for t in &s.faults {
+            if let Err(e) = self.wait(|r| r.progress().0 >= t.at_step) {
+                return vec![e];
+            }
+            if self.recorder.done().is_some() {
+                self.injected.push(Injected {
+                    fault: t.fault.clone(),
+                    what: t.fault.to_string(),
+                    at_step: t.at_step,
+                    landed_at_step: s.steps,
+                    note: Some("not injected: the job had ended".into()),
+                });
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(t.delay_ms));
+            let landed = self.recorder.progress().0;
+            self.say(format_args!("step {landed}: {}", t.fault));
+            let note = match self.inject(&t.fault) {
+                Ok(note) => note,
+                Err(e) => return vec![format!("injecting `{}`: {e:#}", t.fault)],
+            };
+            self.injected.push(Injected {
+                fault: t.fault.clone(),
+                what: t.fault.to_string(),
+                at_step: t.at_step,
+                landed_at_step: landed,
+                note,
+            });
+        }
+        match self.wait(|r| r.done().is_some()) {
+            Ok(()) => Vec::new(),
+            Err(e) => vec![e],
+        }
+    }
+
+    /// Waits for `until`, restarting any agent that exited before the job ended (as a node's
+    /// supervisor would), and fails when no step was committed for `stall`.
+    fn wait(&mut self, until: impl Fn(&Recorder) -> bool) -> Result<(), String> {
+        let mut last = (self.recorder.progress(), Instant::now());
+        loop {
+            if until(&self.recorder) {
+                return Ok(());
+            }
+            if self.opts.interrupted.load(Ordering::Relaxed) {
+                return Err("interrupted".into());
+            }
+            if self.recorder.done().is_none() {
+                for i in 0..self.nodes.len() {
+                    if !self.nodes[i].alive() {
+                        let n = &mut self.nodes[i];
+                        let msg = format!("{} exited; starting its agent again", n.name);
+                        n.restart(&self.spec).map_err(|e| format!("{e:#}"))?;
+                        self.say(msg);
+                    }
+                }
+            }
+            let now = self.recorder.progress();
+            if now != last.0 {
+                last = (now, Instant::now());
+            } else if last.1.elapsed() > self.opts.stall {
+                let tails: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| format!("  {}:\n    {}", n.name, n.tail(8)))
+                    .collect();
+                return Err(format!(
+                    "the job cannot recover: no step committed for {:?} after step {} (the \
+                     scenario's faults: {}); the agents' last lines:\n{}",
+                    self.opts.stall,
+                    now.0,
+                    self.injected
+                        .iter()
+                        .map(|i| i.what.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    tails.join("\n")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn inject(&mut self, fault: &Fault) -> Result<Option<String>> {
+        let sleep = |ms: u64| std::thread::sleep(Duration::from_millis(ms));
+        match *fault {
+            Fault::KillWorker { node, slot } | Fault::HangWorker { node, slot } => {
+                let sig = if matches!(fault, Fault::KillWorker { .. }) {
+                    "-KILL"
+                } else {
+                    "-STOP"
+                };
+                match self.nodes[node].worker(slot) {
+                    Some(pid) => signal(sig, pid)?,
+                    None => return Ok(Some("not injected: the slot runs no worker".into())),
+                }
+            }
+            Fault::KillNode { node, down_ms } => {
+                self.nodes[node].kill();
+                sleep(down_ms);
+                self.nodes[node].restart(&self.spec)?;
+            }
+            Fault::StopNode { node, ms } => {
+                self.nodes[node].signal_all("-STOP");
+                sleep(ms);
+                self.nodes[node].signal_all("-CONT");
+            }
+            Fault::KillEtcdMember { member, down_ms } => {
+                self.etcd.kill(member);
+                sleep(down_ms);
+                self.etcd.restart(member)?;
+                self.server_pids.extend(self.etcd.pid(member));
+            }
+            Fault::EtcdOutage { ms } => {
+                let pids = self.etcd.pids();
+                pids.iter().try_for_each(|p| signal("-STOP", *p))?;
+                sleep(ms);
+                pids.iter().try_for_each(|p| signal("-CONT", *p))?;
+            }
+            Fault::StopStore { ms } => {
+                let pid = self.store.pid().context("the store is not running")?;
+                signal("-STOP", pid)?;
+                sleep(ms);
+                signal("-CONT", pid)?;
+            }
+            Fault::KillStore { down_ms } => {
+                self.store.kill();
+                sleep(down_ms);
+                self.store.restart()?;
+                self.server_pids.extend(self.store.pid());
+            }
+            Fault::FlipBit => return self.flip_bit(),
+            Fault::Partition { node, ms } | Fault::SlowLink { node, ms } => {
+                let Ok(net) = &self.network else {
+                    return Ok(Some(format!("not injected: {}", self.network_mode())));
+                };
+                if matches!(fault, Fault::Partition { .. }) {
+                    net.partition(node)?;
+                    sleep(ms);
+                    net.heal(node)?;
+                } else {
+                    let how = net.slow(node)?;
+                    sleep(ms);
+                    net.unslow(node)?;
+                    return Ok(Some(how));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Flips one bit in the middle of rank 0's shard of the newest committed checkpoint, and
+    /// checks that `marathon ckpt verify` names that step.
+    fn flip_bit(&mut self) -> Result<Option<String>> {
+        let store = Store::open_with(&self.root, self.store.options())?;
+        let Some(&step) = Reader::new(store.clone()).committed()?.last() else {
+            return Ok(Some("not injected: no checkpoint committed yet".into()));
+        };
+        let path = store.path(&format::shard_name(step, 0));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let flipped = rt.block_on(async {
+            let mut bytes = store.inner.get(&path).await?.bytes().await?.to_vec();
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x10;
+            store.inner.put(&path, bytes.into()).await?;
+            Ok::<_, object_store::Error>(at)
+        });
+        let at = match flipped {
+            Ok(at) => at,
+            // Retention removed it meanwhile.
+            Err(object_store::Error::NotFound { .. }) => {
+                return Ok(Some(format!("not injected: step {step} was collected")))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.flipped.push((step, unix_ms()));
+        let (ok, out, _) = run_to_end(&self.opts.exe, &self.dir, &self.verify_args(Some(step)))?;
+        if ok || !out.contains(&format!("step {step}: FAILED")) {
+            bail!(
+                "a bit flipped in {path} (byte {at}) went unnoticed: `marathon ckpt verify \
+                 --step {step}` said:\n{out}"
+            );
+        }
+        Ok(Some(format!(
+            "checkpoint of step {step}, byte {at} of rank 0's shard; ckpt verify names it"
+        )))
+    }
+
+    fn verify_args(&self, step: Option<u64>) -> Vec<String> {
+        let mut args = vec!["ckpt".into(), "verify".into(), self.root.clone()];
+        if let Some(s) = step {
+            args.extend(["--step".into(), s.to_string()]);
+        }
+        for (k, v) in self.store.options() {
+            args.extend(["--option".into(), format!("{k}={v}")]);
+        }
+        args
+    }
+
+    /// After the job: the agents' exit, the reference run, the checkpoints in the store, and
+    /// every process stopped. The job's summary, and what went wrong.
+    fn finish(&mut self, s: &Scenario) -> (Option<Summary>, Vec<String>) {
+        let mut v = Vec::new();
+        let summary = self.recorder.done().map(|raw| {
+            serde_json::from_slice::<Summary>(&raw).map_err(|e| format!("the job's summary: {e}"))
+        });
+        let summary = match summary {
+            Some(Ok(sm)) => Some(sm),
+            Some(Err(e)) => {
+                v.push(e);
+                None
+            }
+            None => None,
+        };
+        if summary.is_some() {
+            for n in &mut self.nodes {
+                if !n.finish(Duration::from_secs(30)) {
+                    v.push(format!(
+                        "{}: its agent was still running 30 s after the job ended",
+                        n.name
+                    ));
+                }
+            }
+        }
+        match summary.as_ref() {
+            Some(sm) if sm.steps != s.steps => v.push(format!(
+                "the job ended at step {}, not its target {}",
+                sm.steps, s.steps
+            )),
+            _ => {}
+        }
+        let reference_ok = match self.reference.take() {
+            // A job that did not end has nothing to compare.
+            Some(mut r) if summary.is_none() => {
+                let _ = r.kill();
+                let _ = r.wait();
+                false
+            }
+            Some(mut r) => match r.wait() {
+                Ok(st) if st.success() => true,
+                _ => {
+                    v.push(format!(
+                        "the fault-free reference run failed; see {}",
+                        self.dir.join("reference.log").display()
+                    ));
+                    false
+                }
+            },
+            None => false,
+        };
+        if summary.is_some() && reference_ok {
+            v.extend(check::against_reference(&self.dir, s.steps));
+            v.extend(self.check_checkpoints(s));
+        }
+        v.extend(check::fencing(&self.keys, &self.recorder.seen()));
+        v.extend(self.check_logs(s));
+        // Everything stops: nodes, servers; then nothing may be left running.
+        let mut pids: BTreeSet<u32> = self.server_pids.clone();
+        for n in &mut self.nodes {
+            pids.extend(n.agent_pids.iter().copied());
+            pids.extend(n.worker_pids().into_iter().map(|(_, p)| p));
+            n.kill();
+        }
+        for i in 0..self.etcd.size() {
+            self.etcd.kill(i);
+        }
+        self.store.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut left: Vec<u32> = pids.iter().copied().filter(|p| running(*p)).collect();
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            left.retain(|p| running(*p));
+        }
+        if !left.is_empty() {
+            v.push(format!(
+                "processes left running after the scenario: {left:?}"
+            ));
+            for p in left {
+                let _ = signal("-KILL", p);
+            }
+        }
+        (summary, v)
+    }
+
+    /// Every checkpoint in the store verifies, except one whose bit was flipped and that was
+    /// not written again; the newest `keep_last` a full run commits are all there.
+    fn check_checkpoints(&self, s: &Scenario) -> Vec<String> {
+        let mut v = Vec::new();
+        let (_, out, err) = match run_to_end(&self.opts.exe, &self.dir, &self.verify_args(None)) {
+            Ok(r) => r,
+            Err(e) => return vec![format!("marathon ckpt verify: {e:#}")],
+        };
+        let mut present = BTreeMap::new();
+        for line in out.lines() {
+            let Some((step, rest)) = line.strip_prefix("step ").and_then(|l| l.split_once(": "))
+            else {
+                continue;
+            };
+            if let Ok(step) = step.parse::<u64>() {
+                present.insert(step, rest.starts_with("ok"));
+            }
+        }
+        let rewritten = |step: u64, after: u64| {
+            self.recorder
+                .seen()
+                .iter()
+                .any(|(t, k, _)| *t > after && self.keys.parse(k) == JobKey::Checkpoint(step))
+        };
+        for (&step, &ok) in &present {
+            let damaged = self
+                .flipped
+                .iter()
+                .any(|&(f, at)| f == step && !rewritten(step, at));
+            if !ok && !damaged && Some(step) != s.store.torn_manifest {
+                v.push(format!(
+                    "the committed checkpoint of step {step} fails `marathon ckpt verify`:\n{out}{err}"
+                ));
+            }
+        }
+        let mut due: Vec<u64> = (1..=s.steps / s.checkpoint_every)
+            .map(|k| k * s.checkpoint_every)
+            .chain([s.steps])
+            .collect();
+        due.dedup();
+        let newest = &due[due.len().saturating_sub(s.keep_last)..];
+        for step in newest {
+            if Some(*step) != s.store.torn_manifest && !present.contains_key(step) {
+                v.push(format!(
+                    "the checkpoint of step {step} is missing: retention keeps the newest {} \
+                     ({newest:?}); the store holds {:?}",
+                    s.keep_last,
+                    present.keys().collect::<Vec<_>>()
+                ));
+            }
+        }
+        v
+    }
+
+    /// From the agents' logs:
+    /// - no generation loaded a checkpoint that never committed (a torn manifest) or one whose
+    ///   bit was flipped;
+    /// - no rendezvous ran out its deadline: a member missing from a generation is found dead
+    ///   and the generation superseded, which aborts its rendezvous, long before.
+    fn check_logs(&self, s: &Scenario) -> Vec<String> {
+        let mut v = Vec::new();
+        for n in &self.nodes {
+            for line in n.lines() {
+                if line.contains("did not connect within") {
+                    v.push(format!(
+                        "a rendezvous waited out its deadline instead of being aborted: {line}"
+                    ));
+                }
+                let Some((_, rest)) = line.split_once("from the checkpoint of step ") else {
+                    continue;
+                };
+                let Some(Ok(step)) = rest.split(' ').next().map(str::parse::<u64>) else {
+                    continue;
+                };
+                if Some(step) == s.store.torn_manifest {
+                    v.push(format!(
+                        "a generation loaded the uncommitted checkpoint of step {step}: {line}"
+                    ));
+                }
+                if self.flipped.iter().any(|&(f, _)| f == step)
+                    && !self
+                        .recorder
+                        .seen()
+                        .iter()
+                        .any(|(_, k, _)| self.keys.parse(k) == JobKey::Checkpoint(step))
+                {
+                    v.push(format!(
+                        "a generation loaded the damaged checkpoint of step {step}: {line}"
+                    ));
+                }
+            }
+        }
+        v
+    }
+
+    fn outcome(
+        &self,
+        s: &Scenario,
+        summary: Option<Summary>,
+        violations: Vec<String>,
+        started: Instant,
+        opts: &RunOptions,
+    ) -> Outcome {
+        let plans = self
+            .recorder
+            .seen()
+            .iter()
+            .filter(|(_, k, v)| matches!(self.keys.parse(k), JobKey::Plan(_)) && v.is_some())
+            .count() as u64;
+        let g = summary
+            .as_ref()
+            .map(|sm| sm.goodput.clone())
+            .unwrap_or_default();
+        Outcome {
+            seed: s.seed,
+            scenario: s.shape(),
+            network: self.network_mode(),
+            injected: self.injected.clone(),
+            recoveries: plans.saturating_sub(1),
+            agent_restarts: self.nodes.iter().map(|n| n.restarts).sum(),
+            lost: Lost {
+                startup_s: g.startup_s,
+                detection_s: g.detection_s,
+                reform_s: g.reform_s,
+                transfer_s: g.transfer_s,
+                recomputed_s: g.recomputed_s,
+                checkpoint_stall_s: g.checkpoint_stall_s,
+            },
+            recomputed_steps: g.recomputed_steps,
+            wall_s: started.elapsed().as_secs_f64(),
+            ok: violations.is_empty(),
+            violations,
+            dir: opts
+                .keep_in
+                .as_ref()
+                .map(|_| self.dir.display().to_string()),
+        }
+    }
+}
+
+/// The corpus, the job's configuration `c.toml` (checkpoints in the store, with the scenario's
+/// store faults) and the reference's `ref.toml` (one process, no faults, its own logs).
+fn prepare(s: &Scenario, opts: &RunOptions, dir: &Path, root: &str, store: &Garage) -> Result<()> {
+    let text = match &opts.corpus {
+        Some(p) => p.clone(),
+        None => {
+            let p = dir.join("corpus.txt");
+            std::fs::write(&p, crate::corpus::text(s.seed, 120_000))?;
+            p
+        }
+    };
+    marathon_runtime::data::prepare(&marathon_runtime::data::PrepareOptions {
+        inputs: vec![text],
+        out_dir: dir.join("corpus"),
+        val_fraction: 0.0,
+    })
+    .context("prepare the scenario's corpus")?;
+    let common = format!(
+        "[model]\nvocab_size = 50257\nseq_len = 32\nn_layer = {}\nn_head = 2\nn_embd = 32\n\
+         [data]\ntrain = \"corpus/train.bin\"\n\
+         [batch]\nmicro_batch = {}\nglobal_batch = {}\nseq_len = 32\n\
+         [optim]\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\nweight_decay = 0.1\ngrad_clip = 1.0\ninit_std = 0.02\n\
+         [optim.lr]\npeak_lr = 1e-3\nwarmup_tokens = 256\ndecay_tokens = 40960\n",
+        s.n_layer, s.micro_batch, s.global_batch
+    );
+    let options: String = store
+        .options()
+        .iter()
+        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+        .collect();
+    let st = &s.store;
+    let torn = st.torn_manifest.map_or(String::new(), |t| {
+        format!("tear_puts_to = \"{}\"\n", format::manifest_name(t))
+    });
+    let job = format!(
+        "{common}[train]\nsteps = {}\nmetrics = \"metrics.jsonl\"\nsamples_log = \"samples.jsonl\"\n\
+         [checkpoint]\nroot = \"{root}\"\nevery_steps = {}\nkeep_last = {}\n\
+         [checkpoint.options]\n{options}\
+         [checkpoint.faults]\nerror_rate = {}\ndelay_ms = {}\nseed = {}\n{torn}",
+        s.steps, s.checkpoint_every, s.keep_last, st.error_rate, st.delay_ms, s.seed
+    );
+    std::fs::write(dir.join("c.toml"), job)?;
+    let reference = format!(
+        "{common}[train]\nsteps = {}\nmetrics = \"ref-metrics.jsonl\"\nsamples_log = \"ref-samples.jsonl\"\n",
+        s.steps
+    );
+    std::fs::write(dir.join("ref.toml"), reference)?;
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! `marathon chaos`: failure-injection scenarios against real processes (`run`, `soak`), and
+//! the simulation of the coordination protocol (`sim`).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use marathon_chaos::report::Report;
+use marathon_chaos::run::{run, RunOptions};
+use marathon_chaos::scenario::Scenario;
+use marathon_chaos::sim::{self, SimConfig};
+
+#[derive(Debug, Subcommand)]
+pub enum ChaosCommand {
+    /// Run the scenario of one seed: its layout, model, steps and faults are drawn from the
+    /// seed, so the same seed replays the same schedule. Exits non-zero when an invariant is
+    /// broken, naming it.
+    Run {
+        #[arg(long)]
+        seed: u64,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Run scenarios of successive seeds until the duration is up (the scenario in flight
+    /// finishes), then print the report.
+    Soak {
+        /// How long: 30m, 2h, 90s.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Duration,
+        /// The first seed; the next scenarios take the seeds after it.
+        #[arg(long, default_value_t = 1)]
+        first_seed: u64,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Run the coordination protocol under simulation for a range of seeds.
+    Sim {
+        /// Seeds 1 to this.
+        #[arg(long, default_value_t = 2000)]
+        seeds: u64,
+        /// One seed only.
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+    },
+    /// Print the scenario a seed draws, without running it.
+    Show {
+        #[arg(long)]
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Keep each scenario's directory (configuration, logs, servers' data) under this one.
+    #[arg(long)]
+    keep: Option<PathBuf>,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Train on this text file instead of one drawn from the seed.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// A job with no step committed for this many seconds has failed.
+    #[arg(long, default_value_t = 120)]
+    stall_s: u64,
+    /// Print only the report.
+    #[arg(long)]
+    quiet: bool,
+    /// Run every node on loopback, without network namespaces (which need root); network
+    /// faults are then not injected.
+    #[arg(long)]
+    loopback: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s}: write a duration as a number and a unit: 90s, 30m, 2h"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s}: the unit is s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+pub fn run_command(command: ChaosCommand) -> Result<()> {
+    match command {
+        ChaosCommand::Run { seed, common } => scenarios(&common, |i| (i == 0).then_some(seed)),
+        ChaosCommand::Soak {
+            duration,
+            first_seed,
+            common,
+        } => {
+            let until = Instant::now() + duration;
+            eprintln!(
+                "chaos soak: scenarios from seed {first_seed} for {}",
+                humanize(duration)
+            );
+            scenarios(&common, |i| {
+                (Instant::now() < until).then_some(first_seed + i as u64)
+            })
+        }
+        ChaosCommand::Sim { seeds, seed } => simulate(seed.map_or(1..=seeds, |s| s..=s)),
+        ChaosCommand::Show { seed } => {
+            let s = Scenario::from_seed(seed);
+            println!("seed {seed}: {}", s.shape());
+            for t in &s.faults {
+                println!("  at step {} (+{} ms): {}", t.at_step, t.delay_ms, t.fault);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 && s % 3600 == 0 {
+        format!("{} h", s / 3600)
+    } else if s >= 60 && s % 60 == 0 {
+        format!("{} min", s / 60)
+    } else {
+        format!("{s} s")
+    }
+}
+
+/// Runs the scenarios `next` gives (the i-th seed, or `None` to stop), prints the report, and
+/// fails when any scenario broke an invariant. Ctrl-C stops after cleaning up the scenario in
+/// flight.
+fn scenarios(common: &CommonArgs, next: impl Fn(usize) -> Option<u64>) -> Result<()> {
+    let exe = std::env::current_exe().context("find the marathon executable")?;
+    let interrupted = on_interrupt()?;
+    let opts = RunOptions {
+        exe,
+        interrupted: interrupted.clone(),
+        keep_in: common.keep.clone(),
+        corpus: common.corpus.clone(),
+        stall: Duration::from_secs(common.stall_s),
+        verbose: !common.quiet,
+        namespaces: !common.loopback,
+    };
+    let started = Instant::now();
+    let mut outcomes = Vec::new();
+    let mut i = 0;
+    while let Some(seed) = next(i) {
+        if interrupted.load(Ordering::Relaxed) {
+            eprintln!("chaos: interrupted; reporting the scenarios that finished");
+            break;
+        }
+        let o = run(seed, &opts).with_context(|| format!("set up the scenario of seed {seed}"))?;
+        eprintln!(
+            "chaos: seed {seed}: {} in {:.0} s{}",
+            if o.ok { "ok" } else { "FAILED" },
+            o.wall_s,
+            o.violations
+                .iter()
+                .map(|v| format!("\n  - {v}"))
+                .collect::<String>()
+        );
+        outcomes.push(o);
+        i += 1;
+    }
+    let report = Report::new(outcomes, started.elapsed().as_secs_f64());
+    print!("{}", report.table());
+    if let Some(path) = &common.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("write the report to {}", path.display()))?;
+    }
+    if !report.failed.is_empty() {
+        bail!(
+            "invariants broken in the scenarios of seeds {:?}; replay one with `marathon chaos \
+             run --seed <seed> --keep <dir>`",
+            report.failed
+        );
+    }
+    Ok(())
+}
+
+/// A flag raised by Ctrl-C or SIGTERM. The processes a scenario started share this one's
+/// process group, so Ctrl-C reaches them as well; the scenario then fails fast, and its
+/// cleanup stops whatever is left.
+fn on_interrupt() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        f.store(true, Ordering::Relaxed);
+        eprintln!("chaos: interrupted; stopping after the scenario in flight is cleaned up");
+    });
+    Ok(flag)
+}
+
+fn simulate(seeds: std::ops::RangeInclusive<u64>) -> Result<()> {
+    let cfg = SimConfig::default();
+    let started = Instant::now();
+    let (mut n, mut generations, mut faults) = (0u64, 0u64, 0u64);
+    let mut failed = Vec::new();
+    for seed in seeds {
+        let r = sim::run(seed, &cfg);
+        n += 1;
+        generations += r.generations;
+        faults += r.node_deaths + r.worker_deaths + r.revivals + r.dropped;
+        if !r.violations.is_empty() {
+            println!("seed {seed}: FAILED");
+            for v in &r.violations {
+                println!("  - {v}");
+            }
+            failed.push(seed);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{n} seeds in {secs:.1} s ({:.0} seeds/s): {generations} generations, {faults} faults, {} \
+         failed",
+        n as f64 / secs.max(1e-9),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        bail!("the protocol's invariants broke in seeds {failed:?}; replay one with --seed");
+    }
+    Ok(())
+}
