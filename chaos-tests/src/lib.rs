@@ -1,7 +1,7 @@
 //! marathon-chaos: failure injection.
 //!
 //! - [`run`]: one scenario against real processes: a three-member etcd cluster and a Garage
-//!   store ([`servers`]), one `marathon agent` per node with its workers ([`cluster`]), each
+//!   store ([`servers`], [`garage`]), one `marathon agent` per node with its workers ([`cluster`]), each
 //!   node in a network namespace of its own where the machine allows ([`network`]), and the
 //!   faults of a schedule drawn from a seed ([`scenario`]) injected as the job reaches their
 //!   steps; the invariants checked after it ([`check`]), and a report ([`report`]).
@@ -15,6 +15,7 @@
 pub mod check;
 pub mod cluster;
 mod corpus;
+pub mod garage;
 pub mod network;
 pub mod report;
 mod rng;

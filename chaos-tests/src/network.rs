@@ -20,20 +20,26 @@ pub struct Network {
     made: Vec<Vec<String>>,
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
+/// Runs `command` with `args` to the end; its error output when it fails.
+fn exec(mut command: Command, args: &[&str]) -> Result<()> {
+    let name = command.get_program().to_string_lossy().into_owned();
+    let out = command
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .context("run ip (iproute2)")?;
+        .with_context(|| format!("run {name} (iproute2)"))?;
     if !out.status.success() {
         bail!(
-            "ip {}: {}",
+            "{name} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    exec(Command::new("ip"), args)
 }
 
 impl Network {
@@ -141,28 +147,15 @@ impl Network {
     }
 }
 
+/// `tc` in the host's namespace, or in `ns`.
 fn tc(ns: Option<&str>, args: &[&str]) -> Result<()> {
-    let mut c = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "tc"]);
-            c
-        }
-        None => Command::new("tc"),
-    };
-    let out = c
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("run tc (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "tc {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    match ns {
+        Some(ns) => exec(
+            Command::new("ip"),
+            &[&["netns", "exec", ns, "tc"], args].concat(),
+        ),
+        None => exec(Command::new("tc"), args),
     }
-    Ok(())
 }
 
 impl Drop for Network {

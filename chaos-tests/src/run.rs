@@ -19,9 +19,10 @@ use serde::Serialize;
 
 use crate::check;
 use crate::cluster::{run_to_end, AgentSpec, Node, Recorder};
+use crate::garage::{Garage, GARAGE_BUCKET};
 use crate::network::Network;
 use crate::scenario::{Fault, Scenario};
-use crate::servers::{running, signal, EtcdCluster, Garage};
+use crate::servers::{running, signal, EtcdCluster};
 
 /// How scenarios are run.
 #[derive(Debug, Clone)]
@@ -156,7 +157,7 @@ impl<'a> Harness<'a> {
         let job = format!("chaos-{}", s.seed);
         let keys = JobKeys::new(&job);
         let recorder = Recorder::start(client, &keys)?;
-        let root = format!("s3://{}/{job}", crate::servers::GARAGE_BUCKET);
+        let root = format!("s3://{}/{job}", GARAGE_BUCKET);
         prepare(s, opts, dir, &root, &store)?;
         // The fault-free reference of the same seed runs beside the job, in one process.
         let reference = Command::new(&opts.exe)

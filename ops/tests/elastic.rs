@@ -292,114 +292,13 @@ fn plans(c: &EtcdCoordinator, keys: &JobKeys) -> BTreeMap<u64, Plan> {
         .collect()
 }
 
-/// Checks the job in `dir` against its fault-free reference: every step's loss (the last
-/// record of each step: a step run again after a reload replaces the first) within 1e-4
-/// relative, and the samples each step's last generation fed, over every replica, equal as a
-/// multiset to the reference's.
+/// Checks the job in `dir` against its fault-free reference, as the chaos scenarios do: every
+/// step's loss (a step run again after a reload counts its last record) within 1e-4 relative,
+/// and the samples each step's last generation fed, over every replica, exactly the
+/// reference's.
 fn check_against_reference(dir: &Path, steps: u64) {
-    let losses = |name: &str| -> BTreeMap<u64, f64> {
-        std::fs::read_to_string(dir.join(name))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["kind"] == "step")
-            .map(|v| {
-                let d = &v["data"];
-                (d["step"].as_u64().unwrap(), d["loss"].as_f64().unwrap())
-            })
-            .collect()
-    };
-    let (got, want) = (losses("metrics.jsonl"), losses("ref-metrics.jsonl"));
-    assert_eq!(got.len() as u64, steps, "steps with a loss: {got:?}");
-    for (step, w) in &want {
-        let g = got[step];
-        assert!(
-            (g - w).abs() <= 1e-4 * w.abs(),
-            "step {step}: loss {g}, fault-free {w}"
-        );
-    }
-    let samples = |name: &str| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(dir.join(name))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
-    let (got, want) = (samples("samples.jsonl"), samples("ref-samples.jsonl"));
-    let mut last_gen: BTreeMap<u64, u64> = BTreeMap::new();
-    for r in &got {
-        let (s, g) = (
-            r["step"].as_u64().unwrap(),
-            r["generation"].as_u64().unwrap(),
-        );
-        let e = last_gen.entry(s).or_insert(g);
-        *e = (*e).max(g);
-    }
-    let ids = |rows: &[serde_json::Value], keep: &dyn Fn(&serde_json::Value) -> bool| {
-        let mut v: Vec<u64> = rows
-            .iter()
-            .filter(|r| keep(r))
-            .flat_map(|r| {
-                r["samples"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap())
-            })
-            .collect();
-        v.sort_unstable();
-        v
-    };
-    let consumed = ids(&got, &|r| {
-        r["generation"].as_u64() == last_gen.get(&r["step"].as_u64().unwrap()).copied()
-    });
-    let reference = ids(&want, &|_| true);
-    assert_eq!(last_gen.len() as u64, steps);
-    // Which step went wrong, with every line logged for it.
-    let per_step = |rows: &[serde_json::Value], keep: &dyn Fn(&serde_json::Value) -> bool| {
-        let mut m: BTreeMap<u64, usize> = BTreeMap::new();
-        for r in rows.iter().filter(|r| keep(r)) {
-            *m.entry(r["step"].as_u64().unwrap()).or_default() +=
-                r["samples"].as_array().unwrap().len();
-        }
-        m
-    };
-    let got_steps = per_step(&got, &|r| {
-        r["generation"].as_u64() == last_gen.get(&r["step"].as_u64().unwrap()).copied()
-    });
-    let want_steps = per_step(&want, &|_| true);
-    for (step, n) in &want_steps {
-        if got_steps.get(step) != Some(n) {
-            let lines: Vec<String> = got
-                .iter()
-                .filter(|r| r["step"].as_u64() == Some(*step))
-                .map(|r| {
-                    format!(
-                        "generation {} replica {}: {} samples",
-                        r["generation"],
-                        r["replica"],
-                        r["samples"].as_array().unwrap().len()
-                    )
-                })
-                .collect();
-            panic!(
-                "step {step}: {:?} samples consumed, {n} fault-free; its lines:\n  {}",
-                got_steps.get(step),
-                lines.join("\n  ")
-            );
-        }
-    }
-    assert_eq!(
-        consumed.len(),
-        reference.len(),
-        "samples consumed: {} against {} fault-free",
-        consumed.len(),
-        reference.len()
-    );
-    assert!(
-        consumed == reference,
-        "the consumed samples differ from the fault-free run's"
-    );
+    let violations = marathon_chaos::check::against_reference(dir, steps);
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
 }
 
 fn summary(stdout: &str) -> serde_json::Value {

@@ -8,14 +8,4 @@ pub fn repo() -> &'static Path {
 }
 
 /// Whether process `pid` is still running (a zombie awaiting its reaper counts as gone).
-pub fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
+pub use marathon_chaos::servers::running;
