@@ -1,7 +1,8 @@
 //! One scenario against real processes: a three-member etcd cluster, a Garage store, and one
-//! `marathon agent` per node with its workers, all on loopback; the faults of the schedule
-//! injected as the job reaches their steps; the invariants checked at the end, and every
-//! process it started stopped, also when it fails.
+//! `marathon agent` per node with its workers, each node in a network namespace of its own
+//! where the machine allows (else on loopback); the faults of the schedule injected as the job
+//! reaches their steps; the invariants checked at the end, and every process it started
+//! stopped, also when it fails.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

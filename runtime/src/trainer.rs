@@ -70,6 +70,9 @@ pub trait Observer {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub steps: u64,
+    /// NaN when the job's last generation ran no step and its predecessor committed none
+    /// (JSON writes it as null, and reads null back as NaN).
+    #[serde(deserialize_with = "nan_if_null")]
     pub final_loss: f32,
     pub final_val_loss: Option<f32>,
     pub tokens_consumed: u64,
@@ -77,6 +80,10 @@ pub struct Summary {
     /// Where the run's time went.
     #[serde(default)]
     pub goodput: Goodput,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
 /// Where a run's wall time went: training steps, validation, checkpoint stalls (the staging

@@ -261,7 +261,8 @@ impl CheckpointWriter {
                     crate::retention::collect(&reader, policy, now, false, |s| s == step)
                 {
                     eprintln!(
-                        "warning: the checkpoint of step {step} committed, but collecting older                          ones failed ({e}); the next checkpoint tries again"
+                        "warning: the checkpoint of step {step} committed, but collecting older ones \
+                         failed ({e}); the next checkpoint tries again"
                     );
                 }
             }
@@ -615,10 +616,13 @@ pub async fn probe_create_only(store: &Store) -> Result<CommitMode> {
             .inner
             .put_opts(&path, PutPayload::from_static(b"probe"), create.clone())
     };
-    put()
-        .await
-        .map_err(|e| StorageError::store("probe create-only put", &path, e))?;
-    let mode = match put().await {
+    // Transient failures are retried like every other request; a first put whose answer was
+    // lost and that is retried finds its own object.
+    match retry(put).await {
+        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+        Err(e) => return Err(StorageError::store("probe create-only put", &path, e)),
+    }
+    let mode = match retry(put).await {
         Err(object_store::Error::AlreadyExists { .. }) => CommitMode::CreateOnly,
         Ok(_) | Err(object_store::Error::NotImplemented) => CommitMode::LeaderChecked,
         Err(e) => return Err(StorageError::store("probe create-only put", &path, e)),
