@@ -305,6 +305,19 @@ struct Job {
 impl Job {
     async fn persist(self, staging: &[f32]) -> Result<PersistReport> {
         let started = Instant::now();
+        // A committed step keeps its shards: writing them again (another writer of the same
+        // step, perhaps in another layout) would change the bytes its manifest points at.
+        let manifest = self.store.path(&format::manifest_name(self.step));
+        match retry(|| self.store.inner.head(&manifest)).await {
+            Ok(_) => {
+                return Err(StorageError::AlreadyCommitted {
+                    step: self.step,
+                    url: self.store.url.clone(),
+                })
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(StorageError::store("check manifest", &manifest, e)),
+        }
         let path = self.store.path(&format::shard_name(self.step, self.rank));
         // A failed upload is started again from the staging buffer, which is still ours.
         let mut attempt = 1;
