@@ -5,7 +5,8 @@
 //! keeps etcd's order, as a watch does. It loses some deliveries, and the agent then
 //! resynchronises later (registrations, expiries, leader, generation), as a broken watch does.
 //! It expires the leases of nodes that die. Nodes die, come back, and lose workers, all drawn
-//! from one seed: a seed replays the same run.
+//! from one seed: a seed replays the same run. In some runs the job reaches its last step
+//! while faults still come (its leader dies, others take over).
 //!
 //! Checked after every committed generation and at the end:
 //! - at most one plan per generation, and the counter moves one at a time;
@@ -15,7 +16,9 @@
 //! - a peer transfer's source keeps its state;
 //! - each agent starts generations in increasing order, each the committed plan;
 //! - a proposal from an old generation never commits;
-//! - with every fault over, the job settles on the largest plan the live nodes allow.
+//! - an agent that knows the job is done proposes and starts nothing;
+//! - with every fault over, the job settles on the largest plan the live nodes allow (unless it
+//!   is done).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -79,6 +82,8 @@ pub struct Report {
     pub revivals: u64,
     pub worker_deaths: u64,
     pub dropped: u64,
+    /// When the job reached its last step, if it did.
+    pub done_at_ms: Option<u64>,
     pub violations: Vec<String>,
 }
 
@@ -90,6 +95,8 @@ struct Agent {
     /// When the last delivery queued is due: a watch delivers in order.
     last_at: u64,
     started: Vec<u64>,
+    /// The agent was told the job is done.
+    knows_done: bool,
 }
 
 struct World {
@@ -104,6 +111,8 @@ struct World {
     leases: BTreeMap<String, Option<u64>>,
     leader: Option<String>,
     agents: BTreeMap<String, Agent>,
+    /// The job's done key exists.
+    done: bool,
     report: Report,
 }
 
@@ -124,11 +133,17 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Report {
         leases: BTreeMap::new(),
         leader: None,
         agents: BTreeMap::new(),
+        done: false,
         report: Report {
             seed,
             ..Report::default()
         },
     };
+    // From a stream of its own, so the runs of every seed before it are unchanged.
+    let mut ends = Rng(seed ^ 0x646f_6e65_5f61_7421);
+    let done_at = ends
+        .chance(0.3)
+        .then(|| 10 * ends.within(cfg.faults_ms / 40, cfg.faults_ms / 10));
     for i in 0..cfg.nodes {
         w.join(&node(i));
     }
@@ -137,6 +152,11 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Report {
         w.now_ms += 10;
         if w.now_ms < cfg.faults_ms {
             w.faults();
+        }
+        if done_at == Some(w.now_ms) {
+            w.done = true;
+            w.report.done_at_ms = done_at;
+            w.broadcast(Event::Done);
         }
         w.expire_leases();
         w.deliver();
@@ -218,6 +238,9 @@ impl World {
                 plan: p.clone(),
             });
         }
+        if self.done {
+            out.push(Event::Done);
+        }
         out
     }
 
@@ -241,6 +264,7 @@ impl World {
                 inbox: Vec::new(),
                 last_at: 0,
                 started: Vec::new(),
+                knows_done: false,
             },
         );
         let at = self.now_ms;
@@ -335,9 +359,14 @@ impl World {
             let mut actions = Vec::new();
             for e in due.into_iter().chain([Event::Tick]) {
                 let a = self.agents.get_mut(&n).expect("agent");
-                actions.extend(a.m.handle(now, e));
+                a.knows_done |= e == Event::Done;
+                let knew = a.knows_done;
+                actions.extend(a.m.handle(now, e).into_iter().map(|act| (knew, act)));
             }
-            for act in actions {
+            for (knew_done, act) in actions {
+                if knew_done && matches!(act, Action::Propose { .. } | Action::Start { .. }) {
+                    self.violation(format!("{n} knew the job was done, and did {act:?}"));
+                }
                 self.act(&n, act);
             }
         }
@@ -481,6 +510,9 @@ impl World {
     /// After the quiet period every live node is known to all and the plan is the largest the
     /// live slots allow.
     fn check_settled(&mut self) {
+        if self.done {
+            return;
+        }
         let live: Vec<String> = self
             .agents
             .iter()

@@ -16,7 +16,7 @@ fn every_seed_keeps_the_protocols_invariants_and_settles() {
         Err(_) => (1..=SEEDS).collect(),
     };
     let started = Instant::now();
-    let (mut generations, mut faults, mut fenced) = (0, 0, 0);
+    let (mut generations, mut faults, mut fenced, mut ended) = (0, 0, 0, 0);
     for &seed in &seeds {
         let r = run(seed, &cfg);
         assert!(
@@ -27,11 +27,12 @@ fn every_seed_keeps_the_protocols_invariants_and_settles() {
         generations += r.generations;
         faults += r.node_deaths + r.worker_deaths + r.revivals + r.dropped;
         fenced += r.fenced_proposals;
+        ended += u64::from(r.done_at_ms.is_some());
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "{} seeds in {secs:.1} s ({:.0} seeds/s): {generations} generations, {faults} faults, \
-         {fenced} fenced proposals",
+         {fenced} fenced proposals, {ended} runs in which the job ended amid the faults",
         seeds.len(),
         seeds.len() as f64 / secs
     );
@@ -40,6 +41,12 @@ fn every_seed_keeps_the_protocols_invariants_and_settles() {
         generations > seeds.len() as u64 * 2,
         "{generations} generations"
     );
+    if seeds.len() > 100 {
+        assert!(
+            ended > seeds.len() as u64 / 5,
+            "{ended} runs ended amid faults"
+        );
+    }
 }
 
 #[test]

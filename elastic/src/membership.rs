@@ -37,6 +37,9 @@ pub enum Event {
     /// broke at rendezvous, say) while every member is still alive: the same members start a
     /// new generation and continue from memory.
     Retry { generation: u64 },
+    /// The job reached its last step: nothing is planned or started from now on, whoever
+    /// leads and whoever leaves.
+    Done,
     /// Time passed.
     Tick,
 }
@@ -95,6 +98,8 @@ pub struct Membership {
     wait_slots: usize,
     /// A change came after this agent's last proposal, which therefore does not cover it.
     changed_since_proposal: bool,
+    /// The job reached its last step.
+    done: bool,
 }
 
 impl Membership {
@@ -116,6 +121,7 @@ impl Membership {
             aborted: false,
             wait_slots: 0,
             changed_since_proposal: false,
+            done: false,
         }
     }
 
@@ -172,7 +178,10 @@ impl Membership {
                 }
             }
             Event::Committed { generation, plan } => {
-                if generation > self.generation {
+                if generation > self.generation && self.done {
+                    self.generation = generation;
+                    self.plan = Some(plan);
+                } else if generation > self.generation {
                     let first = self.generation == 0;
                     self.generation = generation;
                     self.lost.clear();
@@ -220,6 +229,13 @@ impl Membership {
                     }
                     self.changed(now);
                 }
+            }
+            Event::Done => {
+                // The workers finish their last checkpoint and stop: they make no more
+                // progress, and none of them is hung for it.
+                self.done = true;
+                self.changed_at = None;
+                self.last_progress.clear();
             }
             Event::Tick => {}
         }
@@ -306,7 +322,7 @@ impl Membership {
         let settled = self
             .changed_at
             .is_some_and(|t| now.duration_since(t) >= self.timing.settle);
-        if !settled || self.leader.as_deref() != Some(self.me.as_str()) {
+        if !settled || self.done || self.leader.as_deref() != Some(self.me.as_str()) {
             return;
         }
         if self.generation == 0 && self.live.values().sum::<usize>() < self.wait_slots {

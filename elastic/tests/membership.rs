@@ -378,3 +378,40 @@ fn a_node_that_registers_while_a_plan_is_in_flight_is_planned_for_next() {
         "{acts:?}"
     );
 }
+
+/// Regression: once the job reached its last step the first nodes to finish left, the
+/// leadership passed to the last one still stopping its workers, and it planned a generation
+/// of its own, which trained the job again after it had ended.
+#[test]
+fn nothing_is_planned_or_started_once_the_job_is_done() {
+    let mut sim = Sim::new(&["a", "b", "c"], 2, 2, 1);
+    sim.run(SETTLE * 2, None);
+    assert_eq!(sim.generation, 1);
+    for n in ["a", "b", "c"] {
+        sim.take(n);
+    }
+    sim.broadcast(Event::Done);
+    // The leader and the next one leave; the workers, stopping, make no progress.
+    sim.kill_node("a");
+    sim.kill_node("b");
+    sim.run(HANG + SETTLE * 4, Some(&slot("c", 0)));
+    assert_eq!(sim.generation, 1, "{:?}", sim.committed);
+    let c = sim.take("c");
+    assert!(
+        !c.iter().any(|a| matches!(
+            a,
+            Action::Propose { .. } | Action::Start { .. } | Action::Evict { .. }
+        )),
+        "{c:?}"
+    );
+    // A generation committed before the news arrived starts nothing either.
+    let plan = sim.plan().clone();
+    let acts = sim.agents.get_mut("c").expect("c").handle(
+        sim.t0 + sim.now,
+        Event::Committed {
+            generation: 2,
+            plan,
+        },
+    );
+    assert!(acts.is_empty(), "{acts:?}");
+}

@@ -351,7 +351,8 @@ impl Agent {
                         w.send(&ToWorker::Stop);
                     }
                 }
-                Ok(())
+                // From now on the core plans nothing, even when this agent comes to lead.
+                self.feed(Event::Done)
             }
             _ => Ok(()),
         }

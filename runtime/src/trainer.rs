@@ -142,6 +142,9 @@ pub struct Trainer {
     groups: Groups,
     ckpt: Option<Checkpointing>,
     resumed_from: Option<u64>,
+    /// Whether this rank holds the job's state: false for a rank joining a running job until
+    /// a replica hands it over (see [`Trainer::reconcile`]).
+    holds_state: bool,
     /// The model on the GPU when `train.device` is cuda; the host model then holds the state
     /// only when it is loaded or fetched.
     gpu: Option<GpuModel>,
@@ -296,6 +299,7 @@ impl Trainer {
             groups,
             ckpt,
             resumed_from: None,
+            holds_state: resume,
             gpu,
             stop_signal: None,
             stop_agreed: false,
@@ -356,7 +360,7 @@ impl Trainer {
                 // The same manifest gives every rank the same verdict.
                 return Err(e);
             }
-            let failed = self.sum_over_ranks(f32::from(attempt.is_err()))?;
+            let [failed] = self.sum_over_ranks([f32::from(attempt.is_err())])?;
             match attempt {
                 Ok(state) if failed == 0.0 => {
                     self.step = state.step;
@@ -409,10 +413,9 @@ impl Trainer {
         Ok(state)
     }
 
-    /// The sum of `x` over every rank of the job: over the tensor, then pipeline, then data
+    /// The sums of `v` over every rank of the job: over the tensor, then pipeline, then data
     /// groups.
-    fn sum_over_ranks(&mut self, x: f32) -> Result<f32> {
-        let mut v = [x];
+    fn sum_over_ranks<const N: usize>(&mut self, mut v: [f32; N]) -> Result<[f32; N]> {
         for g in [
             self.groups.tp.as_mut(),
             self.groups.pp.as_mut(),
@@ -423,7 +426,7 @@ impl Trainer {
         {
             g.all_reduce(&mut v)?;
         }
-        Ok(v[0])
+        Ok(v)
     }
 
     /// Continues with new process groups: a new generation of the job, with the same tensor
@@ -500,6 +503,7 @@ impl Trainer {
         self.step = 0;
         self.consumed_samples = 0;
         self.resumed_from = self.resume()?;
+        self.holds_state = true;
         Ok(self.resumed_from)
     }
 
@@ -563,6 +567,7 @@ impl Trainer {
         self.step = word(counters[0], counters[1]);
         self.consumed_samples = word(counters[2], counters[3]);
         self.opt.step = word(counters[4], counters[5]);
+        self.holds_state = true;
         Ok(())
     }
 
@@ -571,8 +576,10 @@ impl Trainer {
     /// the step applied and others without it; every replica then takes the state of the most
     /// advanced one (the lowest-numbered when several are). Afterwards every rank of the job
     /// must be at the same step, or all of them fail with [`RuntimeError::Config`] naming the
-    /// steps seen, and the job must resume from its newest checkpoint. Every rank calls it.
-    /// Returns the step the generation continues from.
+    /// steps seen, and the job must resume from its newest checkpoint. The same happens when
+    /// no replica of some shard holds state (every one of them joined with this generation):
+    /// the initial weights are never taken for the job's. Every rank calls it. Returns the
+    /// step the generation continues from.
     pub fn reconcile(&mut self) -> Result<u64> {
         self.host_only("reconciling replicas")?;
         let [_, _, (replica, replicas)] = self.groups.coords();
@@ -587,10 +594,13 @@ impl Trainer {
                 }
                 Ok(all.chunks_exact(2).map(word).collect())
             };
-        let steps = gather(self.groups.dp.as_mut(), self.step, replica, replicas)?;
-        let best = steps.iter().copied().max().unwrap_or(self.step);
-        if steps.iter().any(|&s| s != best) {
-            let source = steps.iter().position(|&s| s == best).unwrap_or(0);
+        // Step + 1 from a holder of state, 0 from a rank that holds none.
+        let held = if self.holds_state { self.step + 1 } else { 0 };
+        let held = gather(self.groups.dp.as_mut(), held, replica, replicas)?;
+        let best = held.iter().copied().max().unwrap_or(held[replica]);
+        let stateless = best == 0;
+        if !stateless && held.iter().any(|&s| s != best) {
+            let source = held.iter().position(|&s| s == best).unwrap_or(0);
             self.transfer_state(source)?;
         }
         // The replicas of each shard now agree; the shards must agree with each other.
@@ -599,15 +609,26 @@ impl Trainer {
         let across_tp = gather(self.groups.tp.as_mut(), step, tp_rank, tp)?;
         let across_pp = gather(self.groups.pp.as_mut(), step, stage, pp)?;
         let differ = across_tp.iter().chain(&across_pp).any(|&s| s != step);
-        if self.sum_over_ranks(f32::from(differ))? > 0.0 {
-            return Err(RuntimeError::Config {
-                path: self.cfg.source.clone(),
-                field: "parallel".into(),
-                reason: format!(
+        let [differ_n, stateless_n] =
+            self.sum_over_ranks([f32::from(differ), f32::from(stateless)])?;
+        if differ_n + stateless_n > 0.0 {
+            let reason = if stateless_n > 0.0 {
+                format!(
+                    "{stateless_n} ranks hold shards of which no replica holds state (every \
+                     one joined with this generation), so the job must resume from its newest \
+                     checkpoint"
+                )
+            } else {
+                format!(
                     "the shards of the model stopped at different steps (this rank's tensor \
                      group: {across_tp:?}, pipeline group: {across_pp:?}); no replica holds \
                      every shard at one step, so the job must resume from its newest checkpoint"
-                ),
+                )
+            };
+            return Err(RuntimeError::Config {
+                path: self.cfg.source.clone(),
+                field: "parallel".into(),
+                reason,
             });
         }
         Ok(step)

@@ -276,3 +276,49 @@ fn shards_left_at_different_steps_are_refused_on_every_rank() {
         );
     }
 }
+
+/// Regression: a generation whose workers had all just started (their plan said their blocks
+/// kept state, but the processes holding it were gone) reconciled at step 0 and trained the
+/// job again from the initial weights. Every rank must refuse instead, so the job resumes from
+/// its newest checkpoint.
+#[test]
+fn a_generation_in_which_no_replica_holds_state_is_refused_on_every_rank() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    let coord = Arc::new(InProcessCoordinator::new());
+    let tp2dp2 = Topology::new(2, 1, 2);
+    let handles: Vec<_> = (0..4)
+        .map(|rank| {
+            let (coord, mut cfg) = (coord.clone(), cfg.clone());
+            (cfg.parallel.tp, cfg.parallel.dp) = (2, 2);
+            std::thread::spawn(move || {
+                // Replica 0 (ranks 0 and 1) holds the job's state; replica 1 joins. The
+                // tensor-parallel pair of replica 1 alone, with no holder, must fail too.
+                let first = groups(&coord, 0, tp2dp2, rank);
+                let mut t = if rank < 2 {
+                    Trainer::with_groups(cfg, first)
+                } else {
+                    Trainer::joining(cfg, first)
+                }
+                .expect("trainer");
+                t.reconcile()
+                    .expect("a holder in every data-parallel group");
+                // Now every rank of a tensor-parallel x data-parallel job joined.
+                let second = groups(&coord, 1, tp2dp2, rank);
+                let mut fresh = Trainer::joining(t.cfg.clone(), second).expect("trainer");
+                fresh
+                    .reconcile()
+                    .map(|_| ())
+                    .expect_err("nobody holds state")
+                    .to_string()
+            })
+        })
+        .collect();
+    for h in handles {
+        let err = h.join().expect("rank");
+        assert!(
+            err.contains("4 ranks hold shards of which no replica holds state"),
+            "{err}"
+        );
+    }
+}
