@@ -390,10 +390,24 @@ impl<'a> Harness<'a> {
     /// checks that `marathon ckpt verify` names that step.
     fn flip_bit(&mut self) -> Result<Option<String>> {
         let store = Store::open_with(&self.root, self.store.options())?;
-        let Some(&step) = Reader::new(store.clone()).committed()?.last() else {
+        let reader = Reader::new(store.clone());
+        let Some(&step) = reader.committed()?.last() else {
             return Ok(Some("not injected: no checkpoint committed yet".into()));
         };
-        let path = store.path(&format::shard_name(step, 0));
+        let manifest = match reader.manifest(step) {
+            Ok(m) => m,
+            // Retention removed it meanwhile.
+            Err(e) if reader.committed()?.last() != Some(&step) => {
+                return Ok(Some(format!(
+                    "not injected: step {step} was collected ({e})"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some(shard) = manifest.shard_of(0) else {
+            bail!("the manifest of step {step} names no shard of rank 0");
+        };
+        let path = store.path(shard);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -5,6 +5,7 @@
 
 mod common;
 use common::{repo, running};
+use marathon_storage::format::Manifest;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -541,7 +542,10 @@ fn checkpoints_resume_and_the_ckpt_tools_list_inspect_verify_and_collect_them() 
     );
 
     // A flipped bit fails verification, naming the object, and gc keeps what verifies.
-    let shard = dir.path().join("ckpt/step-000000000006/shard-r00000.bin");
+    let root = dir.path().join("ckpt");
+    let manifest = std::fs::read(root.join("step-000000000006/manifest.json")).unwrap();
+    let manifest: Manifest = serde_json::from_slice(&manifest).unwrap();
+    let shard = root.join(manifest.shard_of(0).unwrap());
     let mut bytes = std::fs::read(&shard).unwrap();
     let at = bytes.len() / 3;
     bytes[at] ^= 1;
@@ -549,7 +553,7 @@ fn checkpoints_resume_and_the_ckpt_tools_list_inspect_verify_and_collect_them() 
     let verify = marathon(&["ckpt", "verify", "ckpt", "--step", "6"], dir.path());
     assert!(!verify.status.success());
     assert!(
-        text(&verify).contains("step 6: FAILED") && text(&verify).contains("shard-r00000.bin"),
+        text(&verify).contains("step 6: FAILED") && text(&verify).contains("shard-r00000-"),
         "{}",
         text(&verify)
     );

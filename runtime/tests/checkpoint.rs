@@ -12,6 +12,7 @@ use marathon_runtime::checkpoint::CheckpointRecord;
 use marathon_runtime::config::{CheckpointConfig, Compression, Resume};
 use marathon_runtime::trainer::{Observer, StepRecord};
 use marathon_runtime::{TrainConfig, Trainer};
+use marathon_storage::format::Manifest;
 
 const STEPS: u64 = 8;
 
@@ -172,7 +173,9 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_one_before() {
     let cfg = config(dir.path(), &root.display().to_string());
     run_to(Trainer::new(cfg.clone()).expect("trainer"), 4);
     // Flip one bit in the middle of the newest checkpoint's shard.
-    let shard = root.join("step-000000000004/shard-r00000.bin");
+    let manifest = std::fs::read(root.join("step-000000000004/manifest.json")).expect("manifest");
+    let manifest: Manifest = serde_json::from_slice(&manifest).expect("the manifest parses");
+    let shard = root.join(manifest.shard_of(0).expect("rank 0's shard"));
     let mut bytes = std::fs::read(&shard).expect("the shard");
     let at = bytes.len() / 2;
     bytes[at] ^= 0x04;

@@ -2,9 +2,11 @@
 //! language).
 //!
 //! A checkpoint of step N lives under `<root>/step-<N, 12 digits>/`: one shard object per
-//! writing rank (`shard-r<rank, 5 digits>.bin`), one index per writing rank saying what its shard
-//! holds (`index-r<rank>.json`), and the manifest (`manifest.json`), written last with a
-//! create-only put. The checkpoint exists if and only if the manifest does.
+//! writing rank (`shard-r<rank, 5 digits>-<writer, 16 hex digits>.bin`), one index per writing
+//! rank saying what its shard holds (`index-r<rank>.json`), and the manifest (`manifest.json`),
+//! written last with a create-only put. The checkpoint exists if and only if the manifest does.
+//! Each persist names its shard afresh, so a second writer of a step never changes the bytes a
+//! committed manifest points at.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,8 +31,14 @@ pub fn parse_step_dir(name: &str) -> Option<u64> {
         .flatten()
 }
 
-pub fn shard_name(step: u64, rank: usize) -> String {
-    format!("{}/shard-r{rank:05}.bin", step_dir(step))
+/// The shard object of `rank` in one persist of `step`; `writer` tells persists apart.
+pub fn shard_name(step: u64, rank: usize, writer: u64) -> String {
+    format!("{}{writer:016x}.bin", shard_prefix(step, rank))
+}
+
+/// What every shard object of `rank` at `step` begins with.
+pub fn shard_prefix(step: u64, rank: usize) -> String {
+    format!("{}/shard-r{rank:05}-", step_dir(step))
 }
 
 pub fn index_name(step: u64, rank: usize) -> String {
@@ -100,6 +108,16 @@ impl Manifest {
             .map(|i| &self.tensors[i])
     }
 
+    /// The shard object rank `rank` wrote, if it wrote one.
+    pub fn shard_of(&self, rank: usize) -> Option<&str> {
+        let prefix = shard_prefix(self.step, rank);
+        self.tensors
+            .iter()
+            .flat_map(|t| &t.chunks)
+            .map(|c| c.object.as_str())
+            .find(|o| o.starts_with(&prefix))
+    }
+
     /// Stored bytes over all chunks, and decoded bytes.
     pub fn sizes(&self) -> (u64, u64) {
         let chunks = self.tensors.iter().flat_map(|t| &t.chunks);
@@ -155,5 +173,10 @@ mod tests {
         assert_eq!(parse_step_dir("step-000000000042"), Some(42));
         assert_eq!(parse_step_dir("step-42"), None);
         assert!(step_dir(9) < step_dir(10));
+        assert_eq!(
+            shard_name(42, 3, 0xab),
+            "step-000000000042/shard-r00003-00000000000000ab.bin"
+        );
+        assert!(shard_name(42, 3, u64::MAX).starts_with(&shard_prefix(42, 3)));
     }
 }

@@ -235,6 +235,7 @@ impl CheckpointWriter {
             mode: self.mode,
             run,
             pieces,
+            object: format::shard_name(step, self.rank, writer_id()),
         };
         let staging = std::mem::take(&mut self.staging);
         self.inflight = Some(std::thread::spawn(move || {
@@ -300,6 +301,8 @@ struct Job {
     mode: CommitMode,
     run: serde_json::Value,
     pieces: Vec<Piece>,
+    /// This persist's shard object, named afresh for every persist.
+    object: String,
 }
 
 impl Job {
@@ -318,7 +321,7 @@ impl Job {
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(StorageError::store("check manifest", &manifest, e)),
         }
-        let path = self.store.path(&format::shard_name(self.step, self.rank));
+        let path = self.store.path(&self.object);
         // A failed upload is started again from the staging buffer, which is still ours.
         let mut attempt = 1;
         let (tensors, stored_bytes) = loop {
@@ -330,9 +333,7 @@ impl Job {
                 done => break done.map_err(|e| StorageError::store("upload shard", &path, e))?,
             }
         };
-        self.store
-            .sync(&format::shard_name(self.step, self.rank))
-            .await?;
+        self.store.sync(&self.object).await?;
         let index = RankIndex {
             rank: self.rank,
             tensors,
@@ -391,7 +392,7 @@ impl Job {
     /// `encoders_max` blocking threads at once, ahead of the upload, and chunks are written in
     /// order.
     async fn upload_shard(&self, staging: &[f32]) -> object_store::Result<(Vec<TensorEntry>, u64)> {
-        let object = format::shard_name(self.step, self.rank);
+        let object = self.object.clone();
         let path = self.store.path(&object);
         let upload = self.store.inner.put_multipart(&path).await?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, self.opts.part_bytes);
@@ -600,6 +601,19 @@ impl Job {
 
 /// The little-endian bytes of `values`: a view of them where the machine is little-endian (no
 /// copy), else converted into `buf`.
+/// A random name for one persist's shard: the standard library's hasher keys are random per
+/// process, and the clock tells persists of one process apart.
+fn writer_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 fn le_bytes<'a>(values: &'a [f32], buf: &'a mut Vec<u8>) -> &'a [u8] {
     if cfg!(target_endian = "little") {
         // SAFETY: f32 has no padding and every byte pattern is a valid u8; the view covers

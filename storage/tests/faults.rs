@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use marathon_storage::faulty::{Faults, FaultyStore};
-use marathon_storage::format::{manifest_name, shard_name};
+use marathon_storage::format::manifest_name;
 use marathon_storage::retention::{collect, Retention};
 use marathon_storage::{CheckpointWriter, Reader, StorageError, Store, WriterOptions};
 use object_store::PutPayload;
@@ -62,6 +62,14 @@ fn a_manifest_torn_halfway_is_refused() {
     check(&reader, 1).expect("the previous checkpoint still reads");
 }
 
+/// The shard object `rank` wrote for the checkpoint of `step`.
+fn shard(store: &Store, step: u64, rank: usize) -> String {
+    let m = Reader::new(store.clone())
+        .manifest(step)
+        .expect("the manifest");
+    m.shard_of(rank).expect("the rank's shard").to_owned()
+}
+
 /// Replaces an object's bytes behind the store's back.
 fn damage(store: &Store, name: &str, f: impl FnOnce(&mut Vec<u8>)) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -90,7 +98,7 @@ fn a_flipped_bit_or_a_truncated_shard_is_found_and_named() {
         let (store, _) = faulty_memory();
         save(&store, 1).expect("save 1");
         save(&store, 2).expect("save 2");
-        damage(&store, &shard_name(2, 0), |b| harm(b));
+        damage(&store, &shard(&store, 2, 0), |b| harm(b));
         let reader = Reader::new(store.clone());
         let err = check(&reader, 2).expect_err(what);
         let msg = err.to_string();
@@ -98,7 +106,7 @@ fn a_flipped_bit_or_a_truncated_shard_is_found_and_named() {
             matches!(
                 err,
                 StorageError::Corrupt { .. } | StorageError::Store { .. }
-            ) && msg.contains("shard-r00000.bin"),
+            ) && msg.contains("shard-r00000-"),
             "{what}: {msg}"
         );
         if let StorageError::Corrupt { tensor, .. } = &err {
@@ -108,7 +116,7 @@ fn a_flipped_bit_or_a_truncated_shard_is_found_and_named() {
         let m = reader.manifest(2).expect("the manifest itself is sound");
         assert!(reader.verify(&m).is_err(), "{what}");
         save(&store, 3).expect("save 3");
-        damage(&store, &shard_name(3, 1), |b| harm(b));
+        damage(&store, &shard(&store, 3, 1), |b| harm(b));
         let policy = Retention {
             keep_last: 1,
             keep_every: 0,
@@ -252,4 +260,40 @@ fn a_commit_guard_decides_whether_the_manifest_is_written() {
     // manifest, so it does not exist.
     assert_eq!(*asked.lock().expect("asked"), vec![1, 2]);
     assert_eq!(Reader::new(store).committed().expect("list"), vec![1]);
+}
+
+/// A second writer of a step that commits meanwhile (an elastic job's superseded generation
+/// still persisting, with other values or another layout): it looks for the manifest before it
+/// uploads, finds none, and its shard lands only after the first writer's checkpoint committed.
+/// That checkpoint must still read back exactly, and the second writer must say so.
+#[test]
+fn a_second_writer_of_a_step_never_changes_its_committed_checkpoint() {
+    let base = Store::open("memory://job").expect("open");
+    let slow = Faults {
+        delay: std::time::Duration::from_millis(400),
+        ..Faults::default()
+    };
+    let slow = base.wrapped(Arc::new(FaultyStore::new(base.inner.clone(), slow, 5)));
+    let mut late = CheckpointWriter::new(slow, 0, 2, options()).expect("a writer");
+    let (p, data) = pieces(0, 2);
+    late.snapshot(2, serde_json::json!({ "step": 2 }), p, |buf| {
+        for (b, d) in buf.iter_mut().zip(&data) {
+            *b = d + 1000.0;
+        }
+    });
+    // The late writer found no manifest at 0.4 s; its shard lands from 1.2 s on.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    save(&base, 2).expect("the first writer commits");
+    let err = late
+        .wait()
+        .expect("a persist ran")
+        .expect_err("the step is committed");
+    assert!(
+        matches!(err, StorageError::AlreadyCommitted { step: 2, .. }),
+        "{err}"
+    );
+    let reader = Reader::new(base.clone());
+    check(&reader, 2).expect("the committed checkpoint reads back as it was written");
+    let m = reader.manifest(2).expect("manifest");
+    reader.verify(&m).expect("and verifies");
 }
