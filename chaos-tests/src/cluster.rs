@@ -1,6 +1,8 @@
 //! The job's side of a scenario: its nodes, each a real `marathon agent` process with its worker
-//! processes, and a recorder of every change to the job's keys in etcd.
+//! processes, a recorder of every change to the job's keys in etcd, and a watch of the
+//! checkpoints committed in the store.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -10,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use marathon_elastic::{EtcdCoordinator, JobKey, JobKeys};
+use marathon_runtime::moments::MOMENTS_ENV;
 use marathon_runtime::worker::{unix_ms, StepCommit};
+use marathon_storage::{Reader, Store};
 
 use crate::servers::{running, signal};
 
@@ -28,6 +32,8 @@ pub struct AgentSpec {
     pub lease_ttl_ms: u64,
     pub hang_ms: u64,
     pub cooldown_ms: u64,
+    /// Where moments are armed and hit (`marathon_runtime::moments`).
+    pub moments: PathBuf,
     pub group_timeout_ms: u64,
     /// Each node's network namespace and address, by node index; `None`: every node on
     /// loopback.
@@ -104,6 +110,7 @@ impl Node {
                     .flat_map(|(f, v)| [f.to_string(), v.to_string()]),
             )
             .env("MARATHON_WORKER_THREADS", "1")
+            .env(MOMENTS_ENV, &spec.moments)
             .current_dir(&spec.dir)
             .stdin(Stdio::piped())
             .stdout(stdout)
@@ -345,4 +352,43 @@ pub fn run_to_end(exe: &Path, dir: &Path, args: &[String]) -> Result<(bool, Stri
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// Every checkpoint step that was ever committed in the store, from a listing every half a
+/// second while the job runs: retention collects the older ones, and the check at the end
+/// needs them all. A listing that fails (the store killed or stopped) is tried again.
+#[derive(Debug)]
+pub struct CommitWatch {
+    seen: Arc<Mutex<BTreeSet<u64>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CommitWatch {
+    pub fn start(store: Store) -> CommitWatch {
+        let w = CommitWatch {
+            seen: Default::default(),
+            stop: Default::default(),
+        };
+        let (seen, stop) = (w.seen.clone(), w.stop.clone());
+        std::thread::spawn(move || {
+            let reader = Reader::new(store);
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(steps) = reader.committed() {
+                    seen.lock().unwrap_or_else(|e| e.into_inner()).extend(steps);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        w
+    }
+
+    pub fn seen(&self) -> BTreeSet<u64> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for CommitWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }

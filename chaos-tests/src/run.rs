@@ -13,16 +13,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use marathon_elastic::{JobKey, JobKeys};
+use marathon_runtime::moments::Moment;
 use marathon_runtime::trainer::Summary;
 use marathon_runtime::worker::unix_ms;
 use marathon_storage::{format, Reader, Store};
 use serde::Serialize;
 
 use crate::check;
-use crate::cluster::{run_to_end, AgentSpec, Node, Recorder};
+use crate::cluster::{run_to_end, AgentSpec, CommitWatch, Node, Recorder};
 use crate::garage::{Garage, GARAGE_BUCKET};
 use crate::network::Network;
-use crate::scenario::{Fault, Scenario};
+use crate::scenario::{Fault, Scenario, Timed};
 use crate::servers::{running, signal, EtcdCluster};
 
 /// How scenarios are run.
@@ -130,6 +131,7 @@ struct Harness<'a> {
     store: Garage,
     nodes: Vec<Node>,
     recorder: Recorder,
+    commits: CommitWatch,
     reference: Option<Child>,
     injected: Vec<Injected>,
     /// Checkpoint steps whose shard had a bit flipped, and when.
@@ -160,6 +162,7 @@ impl<'a> Harness<'a> {
         let recorder = Recorder::start(client, &keys)?;
         let root = format!("s3://{}/{job}", GARAGE_BUCKET);
         prepare(s, opts, dir, &root, &store)?;
+        let commits = CommitWatch::start(Store::open_with(&root, store.options())?);
         // The fault-free reference of the same seed runs beside the job, in one process.
         let reference = Command::new(&opts.exe)
             .args(["train", "--config", "ref.toml"])
@@ -181,6 +184,7 @@ impl<'a> Harness<'a> {
             lease_ttl_ms: 3000,
             hang_ms: 3000,
             cooldown_ms: 2000,
+            moments: dir.join("moments"),
             group_timeout_ms: 20_000,
             namespaces: network.as_ref().ok().map(|n| {
                 (0..n.nodes())
@@ -188,6 +192,7 @@ impl<'a> Harness<'a> {
                     .collect()
             }),
         };
+        std::fs::create_dir_all(&spec.moments)?;
         let mut server_pids: BTreeSet<u32> = etcd.pids().into_iter().collect();
         server_pids.extend(store.pid());
         let mut h = Harness {
@@ -200,6 +205,7 @@ impl<'a> Harness<'a> {
             store,
             nodes: Vec::new(),
             recorder,
+            commits,
             reference: Some(reference),
             injected: Vec::new(),
             flipped: Vec::new(),
@@ -250,16 +256,55 @@ impl<'a> Harness<'a> {
                 });
                 continue;
             }
-            std::thread::sleep(Duration::from_millis(t.delay_ms));
+            let (fault, held, at) = match t.moment {
+                None => {
+                    std::thread::sleep(Duration::from_millis(t.delay_ms));
+                    (t.fault.clone(), None, None)
+                }
+                Some(m) => match self.at_moment(t, m) {
+                    Ok(Some((pid, node, slot, hit))) => (
+                        aimed(&t.fault, node, slot),
+                        Some(hit),
+                        Some(format!(
+                            "at the {} of node-{node}/{slot} (pid {pid})",
+                            m.name()
+                        )),
+                    ),
+                    Ok(None) => (
+                        t.fault.clone(),
+                        None,
+                        Some(format!(
+                            "no worker reached the {} within {MOMENT_WAIT:?}: landed then",
+                            m.name()
+                        )),
+                    ),
+                    Err(e) => return vec![e],
+                },
+            };
             let landed = self.recorder.progress().0;
-            self.say(format_args!("step {landed}: {}", t.fault));
-            let note = match self.inject(&t.fault) {
+            self.say(format_args!(
+                "step {landed}: {fault}{}",
+                at.as_deref().map(|a| format!(" ({a})")).unwrap_or_default()
+            ));
+            // The worker held at the moment goes on just after the fault began (most
+            // faults last a while; held that long, it would be declared hung instead).
+            if let Some(hit) = held {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let _ = std::fs::remove_file(hit);
+                });
+            }
+            let note = match self.inject(&fault) {
                 Ok(note) => note,
-                Err(e) => return vec![format!("injecting `{}`: {e:#}", t.fault)],
+                Err(e) => return vec![format!("injecting `{fault}`: {e:#}")],
+            };
+            let note = match (at, note) {
+                (Some(a), Some(n)) => Some(format!("{a}; {n}")),
+                (a, n) => a.or(n),
             };
             self.injected.push(Injected {
-                fault: t.fault.clone(),
-                what: t.fault.to_string(),
+                what: fault.to_string(),
+                fault,
                 at_step: t.at_step,
                 landed_at_step: landed,
                 note,
@@ -316,6 +361,54 @@ impl<'a> Harness<'a> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Arms `moment`, starts a recovery first where the moment comes with one, and waits for
+    /// a worker to reach it: that worker's pid, node and slot, and the file that holds it
+    /// there. `None` when none did within [`MOMENT_WAIT`].
+    fn at_moment(
+        &mut self,
+        t: &Timed,
+        moment: Moment,
+    ) -> Result<Option<(u32, usize, usize, PathBuf)>, String> {
+        let dir = self.spec.moments.clone();
+        let armed = dir.join(format!("{}.arm", moment.name()));
+        std::fs::write(&armed, b"").map_err(|e| format!("arm {}: {e}", armed.display()))?;
+        if let Some((node, slot)) = t.trigger {
+            let fault = Fault::KillWorker { node, slot };
+            let note = self
+                .inject(&fault)
+                .map_err(|e| format!("injecting `{fault}`: {e:#}"))?;
+            let landed = self.recorder.progress().0;
+            self.injected.push(Injected {
+                what: fault.to_string(),
+                fault,
+                at_step: t.at_step,
+                landed_at_step: landed,
+                note: note.or(Some(format!(
+                    "to start a recovery for its {}",
+                    moment.name()
+                ))),
+            });
+        }
+        let deadline = Instant::now() + MOMENT_WAIT;
+        let prefix = format!("{}.hit-", moment.name());
+        self.wait(|r| {
+            hit(&dir, &prefix).is_some() || r.done().is_some() || Instant::now() >= deadline
+        })?;
+        // Disarmed; a worker that claimed it meanwhile is found below.
+        let _ = std::fs::remove_file(&armed);
+        let Some((pid, path)) = hit(&dir, &prefix) else {
+            return Ok(None);
+        };
+        let found = self.nodes.iter().enumerate().find_map(|(i, n)| {
+            let slot = n.worker_pids().into_iter().find(|&(_, p)| p == pid)?.0;
+            Some((pid, i, slot, path.clone()))
+        });
+        if found.is_none() {
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(found)
     }
 
     fn inject(&mut self, fault: &Fault) -> Result<Option<String>> {
@@ -454,6 +547,22 @@ impl<'a> Harness<'a> {
     /// every process stopped. The job's summary, and what went wrong.
     fn finish(&mut self, s: &Scenario) -> (Option<Summary>, Vec<String>) {
         let mut v = Vec::new();
+        // The job's keys as they changed, for whoever reads a kept scenario's directory.
+        let history: String = self
+            .recorder
+            .seen()
+            .iter()
+            .map(|(at, key, value)| {
+                let value = value.as_deref().map(String::from_utf8_lossy);
+                format!(
+                    "{}\n",
+                    serde_json::json!({ "at_ms": at, "key": key, "value": value })
+                )
+            })
+            .collect();
+        if let Err(e) = std::fs::write(self.dir.join("etcd-history.jsonl"), history) {
+            v.push(format!("writing the etcd history: {e}"));
+        }
         let summary = self.recorder.done().map(|raw| {
             serde_json::from_slice::<Summary>(&raw).map_err(|e| format!("the job's summary: {e}"))
         });
@@ -536,7 +645,8 @@ impl<'a> Harness<'a> {
     }
 
     /// Every checkpoint in the store verifies, except one whose bit was flipped and that was
-    /// not written again; the newest `keep_last` a full run commits are all there.
+    /// not written again; of the checkpoints ever committed, the newest `keep_last` are all
+    /// there (retention lost none it should keep), and the last step's is one of them.
     fn check_checkpoints(&self, s: &Scenario) -> Vec<String> {
         let mut v = Vec::new();
         let (_, out, err) = match run_to_end(&self.opts.exe, &self.dir, &self.verify_args(None)) {
@@ -570,21 +680,30 @@ impl<'a> Harness<'a> {
                 ));
             }
         }
-        let mut due: Vec<u64> = (1..=s.steps / s.checkpoint_every)
-            .map(|k| k * s.checkpoint_every)
-            .chain([s.steps])
+        let mut ever = self.commits.seen();
+        ever.extend(present.keys());
+        // A torn manifest is not a commit, though its object exists for a while.
+        let ever: Vec<u64> = ever
+            .into_iter()
+            .filter(|&step| Some(step) != s.store.torn_manifest)
             .collect();
-        due.dedup();
-        let newest = &due[due.len().saturating_sub(s.keep_last)..];
+        let newest = &ever[ever.len().saturating_sub(s.keep_last)..];
         for step in newest {
-            if Some(*step) != s.store.torn_manifest && !present.contains_key(step) {
+            if !present.contains_key(step) {
                 v.push(format!(
-                    "the checkpoint of step {step} is missing: retention keeps the newest {} \
-                     ({newest:?}); the store holds {:?}",
+                    "the committed checkpoint of step {step} is gone: retention keeps the newest \
+                     {} of those committed ({ever:?}), {newest:?}; the store holds {:?}",
                     s.keep_last,
                     present.keys().collect::<Vec<_>>()
                 ));
             }
+        }
+        if !present.contains_key(&s.steps) {
+            v.push(format!(
+                "the job's last step, {}, has no committed checkpoint; the store holds {:?}",
+                s.steps,
+                present.keys().collect::<Vec<_>>()
+            ));
         }
         v
     }
@@ -677,6 +796,32 @@ impl<'a> Harness<'a> {
 
 /// The corpus, the job's configuration `c.toml` (checkpoints in the store, with the scenario's
 /// store faults) and the reference's `ref.toml` (one process, no faults, its own logs).
+/// How long a fault waits for its moment before it lands anyway.
+const MOMENT_WAIT: Duration = Duration::from_secs(20);
+
+/// The worker held at a moment, from the file that holds it: its pid and the file.
+fn hit(dir: &Path, prefix: &str) -> Option<(u32, PathBuf)> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let pid = name.strip_prefix(prefix)?.parse().ok()?;
+        Some((pid, e.path()))
+    })
+}
+
+/// `fault` aimed at the worker found at a moment (node-`node`, slot `slot`), or at its node;
+/// faults of the servers are as they were.
+fn aimed(fault: &Fault, node: usize, slot: usize) -> Fault {
+    match *fault {
+        Fault::KillWorker { .. } => Fault::KillWorker { node, slot },
+        Fault::HangWorker { .. } => Fault::HangWorker { node, slot },
+        Fault::KillNode { down_ms, .. } => Fault::KillNode { node, down_ms },
+        Fault::StopNode { ms, .. } => Fault::StopNode { node, ms },
+        Fault::Partition { ms, .. } => Fault::Partition { node, ms },
+        Fault::SlowLink { ms, .. } => Fault::SlowLink { node, ms },
+        ref other => other.clone(),
+    }
+}
+
 fn prepare(s: &Scenario, opts: &RunOptions, dir: &Path, root: &str, store: &Garage) -> Result<()> {
     let text = match &opts.corpus {
         Some(p) => p.clone(),

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use marathon_runtime::moments::Moment;
 use serde::Serialize;
 
 use crate::rng::Rng;
@@ -88,12 +89,33 @@ impl fmt::Display for Fault {
 }
 
 /// A fault and when it lands: once the job has committed step `at_step`, `delay_ms` later
-/// (which puts it anywhere in the step that follows: its forward, backward or collectives).
+/// (which puts it anywhere in the step that follows: its forward, backward or collectives),
+/// or, with `moment`, when a worker next reaches that moment. A fault of a worker or a node
+/// then strikes the worker found there, or its node. A rendezvous and a transfer come with a
+/// recovery, which `trigger` starts: that worker is killed first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Timed {
     pub at_step: u64,
     pub delay_ms: u64,
     pub fault: Fault,
+    pub moment: Option<Moment>,
+    pub trigger: Option<(usize, usize)>,
+}
+
+impl fmt::Display for Timed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "at step {} ", self.at_step)?;
+        match (self.moment, self.trigger) {
+            (None, _) => write!(f, "(+{} ms): {}", self.delay_ms, self.fault),
+            (Some(m), None) => write!(f, "(at the next {}): {}", m.name(), self.fault),
+            (Some(m), Some((node, slot))) => write!(
+                f,
+                "(kill -9 worker node-{node}/{slot}, then at the {} of its recovery): {}",
+                m.name(),
+                self.fault
+            ),
+        }
+    }
 }
 
 /// How the store misbehaves for the whole run (`[checkpoint.faults]`).
@@ -150,6 +172,8 @@ impl Scenario {
         // Network faults come from a stream of their own, so adding them kept the other
         // faults of every seed where they were.
         let mut net = Rng(seed ^ 0x6e65_7477_6f72_6b21);
+        // So do the moments faults land at.
+        let mut moments = Rng(seed ^ 0x6d6f_6d65_6e74_7321);
         for _ in 0..count {
             if at + 6 > steps {
                 break;
@@ -169,10 +193,22 @@ impl Scenario {
                     }
                 };
             }
+            let moment = moments
+                .chance(0.3)
+                .then(|| Moment::ALL[moments.below(Moment::ALL.len() as u64) as usize]);
+            let trigger =
+                matches!(moment, Some(Moment::Rendezvous | Moment::Transfer)).then(|| {
+                    (
+                        moments.below(nodes as u64) as usize,
+                        moments.below(slots as u64) as usize,
+                    )
+                });
             faults.push(Timed {
                 at_step: at,
                 delay_ms: rng.below(400),
                 fault,
+                moment,
+                trigger,
             });
             at += rng.within(6, 10);
         }
@@ -278,5 +314,10 @@ mod tests {
             assert_eq!(s.slots % s.tp, 0);
         }
         assert_eq!(kinds.len(), 11, "{kinds:?}");
+        let moments: std::collections::BTreeSet<_> = (0..500)
+            .flat_map(|seed| Scenario::from_seed(seed).faults)
+            .filter_map(|t| t.moment)
+            .collect();
+        assert_eq!(moments.len(), Moment::ALL.len(), "{moments:?}");
     }
 }

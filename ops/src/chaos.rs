@@ -111,7 +111,7 @@ pub fn run_command(command: ChaosCommand) -> Result<()> {
             let s = Scenario::from_seed(seed);
             println!("seed {seed}: {}", s.shape());
             for t in &s.faults {
-                println!("  at step {} (+{} ms): {}", t.at_step, t.delay_ms, t.fault);
+                println!("  {t}");
             }
             Ok(())
         }

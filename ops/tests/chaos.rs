@@ -106,6 +106,45 @@ fn seed_7_partitions_and_a_failing_store() {
     network_faults_injected(&o);
 }
 
+/// Checks that every fault the scenario landed at a moment was landed there: a worker reached
+/// the moment and was held while the fault began.
+fn landed_at_moments(o: &serde_json::Value, moments: &[&str]) {
+    let notes: Vec<&str> = o["injected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["note"].as_str())
+        .collect();
+    for m in moments {
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with(&format!("at the {m} of "))),
+            "seed {}: no fault landed at the {m}: {notes:?}",
+            o["seed"]
+        );
+    }
+}
+
+/// Faults at named moments: a node killed while its worker waits at a rendezvous, and a worker
+/// killed in the middle of a peer state transfer (each moment after a recovery begun by
+/// killing a worker), tp 1 x pp 2.
+#[test]
+fn seed_39_a_node_killed_at_a_rendezvous_a_worker_killed_mid_transfer() {
+    let o = scenario(39);
+    landed_at_moments(&o, &["rendezvous", "transfer"]);
+}
+
+/// A node killed in the middle of a step (its forward and backward done, its gradients not yet
+/// reduced) and back within 0.3 s, an etcd member lost, and a slow link that begins in the
+/// middle of an all-reduce, under 5% store errors.
+#[test]
+fn seed_48_a_node_killed_mid_step_a_slow_link_mid_collective() {
+    let o = scenario(48);
+    landed_at_moments(&o, &["mid-step", "mid-collective"]);
+    network_faults_injected(&o);
+}
+
 #[test]
 fn a_seed_prints_the_same_scenario_every_time() {
     let show = || {

@@ -249,9 +249,10 @@ impl ProcessGroup {
     /// Sums `buf` across the group: every member ends with the same total.
     pub fn all_reduce(&mut self, buf: &mut [f32]) -> Result<()> {
         let deadline = self.begin("all-reduce")?;
-        let done = self
-            .reduce_scatter_until(buf, deadline)
-            .and_then(|_| self.all_gather_until(buf, deadline));
+        let done = self.reduce_scatter_until(buf, deadline).and_then(|_| {
+            crate::moments::reach(crate::moments::Moment::MidCollective);
+            self.all_gather_until(buf, deadline)
+        });
         self.fail_fast(done)
     }
 

@@ -16,6 +16,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod groups;
+pub mod moments;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod trainer;

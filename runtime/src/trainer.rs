@@ -554,6 +554,7 @@ impl Trainer {
             return Ok(());
         };
         dp.broadcast(&mut self.model.params, source)?;
+        crate::moments::reach(crate::moments::Moment::Transfer);
         dp.broadcast(&mut self.opt.m, source)?;
         dp.broadcast(&mut self.opt.v, source)?;
         // Counters travel bit for bit, as the f32s that share their bits.
@@ -890,6 +891,7 @@ impl Trainer {
         let mine = chunk_range(micro_steps, replicas, replica);
         let mut times = StepTimes::default();
         let loss_sum = self.pipeline(mine.clone(), dloss, overlap, &mut times)?;
+        crate::moments::reach(crate::moments::Moment::MidStep);
         let sync_started = Instant::now();
         if let (true, true, Some(group)) = (overlap, mine.is_empty(), &mut self.groups.dp) {
             // No backward to overlap with; reduce the same buckets in the same order as the

@@ -459,6 +459,7 @@ impl Generation<'_> {
             control: self.control,
             generation: g,
         };
+        crate::moments::reach(crate::moments::Moment::Rendezvous);
         let groups = Groups::connect(&abortable, topology, rank, &spec)?;
         self.control.arm(g, &groups)?;
         let groups_at_ms = unix_ms();
@@ -496,6 +497,7 @@ impl Generation<'_> {
         // write of the job's checkpoint index, just before the manifest.
         let (coord, keys) = (self.shared_coord.clone(), self.keys.clone());
         t.set_commit_guard(Some(CommitGuard(Arc::new(move |step| {
+            crate::moments::reach(crate::moments::Moment::BeforeManifest);
             let record = serde_json::json!({ "generation": g, "at_ms": unix_ms() }).to_string();
             let key = keys.checkpoint(step);
             let put = || job::fenced_put(&*coord, &keys, g, &[(&key, record.as_bytes())]);
