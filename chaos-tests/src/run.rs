@@ -90,6 +90,26 @@ pub struct Outcome {
     pub dir: Option<String>,
 }
 
+impl Outcome {
+    /// The outcome of a scenario that could not be set up: failed, for `why`.
+    pub fn not_set_up(seed: u64, why: String) -> Outcome {
+        Outcome {
+            seed,
+            scenario: Scenario::from_seed(seed).shape(),
+            network: String::new(),
+            injected: Vec::new(),
+            recoveries: 0,
+            agent_restarts: 0,
+            lost: Lost::default(),
+            recomputed_steps: 0,
+            wall_s: 0.0,
+            violations: vec![why],
+            ok: false,
+            dir: None,
+        }
+    }
+}
+
 /// Runs the scenario of `seed`. An error is a scenario that could not be set up (a server
 /// missing, a port taken); what goes wrong in the job is a violation in the outcome.
 pub fn run(seed: u64, opts: &RunOptions) -> Result<Outcome> {

@@ -288,8 +288,9 @@ impl EtcdCoordinator {
     }
 }
 
-/// Keeps lease `id` alive every `period`; if no keep-alive succeeds for `ttl`, the lease is
-/// gone and `lost` is set. After a failed keep-alive it tries again every
+/// Keeps lease `id` alive every `period`; if no keep-alive succeeds for `ttl`, or etcd says the
+/// lease no longer exists (revoked, or expired while this holder could not reach it), the
+/// lease is gone and `lost` is set. After a failed keep-alive it tries again every
 /// [`KEEP_ALIVE_RETRY`], not a whole period later: etcd counts the lease's time from the last
 /// keep-alive it received, so one that waits out a short outage (an etcd member lost, a
 /// leader election) must land as soon as etcd answers again.
@@ -312,12 +313,20 @@ async fn keep_alive(
         }
         let ok = match keeper.as_mut() {
             Some((k, stream)) => {
-                let sent = k.keep_alive().await.is_ok();
-                // A TTL of 0 in the answer means the lease no longer exists.
-                sent && matches!(
-                    tokio::time::timeout(period, stream.message()).await,
-                    Ok(Ok(Some(r))) if r.ttl() > 0
-                )
+                if k.keep_alive().await.is_err() {
+                    false
+                } else {
+                    match tokio::time::timeout(period, stream.message()).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => true,
+                        // A TTL of 0 in the answer: the lease no longer exists, and waiting
+                        // out the TTL would only let this holder act for a dead node longer.
+                        Ok(Ok(Some(_))) => {
+                            lost.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        _ => false,
+                    }
+                }
             }
             None => false,
         };

@@ -54,6 +54,36 @@ fn a_registration_expires_after_its_holder_stops_and_is_revoked_when_dropped() {
     );
 }
 
+/// A lease that etcd no longer has (revoked by an operator, or expired while its holder was
+/// stopped) is lost at the holder's next keep-alive, not a whole TTL later.
+#[test]
+fn a_holder_whose_lease_is_revoked_learns_it_is_dead_at_once() {
+    let etcd = Etcd::start();
+    let c = etcd.connect();
+    let ttl = Duration::from_secs(15);
+    let reg = c
+        .register("/marathon/job/nodes/d", b"8 slots", ttl)
+        .expect("register");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut client = etcd_client::Client::connect([etcd.url.as_str()], None)
+            .await
+            .expect("a second client");
+        let leases = client.leases().await.expect("list leases");
+        for l in leases.leases() {
+            client.lease_revoke(l.id()).await.expect("revoke");
+        }
+    });
+    let started = Instant::now();
+    while !reg.lost() {
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "a revoked lease was not noticed within 12 s (its TTL is 15 s; keep-alives go every 5 s)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_holder_whose_lease_cannot_be_kept_alive_learns_it_is_dead() {
     let mut etcd = Etcd::start();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use marathon_chaos::report::Report;
-use marathon_chaos::run::{run, RunOptions};
+use marathon_chaos::run::{run, Outcome, RunOptions};
 use marathon_chaos::scenario::Scenario;
 use marathon_chaos::sim::{self, SimConfig};
 
@@ -57,6 +57,10 @@ pub struct CommonArgs {
     /// Keep each scenario's directory (configuration, logs, servers' data) under this one.
     #[arg(long)]
     keep: Option<PathBuf>,
+    /// With --keep, keep only the directories of scenarios that failed (a soak's passing
+    /// scenarios take about half a gigabyte each).
+    #[arg(long, requires = "keep")]
+    keep_failed: bool,
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -152,7 +156,16 @@ fn scenarios(common: &CommonArgs, next: impl Fn(usize) -> Option<u64>) -> Result
             eprintln!("chaos: interrupted; reporting the scenarios that finished");
             break;
         }
-        let o = run(seed, &opts).with_context(|| format!("set up the scenario of seed {seed}"))?;
+        // A scenario that could not be set up fails; a soak goes on with the next.
+        let mut o = run(seed, &opts).unwrap_or_else(|e| {
+            Outcome::not_set_up(seed, format!("setting up the scenario: {e:#}"))
+        });
+        if let (true, true, Some(dir)) = (o.ok, common.keep_failed, &o.dir) {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                eprintln!("chaos: could not remove {dir}: {e}");
+            }
+            o.dir = None;
+        }
         eprintln!(
             "chaos: seed {seed}: {} in {:.0} s{}",
             if o.ok { "ok" } else { "FAILED" },

@@ -78,7 +78,8 @@ impl GroupSpec {
         h
     }
 
-    fn key(&self, rank: usize) -> String {
+    /// The coordinator key where member `rank` publishes its address.
+    pub fn key(&self, rank: usize) -> String {
         format!(
             "/marathon/{}/gen-{}/pg/{}/rank-{rank}",
             self.job, self.generation, self.name
@@ -156,8 +157,13 @@ impl ProcessGroup {
             let peer_addr: SocketAddr = text
                 .parse()
                 .map_err(|_| fail(format!("rank {peer} published a bad address {text:?}")))?;
-            let mut stream = connect_until(peer_addr, deadline)
-                .map_err(|e| fail(format!("connect to rank {peer} at {peer_addr}: {e}")))?;
+            let mut stream = connect_until(peer_addr, deadline, || {
+                coord.check().map_err(|e| fail(e.to_string()))
+            })
+            .map_err(|e| match e {
+                Connect::Io(e) => fail(format!("connect to rank {peer} at {peer_addr}: {e}")),
+                Connect::Cancelled(e) => e,
+            })?;
             let hello = spec.hello(spec.rank);
             stream
                 .write_all(&hello)
@@ -599,15 +605,35 @@ fn lost(
     }
 }
 
-fn connect_until(addr: SocketAddr, deadline: Instant) -> std::io::Result<TcpStream> {
+/// Why a connection to a peer was not made.
+enum Connect {
+    Io(std::io::Error),
+    /// `check` failed between attempts: the generation was aborted or superseded.
+    Cancelled(RuntimeError),
+}
+
+/// Connects to `addr` until `deadline`, in attempts of at most [`CONNECT_SLICE`], asking
+/// `check` between them: a peer that is unreachable (its node partitioned, its packets
+/// dropped) does not hold a rendezvous that was aborted until the deadline.
+fn connect_until(
+    addr: SocketAddr,
+    deadline: Instant,
+    check: impl Fn() -> Result<()>,
+) -> std::result::Result<TcpStream, Connect> {
     loop {
-        match TcpStream::connect_timeout(&addr, remaining(deadline)) {
+        match TcpStream::connect_timeout(&addr, remaining(deadline).min(CONNECT_SLICE)) {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) if Instant::now() >= deadline => return Err(Connect::Io(e)),
+            Err(_) => {
+                check().map_err(Connect::Cancelled)?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 }
+
+/// The longest single connection attempt at rendezvous.
+const CONNECT_SLICE: Duration = Duration::from_millis(250);
 
 /// Time left before `deadline`, at least a millisecond (a zero socket timeout means "none").
 fn remaining(deadline: Instant) -> Duration {

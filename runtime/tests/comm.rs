@@ -224,3 +224,76 @@ fn neighbours_can_send_to_each_other_at_once() {
     assert_eq!(got[0], input(1, len));
     assert_eq!(got[1], input(0, len));
 }
+
+/// A coordinator whose generation is aborted `after` it was made: its `check` fails from then.
+struct AbortedAfter {
+    inner: InProcessCoordinator,
+    at: Instant,
+}
+
+impl marathon_elastic::Coordinator for AbortedAfter {
+    fn put(&self, key: &str, value: &[u8]) -> Result<(), marathon_elastic::ElasticError> {
+        self.inner.put(key, value)
+    }
+    fn wait_get(
+        &self,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, marathon_elastic::ElasticError> {
+        self.inner.wait_get(key, deadline)
+    }
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, marathon_elastic::ElasticError> {
+        self.inner.get(key)
+    }
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+        also: &[(&str, &[u8])],
+    ) -> Result<bool, marathon_elastic::ElasticError> {
+        self.inner.compare_and_swap(key, expected, new, also)
+    }
+    fn delete(&self, key: &str) -> Result<(), marathon_elastic::ElasticError> {
+        self.inner.delete(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, marathon_elastic::ElasticError> {
+        self.inner.list(prefix)
+    }
+    fn check(&self) -> Result<(), marathon_elastic::ElasticError> {
+        if Instant::now() < self.at {
+            return Ok(());
+        }
+        Err(marathon_elastic::ElasticError::Unavailable {
+            action: "rendezvous",
+            key: String::new(),
+            reason: "the generation was aborted".into(),
+        })
+    }
+}
+
+/// A lower rank whose published address cannot be reached (its node cut off): connecting to it
+/// gives up as soon as the generation is aborted, not at the rendezvous deadline.
+#[test]
+fn connecting_to_an_unreachable_peer_ends_when_the_generation_is_aborted() {
+    let mut s = spec("cutoff", 1, 2, Duration::from_secs(60));
+    s.rendezvous_timeout = Duration::from_secs(30);
+    // A listener that never accepts, its queue filled: a connection to it now hangs, as one to
+    // a node whose packets are dropped does.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        queued.push(c);
+        assert!(queued.len() < 100_000, "the listener's queue never filled");
+    }
+    let coord = AbortedAfter {
+        inner: InProcessCoordinator::new(),
+        at: Instant::now() + Duration::from_millis(300),
+    };
+    marathon_elastic::Coordinator::put(&coord, &s.key(0), addr.to_string().as_bytes()).unwrap();
+    let started = Instant::now();
+    let e = ProcessGroup::connect(&coord, s).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "{e}");
+    assert!(e.to_string().contains("the generation was aborted"), "{e}");
+}
