@@ -737,7 +737,14 @@ impl<'a> Harness<'a> {
         let mut v = Vec::new();
         for n in &self.nodes {
             for line in n.lines() {
-                if line.contains("did not connect within") {
+                // Its ranks' addresses, or their connections, waited for to the end.
+                let deadline = [
+                    "did not connect within",
+                    "did not appear within",
+                    "timed out",
+                ];
+                if line.contains("rendezvous of group") && deadline.iter().any(|d| line.contains(d))
+                {
                     v.push(format!(
                         "a rendezvous waited out its deadline instead of being aborted: {line}"
                     ));

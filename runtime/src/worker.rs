@@ -377,6 +377,12 @@ pub fn run(
             told_at_ms,
         };
         let ended = gen.run(&mut trainer, &mut events);
+        if ended.is_err() {
+            // This worker leaves the generation on an error of one group (a peer lost, a
+            // timeout): its peers in the generation's other groups must not wait for it until
+            // their deadlines.
+            shared.abort_running();
+        }
         // An error of a generation that was aborted or superseded meanwhile is that; any other
         // is the worker's own, and the same members should start over, unless it says a peer is
         // gone or silent, which that peer's agent or lease reports.
