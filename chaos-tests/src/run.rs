@@ -396,9 +396,10 @@ impl<'a> Harness<'a> {
         std::fs::write(&armed, b"").map_err(|e| format!("arm {}: {e}", armed.display()))?;
         if let Some((node, slot)) = t.trigger {
             let fault = Fault::KillWorker { node, slot };
-            let note = self
-                .inject(&fault)
-                .map_err(|e| format!("injecting `{fault}`: {e:#}"))?;
+            let note = self.inject(&fault).map_err(|e| {
+                let _ = std::fs::remove_file(&armed);
+                format!("injecting `{fault}`: {e:#}")
+            })?;
             let landed = self.recorder.progress().0;
             self.injected.push(Injected {
                 what: fault.to_string(),
@@ -702,10 +703,13 @@ impl<'a> Harness<'a> {
         }
         let mut ever = self.commits.seen();
         ever.extend(present.keys());
-        // A torn manifest is not a commit, though its object exists for a while.
+        // A torn manifest is not a commit, though its object exists for a while; unless the
+        // writer's retry put it whole, and then it verifies.
         let ever: Vec<u64> = ever
             .into_iter()
-            .filter(|&step| Some(step) != s.store.torn_manifest)
+            .filter(|&step| {
+                Some(step) != s.store.torn_manifest || present.get(&step) == Some(&true)
+            })
             .collect();
         let newest = &ever[ever.len().saturating_sub(s.keep_last)..];
         for step in newest {
@@ -821,8 +825,6 @@ impl<'a> Harness<'a> {
     }
 }
 
-/// The corpus, the job's configuration `c.toml` (checkpoints in the store, with the scenario's
-/// store faults) and the reference's `ref.toml` (one process, no faults, its own logs).
 /// How long a fault waits for its moment before it lands anyway.
 const MOMENT_WAIT: Duration = Duration::from_secs(20);
 
@@ -849,6 +851,8 @@ fn aimed(fault: &Fault, node: usize, slot: usize) -> Fault {
     }
 }
 
+/// The corpus, the job's configuration `c.toml` (checkpoints in the store, with the scenario's
+/// store faults) and the reference's `ref.toml` (one process, no faults, its own logs).
 fn prepare(s: &Scenario, opts: &RunOptions, dir: &Path, root: &str, store: &Garage) -> Result<()> {
     let text = match &opts.corpus {
         Some(p) => p.clone(),

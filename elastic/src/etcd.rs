@@ -306,10 +306,15 @@ async fn keep_alive(
     let mut keeper = None;
     loop {
         if keeper.is_none() {
-            keeper = tokio::time::timeout(period, client.lease_keep_alive(id))
-                .await
-                .ok()
-                .and_then(Result::ok);
+            match tokio::time::timeout(period, client.lease_keep_alive(id)).await {
+                Ok(Ok(k)) => keeper = Some(k),
+                // The client's word for a first answer of TTL 0 on a new stream.
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
+                    lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+                _ => {}
+            }
         }
         let ok = match keeper.as_mut() {
             Some((k, stream)) => {

@@ -122,6 +122,9 @@ pub fn run_command(command: ChaosCommand) -> Result<()> {
     }
 }
 
+/// Scenarios in a row that could not be set up before a soak stops.
+const SETUP_FAILURES_MAX: usize = 3;
+
 fn humanize(d: Duration) -> String {
     let s = d.as_secs();
     if s >= 3600 && s % 3600 == 0 {
@@ -151,15 +154,24 @@ fn scenarios(common: &CommonArgs, next: impl Fn(usize) -> Option<u64>) -> Result
     let started = Instant::now();
     let mut outcomes = Vec::new();
     let mut i = 0;
+    let mut unset = 0;
     while let Some(seed) = next(i) {
         if interrupted.load(Ordering::Relaxed) {
             eprintln!("chaos: interrupted; reporting the scenarios that finished");
             break;
         }
-        // A scenario that could not be set up fails; a soak goes on with the next.
-        let mut o = run(seed, &opts).unwrap_or_else(|e| {
-            Outcome::not_set_up(seed, format!("setting up the scenario: {e:#}"))
-        });
+        // A scenario that could not be set up fails; a soak goes on with the next, unless
+        // the machine cannot set up any (a server missing).
+        let mut o = match run(seed, &opts) {
+            Ok(o) => {
+                unset = 0;
+                o
+            }
+            Err(e) => {
+                unset += 1;
+                Outcome::not_set_up(seed, format!("setting up the scenario: {e:#}"))
+            }
+        };
         if let (true, true, Some(dir)) = (o.ok, common.keep_failed, &o.dir) {
             if let Err(e) = std::fs::remove_dir_all(dir) {
                 eprintln!("chaos: could not remove {dir}: {e}");
@@ -177,6 +189,10 @@ fn scenarios(common: &CommonArgs, next: impl Fn(usize) -> Option<u64>) -> Result
         );
         outcomes.push(o);
         i += 1;
+        if unset == SETUP_FAILURES_MAX {
+            eprintln!("chaos: {unset} scenarios in a row could not be set up; stopping");
+            break;
+        }
     }
     let report = Report::new(outcomes, started.elapsed().as_secs_f64());
     print!("{}", report.table());

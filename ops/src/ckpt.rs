@@ -306,6 +306,13 @@ pub fn run(command: CkptCommand) -> Result<()> {
                 done.newest_verified
                     .map_or("none".to_string(), |s| format!("step {s}"))
             );
+            if !done.orphans.is_empty() {
+                println!(
+                    "{verb} {} shard objects no manifest names: {:?}",
+                    done.orphans.len(),
+                    done.orphans
+                );
+            }
             Ok(())
         }
     }

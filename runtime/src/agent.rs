@@ -140,6 +140,8 @@ struct Agent {
     /// time given (a partition between live nodes), the same members start over.
     suspect: Option<(u64, Instant, Slot, String)>,
     done: bool,
+    /// When this agent learned the job is done.
+    done_at: Option<Instant>,
 }
 
 impl Agent {
@@ -174,6 +176,7 @@ impl Agent {
             retries: 0,
             suspect: None,
             done: false,
+            done_at: None,
         })
     }
 
@@ -235,6 +238,15 @@ impl Agent {
                 self.log("the job is done");
                 return Ok(());
             }
+            if self.done_at.is_some_and(|t| t.elapsed() > STOP_GRACE) {
+                // Dropping the agent kills what is left.
+                self.log(format_args!(
+                    "the job is done; {} workers still running {} s after it ended are stopped",
+                    self.workers.0.len(),
+                    STOP_GRACE.as_secs()
+                ));
+                return Ok(());
+            }
         }
     }
 
@@ -260,10 +272,12 @@ impl Agent {
         });
         let mut listed = retrying(OUTAGE_MAX, || coord.list(&root))?;
         // Registrations and the generation first: a loss is read against the generation.
+        // The job's end before all: an agent started after it starts nothing.
         listed.sort_by_key(|(k, _)| match self.keys.parse(k) {
-            JobKey::Node(_) => 0,
-            JobKey::Leader | JobKey::Generation => 1,
-            _ => 2,
+            JobKey::Done => 0,
+            JobKey::Node(_) => 1,
+            JobKey::Leader | JobKey::Generation => 2,
+            _ => 3,
         });
         // A node whose key went while nobody watched expired meanwhile.
         let gone: Vec<String> = self
@@ -345,6 +359,7 @@ impl Agent {
             (JobKey::Done, Some(_)) => {
                 if !self.done {
                     self.done = true;
+                    self.done_at = Some(Instant::now());
                     self.log("the job reached its last step; stopping the workers");
                     for w in self.workers.0.values_mut() {
                         w.stopping = true;

@@ -477,6 +477,9 @@ impl Trainer {
         }
         self.ckpt = checkpointing(&self.cfg, &self.model, &self.opt, &self.groups)?;
         self.set_commit_guard(self.commit_guard.clone());
+        if let (Some(ck), Some(signal)) = (self.ckpt.as_mut(), &self.stop_signal) {
+            ck.writer.set_cancel(Some(signal.clone()));
+        }
         // The first rank of the new generation writes the metrics, after the old one's lines.
         let first = self.groups.coords().iter().all(|&(rank, _)| rank == 0);
         self.metrics = match (&self.cfg.train.metrics, first, self.metrics.take()) {
@@ -493,6 +496,8 @@ impl Trainer {
     /// some stage has no live copy left.
     pub fn reload(&mut self) -> Result<Option<u64>> {
         self.host_only("reloading a checkpoint into a running trainer")?;
+        // Until the load completes, this rank's state is nobody's.
+        self.holds_state = false;
         self.model
             .init_params(self.cfg.train.seed, self.cfg.optim.init_std);
         self.opt = AdamW::for_shard(
@@ -511,7 +516,12 @@ impl Trainer {
     /// rank adds its flag to the step's closing sum, so all ranks learn of a raise in the same
     /// step and stop after it together ([`Trainer::stop_agreed`]), with the step applied
     /// everywhere.
+    /// The checkpoint writer's committer, waiting for ranks' shards, gives up on the same
+    /// flag: a newer generation refuses its commit anyway.
     pub fn set_stop_signal(&mut self, signal: Arc<AtomicBool>) {
+        if let Some(ck) = self.ckpt.as_mut() {
+            ck.writer.set_cancel(Some(signal.clone()));
+        }
         self.stop_signal = Some(signal);
     }
 
@@ -553,6 +563,11 @@ impl Trainer {
         let Some(dp) = self.groups.dp.as_mut() else {
             return Ok(());
         };
+        // A transfer cut off halfway leaves a receiver with the source's parameters and its
+        // own optimizer state: no one's state until the transfer completes.
+        if dp.rank() != source {
+            self.holds_state = false;
+        }
         dp.broadcast(&mut self.model.params, source)?;
         crate::moments::reach(crate::moments::Moment::Transfer);
         dp.broadcast(&mut self.opt.m, source)?;

@@ -108,14 +108,16 @@ impl Manifest {
             .map(|i| &self.tensors[i])
     }
 
-    /// The shard object rank `rank` wrote, if it wrote one.
+    /// The shard object rank `rank` wrote, if it wrote one (also under the name checkpoints
+    /// written before shards were named per persist used: `shard-r<rank>.bin`).
     pub fn shard_of(&self, rank: usize) -> Option<&str> {
         let prefix = shard_prefix(self.step, rank);
+        let before = format!("{}/shard-r{rank:05}.bin", step_dir(self.step));
         self.tensors
             .iter()
             .flat_map(|t| &t.chunks)
             .map(|c| c.object.as_str())
-            .find(|o| o.starts_with(&prefix))
+            .find(|o| o.starts_with(&prefix) || *o == before)
     }
 
     /// Stored bytes over all chunks, and decoded bytes.

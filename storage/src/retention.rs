@@ -3,7 +3,9 @@
 //! Keep the last `keep_last` committed checkpoints, keep every `keep_every`-th step for good,
 //! never delete the newest checkpoint that verifies, and collect the prefixes of checkpoints
 //! that never committed once their newest object is older than a grace period (a prefix still
-//! being written is younger than that).
+//! being written is younger than that). In the newest committed checkpoints, shard objects
+//! their manifest does not name (a second writer's of the same step) go once past the grace
+//! period too.
 
 use futures::TryStreamExt;
 use object_store::ObjectMeta;
@@ -30,6 +32,8 @@ pub struct Collected {
     pub expired: Vec<u64>,
     /// Uncommitted prefixes removed.
     pub abandoned: Vec<u64>,
+    /// Shard objects in committed checkpoints that their manifest does not name, removed.
+    pub orphans: Vec<String>,
     /// The newest checkpoint that verified, which is always kept.
     pub newest_verified: Option<u64>,
 }
@@ -52,13 +56,28 @@ pub fn collect(
         .collect();
     let newest_verified = committed.iter().rev().copied().find(|&s| verify(s));
     let keep_last = policy.keep_last.max(1);
-    let recent = &committed[committed.len().saturating_sub(keep_last)..];
+    // The newest `keep_last` whose manifests read: a torn or unreadable manifest commits
+    // nothing, so it neither counts among them nor is kept for good.
+    let mut recent = Vec::new();
+    let mut unsound = std::collections::BTreeSet::new();
+    for &s in committed.iter().rev() {
+        if recent.len() == keep_last {
+            break;
+        }
+        match reader.manifest(s) {
+            Ok(_) => recent.push(s),
+            Err(_) => {
+                unsound.insert(s);
+            }
+        }
+    }
     let mut out = Collected {
         newest_verified,
         ..Collected::default()
     };
     for s in &steps {
-        let keep = if s.committed {
+        let committed = s.committed && !unsound.contains(&s.step);
+        let keep = if committed {
             recent.contains(&s.step)
                 || Some(s.step) == newest_verified
                 || (policy.keep_every > 0 && s.step % policy.keep_every == 0)
@@ -69,7 +88,7 @@ pub fn collect(
         if keep {
             continue;
         }
-        if s.committed {
+        if committed {
             out.expired.push(s.step);
         } else {
             out.abandoned.push(s.step);
@@ -78,7 +97,63 @@ pub fn collect(
             delete_step(reader, s.step, s.committed)?;
         }
     }
+    for &step in &recent {
+        out.orphans
+            .extend(collect_orphans(reader, step, policy, now_unix_ms, dry_run)?);
+    }
     Ok(out)
+}
+
+/// Deletes the shard objects under committed `step` that its manifest does not name and that
+/// are older than the grace period; returns their names.
+fn collect_orphans(
+    reader: &Reader,
+    step: u64,
+    policy: Retention,
+    now_unix_ms: u64,
+    dry_run: bool,
+) -> Result<Vec<String>> {
+    let manifest = match reader.manifest(step) {
+        Ok(m) => m,
+        // Damaged or gone meanwhile: verification and the next collection deal with it.
+        Err(_) => return Ok(Vec::new()),
+    };
+    let named: std::collections::BTreeSet<&str> = manifest
+        .tensors
+        .iter()
+        .flat_map(|t| &t.chunks)
+        .map(|c| c.object.as_str())
+        .collect();
+    let store = &reader.store;
+    runtime().block_on(async {
+        let prefix = store.path(&crate::format::step_dir(step));
+        let objects: Vec<ObjectMeta> = retry(|| store.inner.list(Some(&prefix)).try_collect())
+            .await
+            .map_err(|e| StorageError::store("list", &prefix, e))?;
+        let mut gone = Vec::new();
+        for o in objects {
+            let Some(name) = o.location.as_ref().strip_prefix(store.prefix.as_ref()) else {
+                continue;
+            };
+            let name = name.trim_start_matches('/');
+            let age_ms = now_unix_ms.saturating_sub(o.last_modified.timestamp_millis() as u64);
+            let shard = name
+                .rsplit('/')
+                .next()
+                .is_some_and(|f| f.starts_with("shard-r"));
+            if !shard || named.contains(name) || age_ms < policy.grace_ms {
+                continue;
+            }
+            if !dry_run {
+                match retry(|| store.inner.delete(&o.location)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(StorageError::store("delete", &o.location, e)),
+                }
+            }
+            gone.push(name.to_owned());
+        }
+        Ok(gone)
+    })
 }
 
 /// Deletes a checkpoint's objects, the manifest first, so that a deletion cut short leaves an

@@ -10,6 +10,7 @@
 //! previous persist is still running waits for it, and reports how long.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,6 +46,11 @@ pub struct WriterOptions {
     /// Asked by the committing rank, with the step, just before it writes the manifest; a
     /// refusal leaves the checkpoint uncommitted ([`StorageError::Fenced`]).
     pub commit_guard: Option<CommitGuard>,
+    /// Raised when the job moved on without this writer (an elastic job's newer generation):
+    /// a committer still waiting for ranks' shards gives up at once, as [`StorageError::Fenced`],
+    /// rather than at `commit_timeout`, since its commit would be refused anyway, and training
+    /// waits for it at the next snapshot.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Whether a commit may go ahead: `Ok(())`, or why not. It runs on a blocking thread and may
@@ -70,6 +76,7 @@ impl Default for WriterOptions {
             commit_timeout: Duration::from_secs(600),
             retention: None,
             commit_guard: None,
+            cancel: None,
         }
     }
 }
@@ -179,6 +186,11 @@ impl CheckpointWriter {
     /// Sets the guard asked before each later commit (see [`WriterOptions::commit_guard`]).
     pub fn set_commit_guard(&mut self, guard: Option<CommitGuard>) {
         self.opts.commit_guard = guard;
+    }
+
+    /// Sets the flag that cancels a later commit still waiting (see [`WriterOptions::cancel`]).
+    pub fn set_cancel(&mut self, cancel: Option<Arc<AtomicBool>>) {
+        self.opts.cancel = cancel;
     }
 
     pub fn commit_mode(&self) -> CommitMode {
@@ -510,6 +522,21 @@ impl Job {
             if missing.is_empty() {
                 break;
             }
+            if self
+                .opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+            {
+                return Err(StorageError::Fenced {
+                    step: self.step,
+                    url: self.store.url.clone(),
+                    reason: format!(
+                        "the job moved on to a newer generation while the shards of ranks \
+                         {missing:?} were missing"
+                    ),
+                });
+            }
             if Instant::now() >= deadline {
                 return Err(StorageError::CommitTimeout {
                     step: self.step,
@@ -599,8 +626,6 @@ impl Job {
     }
 }
 
-/// The little-endian bytes of `values`: a view of them where the machine is little-endian (no
-/// copy), else converted into `buf`.
 /// A random name for one persist's shard: the standard library's hasher keys are random per
 /// process, and the clock tells persists of one process apart.
 fn writer_id() -> u64 {
@@ -614,6 +639,8 @@ fn writer_id() -> u64 {
     h.finish()
 }
 
+/// The little-endian bytes of `values`: a view of them where the machine is little-endian (no
+/// copy), else converted into `buf`.
 fn le_bytes<'a>(values: &'a [f32], buf: &'a mut Vec<u8>) -> &'a [u8] {
     if cfg!(target_endian = "little") {
         // SAFETY: f32 has no padding and every byte pattern is a valid u8; the view covers

@@ -60,6 +60,19 @@ fn a_manifest_torn_halfway_is_refused() {
         "{err}"
     );
     check(&reader, 1).expect("the previous checkpoint still reads");
+    // A torn manifest commits nothing: retention keeping the newest two keeps 1 and 3, and
+    // collects the torn prefix as abandoned.
+    faulty.set(Faults::default());
+    save(&store, 3).expect("save 3");
+    let policy = Retention {
+        keep_last: 2,
+        keep_every: 0,
+        grace_ms: 0,
+    };
+    let done = collect(&reader, policy, u64::MAX / 2, false, |_| true).expect("collect");
+    assert_eq!((done.expired, done.abandoned), (vec![], vec![2]));
+    assert_eq!(reader.committed().expect("list"), vec![1, 3]);
+    check(&reader, 1).expect("step 1 kept");
 }
 
 /// The shard object `rank` wrote for the checkpoint of `step`.
@@ -296,4 +309,53 @@ fn a_second_writer_of_a_step_never_changes_its_committed_checkpoint() {
     check(&reader, 2).expect("the committed checkpoint reads back as it was written");
     let m = reader.manifest(2).expect("manifest");
     reader.verify(&m).expect("and verifies");
+    // The late writer's shard, which no manifest names, goes at the next collection; what the
+    // manifest names stays.
+    let policy = Retention {
+        keep_last: 1,
+        keep_every: 0,
+        grace_ms: 0,
+    };
+    let done = collect(&reader, policy, u64::MAX / 2, false, |_| true).expect("collect");
+    assert_eq!(done.orphans.len(), 1, "{done:?}");
+    assert!(done.orphans[0].starts_with("step-000000000002/shard-r00000-"));
+    assert!(m.shard_of(0) != Some(done.orphans[0].as_str()));
+    check(&reader, 2).expect("the checkpoint still reads back");
+    let again = collect(&reader, policy, u64::MAX / 2, false, |_| true).expect("collect");
+    assert!(again.orphans.is_empty(), "{again:?}");
+}
+
+/// A committer waiting for a rank that died (its shard never comes) gives up as soon as the job
+/// moves on without it, not at the commit timeout: training waits for this persist at its next
+/// snapshot, and an elastic job's newer generation would refuse the commit anyway.
+#[test]
+fn a_commit_waiting_for_a_dead_rank_gives_up_when_the_job_moves_on() {
+    let (store, _) = faulty_memory();
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut opts = options();
+    opts.commit_timeout = std::time::Duration::from_secs(600);
+    opts.cancel = Some(cancel.clone());
+    let mut rank0 = CheckpointWriter::new(store.clone(), 0, 2, opts).expect("a writer");
+    let (p, data) = pieces(0, 1);
+    rank0.snapshot(1, serde_json::json!({ "step": 1 }), p, |buf| {
+        buf.copy_from_slice(&data)
+    });
+    // Rank 1 never writes. The job moves on after a moment.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = rank0
+        .wait()
+        .expect("a persist ran")
+        .expect_err("it cannot commit");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(err, StorageError::Fenced { step: 1, .. }) && err.to_string().contains("[1]"),
+        "{err}"
+    );
+    assert!(Reader::new(store).committed().expect("list").is_empty());
 }
