@@ -669,7 +669,14 @@ fn kernel_checks(mut g: Gpu) -> Result<Vec<Check>> {
         up_bf(&g, &wpe)?,
     );
     let g_enc = poisoned_f32(&g, rows * c)?;
-    g.embedding_forward(g_enc.all(), g_tok.all(), g_wte.all(), g_wpe.all(), t, 0)?;
+    g.embedding_forward(
+        g_enc.all(),
+        g_tok.all(),
+        g_wte.all(),
+        Some(g_wpe.all()),
+        t,
+        0,
+    )?;
     let mut enc = vec![0.0; rows * c];
     k::embedding_forward(&mut enc, &tokens, &wide_bf(&wte), 0, c);
     k::position_forward(&mut enc, &wide_bf(&wpe), t, c);

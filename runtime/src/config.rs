@@ -99,10 +99,15 @@ pub struct RunConfig {
     /// resizes (a step's samples are those its last generation logged).
     #[serde(default)]
     pub samples_log: Option<PathBuf>,
-    /// Where the model computes: `cpu` (the default) or `cuda` (one GPU; needs a build with
-    /// the `cuda` feature).
+    /// Where the model computes: `cpu` (the default) or `cuda` (GPUs, one per rank or shared;
+    /// needs a build with the `cuda` feature).
     #[serde(default)]
     pub device: crate::device::Device,
+    /// How GPU ranks move device memory within each group: `auto` (NCCL where every member
+    /// has a GPU of its own, host-staged otherwise), `host-staged` or `nccl`
+    /// ([`crate::transport`]).
+    #[serde(default)]
+    pub transport: crate::transport::TransportChoice,
 }
 
 fn default_eval_batches() -> usize {

@@ -67,6 +67,13 @@ impl Groups {
         Ok(Groups { tp, pp, dp, emb })
     }
 
+    /// This rank's place in the job, in Megatron's order (tensor fastest, then data, then
+    /// pipeline), as the checkpoint writers number ranks.
+    pub fn rank(&self) -> usize {
+        let [(tp_rank, tp), (stage, _), (replica, replicas)] = self.coords();
+        (stage * replicas + replica) * tp + tp_rank
+    }
+
     /// (rank, size) along each axis: tensor, pipeline, data.
     pub fn coords(&self) -> [(usize, usize); 3] {
         let at = |g: &Option<ProcessGroup>| g.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));

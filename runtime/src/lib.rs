@@ -15,11 +15,13 @@ pub mod comm;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod engine;
 pub mod groups;
 pub mod moments;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod trainer;
+pub mod transport;
 pub mod worker;
 
 pub use config::TrainConfig;

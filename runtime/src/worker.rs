@@ -564,7 +564,7 @@ impl Generation<'_> {
             reloaded,
             groups_ms,
             reconcile_ms,
-            digest: t.state_digest(),
+            digest: t.state_digest()?,
         });
         let started = Instant::now();
         let mut goodput = Goodput::default();

@@ -1,8 +1,14 @@
-//! The whole GPT-2 model on one GPU: the CPU model's forward and backward ([`crate::Gpt`])
-//! layer for layer, with bf16 parameters and activations, an fp32 residual stream and fp32
-//! master weights, gradients and Adam moments, all laid out by the same [`ParamLayout`] so that
-//! a checkpoint's boxes mean the same on either device.
+//! GPT-2 on one GPU, whole or one rank's shard of it: the CPU model's forward and backward
+//! ([`crate::Gpt`]) layer for layer, with bf16 parameters and activations, an fp32 residual
+//! stream and fp32 master weights, gradients and Adam moments, all laid out by the same
+//! [`ParamLayout`] so that a checkpoint's boxes mean the same on either device.
+//!
+//! A shard is cut as on the CPU: a pipeline stage's layers, with Megatron's tensor parallelism
+//! (heads and MLP columns split, the vocabulary split for the embedding and the loss). The
+//! collectives it needs go through [`DeviceCollective`] on device memory, at the points the CPU
+//! model calls [`crate::Collective`].
 
+use std::convert::Infallible;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -10,7 +16,8 @@ use half::bf16 as Bf16;
 
 use super::blas::Out;
 use super::ops::AdamWStep;
-use super::{bytes, DeviceBuffer, Event, Gpu, Result, Slice, Stream};
+use super::{bytes, CudaError, DeviceBuffer, Event, Gpu, Result, Slice, Stream};
+use crate::collective::Solo;
 use crate::layout::{ParamLayout, Shard};
 use crate::{AdamWConfig, GptConfig, ModelError};
 
@@ -19,38 +26,258 @@ const NORM_PARTS: usize = 1024;
 
 type Db<T> = DeviceBuffer<T>;
 
-/// What forward keeps for backward, stacked over layers as in the CPU model.
+/// A tensor-parallel group seen from one member, on device memory: the GPU twin of
+/// [`crate::Collective`]. Every member calls the same operations in the same order with
+/// buffers of the same length; each works in order on the GPU's training stream.
+pub trait DeviceCollective {
+    type Error;
+
+    /// Members of the group.
+    fn size(&self) -> usize;
+
+    /// This member's place in the group, `0..size`.
+    fn rank(&self) -> usize;
+
+    /// Replaces `buf` on every member with the element-wise sum over members.
+    fn all_reduce(&mut self, gpu: &Gpu, buf: Slice<f32>) -> std::result::Result<(), Self::Error>;
+
+    /// As [`DeviceCollective::all_reduce`] on bf16 values, summed in fp32.
+    fn all_reduce_bf16(
+        &mut self,
+        gpu: &Gpu,
+        buf: Slice<Bf16>,
+    ) -> std::result::Result<(), Self::Error>;
+
+    /// `buf` holds `size` equal parts; member `i` fills part `i`, and afterwards every member
+    /// holds every part.
+    fn all_gather(&mut self, gpu: &Gpu, buf: Slice<f32>) -> std::result::Result<(), Self::Error>;
+}
+
+impl DeviceCollective for Solo {
+    type Error = Infallible;
+
+    fn size(&self) -> usize {
+        1
+    }
+
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn all_reduce(&mut self, _gpu: &Gpu, _buf: Slice<f32>) -> std::result::Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn all_reduce_bf16(
+        &mut self,
+        _gpu: &Gpu,
+        _buf: Slice<Bf16>,
+    ) -> std::result::Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn all_gather(&mut self, _gpu: &Gpu, _buf: Slice<f32>) -> std::result::Result<(), Infallible> {
+        Ok(())
+    }
+}
+
+/// A shard's step failed on the device or in one of its collectives.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError<E> {
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    /// The tensor-parallel group failed; its error says how.
+    #[error("tensor-parallel collective")]
+    Comm(E),
+}
+
+fn solo<T>(r: std::result::Result<T, StageError<Infallible>>) -> Result<T> {
+    r.map_err(|e| match e {
+        StageError::Cuda(e) => e,
+        StageError::Comm(never) => match never {},
+    })
+}
+
+/// The sizes a shard computes with, as the CPU model's.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    c: usize,
+    /// Heads on this rank, their total width (C / tp) and the MLP width (4C / tp).
+    nh: usize,
+    cq: usize,
+    f4: usize,
+    /// This rank's vocabulary slice: `vl` ids from `v0`; `v` is the real vocabulary.
+    v0: usize,
+    vl: usize,
+    v: usize,
+    /// Layers of this stage.
+    l: usize,
+    tp: usize,
+    first: bool,
+    last: bool,
+}
+
+impl Dims {
+    fn new(cfg: &GptConfig, shard: Shard, b: usize, t: usize) -> Self {
+        let vl = cfg.padded_vocab_size() / shard.tp;
+        Dims {
+            b,
+            t,
+            c: cfg.n_embd,
+            nh: cfg.n_head / shard.tp,
+            cq: cfg.n_embd / shard.tp,
+            f4: 4 * cfg.n_embd / shard.tp,
+            v0: shard.tp_rank * vl,
+            vl,
+            v: cfg.vocab_size,
+            l: shard.layers(cfg.n_layer).len(),
+            tp: shard.tp,
+            first: shard.first_stage(),
+            last: shard.last_stage(),
+        }
+    }
+
+    fn fused(&self) -> bool {
+        self.cq / self.nh == super::ops::FLASH_HEAD
+    }
+
+    /// (fp32, bf16) elements of one slot's activations, as [`Acts::new`] allocates them.
+    fn slot_elements(&self) -> (usize, usize) {
+        let Dims {
+            b,
+            t,
+            c,
+            nh,
+            cq,
+            f4,
+            vl,
+            l,
+            last,
+            ..
+        } = *self;
+        let bt = b * t;
+        let (tt, rows) = if self.fused() {
+            (0, b * nh * t)
+        } else {
+            (b * nh * t * t, 0)
+        };
+        let head = usize::from(last);
+        let f32s = bt * c + l * (4 * bt + rows + 2 * bt * c) + head * 3 * bt;
+        let bf16s = l * (2 * bt * c + 4 * bt * cq + 2 * bt * f4 + tt) + head * (bt * c + bt * vl);
+        (f32s, bf16s)
+    }
+
+    /// (fp32, bf16) elements of the backward scratch, as [`CudaGpt::new_shard`] allocates it.
+    fn scratch_elements(&self) -> (usize, usize) {
+        let Dims {
+            b,
+            t,
+            c,
+            nh,
+            cq,
+            f4,
+            tp,
+            ..
+        } = *self;
+        let bt = b * t;
+        let (tt, rows) = if self.fused() {
+            (0, b * nh * t)
+        } else {
+            (b * nh * t * t, 0)
+        };
+        let f32s = bt * c + rows + 3 * bt + tp * 3 * bt + bt;
+        let bf16s = 2 * bt * c + bt * f4.max(3 * cq) + tt + 8 * bt * cq;
+        (f32s, bf16s)
+    }
+}
+
+/// What forward keeps of one microbatch for its backward, stacked over layers as in the CPU
+/// model.
 #[derive(Debug)]
 struct Acts {
     tokens: Db<u32>,
     targets: Db<u32>,
+    /// The residual stream entering this stage's first layer, (B, T, C).
     encoded: Db<f32>,
-    ln1: Db<Bf16>,
-    ln1_mean: Db<f32>,
-    ln1_rstd: Db<f32>,
-    qkv: Db<Bf16>,
-    atty: Db<Bf16>,
-    /// The probabilities (L, B, NH, T, T), kept only when attention is not fused.
+    ln1: Db<Bf16>,     // (L, B, T, C)
+    ln1_mean: Db<f32>, // (L, B, T)
+    ln1_rstd: Db<f32>, // (L, B, T)
+    qkv: Db<Bf16>,     // (L, B, T, 3C/tp)
+    atty: Db<Bf16>,    // (L, B, T, C/tp)
+    /// The probabilities (L, B, NH/tp, T, T), kept only when attention is not fused.
     att: Db<Bf16>,
-    /// Each row's log2-sum-exp2 (L, B, NH, T), kept when attention is fused.
+    /// Each row's log2-sum-exp2 (L, B, NH/tp, T), kept when attention is fused.
     lse: Db<f32>,
-    residual2: Db<f32>,
-    ln2: Db<Bf16>,
-    ln2_mean: Db<f32>,
-    ln2_rstd: Db<f32>,
-    fch: Db<Bf16>,
-    fch_gelu: Db<Bf16>,
-    residual3: Db<f32>,
-    lnf: Db<Bf16>,
-    lnf_mean: Db<f32>,
-    lnf_rstd: Db<f32>,
-    /// Logits after forward's loss, dL/dlogits once forward has been told `dloss`.
+    residual2: Db<f32>, // (L, B, T, C)
+    ln2: Db<Bf16>,      // (L, B, T, C)
+    ln2_mean: Db<f32>,  // (L, B, T)
+    ln2_rstd: Db<f32>,  // (L, B, T)
+    fch: Db<Bf16>,      // (L, B, T, 4C/tp)
+    fch_gelu: Db<Bf16>, // (L, B, T, 4C/tp)
+    residual3: Db<f32>, // (L, B, T, C)
+    // Last stage only (empty elsewhere):
+    lnf: Db<Bf16>,     // (B, T, C)
+    lnf_mean: Db<f32>, // (B, T)
+    lnf_rstd: Db<f32>, // (B, T)
+    /// This rank's slice of the logits (B, T, Vp/tp); dL/dlogits once forward has been given
+    /// `dloss`.
     logits: Db<Bf16>,
-    /// Each position's loss, summed over the microbatches since [`CudaGpt::zero_grad`].
-    losses: Db<f32>,
+    forwarded: bool,
 }
 
-/// Backward's working buffers.
+impl Acts {
+    fn new(gpu: &Gpu, d: &Dims) -> Result<Self> {
+        let Dims {
+            b,
+            t,
+            c,
+            nh,
+            cq,
+            f4,
+            vl,
+            l,
+            last,
+            ..
+        } = *d;
+        let bt = b * t;
+        let (tt, rows) = if d.fused() {
+            (0, b * nh * t)
+        } else {
+            (b * nh * t * t, 0)
+        };
+        let head = usize::from(last);
+        let z32 = |n: usize| Db::<f32>::zeros(gpu, n);
+        let zbf = |n: usize| Db::<Bf16>::zeros(gpu, n);
+        Ok(Acts {
+            tokens: Db::zeros(gpu, bt)?,
+            targets: Db::zeros(gpu, bt)?,
+            encoded: z32(bt * c)?,
+            ln1: zbf(l * bt * c)?,
+            ln1_mean: z32(l * bt)?,
+            ln1_rstd: z32(l * bt)?,
+            qkv: zbf(l * bt * 3 * cq)?,
+            atty: zbf(l * bt * cq)?,
+            att: zbf(l * tt)?,
+            lse: z32(l * rows)?,
+            residual2: z32(l * bt * c)?,
+            ln2: zbf(l * bt * c)?,
+            ln2_mean: z32(l * bt)?,
+            ln2_rstd: z32(l * bt)?,
+            fch: zbf(l * bt * f4)?,
+            fch_gelu: zbf(l * bt * f4)?,
+            residual3: z32(l * bt * c)?,
+            lnf: zbf(head * bt * c)?,
+            lnf_mean: z32(head * bt)?,
+            lnf_rstd: z32(head * bt)?,
+            logits: zbf(head * bt * vl)?,
+            forwarded: false,
+        })
+    }
+}
+
+/// Backward's working buffers, shared by every slot, and the step's sums.
 #[derive(Debug)]
 struct Scratch {
     dres: Db<f32>,
@@ -58,15 +285,23 @@ struct Scratch {
     dsmall: Db<Bf16>,
     dwide: Db<Bf16>,
     datt: Db<Bf16>,
-    /// The fused attention backward's row sums of dout * out, (B, NH, T).
+    /// The fused attention backward's row sums of dout * out, (B, NH/tp, T).
     dd: Db<f32>,
-    /// Eight (B, NH, T, hs) buffers for attention.
+    /// Eight (B, NH/tp, T, hs) buffers for attention.
     heads: Vec<Db<Bf16>>,
+    /// This rank's cross-entropy statistics (3, B, T) and every rank's (tp, 3, B, T).
+    ce_stats: Db<f32>,
+    ce_all: Db<f32>,
+    /// Each position's loss, summed over the microbatches since [`CudaGpt::zero_grad`].
+    losses: Db<f32>,
     partials: Db<f64>,
     norm_sq: Db<f64>,
+    /// The ranges the last [`CudaGpt::grad_norm_sq_of`] summed, on the host and the device.
+    norm_ranges: Vec<Range<usize>>,
+    norm_ranges_dev: Db<i64>,
 }
 
-/// The whole model on one GPU, with its optimizer state.
+/// The model, or one rank's shard of it, on one GPU, with its optimizer state.
 #[derive(Debug)]
 pub struct CudaGpt {
     pub config: GptConfig,
@@ -77,24 +312,26 @@ pub struct CudaGpt {
     /// bf16 weights, what forward and backward compute with.
     pub params: Db<Bf16>,
     pub grads: Db<f32>,
+    /// Adam's moments over [`CudaGpt::opt_shard`] of the flat buffers.
     pub m: Db<f32>,
     pub v: Db<f32>,
+    /// The elements this rank's optimizer updates: all of them, or its distributed-optimizer
+    /// shard.
+    pub opt_shard: Range<usize>,
     decay: Db<u8>,
     /// AdamW updates done.
     pub step: u64,
     /// The last snapshot's copy, which the next update waits for on the device.
     copy_fence: Option<Arc<Event>>,
-    b: usize,
-    t: usize,
-    /// Heads of 64 run the fused attention kernels; others materialize the probabilities.
-    flash: bool,
-    acts: Acts,
+    d: Dims,
+    acts: Vec<Acts>,
     s: Scratch,
 }
 
 impl CudaGpt {
-    /// Builds the model on `gpu` for microbatches of `batch` sequences of `seq` tokens, from
-    /// fp32 `master` weights laid out by [`ParamLayout::new`]; the Adam moments start at zero.
+    /// Builds the whole model on `gpu` for microbatches of `batch` sequences of `seq` tokens,
+    /// from fp32 `master` weights laid out by [`ParamLayout::new`]; the Adam moments start at
+    /// zero.
     pub fn new(
         gpu: Gpu,
         config: GptConfig,
@@ -102,85 +339,91 @@ impl CudaGpt {
         seq: usize,
         master: &[f32],
     ) -> std::result::Result<Self, CudaModelError> {
+        let n = master.len();
+        Self::new_shard(gpu, config, Shard::WHOLE, batch, seq, 1, master, 0..n)
+    }
+
+    /// Builds `shard` of the model on `gpu`, keeping the activations of `slots` microbatches
+    /// (a 1F1B stage keeps one per later stage, plus its own), from fp32 `master` weights laid
+    /// out by [`ParamLayout::sharded`]. The Adam moments cover `opt_shard` of the flat buffers
+    /// and start at zero.
+    pub fn new_shard(
+        gpu: Gpu,
+        config: GptConfig,
+        shard: Shard,
+        batch: usize,
+        seq: usize,
+        slots: usize,
+        master: &[f32],
+        opt_shard: Range<usize>,
+    ) -> std::result::Result<Self, CudaModelError> {
         config.validate()?;
-        if batch == 0 || seq == 0 || seq > config.seq_len {
+        shard.validate(&config)?;
+        if batch == 0 || seq == 0 || seq > config.seq_len || slots == 0 {
             return Err(ModelError::invalid(
                 "batch",
                 format!(
-                    "microbatch ({batch} x {seq}) must be non-empty with seq_len at most {}",
+                    "microbatch ({batch} x {seq}, {slots} slots) must be non-empty with seq_len                      at most {}",
                     config.seq_len
                 ),
             )
             .into());
         }
-        let layout = ParamLayout::sharded(&config, Shard::WHOLE);
+        let layout = ParamLayout::sharded(&config, shard);
         let n = layout.numel();
         assert_eq!(
             master.len(),
             n,
-            "master weights are not laid out by this model"
+            "master weights are not laid out by this shard"
         );
-        let (b, t, c, l) = (batch, seq, config.n_embd, config.n_layer);
-        let (bt, nh, vp) = (b * t, config.n_head, config.padded_vocab_size());
-        let flash = c / nh == super::ops::FLASH_HEAD;
-        let (tt, rows) = if flash {
-            (0, b * nh * t)
+        assert!(
+            opt_shard.end <= n,
+            "the optimizer's shard is outside the model"
+        );
+        let d = Dims::new(&config, shard, batch, seq);
+        let (bt, c, cq, f4) = (d.b * d.t, d.c, d.cq, d.f4);
+        let (tt, rows) = if d.fused() {
+            (0, d.b * d.nh * d.t)
         } else {
-            (b * nh * t * t, 0)
+            (d.b * d.nh * d.t * d.t, 0)
         };
         let z32 = |n: usize| Db::<f32>::zeros(&gpu, n);
         let zbf = |n: usize| Db::<Bf16>::zeros(&gpu, n);
-        let acts = Acts {
-            tokens: Db::zeros(&gpu, bt)?,
-            targets: Db::zeros(&gpu, bt)?,
-            encoded: z32(bt * c)?,
-            ln1: zbf(l * bt * c)?,
-            ln1_mean: z32(l * bt)?,
-            ln1_rstd: z32(l * bt)?,
-            qkv: zbf(l * bt * 3 * c)?,
-            atty: zbf(l * bt * c)?,
-            att: zbf(l * tt)?,
-            lse: z32(l * rows)?,
-            residual2: z32(l * bt * c)?,
-            ln2: zbf(l * bt * c)?,
-            ln2_mean: z32(l * bt)?,
-            ln2_rstd: z32(l * bt)?,
-            fch: zbf(l * bt * 4 * c)?,
-            fch_gelu: zbf(l * bt * 4 * c)?,
-            residual3: z32(l * bt * c)?,
-            lnf: zbf(bt * c)?,
-            lnf_mean: z32(bt)?,
-            lnf_rstd: z32(bt)?,
-            logits: zbf(bt * vp)?,
-            losses: z32(bt)?,
-        };
+        let acts = (0..slots)
+            .map(|_| Acts::new(&gpu, &d))
+            .collect::<Result<_>>()?;
         let s = Scratch {
             dres: z32(bt * c)?,
             dres_bf: zbf(bt * c)?,
             dsmall: zbf(bt * c)?,
-            dwide: zbf(bt * 4 * c)?,
+            dwide: zbf(bt * f4.max(3 * cq))?,
             datt: zbf(tt)?,
             dd: z32(rows)?,
-            heads: (0..8).map(|_| zbf(bt * c)).collect::<Result<_>>()?,
+            heads: (0..8).map(|_| zbf(bt * cq)).collect::<Result<_>>()?,
+            ce_stats: z32(3 * bt)?,
+            ce_all: z32(d.tp * 3 * bt)?,
+            losses: z32(bt)?,
             partials: Db::zeros(&gpu, NORM_PARTS)?,
             norm_sq: Db::zeros(&gpu, 1)?,
+            norm_ranges: Vec::new(),
+            norm_ranges_dev: Db::zeros(&gpu, 0)?,
         };
         let mut decay = vec![0u8; n];
-        for (r, d) in layout.decay_ranges() {
-            decay[r].fill(d as u8);
+        for (r, dec) in layout.decay_ranges() {
+            decay[r].fill(dec as u8);
         }
+        let k = opt_shard.len();
         let model = CudaGpt {
             master: Db::from_host(&gpu, master)?,
             params: Db::zeros(&gpu, n)?,
             grads: z32(n)?,
-            m: z32(n)?,
-            v: z32(n)?,
+            m: z32(k)?,
+            v: z32(k)?,
+            opt_shard,
             decay: Db::from_host(&gpu, &decay)?,
             step: 0,
             copy_fence: None,
-            flash,
-            b,
-            t,
+            d,
             acts,
             s,
             config,
@@ -193,34 +436,42 @@ impl CudaGpt {
         Ok(model)
     }
 
-    /// Bytes the device holds for `config` and microbatches of (b, t): state, activations and
-    /// scratch, as [`CudaGpt::new`] allocates them.
+    /// Bytes the device holds for the whole model with microbatches of (b, t), as
+    /// [`CudaGpt::new`] allocates them.
     pub fn memory_bytes(config: &GptConfig, b: usize, t: usize) -> f64 {
-        let f = |x: usize| x as f64;
-        let n = f(ParamLayout::new(config).numel());
-        let (bt, c, l, nh) = (
-            f(b * t),
-            f(config.n_embd),
-            f(config.n_layer),
-            f(config.n_head),
-        );
-        let fused = config.n_embd / config.n_head == super::ops::FLASH_HEAD;
-        let tt = if fused { 0.0 } else { f(b) * nh * f(t) * f(t) };
-        let vp = f(config.padded_vocab_size());
-        // master, grads, m, v (fp32); params (bf16); decay mask.
-        let state = n * (4.0 * 4.0 + 2.0 + 1.0);
-        // Per layer: fp32 residual2, residual3 and four statistics; bf16 ln1, qkv, atty, ln2,
-        // fch, fch_gelu and the probabilities.
-        let per_layer =
-            4.0 * (2.0 * bt * c + 4.0 * bt) + 2.0 * (bt * (c + 3.0 * c + c + c + 8.0 * c) + tt);
-        let head = 4.0 * (bt * c + 3.0 * bt) + 2.0 * (bt * c + bt * vp);
-        let scratch = 4.0 * bt * c + 2.0 * (bt * c * (2.0 + 4.0 + 8.0) + tt);
-        state + l * per_layer + head + scratch
+        Self::shard_memory_bytes(config, Shard::WHOLE, b, t, 1, 1)
+    }
+
+    /// Bytes the device holds for `shard` with microbatches of (b, t), `slots` of them kept,
+    /// and the optimizer's moments split over `opt_parts` replicas: state, activations and
+    /// scratch, as [`CudaGpt::new_shard`] allocates them.
+    pub fn shard_memory_bytes(
+        config: &GptConfig,
+        shard: Shard,
+        b: usize,
+        t: usize,
+        slots: usize,
+        opt_parts: usize,
+    ) -> f64 {
+        let n = ParamLayout::sharded(config, shard).numel() as f64;
+        let d = Dims::new(config, shard, b, t);
+        // master and grads (fp32), the moments (fp32, this replica's part), params (bf16),
+        // the decay mask.
+        let state = n * (4.0 * 2.0 + 8.0 / opt_parts.max(1) as f64 + 2.0 + 1.0);
+        let (a32, abf) = d.slot_elements();
+        let (s32, sbf) = d.scratch_elements();
+        let slot = 4.0 * a32 as f64 + 2.0 * abf as f64 + 8.0 * (b * t) as f64;
+        state + slots as f64 * slot + 4.0 * s32 as f64 + 2.0 * sbf as f64
     }
 
     /// The microbatch shape (B, T).
     pub fn batch_shape(&self) -> (usize, usize) {
-        (self.b, self.t)
+        (self.d.b, self.d.t)
+    }
+
+    /// Microbatches whose activations this shard keeps at once.
+    pub fn slots(&self) -> usize {
+        self.acts.len()
     }
 
     /// Zeroes the gradients and the summed losses, before a step's first microbatch.
@@ -229,20 +480,58 @@ impl CudaGpt {
         self.reset_losses()
     }
 
-    /// Forward of one microbatch, adding each position's loss into the step's sum. With
-    /// `dloss` > 0 the loss's gradient (each position weighted by `dloss`) is formed at once,
-    /// ready for [`CudaGpt::backward`]; evaluation passes 0.
+    /// Forward of one microbatch through the whole model, adding each position's loss into the
+    /// step's sum. With `dloss` > 0 the loss's gradient (each position weighted by `dloss`) is
+    /// formed at once, ready for [`CudaGpt::backward`]; evaluation passes 0.
     ///
     /// # Panics
-    /// If the shapes differ from [`CudaGpt::batch_shape`] or a token is outside the
-    /// vocabulary; callers validate data before it reaches the model.
+    /// If this model is a shard, as [`CudaGpt::forward_stage`].
     pub fn forward(&mut self, tokens: &[u32], targets: &[u32], dloss: f32) -> Result<()> {
-        let (b, t) = (self.b, self.t);
-        let c = self.config.n_embd;
-        let (l_n, nh, v) = (
-            self.config.n_layer,
-            self.config.n_head,
-            self.config.vocab_size,
+        solo(self.forward_stage(0, tokens, targets, None, dloss, &mut Solo))
+    }
+
+    /// Backpropagates the last [`CudaGpt::forward`] (which was given the `dloss`), adding the
+    /// parameter gradients into [`CudaGpt::grads`].
+    pub fn backward(&mut self) -> Result<()> {
+        solo(self.backward_stage(0, None, &mut Solo))
+    }
+
+    /// This stage's forward of one microbatch, keeping its activations in `slot` for
+    /// [`CudaGpt::backward_stage`]. The first stage reads `tokens`; later stages take `input`,
+    /// the previous stage's output (B, T, C) from the host. The last stage adds each
+    /// position's loss into the step's sum and, with `dloss` > 0, forms the loss's gradient at
+    /// once. `tp` is this rank's tensor-parallel group.
+    ///
+    /// # Panics
+    /// If the shapes differ from [`CudaGpt::batch_shape`], a token is outside the vocabulary,
+    /// `input` is missing on a later stage or given to the first, or `tp` does not match the
+    /// shard; callers validate data before it reaches the model.
+    pub fn forward_stage<C: DeviceCollective>(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        targets: &[u32],
+        input: Option<&[f32]>,
+        dloss: f32,
+        tp: &mut C,
+    ) -> std::result::Result<(), StageError<C::Error>> {
+        let d = self.d;
+        let Dims {
+            b,
+            t,
+            c,
+            nh,
+            cq,
+            f4,
+            v0,
+            vl,
+            v,
+            ..
+        } = d;
+        let l_n = d.l;
+        assert!(
+            tp.size() == d.tp && tp.rank() == self.layout.shard.tp_rank,
+            "the tensor-parallel group does not match the shard"
         );
         assert_eq!(tokens.len(), b * t, "tokens must be (B, T) = ({b}, {t})");
         assert_eq!(targets.len(), b * t, "targets must be (B, T) = ({b}, {t})");
@@ -250,22 +539,32 @@ impl CudaGpt {
             tokens.iter().chain(targets).all(|&x| (x as usize) < v),
             "token id outside the vocabulary"
         );
-        let a = &self.acts;
+        let fused = d.fused();
+        let a = &mut self.acts[slot];
         let g = &mut self.gpu;
         a.tokens.upload(g, tokens)?;
         a.targets.upload(g, targets)?;
         let p = &self.params;
         let lay = &self.layout;
-        let vp = self.config.padded_vocab_size();
-        let (wte, wpe) = (lay.wte.expect("whole model"), lay.wpe.expect("whole model"));
-        g.embedding_forward(
-            a.encoded.all(),
-            a.tokens.all(),
-            p.slice(wte..wte + vp * c),
-            p.slice(wpe..wpe + t * c),
-            t,
-            0,
-        )?;
+        let comm = StageError::Comm;
+        match (d.first, input) {
+            (true, None) => {
+                let wte = lay.wte.expect("the first stage holds the embedding");
+                let wpe = lay.wpe.expect("the first stage holds the embedding");
+                let (wte, wpe) = (p.slice(wte..wte + vl * c), p.slice(wpe..wpe + t * c));
+                if d.tp == 1 {
+                    g.embedding_forward(a.encoded.all(), a.tokens.all(), wte, Some(wpe), t, v0)?;
+                } else {
+                    // Vocabulary-parallel: each rank looks up its own slice, the sum is the
+                    // lookup; the positions are added once, after it.
+                    g.embedding_forward(a.encoded.all(), a.tokens.all(), wte, None, t, v0)?;
+                    tp.all_reduce(g, a.encoded.all()).map_err(comm)?;
+                    g.position_forward(a.encoded.all(), wpe, t)?;
+                }
+            }
+            (false, Some(x)) => a.encoded.upload(g, x)?,
+            _ => panic!("only stages after the first take an input"),
+        }
         let heads: [Slice<Bf16>; 8] = std::array::from_fn(|i| self.s.heads[i].all());
         for l in 0..l_n {
             let o = lay.blocks[l];
@@ -283,18 +582,19 @@ impl CudaGpt {
                 p.slice(o.ln1_w..o.ln1_w + c),
                 p.slice(o.ln1_b..o.ln1_b + c),
             )?;
+            // Column-parallel: this rank's heads of q, k and v.
             let qkv = a.qkv.part(l, l_n);
             g.matmul_forward(
                 bytes(qkv),
                 Out::Bf16,
                 ln1,
-                p.slice(o.qkv_w..o.qkv_w + 3 * c * c),
-                Some(p.slice(o.qkv_b..o.qkv_b + 3 * c)),
+                p.slice(o.qkv_w..o.qkv_w + 3 * cq * c),
+                Some(p.slice(o.qkv_b..o.qkv_b + 3 * cq)),
                 c,
-                3 * c,
+                3 * cq,
             )?;
             let atty = a.atty.part(l, l_n);
-            if self.flash {
+            if fused {
                 g.flash_attention_forward(atty, a.lse.part(l, l_n), qkv, b, t, nh)?;
             } else {
                 g.attention_forward(
@@ -307,16 +607,18 @@ impl CudaGpt {
                     nh,
                 )?;
             }
+            // Row-parallel: partial products summed over ranks, then the bias once.
             let residual2 = a.residual2.part(l, l_n);
             g.matmul_forward(
                 bytes(residual2),
                 Out::F32,
                 atty,
-                p.slice(o.proj_w..o.proj_w + c * c),
+                p.slice(o.proj_w..o.proj_w + c * cq),
                 None,
-                c,
+                cq,
                 c,
             )?;
+            tp.all_reduce(g, residual2).map_err(comm)?;
             g.residual_bias_add(residual2, res_in, p.slice(o.proj_b..o.proj_b + c))?;
             let ln2 = a.ln2.part(l, l_n);
             g.layernorm_forward(
@@ -332,26 +634,32 @@ impl CudaGpt {
                 fch_gelu,
                 a.fch.part(l, l_n),
                 ln2,
-                p.slice(o.fc_w..o.fc_w + 4 * c * c),
-                p.slice(o.fc_b..o.fc_b + 4 * c),
+                p.slice(o.fc_w..o.fc_w + f4 * c),
+                p.slice(o.fc_b..o.fc_b + f4),
                 c,
-                4 * c,
+                f4,
             )?;
             let residual3 = a.residual3.part(l, l_n);
             g.matmul_forward(
                 bytes(residual3),
                 Out::F32,
                 fch_gelu,
-                p.slice(o.fcproj_w..o.fcproj_w + 4 * c * c),
+                p.slice(o.fcproj_w..o.fcproj_w + c * f4),
                 None,
-                4 * c,
+                f4,
                 c,
             )?;
+            tp.all_reduce(g, residual3).map_err(comm)?;
             g.residual_bias_add(residual3, residual2, p.slice(o.fcproj_b..o.fcproj_b + c))?;
         }
-        let (lnf_w, lnf_b) = (
-            lay.lnf_w.expect("whole model"),
-            lay.lnf_b.expect("whole model"),
+        a.forwarded = true;
+        if !d.last {
+            return Ok(());
+        }
+        let (wte, lnf_w, lnf_b) = (
+            lay.wte.expect("the last stage holds the head"),
+            lay.lnf_w.expect("the last stage holds ln_f"),
+            lay.lnf_b.expect("the last stage holds ln_f"),
         );
         g.layernorm_forward(
             a.lnf.all(),
@@ -361,58 +669,114 @@ impl CudaGpt {
             p.slice(lnf_w..lnf_w + c),
             p.slice(lnf_b..lnf_b + c),
         )?;
+        // The tied head, vocabulary-parallel: this rank's slice of the logits.
         g.matmul_forward(
             bytes(a.logits.all()),
             Out::Bf16,
             a.lnf.all(),
-            p.slice(wte..wte + vp * c),
+            p.slice(wte..wte + vl * c),
             None,
             c,
-            vp,
+            vl,
         )?;
-        g.crossentropy(a.losses.all(), a.logits.all(), a.targets.all(), v, dloss)
+        let losses = self.s.losses.all();
+        if d.tp == 1 {
+            g.crossentropy(losses, a.logits.all(), a.targets.all(), v, dloss)?;
+            return Ok(());
+        }
+        let (stats, all) = (self.s.ce_stats.all(), self.s.ce_all.all());
+        g.crossentropy_partial(stats, a.logits.all(), a.targets.all(), v0, v)?;
+        let bt3 = 3 * b * t;
+        let r = tp.rank();
+        g.copy_within(all.sub(r * bt3..(r + 1) * bt3), stats)?;
+        tp.all_gather(g, all).map_err(comm)?;
+        g.crossentropy_finish(losses, a.logits.all(), all, a.targets.all(), v0, v, dloss)?;
+        Ok(())
     }
 
-    /// Backpropagates the last [`CudaGpt::forward`] (which was given the `dloss`), adding the
-    /// parameter gradients into [`CudaGpt::grads`].
-    pub fn backward(&mut self) -> Result<()> {
-        let (b, t) = (self.b, self.t);
-        let c = self.config.n_embd;
-        let (l_n, nh) = (self.config.n_layer, self.config.n_head);
-        let vp = self.config.padded_vocab_size();
-        let (a, s) = (&self.acts, &self.s);
+    /// The residual stream leaving this stage for the microbatch in `slot`, (B, T, C): what the
+    /// next stage takes as its input.
+    pub fn stage_output(&self, slot: usize) -> Slice<'_, f32> {
+        self.acts[slot].residual3.part(self.d.l - 1, self.d.l)
+    }
+
+    /// dL/d(this stage's input), (B, T, C), left by the last [`CudaGpt::backward_stage`]: what
+    /// the previous stage takes as its output gradient.
+    pub fn input_grad(&self) -> Slice<'_, f32> {
+        self.s.dres.all()
+    }
+
+    /// This stage's backward for the microbatch in `slot`, whose forward was given the
+    /// `dloss`, adding the parameter gradients into [`CudaGpt::grads`]. The last stage starts
+    /// from its loss; earlier stages take `output_grad`, the next stage's input gradient, from
+    /// the host. Afterwards [`CudaGpt::input_grad`] holds the gradient to send back.
+    ///
+    /// # Panics
+    /// If `slot` holds no forward pass, or `output_grad` is missing on an earlier stage or
+    /// given to the last.
+    pub fn backward_stage<C: DeviceCollective>(
+        &mut self,
+        slot: usize,
+        output_grad: Option<&[f32]>,
+        tp: &mut C,
+    ) -> std::result::Result<(), StageError<C::Error>> {
+        let d = self.d;
+        let Dims {
+            b,
+            t,
+            c,
+            nh,
+            cq,
+            f4,
+            v0,
+            vl,
+            ..
+        } = d;
+        let l_n = d.l;
+        let fused = d.fused();
+        let (a, s) = (&mut self.acts[slot], &self.s);
+        assert!(a.forwarded, "backward needs a forward pass first");
+        a.forwarded = false;
         let g = &mut self.gpu;
         let (p, gr) = (&self.params, &self.grads);
         let lay = &self.layout;
+        let comm = StageError::Comm;
         let heads: [Slice<Bf16>; 8] = std::array::from_fn(|i| s.heads[i].all());
-        let (wte, wpe) = (lay.wte.expect("whole model"), lay.wpe.expect("whole model"));
-        let (lnf_w, lnf_b) = (
-            lay.lnf_w.expect("whole model"),
-            lay.lnf_b.expect("whole model"),
-        );
-        s.dres.zero(g)?;
         let dsmall = s.dsmall.all();
-        // The tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf.
-        g.matmul_backward(
-            dsmall,
-            gr.slice(wte..wte + vp * c),
-            a.logits.all(),
-            a.lnf.all(),
-            p.slice(wte..wte + vp * c),
-            c,
-            vp,
-        )?;
-        let last = a.residual3.part(l_n - 1, l_n);
-        g.layernorm_backward(
-            s.dres.all(),
-            gr.slice(lnf_w..lnf_w + c),
-            gr.slice(lnf_b..lnf_b + c),
-            dsmall,
-            last,
-            a.lnf_mean.all(),
-            a.lnf_rstd.all(),
-            p.slice(lnf_w..lnf_w + c),
-        )?;
+        match (d.last, output_grad) {
+            (true, None) => {
+                let wte = lay.wte.expect("the last stage holds the head");
+                let (lnf_w, lnf_b) = (
+                    lay.lnf_w.expect("the last stage holds ln_f"),
+                    lay.lnf_b.expect("the last stage holds ln_f"),
+                );
+                s.dres.zero(g)?;
+                // The tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf.
+                g.matmul_backward(
+                    dsmall,
+                    gr.slice(wte..wte + vl * c),
+                    a.logits.all(),
+                    a.lnf.all(),
+                    p.slice(wte..wte + vl * c),
+                    c,
+                    vl,
+                )?;
+                // The head's input is used by every rank: its gradient is the sum.
+                tp.all_reduce_bf16(g, dsmall).map_err(comm)?;
+                g.layernorm_backward(
+                    s.dres.all(),
+                    gr.slice(lnf_w..lnf_w + c),
+                    gr.slice(lnf_b..lnf_b + c),
+                    dsmall,
+                    a.residual3.part(l_n - 1, l_n),
+                    a.lnf_mean.all(),
+                    a.lnf_rstd.all(),
+                    p.slice(lnf_w..lnf_w + c),
+                )?;
+            }
+            (false, Some(dy)) => s.dres.upload(g, dy)?,
+            _ => panic!("only stages before the last take an output gradient"),
+        }
         let dres_bf = s.dres_bf.all();
         for l in (0..l_n).rev() {
             let o = lay.blocks[l];
@@ -426,26 +790,29 @@ impl CudaGpt {
             g.cast_to_bf16(dres_bf, s.dres.all())?;
             g.bias_backward(gr.slice(o.fcproj_b..o.fcproj_b + c), dres_bf)?;
             let dwide = s.dwide.all();
+            let d4c = dwide.sub(0..b * t * f4);
             g.matmul_backward_gelu(
-                dwide,
-                gr.slice(o.fcproj_w..o.fcproj_w + 4 * c * c),
+                d4c,
+                gr.slice(o.fcproj_w..o.fcproj_w + c * f4),
                 dres_bf,
                 a.fch_gelu.part(l, l_n),
-                p.slice(o.fcproj_w..o.fcproj_w + 4 * c * c),
+                p.slice(o.fcproj_w..o.fcproj_w + c * f4),
                 a.fch.part(l, l_n),
-                4 * c,
+                f4,
                 c,
             )?;
-            g.bias_backward(gr.slice(o.fc_b..o.fc_b + 4 * c), dwide)?;
+            g.bias_backward(gr.slice(o.fc_b..o.fc_b + f4), d4c)?;
             g.matmul_backward(
                 dsmall,
-                gr.slice(o.fc_w..o.fc_w + 4 * c * c),
-                dwide,
+                gr.slice(o.fc_w..o.fc_w + f4 * c),
+                d4c,
                 a.ln2.part(l, l_n),
-                p.slice(o.fc_w..o.fc_w + 4 * c * c),
+                p.slice(o.fc_w..o.fc_w + f4 * c),
                 c,
-                4 * c,
+                f4,
             )?;
+            // Column-parallel input: every rank's partial input gradient, summed.
+            tp.all_reduce_bf16(g, dsmall).map_err(comm)?;
             g.layernorm_backward(
                 s.dres.all(),
                 gr.slice(o.ln2_w..o.ln2_w + c),
@@ -459,21 +826,22 @@ impl CudaGpt {
             // Attention: residual2 = res_in + attention(ln1 @ qkv^T + b) @ proj^T + b.
             g.cast_to_bf16(dres_bf, s.dres.all())?;
             g.bias_backward(gr.slice(o.proj_b..o.proj_b + c), dres_bf)?;
+            let datty = dsmall.sub(0..b * t * cq);
             g.matmul_backward(
-                dsmall,
-                gr.slice(o.proj_w..o.proj_w + c * c),
+                datty,
+                gr.slice(o.proj_w..o.proj_w + c * cq),
                 dres_bf,
                 a.atty.part(l, l_n),
-                p.slice(o.proj_w..o.proj_w + c * c),
-                c,
+                p.slice(o.proj_w..o.proj_w + c * cq),
+                cq,
                 c,
             )?;
-            let dqkv = dwide.sub(0..b * t * 3 * c);
-            if self.flash {
+            let dqkv = dwide.sub(0..b * t * 3 * cq);
+            if fused {
                 g.flash_attention_backward(
                     dqkv,
                     s.dd.all(),
-                    dsmall,
+                    datty,
                     a.atty.part(l, l_n),
                     a.qkv.part(l, l_n),
                     a.lse.part(l, l_n),
@@ -485,7 +853,7 @@ impl CudaGpt {
                 g.attention_backward(
                     dqkv,
                     s.datt.all(),
-                    dsmall,
+                    datty,
                     a.qkv.part(l, l_n),
                     a.att.part(l, l_n),
                     heads,
@@ -494,16 +862,17 @@ impl CudaGpt {
                     nh,
                 )?;
             }
-            g.bias_backward(gr.slice(o.qkv_b..o.qkv_b + 3 * c), dqkv)?;
+            g.bias_backward(gr.slice(o.qkv_b..o.qkv_b + 3 * cq), dqkv)?;
             g.matmul_backward(
                 dsmall,
-                gr.slice(o.qkv_w..o.qkv_w + 3 * c * c),
+                gr.slice(o.qkv_w..o.qkv_w + 3 * cq * c),
                 dqkv,
                 a.ln1.part(l, l_n),
-                p.slice(o.qkv_w..o.qkv_w + 3 * c * c),
+                p.slice(o.qkv_w..o.qkv_w + 3 * cq * c),
                 c,
-                3 * c,
+                3 * cq,
             )?;
+            tp.all_reduce_bf16(g, dsmall).map_err(comm)?;
             g.layernorm_backward(
                 s.dres.all(),
                 gr.slice(o.ln1_w..o.ln1_w + c),
@@ -515,53 +884,96 @@ impl CudaGpt {
                 p.slice(o.ln1_w..o.ln1_w + c),
             )?;
         }
-        g.embedding_backward(
-            gr.slice(wte..wte + vp * c),
-            gr.slice(wpe..wpe + t * c),
-            s.dres.all(),
-            a.tokens.all(),
-            t,
-            0,
-        )
+        if d.first {
+            let (wte, wpe) = (
+                lay.wte.expect("the first stage holds the embedding"),
+                lay.wpe.expect("the first stage holds the embedding"),
+            );
+            g.embedding_backward(
+                gr.slice(wte..wte + vl * c),
+                gr.slice(wpe..wpe + t * c),
+                s.dres.all(),
+                a.tokens.all(),
+                t,
+                v0,
+            )?;
+        }
+        Ok(())
     }
 
-    /// The squared global gradient norm, left on the device for [`CudaGpt::update`] and
-    /// returned (one small copy to the host).
-    pub fn grad_norm_sq(&self) -> Result<f64> {
-        self.gpu.sum_squares(
-            self.s.norm_sq.all(),
-            self.s.partials.all(),
+    /// The squared gradient norm of the whole buffer, left on the device for
+    /// [`CudaGpt::update`] and returned (one small copy to the host).
+    pub fn grad_norm_sq(&mut self) -> Result<f64> {
+        let n = self.grads.len();
+        self.grad_norm_sq_of(&[0..n])
+    }
+
+    /// The sum of squares of the gradient elements in `ranges` (a rank's share of the global
+    /// norm), left on the device and returned. A sharded run sums the shares over its groups
+    /// and hands the total back through [`CudaGpt::set_grad_norm_sq`].
+    pub fn grad_norm_sq_of(&mut self, ranges: &[Range<usize>]) -> Result<f64> {
+        let n = self.grads.len();
+        assert!(
+            ranges.iter().all(|r| r.start <= r.end && r.end <= n),
+            "a norm range lies outside the gradients"
+        );
+        let s = &mut self.s;
+        if s.norm_ranges != ranges {
+            let flat: Vec<i64> = ranges
+                .iter()
+                .flat_map(|r| [r.start as i64, r.end as i64])
+                .collect();
+            s.norm_ranges_dev = Db::from_host(&self.gpu, &flat)?;
+            s.norm_ranges = ranges.to_vec();
+        }
+        self.gpu.sum_squares_ranges(
+            s.norm_sq.all(),
+            s.partials.all(),
             self.grads.all(),
+            s.norm_ranges_dev.all(),
         )?;
         let mut out = [0f64];
-        self.s.norm_sq.download(&self.gpu, &mut out)?;
+        s.norm_sq.download(&self.gpu, &mut out)?;
         Ok(out[0])
     }
 
-    /// One AdamW update at learning rate `lr` with the gradients clipped to `max_norm`, after
-    /// [`CudaGpt::grad_norm_sq`]. Writes the master weights and their bf16 copy.
+    /// Sets the squared global gradient norm [`CudaGpt::update`] clips with.
+    pub fn set_grad_norm_sq(&mut self, norm_sq: f64) -> Result<()> {
+        self.s.norm_sq.upload(&self.gpu, &[norm_sq])
+    }
+
+    /// One AdamW update of [`CudaGpt::opt_shard`] at learning rate `lr` with the gradients
+    /// clipped to `max_norm`, after the norm is on the device ([`CudaGpt::grad_norm_sq`] or
+    /// [`CudaGpt::set_grad_norm_sq`]). Writes the master weights and their bf16 copy.
     pub fn update(&mut self, opt: &AdamWConfig, lr: f64, max_norm: f64) -> Result<()> {
         if let Some(copy) = self.copy_fence.take() {
             self.gpu.wait(Stream::Training, &copy)?;
         }
         self.step += 1;
         let h = AdamWStep::new(opt, self.step, lr, max_norm);
+        let r = self.opt_shard.clone();
         self.gpu.adamw(
-            self.master.all(),
-            self.params.all(),
-            self.grads.all(),
+            self.master.slice(r.clone()),
+            self.params.slice(r.clone()),
+            self.grads.slice(r.clone()),
             self.m.all(),
             self.v.all(),
-            self.decay.all(),
+            self.decay.slice(r),
             &h,
             self.s.norm_sq.all(),
         )
     }
 
+    /// Refreshes the bf16 weights from the master weights, after the master weights changed
+    /// outside [`CudaGpt::update`] (the distributed optimizer's all-gather).
+    pub fn refresh_params(&self) -> Result<()> {
+        self.gpu.cast_to_bf16(self.params.all(), self.master.all())
+    }
+
     /// The sum of the per-position losses since [`CudaGpt::zero_grad`], summed on the host in
     /// f64.
     pub fn loss_sum(&self) -> Result<f64> {
-        let v = self.acts.losses.to_vec(&self.gpu)?;
+        let v = self.s.losses.to_vec(&self.gpu)?;
         Ok(v.iter().map(|&x| x as f64).sum())
     }
 
@@ -575,18 +987,19 @@ impl CudaGpt {
     /// Replaces master weights, both moments and the update count (a resumed run), and
     /// refreshes the bf16 weights.
     pub fn upload_state(&mut self, master: &[f32], m: &[f32], v: &[f32], step: u64) -> Result<()> {
+        assert!(m.len() == self.m.len() && v.len() == self.v.len());
         self.master.upload(&self.gpu, master)?;
         self.m.upload(&self.gpu, m)?;
         self.v.upload(&self.gpu, v)?;
         self.step = step;
-        self.gpu.cast_to_bf16(self.params.all(), self.master.all())
+        self.refresh_params()
     }
 
     /// Starts copying `pieces` of the state into `host`, back to back in order, on the copy
     /// stream after the training stream's work so far, and returns at once with the event that
     /// marks the copy done. Training goes on: forward and backward run alongside the copy, and
     /// only the next [`CudaGpt::update`], the one kernel that writes what is being copied,
-    /// waits for it on the device.
+    /// waits for it on the device. Moment ranges are relative to [`CudaGpt::opt_shard`].
     ///
     /// # Safety
     /// `host` must stay alive and untouched until the returned event has completed, and for
@@ -630,7 +1043,7 @@ impl CudaGpt {
 
     /// Zeroes the summed per-position losses (before validation, say).
     pub fn reset_losses(&self) -> Result<()> {
-        self.acts.losses.zero(&self.gpu)
+        self.s.losses.zero(&self.gpu)
     }
 }
 

@@ -78,7 +78,8 @@ extern "C" __global__ void residual_bias_add(float* out, const float* res, const
 // Embeddings
 
 // out (BT, C) = wte[token] + wpe[t]; a token outside this rank's vocabulary slice [v0, v0+vl)
-// contributes zero (`kernels::embedding_forward` then `position_forward`).
+// contributes zero (`kernels::embedding_forward` then `position_forward`). A null `wpe` leaves
+// the positions out, for a vocabulary-parallel lookup whose sum comes first.
 extern "C" __global__ void embedding_forward(float* out, const u32* tokens, const bf16* wte, const bf16* wpe,
                                              long bt, int t, int c, int v0, int vl) {
     long n = bt * c;
@@ -88,7 +89,7 @@ extern "C" __global__ void embedding_forward(float* out, const u32* tokens, cons
         int pos = (int)(row % t);
         int tok = (int)tokens[row] - v0;
         float e = (tok >= 0 && tok < vl) ? b2f(wte[(long)tok * c + col]) : 0.0f;
-        out[i] = e + b2f(wpe[(long)pos * c + col]);
+        out[i] = wpe ? e + b2f(wpe[(long)pos * c + col]) : e;
     }
 }
 
@@ -111,6 +112,16 @@ extern "C" __global__ void position_backward(float* dwpe, const float* dout, int
         float s = 0.0f;
         for (int bi = 0; bi < b; bi++) s += dout[(long)bi * n + i];
         dwpe[i] += s;
+    }
+}
+
+// out[b, t] += wpe[t]: the positions, added once after a vocabulary-parallel lookup's sum
+// (`kernels::position_forward`).
+extern "C" __global__ void position_forward(float* out, const bf16* wpe, long bt, int t, int c) {
+    long n = bt * c;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        int pos = (int)((i / c) % t);
+        out[i] += b2f(wpe[(long)pos * c + (i % c)]);
     }
 }
 
@@ -412,6 +423,67 @@ extern "C" __global__ void crossentropy(float* losses, bf16* logits, const u32* 
     }
 }
 
+// The vocabulary-parallel cross-entropy, for a rank holding `vl` logits of each row from id
+// `v0`, in two kernels around one all-gather. `crossentropy_partial` writes this rank's
+// statistics of each row into stats (3, rows): the maximum and the sum of exp(x - max) over its
+// real columns, and the target's logit when the target falls in its slice (else 0).
+extern "C" __global__ void crossentropy_partial(float* stats, const bf16* logits, const u32* targets, long rows,
+                                                int vl, int v0, int v) {
+    __shared__ float bm[32], bs[32];
+    long row = blockIdx.x;
+    const bf16* l = logits + row * vl;
+    int real = v - v0;
+    if (real > vl) real = vl;
+    if (real < 0) real = 0;
+    float m = -3.402823466e38f, s = 0.0f;
+    for (int j = threadIdx.x; j < real; j += blockDim.x) ms_add(m, s, b2f(l[j]));
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        ms_merge(m, s, m2, s2);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        bm[warp] = m;
+        bs[warp] = s;
+    }
+    __syncthreads();
+    m = lane < warps ? bm[lane] : -3.402823466e38f;
+    s = lane < warps ? bs[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        ms_merge(m, s, m2, s2);
+    }
+    if (threadIdx.x == 0) {
+        int tgt = (int)targets[row] - v0;
+        stats[row] = m;
+        stats[rows + row] = s;
+        stats[2 * rows + row] = (tgt >= 0 && tgt < real) ? b2f(l[tgt]) : 0.0f;
+    }
+}
+
+// Merges every rank's statistics, `all` (tp, 3, rows) in rank order, so every rank computes the
+// same row maximum and sum; adds each row's loss into `losses`, and with `dloss` > 0 turns this rank's logits into dL/dlogits in place.
+extern "C" __global__ void crossentropy_finish(float* losses, bf16* logits, const float* all, const u32* targets,
+                                               long rows, int tp, int vl, int v0, int v, float dloss) {
+    long row = blockIdx.x;
+    float m = -3.402823466e38f, s = 0.0f;
+    for (int r = 0; r < tp; r++) ms_merge(m, s, all[(long)r * 3 * rows + row], all[((long)r * 3 + 1) * rows + row]);
+    int target = (int)targets[row];
+    int owner = target / vl;
+    float tl = all[((long)owner * 3 + 2) * rows + row];
+    if (threadIdx.x == 0) losses[row] += logf(s) - (tl - m);
+    if (dloss > 0.0f) {
+        bf16* l = logits + row * vl;
+        int real = v - v0;
+        if (real > vl) real = vl;
+        float inv = 1.0f / s;
+        for (int j = threadIdx.x; j < vl; j += blockDim.x) {
+            float g = j < real ? (__expf(b2f(l[j]) - m) * inv - (j + v0 == target ? 1.0f : 0.0f)) * dloss : 0.0f;
+            l[j] = f2b(g);
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Optimizer
 
@@ -422,6 +494,30 @@ extern "C" __global__ void sum_squares_partial(double* partials, const float* x,
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         double v = x[i];
         s += v * v;
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) buf[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int w = 0; w < (blockDim.x + 31) >> 5; w++) t += buf[w];
+        partials[blockIdx.x] = t;
+    }
+}
+
+// As `sum_squares_partial` over the union of `nranges` ranges (start, end pairs) of x: the
+// elements of the gradient norm a rank counts.
+extern "C" __global__ void sum_squares_ranges_partial(double* partials, const float* x, const long* ranges,
+                                                      int nranges) {
+    __shared__ double buf[32];
+    double s = 0.0;
+    for (int r = 0; r < nranges; r++) {
+        for (long i = ranges[2 * r] + blockIdx.x * (long)blockDim.x + threadIdx.x; i < ranges[2 * r + 1];
+             i += (long)gridDim.x * blockDim.x) {
+            double v = x[i];
+            s += v * v;
+        }
     }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

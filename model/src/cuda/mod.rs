@@ -27,7 +27,7 @@ use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
 
 pub use blas::{Blas, Gelu, Gemm, Out};
-pub use gpt::{CudaGpt, CudaModelError, State};
+pub use gpt::{CudaGpt, CudaModelError, DeviceCollective, StageError, State};
 
 /// The CUDA C source of every kernel but the matrix products.
 pub const KERNELS: &str = include_str!("kernels.cu");
@@ -40,6 +40,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "embedding_forward",
     "embedding_backward",
     "position_backward",
+    "position_forward",
     "layernorm_forward",
     "layernorm_backward",
     "layernorm_param_backward",
@@ -53,7 +54,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "softmax_causal_forward",
     "softmax_causal_backward",
     "crossentropy",
+    "crossentropy_partial",
+    "crossentropy_finish",
     "sum_squares_partial",
+    "sum_squares_ranges_partial",
     "sum_squares_finish",
     "adamw",
     "flash_forward",
@@ -280,6 +284,17 @@ impl Gpu {
         })
     }
 
+    /// The device's UUID, as `GPU-` and 32 hex digits: the same device seen from any process.
+    pub fn uuid(&self) -> Result<String> {
+        let u = self.ctx.uuid().map_err(driver("reading the device UUID"))?;
+        let hex: String = u
+            .bytes
+            .iter()
+            .map(|b| format!("{:02x}", *b as u8))
+            .collect();
+        Ok(format!("GPU-{hex}"))
+    }
+
     /// The device's name, as the driver gives it.
     pub fn name(&self) -> &str {
         &self.name
@@ -420,6 +435,46 @@ impl Gpu {
             )
         }
         .map_err(driver("waiting on an event"))
+    }
+
+    /// Copies `src` into `dst` on the training stream, in order with the kernels.
+    pub fn copy_within<T>(&self, dst: Slice<T>, src: Slice<T>) -> Result<()> {
+        assert_eq!(
+            dst.len(),
+            src.len(),
+            "a device copy between slices of different lengths"
+        );
+        let bytes = src.len() * std::mem::size_of::<T>();
+        // SAFETY: both ranges lie in live allocations (slices borrow them).
+        unsafe { drv::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, self.stream) }
+            .map_err(driver("copying on the device"))
+    }
+
+    /// Copies `src` into `host` after the training stream's work so far, and waits for it.
+    pub fn download_slice<T>(&self, src: Slice<T>, host: &mut [T]) -> Result<()> {
+        assert_eq!(
+            src.len(),
+            host.len(),
+            "a download into a host buffer of another length"
+        );
+        // SAFETY: the source lies in a live allocation; the sync completes the copy before
+        // `host` is released.
+        unsafe { drv::memcpy_dtoh_async(host, src.ptr(), self.stream) }
+            .map_err(driver("copying to the host"))?;
+        self.sync()
+    }
+
+    /// Copies `host` into `dst` in order on the training stream, and waits for it.
+    pub fn upload_slice<T>(&self, dst: Slice<T>, host: &[T]) -> Result<()> {
+        assert_eq!(
+            dst.len(),
+            host.len(),
+            "an upload from a host buffer of another length"
+        );
+        // SAFETY: the destination lies in a live allocation.
+        unsafe { drv::memcpy_htod_async(dst.ptr(), host, self.stream) }
+            .map_err(driver("copying to the device"))?;
+        self.sync()
     }
 
     /// Page-locks `host` so copies to and from it run at full speed and asynchronously.

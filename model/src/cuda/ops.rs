@@ -67,21 +67,27 @@ impl Gpu {
     }
 
     /// [`crate::kernels::embedding_forward`] for the vocabulary slice `wte` (ids from `v0`)
-    /// followed by [`crate::kernels::position_forward`]. Single-rank: the slice's sum over
-    /// tensor-parallel ranks would come between the two.
+    /// followed, given `wpe`, by [`crate::kernels::position_forward`]. A tensor-parallel rank
+    /// passes no `wpe`: the slices' sum over ranks comes first, then [`Gpu::position_forward`].
     pub fn embedding_forward(
         &self,
         out: F,
         tokens: Slice<u32>,
         wte: B,
-        wpe: B,
+        wpe: Option<B>,
         t: usize,
         v0: usize,
     ) -> Result<()> {
         let bt = tokens.len();
         let c = out.len() / bt;
-        assert!(out.len() == bt * c && wpe.len() >= t * c && wte.len() % c == 0);
-        let (o, tk, we, wp) = (out.ptr(), tokens.ptr(), wte.ptr(), wpe.ptr());
+        assert!(out.len() == bt * c && wte.len() % c == 0);
+        assert!(wpe.is_none_or(|w| w.len() >= t * c));
+        let (o, tk, we, wp) = (
+            out.ptr(),
+            tokens.ptr(),
+            wte.ptr(),
+            wpe.map_or(0, |w| w.ptr()),
+        );
         let (bt64, t32, c32, v032, vl32) = (
             bt as i64,
             t as i32,
@@ -94,6 +100,15 @@ impl Gpu {
             out.len(),
             args![o, tk, we, wp, bt64, t32, c32, v032, vl32],
         )
+    }
+
+    /// [`crate::kernels::position_forward`]: `out[b, t] += wpe[t]`.
+    pub fn position_forward(&self, out: F, wpe: B, t: usize) -> Result<()> {
+        let c = wpe.len() / t.max(1);
+        assert!(c > 0 && out.len() % (t * c) == 0 && wpe.len() >= t * c);
+        let (o, wp) = (out.ptr(), wpe.ptr());
+        let (bt64, t32, c32) = ((out.len() / c) as i64, t as i32, c as i32);
+        self.elementwise("position_forward", out.len(), args![o, wp, bt64, t32, c32])
     }
 
     /// [`crate::kernels::embedding_backward`] and [`crate::kernels::position_backward`]:
@@ -663,6 +678,104 @@ impl Gpu {
                 (rows as u32, 1, 1),
                 (1024, 1, 1),
                 args![l, lg, tg, vl32, v032, v32, dloss],
+            )
+        }
+    }
+
+    /// The first half of the vocabulary-parallel cross-entropy
+    /// ([`crate::kernels::crossentropy_max`] and [`crate::kernels::crossentropy_exp`] in one
+    /// pass): this rank's statistics of each row of its `logits` slice (ids from `v0`) into
+    /// `stats (3, rows)`: the maximum, the sum of exp(x - max) and the target's logit (zero when
+    /// another rank holds the target). The group all-gathers them for
+    /// [`Gpu::crossentropy_finish`].
+    pub fn crossentropy_partial(
+        &self,
+        stats: F,
+        logits: B,
+        targets: Slice<u32>,
+        v0: usize,
+        v: usize,
+    ) -> Result<()> {
+        let rows = targets.len();
+        let vl = logits.len() / rows;
+        assert!(logits.len() == rows * vl && stats.len() == 3 * rows);
+        let (st, lg, tg) = (stats.ptr(), logits.ptr(), targets.ptr());
+        let (rows64, vl32, v032, v32) = (rows as i64, vl as i32, v0 as i32, v as i32);
+        // SAFETY: one block per row; the shapes are checked above.
+        unsafe {
+            self.launch(
+                "crossentropy_partial",
+                (rows as u32, 1, 1),
+                (1024, 1, 1),
+                args![st, lg, tg, rows64, vl32, v032, v32],
+            )
+        }
+    }
+
+    /// The second half: merges every rank's statistics `all (tp, 3, rows)` in rank order, adds
+    /// each row's loss into `losses` and, when `dloss > 0`, leaves this rank's `logits` slice
+    /// holding `dL/dlogits` weighted by `dloss` ([`crate::kernels::crossentropy_finish`] and
+    /// [`crate::kernels::crossentropy_backward_inplace`]).
+    pub fn crossentropy_finish(
+        &self,
+        losses: F,
+        logits: B,
+        all: F,
+        targets: Slice<u32>,
+        v0: usize,
+        v: usize,
+        dloss: f32,
+    ) -> Result<()> {
+        let rows = targets.len();
+        let vl = logits.len() / rows;
+        let tp = all.len() / (3 * rows);
+        assert!(logits.len() == rows * vl && losses.len() == rows && all.len() == tp * 3 * rows);
+        assert!(tp * vl >= v, "the slices do not cover the vocabulary");
+        let (l, lg, a, tg) = (losses.ptr(), logits.ptr(), all.ptr(), targets.ptr());
+        let (rows64, tp32, vl32, v032, v32) =
+            (rows as i64, tp as i32, vl as i32, v0 as i32, v as i32);
+        // SAFETY: one block per row; the shapes are checked above.
+        unsafe {
+            self.launch(
+                "crossentropy_finish",
+                (rows as u32, 1, 1),
+                (256, 1, 1),
+                args![l, lg, a, tg, rows64, tp32, vl32, v032, v32, dloss],
+            )
+        }
+    }
+
+    /// As [`Gpu::sum_squares`] over the elements of `x` inside `ranges`, a device list of
+    /// (start, end) pairs.
+    pub fn sum_squares_ranges(
+        &self,
+        out: Slice<f64>,
+        partials: Slice<f64>,
+        x: F,
+        ranges: Slice<i64>,
+    ) -> Result<()> {
+        let parts = partials.len() as u32;
+        let (pp, xp, rp, nr) = (
+            partials.ptr(),
+            x.ptr(),
+            ranges.ptr(),
+            (ranges.len() / 2) as i32,
+        );
+        // SAFETY: `parts` blocks each write their own partial; the ranges lie inside `x` (the
+        // caller builds them from its layout); the second launch reads the partials.
+        unsafe {
+            self.launch(
+                "sum_squares_ranges_partial",
+                (parts, 1, 1),
+                (THREADS, 1, 1),
+                args![pp, xp, rp, nr],
+            )?;
+            let (op, parts32) = (out.ptr(), parts as i32);
+            self.launch(
+                "sum_squares_finish",
+                (1, 1, 1),
+                (32, 1, 1),
+                args![op, pp, parts32],
             )
         }
     }

@@ -1,0 +1,391 @@
+//! The trainer: one rank of a job in any tensor x pipeline x data layout, on the CPU or a GPU.
+//!
+//! One step takes the global batch the schedule gives, runs this replica's share of it as
+//! microbatches through this rank's stage in a 1F1B schedule with every position's loss weighted
+//! by 1 / (tokens in the global batch), sums the gradients over replicas, clips the global
+//! gradient norm, and applies AdamW at the learning rate of the tokens consumed. Everything here
+//! is written once over [`crate::engine::Engine`], which the CPU model and the CUDA model both
+//! implement. A reader finds each responsibility in one file:
+//!
+//! - `mod.rs`: the trainer's state and how it is built;
+//! - [`preflight`]: the checks that need no peers, run before any worker starts;
+//! - `step.rs`: one step, its pipeline schedule and the data it feeds; validation;
+//! - `sync.rs`: gradient synchronisation and the step's closing sums;
+//! - `recovery.rs`: a new generation's groups, reloads, transfers between replicas;
+//! - `checkpoints.rs`: resuming, snapshots and their persists;
+//! - `run.rs`: the run loop, metrics and goodput.
+
+mod checkpoints;
+mod preflight;
+mod recovery;
+mod run;
+mod step;
+mod sync;
+
+pub use preflight::preflight;
+pub use run::{Goodput, Observer, StepRecord, Summary};
+pub(crate) use step::StepTimes;
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use marathon_model::{AdamW, BatchRamp, Gpt, Shard};
+use marathon_storage::writer::CommitGuard;
+
+use crate::checkpoint::Checkpointing;
+use crate::comm::{chunk_range, ProcessGroup};
+use crate::config::TrainConfig;
+use crate::data::{DataOrder, TokenFile};
+use crate::device::Device;
+use crate::engine::cpu::CpuEngine;
+use crate::engine::Engine;
+use crate::groups::Groups;
+use crate::transport::Transport;
+use crate::{Result, RuntimeError};
+
+use checkpoints::checkpointing;
+use run::open_metrics;
+use step::SamplesLog;
+
+/// One rank of a training job: its shard of the model and optimizer state, its data, its
+/// process groups and its checkpoint writer.
+#[derive(Debug)]
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    /// This rank's shard of the model: its pipeline stage, cut to its tensor-parallel slice.
+    pub model: Gpt<f32>,
+    pub opt: AdamW<f32>,
+    train: TokenFile,
+    val: Option<TokenFile>,
+    order: DataOrder,
+    ramp: BatchRamp,
+    /// Steps completed.
+    pub step: u64,
+    /// Samples consumed by the completed steps: the data order's position.
+    pub consumed_samples: u64,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    /// The activation received from the previous stage and the gradient from the next one.
+    act_in: Vec<f32>,
+    grad_in: Vec<f32>,
+    metrics: Option<BufWriter<File>>,
+    groups: Groups,
+    ckpt: Option<Checkpointing>,
+    resumed_from: Option<u64>,
+    /// Whether this rank holds the job's state: false for a rank joining a running job until
+    /// a replica hands it over (see [`Trainer::reconcile`]).
+    holds_state: bool,
+    /// Where the shard computes. On a GPU the host model and optimizer mirror the device's
+    /// state, current after [`Trainer::fetch_state`].
+    engine: Box<dyn Engine>,
+    /// Raised by whoever wants the job to stop at the next step boundary (an elastic worker
+    /// told of a new generation); see [`Trainer::set_stop_signal`].
+    stop_signal: Option<Arc<AtomicBool>>,
+    /// Whether any rank raised its stop signal before the last step's closing sum.
+    stop_agreed: bool,
+    /// The last validation loss.
+    last_val_loss: Option<f32>,
+    /// The elastic generation this trainer runs in (0 outside an elastic job).
+    generation: u64,
+    /// Where this rank appends the samples its replica feeds (`train.samples_log`), on the
+    /// first stage's first tensor rank of each replica.
+    samples_log: Option<SamplesLog>,
+    /// Asked before each checkpoint commit (see [`Trainer::set_commit_guard`]).
+    commit_guard: Option<CommitGuard>,
+}
+
+impl Trainer {
+    /// Opens the data, checks it against the configuration, and builds the model with fresh
+    /// weights from `train.seed`, in one process (`parallel` must be all ones).
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        Self::with_groups(cfg, Groups::default())
+    }
+
+    /// As [`Trainer::new`], as one data-parallel replica of `group`, whose size must be
+    /// `parallel.dp` (tensor and pipeline parallelism 1).
+    pub fn with_group(cfg: TrainConfig, group: Option<ProcessGroup>) -> Result<Self> {
+        Self::with_groups(cfg, Groups::data(group))
+    }
+
+    /// As [`Trainer::new`], as one rank of a tensor x pipeline x data layout whose groups are
+    /// `groups`; their sizes must be those of `parallel`. The rank holds its shard of the model:
+    /// its stage's layers, cut to its tensor-parallel slice. Every data-parallel replica starts
+    /// from the same weights and ends each step with the same ones, and together the shards
+    /// compute what one process would.
+    pub fn with_groups(cfg: TrainConfig, groups: Groups) -> Result<Self> {
+        Self::build(cfg, groups, true)
+    }
+
+    /// As [`Trainer::with_groups`], for a rank joining a running job: it does not look for a
+    /// checkpoint, because its state comes from a healthy replica through
+    /// [`Trainer::reconcile`], which every rank of the new generation calls next. Until then
+    /// its weights are the initial ones.
+    pub fn joining(cfg: TrainConfig, groups: Groups) -> Result<Self> {
+        Self::build(cfg, groups, false)
+    }
+
+    fn build(cfg: TrainConfig, groups: Groups, resume: bool) -> Result<Self> {
+        let layout = cfg.parallel;
+        let [(tp_rank, tp), (stage, pp), (replica, replicas)] = groups.coords();
+        for (field, want, have) in [
+            ("parallel.tp", layout.tp, tp),
+            ("parallel.pp", layout.pp, pp),
+            ("parallel.dp", layout.dp, replicas),
+        ] {
+            if want != have {
+                return Err(RuntimeError::Config {
+                    path: cfg.source.clone(),
+                    field: field.into(),
+                    reason: format!(
+                        "{want} needs a group of {want} worker processes, but this trainer's \
+                         group has {have}; `marathon train` starts the workers"
+                    ),
+                });
+            }
+        }
+        if pp > 1 && groups.emb.is_none() == (stage == 0 || stage + 1 == pp) {
+            return Err(RuntimeError::Config {
+                path: cfg.source.clone(),
+                field: "parallel.pp".into(),
+                reason: "the first and last pipeline stages need their embedding group, and \
+                         only they"
+                    .into(),
+            });
+        }
+        let (train, val) = preflight(&cfg)?;
+        let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
+        let order = DataOrder::new(cfg.data.seed, train.samples(seq));
+        let shard = Shard {
+            tp,
+            tp_rank,
+            pp,
+            stage,
+        };
+        // A 1F1B stage keeps at most one microbatch per later stage in flight, plus its own.
+        let slots = pp - stage;
+        let on_gpu = cfg.train.device == Device::Cuda;
+        // On a GPU the host model only holds the state: its activations are those of one token.
+        let (hb, hs, host_slots) = if on_gpu { (1, 1, 1) } else { (mb, seq, slots) };
+        let mut model = Gpt::new_shard(cfg.model.clone(), shard, hb, hs, host_slots)
+            .map_err(|e| cfg.error(e))?;
+        model.init_params(cfg.train.seed, cfg.optim.init_std);
+        let opt_shard = if layout.distributed_optimizer {
+            chunk_range(model.layout.numel(), replicas, replica)
+        } else {
+            0..model.layout.numel()
+        };
+        let engine = open_engine(&cfg, &groups, shard, slots, &model.params, &opt_shard)?;
+        let opt = AdamW::for_shard(cfg.optim.adamw(), &model.layout, opt_shard);
+        let ckpt = checkpointing(&cfg, &model, &opt, &groups)?;
+        let ramp = cfg.batch_ramp();
+        let hidden = mb * seq * cfg.model.n_embd;
+        Ok(Trainer {
+            cfg,
+            model,
+            opt,
+            train,
+            val,
+            order,
+            ramp,
+            step: 0,
+            consumed_samples: 0,
+            inputs: vec![0; mb * seq],
+            targets: vec![0; mb * seq],
+            act_in: vec![0.0; if stage > 0 { hidden } else { 0 }],
+            grad_in: vec![0.0; if stage + 1 < pp { hidden } else { 0 }],
+            metrics: None,
+            groups,
+            ckpt,
+            resumed_from: None,
+            holds_state: resume,
+            engine,
+            stop_signal: None,
+            stop_agreed: false,
+            last_val_loss: None,
+            generation: 0,
+            samples_log: None,
+            commit_guard: None,
+        })
+        .and_then(|mut t| {
+            if resume {
+                t.resumed_from = t.resume()?;
+            }
+            if t.resumed_from.is_some() {
+                t.engine.push_state(&t.model, &t.opt)?;
+            }
+            // One rank writes the metrics: every rank ends a step knowing the same numbers. A
+            // resumed run, or a rank joining a running one, adds to the file of the run it
+            // continues.
+            if let (Some(p), true) = (
+                &t.cfg.train.metrics,
+                tp_rank == 0 && stage == 0 && replica == 0,
+            ) {
+                t.metrics = Some(open_metrics(p, t.resumed_from.is_some() || !resume)?);
+            }
+            t.open_samples_log()?;
+            t.choose_transports()?;
+            Ok(t)
+        })
+    }
+
+    /// Sets the flag any holder may raise to stop the job at the next step boundary. Every
+    /// rank adds its flag to the step's closing sum, so all ranks learn of a raise in the same
+    /// step and stop after it together ([`Trainer::stop_agreed`]), with the step applied
+    /// everywhere.
+    /// The checkpoint writer's committer, waiting for ranks' shards, gives up on the same
+    /// flag: a newer generation refuses its commit anyway.
+    pub fn set_stop_signal(&mut self, signal: Arc<AtomicBool>) {
+        if let Some(ck) = self.ckpt.as_mut() {
+            ck.writer.set_cancel(Some(signal.clone()));
+        }
+        self.stop_signal = Some(signal);
+    }
+
+    /// Whether some rank raised its stop signal before the closing sum of the last step.
+    pub fn stop_agreed(&self) -> bool {
+        self.stop_agreed
+    }
+
+    /// Sets the guard the committing rank asks before each checkpoint commit: an elastic
+    /// worker's says whether its generation still runs, so a checkpoint of an old generation is
+    /// never committed.
+    pub fn set_commit_guard(&mut self, guard: Option<CommitGuard>) {
+        if let Some(ck) = self.ckpt.as_mut() {
+            ck.writer.set_commit_guard(guard.clone());
+        }
+        self.commit_guard = guard;
+    }
+
+    /// The step this run resumed from, if it did.
+    pub fn resumed_from(&self) -> Option<u64> {
+        self.resumed_from
+    }
+
+    /// Parameters and both Adam moments of this rank, for tools that look at the state. On a
+    /// GPU these are the host's copies, current after [`Trainer::fetch_state`] (which
+    /// [`Trainer::run`] calls at its end).
+    pub fn state(&self) -> [&[f32]; 3] {
+        [&self.model.params, &self.opt.m, &self.opt.v]
+    }
+
+    /// Copies the GPU's fp32 master weights and moments into the host's buffers; nothing to do
+    /// on the CPU.
+    pub fn fetch_state(&mut self) -> Result<()> {
+        self.engine.fetch_state(&mut self.model, &mut self.opt)
+    }
+
+    /// Chooses and logs how each group moves device memory, from what its members report
+    /// ([`crate::transport`]). CPU ranks need no choice: their groups are the TCP ones.
+    fn choose_transports(&mut self) -> Result<()> {
+        if self.cfg.train.device == Device::Cpu {
+            return Ok(());
+        }
+        let me = self.engine.device_id();
+        let nccl = nccl_present();
+        let chosen =
+            crate::transport::negotiate(&mut self.groups, &me, nccl, self.cfg.train.transport)?;
+        if chosen.iter().any(|(_, t)| *t == Transport::Nccl) && self.groups.rank() == 0 {
+            eprintln!(
+                "note: NCCL could serve groups of this job, but the trainer moves device memory \
+                 host-staged in this release (runtime::nccl is not yet wired into the engine)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The CUDA engine, when training on a GPU.
+    #[cfg(feature = "cuda")]
+    pub fn gpu(&mut self) -> Option<&mut crate::engine::cuda::CudaEngine> {
+        self.engine.cuda()
+    }
+
+    /// The GPU's name, when training on one.
+    pub fn device_name(&self) -> Option<&str> {
+        self.engine.device_name()
+    }
+
+    /// Positions the trainer after `step` completed steps, as a resumed run is: the data order
+    /// and both schedules continue from there. Parameters and optimizer state (including
+    /// `opt.step`) are the caller's to restore, from a checkpoint or a peer.
+    pub fn seek(&mut self, step: u64) {
+        self.step = step;
+        self.consumed_samples = self.ramp.consumed_before(step);
+    }
+
+    /// The global batch, in sequences, of the next step.
+    pub fn next_batch(&self) -> u64 {
+        self.ramp.batch_at(self.consumed_samples)
+    }
+
+    /// The elastic generation this trainer runs in, which the samples log records.
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+}
+
+/// The engine `train.device` asks for, for the shard this rank holds. A GPU rank opens the
+/// device its place gives on this machine (ranks share them round-robin).
+fn open_engine(
+    cfg: &TrainConfig,
+    groups: &Groups,
+    shard: Shard,
+    slots: usize,
+    master: &[f32],
+    opt_shard: &std::ops::Range<usize>,
+) -> Result<Box<dyn Engine>> {
+    match cfg.train.device {
+        Device::Cpu => Ok(Box::new(CpuEngine::default())),
+        Device::Cuda => open_cuda(cfg, groups, shard, slots, master, opt_shard),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(
+    cfg: &TrainConfig,
+    groups: &Groups,
+    shard: Shard,
+    slots: usize,
+    master: &[f32],
+    opt_shard: &std::ops::Range<usize>,
+) -> Result<Box<dyn Engine>> {
+    let count = marathon_model::cuda::probe().map_err(|e| RuntimeError::Device(e.to_string()))?;
+    let ordinal = groups.rank() % count.max(1);
+    let engine = crate::engine::cuda::CudaEngine::open(
+        cfg,
+        ordinal,
+        shard,
+        slots,
+        master,
+        opt_shard.clone(),
+    )?;
+    Ok(Box::new(engine))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(
+    _cfg: &TrainConfig,
+    _groups: &Groups,
+    _shard: Shard,
+    _slots: usize,
+    _master: &[f32],
+    _opt_shard: &std::ops::Range<usize>,
+) -> Result<Box<dyn Engine>> {
+    Err(RuntimeError::Device(
+        "this marathon was built without CUDA; build it with `cargo build --release --features \
+         cuda` (no CUDA installation is needed to build), or train with --device cpu"
+            .into(),
+    ))
+}
+
+/// Whether NCCL's library can be loaded here.
+#[cfg(feature = "cuda")]
+fn nccl_present() -> bool {
+    marathon_model::cuda::require(&[marathon_model::cuda::Library::Nccl]).is_ok()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_present() -> bool {
+    false
+}

@@ -1,0 +1,208 @@
+//! Recovery: a new generation's groups from memory, a reload from storage, a transfer of
+//! state between replicas, and reconciling the replicas at a generation's start. Written on the
+//! host state; a GPU engine's state is fetched before and pushed after.
+
+use marathon_model::AdamW;
+
+use super::{checkpointing, open_metrics, Trainer};
+use crate::comm::ProcessGroup;
+use crate::groups::Groups;
+use crate::{Result, RuntimeError};
+
+impl Trainer {
+    /// Continues with new process groups: a new generation of the job, with the same tensor
+    /// and pipeline layout and a data-parallel degree that may differ (a replica lost or added).
+    /// The rank keeps its shard of the model and its optimizer state; the next step splits the
+    /// global batch over the new replicas, so the data order continues exactly.
+    ///
+    /// Errors: a group whose tensor or pipeline size differs from the layout's, and the
+    /// distributed optimizer, whose shards would have to move between replicas (not supported
+    /// yet: resume from a checkpoint in the new layout instead).
+    pub fn regroup(&mut self, groups: Groups) -> Result<()> {
+        let [(tp_rank, tp), (stage, pp), (_, dp)] = groups.coords();
+        let shard = self.model.layout.shard;
+        let bad = |reason: String| RuntimeError::Config {
+            path: self.cfg.source.clone(),
+            field: "parallel".into(),
+            reason,
+        };
+        if (tp, tp_rank, pp, stage) != (shard.tp, shard.tp_rank, shard.pp, shard.stage) {
+            return Err(bad(format!(
+                "a new generation must keep each rank's shard: this rank holds tensor rank {} of \
+                 {} and stage {} of {}, the new groups give {tp_rank} of {tp} and {stage} of {pp}",
+                shard.tp_rank, shard.tp, shard.stage, shard.pp
+            )));
+        }
+        if self.cfg.parallel.distributed_optimizer && dp != self.cfg.parallel.dp {
+            return Err(bad(format!(
+                "changing the data-parallel degree from {} to {dp} with the distributed \
+                 optimizer would move optimizer shards between replicas, which is not supported \
+                 yet; resume from a checkpoint in the new layout",
+                self.cfg.parallel.dp
+            )));
+        }
+        self.cfg.parallel.dp = dp;
+        self.groups = groups;
+        // The writers of the new generation are its ranks. A persist still running belongs to
+        // the old one: it finishes (or fails, when a writer died) on its own thread, and the
+        // newest checkpoint that committed is what a later resume finds.
+        if let Some(mut old) = self.ckpt.take() {
+            std::thread::spawn(move || {
+                if let Some(Err(e)) = old.writer.wait() {
+                    eprintln!(
+                        "warning: a checkpoint of the previous generation did not commit: {e}"
+                    );
+                }
+            });
+        }
+        self.ckpt = checkpointing(&self.cfg, &self.model, &self.opt, &self.groups)?;
+        self.set_commit_guard(self.commit_guard.clone());
+        if let (Some(ck), Some(signal)) = (self.ckpt.as_mut(), &self.stop_signal) {
+            ck.writer.set_cancel(Some(signal.clone()));
+        }
+        // The first rank of the new generation writes the metrics, after the old one's lines.
+        let first = self.groups.coords().iter().all(|&(rank, _)| rank == 0);
+        self.metrics = match (&self.cfg.train.metrics, first, self.metrics.take()) {
+            (Some(_), true, Some(m)) => Some(m),
+            (Some(p), true, None) => Some(open_metrics(p, true)?),
+            _ => None,
+        };
+        self.open_samples_log()?;
+        self.choose_transports()
+    }
+
+    /// Reloads this rank's state from the newest committed checkpoint, as a fresh trainer
+    /// would: every rank of the job calls it, together. `None` when there is none (the state
+    /// is then the initial one, from step 0). The last resort of an elastic job whose
+    /// some stage has no live copy left.
+    pub fn reload(&mut self) -> Result<Option<u64>> {
+        // Until the load completes, this rank's state is nobody's.
+        self.holds_state = false;
+        self.model
+            .init_params(self.cfg.train.seed, self.cfg.optim.init_std);
+        self.opt = AdamW::for_shard(
+            self.cfg.optim.adamw(),
+            &self.model.layout,
+            self.opt.shard.clone(),
+        );
+        self.step = 0;
+        self.consumed_samples = 0;
+        self.resumed_from = self.resume()?;
+        self.engine.push_state(&self.model, &self.opt)?;
+        self.holds_state = true;
+        Ok(self.resumed_from)
+    }
+
+    /// A digest of this rank's state: parameters, both moments and the counters, bit for bit.
+    /// Replicas of one shard that agree on it hold the same state.
+    /// On a GPU the state is fetched from the device first.
+    pub fn state_digest(&mut self) -> Result<u64> {
+        self.fetch_state()?;
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut mix = |x: u64| h = (h ^ x).wrapping_mul(0x100_0000_01b3);
+        for buf in [&self.model.params, &self.opt.m, &self.opt.v] {
+            buf.iter().for_each(|x| mix(x.to_bits() as u64));
+        }
+        [self.step, self.consumed_samples, self.opt.step]
+            .into_iter()
+            .for_each(mix);
+        Ok(h)
+    }
+
+    /// Makes this rank's state that of replica `source` of its data-parallel group: parameters,
+    /// both Adam moments, the optimizer step and the data order's position, broadcast over the
+    /// group. A replica joining a running job receives its state this way from a healthy one,
+    /// instead of from storage; every member of the group calls it.
+    pub fn transfer_state(&mut self, source: usize) -> Result<()> {
+        if self.groups.dp.is_none() {
+            return Ok(());
+        }
+        self.fetch_state()?;
+        let dp = self.groups.dp.as_mut().expect("checked above");
+        // A transfer cut off halfway leaves a receiver with the source's parameters and its
+        // own optimizer state: no one's state until the transfer completes.
+        if dp.rank() != source {
+            self.holds_state = false;
+        }
+        dp.broadcast(&mut self.model.params, source)?;
+        crate::moments::reach(crate::moments::Moment::Transfer);
+        dp.broadcast(&mut self.opt.m, source)?;
+        dp.broadcast(&mut self.opt.v, source)?;
+        // Counters travel bit for bit, as the f32s that share their bits.
+        let words = |x: u64| [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)];
+        let [a, b] = words(self.step);
+        let [c, d] = words(self.consumed_samples);
+        let [e, f] = words(self.opt.step);
+        let mut counters = [a, b, c, d, e, f];
+        dp.broadcast(&mut counters, source)?;
+        let word = |lo: f32, hi: f32| lo.to_bits() as u64 | (hi.to_bits() as u64) << 32;
+        self.step = word(counters[0], counters[1]);
+        self.consumed_samples = word(counters[2], counters[3]);
+        self.opt.step = word(counters[4], counters[5]);
+        self.engine.push_state(&self.model, &self.opt)?;
+        self.holds_state = true;
+        Ok(())
+    }
+
+    /// Brings the replicas of this rank's shard to one step at the start of a generation. A
+    /// peer that died in the middle of a step's last collective can leave some survivors with
+    /// the step applied and others without it; every replica then takes the state of the most
+    /// advanced one (the lowest-numbered when several are). Afterwards every rank of the job
+    /// must be at the same step, or all of them fail with [`RuntimeError::Config`] naming the
+    /// steps seen, and the job must resume from its newest checkpoint. The same happens when
+    /// no replica of some shard holds state (every one of them joined with this generation):
+    /// the initial weights are never taken for the job's. Every rank calls it. Returns the
+    /// step the generation continues from.
+    pub fn reconcile(&mut self) -> Result<u64> {
+        let [_, _, (replica, replicas)] = self.groups.coords();
+        let words = |x: u64| [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)];
+        let word = |w: &[f32]| w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32;
+        let gather =
+            |g: Option<&mut ProcessGroup>, step: u64, me: usize, n: usize| -> Result<Vec<u64>> {
+                let mut all = vec![0f32; 2 * n];
+                all[2 * me..2 * me + 2].copy_from_slice(&words(step));
+                if let Some(g) = g {
+                    g.all_gather(&mut all)?;
+                }
+                Ok(all.chunks_exact(2).map(word).collect())
+            };
+        // Step + 1 from a holder of state, 0 from a rank that holds none.
+        let held = if self.holds_state { self.step + 1 } else { 0 };
+        let held = gather(self.groups.dp.as_mut(), held, replica, replicas)?;
+        let best = held.iter().copied().max().unwrap_or(held[replica]);
+        let stateless = best == 0;
+        if !stateless && held.iter().any(|&s| s != best) {
+            let source = held.iter().position(|&s| s == best).unwrap_or(0);
+            self.transfer_state(source)?;
+        }
+        // The replicas of each shard now agree; the shards must agree with each other.
+        let [(tp_rank, tp), (stage, pp), _] = self.groups.coords();
+        let step = self.step;
+        let across_tp = gather(self.groups.tp.as_mut(), step, tp_rank, tp)?;
+        let across_pp = gather(self.groups.pp.as_mut(), step, stage, pp)?;
+        let differ = across_tp.iter().chain(&across_pp).any(|&s| s != step);
+        let [differ_n, stateless_n] =
+            self.sum_over_ranks([f32::from(differ), f32::from(stateless)])?;
+        if differ_n + stateless_n > 0.0 {
+            let reason = if stateless_n > 0.0 {
+                format!(
+                    "{stateless_n} ranks hold shards of which no replica holds state (every \
+                     one joined with this generation), so the job must resume from its newest \
+                     checkpoint"
+                )
+            } else {
+                format!(
+                    "the shards of the model stopped at different steps (this rank's tensor \
+                     group: {across_tp:?}, pipeline group: {across_pp:?}); no replica holds \
+                     every shard at one step, so the job must resume from its newest checkpoint"
+                )
+            };
+            return Err(RuntimeError::Config {
+                path: self.cfg.source.clone(),
+                field: "parallel".into(),
+                reason,
+            });
+        }
+        Ok(step)
+    }
+}
