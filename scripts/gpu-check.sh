@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Every GPU check and the GPU bench in one run, for a machine with an NVIDIA GPU:
-#   scripts/gpu-check.sh [--torch] [--compile] [marathon bench gpu flags...]
+#   scripts/gpu-check.sh [--torch] [--compile] [--no-layouts] [marathon bench gpu flags...]
 # Builds marathon with the cuda feature (or uses $MARATHON_BIN, a binary built elsewhere), finds
 # the CUDA libraries (NVRTC, cuBLASLt, NCCL) in the CUDA toolkit or in Python's nvidia-* packages,
-# runs `marathon bench gpu` (kernels, training and a GPU checkpoint resumed on the CPU against
-# the CPU; NCCL; GPT-2 124M timing), and with --torch times PyTorch's step on the same GPU
-# (--compile adds torch.compile). Ends with the tables; exits non-zero if a check failed.
+# runs `marathon bench gpu` (kernels; training, a GPU checkpoint and a tp2 one resumed on the
+# CPU; tp2, pp2, dp2 with the distributed optimizer and tp2 x pp2 x dp2 as worker processes on
+# this GPU against the one-GPU run; NCCL with abort and deadline; GPT-2 124M timing), then
+# `marathon bench train --device cuda` for each layout of GPT-2 124M on this GPU (tokens/s, the
+# share in collectives, the host-staged all-reduce beside the pinned copy), and with --torch
+# times PyTorch's step on the same GPU (--compile adds torch.compile). Ends with the tables;
+# exits non-zero if a check failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-torch=0 compile=0 args=()
+torch=0 compile=0 layouts=1 args=()
 for a in "$@"; do
     case "$a" in
         --torch) torch=1 ;;
         --compile) torch=1 compile=1 ;;
+        --no-layouts) layouts=0 ;;
         *) args+=("$a") ;;
     esac
 done
@@ -51,7 +56,23 @@ echo "libraries: $(ls "$libs" | tr '\n' ' ')"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
 status=0
+started=$SECONDS
 "$bin" bench gpu "${args[@]}" || status=$?
+echo "bench gpu: $((SECONDS - started)) s"
+if [[ $layouts == 1 ]]; then
+    # GPT-2 124M in each layout on this one GPU: every rank a thread sharing it, host-staged.
+    data="$(mktemp -d)"
+    "$bin" data prepare --out "$data" --input README.md ARCHITECTURE.md docs configs model runtime ops storage elastic chaos-tests >/dev/null
+    cfg="$data/gpt2.toml"
+    sed "s#^train = .*#train = \"$data/train.bin\"#; s#^val = .*##" configs/gpt2-124m.toml >"$cfg"
+    for layout in "1 1 1" "2 1 1" "1 2 1" "1 1 2" "2 2 2"; do
+        read -r tp pp dp <<<"$layout"
+        echo
+        "$bin" bench train --device cuda --config "$cfg" --batch 8 --global-batch 32 --seq 512 \
+            --tp "$tp" --pp "$pp" --dp "$dp" --steps 4 --warmup 2 || status=$?
+    done
+    rm -rf "$data"
+fi
 if [[ $torch == 1 ]]; then
     echo
     flag=()

@@ -45,6 +45,10 @@ pub struct TrainArgs {
     /// Data-parallel replicas.
     #[arg(long, default_value_t = 1)]
     dp: usize,
+    /// Where the model computes: `cpu`, or `cuda` (every rank on GPU 0 of this machine, with
+    /// the host-staged transport between ranks that share it).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -67,6 +71,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     cfg.train.steps = args.warmup + args.steps;
     cfg.train.eval_every_steps = 0;
     cfg.train.metrics = None;
+    cfg.train.device = args.device.parse().map_err(anyhow::Error::msg)?;
+    let on_gpu = cfg.train.device == marathon_runtime::device::Device::Cuda;
     cfg.validate().map_err(|e| cfg.error(e))?;
     let (b, t) = (cfg.batch.global_batch, cfg.batch.seq_len);
     let p = cfg.parallel;
@@ -105,6 +111,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let tokens = (b * t) as f64;
     let step_gflops = flops_per_token(&cfg.model, t) * tokens / 1e9;
     let achieved = step_gflops / (mean_ms / 1e3);
+    if on_gpu {
+        return report_gpu(
+            &cfg,
+            &ranks,
+            mean_ms,
+            step_gflops,
+            [wait, overlapped, tp_comm],
+        );
+    }
     // The largest matrix product of the step is the tied output head: (B*T, C) x (C, Vp).
     let (m, k, n) = (
         cfg.batch.micro_batch * t,
@@ -159,6 +174,94 @@ pub fn train(args: TrainArgs) -> Result<()> {
     );
     println!("{report}");
     Ok(())
+}
+
+/// `bench train --device cuda`: tokens/s of the layout on this GPU, the share of the step in
+/// collectives, and the host-staged transport's all-reduce bandwidth beside this GPU's pinned
+/// device-to-host bandwidth, measured here and now on the gradient buffer's size.
+#[cfg(feature = "cuda")]
+fn report_gpu(
+    cfg: &TrainConfig,
+    ranks: &[Vec<StepRecord>],
+    mean_ms: f64,
+    step_gflops: f64,
+    [wait, overlapped, tp_comm]: [f64; 3],
+) -> Result<()> {
+    let p = cfg.parallel;
+    let (b, t) = (cfg.batch.global_batch, cfg.batch.seq_len);
+    let tokens = (b * t) as f64;
+    let bubble = {
+        let n = (ranks.len() * ranks[0].len()) as f64;
+        let step: f64 = ranks.iter().flatten().map(|r| r.step_ms).sum::<f64>() / n;
+        ranks
+            .iter()
+            .flatten()
+            .map(|r| r.pipeline_wait_ms)
+            .sum::<f64>()
+            / n
+            / step
+    };
+    // The largest buffer a rank all-reduces: its gradients.
+    let shard = marathon_model::Shard {
+        tp: p.tp,
+        tp_rank: 0,
+        pp: p.pp,
+        stage: 0,
+    };
+    let bytes = 4 * ParamLayout::sharded(&cfg.model, shard).numel();
+    let world = p.world_size().max(2);
+    let staged = crate::gpu::staged_allreduce(world, bytes)?;
+    let device = marathon_model::cuda::Gpu::new(0)?.name().to_string();
+    let report = serde_json::json!({
+        "impl": "marathon-cuda-bf16",
+        "device": device,
+        "tp": p.tp,
+        "pp": p.pp,
+        "dp": p.dp,
+        "batch": b,
+        "micro_batch": cfg.batch.micro_batch,
+        "seq": t,
+        "ms_per_step": mean_ms,
+        "tokens_per_s": tokens / (mean_ms / 1e3),
+        "tflops": step_gflops / (mean_ms / 1e3) / 1e3,
+        "comm_wait_fraction": wait,
+        "comm_overlapped_fraction": overlapped,
+        "tp_comm_fraction": tp_comm,
+        "pipeline_wait_fraction": bubble,
+        "staged_allreduce": staged,
+    });
+    println!(
+        "bench train (cuda, {device}): {} layers, hidden {}, batch {b} x seq {t}, tp {} x pp {} \
+         x dp {}\n  {mean_ms:.1} ms/step, {:.0} tokens/s\n  collectives: tensor-parallel {:.1}% \
+         of the step, closing collectives {:.1}%, pipeline waits {:.1}%\n  host-staged \
+         all-reduce of {:.1} MB across {world} ranks on this GPU: {:.2} GB/s bus bandwidth; \
+         pinned device-to-host copy of the same bytes: {:.1} GB/s",
+        cfg.model.n_layer,
+        cfg.model.n_embd,
+        p.tp,
+        p.pp,
+        p.dp,
+        tokens / (mean_ms / 1e3),
+        100.0 * tp_comm,
+        100.0 * wait,
+        100.0 * bubble,
+        bytes as f64 / 1e6,
+        staged.bus_gbs,
+        staged.d2h_gbs,
+    );
+    println!("{report}");
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn report_gpu(
+    _cfg: &TrainConfig,
+    _ranks: &[Vec<StepRecord>],
+    _mean_ms: f64,
+    _step_gflops: f64,
+    _fractions: [f64; 3],
+) -> Result<()> {
+    unreachable!("a build without CUDA cannot train on a GPU")
 }
 
 /// Runs `warmup` untimed steps and returns the records of `steps` timed ones.

@@ -7,9 +7,13 @@
 //!   relative (‖gpu − cpu‖ / ‖cpu‖), fp32 results within 1e-5;
 //! - a small model trained 20 steps on the GPU and on the CPU from the same weights and data:
 //!   the losses agree within bf16 tolerance;
-//! - a one-rank NCCL group: every collective, then an abort that fails the next call at once;
+//! - a one-rank NCCL group (non-blocking): every collective; an operation held pending on the
+//!   GPU fails at once when another thread aborts the group, and at its deadline;
 //! - a checkpoint written from the GPU and resumed by a CPU run: the same fp32 master weights
-//!   and moments, bitwise.
+//!   and moments, bitwise; the same for a tp2 checkpoint resumed in one CPU process;
+//! - tp2, pp2 (4 microbatches), dp2 with the distributed optimizer and tp2 x pp2 x dp2 as worker
+//!   processes sharing this GPU through the host-staged transport: 20 steps' losses within bf16
+//!   tolerance of the one-GPU run.
 //!
 //! Bench: GPT-2 124M at the given batch and sequence: ms/step, tokens/s, model FLOP utilisation,
 //! and a checkpoint snapshot's stall beside a pinned device-to-host copy of the same bytes.
@@ -92,9 +96,12 @@ pub fn run(args: GpuArgs) -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let data = prepare_corpus(&args.corpus, dir.path())?;
-    checks.push(nccl_check().unwrap_or_else(|e| failed("nccl", e)));
     checks
         .extend(training_check(&data, dir.path()).unwrap_or_else(|e| vec![failed("training", e)]));
+    checks.extend(layout_checks(&data, dir.path()).unwrap_or_else(|e| vec![failed("layouts", e)]));
+    checks.push(
+        tp2_checkpoint_check(&data, dir.path()).unwrap_or_else(|e| failed("tp2 checkpoint", e)),
+    );
     let bench = if args.checks_only {
         None
     } else {
@@ -106,6 +113,8 @@ pub fn run(args: GpuArgs) -> Result<()> {
             }
         }
     };
+    // Last: the abort checks leave an aborted communicator's work behind on the device.
+    checks.extend(nccl_check().unwrap_or_else(|e| vec![failed("nccl", e)]));
     if let Some(path) = &args.json {
         let v = serde_json::json!({ "checks": &checks, "bench": &bench });
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
@@ -806,21 +815,26 @@ fn bytes_f32(b: &DeviceBuffer<f32>) -> cuda::Slice<'_, u8> {
 // ------------------------------------------------------------------------------------------
 // NCCL
 
-fn nccl_check() -> Result<Check> {
+fn nccl_check() -> Result<Vec<Check>> {
     use marathon_elastic::InProcessCoordinator;
     use marathon_runtime::nccl::NcclGroup;
+    use std::time::Duration;
     let gpu = Gpu::new(0)?;
     let coord = InProcessCoordinator::new();
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    let group = NcclGroup::connect(
-        &gpu,
-        &coord,
-        "/marathon/gpu-check/gen/1",
-        "dp",
-        0,
-        1,
-        deadline,
-    )?;
+    let connect = |name: &str, op_timeout: Duration| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        NcclGroup::connect(
+            &gpu,
+            &coord,
+            "/marathon/gpu-check/gen/1",
+            name,
+            0,
+            1,
+            deadline,
+            op_timeout,
+        )
+    };
+    let group = connect("dp", Duration::from_secs(30))?;
     let mut r = Rand(Rng::new(7));
     let x = r.f32s(1 << 20, 1.0);
     let a = up_f32(&gpu, &x)?;
@@ -834,26 +848,99 @@ fn nccl_check() -> Result<Check> {
     let dbuf = poisoned_f32(&gpu, x.len())?;
     group.send_recv(&gpu, cbuf.all(), 0, dbuf.all(), 0)?;
     let got = back_f32(&gpu, &dbuf)?;
+    let xb = r.bf16s(1 << 16, 1.0);
+    let hb = up_bf(&gpu, &xb)?;
+    group.all_reduce_bf16(&gpu, hb.all())?;
+    let got_bf = back_bf(&gpu, &hb)?;
     let want = wide(&x);
-    let error = rel(&got, &want).max(rel(&after_gather, &want));
-    group.abort();
-    let aborted = matches!(
+    let error = rel(&got, &want)
+        .max(rel(&after_gather, &want))
+        .max(rel(&got_bf, &wide_bf(&xb)));
+    drop(group);
+    let mut out = vec![Check {
+        name: "nccl one rank (non-blocking): all-reduce (fp32, bf16), all-gather, \
+               reduce-scatter, broadcast, send/recv"
+            .into(),
+        precision: "fp32",
+        error,
+        tolerance: 0.0,
+    }];
+    // A pending operation: the stream is held on a device flag, so the all-reduce enqueued
+    // behind it cannot run until the flag is written.
+    let flag = DeviceBuffer::<u32>::zeros(&gpu, 1)?;
+    let pending = |group: &NcclGroup| -> Result<(Result<(), marathon_runtime::RuntimeError>, f64)> {
+        gpu.hold(Stream::Training, &flag, 1)?;
+        let t0 = Instant::now();
+        let done = group.all_reduce(&gpu, a.all());
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        gpu.release(&flag, 1)?;
+        gpu.sync()?;
+        gpu.release(&flag, 0)?;
+        Ok((done, ms))
+    };
+    // Aborted from another thread 300 ms into the wait: the operation fails at once.
+    let group = connect("abort", Duration::from_secs(30))?;
+    let handle = group.abort_handle();
+    let aborter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        handle.abort();
+        t0
+    });
+    let (done, ms) = pending(&group)?;
+    let aborted_at = aborter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the aborting thread panicked"))?;
+    let late_ms = aborted_at.elapsed().as_secs_f64() * 1e3;
+    let aborted = matches!(done, Err(marathon_runtime::RuntimeError::Aborted { .. }));
+    let later = matches!(
         group.all_reduce(&gpu, a.all()),
         Err(marathon_runtime::RuntimeError::Aborted { .. })
     );
-    Ok(Check {
-        name: format!(
-            "nccl one rank: all-reduce, all-gather, reduce-scatter, broadcast, send/recv; abort {}",
-            if aborted {
-                "fails the next call"
-            } else {
-                "DID NOT fail the next call"
-            }
-        ),
-        precision: "fp32",
-        error: if aborted { error } else { f64::NAN },
-        tolerance: 0.0,
-    })
+    eprintln!(
+        "  nccl abort: the pending all-reduce returned after {ms:.0} ms ({}), the abort call \
+         itself ended {late_ms:.0} ms ago; the next call {}",
+        if aborted { "Aborted" } else { "NOT aborted" },
+        if later { "fails too" } else { "DID NOT fail" }
+    );
+    out.push(Check {
+        name: "nccl: an abort from another thread fails the pending operation at once, and the \
+               next (ms after the abort)"
+            .into(),
+        precision: "-",
+        error: if aborted && later {
+            (ms - 300.0).max(0.0)
+        } else {
+            f64::NAN
+        },
+        tolerance: 100.0,
+    });
+    // The operation's deadline: the pending operation fails once it passes, and aborts the group.
+    let group = connect("deadline", Duration::from_millis(400))?;
+    let (done, ms) = pending(&group)?;
+    let timed_out = matches!(
+        done,
+        Err(marathon_runtime::RuntimeError::CommTimeout { .. })
+    );
+    eprintln!(
+        "  nccl deadline of 400 ms: the pending all-reduce returned after {ms:.0} ms ({})",
+        if timed_out {
+            "CommTimeout"
+        } else {
+            "NOT timed out"
+        }
+    );
+    out.push(Check {
+        name: "nccl: a pending operation fails at its 400 ms deadline (ms past it)".into(),
+        precision: "-",
+        error: if timed_out {
+            (ms - 400.0).abs()
+        } else {
+            f64::NAN
+        },
+        tolerance: 100.0,
+    });
+    Ok(out)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -875,6 +962,21 @@ fn small_config(
     ckpt: Option<&Path>,
     device: Device,
 ) -> Result<TrainConfig> {
+    let path = data.with_file_name(format!("check-{}.toml", std::process::id()));
+    std::fs::write(&path, small_toml(data, steps, ckpt, device, 4, ""))?;
+    Ok(TrainConfig::load(&path)?)
+}
+
+/// The small model's configuration as TOML: microbatches of `micro` sequences in a global
+/// batch of 8, with `extra` appended (sections of its own).
+fn small_toml(
+    data: &Path,
+    steps: u64,
+    ckpt: Option<&Path>,
+    device: Device,
+    micro: usize,
+    extra: &str,
+) -> String {
     let ckpt = ckpt.map_or(String::new(), |p| {
         format!(
             "[checkpoint]\nroot = \"{}\"\nevery_steps = {steps}\nkeep_last = 2\n",
@@ -893,7 +995,7 @@ n_embd = 128
 train = "{train}"
 seed = 7
 [batch]
-micro_batch = 4
+micro_batch = {micro}
 global_batch = 8
 seq_len = 128
 [optim]
@@ -912,7 +1014,7 @@ min_lr_ratio = 0.1
 steps = {steps}
 seed = 3
 device = "{dev}"
-{ckpt}"#,
+{ckpt}{extra}"#,
         train = data.display(),
         dev = if device == Device::Cuda {
             "cuda"
@@ -920,9 +1022,7 @@ device = "{dev}"
             "cpu"
         },
     );
-    let path = data.with_file_name(format!("check-{}.toml", std::process::id()));
-    std::fs::write(&path, toml)?;
-    Ok(TrainConfig::load(&path)?)
+    toml
 }
 
 fn training_check(data: &Path, dir: &Path) -> Result<Vec<Check>> {
@@ -979,9 +1079,275 @@ fn training_check(data: &Path, dir: &Path) -> Result<Vec<Check>> {
     Ok(out)
 }
 
+/// The losses of the `step` records in a metrics file, in order.
+fn metric_losses(path: &Path) -> Result<Vec<f64>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the metrics {}", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["kind"] == "step" {
+            out.push(
+                v["data"]["loss"]
+                    .as_f64()
+                    .context("a step record without a loss")?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The worst relative difference of `got` from `want` over their steps; NaN when a step is
+/// missing or not finite.
+fn worst_rel(got: &[f64], want: &[f64]) -> f64 {
+    if got.len() != want.len() || !got.iter().all(|l| l.is_finite()) {
+        return f64::NAN;
+    }
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| ((g - w) / w).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Every parallel layout on this one GPU against the one-GPU run: `marathon train` starts one
+/// worker process per rank, all on GPU 0, whose groups therefore run host-staged. 20 steps of
+/// microbatches of 2 in a global batch of 8 (4 microbatches), losses compared at every step.
+fn layout_checks(data: &Path, dir: &Path) -> Result<Vec<Check>> {
+    let steps = 20;
+    let exe = std::env::current_exe().context("finding the marathon binary")?;
+    let reference = {
+        let path = dir.join("layout-1.toml");
+        std::fs::write(&path, small_toml(data, steps, None, Device::Cuda, 2, ""))?;
+        let mut t = Trainer::new(TrainConfig::load(&path)?)?;
+        (0..steps)
+            .map(|_| Ok(t.train_step()?.loss as f64))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let layouts = [
+        ("tp2", 2, 1, 1, false),
+        ("pp2, 4 microbatches", 1, 2, 1, false),
+        ("dp2 with the distributed optimizer", 1, 1, 2, true),
+        ("tp2 x pp2 x dp2", 2, 2, 2, false),
+    ];
+    let mut out = Vec::new();
+    for (i, (name, tp, pp, dp, zero)) in layouts.into_iter().enumerate() {
+        let metrics = dir.join(format!("layout-{i}.jsonl"));
+        let extra = format!(
+            "metrics = \"{}\"\n[parallel]\ntp = {tp}\npp = {pp}\ndp = {dp}\n\
+             distributed_optimizer = {zero}\n",
+            metrics.display()
+        );
+        let path = dir.join(format!("layout-{i}.toml"));
+        std::fs::write(
+            &path,
+            small_toml(data, steps, None, Device::Cuda, 2, &extra),
+        )?;
+        let t0 = Instant::now();
+        let run = std::process::Command::new(&exe)
+            .args(["train", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .output()
+            .context("starting marathon train")?;
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        for line in stderr.lines().filter(|l| l.starts_with("group ")) {
+            eprintln!("    {line}");
+        }
+        let error = if run.status.success() {
+            let got = metric_losses(&metrics)?;
+            eprintln!(
+                "  {name}: {} processes, {:.1} s, losses {:.4} .. {:.4} (one GPU: {:.4} .. {:.4})",
+                tp * pp * dp,
+                t0.elapsed().as_secs_f64(),
+                got.first().copied().unwrap_or(f64::NAN),
+                got.last().copied().unwrap_or(f64::NAN),
+                reference[0],
+                reference[steps as usize - 1],
+            );
+            worst_rel(&got, &reference)
+        } else {
+            let tail: Vec<_> = stderr.lines().rev().take(12).collect();
+            eprintln!("  {name}: marathon train failed ({}):", run.status);
+            for l in tail.iter().rev() {
+                eprintln!("    {l}");
+            }
+            f64::NAN
+        };
+        out.push(Check {
+            name: format!(
+                "{name}: {} worker processes sharing GPU 0 (host-staged), 20 steps' losses vs \
+                 one GPU (worst step)",
+                tp * pp * dp
+            ),
+            precision: "bf16",
+            error,
+            tolerance: BF16_TOL,
+        });
+    }
+    Ok(out)
+}
+
+/// A tp2 checkpoint written from the GPU, resumed on the CPU in one process: each tensor-
+/// parallel rank's fp32 master weights and moments are the CPU's, box for box, bitwise. The two
+/// ranks run as threads of this process sharing GPU 0.
+fn tp2_checkpoint_check(data: &Path, dir: &Path) -> Result<Check> {
+    use marathon_elastic::{InProcessCoordinator, Topology};
+    use marathon_runtime::comm::GroupSpec;
+    use marathon_runtime::Groups;
+    let root = dir.join("ckpt-tp2");
+    let steps = 3;
+    let extra = "[parallel]\ntp = 2\n";
+    let gpu_path = dir.join("tp2-gpu.toml");
+    std::fs::write(
+        &gpu_path,
+        small_toml(data, steps, Some(&root), Device::Cuda, 4, extra),
+    )?;
+    let coord = std::sync::Arc::new(InProcessCoordinator::new());
+    let topology = Topology::new(2, 1, 1);
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let (coord, path) = (coord.clone(), gpu_path.clone());
+            std::thread::spawn(move || -> Result<(ParamLayout, [Vec<f32>; 3])> {
+                let template =
+                    GroupSpec::loopback("gpu-check", "", 0, 1, std::time::Duration::from_secs(120));
+                let groups = Groups::connect(&*coord, topology, rank, &template)?;
+                let mut t = Trainer::with_groups(TrainConfig::load(&path)?, groups)?;
+                t.run(&mut Quiet)?;
+                let [p, m, v] = t.state();
+                Ok((t.model.layout.clone(), [p.to_vec(), m.to_vec(), v.to_vec()]))
+            })
+        })
+        .collect();
+    let shards = ranks
+        .into_iter()
+        .map(|r| {
+            r.join()
+                .map_err(|_| anyhow::anyhow!("a tp2 rank panicked"))?
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let cpu_path = dir.join("tp2-cpu.toml");
+    std::fs::write(
+        &cpu_path,
+        small_toml(data, steps, Some(&root), Device::Cpu, 4, ""),
+    )?;
+    let cpu = Trainer::new(TrainConfig::load(&cpu_path)?)?;
+    anyhow::ensure!(
+        cpu.resumed_from() == Some(steps),
+        "the CPU run did not resume from the tp2 GPU checkpoint of step {steps}"
+    );
+    let whole = &cpu.model.layout;
+    let cpu_state = cpu.state();
+    let mut same = true;
+    for (layout, state) in &shards {
+        for spec in layout.tensors() {
+            let g = whole
+                .get(&spec.name)
+                .context("a shard's tensor the model lacks")?;
+            for (host, dev) in cpu_state.iter().zip(state) {
+                let mut want = vec![0f32; spec.numel()];
+                marathon_model::layout::copy_box(
+                    &host[g.range()],
+                    &spec.global_shape,
+                    &spec.box_offset,
+                    &mut want,
+                    &spec.shape,
+                );
+                same &= dev[spec.range()]
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+            }
+        }
+    }
+    Ok(Check {
+        name: "tp2 checkpoint from the GPU resumed on the CPU in one process: master weights and \
+               moments bitwise"
+            .into(),
+        precision: "fp32",
+        error: if same { 0.0 } else { f64::NAN },
+        tolerance: 0.0,
+    })
+}
+
 struct Quiet;
 
 impl marathon_runtime::Observer for Quiet {}
+
+/// The host-staged transport's all-reduce beside the bus it crosses.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct Staged {
+    pub bytes: usize,
+    pub ranks: usize,
+    /// Seconds per all-reduce (device to host, the TCP ring, host to device), median of five.
+    pub seconds: f64,
+    /// Bus bandwidth, 2 (p - 1) / p x bytes / time, as NCCL's tests report it.
+    pub bus_gbs: f64,
+    /// A pinned device-to-host copy of the same bytes, best of five.
+    pub d2h_gbs: f64,
+}
+
+/// Times the host-staged all-reduce of `bytes` across `ranks` threads that share GPU 0, each
+/// with its own context's buffers and page-locked staging, over loopback TCP; and a pinned
+/// device-to-host copy of the same bytes, in the same run.
+pub(crate) fn staged_allreduce(ranks: usize, bytes: usize) -> Result<Staged> {
+    use marathon_runtime::comm::{GroupSpec, ProcessGroup};
+    let n = bytes / 4;
+    let coord = std::sync::Arc::new(marathon_elastic::InProcessCoordinator::new());
+    let members: Vec<_> = (0..ranks)
+        .map(|rank| {
+            let coord = coord.clone();
+            std::thread::spawn(move || -> Result<f64> {
+                let gpu = Gpu::new(0)?;
+                let spec = GroupSpec::loopback(
+                    "bench",
+                    "staged",
+                    rank,
+                    ranks,
+                    std::time::Duration::from_secs(600),
+                );
+                let mut g = ProcessGroup::connect(&*coord, spec)?;
+                let dev = DeviceBuffer::<f32>::zeros(&gpu, n)?;
+                let mut host = PinnedBuffer::<f32>::new(&gpu, n)?;
+                let mut times = Vec::new();
+                for i in 0..6 {
+                    let t0 = Instant::now();
+                    gpu.download_slice(dev.all(), host.as_mut_slice())?;
+                    g.all_reduce(host.as_mut_slice())?;
+                    gpu.upload_slice(dev.all(), host.as_slice())?;
+                    if i > 0 {
+                        times.push(t0.elapsed().as_secs_f64());
+                    }
+                }
+                times.sort_by(f64::total_cmp);
+                Ok(times[times.len() / 2])
+            })
+        })
+        .collect();
+    let mut seconds = 0f64;
+    for m in members {
+        let s = m
+            .join()
+            .map_err(|_| anyhow::anyhow!("a staged all-reduce rank panicked"))??;
+        seconds = seconds.max(s);
+    }
+    let gpu = Gpu::new(0)?;
+    let dev = DeviceBuffer::<f32>::zeros(&gpu, n)?;
+    let mut host = PinnedBuffer::<f32>::new(&gpu, n)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        gpu.download_slice(dev.all(), host.as_mut_slice())?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    let p = ranks as f64;
+    Ok(Staged {
+        bytes,
+        ranks,
+        seconds,
+        bus_gbs: 2.0 * (p - 1.0) / p * bytes as f64 / seconds / 1e9,
+        d2h_gbs: bytes as f64 / best / 1e9,
+    })
+}
 
 // ------------------------------------------------------------------------------------------
 // Bench

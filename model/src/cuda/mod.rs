@@ -477,6 +477,32 @@ impl Gpu {
         self.sync()
     }
 
+    /// Holds back everything enqueued on `stream` after this call until the device value at
+    /// `flag` equals `value` ([`Gpu::release`] writes it). Tests use it to keep an operation
+    /// pending for as long as they need.
+    pub fn hold(&self, stream: Stream, flag: &DeviceBuffer<u32>, value: u32) -> Result<()> {
+        // SAFETY: the flag is a live device allocation; the wait only reads it.
+        unsafe {
+            sys::cuStreamWaitValue32_v2(
+                self.handle(stream),
+                flag.ptr(),
+                value,
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
+            )
+        }
+        .result()
+        .map_err(driver("holding a stream on a flag"))
+    }
+
+    /// Writes `value` to `flag` on the copy stream, releasing a stream held on it.
+    pub fn release(&self, flag: &DeviceBuffer<u32>, value: u32) -> Result<()> {
+        // SAFETY: the flag is a live device allocation of one u32.
+        unsafe { drv::memcpy_htod_async(flag.ptr(), &[value], self.copies) }
+            .map_err(driver("releasing a held stream"))?;
+        // SAFETY: the copy stream belongs to this context.
+        unsafe { drv::stream::synchronize(self.copies) }.map_err(driver("releasing a held stream"))
+    }
+
     /// Page-locks `host` so copies to and from it run at full speed and asynchronously.
     /// Returns a guard that unlocks it when dropped; the memory must outlive the guard.
     pub fn pin(&self, host: &mut [f32]) -> Result<Pinned> {
@@ -529,6 +555,20 @@ unsafe impl Send for Event {}
 unsafe impl Sync for Event {}
 
 impl Event {
+    /// Whether the work before the event has completed, without waiting.
+    pub fn done(&self) -> Result<bool> {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the event is alive; a query does not wait.
+        match unsafe { sys::cuEventQuery(self.event) } {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            e => Err(CudaError::Driver {
+                what: "querying an event".into(),
+                error: format!("{e:?}"),
+            }),
+        }
+    }
+
     /// Blocks until the work before the event's last record has run.
     pub fn synchronize(&self) -> Result<()> {
         self.ctx

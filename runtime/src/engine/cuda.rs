@@ -257,7 +257,8 @@ impl Engine for CudaEngine {
         Ok(&self.out_host)
     }
 
-    /// Backward runs whole; with `overlap` the gradients are all-reduced after it, host-staged.
+    /// Backward runs whole; with `overlap` the gradient buckets are all-reduced after it,
+    /// host-staged.
     fn backward(
         &mut self,
         model: &mut Gpt<f32>,
@@ -276,9 +277,12 @@ impl Engine for CudaEngine {
             .backward_stage(slot, output_grad, &mut staged)
             .map_err(stage_error)?;
         if let Some(dp) = overlap {
+            // The same buckets in the same order as a replica with no microbatch reduces
+            // them, since collectives pair up by order.
             let t0 = Instant::now();
-            let n = self.model.grads.len();
-            self.all_reduce_grads(model, dp, 0..n)?;
+            for bucket in model.layout.backward_buckets() {
+                self.all_reduce_grads(model, dp, bucket)?;
+            }
             times.comm_wait += t0.elapsed();
         }
         Ok(())
