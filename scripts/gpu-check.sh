@@ -64,7 +64,7 @@ if [[ $layouts == 1 ]]; then
     data="$(mktemp -d)"
     "$bin" data prepare --out "$data" --input README.md ARCHITECTURE.md docs configs model runtime ops storage elastic chaos-tests >/dev/null
     cfg="$data/gpt2.toml"
-    sed "s#^train = .*#train = \"$data/train.bin\"#; s#^val = .*##" configs/gpt2-124m.toml >"$cfg"
+    sed "s#^train = .*#train = \"$data/train.bin\"#; s#^val = .*#val = \"$data/val.bin\"#" configs/gpt2-124m.toml >"$cfg"
     for layout in "1 1 1" "2 1 1" "1 2 1" "1 1 2" "2 2 2"; do
         read -r tp pp dp <<<"$layout"
         echo

@@ -416,6 +416,20 @@ impl ParamLayout {
         &self.unique
     }
 
+    /// The ranges of the tensors every tensor-parallel rank holds whole (norms, the position
+    /// embedding, the row-parallel layers' biases), merged where they touch. Their copies must
+    /// stay equal across the tensor-parallel group.
+    pub fn tp_replicated_ranges(&self) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for t in self.tensors.iter().filter(|t| t.split_dim.is_none()) {
+            match out.last_mut() {
+                Some(r) if r.end == t.offset => r.end = t.range().end,
+                _ => out.push(t.range()),
+            }
+        }
+        out
+    }
+
     /// Computes [`ParamLayout::unique_ranges`] once, when the layout is built: the trainer sums
     /// over them every step.
     fn compute_unique(&self) -> Vec<Range<usize>> {

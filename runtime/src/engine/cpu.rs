@@ -120,6 +120,19 @@ impl Engine for CpuEngine {
         group.all_reduce(&mut model.grads[range])
     }
 
+    fn broadcast_grads(
+        &mut self,
+        model: &mut Gpt<f32>,
+        group: &mut ProcessGroup,
+        ranges: &[Range<usize>],
+        root: usize,
+    ) -> Result<()> {
+        for r in ranges {
+            group.broadcast(&mut model.grads[r.clone()], root)?;
+        }
+        Ok(())
+    }
+
     fn reduce_scatter_grads(
         &mut self,
         model: &mut Gpt<f32>,

@@ -308,6 +308,39 @@ impl Engine for CudaEngine {
             .round_trip(&m.gpu, m.grads.slice(range), |h| group.all_reduce(h))
     }
 
+    fn deterministic(&self) -> bool {
+        false
+    }
+
+    /// The ranges travel packed, in one broadcast.
+    fn broadcast_grads(
+        &mut self,
+        _model: &mut Gpt<f32>,
+        group: &mut ProcessGroup,
+        ranges: &[Range<usize>],
+        root: usize,
+    ) -> Result<()> {
+        let m = &self.model;
+        let total: usize = ranges.iter().map(|r| r.len()).sum();
+        let host = &mut self.staging.f32s.as_mut_slice()[..total];
+        let mut at = 0;
+        for r in ranges {
+            m.gpu
+                .download_slice(m.grads.slice(r.clone()), &mut host[at..at + r.len()])
+                .map_err(device_error)?;
+            at += r.len();
+        }
+        group.broadcast(host, root)?;
+        at = 0;
+        for r in ranges {
+            m.gpu
+                .upload_slice(m.grads.slice(r.clone()), &host[at..at + r.len()])
+                .map_err(device_error)?;
+            at += r.len();
+        }
+        Ok(())
+    }
+
     fn reduce_scatter_grads(
         &mut self,
         _model: &mut Gpt<f32>,

@@ -47,6 +47,23 @@ pub(crate) trait Engine: std::fmt::Debug {
         crate::transport::DeviceId::cpu()
     }
 
+    /// Whether every reduction is bitwise reproducible: then the tensor-parallel ranks'
+    /// copies of a replicated tensor (a norm, a row-parallel bias) get bitwise the same
+    /// gradient, computed from the same inputs. The GPU's column sums use atomics, so its
+    /// copies are made equal by [`Engine::broadcast_grads`] from tensor-parallel rank 0.
+    fn deterministic(&self) -> bool {
+        true
+    }
+
+    /// Makes `ranges` of the gradients `root`'s on every member of `group`.
+    fn broadcast_grads(
+        &mut self,
+        model: &mut Gpt<f32>,
+        group: &mut ProcessGroup,
+        ranges: &[Range<usize>],
+        root: usize,
+    ) -> Result<()>;
+
     /// Zeroes the gradients and the step's loss sum, before a step's first microbatch.
     fn zero_grad(&mut self, model: &mut Gpt<f32>) -> Result<()>;
 

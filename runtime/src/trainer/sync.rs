@@ -42,6 +42,12 @@ impl Trainer {
             stop_agreed,
             ..
         } = self;
+        if let (false, Some(tp)) = (engine.deterministic(), groups.tp.as_mut()) {
+            // Tensor-parallel rank 0's gradient of each replicated tensor for every rank, so
+            // their copies never drift apart.
+            let replicated = model.layout.tp_replicated_ranges();
+            engine.broadcast_grads(model, tp, &replicated, 0)?;
+        }
         let wte = model.layout.get("wte").map(|t| t.range());
         // The first and last stages each hold part of the tied embedding's gradient (input and
         // head); both need the sum. Summing before or after the replicas gives the same total.
