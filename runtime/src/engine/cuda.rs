@@ -22,6 +22,7 @@ use marathon_model::cuda::{
 use marathon_model::{AdamW, AdamWConfig, Gpt, Shard};
 use marathon_storage::writer::SnapshotReport;
 use marathon_storage::CheckpointWriter;
+use rayon::prelude::*;
 
 use super::{Engine, Piece};
 use crate::checkpoint::Source;
@@ -30,6 +31,9 @@ use crate::config::TrainConfig;
 use crate::groups::TensorGroup;
 use crate::trainer::StepTimes;
 use crate::{Result, RuntimeError};
+
+/// Elements per block of the host's bf16 conversions, which run on every core.
+const CONVERT_BLOCK: usize = 1 << 16;
 
 fn device_error(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Device(e.to_string())
@@ -75,13 +79,17 @@ impl Staging {
         let half = &mut self.bf16s.as_mut_slice()[..n];
         gpu.download_slice(buf, half).map_err(device_error)?;
         let wide = &mut self.f32s.as_mut_slice()[..n];
-        wide.iter_mut()
-            .zip(half.iter())
-            .for_each(|(w, h)| *w = h.to_f32());
+        wide.par_chunks_mut(CONVERT_BLOCK)
+            .zip(half.par_chunks(CONVERT_BLOCK))
+            .for_each(|(w, h)| w.iter_mut().zip(h).for_each(|(w, h)| *w = h.to_f32()));
         op(wide)?;
-        half.iter_mut()
-            .zip(wide.iter())
-            .for_each(|(h, w)| *h = Bf16::from_f32(*w));
+        half.par_chunks_mut(CONVERT_BLOCK)
+            .zip(wide.par_chunks(CONVERT_BLOCK))
+            .for_each(|(h, w)| {
+                h.iter_mut()
+                    .zip(w)
+                    .for_each(|(h, w)| *h = Bf16::from_f32(*w))
+            });
         gpu.upload_slice(buf, half).map_err(device_error)
     }
 }
@@ -104,18 +112,27 @@ impl DeviceCollective for StagedTp<'_, '_> {
     }
 
     fn all_reduce(&mut self, gpu: &Gpu, buf: Slice<f32>) -> Result<()> {
+        if self.tp.group.is_none() {
+            return Ok(());
+        }
         let tp = &mut *self.tp;
         self.staging
             .round_trip(gpu, buf, |h| marathon_model::Collective::all_reduce(tp, h))
     }
 
     fn all_reduce_bf16(&mut self, gpu: &Gpu, buf: Slice<Bf16>) -> Result<()> {
+        if self.tp.group.is_none() {
+            return Ok(());
+        }
         let tp = &mut *self.tp;
         self.staging
             .round_trip_bf16(gpu, buf, |h| marathon_model::Collective::all_reduce(tp, h))
     }
 
     fn all_gather(&mut self, gpu: &Gpu, buf: Slice<f32>) -> Result<()> {
+        if self.tp.group.is_none() {
+            return Ok(());
+        }
         let tp = &mut *self.tp;
         self.staging
             .round_trip(gpu, buf, |h| marathon_model::Collective::all_gather(tp, h))
