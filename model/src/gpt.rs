@@ -15,6 +15,24 @@ use crate::kernels as k;
 use crate::layout::{ParamLayout, Shard};
 use crate::{Float, ModelError};
 
+/// How much of each layer's activations backward recomputes instead of keeping them from
+/// forward (`train.recompute`). Recomputing runs the same kernels on the same inputs, so the
+/// gradients are bitwise those of keeping everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep everything forward computes.
+    #[default]
+    None,
+    /// Keep the matrix products' outputs and the LayerNorms'; recompute attention (its
+    /// probabilities and output) and GELU from them (Korthikanti et al.'s selective
+    /// recomputation: the T x T probabilities are what grows with the sequence).
+    Selective,
+    /// Keep each layer's input only; recompute the layer's whole forward, its tensor-parallel
+    /// all-reduces included, just before its backward.
+    Full,
+}
+
 /// The sizes a shard computes with.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -36,10 +54,26 @@ struct Dims {
     tp: usize,
     first: bool,
     last: bool,
+    recompute: Recompute,
+}
+
+/// The per-layer activations, as [`Dims::per_layer`] sizes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Ln1,
+    Stats,
+    Qkv,
+    Atty,
+    Att,
+    Residual2,
+    Ln2,
+    Fch,
+    FchGelu,
+    Residual3,
 }
 
 impl Dims {
-    fn new(cfg: &GptConfig, shard: Shard, b: usize, t: usize) -> Self {
+    fn new(cfg: &GptConfig, shard: Shard, b: usize, t: usize, recompute: Recompute) -> Self {
         let vl = cfg.padded_vocab_size() / shard.tp;
         Dims {
             b,
@@ -55,7 +89,61 @@ impl Dims {
             tp: shard.tp,
             first: shard.first_stage(),
             last: shard.last_stage(),
+            recompute,
         }
+    }
+
+    /// Elements of one layer's activation `act` (each of the four statistics for `Stats`).
+    fn per_layer(&self, act: Act) -> usize {
+        let bt = self.b * self.t;
+        match act {
+            Act::Ln1 | Act::Residual2 | Act::Ln2 | Act::Residual3 => bt * self.c,
+            Act::Stats => bt,
+            Act::Qkv => bt * 3 * self.cq,
+            Act::Atty => bt * self.cq,
+            Act::Att => self.b * self.nh * self.t * self.t,
+            Act::Fch | Act::FchGelu => bt * self.f4,
+        }
+    }
+
+    /// Whether forward keeps `act` of every layer for backward; otherwise it lives in the
+    /// one-layer working set and backward recomputes it.
+    fn keeps(&self, act: Act) -> bool {
+        match self.recompute {
+            Recompute::None => true,
+            Recompute::Selective => !matches!(act, Act::Atty | Act::Att | Act::FchGelu),
+            Recompute::Full => act == Act::Residual3,
+        }
+    }
+
+    /// Elements of the one-layer working set recomputation writes into, as [`Work::new`]
+    /// allocates it.
+    fn work_elements(&self) -> usize {
+        const ALL: [Act; 10] = [
+            Act::Ln1,
+            Act::Stats,
+            Act::Qkv,
+            Act::Atty,
+            Act::Att,
+            Act::Residual2,
+            Act::Ln2,
+            Act::Fch,
+            Act::FchGelu,
+            Act::Residual3,
+        ];
+        ALL.iter()
+            .map(|&a| {
+                let n = if a == Act::Stats { 4 } else { 1 };
+                // Full recomputation writes the layer's output again, into the working set.
+                let work =
+                    !self.keeps(a) || (a == Act::Residual3 && self.recompute == Recompute::Full);
+                if work && self.recompute != Recompute::None {
+                    n * self.per_layer(a)
+                } else {
+                    0
+                }
+            })
+            .sum()
     }
 
     /// Elements of one slot's saved activations, as [`Saved::new`] allocates them.
@@ -64,18 +152,25 @@ impl Dims {
             b,
             t,
             c,
-            nh,
-            cq,
-            f4,
             vl,
             l,
             last,
             ..
         } = *self;
         let bt = b * t;
-        // Per layer: ln1, residual2, ln2, residual3 (C each), qkv (3 C/tp), atty (C/tp), fch
-        // and fch_gelu (4 C/tp each), four per-position statistics, attention probabilities.
-        let per_layer = 4 * bt * c + bt * (3 * cq + cq + 2 * f4) + 4 * bt + b * nh * t * t;
+        let kept = |a: Act| if self.keeps(a) { self.per_layer(a) } else { 0 };
+        // Per layer: whatever forward keeps of ln1, residual2, ln2, residual3, qkv, atty, fch,
+        // fch_gelu, the four per-position statistics and the attention probabilities.
+        let per_layer = kept(Act::Ln1)
+            + kept(Act::Residual2)
+            + kept(Act::Ln2)
+            + kept(Act::Residual3)
+            + kept(Act::Qkv)
+            + kept(Act::Atty)
+            + kept(Act::Fch)
+            + kept(Act::FchGelu)
+            + 4 * kept(Act::Stats)
+            + kept(Act::Att);
         // encoded; on the last stage lnf, its statistics, the logits slice and the losses.
         let head = if last { bt * c + 3 * bt + bt * vl } else { 0 };
         l * per_layer + bt * c + head
@@ -96,7 +191,7 @@ impl Dims {
         } = *self;
         let bt = b * t;
         let ce = if last { tp * bt + 3 * bt } else { 0 };
-        2 * bt * c + bt * f4.max(3 * cq) + b * nh * t * t + ce
+        2 * bt * c + bt * f4.max(3 * cq) + b * nh * t * t + ce + self.work_elements()
     }
 }
 
@@ -134,23 +229,31 @@ impl<F: Float> Saved<F> {
         let (l, bt, c) = (d.l, d.b * d.t, d.c);
         let z = |n: usize| vec![F::ZERO; n];
         let h = |n: usize| if d.last { z(n) } else { Vec::new() };
+        // A layer activation forward keeps, for every layer; none when backward recomputes it.
+        let k = |a: Act| {
+            if d.keeps(a) {
+                z(l * d.per_layer(a))
+            } else {
+                Vec::new()
+            }
+        };
         Saved {
             tokens: vec![0; bt],
             targets: vec![0; bt],
             encoded: z(bt * c),
-            ln1: z(l * bt * c),
-            ln1_mean: z(l * bt),
-            ln1_rstd: z(l * bt),
-            qkv: z(l * bt * 3 * d.cq),
-            atty: z(l * bt * d.cq),
-            att: z(l * d.b * d.nh * d.t * d.t),
-            residual2: z(l * bt * c),
-            ln2: z(l * bt * c),
-            ln2_mean: z(l * bt),
-            ln2_rstd: z(l * bt),
-            fch: z(l * bt * d.f4),
-            fch_gelu: z(l * bt * d.f4),
-            residual3: z(l * bt * c),
+            ln1: k(Act::Ln1),
+            ln1_mean: k(Act::Stats),
+            ln1_rstd: k(Act::Stats),
+            qkv: k(Act::Qkv),
+            atty: k(Act::Atty),
+            att: k(Act::Att),
+            residual2: k(Act::Residual2),
+            ln2: k(Act::Ln2),
+            ln2_mean: k(Act::Stats),
+            ln2_rstd: k(Act::Stats),
+            fch: k(Act::Fch),
+            fch_gelu: k(Act::FchGelu),
+            residual3: k(Act::Residual3),
             lnf: h(bt * c),
             lnf_mean: h(bt),
             lnf_rstd: h(bt),
@@ -159,6 +262,201 @@ impl<F: Float> Saved<F> {
             forwarded: false,
         }
     }
+}
+
+/// One layer's activations that forward does not keep: where forward writes them on its way
+/// through a layer, and where backward recomputes them. Shared by every slot; empty without
+/// recomputation.
+#[derive(Debug)]
+struct Work<F> {
+    ln1: Vec<F>,
+    ln1_mean: Vec<F>,
+    ln1_rstd: Vec<F>,
+    qkv: Vec<F>,
+    atty: Vec<F>,
+    att: Vec<F>,
+    residual2: Vec<F>,
+    ln2: Vec<F>,
+    ln2_mean: Vec<F>,
+    ln2_rstd: Vec<F>,
+    fch: Vec<F>,
+    fch_gelu: Vec<F>,
+    /// Full recomputation's copy of the layer's output, which backward does not read.
+    residual3: Vec<F>,
+}
+
+impl<F: Float> Work<F> {
+    fn new(d: &Dims) -> Self {
+        let on = d.recompute != Recompute::None;
+        let w = |a: Act| {
+            if on && !d.keeps(a) {
+                vec![F::ZERO; d.per_layer(a)]
+            } else {
+                Vec::new()
+            }
+        };
+        let full = d.recompute == Recompute::Full;
+        Work {
+            ln1: w(Act::Ln1),
+            ln1_mean: w(Act::Stats),
+            ln1_rstd: w(Act::Stats),
+            qkv: w(Act::Qkv),
+            atty: w(Act::Atty),
+            att: w(Act::Att),
+            residual2: w(Act::Residual2),
+            ln2: w(Act::Ln2),
+            ln2_mean: w(Act::Stats),
+            ln2_rstd: w(Act::Stats),
+            fch: w(Act::Fch),
+            fch_gelu: w(Act::FchGelu),
+            residual3: if full {
+                vec![F::ZERO; d.per_layer(Act::Residual3)]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Layer `l` of a kept activation, or the working set's copy when forward does not keep it.
+fn kept<'a, F>(saved: &'a [F], work: &'a [F], l: usize, n_layer: usize) -> &'a [F] {
+    if saved.is_empty() {
+        work
+    } else {
+        layer(saved, l, n_layer)
+    }
+}
+
+fn kept_mut<'a, F>(saved: &'a mut [F], work: &'a mut [F], l: usize, n_layer: usize) -> &'a mut [F] {
+    if saved.is_empty() {
+        work
+    } else {
+        layer_mut(saved, l, n_layer)
+    }
+}
+
+/// Where one layer's forward writes its activations.
+struct LayerOut<'a, F> {
+    ln1: &'a mut [F],
+    ln1_mean: &'a mut [F],
+    ln1_rstd: &'a mut [F],
+    qkv: &'a mut [F],
+    atty: &'a mut [F],
+    att: &'a mut [F],
+    residual2: &'a mut [F],
+    ln2: &'a mut [F],
+    ln2_mean: &'a mut [F],
+    ln2_rstd: &'a mut [F],
+    fch: &'a mut [F],
+    fch_gelu: &'a mut [F],
+    residual3: &'a mut [F],
+}
+
+/// Layer `$l`'s places: the slot `$a`'s where forward keeps an activation, the working set
+/// `$w`'s where it does not; the layer's output goes to `$out`. A macro, so that the borrows
+/// stay field by field and the caller may read the slot's other fields meanwhile.
+macro_rules! layer_out {
+    ($a:expr, $w:expr, $l:expr, $n:expr, $out:expr) => {
+        LayerOut {
+            ln1: kept_mut(&mut $a.ln1, &mut $w.ln1, $l, $n),
+            ln1_mean: kept_mut(&mut $a.ln1_mean, &mut $w.ln1_mean, $l, $n),
+            ln1_rstd: kept_mut(&mut $a.ln1_rstd, &mut $w.ln1_rstd, $l, $n),
+            qkv: kept_mut(&mut $a.qkv, &mut $w.qkv, $l, $n),
+            atty: kept_mut(&mut $a.atty, &mut $w.atty, $l, $n),
+            att: kept_mut(&mut $a.att, &mut $w.att, $l, $n),
+            residual2: kept_mut(&mut $a.residual2, &mut $w.residual2, $l, $n),
+            ln2: kept_mut(&mut $a.ln2, &mut $w.ln2, $l, $n),
+            ln2_mean: kept_mut(&mut $a.ln2_mean, &mut $w.ln2_mean, $l, $n),
+            ln2_rstd: kept_mut(&mut $a.ln2_rstd, &mut $w.ln2_rstd, $l, $n),
+            fch: kept_mut(&mut $a.fch, &mut $w.fch, $l, $n),
+            fch_gelu: kept_mut(&mut $a.fch_gelu, &mut $w.fch_gelu, $l, $n),
+            residual3: $out,
+        }
+    };
+}
+
+/// One transformer layer's forward from `res_in`, (B, T, C), into `x`: the residual stream
+/// leaves in `x.residual3`. Tensor parallelism as in [`Gpt::forward_stage`].
+fn layer_forward<F: Float, C: Collective<F>>(
+    p: &[F],
+    o: &crate::layout::BlockOffsets,
+    d: &Dims,
+    res_in: &[F],
+    x: LayerOut<'_, F>,
+    tp: &mut C,
+) -> Result<(), C::Error> {
+    let Dims {
+        b,
+        t,
+        c,
+        nh,
+        cq,
+        f4,
+        ..
+    } = *d;
+    k::layernorm_forward(
+        x.ln1,
+        x.ln1_mean,
+        x.ln1_rstd,
+        res_in,
+        &p[o.ln1_w..o.ln1_w + c],
+        &p[o.ln1_b..o.ln1_b + c],
+        c,
+    );
+    // Column-parallel: this rank's heads of q, k and v.
+    k::matmul_forward(
+        x.qkv,
+        x.ln1,
+        &p[o.qkv_w..o.qkv_w + 3 * cq * c],
+        Some(&p[o.qkv_b..o.qkv_b + 3 * cq]),
+        c,
+        3 * cq,
+        false,
+    );
+    k::attention_forward(x.atty, x.att, x.qkv, b, t, cq, nh);
+    // Row-parallel: partial products summed over ranks, then the bias once.
+    k::matmul_forward(
+        x.residual2,
+        x.atty,
+        &p[o.proj_w..o.proj_w + c * cq],
+        None,
+        cq,
+        c,
+        false,
+    );
+    tp.all_reduce(x.residual2)?;
+    k::residual_bias_add(x.residual2, res_in, &p[o.proj_b..o.proj_b + c]);
+    k::layernorm_forward(
+        x.ln2,
+        x.ln2_mean,
+        x.ln2_rstd,
+        x.residual2,
+        &p[o.ln2_w..o.ln2_w + c],
+        &p[o.ln2_b..o.ln2_b + c],
+        c,
+    );
+    k::matmul_forward(
+        x.fch,
+        x.ln2,
+        &p[o.fc_w..o.fc_w + f4 * c],
+        Some(&p[o.fc_b..o.fc_b + f4]),
+        c,
+        f4,
+        false,
+    );
+    k::gelu_forward(x.fch_gelu, x.fch);
+    k::matmul_forward(
+        x.residual3,
+        x.fch_gelu,
+        &p[o.fcproj_w..o.fcproj_w + c * f4],
+        None,
+        f4,
+        c,
+        false,
+    );
+    tp.all_reduce(x.residual3)?;
+    k::residual_bias_add(x.residual3, x.residual2, &p[o.fcproj_b..o.fcproj_b + c]);
+    Ok(())
 }
 
 /// Backward's working buffers, shared by every slot.
@@ -235,6 +533,8 @@ pub struct Gpt<F> {
     dims: Dims,
     saved: Vec<Saved<F>>,
     scratch: Scratch<F>,
+    /// The one-layer working set of recomputation (see [`Recompute`]).
+    work: Work<F>,
 }
 
 impl<F: Float> Gpt<F> {
@@ -252,6 +552,19 @@ impl<F: Float> Gpt<F> {
         batch: usize,
         seq: usize,
         slots: usize,
+    ) -> Result<Self, ModelError> {
+        Self::new_stage(config, shard, batch, seq, slots, Recompute::None)
+    }
+
+    /// As [`Gpt::new_shard`], keeping of each layer's activations only what `recompute` says;
+    /// backward recomputes the rest.
+    pub fn new_stage(
+        config: GptConfig,
+        shard: Shard,
+        batch: usize,
+        seq: usize,
+        slots: usize,
+        recompute: Recompute,
     ) -> Result<Self, ModelError> {
         config.validate()?;
         shard.validate(&config)?;
@@ -273,7 +586,7 @@ impl<F: Float> Gpt<F> {
         assert!(slots > 0, "a model keeps at least one microbatch");
         let layout = ParamLayout::sharded(&config, shard);
         let n = layout.numel();
-        let dims = Dims::new(&config, shard, batch, seq);
+        let dims = Dims::new(&config, shard, batch, seq, recompute);
         Ok(Gpt {
             config,
             layout,
@@ -282,6 +595,7 @@ impl<F: Float> Gpt<F> {
             dims,
             saved: (0..slots).map(|_| Saved::new(&dims)).collect(),
             scratch: Scratch::new(&dims),
+            work: Work::new(&dims),
         })
     }
 
@@ -300,6 +614,18 @@ impl<F: Float> Gpt<F> {
         t: usize,
         slots: usize,
     ) -> f64 {
+        Self::stage_memory_bytes(config, shard, b, t, slots, Recompute::None)
+    }
+
+    /// As [`Gpt::shard_memory_bytes`] with `recompute`, as [`Gpt::new_stage`] allocates.
+    pub fn stage_memory_bytes(
+        config: &GptConfig,
+        shard: Shard,
+        b: usize,
+        t: usize,
+        slots: usize,
+        recompute: Recompute,
+    ) -> f64 {
         let f = |x: usize| x as f64;
         let (l, c, vp) = (
             f(config.n_layer),
@@ -310,7 +636,7 @@ impl<F: Float> Gpt<F> {
         // Close enough for a memory check without building the layout: the sharded share.
         let params = whole / f(shard.tp * shard.pp);
         // Activation sizes are products of small numbers; in f64 they cannot overflow.
-        let d = Dims::new(config, shard, b, t);
+        let d = Dims::new(config, shard, b, t, recompute);
         let acts = f(slots) * d.saved_elements() as f64 + d.scratch_elements() as f64;
         std::mem::size_of::<F>() as f64 * (4.0 * params + acts)
     }
@@ -365,16 +691,7 @@ impl<F: Float> Gpt<F> {
     ) -> Result<Option<F>, C::Error> {
         let d = self.dims;
         let Dims {
-            b,
-            t,
-            c,
-            nh,
-            cq,
-            f4,
-            v0,
-            vl,
-            v,
-            ..
+            b, t, c, v0, vl, v, ..
         } = d;
         let l_n = d.l;
         assert!(
@@ -406,83 +723,17 @@ impl<F: Float> Gpt<F> {
             (false, Some(x)) => a.encoded.copy_from_slice(x),
             _ => panic!("only stages after the first take an input"),
         }
+        let w = &mut self.work;
+        let per = b * t * c;
         for l in 0..l_n {
-            let o = lay.blocks[l];
+            let (done, rest) = a.residual3.split_at_mut(l * per);
             let res_in: &[F] = if l == 0 {
                 &a.encoded
             } else {
-                layer(&a.residual3, l - 1, l_n)
+                &done[(l - 1) * per..]
             };
-            let ln1 = layer_mut(&mut a.ln1, l, l_n);
-            k::layernorm_forward(
-                ln1,
-                layer_mut(&mut a.ln1_mean, l, l_n),
-                layer_mut(&mut a.ln1_rstd, l, l_n),
-                res_in,
-                &p[o.ln1_w..o.ln1_w + c],
-                &p[o.ln1_b..o.ln1_b + c],
-                c,
-            );
-            // Column-parallel: this rank's heads of q, k and v.
-            let qkv = layer_mut(&mut a.qkv, l, l_n);
-            k::matmul_forward(
-                qkv,
-                ln1,
-                &p[o.qkv_w..o.qkv_w + 3 * cq * c],
-                Some(&p[o.qkv_b..o.qkv_b + 3 * cq]),
-                c,
-                3 * cq,
-                false,
-            );
-            let atty = layer_mut(&mut a.atty, l, l_n);
-            k::attention_forward(atty, layer_mut(&mut a.att, l, l_n), qkv, b, t, cq, nh);
-            // Row-parallel: partial products summed over ranks, then the bias once.
-            let residual2 = layer_mut(&mut a.residual2, l, l_n);
-            k::matmul_forward(
-                residual2,
-                atty,
-                &p[o.proj_w..o.proj_w + c * cq],
-                None,
-                cq,
-                c,
-                false,
-            );
-            tp.all_reduce(residual2)?;
-            k::residual_bias_add(residual2, res_in, &p[o.proj_b..o.proj_b + c]);
-            let ln2 = layer_mut(&mut a.ln2, l, l_n);
-            k::layernorm_forward(
-                ln2,
-                layer_mut(&mut a.ln2_mean, l, l_n),
-                layer_mut(&mut a.ln2_rstd, l, l_n),
-                residual2,
-                &p[o.ln2_w..o.ln2_w + c],
-                &p[o.ln2_b..o.ln2_b + c],
-                c,
-            );
-            let fch = layer_mut(&mut a.fch, l, l_n);
-            k::matmul_forward(
-                fch,
-                ln2,
-                &p[o.fc_w..o.fc_w + f4 * c],
-                Some(&p[o.fc_b..o.fc_b + f4]),
-                c,
-                f4,
-                false,
-            );
-            let fch_gelu = layer_mut(&mut a.fch_gelu, l, l_n);
-            k::gelu_forward(fch_gelu, fch);
-            let residual3 = layer_mut(&mut a.residual3, l, l_n);
-            k::matmul_forward(
-                residual3,
-                fch_gelu,
-                &p[o.fcproj_w..o.fcproj_w + c * f4],
-                None,
-                f4,
-                c,
-                false,
-            );
-            tp.all_reduce(residual3)?;
-            k::residual_bias_add(residual3, residual2, &p[o.fcproj_b..o.fcproj_b + c]);
+            let x = layer_out!(a, w, l, l_n, &mut rest[..per]);
+            layer_forward(p, &lay.blocks[l], &d, res_in, x, tp)?;
         }
         a.forwarded = true;
         if !d.last {
@@ -634,6 +885,7 @@ impl<F: Float> Gpt<F> {
         let bt = b * t;
         let a = &mut self.saved[slot];
         let s = &mut self.scratch;
+        let wk = &mut self.work;
         assert!(a.forwarded, "backward needs a forward pass first");
         a.forwarded = false;
         let p = &self.params;
@@ -694,6 +946,19 @@ impl<F: Float> Gpt<F> {
             } else {
                 layer(&a.residual3, l - 1, l_n)
             };
+            // What forward did not keep of this layer, computed again from what it kept.
+            match d.recompute {
+                Recompute::None => {}
+                Recompute::Selective => {
+                    let (qkv, fch) = (layer(&a.qkv, l, l_n), layer(&a.fch, l, l_n));
+                    k::attention_forward(&mut wk.atty, &mut wk.att, qkv, b, t, cq, nh);
+                    k::gelu_forward(&mut wk.fch_gelu, fch);
+                }
+                Recompute::Full => {
+                    let x = layer_out!(a, wk, l, l_n, &mut wk.residual3);
+                    layer_forward(p, &o, &d, res_in, x, tp)?;
+                }
+            }
             let d4c = &mut s.dwide[..bt * f4];
             // MLP: residual3 = residual2 + c_proj(gelu(c_fc(ln_2(residual2)))).
             {
@@ -708,14 +973,14 @@ impl<F: Float> Gpt<F> {
                     dw,
                     Some(db),
                     &s.dres,
-                    layer(&a.fch_gelu, l, l_n),
+                    kept(&a.fch_gelu, &wk.fch_gelu, l, l_n),
                     w,
                     f4,
                     c,
                     false,
                 );
             }
-            k::gelu_backward_inplace(d4c, layer(&a.fch, l, l_n));
+            k::gelu_backward_inplace(d4c, kept(&a.fch, &wk.fch, l, l_n));
             {
                 let (dw, db) = two_mut(g, o.fc_w..o.fc_w + f4 * c, o.fc_b..o.fc_b + f4);
                 let w = &p[o.fc_w..o.fc_w + f4 * c];
@@ -724,7 +989,7 @@ impl<F: Float> Gpt<F> {
                     dw,
                     Some(db),
                     d4c,
-                    layer(&a.ln2, l, l_n),
+                    kept(&a.ln2, &wk.ln2, l, l_n),
                     w,
                     c,
                     f4,
@@ -735,14 +1000,17 @@ impl<F: Float> Gpt<F> {
             tp.all_reduce(&mut s.dc)?;
             {
                 let (dw, db) = two_mut(g, o.ln2_w..o.ln2_w + c, o.ln2_b..o.ln2_b + c);
-                let (mean, rstd) = (layer(&a.ln2_mean, l, l_n), layer(&a.ln2_rstd, l, l_n));
+                let (mean, rstd) = (
+                    kept(&a.ln2_mean, &wk.ln2_mean, l, l_n),
+                    kept(&a.ln2_rstd, &wk.ln2_rstd, l, l_n),
+                );
                 let w = &p[o.ln2_w..o.ln2_w + c];
                 k::layernorm_backward(
                     &mut s.dres,
                     dw,
                     db,
                     &s.dc,
-                    layer(&a.residual2, l, l_n),
+                    kept(&a.residual2, &wk.residual2, l, l_n),
                     mean,
                     rstd,
                     w,
@@ -759,7 +1027,7 @@ impl<F: Float> Gpt<F> {
                     dw,
                     Some(db),
                     &s.dres,
-                    layer(&a.atty, l, l_n),
+                    kept(&a.atty, &wk.atty, l, l_n),
                     w,
                     cq,
                     c,
@@ -771,8 +1039,8 @@ impl<F: Float> Gpt<F> {
                 d3c,
                 &mut s.datt,
                 datty,
-                layer(&a.qkv, l, l_n),
-                layer(&a.att, l, l_n),
+                kept(&a.qkv, &wk.qkv, l, l_n),
+                kept(&a.att, &wk.att, l, l_n),
                 b,
                 t,
                 cq,
@@ -786,7 +1054,7 @@ impl<F: Float> Gpt<F> {
                     dw,
                     Some(db),
                     d3c,
-                    layer(&a.ln1, l, l_n),
+                    kept(&a.ln1, &wk.ln1, l, l_n),
                     w,
                     c,
                     3 * cq,
@@ -796,7 +1064,10 @@ impl<F: Float> Gpt<F> {
             tp.all_reduce(&mut s.dc)?;
             {
                 let (dw, db) = two_mut(g, o.ln1_w..o.ln1_w + c, o.ln1_b..o.ln1_b + c);
-                let (mean, rstd) = (layer(&a.ln1_mean, l, l_n), layer(&a.ln1_rstd, l, l_n));
+                let (mean, rstd) = (
+                    kept(&a.ln1_mean, &wk.ln1_mean, l, l_n),
+                    kept(&a.ln1_rstd, &wk.ln1_rstd, l, l_n),
+                );
                 let w = &p[o.ln1_w..o.ln1_w + c];
                 k::layernorm_backward(&mut s.dres, dw, db, &s.dc, res_in, mean, rstd, w, c);
             }
@@ -865,7 +1136,26 @@ impl<F> Gpt<F> {
         .iter()
         .map(|v| v.len())
         .sum();
-        saved + scratch
+        let w = &self.work;
+        let work: usize = [
+            &w.ln1,
+            &w.ln1_mean,
+            &w.ln1_rstd,
+            &w.qkv,
+            &w.atty,
+            &w.att,
+            &w.residual2,
+            &w.ln2,
+            &w.ln2_mean,
+            &w.ln2_rstd,
+            &w.fch,
+            &w.fch_gelu,
+            &w.residual3,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum();
+        saved + scratch + work
     }
 }
 
@@ -936,13 +1226,21 @@ mod tests {
                 stage: 0,
             },
         ] {
-            let m = Gpt::<f32>::new_shard(config.clone(), shard, 2, 12, 3).unwrap();
-            let estimate = Gpt::<f32>::shard_memory_bytes(&config, shard, 2, 12, 3);
-            let params = ParamLayout::new(&config).numel() as f64 / (shard.tp * shard.pp) as f64;
-            assert_eq!(
-                estimate,
-                4.0 * (4.0 * params + m.activation_elements() as f64)
-            );
+            let mut seen = Vec::new();
+            for r in [Recompute::None, Recompute::Selective, Recompute::Full] {
+                let m = Gpt::<f32>::new_stage(config.clone(), shard, 2, 12, 3, r).unwrap();
+                let estimate = Gpt::<f32>::stage_memory_bytes(&config, shard, 2, 12, 3, r);
+                let params =
+                    ParamLayout::new(&config).numel() as f64 / (shard.tp * shard.pp) as f64;
+                assert_eq!(
+                    estimate,
+                    4.0 * (4.0 * params + m.activation_elements() as f64),
+                    "{r:?}"
+                );
+                seen.push(m.activation_elements());
+            }
+            // Each mode keeps less than the one before.
+            assert!(seen[0] > seen[1] && seen[1] > seen[2], "{seen:?}");
         }
     }
 }

@@ -26,7 +26,7 @@ pub mod schedule;
 pub use collective::{Collective, Solo};
 pub use config::GptConfig;
 pub use float::Float;
-pub use gpt::Gpt;
+pub use gpt::{Gpt, Recompute};
 pub use layout::{ParamLayout, Shard, TensorSpec};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{BatchRamp, LrSchedule};

@@ -260,6 +260,7 @@ pub(crate) fn step_cost(cfg: &TrainConfig) -> Cost {
         cfg.batch.seq_len,
         cfg.batch.global_batch,
         cfg.batch.micro_batch,
+        cfg.train.recompute,
     )
 }
 
@@ -302,11 +303,12 @@ fn plan(config: PathBuf) -> Result<()> {
         "optimizer replicated"
     };
     println!(
-        "memory/rank        {:.1} GiB: {:.1} GiB weights, gradients and optimizer state (bf16 + fp32, {sharding}), {:.1} GiB activations (micro batch {}, full recompute)",
+        "memory/rank        {:.1} GiB: {:.1} GiB weights, gradients and optimizer state (bf16 + fp32, {sharding}), {:.1} GiB activations (micro batch {}, recompute {})",
         gib(k.memory_bytes_per_rank()),
         gib(k.state_bytes_per_rank),
         gib(k.activation_bytes_per_rank),
-        cfg.batch.micro_batch
+        cfg.batch.micro_batch,
+        serde_json::to_value(k.recompute)?.as_str().unwrap_or("?"),
     );
     println!(
         "FLOPs/step         {:.3e} for a global batch of {} x {} tokens ({:.3e} per rank)",

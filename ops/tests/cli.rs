@@ -151,7 +151,27 @@ fn plan_sizes_the_mtnlg_530b_layout() {
     );
     assert!(t.contains("(529.6B)"), "{t}");
     assert!(t.contains("memory/rank"), "{t}");
+    assert!(t.contains("recompute full"), "{t}");
     assert!(t.contains("FLOPs/step"), "{t}");
+    // The same job keeping every activation needs more memory per rank, and says so.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("none.toml");
+    let shipped = std::fs::read_to_string(repo().join("configs/mtnlg-530b.toml")).unwrap();
+    let none = shipped.replace("recompute = \"full\"", "recompute = \"none\"");
+    assert_ne!(
+        none, shipped,
+        "the shipped configuration names its recomputation"
+    );
+    std::fs::write(&path, none).unwrap();
+    let out = marathon(&["plan", "--config", path.to_str().unwrap()], repo());
+    let u = text(&out);
+    assert!(u.contains("recompute none"), "{u}");
+    let activations = |s: &str| -> f64 {
+        let line = s.lines().find(|l| l.starts_with("memory/rank")).unwrap();
+        let at = line.find(" GiB activations").unwrap();
+        line[..at].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(activations(&u) > activations(&t), "{t}\n{u}");
 }
 
 #[test]

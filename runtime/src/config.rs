@@ -108,6 +108,11 @@ pub struct RunConfig {
     /// ([`crate::transport`]).
     #[serde(default)]
     pub transport: crate::transport::TransportChoice,
+    /// What backward recomputes instead of keeping from forward: `none` (the default),
+    /// `selective` (attention and GELU, from the kept matrix products) or `full` (each layer
+    /// from its input). Gradients are bitwise the same; memory falls.
+    #[serde(default)]
+    pub recompute: marathon_model::Recompute,
 }
 
 fn default_eval_batches() -> usize {

@@ -214,3 +214,45 @@ fn fewer_microbatches_than_stages_still_equal_one_process() {
     // Three microbatches over four stages, and over two uneven replicas of two stages.
     check_layouts(6, &[(1, 4, 1, false), (1, 2, 2, true)]);
 }
+
+/// Asserts two runs of the same layout are bitwise equal, rank by rank: losses and parameters.
+fn assert_bitwise(a: &[Run], b: &[Run], what: &str) {
+    for (r, (x, y)) in a.iter().zip(b).enumerate() {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&x.losses), bits(&y.losses), "{what}: rank {r} losses");
+        assert!(
+            bits(&x.params) == bits(&y.params),
+            "{what}: rank {r} parameters differ bitwise"
+        );
+    }
+}
+
+#[test]
+fn recomputation_is_bitwise_equal_to_keeping_everything() {
+    use marathon_model::Recompute;
+    let (_dir, cfg) = deep_config(8);
+    let with = |r: Recompute| {
+        let mut c = cfg.clone();
+        c.train.recompute = r;
+        c
+    };
+    // One process.
+    let none = single(&cfg);
+    for r in [Recompute::Selective, Recompute::Full] {
+        assert_bitwise(
+            std::slice::from_ref(&none),
+            std::slice::from_ref(&single(&with(r))),
+            &format!("one process, {r:?}"),
+        );
+    }
+    // tp2 x pp2: full recomputation runs each layer's tensor-parallel all-reduces again in
+    // backward, and a stage keeps two microbatches in flight.
+    let none = parallel(&cfg, 2, 2, 1, false);
+    for r in [Recompute::Selective, Recompute::Full] {
+        assert_bitwise(
+            &none,
+            &parallel(&with(r), 2, 2, 1, false),
+            &format!("tp2 x pp2, {r:?}"),
+        );
+    }
+}

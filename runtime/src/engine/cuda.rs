@@ -164,6 +164,21 @@ impl CudaEngine {
         master: &[f32],
         opt_shard: Range<usize>,
     ) -> Result<Self> {
+        if cfg.train.recompute != marathon_model::Recompute::None {
+            return Err(RuntimeError::Config {
+                path: cfg.source.clone(),
+                field: "train.recompute".into(),
+                reason: format!(
+                    "{} recomputation runs on the CPU engine; the CUDA engine keeps every \
+                     activation, so set recompute = \"none\" with device = \"cuda\" (and \
+                     lower batch.micro_batch if it does not fit)",
+                    serde_json::to_value(cfg.train.recompute)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ),
+            });
+        }
         let gpu = Gpu::new(ordinal).map_err(device_error)?;
         let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
         let opt_parts = master.len().div_ceil(opt_shard.len().max(1));

@@ -31,7 +31,7 @@ use std::io::BufWriter;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use marathon_model::{AdamW, BatchRamp, Gpt, Shard};
+use marathon_model::{AdamW, BatchRamp, Gpt, Recompute, Shard};
 use marathon_storage::writer::CommitGuard;
 
 use crate::checkpoint::Checkpointing;
@@ -168,7 +168,12 @@ impl Trainer {
         let on_gpu = cfg.train.device == Device::Cuda;
         // On a GPU the host model only holds the state: its activations are those of one token.
         let (hb, hs, host_slots) = if on_gpu { (1, 1, 1) } else { (mb, seq, slots) };
-        let mut model = Gpt::new_shard(cfg.model.clone(), shard, hb, hs, host_slots)
+        let recompute = if on_gpu {
+            Recompute::None
+        } else {
+            cfg.train.recompute
+        };
+        let mut model = Gpt::new_stage(cfg.model.clone(), shard, hb, hs, host_slots, recompute)
             .map_err(|e| cfg.error(e))?;
         model.init_params(cfg.train.seed, cfg.optim.init_std);
         let opt_shard = if layout.distributed_optimizer {

@@ -57,9 +57,13 @@ fn check_samples(f: &TokenFile, seq: usize, mb: usize, field: &str) -> Result<()
 fn check_memory(cfg: &TrainConfig) -> Result<()> {
     let p = cfg.parallel;
     // On a GPU the host holds the state only; the device's memory is checked when it opens.
-    let (mb, seq) = match cfg.train.device {
-        Device::Cpu => (cfg.batch.micro_batch, cfg.batch.seq_len),
-        Device::Cuda => (1, 1),
+    let (mb, seq, recompute) = match cfg.train.device {
+        Device::Cpu => (
+            cfg.batch.micro_batch,
+            cfg.batch.seq_len,
+            cfg.train.recompute,
+        ),
+        Device::Cuda => (1, 1, marathon_model::Recompute::None),
     };
     let per_replica: f64 = (0..p.pp)
         .map(|stage| {
@@ -69,7 +73,9 @@ fn check_memory(cfg: &TrainConfig) -> Result<()> {
                 pp: p.pp,
                 stage,
             };
-            p.tp as f64 * Gpt::<f32>::shard_memory_bytes(&cfg.model, shard, mb, seq, p.pp - stage)
+            let slots = p.pp - stage;
+            p.tp as f64
+                * Gpt::<f32>::stage_memory_bytes(&cfg.model, shard, mb, seq, slots, recompute)
         })
         .sum();
     let need = p.dp as f64 * per_replica;
