@@ -11,9 +11,10 @@
 //!   GPU fails at once when another thread aborts the group, and at its deadline;
 //! - a checkpoint written from the GPU and resumed by a CPU run: the same fp32 master weights
 //!   and moments, bitwise; the same for a tp2 checkpoint resumed in one CPU process;
-//! - tp2, pp2 (4 microbatches), dp2 with the distributed optimizer and tp2 x pp2 x dp2 as worker
-//!   processes sharing this GPU through the host-staged transport: 20 steps' losses within bf16
-//!   tolerance of the one-GPU run.
+//! - tp2, pp2 (4 microbatches), dp2 with the distributed optimizer, tp2 x pp2 x dp2 and tp2 x
+//!   pp2 with full recomputation as worker processes sharing this GPU through the host-staged
+//!   transport: 20 steps' losses within bf16 tolerance of the one-GPU run;
+//! - selective and full recomputation on the GPU against keeping everything, 20 steps.
 //!
 //! Bench: GPT-2 124M at the given batch and sequence: ms/step, tokens/s, model FLOP utilisation,
 //! and a checkpoint snapshot's stall beside a pinned device-to-host copy of the same bytes.
@@ -101,6 +102,12 @@ pub fn run(args: GpuArgs) -> Result<()> {
     checks.extend(layout_checks(&data, dir.path()).unwrap_or_else(|e| vec![failed("layouts", e)]));
     checks.push(
         tp2_checkpoint_check(&data, dir.path()).unwrap_or_else(|e| failed("tp2 checkpoint", e)),
+    );
+    let gpt2 = TrainConfig::load(&args.config)
+        .map(|c| c.model)
+        .context("reading the bench's model")?;
+    checks.extend(
+        recompute_checks(&data, dir.path(), &gpt2).unwrap_or_else(|e| vec![failed("recompute", e)]),
     );
     let bench = if args.checks_only {
         None
@@ -1124,17 +1131,18 @@ fn layout_checks(data: &Path, dir: &Path) -> Result<Vec<Check>> {
             .collect::<Result<Vec<_>>>()?
     };
     let layouts = [
-        ("tp2", 2, 1, 1, false),
-        ("pp2, 4 microbatches", 1, 2, 1, false),
-        ("dp2 with the distributed optimizer", 1, 1, 2, true),
-        ("tp2 x pp2 x dp2", 2, 2, 2, false),
+        ("tp2", 2, 1, 1, false, "none"),
+        ("pp2, 4 microbatches", 1, 2, 1, false, "none"),
+        ("dp2 with the distributed optimizer", 1, 1, 2, true, "none"),
+        ("tp2 x pp2 x dp2", 2, 2, 2, false, "none"),
+        ("tp2 x pp2, full recomputation", 2, 2, 1, false, "full"),
     ];
     let mut out = Vec::new();
-    for (i, (name, tp, pp, dp, zero)) in layouts.into_iter().enumerate() {
+    for (i, (name, tp, pp, dp, zero, recompute)) in layouts.into_iter().enumerate() {
         let metrics = dir.join(format!("layout-{i}.jsonl"));
         let extra = format!(
-            "metrics = \"{}\"\n[parallel]\ntp = {tp}\npp = {pp}\ndp = {dp}\n\
-             distributed_optimizer = {zero}\n",
+            "metrics = \"{}\"\nrecompute = \"{recompute}\"\n[parallel]\ntp = {tp}\npp = {pp}\n\
+             dp = {dp}\ndistributed_optimizer = {zero}\n",
             metrics.display()
         );
         let path = dir.join(format!("layout-{i}.toml"));
@@ -1181,6 +1189,47 @@ fn layout_checks(data: &Path, dir: &Path) -> Result<Vec<Check>> {
             ),
             precision: "bf16",
             error,
+            tolerance: BF16_TOL,
+        });
+    }
+    Ok(out)
+}
+
+/// Recomputation on the GPU: 20 steps with selective and with full recomputation against
+/// keeping everything, from the same weights on the same data; and the device memory each
+/// needs for GPT-2 124M at 16 x 1024, as the model allocates it.
+fn recompute_checks(data: &Path, dir: &Path, gpt2: &GptConfig) -> Result<Vec<Check>> {
+    use marathon_model::cuda::CudaGpt;
+    use marathon_model::{Recompute, Shard};
+    let steps = 20;
+    let run = |mode: &str| -> Result<Vec<f64>> {
+        let path = dir.join(format!("recompute-{mode}.toml"));
+        let extra = format!("recompute = \"{mode}\"\n");
+        std::fs::write(
+            &path,
+            small_toml(data, steps, None, Device::Cuda, 4, &extra),
+        )?;
+        let mut t = Trainer::new(TrainConfig::load(&path)?)?;
+        (0..steps)
+            .map(|_| Ok(t.train_step()?.loss as f64))
+            .collect()
+    };
+    let none = run("none")?;
+    let gib = |r| CudaGpt::shard_memory_bytes(gpt2, Shard::WHOLE, 16, 1024, 1, 1, r) / 1e9;
+    eprintln!(
+        "  recomputation, GPT-2 124M at 16 x 1024 on the device: none {:.1} GB, selective {:.1} \
+         GB, full {:.1} GB",
+        gib(Recompute::None),
+        gib(Recompute::Selective),
+        gib(Recompute::Full)
+    );
+    let mut out = Vec::new();
+    for mode in ["selective", "full"] {
+        let got = run(mode)?;
+        out.push(Check {
+            name: format!("{mode} recomputation on the GPU: 20 steps' losses vs none (worst step)"),
+            precision: "bf16",
+            error: worst_rel(&got, &none),
             tolerance: BF16_TOL,
         });
     }

@@ -18,8 +18,8 @@ use super::blas::Out;
 use super::ops::AdamWStep;
 use super::{bytes, CudaError, DeviceBuffer, Event, Gpu, Result, Slice, Stream};
 use crate::collective::Solo;
-use crate::layout::{ParamLayout, Shard};
-use crate::{AdamWConfig, GptConfig, ModelError};
+use crate::layout::{BlockOffsets, ParamLayout, Shard};
+use crate::{AdamWConfig, GptConfig, ModelError, Recompute};
 
 /// Blocks of the gradient-norm reduction: partial sums in a fixed order.
 const NORM_PARTS: usize = 1024;
@@ -117,10 +117,27 @@ struct Dims {
     tp: usize,
     first: bool,
     last: bool,
+    recompute: Recompute,
+}
+
+/// The activations of one layer, as [`Dims::size`] sizes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Ln1,
+    Stats,
+    Qkv,
+    Atty,
+    Att,
+    Lse,
+    Residual2,
+    Ln2,
+    Fch,
+    FchGelu,
+    Residual3,
 }
 
 impl Dims {
-    fn new(cfg: &GptConfig, shard: Shard, b: usize, t: usize) -> Self {
+    fn new(cfg: &GptConfig, shard: Shard, b: usize, t: usize, recompute: Recompute) -> Self {
         let vl = cfg.padded_vocab_size() / shard.tp;
         Dims {
             b,
@@ -136,7 +153,80 @@ impl Dims {
             tp: shard.tp,
             first: shard.first_stage(),
             last: shard.last_stage(),
+            recompute,
         }
+    }
+
+    /// Elements of one layer's `act` (each of the four statistics for `Stats`).
+    fn size(&self, act: Act) -> usize {
+        let bt = self.b * self.t;
+        let (tt, rows) = if self.fused() {
+            (0, self.b * self.nh * self.t)
+        } else {
+            (self.b * self.nh * self.t * self.t, 0)
+        };
+        match act {
+            Act::Ln1 | Act::Residual2 | Act::Ln2 | Act::Residual3 => bt * self.c,
+            Act::Stats => bt,
+            Act::Qkv => bt * 3 * self.cq,
+            Act::Atty => bt * self.cq,
+            Act::Att => tt,
+            Act::Lse => rows,
+            Act::Fch | Act::FchGelu => bt * self.f4,
+        }
+    }
+
+    /// Whether forward keeps `act` of every layer, as on the CPU ([`Recompute`]); otherwise it
+    /// lives in the one-layer working set.
+    fn keeps(&self, act: Act) -> bool {
+        match self.recompute {
+            Recompute::None => true,
+            Recompute::Selective => !matches!(act, Act::Atty | Act::Att | Act::Lse | Act::FchGelu),
+            Recompute::Full => act == Act::Residual3,
+        }
+    }
+
+    /// Whether `act` has a place in the one-layer working set: what forward does not keep, and
+    /// full recomputation's copy of the layer output.
+    fn works(&self, act: Act) -> bool {
+        match self.recompute {
+            Recompute::None => false,
+            Recompute::Selective => !self.keeps(act),
+            Recompute::Full => true,
+        }
+    }
+
+    /// (fp32, bf16) elements of `which` layers' activations: kept ones times `kept_layers`,
+    /// working ones once.
+    fn layer_elements(&self, kept_layers: usize, working: bool) -> (usize, usize) {
+        let count = |a: Act| {
+            let n = if a == Act::Stats { 4 } else { 1 };
+            let layers = if working {
+                usize::from(self.works(a))
+            } else if self.keeps(a) {
+                kept_layers
+            } else {
+                0
+            };
+            n * layers * self.size(a)
+        };
+        let f32s = [Act::Stats, Act::Lse, Act::Residual2, Act::Residual3]
+            .into_iter()
+            .map(count)
+            .sum();
+        let bf16s = [
+            Act::Ln1,
+            Act::Qkv,
+            Act::Atty,
+            Act::Att,
+            Act::Ln2,
+            Act::Fch,
+            Act::FchGelu,
+        ]
+        .into_iter()
+        .map(count)
+        .sum();
+        (f32s, bf16s)
     }
 
     fn fused(&self) -> bool {
@@ -145,28 +235,13 @@ impl Dims {
 
     /// (fp32, bf16) elements of one slot's activations, as [`Acts::new`] allocates them.
     fn slot_elements(&self) -> (usize, usize) {
-        let Dims {
-            b,
-            t,
-            c,
-            nh,
-            cq,
-            f4,
-            vl,
-            l,
-            last,
-            ..
-        } = *self;
-        let bt = b * t;
-        let (tt, rows) = if self.fused() {
-            (0, b * nh * t)
-        } else {
-            (b * nh * t * t, 0)
-        };
-        let head = usize::from(last);
-        let f32s = bt * c + l * (4 * bt + rows + 2 * bt * c) + head * 3 * bt;
-        let bf16s = l * (2 * bt * c + 4 * bt * cq + 2 * bt * f4 + tt) + head * (bt * c + bt * vl);
-        (f32s, bf16s)
+        let (bt, c, vl) = (self.b * self.t, self.c, self.vl);
+        let head = usize::from(self.last);
+        let (f32s, bf16s) = self.layer_elements(self.l, false);
+        (
+            bt * c + f32s + head * 3 * bt,
+            bf16s + head * (bt * c + bt * vl),
+        )
     }
 
     /// (fp32, bf16) elements of the backward scratch, as [`CudaGpt::new_shard`] allocates it.
@@ -187,8 +262,9 @@ impl Dims {
         } else {
             (b * nh * t * t, 0)
         };
-        let f32s = bt * c + rows + 3 * bt + tp * 3 * bt + bt;
-        let bf16s = 2 * bt * c + bt * f4.max(3 * cq) + tt + 8 * bt * cq;
+        let (w32, wbf) = self.layer_elements(1, true);
+        let f32s = bt * c + rows + 3 * bt + tp * 3 * bt + bt + w32;
+        let bf16s = 2 * bt * c + bt * f4.max(3 * cq) + tt + 8 * bt * cq + wbf;
         (f32s, bf16s)
     }
 }
@@ -228,53 +304,195 @@ struct Acts {
 }
 
 impl Acts {
+    /// One slot's buffers: every layer of what forward keeps, no layer of what it does not.
     fn new(gpu: &Gpu, d: &Dims) -> Result<Self> {
-        let Dims {
-            b,
-            t,
-            c,
-            nh,
-            cq,
-            f4,
-            vl,
-            l,
-            last,
-            ..
-        } = *d;
-        let bt = b * t;
-        let (tt, rows) = if d.fused() {
-            (0, b * nh * t)
-        } else {
-            (b * nh * t * t, 0)
-        };
-        let head = usize::from(last);
-        let z32 = |n: usize| Db::<f32>::zeros(gpu, n);
-        let zbf = |n: usize| Db::<Bf16>::zeros(gpu, n);
+        Self::layers(gpu, d, |a| if d.keeps(a) { d.l } else { 0 }, true)
+    }
+
+    /// The one-layer working set of recomputation, laid out as a slot; empty without it.
+    fn work(gpu: &Gpu, d: &Dims) -> Result<Self> {
+        Self::layers(gpu, d, |a| usize::from(d.works(a)), false)
+    }
+
+    /// `layers(act)` layers of each activation; the encoded input, tokens and the last stage's
+    /// head only with `slot`.
+    fn layers(gpu: &Gpu, d: &Dims, layers: impl Fn(Act) -> usize, slot: bool) -> Result<Self> {
+        let (bt, c, vl) = (d.b * d.t, d.c, d.vl);
+        let head = usize::from(d.last && slot);
+        let own = usize::from(slot);
+        let z32 = |a: Act| Db::<f32>::zeros(gpu, layers(a) * d.size(a));
+        let zbf = |a: Act| Db::<Bf16>::zeros(gpu, layers(a) * d.size(a));
         Ok(Acts {
-            tokens: Db::zeros(gpu, bt)?,
-            targets: Db::zeros(gpu, bt)?,
-            encoded: z32(bt * c)?,
-            ln1: zbf(l * bt * c)?,
-            ln1_mean: z32(l * bt)?,
-            ln1_rstd: z32(l * bt)?,
-            qkv: zbf(l * bt * 3 * cq)?,
-            atty: zbf(l * bt * cq)?,
-            att: zbf(l * tt)?,
-            lse: z32(l * rows)?,
-            residual2: z32(l * bt * c)?,
-            ln2: zbf(l * bt * c)?,
-            ln2_mean: z32(l * bt)?,
-            ln2_rstd: z32(l * bt)?,
-            fch: zbf(l * bt * f4)?,
-            fch_gelu: zbf(l * bt * f4)?,
-            residual3: z32(l * bt * c)?,
-            lnf: zbf(head * bt * c)?,
-            lnf_mean: z32(head * bt)?,
-            lnf_rstd: z32(head * bt)?,
-            logits: zbf(head * bt * vl)?,
+            tokens: Db::zeros(gpu, own * bt)?,
+            targets: Db::zeros(gpu, own * bt)?,
+            encoded: Db::zeros(gpu, own * bt * c)?,
+            ln1: zbf(Act::Ln1)?,
+            ln1_mean: z32(Act::Stats)?,
+            ln1_rstd: z32(Act::Stats)?,
+            qkv: zbf(Act::Qkv)?,
+            atty: zbf(Act::Atty)?,
+            att: zbf(Act::Att)?,
+            lse: z32(Act::Lse)?,
+            residual2: z32(Act::Residual2)?,
+            ln2: zbf(Act::Ln2)?,
+            ln2_mean: z32(Act::Stats)?,
+            ln2_rstd: z32(Act::Stats)?,
+            fch: zbf(Act::Fch)?,
+            fch_gelu: zbf(Act::FchGelu)?,
+            residual3: z32(Act::Residual3)?,
+            lnf: Db::zeros(gpu, head * bt * c)?,
+            lnf_mean: Db::zeros(gpu, head * bt)?,
+            lnf_rstd: Db::zeros(gpu, head * bt)?,
+            logits: Db::zeros(gpu, head * bt * vl)?,
             forwarded: false,
         })
     }
+}
+
+/// Layer `l` of a kept activation, or the working set's copy when forward does not keep it.
+fn at<'a, T: Copy>(kept: &'a Db<T>, work: &'a Db<T>, l: usize, n: usize) -> Slice<'a, T> {
+    if kept.is_empty() {
+        work.all()
+    } else {
+        kept.part(l, n)
+    }
+}
+
+/// Where one layer's activations are: the slot's where forward keeps them, the working set's
+/// where it does not.
+#[derive(Clone, Copy)]
+struct Layer<'a> {
+    ln1: Slice<'a, Bf16>,
+    ln1_mean: Slice<'a, f32>,
+    ln1_rstd: Slice<'a, f32>,
+    qkv: Slice<'a, Bf16>,
+    atty: Slice<'a, Bf16>,
+    att: Slice<'a, Bf16>,
+    lse: Slice<'a, f32>,
+    residual2: Slice<'a, f32>,
+    ln2: Slice<'a, Bf16>,
+    ln2_mean: Slice<'a, f32>,
+    ln2_rstd: Slice<'a, f32>,
+    fch: Slice<'a, Bf16>,
+    fch_gelu: Slice<'a, Bf16>,
+    residual3: Slice<'a, f32>,
+}
+
+impl<'a> Layer<'a> {
+    fn of(a: &'a Acts, w: &'a Acts, l: usize, n: usize) -> Self {
+        Layer {
+            ln1: at(&a.ln1, &w.ln1, l, n),
+            ln1_mean: at(&a.ln1_mean, &w.ln1_mean, l, n),
+            ln1_rstd: at(&a.ln1_rstd, &w.ln1_rstd, l, n),
+            qkv: at(&a.qkv, &w.qkv, l, n),
+            atty: at(&a.atty, &w.atty, l, n),
+            att: at(&a.att, &w.att, l, n),
+            lse: at(&a.lse, &w.lse, l, n),
+            residual2: at(&a.residual2, &w.residual2, l, n),
+            ln2: at(&a.ln2, &w.ln2, l, n),
+            ln2_mean: at(&a.ln2_mean, &w.ln2_mean, l, n),
+            ln2_rstd: at(&a.ln2_rstd, &w.ln2_rstd, l, n),
+            fch: at(&a.fch, &w.fch, l, n),
+            fch_gelu: at(&a.fch_gelu, &w.fch_gelu, l, n),
+            residual3: a.residual3.part(l, n),
+        }
+    }
+}
+
+/// Attention's forward of one layer from its `qkv`, fused for heads of 64.
+fn attention_forward(g: &mut Gpu, d: &Dims, x: &Layer, heads: &[Slice<Bf16>; 8]) -> Result<()> {
+    if d.fused() {
+        g.flash_attention_forward(x.atty, x.lse, x.qkv, d.b, d.t, d.nh)
+    } else {
+        g.attention_forward(
+            x.atty,
+            x.att,
+            x.qkv,
+            [heads[0], heads[1], heads[2], heads[3]],
+            d.b,
+            d.t,
+            d.nh,
+        )
+    }
+}
+
+/// One layer's forward from `res_in`, (B, T, C), into `x`; the residual stream leaves in
+/// `x.residual3`. Tensor parallelism as in [`CudaGpt::forward_stage`].
+fn layer_forward<C: DeviceCollective>(
+    g: &mut Gpu,
+    p: &Db<Bf16>,
+    o: &BlockOffsets,
+    d: &Dims,
+    res_in: Slice<f32>,
+    x: &Layer,
+    heads: &[Slice<Bf16>; 8],
+    tp: &mut C,
+) -> std::result::Result<(), StageError<C::Error>> {
+    let (c, cq, f4) = (d.c, d.cq, d.f4);
+    g.layernorm_forward(
+        x.ln1,
+        x.ln1_mean,
+        x.ln1_rstd,
+        res_in,
+        p.slice(o.ln1_w..o.ln1_w + c),
+        p.slice(o.ln1_b..o.ln1_b + c),
+    )?;
+    // Column-parallel: this rank's heads of q, k and v.
+    g.matmul_forward(
+        bytes(x.qkv),
+        Out::Bf16,
+        x.ln1,
+        p.slice(o.qkv_w..o.qkv_w + 3 * cq * c),
+        Some(p.slice(o.qkv_b..o.qkv_b + 3 * cq)),
+        c,
+        3 * cq,
+    )?;
+    attention_forward(g, d, x, heads)?;
+    // Row-parallel: partial products summed over ranks, then the bias once.
+    g.matmul_forward(
+        bytes(x.residual2),
+        Out::F32,
+        x.atty,
+        p.slice(o.proj_w..o.proj_w + c * cq),
+        None,
+        cq,
+        c,
+    )?;
+    tp.all_reduce(g, x.residual2).map_err(StageError::Comm)?;
+    g.residual_bias_add(x.residual2, res_in, p.slice(o.proj_b..o.proj_b + c))?;
+    g.layernorm_forward(
+        x.ln2,
+        x.ln2_mean,
+        x.ln2_rstd,
+        x.residual2,
+        p.slice(o.ln2_w..o.ln2_w + c),
+        p.slice(o.ln2_b..o.ln2_b + c),
+    )?;
+    g.matmul_forward_gelu(
+        x.fch_gelu,
+        x.fch,
+        x.ln2,
+        p.slice(o.fc_w..o.fc_w + f4 * c),
+        p.slice(o.fc_b..o.fc_b + f4),
+        c,
+        f4,
+    )?;
+    g.matmul_forward(
+        bytes(x.residual3),
+        Out::F32,
+        x.fch_gelu,
+        p.slice(o.fcproj_w..o.fcproj_w + c * f4),
+        None,
+        f4,
+        c,
+    )?;
+    tp.all_reduce(g, x.residual3).map_err(StageError::Comm)?;
+    g.residual_bias_add(
+        x.residual3,
+        x.residual2,
+        p.slice(o.fcproj_b..o.fcproj_b + c),
+    )?;
+    Ok(())
 }
 
 /// Backward's working buffers, shared by every slot, and the step's sums.
@@ -325,6 +543,8 @@ pub struct CudaGpt {
     copy_fence: Option<Arc<Event>>,
     d: Dims,
     acts: Vec<Acts>,
+    /// The one-layer working set of recomputation ([`Recompute`]).
+    work: Acts,
     s: Scratch,
 }
 
@@ -340,13 +560,23 @@ impl CudaGpt {
         master: &[f32],
     ) -> std::result::Result<Self, CudaModelError> {
         let n = master.len();
-        Self::new_shard(gpu, config, Shard::WHOLE, batch, seq, 1, master, 0..n)
+        Self::new_shard(
+            gpu,
+            config,
+            Shard::WHOLE,
+            batch,
+            seq,
+            1,
+            master,
+            0..n,
+            Recompute::None,
+        )
     }
 
     /// Builds `shard` of the model on `gpu`, keeping the activations of `slots` microbatches
-    /// (a 1F1B stage keeps one per later stage, plus its own), from fp32 `master` weights laid
-    /// out by [`ParamLayout::sharded`]. The Adam moments cover `opt_shard` of the flat buffers
-    /// and start at zero.
+    /// (a 1F1B stage keeps one per later stage, plus its own) of which it keeps what
+    /// `recompute` says, from fp32 `master` weights laid out by [`ParamLayout::sharded`]. The
+    /// Adam moments cover `opt_shard` of the flat buffers and start at zero.
     pub fn new_shard(
         gpu: Gpu,
         config: GptConfig,
@@ -356,6 +586,7 @@ impl CudaGpt {
         slots: usize,
         master: &[f32],
         opt_shard: Range<usize>,
+        recompute: Recompute,
     ) -> std::result::Result<Self, CudaModelError> {
         config.validate()?;
         shard.validate(&config)?;
@@ -380,7 +611,7 @@ impl CudaGpt {
             opt_shard.end <= n,
             "the optimizer's shard is outside the model"
         );
-        let d = Dims::new(&config, shard, batch, seq);
+        let d = Dims::new(&config, shard, batch, seq, recompute);
         let (bt, c, cq, f4) = (d.b * d.t, d.c, d.cq, d.f4);
         let (tt, rows) = if d.fused() {
             (0, d.b * d.nh * d.t)
@@ -392,6 +623,7 @@ impl CudaGpt {
         let acts = (0..slots)
             .map(|_| Acts::new(&gpu, &d))
             .collect::<Result<_>>()?;
+        let work = Acts::work(&gpu, &d)?;
         let s = Scratch {
             dres: z32(bt * c)?,
             dres_bf: zbf(bt * c)?,
@@ -425,6 +657,7 @@ impl CudaGpt {
             copy_fence: None,
             d,
             acts,
+            work,
             s,
             config,
             layout,
@@ -439,12 +672,12 @@ impl CudaGpt {
     /// Bytes the device holds for the whole model with microbatches of (b, t), as
     /// [`CudaGpt::new`] allocates them.
     pub fn memory_bytes(config: &GptConfig, b: usize, t: usize) -> f64 {
-        Self::shard_memory_bytes(config, Shard::WHOLE, b, t, 1, 1)
+        Self::shard_memory_bytes(config, Shard::WHOLE, b, t, 1, 1, Recompute::None)
     }
 
-    /// Bytes the device holds for `shard` with microbatches of (b, t), `slots` of them kept,
-    /// and the optimizer's moments split over `opt_parts` replicas: state, activations and
-    /// scratch, as [`CudaGpt::new_shard`] allocates them.
+    /// Bytes the device holds for `shard` with microbatches of (b, t), `slots` of them kept
+    /// under `recompute`, and the optimizer's moments split over `opt_parts` replicas: state,
+    /// activations and scratch, as [`CudaGpt::new_shard`] allocates them.
     pub fn shard_memory_bytes(
         config: &GptConfig,
         shard: Shard,
@@ -452,9 +685,10 @@ impl CudaGpt {
         t: usize,
         slots: usize,
         opt_parts: usize,
+        recompute: Recompute,
     ) -> f64 {
         let n = ParamLayout::sharded(config, shard).numel() as f64;
-        let d = Dims::new(config, shard, b, t);
+        let d = Dims::new(config, shard, b, t, recompute);
         // master and grads (fp32), the moments (fp32, this replica's part), params (bf16),
         // the decay mask.
         let state = n * (4.0 * 2.0 + 8.0 / opt_parts.max(1) as f64 + 2.0 + 1.0);
@@ -517,16 +751,7 @@ impl CudaGpt {
     ) -> std::result::Result<(), StageError<C::Error>> {
         let d = self.d;
         let Dims {
-            b,
-            t,
-            c,
-            nh,
-            cq,
-            f4,
-            v0,
-            vl,
-            v,
-            ..
+            b, t, c, v0, vl, v, ..
         } = d;
         let l_n = d.l;
         assert!(
@@ -539,7 +764,6 @@ impl CudaGpt {
             tokens.iter().chain(targets).all(|&x| (x as usize) < v),
             "token id outside the vocabulary"
         );
-        let fused = d.fused();
         let a = &mut self.acts[slot];
         let g = &mut self.gpu;
         a.tokens.upload(g, tokens)?;
@@ -567,90 +791,13 @@ impl CudaGpt {
         }
         let heads: [Slice<Bf16>; 8] = std::array::from_fn(|i| self.s.heads[i].all());
         for l in 0..l_n {
-            let o = lay.blocks[l];
             let res_in = if l == 0 {
                 a.encoded.all()
             } else {
                 a.residual3.part(l - 1, l_n)
             };
-            let ln1 = a.ln1.part(l, l_n);
-            g.layernorm_forward(
-                ln1,
-                a.ln1_mean.part(l, l_n),
-                a.ln1_rstd.part(l, l_n),
-                res_in,
-                p.slice(o.ln1_w..o.ln1_w + c),
-                p.slice(o.ln1_b..o.ln1_b + c),
-            )?;
-            // Column-parallel: this rank's heads of q, k and v.
-            let qkv = a.qkv.part(l, l_n);
-            g.matmul_forward(
-                bytes(qkv),
-                Out::Bf16,
-                ln1,
-                p.slice(o.qkv_w..o.qkv_w + 3 * cq * c),
-                Some(p.slice(o.qkv_b..o.qkv_b + 3 * cq)),
-                c,
-                3 * cq,
-            )?;
-            let atty = a.atty.part(l, l_n);
-            if fused {
-                g.flash_attention_forward(atty, a.lse.part(l, l_n), qkv, b, t, nh)?;
-            } else {
-                g.attention_forward(
-                    atty,
-                    a.att.part(l, l_n),
-                    qkv,
-                    [heads[0], heads[1], heads[2], heads[3]],
-                    b,
-                    t,
-                    nh,
-                )?;
-            }
-            // Row-parallel: partial products summed over ranks, then the bias once.
-            let residual2 = a.residual2.part(l, l_n);
-            g.matmul_forward(
-                bytes(residual2),
-                Out::F32,
-                atty,
-                p.slice(o.proj_w..o.proj_w + c * cq),
-                None,
-                cq,
-                c,
-            )?;
-            tp.all_reduce(g, residual2).map_err(comm)?;
-            g.residual_bias_add(residual2, res_in, p.slice(o.proj_b..o.proj_b + c))?;
-            let ln2 = a.ln2.part(l, l_n);
-            g.layernorm_forward(
-                ln2,
-                a.ln2_mean.part(l, l_n),
-                a.ln2_rstd.part(l, l_n),
-                residual2,
-                p.slice(o.ln2_w..o.ln2_w + c),
-                p.slice(o.ln2_b..o.ln2_b + c),
-            )?;
-            let fch_gelu = a.fch_gelu.part(l, l_n);
-            g.matmul_forward_gelu(
-                fch_gelu,
-                a.fch.part(l, l_n),
-                ln2,
-                p.slice(o.fc_w..o.fc_w + f4 * c),
-                p.slice(o.fc_b..o.fc_b + f4),
-                c,
-                f4,
-            )?;
-            let residual3 = a.residual3.part(l, l_n);
-            g.matmul_forward(
-                bytes(residual3),
-                Out::F32,
-                fch_gelu,
-                p.slice(o.fcproj_w..o.fcproj_w + c * f4),
-                None,
-                f4,
-                c,
-            )?;
-            tp.all_reduce(g, residual3).map_err(comm)?;
-            g.residual_bias_add(residual3, residual2, p.slice(o.fcproj_b..o.fcproj_b + c))?;
+            let x = Layer::of(a, &self.work, l, l_n);
+            layer_forward(g, p, &lay.blocks[l], &d, res_in, &x, &heads, tp)?;
         }
         a.forwarded = true;
         if !d.last {
@@ -742,6 +889,7 @@ impl CudaGpt {
         let lay = &self.layout;
         let comm = StageError::Comm;
         let heads: [Slice<Bf16>; 8] = std::array::from_fn(|i| s.heads[i].all());
+        let w = &self.work;
         let dsmall = s.dsmall.all();
         match (d.last, output_grad) {
             (true, None) => {
@@ -785,7 +933,19 @@ impl CudaGpt {
             } else {
                 a.residual3.part(l - 1, l_n)
             };
-            let residual2 = a.residual2.part(l, l_n);
+            let mut x = Layer::of(a, w, l, l_n);
+            // What forward did not keep of this layer, computed again from what it kept.
+            match d.recompute {
+                Recompute::None => {}
+                Recompute::Selective => {
+                    attention_forward(g, &d, &x, &heads)?;
+                    g.gelu_forward(x.fch_gelu, x.fch)?;
+                }
+                Recompute::Full => {
+                    x.residual3 = w.residual3.all();
+                    layer_forward(g, p, &o, &d, res_in, &x, &heads, tp)?;
+                }
+            }
             // MLP: residual3 = residual2 + gelu(ln2 @ fc^T + b) @ fcproj^T + b.
             g.cast_to_bf16(dres_bf, s.dres.all())?;
             g.bias_backward(gr.slice(o.fcproj_b..o.fcproj_b + c), dres_bf)?;
@@ -795,9 +955,9 @@ impl CudaGpt {
                 d4c,
                 gr.slice(o.fcproj_w..o.fcproj_w + c * f4),
                 dres_bf,
-                a.fch_gelu.part(l, l_n),
+                x.fch_gelu,
                 p.slice(o.fcproj_w..o.fcproj_w + c * f4),
-                a.fch.part(l, l_n),
+                x.fch,
                 f4,
                 c,
             )?;
@@ -806,7 +966,7 @@ impl CudaGpt {
                 dsmall,
                 gr.slice(o.fc_w..o.fc_w + f4 * c),
                 d4c,
-                a.ln2.part(l, l_n),
+                x.ln2,
                 p.slice(o.fc_w..o.fc_w + f4 * c),
                 c,
                 f4,
@@ -818,9 +978,9 @@ impl CudaGpt {
                 gr.slice(o.ln2_w..o.ln2_w + c),
                 gr.slice(o.ln2_b..o.ln2_b + c),
                 dsmall,
-                residual2,
-                a.ln2_mean.part(l, l_n),
-                a.ln2_rstd.part(l, l_n),
+                x.residual2,
+                x.ln2_mean,
+                x.ln2_rstd,
                 p.slice(o.ln2_w..o.ln2_w + c),
             )?;
             // Attention: residual2 = res_in + attention(ln1 @ qkv^T + b) @ proj^T + b.
@@ -831,7 +991,7 @@ impl CudaGpt {
                 datty,
                 gr.slice(o.proj_w..o.proj_w + c * cq),
                 dres_bf,
-                a.atty.part(l, l_n),
+                x.atty,
                 p.slice(o.proj_w..o.proj_w + c * cq),
                 cq,
                 c,
@@ -842,32 +1002,22 @@ impl CudaGpt {
                     dqkv,
                     s.dd.all(),
                     datty,
-                    a.atty.part(l, l_n),
-                    a.qkv.part(l, l_n),
-                    a.lse.part(l, l_n),
+                    x.atty,
+                    x.qkv,
+                    x.lse,
                     b,
                     t,
                     nh,
                 )?;
             } else {
-                g.attention_backward(
-                    dqkv,
-                    s.datt.all(),
-                    datty,
-                    a.qkv.part(l, l_n),
-                    a.att.part(l, l_n),
-                    heads,
-                    b,
-                    t,
-                    nh,
-                )?;
+                g.attention_backward(dqkv, s.datt.all(), datty, x.qkv, x.att, heads, b, t, nh)?;
             }
             g.bias_backward(gr.slice(o.qkv_b..o.qkv_b + 3 * cq), dqkv)?;
             g.matmul_backward(
                 dsmall,
                 gr.slice(o.qkv_w..o.qkv_w + 3 * cq * c),
                 dqkv,
-                a.ln1.part(l, l_n),
+                x.ln1,
                 p.slice(o.qkv_w..o.qkv_w + 3 * cq * c),
                 c,
                 3 * cq,
@@ -879,8 +1029,8 @@ impl CudaGpt {
                 gr.slice(o.ln1_b..o.ln1_b + c),
                 dsmall,
                 res_in,
-                a.ln1_mean.part(l, l_n),
-                a.ln1_rstd.part(l, l_n),
+                x.ln1_mean,
+                x.ln1_rstd,
                 p.slice(o.ln1_w..o.ln1_w + c),
             )?;
         }

@@ -164,25 +164,12 @@ impl CudaEngine {
         master: &[f32],
         opt_shard: Range<usize>,
     ) -> Result<Self> {
-        if cfg.train.recompute != marathon_model::Recompute::None {
-            return Err(RuntimeError::Config {
-                path: cfg.source.clone(),
-                field: "train.recompute".into(),
-                reason: format!(
-                    "{} recomputation runs on the CPU engine; the CUDA engine keeps every \
-                     activation, so set recompute = \"none\" with device = \"cuda\" (and \
-                     lower batch.micro_batch if it does not fit)",
-                    serde_json::to_value(cfg.train.recompute)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
-                ),
-            });
-        }
         let gpu = Gpu::new(ordinal).map_err(device_error)?;
         let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
         let opt_parts = master.len().div_ceil(opt_shard.len().max(1));
-        let need = CudaGpt::shard_memory_bytes(&cfg.model, shard, mb, seq, slots, opt_parts);
+        let recompute = cfg.train.recompute;
+        let need =
+            CudaGpt::shard_memory_bytes(&cfg.model, shard, mb, seq, slots, opt_parts, recompute);
         let free = gpu.free_memory().map_err(device_error)? as f64;
         if need > free {
             let gib = |b: f64| b / (1u64 << 30) as f64;
@@ -193,7 +180,8 @@ impl CudaEngine {
                     "this rank's shard with microbatches of {mb} x {seq} tokens needs {:.1} GiB \
                      on GPU {ordinal}, which has {:.1} GiB free; lower batch.micro_batch (and \
                      raise the microbatch count through batch.global_batch) or batch.seq_len, \
-                     or raise parallel.tp or parallel.pp",
+                     set train.recompute = \"selective\" or \"full\", or raise parallel.tp or \
+                     parallel.pp",
                     gib(need),
                     gib(free)
                 ),
@@ -215,6 +203,7 @@ impl CudaEngine {
             slots,
             master,
             opt_shard,
+            recompute,
         )
         .map_err(device_error)?;
         let uuid = model.gpu.uuid().map_err(device_error)?;
