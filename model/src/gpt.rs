@@ -11,169 +11,31 @@ use std::convert::Infallible;
 
 use crate::collective::{Collective, Solo};
 use crate::config::GptConfig;
+pub use crate::dims::Recompute;
+use crate::dims::{Act, Dims, ACTS};
 use crate::kernels as k;
 use crate::layout::{ParamLayout, Shard};
 use crate::{Float, ModelError};
 
-/// How much of each layer's activations backward recomputes instead of keeping them from
-/// forward (`train.recompute`). Recomputing runs the same kernels on the same inputs, so the
-/// gradients are bitwise those of keeping everything.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Recompute {
-    /// Keep everything forward computes.
-    #[default]
-    None,
-    /// Keep the matrix products' outputs and the LayerNorms'; recompute attention (its
-    /// probabilities and output) and GELU from them (Korthikanti et al.'s selective
-    /// recomputation: the T x T probabilities are what grows with the sequence).
-    Selective,
-    /// Keep each layer's input only; recompute the layer's whole forward, its tensor-parallel
-    /// all-reduces included, just before its backward.
-    Full,
-}
-
-/// The sizes a shard computes with.
-#[derive(Debug, Clone, Copy)]
-struct Dims {
-    b: usize,
-    t: usize,
-    /// Model width: the residual stream is whole on every rank.
-    c: usize,
-    /// Attention heads on this rank, and their width (C / tp).
-    nh: usize,
-    cq: usize,
-    /// MLP width on this rank (4C / tp).
-    f4: usize,
-    /// This rank's vocabulary slice: `vl` ids from `v0`; `v` is the real vocabulary.
-    v0: usize,
-    vl: usize,
-    v: usize,
-    /// Layers of this stage.
-    l: usize,
-    tp: usize,
-    first: bool,
-    last: bool,
-    recompute: Recompute,
-}
-
-/// The per-layer activations, as [`Dims::per_layer`] sizes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Act {
-    Ln1,
-    Stats,
-    Qkv,
-    Atty,
-    Att,
-    Residual2,
-    Ln2,
-    Fch,
-    FchGelu,
-    Residual3,
-}
-
 impl Dims {
-    fn new(cfg: &GptConfig, shard: Shard, b: usize, t: usize, recompute: Recompute) -> Self {
-        let vl = cfg.padded_vocab_size() / shard.tp;
-        Dims {
-            b,
-            t,
-            c: cfg.n_embd,
-            nh: cfg.n_head / shard.tp,
-            cq: cfg.n_embd / shard.tp,
-            f4: 4 * cfg.n_embd / shard.tp,
-            v0: shard.tp_rank * vl,
-            vl,
-            v: cfg.vocab_size,
-            l: shard.layers(cfg.n_layer).len(),
-            tp: shard.tp,
-            first: shard.first_stage(),
-            last: shard.last_stage(),
-            recompute,
-        }
-    }
-
-    /// Elements of one layer's activation `act` (each of the four statistics for `Stats`).
-    fn per_layer(&self, act: Act) -> usize {
-        let bt = self.b * self.t;
-        match act {
-            Act::Ln1 | Act::Residual2 | Act::Ln2 | Act::Residual3 => bt * self.c,
-            Act::Stats => bt,
-            Act::Qkv => bt * 3 * self.cq,
-            Act::Atty => bt * self.cq,
-            Act::Att => self.b * self.nh * self.t * self.t,
-            Act::Fch | Act::FchGelu => bt * self.f4,
-        }
-    }
-
-    /// Whether forward keeps `act` of every layer for backward; otherwise it lives in the
-    /// one-layer working set and backward recomputes it.
-    fn keeps(&self, act: Act) -> bool {
-        match self.recompute {
-            Recompute::None => true,
-            Recompute::Selective => !matches!(act, Act::Atty | Act::Att | Act::FchGelu),
-            Recompute::Full => act == Act::Residual3,
-        }
-    }
-
     /// Elements of the one-layer working set recomputation writes into, as [`Work::new`]
     /// allocates it.
     fn work_elements(&self) -> usize {
-        const ALL: [Act; 10] = [
-            Act::Ln1,
-            Act::Stats,
-            Act::Qkv,
-            Act::Atty,
-            Act::Att,
-            Act::Residual2,
-            Act::Ln2,
-            Act::Fch,
-            Act::FchGelu,
-            Act::Residual3,
-        ];
-        ALL.iter()
-            .map(|&a| {
-                let n = if a == Act::Stats { 4 } else { 1 };
-                // Full recomputation writes the layer's output again, into the working set.
-                let work =
-                    !self.keeps(a) || (a == Act::Residual3 && self.recompute == Recompute::Full);
-                if work && self.recompute != Recompute::None {
-                    n * self.per_layer(a)
-                } else {
-                    0
-                }
-            })
-            .sum()
+        self.layer_elements(&ACTS, true)
     }
 
     /// Elements of one slot's saved activations, as [`Saved::new`] allocates them.
     fn saved_elements(&self) -> usize {
         let Dims {
-            b,
-            t,
-            c,
-            vl,
-            l,
-            last,
-            ..
+            b, t, c, vl, last, ..
         } = *self;
         let bt = b * t;
-        let kept = |a: Act| if self.keeps(a) { self.per_layer(a) } else { 0 };
         // Per layer: whatever forward keeps of ln1, residual2, ln2, residual3, qkv, atty, fch,
         // fch_gelu, the four per-position statistics and the attention probabilities.
-        let per_layer = kept(Act::Ln1)
-            + kept(Act::Residual2)
-            + kept(Act::Ln2)
-            + kept(Act::Residual3)
-            + kept(Act::Qkv)
-            + kept(Act::Atty)
-            + kept(Act::Fch)
-            + kept(Act::FchGelu)
-            + 4 * kept(Act::Stats)
-            + kept(Act::Att);
+        let kept = self.layer_elements(&ACTS, false);
         // encoded; on the last stage lnf, its statistics, the logits slice and the losses.
         let head = if last { bt * c + 3 * bt + bt * vl } else { 0 };
-        l * per_layer + bt * c + head
+        kept + bt * c + head
     }
 
     /// Elements of the backward scratch, as [`Scratch::new`] allocates them.
@@ -232,7 +94,7 @@ impl<F: Float> Saved<F> {
         // A layer activation forward keeps, for every layer; none when backward recomputes it.
         let k = |a: Act| {
             if d.keeps(a) {
-                z(l * d.per_layer(a))
+                z(l * d.size(a))
             } else {
                 Vec::new()
             }
@@ -281,21 +143,17 @@ struct Work<F> {
     ln2_rstd: Vec<F>,
     fch: Vec<F>,
     fch_gelu: Vec<F>,
-    /// Full recomputation's copy of the layer's output, which backward does not read.
-    residual3: Vec<F>,
 }
 
 impl<F: Float> Work<F> {
     fn new(d: &Dims) -> Self {
-        let on = d.recompute != Recompute::None;
         let w = |a: Act| {
-            if on && !d.keeps(a) {
-                vec![F::ZERO; d.per_layer(a)]
+            if d.works(a) {
+                vec![F::ZERO; d.size(a)]
             } else {
                 Vec::new()
             }
         };
-        let full = d.recompute == Recompute::Full;
         Work {
             ln1: w(Act::Ln1),
             ln1_mean: w(Act::Stats),
@@ -309,11 +167,6 @@ impl<F: Float> Work<F> {
             ln2_rstd: w(Act::Stats),
             fch: w(Act::Fch),
             fch_gelu: w(Act::FchGelu),
-            residual3: if full {
-                vec![F::ZERO; d.per_layer(Act::Residual3)]
-            } else {
-                Vec::new()
-            },
         }
     }
 }
@@ -376,7 +229,9 @@ macro_rules! layer_out {
 }
 
 /// One transformer layer's forward from `res_in`, (B, T, C), into `x`: the residual stream
-/// leaves in `x.residual3`. Tensor parallelism as in [`Gpt::forward_stage`].
+/// leaves in `x.residual3`. Tensor parallelism as in [`Gpt::forward_stage`]. Without `output`
+/// it stops at the MLP's GELU: recomputation for backward needs nothing after it, and so
+/// neither the last product nor its all-reduce.
 fn layer_forward<F: Float, C: Collective<F>>(
     p: &[F],
     o: &crate::layout::BlockOffsets,
@@ -384,6 +239,7 @@ fn layer_forward<F: Float, C: Collective<F>>(
     res_in: &[F],
     x: LayerOut<'_, F>,
     tp: &mut C,
+    output: bool,
 ) -> Result<(), C::Error> {
     let Dims {
         b,
@@ -445,6 +301,9 @@ fn layer_forward<F: Float, C: Collective<F>>(
         false,
     );
     k::gelu_forward(x.fch_gelu, x.fch);
+    if !output {
+        return Ok(());
+    }
     k::matmul_forward(
         x.residual3,
         x.fch_gelu,
@@ -541,24 +400,13 @@ impl<F: Float> Gpt<F> {
     /// Builds the whole model with zeroed parameters and activation buffers for microbatches of
     /// `batch` sequences of `seq` tokens. All memory the step needs is allocated here.
     pub fn new(config: GptConfig, batch: usize, seq: usize) -> Result<Self, ModelError> {
-        Self::new_shard(config, Shard::WHOLE, batch, seq, 1)
+        Self::new_shard(config, Shard::WHOLE, batch, seq, 1, Recompute::None)
     }
 
     /// As [`Gpt::new`] for one rank's `shard`, keeping the activations of up to `slots`
-    /// microbatches at once (a pipeline stage needs one per microbatch in flight).
+    /// microbatches at once (a pipeline stage needs one per microbatch in flight), of each of
+    /// which it keeps what `recompute` says; backward recomputes the rest.
     pub fn new_shard(
-        config: GptConfig,
-        shard: Shard,
-        batch: usize,
-        seq: usize,
-        slots: usize,
-    ) -> Result<Self, ModelError> {
-        Self::new_stage(config, shard, batch, seq, slots, Recompute::None)
-    }
-
-    /// As [`Gpt::new_shard`], keeping of each layer's activations only what `recompute` says;
-    /// backward recomputes the rest.
-    pub fn new_stage(
         config: GptConfig,
         shard: Shard,
         batch: usize,
@@ -586,7 +434,7 @@ impl<F: Float> Gpt<F> {
         assert!(slots > 0, "a model keeps at least one microbatch");
         let layout = ParamLayout::sharded(&config, shard);
         let n = layout.numel();
-        let dims = Dims::new(&config, shard, batch, seq, recompute);
+        let dims = Dims::new(&config, shard, batch, seq, recompute, false);
         Ok(Gpt {
             config,
             layout,
@@ -603,22 +451,12 @@ impl<F: Float> Gpt<F> {
     /// AdamW moments: parameters, gradients, moments, activations and backward scratch.
     /// Computed in f64, so an absurd shape gives a huge number instead of an overflow.
     pub fn memory_bytes(config: &GptConfig, b: usize, t: usize) -> f64 {
-        Self::shard_memory_bytes(config, Shard::WHOLE, b, t, 1)
+        Self::shard_memory_bytes(config, Shard::WHOLE, b, t, 1, Recompute::None)
     }
 
-    /// As [`Gpt::memory_bytes`] for one rank's shard keeping `slots` microbatches.
+    /// As [`Gpt::memory_bytes`] for one rank's shard keeping `slots` microbatches under
+    /// `recompute`, as [`Gpt::new_shard`] allocates.
     pub fn shard_memory_bytes(
-        config: &GptConfig,
-        shard: Shard,
-        b: usize,
-        t: usize,
-        slots: usize,
-    ) -> f64 {
-        Self::stage_memory_bytes(config, shard, b, t, slots, Recompute::None)
-    }
-
-    /// As [`Gpt::shard_memory_bytes`] with `recompute`, as [`Gpt::new_stage`] allocates.
-    pub fn stage_memory_bytes(
         config: &GptConfig,
         shard: Shard,
         b: usize,
@@ -636,7 +474,7 @@ impl<F: Float> Gpt<F> {
         // Close enough for a memory check without building the layout: the sharded share.
         let params = whole / f(shard.tp * shard.pp);
         // Activation sizes are products of small numbers; in f64 they cannot overflow.
-        let d = Dims::new(config, shard, b, t, recompute);
+        let d = Dims::new(config, shard, b, t, recompute, false);
         let acts = f(slots) * d.saved_elements() as f64 + d.scratch_elements() as f64;
         std::mem::size_of::<F>() as f64 * (4.0 * params + acts)
     }
@@ -650,11 +488,6 @@ impl<F: Float> Gpt<F> {
     /// The microbatch shape (B, T) this model was built for.
     pub fn batch_shape(&self) -> (usize, usize) {
         (self.dims.b, self.dims.t)
-    }
-
-    /// Microbatches whose activations this model can keep at once.
-    pub fn slots(&self) -> usize {
-        self.saved.len()
     }
 
     pub fn zero_grad(&mut self) {
@@ -733,7 +566,7 @@ impl<F: Float> Gpt<F> {
                 &done[(l - 1) * per..]
             };
             let x = layer_out!(a, w, l, l_n, &mut rest[..per]);
-            layer_forward(p, &lay.blocks[l], &d, res_in, x, tp)?;
+            layer_forward(p, &lay.blocks[l], &d, res_in, x, tp, true)?;
         }
         a.forwarded = true;
         if !d.last {
@@ -955,8 +788,8 @@ impl<F: Float> Gpt<F> {
                     k::gelu_forward(&mut wk.fch_gelu, fch);
                 }
                 Recompute::Full => {
-                    let x = layer_out!(a, wk, l, l_n, &mut wk.residual3);
-                    layer_forward(p, &o, &d, res_in, x, tp)?;
+                    let x = layer_out!(a, wk, l, l_n, &mut []);
+                    layer_forward(p, &o, &d, res_in, x, tp, false)?;
                 }
             }
             let d4c = &mut s.dwide[..bt * f4];
@@ -1150,7 +983,6 @@ impl<F> Gpt<F> {
             &w.ln2_rstd,
             &w.fch,
             &w.fch_gelu,
-            &w.residual3,
         ]
         .iter()
         .map(|v| v.len())
@@ -1228,8 +1060,8 @@ mod tests {
         ] {
             let mut seen = Vec::new();
             for r in [Recompute::None, Recompute::Selective, Recompute::Full] {
-                let m = Gpt::<f32>::new_stage(config.clone(), shard, 2, 12, 3, r).unwrap();
-                let estimate = Gpt::<f32>::stage_memory_bytes(&config, shard, 2, 12, 3, r);
+                let m = Gpt::<f32>::new_shard(config.clone(), shard, 2, 12, 3, r).unwrap();
+                let estimate = Gpt::<f32>::shard_memory_bytes(&config, shard, 2, 12, 3, r);
                 let params =
                     ParamLayout::new(&config).numel() as f64 / (shard.tp * shard.pp) as f64;
                 assert_eq!(

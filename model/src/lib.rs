@@ -15,6 +15,7 @@ pub mod config;
 pub mod cost;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod dims;
 pub mod float;
 pub mod gpt;
 pub mod kernels;

@@ -108,7 +108,9 @@ fn run_slice(rank: usize, tp: usize, pp: usize, shared: Arc<Threads>) -> (f64, V
                 pp,
                 stage,
             };
-            let mut m = Gpt::<f64>::new_shard(config(), shard, B, T, 1).expect("sharded test");
+            let mut m =
+                Gpt::<f64>::new_shard(config(), shard, B, T, 1, marathon_model::Recompute::None)
+                    .expect("sharded test");
             m.init_params(3, 0.1);
             m
         })

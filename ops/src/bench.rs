@@ -45,8 +45,8 @@ pub struct TrainArgs {
     /// Data-parallel replicas.
     #[arg(long, default_value_t = 1)]
     dp: usize,
-    /// Where the model computes: `cpu`, or `cuda` (every rank on GPU 0 of this machine, with
-    /// the host-staged transport between ranks that share it).
+    /// Where the model computes: `cpu`, or `cuda` (ranks share this machine's GPUs
+    /// round-robin, with the host-staged transport between them).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
 }

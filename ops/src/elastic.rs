@@ -139,8 +139,8 @@ fn elastic_config(config: &Path, layout: &LayoutFlags) -> Result<TrainConfig> {
     }
     if cfg.train.device != marathon_runtime::device::Device::Cpu {
         bail!(
-            "{}: train.device: elastic jobs run on the CPU backend so far (the GPU trainer runs \
-             one process); set device = \"cpu\", or train without --etcd",
+            "{}: train.device: elastic jobs run on the CPU so far (agents do not yet give each \
+             slot a GPU of its own); set device = \"cpu\", or train without --etcd",
             config.display()
         );
     }

@@ -752,6 +752,12 @@ fn kernel_checks(mut g: Gpu) -> Result<Vec<Check>> {
     cpu_opt.step = 4;
     let (mut cp, mut cg) = (wide(&p0), wide(&g0));
     let norm_sq = marathon_model::optim::sum_squares(&g0);
+    // Two ranges, as a rank's share of a sharded model's norm.
+    let ranges = [0..n / 3, n / 2..n];
+    let part_sq: f64 = ranges
+        .iter()
+        .map(|r| marathon_model::optim::sum_squares(&g0[r.clone()]))
+        .sum();
     marathon_model::optim::clip_grads(&mut cg, norm_sq.sqrt(), 1.0);
     cpu_opt.update(&mut cp, &cg, 3e-4);
     let mut decay = vec![0u8; n];
@@ -770,12 +776,22 @@ fn kernel_checks(mut g: Gpu) -> Result<Vec<Check>> {
         DeviceBuffer::<f64>::zeros(&g, 1)?,
         DeviceBuffer::<f64>::zeros(&g, 1024)?,
     );
-    g.sum_squares(g_norm.all(), g_parts.all(), g_grads.all())?;
+    let flat: Vec<i64> = ranges
+        .iter()
+        .flat_map(|r| [r.start as i64, r.end as i64])
+        .collect();
+    let g_ranges = DeviceBuffer::from_host(&g, &flat)?;
+    g.sum_squares(g_norm.all(), g_parts.all(), g_grads.all(), g_ranges.all())?;
+    let part = g_norm.to_vec(&g)?[0];
+    let g_whole = DeviceBuffer::from_host(&g, &[0i64, n as i64])?;
+    g.sum_squares(g_norm.all(), g_parts.all(), g_grads.all(), g_whole.all())?;
     let gn = g_norm.to_vec(&g)?;
     out.push(Check {
-        name: "gradient norm".into(),
+        name: "gradient norm (whole, and two ranges)".into(),
         precision: "fp64",
-        error: ((gn[0] - norm_sq) / norm_sq).abs(),
+        error: ((gn[0] - norm_sq) / norm_sq)
+            .abs()
+            .max(((part - part_sq) / part_sq).abs()),
         tolerance: 1e-12,
     });
     let step = cuda::ops::AdamWStep::new(&opt_cfg, 5, 3e-4, 1.0);

@@ -105,12 +105,14 @@ pub struct RunConfig {
     pub device: crate::device::Device,
     /// How GPU ranks move device memory within each group: `auto` (NCCL where every member
     /// has a GPU of its own, host-staged otherwise), `host-staged` or `nccl`
-    /// ([`crate::transport`]).
+    /// ([`crate::transport`]). The trainer runs host-staged in this release: `auto` says in
+    /// the log where NCCL could serve, and `nccl` is refused.
     #[serde(default)]
     pub transport: crate::transport::TransportChoice,
     /// What backward recomputes instead of keeping from forward: `none` (the default),
     /// `selective` (attention and GELU, from the kept matrix products) or `full` (each layer
-    /// from its input). Gradients are bitwise the same; memory falls.
+    /// from its input). Memory falls; the gradients are bitwise the same on the CPU, and the
+    /// same to bf16 rounding on a GPU.
     #[serde(default)]
     pub recompute: marathon_model::Recompute,
 }

@@ -254,6 +254,10 @@ impl NcclGroup {
             };
             f(c as ns::ncclComm_t).map_err(nccl_error(format!("{op} on group {}", self.name)))?;
         }
+        // A non-blocking call may still be enqueueing (connections are set up on first use):
+        // the operation is on the stream once the communicator no longer reports it in
+        // progress, and done once the stream has run past it.
+        self.wait(op, deadline, || Ok(true))?;
         let device = |e: cuda::CudaError| RuntimeError::Device(e.to_string());
         let enqueued = gpu.event(false).map_err(device)?;
         gpu.record(&enqueued, Stream::Training).map_err(device)?;

@@ -8,7 +8,6 @@
 //! collectives it needs go through [`DeviceCollective`] on device memory, at the points the CPU
 //! model calls [`crate::Collective`].
 
-use std::convert::Infallible;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -17,7 +16,7 @@ use half::bf16 as Bf16;
 use super::blas::Out;
 use super::ops::AdamWStep;
 use super::{bytes, CudaError, DeviceBuffer, Event, Gpu, Result, Slice, Stream};
-use crate::collective::Solo;
+use crate::dims::{Act, Dims};
 use crate::layout::{BlockOffsets, ParamLayout, Shard};
 use crate::{AdamWConfig, GptConfig, ModelError, Recompute};
 
@@ -53,34 +52,6 @@ pub trait DeviceCollective {
     fn all_gather(&mut self, gpu: &Gpu, buf: Slice<f32>) -> std::result::Result<(), Self::Error>;
 }
 
-impl DeviceCollective for Solo {
-    type Error = Infallible;
-
-    fn size(&self) -> usize {
-        1
-    }
-
-    fn rank(&self) -> usize {
-        0
-    }
-
-    fn all_reduce(&mut self, _gpu: &Gpu, _buf: Slice<f32>) -> std::result::Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn all_reduce_bf16(
-        &mut self,
-        _gpu: &Gpu,
-        _buf: Slice<Bf16>,
-    ) -> std::result::Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn all_gather(&mut self, _gpu: &Gpu, _buf: Slice<f32>) -> std::result::Result<(), Infallible> {
-        Ok(())
-    }
-}
-
 /// A shard's step failed on the device or in one of its collectives.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError<E> {
@@ -91,129 +62,18 @@ pub enum StageError<E> {
     Comm(E),
 }
 
-fn solo<T>(r: std::result::Result<T, StageError<Infallible>>) -> Result<T> {
-    r.map_err(|e| match e {
-        StageError::Cuda(e) => e,
-        StageError::Comm(never) => match never {},
-    })
+/// Whether `shard`'s heads are 64 wide, the width the fused attention kernels take.
+fn fused_attention(config: &GptConfig, shard: Shard) -> bool {
+    let heads = config.n_head / shard.tp;
+    heads > 0 && config.n_embd / shard.tp / heads == super::ops::FLASH_HEAD
 }
 
-/// The sizes a shard computes with, as the CPU model's.
-#[derive(Debug, Clone, Copy)]
-struct Dims {
-    b: usize,
-    t: usize,
-    c: usize,
-    /// Heads on this rank, their total width (C / tp) and the MLP width (4C / tp).
-    nh: usize,
-    cq: usize,
-    f4: usize,
-    /// This rank's vocabulary slice: `vl` ids from `v0`; `v` is the real vocabulary.
-    v0: usize,
-    vl: usize,
-    v: usize,
-    /// Layers of this stage.
-    l: usize,
-    tp: usize,
-    first: bool,
-    last: bool,
-    recompute: Recompute,
-}
-
-/// The activations of one layer, as [`Dims::size`] sizes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Act {
-    Ln1,
-    Stats,
-    Qkv,
-    Atty,
-    Att,
-    Lse,
-    Residual2,
-    Ln2,
-    Fch,
-    FchGelu,
-    Residual3,
-}
-
+/// Device-side sizes of a shard's buffers, split by element type.
 impl Dims {
-    fn new(cfg: &GptConfig, shard: Shard, b: usize, t: usize, recompute: Recompute) -> Self {
-        let vl = cfg.padded_vocab_size() / shard.tp;
-        Dims {
-            b,
-            t,
-            c: cfg.n_embd,
-            nh: cfg.n_head / shard.tp,
-            cq: cfg.n_embd / shard.tp,
-            f4: 4 * cfg.n_embd / shard.tp,
-            v0: shard.tp_rank * vl,
-            vl,
-            v: cfg.vocab_size,
-            l: shard.layers(cfg.n_layer).len(),
-            tp: shard.tp,
-            first: shard.first_stage(),
-            last: shard.last_stage(),
-            recompute,
-        }
-    }
-
-    /// Elements of one layer's `act` (each of the four statistics for `Stats`).
-    fn size(&self, act: Act) -> usize {
-        let bt = self.b * self.t;
-        let (tt, rows) = if self.fused() {
-            (0, self.b * self.nh * self.t)
-        } else {
-            (self.b * self.nh * self.t * self.t, 0)
-        };
-        match act {
-            Act::Ln1 | Act::Residual2 | Act::Ln2 | Act::Residual3 => bt * self.c,
-            Act::Stats => bt,
-            Act::Qkv => bt * 3 * self.cq,
-            Act::Atty => bt * self.cq,
-            Act::Att => tt,
-            Act::Lse => rows,
-            Act::Fch | Act::FchGelu => bt * self.f4,
-        }
-    }
-
-    /// Whether forward keeps `act` of every layer, as on the CPU ([`Recompute`]); otherwise it
-    /// lives in the one-layer working set.
-    fn keeps(&self, act: Act) -> bool {
-        match self.recompute {
-            Recompute::None => true,
-            Recompute::Selective => !matches!(act, Act::Atty | Act::Att | Act::Lse | Act::FchGelu),
-            Recompute::Full => act == Act::Residual3,
-        }
-    }
-
-    /// Whether `act` has a place in the one-layer working set: what forward does not keep, and
-    /// full recomputation's copy of the layer output.
-    fn works(&self, act: Act) -> bool {
-        match self.recompute {
-            Recompute::None => false,
-            Recompute::Selective => !self.keeps(act),
-            Recompute::Full => true,
-        }
-    }
-
-    /// (fp32, bf16) elements of `which` layers' activations: kept ones times `kept_layers`,
-    /// working ones once.
-    fn layer_elements(&self, kept_layers: usize, working: bool) -> (usize, usize) {
-        let count = |a: Act| {
-            let n = if a == Act::Stats { 4 } else { 1 };
-            let layers = if working {
-                usize::from(self.works(a))
-            } else if self.keeps(a) {
-                kept_layers
-            } else {
-                0
-            };
-            n * layers * self.size(a)
-        };
-        let f32s = [Act::Stats, Act::Lse, Act::Residual2, Act::Residual3]
-            .into_iter()
-            .map(count)
-            .sum();
+    /// (fp32, bf16) elements of the layer activations forward keeps (`working` false) or of
+    /// the one-layer working set (`working` true).
+    fn device_layer_elements(&self, working: bool) -> (usize, usize) {
+        let f32s = [Act::Stats, Act::Lse, Act::Residual2, Act::Residual3];
         let bf16s = [
             Act::Ln1,
             Act::Qkv,
@@ -222,30 +82,26 @@ impl Dims {
             Act::Ln2,
             Act::Fch,
             Act::FchGelu,
-        ]
-        .into_iter()
-        .map(count)
-        .sum();
-        (f32s, bf16s)
-    }
-
-    fn fused(&self) -> bool {
-        self.cq / self.nh == super::ops::FLASH_HEAD
+        ];
+        (
+            self.layer_elements(&f32s, working),
+            self.layer_elements(&bf16s, working),
+        )
     }
 
     /// (fp32, bf16) elements of one slot's activations, as [`Acts::new`] allocates them.
-    fn slot_elements(&self) -> (usize, usize) {
+    fn device_slot_elements(&self) -> (usize, usize) {
         let (bt, c, vl) = (self.b * self.t, self.c, self.vl);
         let head = usize::from(self.last);
-        let (f32s, bf16s) = self.layer_elements(self.l, false);
+        let (f32s, bf16s) = self.device_layer_elements(false);
         (
-            bt * c + f32s + head * 3 * bt,
+            bt * c + f32s + head * 2 * bt,
             bf16s + head * (bt * c + bt * vl),
         )
     }
 
     /// (fp32, bf16) elements of the backward scratch, as [`CudaGpt::new_shard`] allocates it.
-    fn scratch_elements(&self) -> (usize, usize) {
+    fn device_scratch_elements(&self) -> (usize, usize) {
         let Dims {
             b,
             t,
@@ -257,12 +113,12 @@ impl Dims {
             ..
         } = *self;
         let bt = b * t;
-        let (tt, rows) = if self.fused() {
+        let (tt, rows) = if self.fused {
             (0, b * nh * t)
         } else {
             (b * nh * t * t, 0)
         };
-        let (w32, wbf) = self.layer_elements(1, true);
+        let (w32, wbf) = self.device_layer_elements(true);
         let f32s = bt * c + rows + 3 * bt + tp * 3 * bt + bt + w32;
         let bf16s = 2 * bt * c + bt * f4.max(3 * cq) + tt + 8 * bt * cq + wbf;
         (f32s, bf16s)
@@ -349,12 +205,13 @@ impl Acts {
     }
 }
 
-/// Layer `l` of a kept activation, or the working set's copy when forward does not keep it.
-fn at<'a, T: Copy>(kept: &'a Db<T>, work: &'a Db<T>, l: usize, n: usize) -> Slice<'a, T> {
-    if kept.is_empty() {
-        work.all()
+/// Layer `l` of activation `act`, in the slot `kept` where forward keeps it, else in the
+/// working set `work`.
+fn at<'a, T: Copy>(d: &Dims, act: Act, kept: &'a Db<T>, work: &'a Db<T>, l: usize) -> Slice<'a, T> {
+    if d.keeps(act) {
+        kept.part(l, d.l)
     } else {
-        kept.part(l, n)
+        work.all()
     }
 }
 
@@ -379,29 +236,29 @@ struct Layer<'a> {
 }
 
 impl<'a> Layer<'a> {
-    fn of(a: &'a Acts, w: &'a Acts, l: usize, n: usize) -> Self {
+    fn of(d: &Dims, a: &'a Acts, w: &'a Acts, l: usize) -> Self {
         Layer {
-            ln1: at(&a.ln1, &w.ln1, l, n),
-            ln1_mean: at(&a.ln1_mean, &w.ln1_mean, l, n),
-            ln1_rstd: at(&a.ln1_rstd, &w.ln1_rstd, l, n),
-            qkv: at(&a.qkv, &w.qkv, l, n),
-            atty: at(&a.atty, &w.atty, l, n),
-            att: at(&a.att, &w.att, l, n),
-            lse: at(&a.lse, &w.lse, l, n),
-            residual2: at(&a.residual2, &w.residual2, l, n),
-            ln2: at(&a.ln2, &w.ln2, l, n),
-            ln2_mean: at(&a.ln2_mean, &w.ln2_mean, l, n),
-            ln2_rstd: at(&a.ln2_rstd, &w.ln2_rstd, l, n),
-            fch: at(&a.fch, &w.fch, l, n),
-            fch_gelu: at(&a.fch_gelu, &w.fch_gelu, l, n),
-            residual3: a.residual3.part(l, n),
+            ln1: at(d, Act::Ln1, &a.ln1, &w.ln1, l),
+            ln1_mean: at(d, Act::Stats, &a.ln1_mean, &w.ln1_mean, l),
+            ln1_rstd: at(d, Act::Stats, &a.ln1_rstd, &w.ln1_rstd, l),
+            qkv: at(d, Act::Qkv, &a.qkv, &w.qkv, l),
+            atty: at(d, Act::Atty, &a.atty, &w.atty, l),
+            att: at(d, Act::Att, &a.att, &w.att, l),
+            lse: at(d, Act::Lse, &a.lse, &w.lse, l),
+            residual2: at(d, Act::Residual2, &a.residual2, &w.residual2, l),
+            ln2: at(d, Act::Ln2, &a.ln2, &w.ln2, l),
+            ln2_mean: at(d, Act::Stats, &a.ln2_mean, &w.ln2_mean, l),
+            ln2_rstd: at(d, Act::Stats, &a.ln2_rstd, &w.ln2_rstd, l),
+            fch: at(d, Act::Fch, &a.fch, &w.fch, l),
+            fch_gelu: at(d, Act::FchGelu, &a.fch_gelu, &w.fch_gelu, l),
+            residual3: a.residual3.part(l, d.l),
         }
     }
 }
 
 /// Attention's forward of one layer from its `qkv`, fused for heads of 64.
 fn attention_forward(g: &mut Gpu, d: &Dims, x: &Layer, heads: &[Slice<Bf16>; 8]) -> Result<()> {
-    if d.fused() {
+    if d.fused {
         g.flash_attention_forward(x.atty, x.lse, x.qkv, d.b, d.t, d.nh)
     } else {
         g.attention_forward(
@@ -417,7 +274,8 @@ fn attention_forward(g: &mut Gpu, d: &Dims, x: &Layer, heads: &[Slice<Bf16>; 8])
 }
 
 /// One layer's forward from `res_in`, (B, T, C), into `x`; the residual stream leaves in
-/// `x.residual3`. Tensor parallelism as in [`CudaGpt::forward_stage`].
+/// `x.residual3`. Tensor parallelism as in [`CudaGpt::forward_stage`]. Without `output` it
+/// stops at the MLP's GELU, all that recomputation for backward needs.
 fn layer_forward<C: DeviceCollective>(
     g: &mut Gpu,
     p: &Db<Bf16>,
@@ -427,6 +285,7 @@ fn layer_forward<C: DeviceCollective>(
     x: &Layer,
     heads: &[Slice<Bf16>; 8],
     tp: &mut C,
+    output: bool,
 ) -> std::result::Result<(), StageError<C::Error>> {
     let (c, cq, f4) = (d.c, d.cq, d.f4);
     g.layernorm_forward(
@@ -477,6 +336,9 @@ fn layer_forward<C: DeviceCollective>(
         c,
         f4,
     )?;
+    if !output {
+        return Ok(());
+    }
     g.matmul_forward(
         bytes(x.residual3),
         Out::F32,
@@ -549,30 +411,6 @@ pub struct CudaGpt {
 }
 
 impl CudaGpt {
-    /// Builds the whole model on `gpu` for microbatches of `batch` sequences of `seq` tokens,
-    /// from fp32 `master` weights laid out by [`ParamLayout::new`]; the Adam moments start at
-    /// zero.
-    pub fn new(
-        gpu: Gpu,
-        config: GptConfig,
-        batch: usize,
-        seq: usize,
-        master: &[f32],
-    ) -> std::result::Result<Self, CudaModelError> {
-        let n = master.len();
-        Self::new_shard(
-            gpu,
-            config,
-            Shard::WHOLE,
-            batch,
-            seq,
-            1,
-            master,
-            0..n,
-            Recompute::None,
-        )
-    }
-
     /// Builds `shard` of the model on `gpu`, keeping the activations of `slots` microbatches
     /// (a 1F1B stage keeps one per later stage, plus its own) of which it keeps what
     /// `recompute` says, from fp32 `master` weights laid out by [`ParamLayout::sharded`]. The
@@ -611,9 +449,16 @@ impl CudaGpt {
             opt_shard.end <= n,
             "the optimizer's shard is outside the model"
         );
-        let d = Dims::new(&config, shard, batch, seq, recompute);
+        let d = Dims::new(
+            &config,
+            shard,
+            batch,
+            seq,
+            recompute,
+            fused_attention(&config, shard),
+        );
         let (bt, c, cq, f4) = (d.b * d.t, d.c, d.cq, d.f4);
-        let (tt, rows) = if d.fused() {
+        let (tt, rows) = if d.fused {
             (0, d.b * d.nh * d.t)
         } else {
             (d.b * d.nh * d.t * d.t, 0)
@@ -669,12 +514,6 @@ impl CudaGpt {
         Ok(model)
     }
 
-    /// Bytes the device holds for the whole model with microbatches of (b, t), as
-    /// [`CudaGpt::new`] allocates them.
-    pub fn memory_bytes(config: &GptConfig, b: usize, t: usize) -> f64 {
-        Self::shard_memory_bytes(config, Shard::WHOLE, b, t, 1, 1, Recompute::None)
-    }
-
     /// Bytes the device holds for `shard` with microbatches of (b, t), `slots` of them kept
     /// under `recompute`, and the optimizer's moments split over `opt_parts` replicas: state,
     /// activations and scratch, as [`CudaGpt::new_shard`] allocates them.
@@ -688,12 +527,19 @@ impl CudaGpt {
         recompute: Recompute,
     ) -> f64 {
         let n = ParamLayout::sharded(config, shard).numel() as f64;
-        let d = Dims::new(config, shard, b, t, recompute);
+        let d = Dims::new(
+            config,
+            shard,
+            b,
+            t,
+            recompute,
+            fused_attention(config, shard),
+        );
         // master and grads (fp32), the moments (fp32, this replica's part), params (bf16),
         // the decay mask.
         let state = n * (4.0 * 2.0 + 8.0 / opt_parts.max(1) as f64 + 2.0 + 1.0);
-        let (a32, abf) = d.slot_elements();
-        let (s32, sbf) = d.scratch_elements();
+        let (a32, abf) = d.device_slot_elements();
+        let (s32, sbf) = d.device_scratch_elements();
         let slot = 4.0 * a32 as f64 + 2.0 * abf as f64 + 8.0 * (b * t) as f64;
         state + slots as f64 * slot + 4.0 * s32 as f64 + 2.0 * sbf as f64
     }
@@ -703,31 +549,10 @@ impl CudaGpt {
         (self.d.b, self.d.t)
     }
 
-    /// Microbatches whose activations this shard keeps at once.
-    pub fn slots(&self) -> usize {
-        self.acts.len()
-    }
-
     /// Zeroes the gradients and the summed losses, before a step's first microbatch.
     pub fn zero_grad(&self) -> Result<()> {
         self.grads.zero(&self.gpu)?;
         self.reset_losses()
-    }
-
-    /// Forward of one microbatch through the whole model, adding each position's loss into the
-    /// step's sum. With `dloss` > 0 the loss's gradient (each position weighted by `dloss`) is
-    /// formed at once, ready for [`CudaGpt::backward`]; evaluation passes 0.
-    ///
-    /// # Panics
-    /// If this model is a shard, as [`CudaGpt::forward_stage`].
-    pub fn forward(&mut self, tokens: &[u32], targets: &[u32], dloss: f32) -> Result<()> {
-        solo(self.forward_stage(0, tokens, targets, None, dloss, &mut Solo))
-    }
-
-    /// Backpropagates the last [`CudaGpt::forward`] (which was given the `dloss`), adding the
-    /// parameter gradients into [`CudaGpt::grads`].
-    pub fn backward(&mut self) -> Result<()> {
-        solo(self.backward_stage(0, None, &mut Solo))
     }
 
     /// This stage's forward of one microbatch, keeping its activations in `slot` for
@@ -796,8 +621,8 @@ impl CudaGpt {
             } else {
                 a.residual3.part(l - 1, l_n)
             };
-            let x = Layer::of(a, &self.work, l, l_n);
-            layer_forward(g, p, &lay.blocks[l], &d, res_in, &x, &heads, tp)?;
+            let x = Layer::of(&d, a, &self.work, l);
+            layer_forward(g, p, &lay.blocks[l], &d, res_in, &x, &heads, tp, true)?;
         }
         a.forwarded = true;
         if !d.last {
@@ -880,7 +705,7 @@ impl CudaGpt {
             ..
         } = d;
         let l_n = d.l;
-        let fused = d.fused();
+        let fused = d.fused;
         let (a, s) = (&mut self.acts[slot], &self.s);
         assert!(a.forwarded, "backward needs a forward pass first");
         a.forwarded = false;
@@ -933,7 +758,7 @@ impl CudaGpt {
             } else {
                 a.residual3.part(l - 1, l_n)
             };
-            let mut x = Layer::of(a, w, l, l_n);
+            let x = Layer::of(&d, a, w, l);
             // What forward did not keep of this layer, computed again from what it kept.
             match d.recompute {
                 Recompute::None => {}
@@ -941,10 +766,7 @@ impl CudaGpt {
                     attention_forward(g, &d, &x, &heads)?;
                     g.gelu_forward(x.fch_gelu, x.fch)?;
                 }
-                Recompute::Full => {
-                    x.residual3 = w.residual3.all();
-                    layer_forward(g, p, &o, &d, res_in, &x, &heads, tp)?;
-                }
+                Recompute::Full => layer_forward(g, p, &o, &d, res_in, &x, &heads, tp, false)?,
             }
             // MLP: residual3 = residual2 + gelu(ln2 @ fc^T + b) @ fcproj^T + b.
             g.cast_to_bf16(dres_bf, s.dres.all())?;
@@ -1051,13 +873,6 @@ impl CudaGpt {
         Ok(())
     }
 
-    /// The squared gradient norm of the whole buffer, left on the device for
-    /// [`CudaGpt::update`] and returned (one small copy to the host).
-    pub fn grad_norm_sq(&mut self) -> Result<f64> {
-        let n = self.grads.len();
-        self.grad_norm_sq_of(&[0..n])
-    }
-
     /// The sum of squares of the gradient elements in `ranges` (a rank's share of the global
     /// norm), left on the device and returned. A sharded run sums the shares over its groups
     /// and hands the total back through [`CudaGpt::set_grad_norm_sq`].
@@ -1076,7 +891,7 @@ impl CudaGpt {
             s.norm_ranges_dev = Db::from_host(&self.gpu, &flat)?;
             s.norm_ranges = ranges.to_vec();
         }
-        self.gpu.sum_squares_ranges(
+        self.gpu.sum_squares(
             s.norm_sq.all(),
             s.partials.all(),
             self.grads.all(),
@@ -1138,6 +953,10 @@ impl CudaGpt {
     /// refreshes the bf16 weights.
     pub fn upload_state(&mut self, master: &[f32], m: &[f32], v: &[f32], step: u64) -> Result<()> {
         assert!(m.len() == self.m.len() && v.len() == self.v.len());
+        // A snapshot may still be copying the state out; the new state waits for it.
+        if let Some(copy) = self.copy_fence.take() {
+            self.gpu.wait(Stream::Training, &copy)?;
+        }
         self.master.upload(&self.gpu, master)?;
         self.m.upload(&self.gpu, m)?;
         self.v.upload(&self.gpu, v)?;

@@ -375,22 +375,10 @@ __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2)
     m = mx;
 }
 
-extern "C" __global__ void crossentropy(float* losses, bf16* logits, const u32* targets, int vl, int v0, int v,
-                                        float dloss) {
+// Merges every thread's (max, sum) of a block of up to 1024 threads; every thread gets the
+// block's.
+__device__ __forceinline__ void block_ms(float& m, float& s) {
     __shared__ float bm[32], bs[32];
-    long row = blockIdx.x;
-    bf16* l = logits + row * vl;
-    const u32* l2 = (const u32*)l;  // pairs of logits: vl is even and rows start 4-byte aligned
-    int real = v - v0;
-    if (real > vl) real = vl;
-    if (real < 0) real = 0;
-    // One pass for the maximum and the sum of exponentials.
-    float m = -3.402823466e38f, s = 0.0f;
-    for (int j = threadIdx.x; 2 * j < real; j += blockDim.x) {
-        u32 p = l2[j];
-        ms_add(m, s, b2f((bf16)(p & 0xffffu)));
-        if (2 * j + 1 < real) ms_add(m, s, b2f((bf16)(p >> 16)));
-    }
     for (int o = 16; o > 0; o >>= 1) {
         float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
         ms_merge(m, s, m2, s2);
@@ -407,6 +395,24 @@ extern "C" __global__ void crossentropy(float* losses, bf16* logits, const u32* 
         float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
         ms_merge(m, s, m2, s2);
     }
+}
+
+extern "C" __global__ void crossentropy(float* losses, bf16* logits, const u32* targets, int vl, int v0, int v,
+                                        float dloss) {
+    long row = blockIdx.x;
+    bf16* l = logits + row * vl;
+    const u32* l2 = (const u32*)l;  // pairs of logits: vl is even and rows start 4-byte aligned
+    int real = v - v0;
+    if (real > vl) real = vl;
+    if (real < 0) real = 0;
+    // One pass for the maximum and the sum of exponentials.
+    float m = -3.402823466e38f, s = 0.0f;
+    for (int j = threadIdx.x; 2 * j < real; j += blockDim.x) {
+        u32 p = l2[j];
+        ms_add(m, s, b2f((bf16)(p & 0xffffu)));
+        if (2 * j + 1 < real) ms_add(m, s, b2f((bf16)(p >> 16)));
+    }
+    block_ms(m, s);
     int tgt = (int)targets[row] - v0;
     if (threadIdx.x == 0) losses[row] += logf(s) - (b2f(l[tgt]) - m);
     if (dloss > 0.0f) {
@@ -429,7 +435,6 @@ extern "C" __global__ void crossentropy(float* losses, bf16* logits, const u32* 
 // real columns, and the target's logit when the target falls in its slice (else 0).
 extern "C" __global__ void crossentropy_partial(float* stats, const bf16* logits, const u32* targets, long rows,
                                                 int vl, int v0, int v) {
-    __shared__ float bm[32], bs[32];
     long row = blockIdx.x;
     const bf16* l = logits + row * vl;
     int real = v - v0;
@@ -437,22 +442,7 @@ extern "C" __global__ void crossentropy_partial(float* stats, const bf16* logits
     if (real < 0) real = 0;
     float m = -3.402823466e38f, s = 0.0f;
     for (int j = threadIdx.x; j < real; j += blockDim.x) ms_add(m, s, b2f(l[j]));
-    for (int o = 16; o > 0; o >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        ms_merge(m, s, m2, s2);
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    if (lane == 0) {
-        bm[warp] = m;
-        bs[warp] = s;
-    }
-    __syncthreads();
-    m = lane < warps ? bm[lane] : -3.402823466e38f;
-    s = lane < warps ? bs[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        ms_merge(m, s, m2, s2);
-    }
+    block_ms(m, s);
     if (threadIdx.x == 0) {
         int tgt = (int)targets[row] - v0;
         stats[row] = m;
@@ -487,29 +477,11 @@ extern "C" __global__ void crossentropy_finish(float* losses, bf16* logits, cons
 // ------------------------------------------------------------------------------------------
 // Optimizer
 
-// Sum of squares in fp64: per-block partials, then one block sums them in a fixed order.
-extern "C" __global__ void sum_squares_partial(double* partials, const float* x, long n) {
-    __shared__ double buf[32];
-    double s = 0.0;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        double v = x[i];
-        s += v * v;
-    }
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) buf[warp] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double t = 0.0;
-        for (int w = 0; w < (blockDim.x + 31) >> 5; w++) t += buf[w];
-        partials[blockIdx.x] = t;
-    }
-}
-
-// As `sum_squares_partial` over the union of `nranges` ranges (start, end pairs) of x: the
-// elements of the gradient norm a rank counts.
-extern "C" __global__ void sum_squares_ranges_partial(double* partials, const float* x, const long* ranges,
-                                                      int nranges) {
+// Sum of squares in fp64 over the union of `nranges` ranges (start, end pairs) of x (the
+// elements of the gradient norm a rank counts): per-block partials, then one block sums them
+// in a fixed order.
+extern "C" __global__ void sum_squares_partial(double* partials, const float* x, const long* ranges,
+                                               int nranges) {
     __shared__ double buf[32];
     double s = 0.0;
     for (int r = 0; r < nranges; r++) {

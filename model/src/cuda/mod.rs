@@ -1,4 +1,5 @@
-//! The CUDA backend (feature `cuda`): the same flat-buffer GPT on one GPU, with bf16 parameters
+//! The CUDA backend (feature `cuda`): the same flat-buffer GPT on a GPU, whole or one rank's
+//! shard of it, with bf16 parameters
 //! and activations, fp32 master weights, gradients and Adam moments, fp32 accumulation in every
 //! reduction, matrix products through cuBLASLt and the other kernels compiled at run time by
 //! NVRTC from [`KERNELS`].
@@ -12,7 +13,7 @@
 //!   kernels and the cuBLASLt handle.
 //! - [`DeviceBuffer`] and [`PinnedBuffer`]: plain allocations, freed on drop.
 //! - [`ops`]: one launch per CPU kernel of [`crate::kernels`], on raw device pointers.
-//! - [`CudaGpt`]: the whole model's forward, backward and AdamW step on the device.
+//! - [`CudaGpt`]: a shard's forward, backward and AdamW step on the device.
 
 mod blas;
 mod gpt;
@@ -57,7 +58,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "crossentropy_partial",
     "crossentropy_finish",
     "sum_squares_partial",
-    "sum_squares_ranges_partial",
     "sum_squares_finish",
     "adamw",
     "flash_forward",

@@ -745,9 +745,10 @@ impl Gpu {
         }
     }
 
-    /// As [`Gpu::sum_squares`] over the elements of `x` inside `ranges`, a device list of
-    /// (start, end) pairs.
-    pub fn sum_squares_ranges(
+    /// Writes the sum of the squares (fp64) of the elements of `x` inside `ranges`, a device
+    /// list of (start, end) pairs, into `out[0]`, through `partials` (one per block, in a fixed
+    /// order, so the sum is the same every time).
+    pub fn sum_squares(
         &self,
         out: Slice<f64>,
         partials: Slice<f64>,
@@ -765,33 +766,10 @@ impl Gpu {
         // caller builds them from its layout); the second launch reads the partials.
         unsafe {
             self.launch(
-                "sum_squares_ranges_partial",
-                (parts, 1, 1),
-                (THREADS, 1, 1),
-                args![pp, xp, rp, nr],
-            )?;
-            let (op, parts32) = (out.ptr(), parts as i32);
-            self.launch(
-                "sum_squares_finish",
-                (1, 1, 1),
-                (32, 1, 1),
-                args![op, pp, parts32],
-            )
-        }
-    }
-
-    /// Writes `sum of x^2` (fp64) into `out[0]`, through `partials` (one per block, in a fixed
-    /// order, so the sum is the same every time).
-    pub fn sum_squares(&self, out: Slice<f64>, partials: Slice<f64>, x: F) -> Result<()> {
-        let parts = partials.len() as u32;
-        let (pp, xp, n) = (partials.ptr(), x.ptr(), x.len() as i64);
-        // SAFETY: `parts` blocks each write their own partial; the second launch reads them.
-        unsafe {
-            self.launch(
                 "sum_squares_partial",
                 (parts, 1, 1),
                 (THREADS, 1, 1),
-                args![pp, xp, n],
+                args![pp, xp, rp, nr],
             )?;
             let (op, parts32) = (out.ptr(), parts as i32);
             self.launch(

@@ -154,11 +154,13 @@ pub struct CudaEngine {
 }
 
 impl CudaEngine {
-    /// Opens GPU `ordinal` and builds `shard` on it from the host's fp32 `master` weights,
-    /// with `slots` microbatches in flight and the optimizer over `opt_shard`.
+    /// Opens GPU `ordinal`, which `sharing` ranks of this machine share, and builds `shard`
+    /// on it from the host's fp32 `master` weights, with `slots` microbatches in flight and
+    /// the optimizer over `opt_shard`.
     pub fn open(
         cfg: &TrainConfig,
         ordinal: usize,
+        sharing: usize,
         shard: Shard,
         slots: usize,
         master: &[f32],
@@ -171,14 +173,16 @@ impl CudaEngine {
         let need =
             CudaGpt::shard_memory_bytes(&cfg.model, shard, mb, seq, slots, opt_parts, recompute);
         let free = gpu.free_memory().map_err(device_error)? as f64;
-        if need > free {
+        // Ranks sharing the device check before any of them allocates: each needs its share.
+        if need * sharing as f64 > free {
             let gib = |b: f64| b / (1u64 << 30) as f64;
             return Err(RuntimeError::Config {
                 path: cfg.source.clone(),
                 field: "batch.micro_batch".into(),
                 reason: format!(
                     "this rank's shard with microbatches of {mb} x {seq} tokens needs {:.1} GiB \
-                     on GPU {ordinal}, which has {:.1} GiB free; lower batch.micro_batch (and \
+                     on GPU {ordinal}, which {sharing} ranks share and which has {:.1} GiB \
+                     free; lower batch.micro_batch (and \
                      raise the microbatch count through batch.global_batch) or batch.seq_len, \
                      set train.recompute = \"selective\" or \"full\", or raise parallel.tp or \
                      parallel.pp",

@@ -42,7 +42,7 @@ use crate::device::Device;
 use crate::engine::cpu::CpuEngine;
 use crate::engine::Engine;
 use crate::groups::Groups;
-use crate::transport::Transport;
+use crate::transport::{Transport, TransportChoice};
 use crate::{Result, RuntimeError};
 
 use checkpoints::checkpointing;
@@ -173,7 +173,7 @@ impl Trainer {
         } else {
             cfg.train.recompute
         };
-        let mut model = Gpt::new_stage(cfg.model.clone(), shard, hb, hs, host_slots, recompute)
+        let mut model = Gpt::new_shard(cfg.model.clone(), shard, hb, hs, host_slots, recompute)
             .map_err(|e| cfg.error(e))?;
         model.init_params(cfg.train.seed, cfg.optim.init_std);
         let opt_shard = if layout.distributed_optimizer {
@@ -291,10 +291,22 @@ impl Trainer {
         let nccl = nccl_present();
         let chosen =
             crate::transport::negotiate(&mut self.groups, &me, nccl, self.cfg.train.transport)?;
-        if chosen.iter().any(|(_, t)| *t == Transport::Nccl) && self.groups.rank() == 0 {
+        if !chosen.iter().any(|(_, t)| *t == Transport::Nccl) {
+            return Ok(());
+        }
+        if self.cfg.train.transport == TransportChoice::Nccl {
+            return Err(RuntimeError::Config {
+                path: self.cfg.source.clone(),
+                field: "train.transport".into(),
+                reason: "is \"nccl\", but the trainer moves device memory host-staged in this \
+                         release; use \"auto\" or \"host-staged\""
+                    .into(),
+            });
+        }
+        if self.groups.rank() == 0 {
             eprintln!(
                 "note: NCCL could serve groups of this job, but the trainer moves device memory \
-                 host-staged in this release (runtime::nccl is not yet wired into the engine)"
+                 host-staged in this release"
             );
         }
         Ok(())
@@ -357,9 +369,11 @@ fn open_cuda(
 ) -> Result<Box<dyn Engine>> {
     let count = marathon_model::cuda::probe().map_err(|e| RuntimeError::Device(e.to_string()))?;
     let ordinal = groups.rank() % count.max(1);
+    let sharing = cfg.parallel.world_size().div_ceil(count.max(1));
     let engine = crate::engine::cuda::CudaEngine::open(
         cfg,
         ordinal,
+        sharing,
         shard,
         slots,
         master,

@@ -75,7 +75,7 @@ fn check_memory(cfg: &TrainConfig) -> Result<()> {
             };
             let slots = p.pp - stage;
             p.tp as f64
-                * Gpt::<f32>::stage_memory_bytes(&cfg.model, shard, mb, seq, slots, recompute)
+                * Gpt::<f32>::shard_memory_bytes(&cfg.model, shard, mb, seq, slots, recompute)
         })
         .sum();
     let need = p.dp as f64 * per_replica;
