@@ -492,6 +492,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn replicated_ranges_are_exactly_the_tensors_every_tensor_rank_holds_whole() {
+        let config = GptConfig::gpt2_124m();
+        let shard = Shard {
+            tp: 2,
+            tp_rank: 1,
+            pp: 2,
+            stage: 1,
+        };
+        let layout = ParamLayout::sharded(&config, shard);
+        let mut covered = vec![false; layout.numel()];
+        for r in layout.tp_replicated_ranges() {
+            covered[r].fill(true);
+        }
+        for t in layout.tensors() {
+            let whole = t.split_dim.is_none();
+            assert!(
+                covered[t.range()].iter().all(|&c| c == whole),
+                "{}: replicated {whole}",
+                t.name
+            );
+        }
+        // Norms and row-parallel biases are replicated on every stage; the last stage's
+        // vocabulary-parallel head is not.
+        assert!(!layout.tp_replicated_ranges().is_empty());
+    }
+
+    #[test]
     fn gpt2_124m_has_the_known_parameter_count() {
         let layout = ParamLayout::new(&GptConfig::gpt2_124m());
         // 124,475,904 with the vocabulary padded to 50304 (llm.c reports the same).
