@@ -925,15 +925,19 @@ fn diff_compares_checkpoints_of_two_layouts() {
     std::fs::write(d.join("tp2.toml"), tp2).unwrap();
     let out = marathon(&["train", "--config", "tp2.toml", "--tp", "2"], d);
     assert!(out.status.success(), "{}", text(&out));
-    // The same run in two layouts: equal to rounding, not bitwise.
-    let out = marathon(
-        &[
-            "ckpt", "diff", "ck", "ck-tp2", "--rtol", "1e-3", "--atol", "1e-6",
-        ],
-        d,
-    );
+    // The same run in two layouts: equal to rounding, not bitwise. Adam turns rounding in
+    // near-zero gradients into visible differences in a few elements (which ones depends on the
+    // training text, here this repository's README and ARCHITECTURE), so the measure is each
+    // family's relative L2 difference, the parallel tests' 1e-5; elementwise they differ.
+    let out = marathon(&["ckpt", "diff", "ck", "ck-tp2", "--l2-rtol", "1e-5"], d);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("tp 2 pp 1"), "{}", text(&out));
+    let out = marathon(&["ckpt", "diff", "ck", "ck-tp2"], d);
+    assert!(
+        !out.status.success() && text(&out).contains("DIFFERS"),
+        "two layouts are not bitwise equal: {}",
+        text(&out)
+    );
     let out = marathon(&["ckpt", "diff", "ck", "ck", "--step-a", "2"], d);
     assert!(
         out.status.success(),
