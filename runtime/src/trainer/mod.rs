@@ -94,6 +94,11 @@ pub struct Trainer {
     samples_log: Option<SamplesLog>,
     /// Asked before each checkpoint commit (see [`Trainer::set_commit_guard`]).
     commit_guard: Option<CommitGuard>,
+    /// The ranges of the gradients a rank counts in the norm, refilled each step without
+    /// allocating.
+    norm_ranges: Vec<std::ops::Range<usize>>,
+    /// The tensor-parallel replicated ranges of the layout (see `sync_gradients`).
+    replicated: Vec<std::ops::Range<usize>>,
 }
 
 impl Trainer {
@@ -183,6 +188,8 @@ impl Trainer {
         };
         let engine = open_engine(&cfg, &groups, shard, slots, &model.params, &opt_shard)?;
         let opt = AdamW::for_shard(cfg.optim.adamw(), &model.layout, opt_shard);
+        let norm_ranges = Vec::with_capacity(model.layout.unique_ranges().len());
+        let replicated = model.layout.tp_replicated_ranges();
         let ckpt = checkpointing(&cfg, &model, &opt, &groups)?;
         let ramp = cfg.batch_ramp();
         let hidden = mb * seq * cfg.model.n_embd;
@@ -212,6 +219,8 @@ impl Trainer {
             generation: 0,
             samples_log: None,
             commit_guard: None,
+            norm_ranges,
+            replicated,
         })
         .and_then(|mut t| {
             if resume {

@@ -40,13 +40,14 @@ impl Trainer {
             groups,
             stop_signal,
             stop_agreed,
+            norm_ranges,
+            replicated,
             ..
         } = self;
         if let (false, Some(tp)) = (engine.deterministic(), groups.tp.as_mut()) {
             // Tensor-parallel rank 0's gradient of each replicated tensor for every rank, so
             // their copies never drift apart.
-            let replicated = model.layout.tp_replicated_ranges();
-            engine.broadcast_grads(model, tp, &replicated, 0)?;
+            engine.broadcast_grads(model, tp, replicated, 0)?;
         }
         let wte = model.layout.get("wte").map(|t| t.range());
         // The first and last stages each hold part of the tied embedding's gradient (input and
@@ -75,14 +76,16 @@ impl Trainer {
         };
         // Each element of the model is counted by one rank of its model-parallel group, and
         // with the distributed optimizer by the one replica whose shard holds it.
-        let mine: Vec<_> = model
-            .layout
-            .unique_ranges()
-            .iter()
-            .map(|r| r.start.max(shard.start)..r.end.min(shard.end))
-            .filter(|r| !r.is_empty())
-            .collect();
-        let own_sq = engine.grad_sum_squares(model, &mine)?;
+        norm_ranges.clear();
+        norm_ranges.extend(
+            model
+                .layout
+                .unique_ranges()
+                .iter()
+                .map(|r| r.start.max(shard.start)..r.end.min(shard.end))
+                .filter(|r| !r.is_empty()),
+        );
+        let own_sq = engine.grad_sum_squares(model, norm_ranges)?;
         // The loss is known to the last stage's ranks; one of them counts it.
         let [(tp_rank, _), (stage, stages), _] = groups.coords();
         let loss_part = if tp_rank == 0 && stage + 1 == stages {
