@@ -129,14 +129,6 @@ fn endpoints(urls: &str) -> Vec<String> {
 fn elastic_config(config: &Path, layout: &LayoutFlags) -> Result<TrainConfig> {
     let mut cfg = TrainConfig::load(config)?;
     layout.apply(&mut cfg)?;
-    if cfg.parallel.distributed_optimizer {
-        bail!(
-            "{}: parallel.distributed_optimizer: an elastic job changes its data-parallel degree, \
-             which would move optimizer shards between replicas; that is not supported yet. Set \
-             it to false, or train without --etcd",
-            config.display()
-        );
-    }
     if cfg.train.device != marathon_runtime::device::Device::Cpu {
         bail!(
             "{}: train.device: elastic jobs run on the CPU so far (agents do not yet give each \

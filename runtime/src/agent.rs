@@ -395,12 +395,13 @@ impl Agent {
                 groups_ms,
                 reconcile_ms,
                 digest,
+                storage_read_bytes,
             } => {
                 self.feed(Event::Progress { slot })?;
                 self.log(format_args!(
                     "slot {index} (pid {pid}): generation {generation} as rank {rank} (replica \
                      {replica}, stage {stage}, tensor rank {tp_rank}) at step {step}, state \
-                     digest {digest:016x}"
+                     digest {digest:016x}, {storage_read_bytes} bytes read from storage so far"
                 ));
                 if *rank == 0 {
                     let from = match reloaded {

@@ -74,6 +74,9 @@ pub enum FromWorker {
         reconcile_ms: f64,
         /// `Trainer::state_digest` after reconciling: every replica of a shard shows the same.
         digest: u64,
+        /// Bytes of checkpoint data this process has read from storage since it started.
+        #[serde(default)]
+        storage_read_bytes: u64,
     },
     /// A step completed.
     Step {
@@ -497,6 +500,8 @@ impl Generation<'_> {
             }
             None => trainer.insert(Trainer::joining(cfg, groups)?),
         };
+        // With the distributed optimizer, a lost replica's moments live on in a neighbour.
+        t.mirror_moments()?;
         t.set_generation(g);
         t.set_stop_signal(self.control.newer.clone());
         // A checkpoint commits only while this generation runs: the permission is a fenced
@@ -565,6 +570,7 @@ impl Generation<'_> {
             groups_ms,
             reconcile_ms,
             digest: t.state_digest()?,
+            storage_read_bytes: marathon_storage::reader::bytes_read(),
         });
         let started = Instant::now();
         let mut goodput = Goodput::default();

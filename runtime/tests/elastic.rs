@@ -322,3 +322,125 @@ fn a_generation_in_which_no_replica_holds_state_is_refused_on_every_rank() {
         );
     }
 }
+
+/// The distributed optimizer through a resize: dp 3 loses replica 1 and continues as dp 2 from
+/// memory (its moment chunk lived on as replica 0's mirror), then a new replica joins and
+/// receives its chunks from peers. Nothing comes from storage: the job has none. The losses
+/// are one process's, and the replicas end with the same parameters.
+#[test]
+fn the_distributed_optimizer_shrinks_and_grows_from_memory() {
+    const GROW: u64 = 5;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    assert!(cfg.checkpoint.is_none(), "nothing to read from storage");
+    let coord = Arc::new(InProcessCoordinator::new());
+    let (dp3, dp2) = (Topology::new(1, 1, 3), Topology::new(1, 1, 2));
+    let zero = |dp: usize| {
+        let mut c = cfg.clone();
+        c.parallel.dp = dp;
+        c.parallel.distributed_optimizer = true;
+        c
+    };
+    let handles: Vec<_> = (0..4)
+        .map(|rank| {
+            let (coord, first, joiner) = (coord.clone(), zero(3), zero(3));
+            std::thread::spawn(move || {
+                let mut losses = Vec::new();
+                if rank == 3 {
+                    // Joins the third generation as replica 2.
+                    let mut t =
+                        Trainer::joining(joiner, groups(&coord, 2, dp3, 2)).expect("joiner");
+                    t.mirror_moments().expect("mirror");
+                    assert_eq!(t.reconcile().expect("reconcile"), GROW);
+                    steps(&mut t, STEPS, &mut losses);
+                    return (losses, t.model.params);
+                }
+                let mut t =
+                    Trainer::with_groups(first, groups(&coord, 0, dp3, rank)).expect("trainer");
+                t.mirror_moments().expect("mirror");
+                assert_eq!(t.reconcile().expect("reconcile"), 0);
+                steps(&mut t, SWITCH, &mut losses);
+                if rank == 1 {
+                    // Lost: its moment chunk survives only as replica 0's mirror.
+                    return (losses, Vec::new());
+                }
+                t.regroup(groups(&coord, 1, dp2, rank / 2))
+                    .expect("regroup to dp 2");
+                assert_eq!(t.reconcile().expect("reconcile"), SWITCH, "rank {rank}");
+                steps(&mut t, GROW, &mut losses);
+                t.regroup(groups(&coord, 2, dp3, rank / 2))
+                    .expect("regroup to dp 3");
+                assert_eq!(t.reconcile().expect("reconcile"), GROW, "rank {rank}");
+                steps(&mut t, STEPS, &mut losses);
+                (losses, t.model.params)
+            })
+        })
+        .collect();
+    let runs: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("rank"))
+        .collect();
+    let mut single = Trainer::new(cfg).expect("single process");
+    let reference: Vec<f32> = (0..STEPS)
+        .map(|_| single.train_step().expect("step").loss)
+        .collect();
+    for (rank, (losses, params)) in runs.iter().enumerate() {
+        for &(step, loss) in losses {
+            let want = reference[step as usize - 1];
+            assert!(
+                (loss - want).abs() <= 1e-5 * want.abs(),
+                "rank {rank} step {step}: {loss} vs {want}"
+            );
+        }
+        if rank != 1 {
+            assert_eq!(losses.last().map(|l| l.0), Some(STEPS), "rank {rank}");
+            assert!(
+                params
+                    .iter()
+                    .zip(&runs[0].1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rank {rank} disagrees with rank 0"
+            );
+        }
+    }
+}
+
+/// Without mirrors, a lost replica's moment chunk has no live copy: every rank refuses to
+/// continue, so the job resumes from its newest checkpoint rather than from half its moments.
+#[test]
+fn a_lost_chunk_without_a_mirror_is_refused_on_every_rank() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    let coord = Arc::new(InProcessCoordinator::new());
+    let (dp2, alone) = (Topology::new(1, 1, 2), Topology::new(1, 1, 1));
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let (coord, mut cfg) = (coord.clone(), cfg.clone());
+            (cfg.parallel.dp, cfg.parallel.distributed_optimizer) = (2, true);
+            std::thread::spawn(move || {
+                let mut t =
+                    Trainer::with_groups(cfg, groups(&coord, 0, dp2, rank)).expect("trainer");
+                t.train_step().expect("step");
+                if rank == 1 {
+                    return None;
+                }
+                t.regroup(groups(&coord, 1, alone, 0)).expect("regroup");
+                Some(
+                    t.reconcile()
+                        .map(|_| ())
+                        .expect_err("chunk 1 is lost")
+                        .to_string(),
+                )
+            })
+        })
+        .collect();
+    let err = handles
+        .into_iter()
+        .filter_map(|h| h.join().expect("rank"))
+        .next()
+        .expect("the survivor's error");
+    assert!(
+        err.contains("some chunk has no live copy") && err.contains("newest checkpoint"),
+        "{err}"
+    );
+}

@@ -13,6 +13,21 @@ use crate::format::{self, Manifest};
 use crate::store::{retry, Store};
 use crate::{runtime, Result, StorageError};
 
+/// Bytes of checkpoint state (tensor chunks) this process has read from storage. Manifests are
+/// not counted: the writer's retention reads them too.
+static BYTES_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes of checkpoint state this process has read from storage so far: what an elastic worker
+/// reports, so that "nothing was read from storage" is a measured fact.
+pub fn bytes_read() -> u64 {
+    BYTES_READ.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count(bytes: Bytes) -> Bytes {
+    BYTES_READ.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    bytes
+}
+
 /// A checkpoint prefix found under a root.
 #[derive(Debug, Clone)]
 pub struct StepInfo {
@@ -208,6 +223,7 @@ impl Reader {
         let range = c.byte_offset..c.byte_offset + c.byte_len;
         retry(|| self.store.inner.get_range(&path, range.clone()))
             .await
+            .map(count)
             .map_err(|e| StorageError::store("read chunk", &path, e))
     }
 

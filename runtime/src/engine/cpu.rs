@@ -141,6 +141,17 @@ impl Engine for CpuEngine {
         group.reduce_scatter(&mut model.grads)
     }
 
+    fn send_recv_grads(
+        &mut self,
+        model: &mut Gpt<f32>,
+        group: &mut ProcessGroup,
+        (send, to): (Range<usize>, usize),
+        (recv, from): (Range<usize>, usize),
+    ) -> Result<()> {
+        let (out, into) = disjoint(&mut model.grads, send, recv);
+        group.send_recv(out, to, into, from)
+    }
+
     fn grad_sum_squares(&mut self, model: &Gpt<f32>, ranges: &[Range<usize>]) -> Result<f64> {
         Ok(ranges
             .iter()
@@ -211,5 +222,20 @@ impl Engine for CpuEngine {
                 });
             },
         ))
+    }
+}
+
+/// `a` of `buf` to read and `b` to write, two ranges that do not overlap.
+fn disjoint(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mut [f32]) {
+    assert!(
+        a.end <= b.start || b.end <= a.start,
+        "{a:?} and {b:?} overlap"
+    );
+    if a.start < b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.end - b.start])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.end - a.start], &mut lo[b])
     }
 }

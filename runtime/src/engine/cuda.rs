@@ -384,6 +384,25 @@ impl Engine for CudaEngine {
         Ok(mine)
     }
 
+    fn send_recv_grads(
+        &mut self,
+        _model: &mut Gpt<f32>,
+        group: &mut ProcessGroup,
+        (send, to): (Range<usize>, usize),
+        (recv, from): (Range<usize>, usize),
+    ) -> Result<()> {
+        let m = &self.model;
+        let host = self.staging.f32s.as_mut_slice();
+        let (out, into) = host[..send.len() + recv.len()].split_at_mut(send.len());
+        m.gpu
+            .download_slice(m.grads.slice(send), out)
+            .map_err(device_error)?;
+        group.send_recv(out, to, into, from)?;
+        m.gpu
+            .upload_slice(m.grads.slice(recv), into)
+            .map_err(device_error)
+    }
+
     fn grad_sum_squares(&mut self, _model: &Gpt<f32>, ranges: &[Range<usize>]) -> Result<f64> {
         self.model.grad_norm_sq_of(ranges).map_err(device_error)
     }

@@ -126,6 +126,16 @@ pub(crate) trait Engine: std::fmt::Debug {
         group: &mut ProcessGroup,
     ) -> Result<Range<usize>>;
 
+    /// Sends `send` of the gradients to member `to` of `group` while receiving `recv` from
+    /// member `from`; the two ranges do not overlap.
+    fn send_recv_grads(
+        &mut self,
+        model: &mut Gpt<f32>,
+        group: &mut ProcessGroup,
+        send: (Range<usize>, usize),
+        recv: (Range<usize>, usize),
+    ) -> Result<()>;
+
     /// The sum of squares of the gradient elements in `ranges`, in fp64.
     fn grad_sum_squares(&mut self, model: &Gpt<f32>, ranges: &[Range<usize>]) -> Result<f64>;
 

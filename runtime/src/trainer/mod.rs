@@ -12,6 +12,7 @@
 //! - `step.rs`: one step, its pipeline schedule and the data it feeds; validation;
 //! - `sync.rs`: gradient synchronisation and the step's closing sums;
 //! - `recovery.rs`: a new generation's groups, reloads, transfers between replicas;
+//! - `zero.rs`: the distributed optimizer's chunks, their mirrors, and their re-partitioning;
 //! - `checkpoints.rs`: resuming, snapshots and their persists;
 //! - `run.rs`: the run loop, metrics and goodput.
 
@@ -21,6 +22,7 @@ mod recovery;
 mod run;
 mod step;
 mod sync;
+mod zero;
 
 pub use preflight::preflight;
 pub use run::{Goodput, Observer, StepRecord, Summary};
@@ -99,6 +101,16 @@ pub struct Trainer {
     norm_ranges: Vec<std::ops::Range<usize>>,
     /// The tensor-parallel replicated ranges of the layout (see `sync_gradients`).
     replicated: Vec<std::ops::Range<usize>>,
+    /// Whether this rank mirrors its ring successor's optimizer chunk (see `zero.rs`).
+    mirrored: bool,
+    /// The mirrored chunk's moments, and whether they are current.
+    mirror: Option<AdamW<f32>>,
+    mirror_valid: bool,
+    /// Moments set aside at a change of groups, not yet placed in this rank's new chunks.
+    held: Vec<AdamW<f32>>,
+    /// With the distributed optimizer: the step (and samples consumed at it) whose update this
+    /// rank applied to its chunks, while that step's parameter all-gather has not completed.
+    pending: Option<(u64, u64)>,
 }
 
 impl Trainer {
@@ -221,6 +233,11 @@ impl Trainer {
             commit_guard: None,
             norm_ranges,
             replicated,
+            mirrored: false,
+            mirror: None,
+            mirror_valid: false,
+            held: Vec::new(),
+            pending: None,
         })
         .and_then(|mut t| {
             if resume {

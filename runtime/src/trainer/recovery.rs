@@ -15,9 +15,10 @@ impl Trainer {
     /// The rank keeps its shard of the model and its optimizer state; the next step splits the
     /// global batch over the new replicas, so the data order continues exactly.
     ///
-    /// Errors: a group whose tensor or pipeline size differs from the layout's, and the
-    /// distributed optimizer, whose shards would have to move between replicas (not supported
-    /// yet: resume from a checkpoint in the new layout instead).
+    /// With the distributed optimizer the rank sets its moments aside; [`Trainer::reconcile`]
+    /// re-partitions them among the new replicas.
+    ///
+    /// Errors: a group whose tensor or pipeline size differs from the layout's.
     pub fn regroup(&mut self, groups: Groups) -> Result<()> {
         let [(tp_rank, tp), (stage, pp), (_, dp)] = groups.coords();
         let shard = self.model.layout.shard;
@@ -33,16 +34,12 @@ impl Trainer {
                 shard.tp_rank, shard.tp, shard.stage, shard.pp
             )));
         }
-        if self.cfg.parallel.distributed_optimizer && dp != self.cfg.parallel.dp {
-            return Err(bad(format!(
-                "changing the data-parallel degree from {} to {dp} with the distributed \
-                 optimizer would move optimizer shards between replicas, which is not supported \
-                 yet; resume from a checkpoint in the new layout",
-                self.cfg.parallel.dp
-            )));
-        }
         self.cfg.parallel.dp = dp;
         self.groups = groups;
+        if self.cfg.parallel.distributed_optimizer {
+            self.fetch_state()?;
+            self.place_chunks();
+        }
         // The writers of the new generation are its ranks. A persist still running belongs to
         // the old one: it finishes (or fails, when a writer died) on its own thread, and the
         // newest checkpoint that committed is what a later resume finds.
@@ -87,6 +84,10 @@ impl Trainer {
         );
         self.step = 0;
         self.consumed_samples = 0;
+        // What was held before is dropped: the checkpoint's state replaces it.
+        self.held.clear();
+        self.mirror_valid = false;
+        self.pending = None;
         self.resumed_from = self.resume()?;
         self.engine.push_state(&self.model, &self.opt)?;
         self.holds_state = true;
@@ -113,9 +114,22 @@ impl Trainer {
     /// both Adam moments, the optimizer step and the data order's position, broadcast over the
     /// group. A replica joining a running job receives its state this way from a healthy one,
     /// instead of from storage; every member of the group calls it.
+    ///
+    /// With the distributed optimizer each replica holds other moments: [`Trainer::reconcile`]
+    /// moves them instead.
     pub fn transfer_state(&mut self, source: usize) -> Result<()> {
         if self.groups.dp.is_none() {
             return Ok(());
+        }
+        if self.cfg.parallel.distributed_optimizer {
+            return Err(RuntimeError::Config {
+                path: self.cfg.source.clone(),
+                field: "parallel.distributed_optimizer".into(),
+                reason: "replicas of the distributed optimizer hold different chunks of the \
+                         moments, so one cannot take another's state whole; reconcile moves the \
+                         chunks"
+                    .into(),
+            });
         }
         self.fetch_state()?;
         let dp = self.groups.dp.as_mut().expect("checked above");
@@ -166,29 +180,43 @@ impl Trainer {
                 }
                 Ok(all.chunks_exact(2).map(word).collect())
             };
-        // Step + 1 from a holder of state, 0 from a rank that holds none.
-        let held = if self.holds_state { self.step + 1 } else { 0 };
-        let held = gather(self.groups.dp.as_mut(), held, replica, replicas)?;
-        let best = held.iter().copied().max().unwrap_or(held[replica]);
-        let stateless = best == 0;
-        if !stateless && held.iter().any(|&s| s != best) {
-            let source = held.iter().position(|&s| s == best).unwrap_or(0);
-            self.transfer_state(source)?;
-        }
+        let (stateless, uncovered) = if self.cfg.parallel.distributed_optimizer {
+            self.reconcile_chunks()?
+        } else {
+            // Step + 1 from a holder of state, 0 from a rank that holds none.
+            let held = if self.holds_state { self.step + 1 } else { 0 };
+            let held = gather(self.groups.dp.as_mut(), held, replica, replicas)?;
+            let best = held.iter().copied().max().unwrap_or(held[replica]);
+            if best != 0 && held.iter().any(|&s| s != best) {
+                let source = held.iter().position(|&s| s == best).unwrap_or(0);
+                self.transfer_state(source)?;
+            }
+            (best == 0, false)
+        };
         // The replicas of each shard now agree; the shards must agree with each other.
         let [(tp_rank, tp), (stage, pp), _] = self.groups.coords();
         let step = self.step;
         let across_tp = gather(self.groups.tp.as_mut(), step, tp_rank, tp)?;
         let across_pp = gather(self.groups.pp.as_mut(), step, stage, pp)?;
         let differ = across_tp.iter().chain(&across_pp).any(|&s| s != step);
-        let [differ_n, stateless_n] =
-            self.sum_over_ranks([f32::from(differ), f32::from(stateless)])?;
-        if differ_n + stateless_n > 0.0 {
+        let [differ_n, stateless_n, uncovered_n] = self.sum_over_ranks([
+            f32::from(differ),
+            f32::from(stateless),
+            f32::from(uncovered),
+        ])?;
+        if differ_n + stateless_n + uncovered_n > 0.0 {
             let reason = if stateless_n > 0.0 {
                 format!(
                     "{stateless_n} ranks hold shards of which no replica holds state (every \
                      one joined with this generation), so the job must resume from its newest \
                      checkpoint"
+                )
+            } else if uncovered_n > 0.0 {
+                format!(
+                    "{uncovered_n} ranks hold chunks of the distributed optimizer's moments of \
+                     which, at every step they hold, some chunk has no live copy (two \
+                     neighbouring replicas lost together), so the job must resume from its \
+                     newest checkpoint"
                 )
             } else {
                 format!(

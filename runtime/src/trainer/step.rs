@@ -136,6 +136,16 @@ impl Trainer {
         let clip = self.cfg.optim.grad_clip;
         self.engine
             .update(&mut self.model, &mut self.opt, shard, lr, grad_norm, clip)?;
+        if let Some(mirror) = self.mirror.as_mut() {
+            // The successor's chunk, as the successor updates it: same gradient, same norm.
+            let r = mirror.shard.clone();
+            self.engine
+                .update(&mut self.model, mirror, r, lr, grad_norm, clip)?;
+        }
+        if self.cfg.parallel.distributed_optimizer {
+            // Until the all-gather completes, this rank's chunks are a step ahead of the rest.
+            self.pending = Some((self.step + 1, self.consumed_samples + batch));
+        }
         if let (Some(g), true) = (&mut self.groups.dp, self.cfg.parallel.distributed_optimizer) {
             self.engine.all_gather_params(&mut self.model, g)?;
         }
@@ -159,6 +169,7 @@ impl Trainer {
         let seq = self.cfg.batch.seq_len as u64;
         self.consumed_samples += batch;
         self.step += 1;
+        self.pending = None;
         let step_ms = started.elapsed().as_secs_f64() * 1e3;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let rec = StepRecord {

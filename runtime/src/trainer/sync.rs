@@ -42,6 +42,7 @@ impl Trainer {
             stop_agreed,
             norm_ranges,
             replicated,
+            mirror,
             ..
         } = self;
         if let (false, Some(tp)) = (engine.deterministic(), groups.tp.as_mut()) {
@@ -64,7 +65,16 @@ impl Trainer {
         let shard = match groups.dp.as_mut() {
             Some(dp) if zero => {
                 tie(engine, model)?;
-                engine.reduce_scatter_grads(model, dp)?
+                let own = engine.reduce_scatter_grads(model, dp)?;
+                if let Some(mirror) = mirror {
+                    // The ring successor's reduced chunk, for the mirror of its moments; this
+                    // chunk to the predecessor, for its mirror.
+                    let (r, p) = (dp.rank(), dp.size());
+                    let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+                    let recv = mirror.shard.clone();
+                    engine.send_recv_grads(model, dp, (own.clone(), prev), (recv, next))?;
+                }
+                own
             }
             dp => {
                 if let (Some(dp), false) = (dp, reduced) {
