@@ -5,6 +5,7 @@
 //!   node in a network namespace of its own where the machine allows ([`network`]), and the
 //!   faults of a schedule drawn from a seed ([`scenario`]) injected as the job reaches their
 //!   steps; the invariants checked after it ([`check`]), and a report ([`report`]).
+//! - [`throttle`]: the slow-worker fault, a live process made slow.
 //! - [`sim`]: the membership core of every agent against a simulated etcd that delays,
 //!   reorders and loses deliveries and expires leases, with nodes and workers dying and
 //!   returning, every run drawn from a seed and checked for the protocol's safety invariants.
@@ -23,3 +24,4 @@ pub mod run;
 pub mod scenario;
 pub mod servers;
 pub mod sim;
+pub mod throttle;

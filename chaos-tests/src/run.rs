@@ -446,6 +446,19 @@ impl<'a> Harness<'a> {
                     None => return Ok(Some("not injected: the slot runs no worker".into())),
                 }
             }
+            Fault::SlowWorker {
+                node,
+                slot,
+                slowdown,
+                ms,
+            } => match self.nodes[node].worker(slot) {
+                Some(pid) => {
+                    let throttle = crate::throttle::Throttle::start(pid, f64::from(slowdown));
+                    sleep(ms);
+                    drop(throttle);
+                }
+                None => return Ok(Some("not injected: the slot runs no worker".into())),
+            },
             Fault::KillNode { node, down_ms } => {
                 self.nodes[node].kill();
                 sleep(down_ms);
@@ -843,6 +856,12 @@ fn aimed(fault: &Fault, node: usize, slot: usize) -> Fault {
     match *fault {
         Fault::KillWorker { .. } => Fault::KillWorker { node, slot },
         Fault::HangWorker { .. } => Fault::HangWorker { node, slot },
+        Fault::SlowWorker { slowdown, ms, .. } => Fault::SlowWorker {
+            node,
+            slot,
+            slowdown,
+            ms,
+        },
         Fault::KillNode { down_ms, .. } => Fault::KillNode { node, down_ms },
         Fault::StopNode { ms, .. } => Fault::StopNode { node, ms },
         Fault::Partition { ms, .. } => Fault::Partition { node, ms },

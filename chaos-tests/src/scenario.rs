@@ -16,6 +16,14 @@ pub enum Fault {
     KillWorker { node: usize, slot: usize },
     /// SIGSTOP of one worker process: its agent declares it hung and evicts it.
     HangWorker { node: usize, slot: usize },
+    /// One worker process throttled to a `slowdown`-th of its speed for `ms`
+    /// ([`crate::throttle`]): alive, but a straggler.
+    SlowWorker {
+        node: usize,
+        slot: usize,
+        slowdown: u32,
+        ms: u64,
+    },
     /// SIGKILL of a node's agent and its workers; the agent starts again under its name after
     /// `down_ms`.
     KillNode { node: usize, down_ms: u64 },
@@ -46,6 +54,7 @@ impl Fault {
         match self {
             Fault::KillWorker { .. } => "kill-worker",
             Fault::HangWorker { .. } => "hang-worker",
+            Fault::SlowWorker { .. } => "slow-worker",
             Fault::KillNode { .. } => "kill-node",
             Fault::StopNode { .. } => "stop-node",
             Fault::KillEtcdMember { .. } => "kill-etcd-member",
@@ -64,6 +73,15 @@ impl fmt::Display for Fault {
         match self {
             Fault::KillWorker { node, slot } => write!(f, "kill -9 worker node-{node}/{slot}"),
             Fault::HangWorker { node, slot } => write!(f, "kill -STOP worker node-{node}/{slot}"),
+            Fault::SlowWorker {
+                node,
+                slot,
+                slowdown,
+                ms,
+            } => write!(
+                f,
+                "worker node-{node}/{slot} throttled {slowdown}x for {ms} ms"
+            ),
             Fault::KillNode { node, down_ms } => {
                 write!(
                     f,
@@ -174,6 +192,8 @@ impl Scenario {
         let mut net = Rng(seed ^ 0x6e65_7477_6f72_6b21);
         // So do the moments faults land at.
         let mut moments = Rng(seed ^ 0x6d6f_6d65_6e74_7321);
+        // And the slow workers.
+        let mut slow = Rng(seed ^ 0x736c_6f77_5f77_6b72);
         for _ in 0..count {
             if at + 6 > steps {
                 break;
@@ -191,6 +211,14 @@ impl Scenario {
                         node,
                         ms: net.within(2000, 8000),
                     }
+                };
+            }
+            if slow.chance(0.1) {
+                fault = Fault::SlowWorker {
+                    node: slow.below(nodes as u64) as usize,
+                    slot: slow.below(slots as u64) as usize,
+                    slowdown: slow.within(3, 6) as u32,
+                    ms: slow.within(2000, 6000),
                 };
             }
             let moment = moments

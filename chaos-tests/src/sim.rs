@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
-use marathon_elastic::plan::{Plan, Slot, StateSource};
+use marathon_elastic::plan::{Offer, Plan, Slot, StateSource};
 
 use crate::rng::Rng;
 
@@ -227,7 +227,7 @@ impl World {
             .unwrap_or_default();
         out.extend(self.leases.keys().map(|n| Event::Registered {
             node: n.clone(),
-            slots: self.cfg.slots,
+            offer: Offer::all(self.cfg.slots),
         }));
         if let Some(l) = &self.leader {
             out.push(Event::Leader { node: l.clone() });
@@ -274,7 +274,7 @@ impl World {
         self.leases.insert(name.to_owned(), None);
         self.broadcast(Event::Registered {
             node: name.to_owned(),
-            slots: self.cfg.slots,
+            offer: Offer::all(self.cfg.slots),
         });
         self.campaign();
     }

@@ -19,6 +19,7 @@ pub mod coordinator;
 pub mod etcd;
 pub mod job;
 pub mod membership;
+pub mod pace;
 pub mod plan;
 pub mod topology;
 

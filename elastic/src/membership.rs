@@ -16,13 +16,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::plan::{plan, Plan, PlanError, PlanRequest, Slot, StateSource};
+use crate::plan::{plan, Offer, Plan, PlanError, PlanRequest, Slot, StateSource};
 
 /// What an agent observes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A node registered (or re-registered) with this many slots.
-    Registered { node: String, slots: usize },
+    /// A node registered (or re-registered) offering these slots.
+    Registered { node: String, offer: Offer },
     /// A node's registration is gone: its lease expired or it left.
     Expired { node: String },
     /// A worker process exited; its slot is free again but its state is gone.
@@ -82,7 +82,7 @@ pub struct Membership {
     pp: usize,
     microbatches: usize,
     timing: Timing,
-    live: BTreeMap<String, usize>,
+    live: BTreeMap<String, Offer>,
     leader: Option<String>,
     generation: u64,
     plan: Option<Plan>,
@@ -136,6 +136,11 @@ impl Membership {
         self.generation
     }
 
+    /// Whether this agent leads the job, as far as it knows.
+    pub fn leads(&self) -> bool {
+        self.leader.as_deref() == Some(self.me.as_str())
+    }
+
     pub fn plan(&self) -> Option<&Plan> {
         self.plan.as_ref()
     }
@@ -144,8 +149,9 @@ impl Membership {
     pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
-            Event::Registered { node, slots } => {
-                if self.live.insert(node, slots) != Some(slots) {
+            Event::Registered { node, offer } => {
+                // A plan using a slot no longer offered is stale: the next one leaves it out.
+                if self.live.insert(node, offer.clone()) != Some(offer) {
                     self.changed(now);
                 }
             }
@@ -278,7 +284,7 @@ impl Membership {
     }
 
     /// The nodes this agent counts as live, with their slots.
-    pub fn live(&self) -> &BTreeMap<String, usize> {
+    pub fn live(&self) -> &BTreeMap<String, Offer> {
         &self.live
     }
 
@@ -325,7 +331,9 @@ impl Membership {
         if !settled || self.done || self.leader.as_deref() != Some(self.me.as_str()) {
             return;
         }
-        if self.generation == 0 && self.live.values().sum::<usize>() < self.wait_slots {
+        if self.generation == 0
+            && self.live.values().map(Offer::count).sum::<usize>() < self.wait_slots
+        {
             return;
         }
         let to = self.generation + 1;
@@ -383,9 +391,9 @@ fn without_lost(plan: &Plan, lost: &BTreeSet<Slot>) -> Plan {
 }
 
 /// Whether `plan` uses a slot that is no longer live.
-fn plan_misses(plan: &Plan, live: &BTreeMap<String, usize>) -> bool {
+fn plan_misses(plan: &Plan, live: &BTreeMap<String, Offer>) -> bool {
     plan.blocks
         .iter()
         .flat_map(|b| &b.slots)
-        .any(|s| s.index >= live.get(&s.node).copied().unwrap_or(0))
+        .any(|s| !live.get(&s.node).is_some_and(|o| o.offers(s.index)))
 }

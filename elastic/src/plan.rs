@@ -77,6 +77,49 @@ impl Plan {
     }
 }
 
+/// The slots a node offers: indices `0..slots`, less those cooling down after their worker
+/// died. A node's registration in etcd carries it as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub slots: usize,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub cooling: BTreeSet<usize>,
+}
+
+impl Offer {
+    /// Every one of `slots` slots.
+    pub fn all(slots: usize) -> Self {
+        Offer {
+            slots,
+            cooling: BTreeSet::new(),
+        }
+    }
+
+    /// Whether slot `index` is offered.
+    pub fn offers(&self, index: usize) -> bool {
+        index < self.slots && !self.cooling.contains(&index)
+    }
+
+    /// The offered slots, in index order.
+    pub fn offered(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.slots).filter(|i| !self.cooling.contains(i))
+    }
+
+    /// How many slots are offered.
+    pub fn count(&self) -> usize {
+        self.offered().count()
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("offers serialise")
+    }
+
+    /// A registration's value; `None` when it does not parse (the node then offers nothing).
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        serde_json::from_slice(value).ok()
+    }
+}
+
 /// What the planner is asked.
 #[derive(Debug, Clone)]
 pub struct PlanRequest<'a> {
@@ -85,7 +128,7 @@ pub struct PlanRequest<'a> {
     /// Microbatches in the global batch.
     pub microbatches: usize,
     /// The live slots, by node.
-    pub live: &'a BTreeMap<String, usize>,
+    pub live: &'a BTreeMap<String, Offer>,
     /// The plan of the generation before, if any: survivors keep their stage and tensor rank.
     pub previous: Option<&'a Plan>,
 }
@@ -115,7 +158,7 @@ pub fn plan(req: &PlanRequest<'_>) -> Result<Plan, PlanError> {
     let alive = |slots: &[Slot]| {
         slots
             .iter()
-            .all(|s| s.index < req.live.get(&s.node).copied().unwrap_or(0))
+            .all(|s| req.live.get(&s.node).is_some_and(|o| o.offers(s.index)))
     };
     let mut spares: Vec<(Option<usize>, Vec<Slot>)> = Vec::new();
     if let Some(prev) = req.previous.filter(|p| p.tp == tp && p.pp == pp) {
@@ -146,8 +189,9 @@ pub fn plan(req: &PlanRequest<'_>) -> Result<Plan, PlanError> {
         }
     }
     // New blocks from the free slots of each node, in node and slot order.
-    for (node, &n) in req.live {
-        let free: Vec<Slot> = (0..n)
+    for (node, offer) in req.live {
+        let free: Vec<Slot> = offer
+            .offered()
             .map(|index| Slot {
                 node: node.clone(),
                 index,
@@ -296,7 +340,7 @@ mod tests {
     /// Checks every invariant of `p` for `req`, and its stickiness to `req.previous`.
     fn check(req: &PlanRequest<'_>, p: &Plan, seed: u64) {
         let ctx = format!("seed {seed}: {req:?}\n{p:?}");
-        let blocks_live: usize = req.live.values().map(|n| n / req.tp).sum();
+        let blocks_live: usize = req.live.values().map(|o| o.count() / req.tp).sum();
         assert_eq!(p.dp, (blocks_live / req.pp).min(req.microbatches), "{ctx}");
         assert_eq!(p.blocks.len(), p.dp * p.pp, "{ctx}");
         let mut seen = BTreeSet::new();
@@ -306,7 +350,7 @@ mod tests {
             // A tensor-parallel group on one node, on live slots, each slot used once.
             assert!(b.slots.iter().all(|s| s.node == b.slots[0].node), "{ctx}");
             for s in &b.slots {
-                assert!(s.index < req.live[&s.node], "{ctx}");
+                assert!(req.live[&s.node].offers(s.index), "{ctx}");
                 assert!(seen.insert(s.clone()), "slot {s:?} twice; {ctx}");
             }
             match b.state {
@@ -366,8 +410,8 @@ mod tests {
             let tp = [1, 2, 4][g.below(3) as usize];
             let pp = 1 + g.below(4) as usize;
             let microbatches = 1 + g.below(40) as usize;
-            let mut live: BTreeMap<String, usize> = (0..1 + g.below(12))
-                .map(|n| (format!("node-{n:02}"), g.below(10) as usize))
+            let mut live: BTreeMap<String, Offer> = (0..1 + g.below(12))
+                .map(|n| (format!("node-{n:02}"), Offer::all(g.below(10) as usize)))
                 .collect();
             let mut previous: Option<Plan> = None;
             for _generation in 0..4 {
@@ -388,8 +432,9 @@ mod tests {
                     }
                     Err(e) => panic!("seed {seed}: {e}"),
                 }
-                // A node dies, loses slots, or a node joins.
-                match g.below(3) {
+                // A node dies, loses slots, cools one slot down or offers its slots again, or
+                // a node joins.
+                match g.below(5) {
                     0 if !live.is_empty() => {
                         let k = live
                             .keys()
@@ -402,11 +447,24 @@ mod tests {
                             .keys()
                             .nth(g.below(live.len() as u64) as usize)
                             .cloned();
-                        let n = live.get_mut(&k.expect("a node")).expect("the node");
-                        *n = n.saturating_sub(1 + g.below(3) as usize);
+                        let o = live.get_mut(&k.expect("a node")).expect("the node");
+                        o.slots = o.slots.saturating_sub(1 + g.below(3) as usize);
                     }
+                    2 if !live.is_empty() => {
+                        let k = live
+                            .keys()
+                            .nth(g.below(live.len() as u64) as usize)
+                            .cloned();
+                        let o = live.get_mut(&k.expect("a node")).expect("the node");
+                        let slot = g.below(o.slots.max(1) as u64) as usize;
+                        o.cooling.insert(slot);
+                    }
+                    3 => live.values_mut().for_each(|o| o.cooling.clear()),
                     _ => {
-                        live.insert(format!("node-new-{}", g.below(1000)), g.below(10) as usize);
+                        live.insert(
+                            format!("node-new-{}", g.below(1000)),
+                            Offer::all(g.below(10) as usize),
+                        );
                     }
                 }
             }
@@ -416,8 +474,9 @@ mod tests {
     #[test]
     fn a_lost_node_shrinks_data_parallelism_and_its_return_regrows_it_by_peer_transfer() {
         // MT-NLG's shape in miniature: 8 slots a node, tp 8, pp 2, 4 replicas on 8 nodes.
-        let mut live: BTreeMap<String, usize> = (0..8).map(|n| (format!("n{n}"), 8)).collect();
-        let req = |live: &BTreeMap<String, usize>, prev: Option<&Plan>| {
+        let mut live: BTreeMap<String, Offer> =
+            (0..8).map(|n| (format!("n{n}"), Offer::all(8))).collect();
+        let req = |live: &BTreeMap<String, Offer>, prev: Option<&Plan>| {
             plan(&PlanRequest {
                 tp: 8,
                 pp: 2,
@@ -448,7 +507,7 @@ mod tests {
         // Every block kept its stage: nothing moves, nothing is transferred; the broken
         // replica's surviving block waits as a spare.
         assert!(second.blocks.iter().all(|b| b.state == StateSource::Kept));
-        live.insert("n3".into(), 8);
+        live.insert("n3".into(), Offer::all(8));
         let third = req(&live, Some(&second));
         assert_eq!(third.dp, 4);
         assert_eq!(third.microbatches, vec![8, 8, 7, 7]);
@@ -467,8 +526,54 @@ mod tests {
     }
 
     #[test]
+    fn a_cooling_slot_costs_its_block_and_the_node_keeps_the_others() {
+        // Two nodes of 4 slots, tp 2 x pp 1: four replicas. Slot 1 of node a cools down.
+        let mut live: BTreeMap<String, Offer> =
+            ["a", "b"].map(|n| (n.to_string(), Offer::all(4))).into();
+        let req = |live: &BTreeMap<String, Offer>, prev: Option<&Plan>| {
+            plan(&PlanRequest {
+                tp: 2,
+                pp: 1,
+                microbatches: 8,
+                live,
+                previous: prev,
+            })
+            .expect("a plan")
+        };
+        let first = req(&live, None);
+        assert_eq!(first.dp, 4);
+        live.get_mut("a").expect("a").cooling.insert(1);
+        let second = req(&live, Some(&first));
+        assert_eq!(second.dp, 3);
+        // Node a's other block (slots 2 and 3) stays where it was, with its state.
+        let a: Vec<&Block> = second
+            .blocks
+            .iter()
+            .filter(|b| b.slots[0].node == "a")
+            .collect();
+        assert_eq!(a.len(), 1);
+        assert_eq!(
+            a[0].slots.iter().map(|s| s.index).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert_eq!(a[0].state, StateSource::Kept);
+        live.get_mut("a").expect("a").cooling.clear();
+        assert_eq!(req(&live, Some(&second)).dp, 4);
+    }
+
+    #[test]
+    fn offers_travel_as_json() {
+        let mut o = Offer::all(4);
+        assert_eq!(Offer::parse(&o.to_json()), Some(o.clone()));
+        o.cooling.insert(2);
+        assert_eq!(o.offered().collect::<Vec<_>>(), [0, 1, 3]);
+        assert_eq!(Offer::parse(&o.to_json()), Some(o));
+        assert_eq!(Offer::parse(b"4"), None);
+    }
+
+    #[test]
     fn too_few_slots_for_one_replica_is_refused_with_the_reason() {
-        let live: BTreeMap<String, usize> = [("a".to_string(), 7)].into();
+        let live: BTreeMap<String, Offer> = [("a".to_string(), Offer::all(7))].into();
         let err = plan(&PlanRequest {
             tp: 8,
             pp: 1,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
-use marathon_elastic::plan::{Plan, Slot, StateSource};
+use marathon_elastic::plan::{Offer, Plan, Slot, StateSource};
 
 const SETTLE: Duration = Duration::from_millis(100);
 const HANG: Duration = Duration::from_secs(5);
@@ -51,7 +51,13 @@ impl Sim {
         let now = self.t0 + self.now;
         let live: Vec<(String, usize)> = self.agents.keys().map(|k| (k.clone(), slots)).collect();
         for (n, s) in live {
-            m.handle(now, Event::Registered { node: n, slots: s });
+            m.handle(
+                now,
+                Event::Registered {
+                    node: n,
+                    offer: Offer::all(s),
+                },
+            );
         }
         if let Some(p) = &self.committed {
             m.handle(
@@ -65,7 +71,7 @@ impl Sim {
         self.agents.insert(node.to_owned(), m);
         self.broadcast(Event::Registered {
             node: node.to_owned(),
-            slots,
+            offer: Offer::all(slots),
         });
         self.elect();
     }
@@ -347,7 +353,7 @@ fn a_node_that_registers_while_a_plan_is_in_flight_is_planned_for_next() {
         t0,
         Event::Registered {
             node: "a".into(),
-            slots: 1,
+            offer: Offer::all(1),
         },
     );
     let acts = m.handle(t0 + SETTLE, Event::Tick);
@@ -360,7 +366,7 @@ fn a_node_that_registers_while_a_plan_is_in_flight_is_planned_for_next() {
         t0 + SETTLE,
         Event::Registered {
             node: "b".into(),
-            slots: 1,
+            offer: Offer::all(1),
         },
     );
     let plan = plan.clone();

@@ -702,7 +702,7 @@ pub struct ElasticArgs {
 /// `marathon bench elastic`: how long a cluster of agents takes to register under leases,
 /// have the leader plan generation 1, and have every agent hold the plan, against a real etcd.
 pub fn elastic(args: ElasticArgs) -> Result<()> {
-    use marathon_elastic::plan::{plan, PlanRequest};
+    use marathon_elastic::plan::{plan, Offer, PlanRequest};
     use marathon_elastic::{Coordinator, EtcdCoordinator};
     use std::sync::Arc;
     anyhow::ensure!(
@@ -727,7 +727,7 @@ pub fn elastic(args: ElasticArgs) -> Result<()> {
                 move || -> Result<(Duration, Duration, marathon_elastic::Registration)> {
                     let key = format!("{nodes}node-{i:05}");
                     let reg =
-                        c.register(&key, slots.to_string().as_bytes(), Duration::from_secs(10))?;
+                        c.register(&key, &Offer::all(slots).to_json(), Duration::from_secs(10))?;
                     let registered = started.elapsed();
                     let plan = c.wait_get(&plan_key, Instant::now() + Duration::from_secs(60))?;
                     anyhow::ensure!(!plan.is_empty(), "empty plan");
@@ -752,12 +752,12 @@ pub fn elastic(args: ElasticArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     };
     let (seen_all, live) = all_registered;
-    let live: std::collections::BTreeMap<String, usize> = live
+    let live: std::collections::BTreeMap<String, Offer> = live
         .into_iter()
         .map(|(k, v)| {
             (
                 k.trim_start_matches(&nodes).to_owned(),
-                String::from_utf8_lossy(&v).parse().unwrap_or(0),
+                Offer::parse(&v).unwrap_or_default(),
             )
         })
         .collect();

@@ -39,9 +39,14 @@ pub struct ElasticFlags {
     /// collective's deadline (--group-timeout-ms) fails its step instead.
     #[arg(long, default_value_t = 10_000)]
     hang_ms: u64,
-    /// How long a node whose worker died offers no slots (0: it is used again at once).
+    /// How long the slot of a worker that died is not offered (0: it is used again at once).
+    /// The node's other slots stay in the job.
     #[arg(long, default_value_t = 30_000)]
     cooldown_ms: u64,
+    /// Worker deaths on one node within one cooldown that withdraw the whole node for the
+    /// cooldown, its other workers stopped with it (0: never).
+    #[arg(long, default_value_t = 2)]
+    withdraw_after: u64,
     /// Deadline of each collective and of each generation's rendezvous.
     #[arg(long, default_value_t = 60_000)]
     group_timeout_ms: u64,
@@ -54,6 +59,7 @@ impl ElasticFlags {
             ("--settle-ms", self.settle_ms),
             ("--hang-ms", self.hang_ms),
             ("--cooldown-ms", self.cooldown_ms),
+            ("--withdraw-after", self.withdraw_after),
             ("--group-timeout-ms", self.group_timeout_ms),
         ]
         .into_iter()
@@ -202,7 +208,9 @@ pub fn agent(args: AgentArgs) -> Result<()> {
             hang: Duration::from_millis(e.hang_ms),
         },
         cooldown: Duration::from_millis(e.cooldown_ms),
+        withdraw_after: e.withdraw_after as usize,
         wait_slots: args.wait_slots,
+        evict_stragglers: cfg.elastic.evict_stragglers,
     })?;
     Ok(())
 }

@@ -333,13 +333,15 @@ pub(crate) fn report_goodput(s: &Summary) {
     if elastic > 0.0 {
         eprintln!(
             "elastic: start-up {:.2} s, failure detection (with the dropped step) {:.2} s, \
-             re-forming {:.2} s, state transfer {:.2} s, {} steps recomputed in {:.2} s",
+             re-forming {:.2} s, state transfer {:.2} s, {} steps recomputed in {:.2} s, {} \
+             stragglers flagged",
             g.startup_s,
             g.detection_s,
             g.reform_s,
             g.transfer_s,
             g.recomputed_steps,
-            g.recomputed_s
+            g.recomputed_s,
+            g.stragglers
         );
     }
 }

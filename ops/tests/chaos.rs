@@ -92,10 +92,11 @@ fn seed_4_damaged_checkpoints_and_a_flaky_store() {
     scenario(4);
 }
 
-/// A worker stopped until its agent evicts it, an etcd member killed, a node partitioned for
-/// 6 s and another's network slowed (when the job gets that far: from a rendezvous).
+/// A worker throttled to a third of its speed for 6 s (a straggler, alive), an etcd member
+/// killed, a node partitioned for 6 s and another's network slowed (when the job gets that
+/// far: from a rendezvous).
 #[test]
-fn seed_6_a_hung_worker_an_etcd_member_lost_a_partition_a_slow_link() {
+fn seed_6_a_slow_worker_an_etcd_member_lost_a_partition_a_slow_link() {
     let o = scenario(6);
     network_faults_injected(&o);
 }

@@ -335,9 +335,18 @@ fn ms_between(a: u64, b: u64) -> i64 {
     b as i64 - a as i64
 }
 
+/// Two nodes of four slots run tp 2 x dp 4, with a checkpoint root. One worker is SIGKILLed:
+/// only its slot cools down, so its block leaves and the job shrinks to dp 3; its tensor
+/// partner stays as an idle process, and the node's other block stays in the job. When the
+/// slot is offered again, one process starts afresh on that node and the job grows back.
 #[test]
-fn a_killed_worker_shrinks_the_job_without_restarts_and_its_node_grows_it_back() {
-    let (server, c, dir, keys, rec) = fixture("kill", 40, 16, "");
+fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
+    let (server, c, dir, keys, rec) = fixture(
+        "kill",
+        40,
+        16,
+        "[checkpoint]\nroot = \"ckpt\"\nevery_steps = 10\nkeep_last = 10\n",
+    );
     let args = [
         "train",
         "--config",
@@ -345,6 +354,10 @@ fn a_killed_worker_shrinks_the_job_without_restarts_and_its_node_grows_it_back()
         "--tp",
         "2",
         "--dp",
+        "4",
+        "--nodes",
+        "2",
+        "--slots",
         "4",
         "--etcd",
         &server.url,
@@ -360,38 +373,55 @@ fn a_killed_worker_shrinks_the_job_without_restarts_and_its_node_grows_it_back()
         "20000",
     ];
     let job = Proc::start("train --etcd", dir.path(), &args);
-    let victim = worker_pid(&job, "node-2", 1);
+    let victim = worker_pid(&job, "node-1", 1);
+    let partner = worker_pid(&job, "node-1", 0);
     rec.wait_step(&keys, 1, 8, Duration::from_secs(60));
     let killed_at = unix_ms();
     signal("-9", victim);
     let (status, stdout, text) = job.finish(Duration::from_secs(120));
     assert!(status.success(), "{text}");
-    // Shrunk to dp 3 around the loss, then grew back to dp 4 when the node offered its slots.
+    // Shrunk to dp 3 around the loss, then grew back to dp 4 when the slot was offered again.
     let plans = plans(&c, &keys);
     let dps: Vec<usize> = plans.values().map(|p| p.dp).collect();
     assert_eq!(dps, [4, 3, 4], "{text}");
-    // No surviving process restarted: the only workers started after the first eight are the
-    // two of the node that came back.
+    // Only the killed slot's block left generation 2; node-1's other block stayed.
+    let node1 = |g: u64| -> Vec<usize> {
+        plans[&g]
+            .blocks
+            .iter()
+            .flat_map(|b| &b.slots)
+            .filter(|s| s.node == "node-1")
+            .map(|s| s.index)
+            .collect()
+    };
+    assert_eq!(node1(2), [2, 3], "{:?}", plans[&2]);
+    // At most one process started afresh on that node: the eight first workers, then the
+    // killed slot's replacement; its partner kept its pid through both changes.
     let starts: Vec<&str> = text
         .lines()
         .filter(|l| l.contains(": worker pid "))
         .collect();
-    assert_eq!(starts.len(), 10, "{starts:?}");
+    assert_eq!(starts.len(), 9, "{starts:?}");
+    assert!(starts[8].starts_with("agent node-1: slot 1:"), "{starts:?}");
     assert!(
-        starts[8..].iter().all(|l| l.starts_with("agent node-2:")),
-        "{starts:?}"
+        text.contains(&format!("slot 0 (pid {partner}): generation 3 as rank")),
+        "slot 0 of node-1 did not carry on as pid {partner}:\n{text}"
     );
     // The new replica's state equals a healthy replica's, bitwise, before its first step.
     let d = digests(&text);
     for t in 0..2 {
         let gen3: Vec<_> = d.iter().filter(|x| x.0 == 3 && x.1 == t).collect();
         assert_eq!(gen3.len(), 4, "{d:?}");
-        assert!(gen3.iter().any(|x| x.4 == "node-2"), "{gen3:?}");
         assert!(
             gen3.iter().all(|x| x.3 == gen3[0].3),
             "tensor rank {t}: {gen3:?}"
         );
     }
+    // The job has a checkpoint root, yet no worker read any state from it after the start.
+    let reads = storage_reads(&text);
+    let later: Vec<_> = reads.iter().filter(|r| r.0 > 1).collect();
+    assert!(later.len() >= 6 + 8, "{reads:?}");
+    assert!(later.iter().all(|r| r.2 == 0), "{later:?}");
     check_against_reference(dir.path(), 40);
     let s = summary(&stdout);
     assert_eq!(s["steps"], 40);
@@ -431,6 +461,159 @@ fn a_killed_worker_shrinks_the_job_without_restarts_and_its_node_grows_it_back()
         "{last_before} then {}",
         first.step
     );
+}
+
+/// `--withdraw-after 2`: the second worker death on one node within a cooldown withdraws the
+/// whole node for the cooldown (a bad host, not a bad GPU); it then offers its slots again and
+/// the job grows back.
+#[test]
+fn a_second_death_within_the_cooldown_withdraws_the_whole_node() {
+    let (server, c, dir, keys, rec) = fixture("withdraw", 80, 16, "");
+    let args = [
+        "train",
+        "--config",
+        "c.toml",
+        "--dp",
+        "4",
+        "--nodes",
+        "2",
+        "--slots",
+        "2",
+        "--etcd",
+        &server.url,
+        "--job",
+        "withdraw",
+        "--cooldown-ms",
+        "2500",
+        "--withdraw-after",
+        "2",
+        "--group-timeout-ms",
+        "20000",
+    ];
+    let job = Proc::start("train --etcd", dir.path(), &args);
+    let first = worker_pid(&job, "node-1", 0);
+    let second = worker_pid(&job, "node-1", 1);
+    rec.wait_step(&keys, 1, 6, Duration::from_secs(60));
+    signal("-9", first);
+    rec.wait_step(&keys, 2, 12, Duration::from_secs(60));
+    signal("-9", second);
+    let (status, _, text) = job.finish(Duration::from_secs(120));
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains("agent node-1: offers no slots for 2500 ms: 2 of its workers died"),
+        "{text}"
+    );
+    let dps: Vec<usize> = plans(&c, &keys).values().map(|p| p.dp).collect();
+    assert_eq!(dps, [4, 3, 2, 4], "{text}");
+    check_against_reference(dir.path(), 80);
+}
+
+/// The straggler rule both tests use: flagged at 2x its peers' median for 6 steps.
+const STRAGGLERS: &str =
+    "[elastic]\nstraggler_factor = 2.0\nstraggler_steps = 6\nevict_stragglers = true\n";
+
+/// dp 3 on three nodes of one slot; one worker throttled to a fifth of its speed by the
+/// slow-worker fault. Rank 0 flags it within the rule's steps, the leader logs it with its node
+/// and slot, its agent evicts it, and the job re-forms without it; it grows back when the slot
+/// is offered again. The losses and samples are the fault-free run's.
+#[test]
+fn a_throttled_worker_is_flagged_as_a_straggler_and_evicted() {
+    let (server, c, dir, keys, rec) = fixture("straggler", 120, 12, STRAGGLERS);
+    let args = [
+        "train",
+        "--config",
+        "c.toml",
+        "--dp",
+        "3",
+        "--etcd",
+        &server.url,
+        "--job",
+        "straggler",
+        "--cooldown-ms",
+        "2000",
+        "--group-timeout-ms",
+        "20000",
+    ];
+    let job = Proc::start("train --etcd", dir.path(), &args);
+    let victim = worker_pid(&job, "node-1", 0);
+    rec.wait_step(&keys, 1, 8, Duration::from_secs(60));
+    let before = rec
+        .commits(&keys)
+        .iter()
+        .map(|(_, c)| c.step)
+        .max()
+        .unwrap();
+    let throttle = marathon_chaos::throttle::Throttle::start(victim, 5.0);
+    let line = job.wait_for(
+        "straggler in generation 1: node node-1 slot 0",
+        Duration::from_secs(60),
+    );
+    drop(throttle);
+    let (status, stdout, text) = job.finish(Duration::from_secs(120));
+    assert!(status.success(), "{text}");
+    assert!(line.contains("its agent evicts it"), "{line}");
+    let flagged = rec
+        .commits(&keys)
+        .into_iter()
+        .flat_map(|(_, c)| c.stragglers)
+        .next()
+        .unwrap_or_else(|| panic!("no commit carries the flag:\n{text}"));
+    assert_eq!(
+        (flagged.slot.node.as_str(), flagged.slot.index),
+        ("node-1", 0)
+    );
+    let delay = flagged.step - before;
+    eprintln!(
+        "straggler flagged {delay} steps after the throttle began (rule: 6 consecutive steps \
+         at 2x), at {:.1}x its peers' median",
+        flagged.ratio
+    );
+    assert!(
+        (6..=8).contains(&delay),
+        "flagged {delay} steps after the throttle began"
+    );
+    let lost = lost(&c, &keys, 1);
+    assert!(
+        lost.len() == 1 && lost[0].reason.contains("straggler"),
+        "{lost:?}"
+    );
+    let dps: Vec<usize> = plans(&c, &keys).values().map(|p| p.dp).collect();
+    assert_eq!(dps, [3, 2, 3], "{text}");
+    check_against_reference(dir.path(), 120);
+    let s = summary(&stdout);
+    assert_eq!(s["goodput"]["stragglers"], 1, "{s}");
+}
+
+/// The same rule over 200 steps of a job with no straggler flags nothing.
+#[test]
+fn a_job_with_no_straggler_flags_nothing_over_200_steps() {
+    let (server, c, dir, keys, rec) = fixture("steady", 200, 12, STRAGGLERS);
+    let args = [
+        "train",
+        "--config",
+        "c.toml",
+        "--dp",
+        "3",
+        "--etcd",
+        &server.url,
+        "--job",
+        "steady",
+        "--group-timeout-ms",
+        "20000",
+    ];
+    let (status, stdout, text) =
+        Proc::start("train --etcd", dir.path(), &args).finish(Duration::from_secs(180));
+    assert!(status.success(), "{text}");
+    assert!(!text.contains("straggler in generation"), "{text}");
+    let flags: Vec<_> = rec
+        .commits(&keys)
+        .into_iter()
+        .flat_map(|(_, c)| c.stragglers)
+        .collect();
+    assert!(flags.is_empty(), "{flags:?}");
+    assert_eq!(plans(&c, &keys).len(), 1, "the job never re-formed");
+    assert_eq!(summary(&stdout)["goodput"]["stragglers"], 0);
+    check_against_reference(dir.path(), 200);
 }
 
 /// The bytes each worker had read from storage when it started a generation after the first,

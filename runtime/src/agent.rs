@@ -5,9 +5,11 @@
 //! What the agent sees and does:
 //! - Its own workers' deaths, at once (it is their parent). It records the loss under the
 //!   generation (`gen-<g>/lost/<node>/<slot>`, which every agent watches), so every member
-//!   aborts its collectives without waiting for a timeout. A node whose worker died is suspect
-//!   (a bad GPU, a bad host): it offers no slots for `cooldown`, then offers them again and the
-//!   job grows back at a step boundary.
+//!   aborts its collectives without waiting for a timeout. The dead worker's slot is suspect (a
+//!   bad GPU): the node stops offering that slot for `cooldown`, then offers it again and the
+//!   job grows back at a step boundary. The node's other workers keep their processes, in the
+//!   plan or idle. Only when `withdraw_after` of its workers die within one cooldown is the
+//!   whole node suspect (a bad host): it offers no slots for the cooldown, and its workers stop.
 //! - Every registration, the leader, every generation and every loss, by one watch on the
 //!   job's keys. The leader plans; a plan commits with the generation counter in one
 //!   compare-and-swap, which fences proposals from an older generation.
@@ -27,10 +29,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
-use marathon_elastic::plan::{Plan, Slot};
+use marathon_elastic::plan::{Offer, Plan, Slot};
 use marathon_elastic::{job, retrying, Change, Coordinator, EtcdCoordinator, JobKey, JobKeys};
 
-use crate::worker::{unix_ms, FromWorker, LostRecord, PlannedRecord, ToWorker};
+use crate::worker::{
+    unix_ms, FlaggedStraggler, FromWorker, LostRecord, PlannedRecord, StepCommit, ToWorker,
+};
 use crate::{Result, RuntimeError};
 
 /// How an agent runs.
@@ -53,10 +57,14 @@ pub struct AgentOptions {
     /// Time to live of the node's lease: a node that stops renewing it is dead this long after.
     pub lease_ttl: Duration,
     pub timing: Timing,
-    /// How long a node whose worker died offers no slots.
+    /// How long the slot of a worker that died is not offered.
     pub cooldown: Duration,
+    /// Worker deaths within one cooldown that withdraw the whole node (0: never).
+    pub withdraw_after: usize,
     /// Live slots the job waits for before its first generation.
     pub wait_slots: usize,
+    /// Whether a worker flagged as a straggler is evicted, as a hung one is.
+    pub evict_stragglers: bool,
 }
 
 /// How often the agent looks at its workers and the clock.
@@ -128,7 +136,11 @@ struct Agent {
     workers: Workers,
     inputs: mpsc::Receiver<Input>,
     tx: mpsc::Sender<Input>,
-    /// Until when this node offers no slots, after one of its workers died.
+    /// Until when each slot whose worker died is not offered.
+    cooling: BTreeMap<usize, Instant>,
+    /// When this node's workers died, within the last cooldown.
+    deaths: Vec<Instant>,
+    /// Until when this node offers no slots at all, after too many of its workers died.
     withdrawn_until: Option<Instant>,
     /// The reason last given for not planning, so it is said once.
     cannot_plan: Option<String>,
@@ -140,6 +152,8 @@ struct Agent {
     /// time given (a partition between live nodes), the same members start over.
     suspect: Option<(u64, Instant, Slot, String)>,
     done: bool,
+    /// The stragglers already acted on, by generation and slot.
+    stragglers: BTreeSet<(u64, Slot)>,
     /// When this agent learned the job is done.
     done_at: Option<Instant>,
 }
@@ -157,7 +171,7 @@ impl Agent {
                 .wait_for_slots(opts.wait_slots);
         let registration = coord.register(
             &keys.node(&opts.node),
-            opts.slots.to_string().as_bytes(),
+            &Offer::all(opts.slots).to_json(),
             opts.lease_ttl,
         )?;
         let (tx, inputs) = mpsc::channel();
@@ -170,12 +184,15 @@ impl Agent {
             workers: Workers(BTreeMap::new()),
             inputs,
             tx,
+            cooling: BTreeMap::new(),
+            deaths: Vec::new(),
             withdrawn_until: None,
             cannot_plan: None,
             aborted: 0,
             retries: 0,
             suspect: None,
             done: false,
+            stragglers: BTreeSet::new(),
             done_at: None,
         })
     }
@@ -324,8 +341,8 @@ impl Agent {
     fn on_change(&mut self, c: Change) -> Result<()> {
         match (self.keys.parse(&c.key), c.value) {
             (JobKey::Node(node), Some(v)) => {
-                let slots = String::from_utf8_lossy(&v).parse().unwrap_or(0);
-                self.feed(Event::Registered { node, slots })
+                let offer = Offer::parse(&v).unwrap_or_default();
+                self.feed(Event::Registered { node, offer })
             }
             (JobKey::Node(node), None) => self.feed(Event::Expired { node }),
             (JobKey::Leader, Some(v)) => {
@@ -369,7 +386,50 @@ impl Agent {
                 // From now on the core plans nothing, even when this agent comes to lead.
                 self.feed(Event::Done)
             }
+            (JobKey::Committed(generation), Some(v)) => {
+                if let Ok(c) = serde_json::from_slice::<StepCommit>(&v) {
+                    for f in c.stragglers {
+                        self.on_straggler(generation, f);
+                    }
+                }
+                Ok(())
+            }
             _ => Ok(()),
+        }
+    }
+
+    /// A rank flagged as a straggler by its generation's rank 0: the leader logs it, and the
+    /// agent running it evicts it when so configured.
+    fn on_straggler(&mut self, generation: u64, f: FlaggedStraggler) {
+        if !self.stragglers.insert((generation, f.slot.clone())) {
+            return;
+        }
+        if self.membership.leads() {
+            self.log(format_args!(
+                "straggler in generation {generation}: node {} slot {} (rank {}), its compute \
+                 per microbatch {:.1}x its peers' median, flagged at step {}{}",
+                f.slot.node,
+                f.slot.index,
+                f.rank,
+                f.ratio,
+                f.step,
+                if self.opts.evict_stragglers {
+                    "; its agent evicts it"
+                } else {
+                    ""
+                }
+            ));
+        }
+        let current = generation == self.membership.generation() && generation > self.aborted;
+        if f.slot.node != self.opts.node || !self.opts.evict_stragglers || !current {
+            return;
+        }
+        if let Some(w) = self.workers.0.get_mut(&f.slot.index) {
+            w.evicted = Some(format!(
+                "was a straggler ({:.1}x its peers' compute at step {}) and was evicted",
+                f.ratio, f.step
+            ));
+            let _ = w.child.kill();
         }
     }
 
@@ -497,24 +557,76 @@ impl Agent {
                 index,
             };
             self.record_lost(slot, reason)?;
-            if !self.opts.cooldown.is_zero() && self.withdrawn_until.is_none() {
-                self.log(format_args!(
-                    "offers no slots for {} ms: a node whose worker died is suspect",
-                    self.opts.cooldown.as_millis()
-                ));
-                retrying(OUTAGE_MAX, || self.registration.update(b"0"))?;
-                self.withdrawn_until = Some(Instant::now() + self.opts.cooldown);
+            if !self.opts.cooldown.is_zero() {
+                let now = Instant::now();
+                self.cooling.insert(index, now + self.opts.cooldown);
+                self.deaths
+                    .retain(|&t| now.duration_since(t) < self.opts.cooldown);
+                self.deaths.push(now);
+                let n = self.opts.withdraw_after;
+                if n > 0 && self.deaths.len() >= n && self.withdrawn_until.is_none() {
+                    self.log(format_args!(
+                        "offers no slots for {} ms: {} of its workers died within it, so the \
+                         node is suspect",
+                        self.opts.cooldown.as_millis(),
+                        self.deaths.len()
+                    ));
+                    self.withdrawn_until = Some(now + self.opts.cooldown);
+                } else if self.withdrawn_until.is_none() {
+                    self.log(format_args!(
+                        "does not offer slot {index} for {} ms: a slot whose worker died is \
+                         suspect; its other slots stay",
+                        self.opts.cooldown.as_millis()
+                    ));
+                }
+                self.offer()?;
             }
         }
         Ok(())
     }
 
+    /// The slots this node offers now.
+    fn current_offer(&self) -> Offer {
+        let cooling = if self.withdrawn_until.is_some() {
+            (0..self.opts.slots).collect()
+        } else {
+            self.cooling.keys().copied().collect()
+        };
+        Offer {
+            slots: self.opts.slots,
+            cooling,
+        }
+    }
+
+    /// Re-registers the node with what it offers now.
+    fn offer(&mut self) -> Result<()> {
+        let json = self.current_offer().to_json();
+        retrying(OUTAGE_MAX, || self.registration.update(&json))?;
+        Ok(())
+    }
+
+    /// Offers again the slots (or the node) whose cooldown is over.
     fn cooldown(&mut self) -> Result<()> {
-        if self.withdrawn_until.is_some_and(|t| Instant::now() >= t) {
+        let now = Instant::now();
+        let before = self.current_offer();
+        if self.withdrawn_until.is_some_and(|t| now >= t) {
             self.withdrawn_until = None;
             self.log(format_args!("offers its {} slots again", self.opts.slots));
-            let slots = self.opts.slots.to_string();
-            retrying(OUTAGE_MAX, || self.registration.update(slots.as_bytes()))?;
+        }
+        let over: Vec<usize> = self
+            .cooling
+            .iter()
+            .filter(|(_, &t)| now >= t)
+            .map(|(&i, _)| i)
+            .collect();
+        for index in over {
+            self.cooling.remove(&index);
+            if self.withdrawn_until.is_none() {
+                self.log(format_args!("offers slot {index} again"));
+            }
+        }
+        if self.current_offer() != before {
+            self.offer()?;
         }
         Ok(())
     }
@@ -607,8 +719,12 @@ impl Agent {
             .filter(|s| &s.node == me)
             .map(|s| s.index)
             .collect();
+        // A worker with no place in this plan stays, idle, while its slot is offered: a later
+        // plan may use it again. Those of slots no longer offered stop.
+        let offer = self.current_offer();
         for (index, w) in self.workers.0.iter_mut() {
-            if !mine.contains(index) && !standby.contains(index) && !w.stopping {
+            let placed = mine.contains(index) || standby.contains(index);
+            if !placed && !offer.offers(*index) && !w.stopping {
                 w.stopping = true;
                 let _ = w.child.kill();
             }

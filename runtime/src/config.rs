@@ -24,6 +24,9 @@ pub struct TrainConfig {
     pub parallel: ParallelLayout,
     /// Checkpoints; without this section none are written or resumed from.
     pub checkpoint: Option<CheckpointConfig>,
+    /// How an elastic job (`--etcd`) treats stragglers.
+    #[serde(default)]
+    pub elastic: ElasticConfig,
     /// The file this configuration came from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -182,6 +185,29 @@ pub struct StoreFaults {
     pub seed: u64,
 }
 
+/// `[elastic]`: stragglers. A rank whose compute time per microbatch exceeds
+/// `straggler_factor` times the median of its peers' (the ranks of its pipeline stage) for
+/// `straggler_steps` consecutive steps is flagged: logged with its node and slot and counted in
+/// the goodput report, and with `evict_stragglers` evicted as a hung worker is, so the job
+/// re-forms without it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElasticConfig {
+    pub straggler_factor: f64,
+    pub straggler_steps: u32,
+    pub evict_stragglers: bool,
+}
+
+impl Default for ElasticConfig {
+    fn default() -> Self {
+        ElasticConfig {
+            straggler_factor: 2.0,
+            straggler_steps: 10,
+            evict_stragglers: false,
+        }
+    }
+}
+
 fn default_keep_last() -> usize {
     3
 }
@@ -241,6 +267,23 @@ impl TrainConfig {
         let b = &self.batch;
         if b.micro_batch == 0 {
             return Err(invalid("batch.micro_batch", "must be at least 1"));
+        }
+        let e = &self.elastic;
+        if !(e.straggler_factor.is_finite() && e.straggler_factor > 1.0) {
+            return Err(invalid(
+                "elastic.straggler_factor",
+                format!(
+                    "{} flags ranks no slower than their peers; use a number above 1 (2.0: \
+                     twice the peers' median)",
+                    e.straggler_factor
+                ),
+            ));
+        }
+        if e.straggler_steps == 0 {
+            return Err(invalid(
+                "elastic.straggler_steps",
+                "must be at least 1 (consecutive slow steps that flag a rank)",
+            ));
         }
         if b.seq_len == 0 || b.seq_len > self.model.seq_len {
             return Err(invalid(

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use marathon_elastic::pace::{Pace, StragglerRule};
 use marathon_elastic::plan::{Plan, Slot, StateSource};
 use marathon_elastic::topology::Coords;
 use marathon_elastic::{job, retrying, Coordinator, ElasticError, JobKey, JobKeys, Topology};
@@ -136,6 +137,20 @@ pub struct StepCommit {
     /// from storage), and their time.
     pub recomputed_steps: u64,
     pub recomputed_s: f64,
+    /// The ranks of this generation flagged as stragglers so far (`marathon_elastic::pace`).
+    #[serde(default)]
+    pub stragglers: Vec<FlaggedStraggler>,
+}
+
+/// A rank flagged as a straggler: where it runs, and how slow it was when flagged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlaggedStraggler {
+    pub slot: Slot,
+    pub rank: usize,
+    /// The step at which it was flagged.
+    pub step: u64,
+    /// Its compute time per microbatch over its peers' median, at that step.
+    pub ratio: f64,
 }
 
 /// A worker lost in a generation, recorded by the agent that saw it under
@@ -502,6 +517,7 @@ impl Generation<'_> {
         };
         // With the distributed optimizer, a lost replica's moments live on in a neighbour.
         t.mirror_moments()?;
+        t.gather_pace();
         t.set_generation(g);
         t.set_stop_signal(self.control.newer.clone());
         // A checkpoint commits only while this generation runs: the permission is a fenced
@@ -555,7 +571,18 @@ impl Generation<'_> {
             checkpoint_stall_s: 0.0,
             recomputed_steps: 0,
             recomputed_s: 0.0,
+            stragglers: Vec::new(),
         };
+        // Rank 0 watches every rank's pace; the flags ride in its step commits.
+        let e = t.cfg.elastic;
+        let rule = StragglerRule {
+            factor: e.straggler_factor,
+            steps: e.straggler_steps,
+        };
+        let stages = (0..topology.world_size())
+            .map(|r| topology.coords(r).pp)
+            .collect();
+        let mut pace = Pace::new(rule, stages);
         if is_rank0 && !self.commit(&record)? {
             self.control.abort_running();
             return Ok(Ended::Fenced);
@@ -594,6 +621,23 @@ impl Generation<'_> {
                 // A newer generation is committed: this one can commit nothing more, and the
                 // step every rank just applied is carried into the next by reconcile.
                 return Ok(Ended::Superseded);
+            }
+            if let (true, Some(times)) = (is_rank0, t.pace()) {
+                for f in pace.observe(rec.step, times) {
+                    let c = topology.coords(f.rank);
+                    let slot = plan.block(c.dp, c.pp).slots[c.tp].clone();
+                    eprintln!(
+                        "worker: rank {} ({}/{}) is a straggler: its compute per microbatch was \
+                         {:.1}x its peers' median for {} steps, to step {}",
+                        f.rank, slot.node, slot.index, f.ratio, rule.steps, f.step
+                    );
+                    record.stragglers.push(FlaggedStraggler {
+                        slot,
+                        rank: f.rank,
+                        step: f.step,
+                        ratio: f.ratio,
+                    });
+                }
             }
             if is_rank0 {
                 record.step = rec.step;
@@ -718,6 +762,7 @@ pub fn goodput(
         g.checkpoint_stall_s += c.checkpoint_stall_s;
         g.recomputed_s += c.recomputed_s;
         g.recomputed_steps += c.recomputed_steps;
+        g.stragglers += c.stragglers.len() as u64;
         match previous {
             None => g.startup_s += s(start_ms, c.ready_at_ms),
             Some(p) => {

@@ -111,6 +111,11 @@ pub struct Trainer {
     /// With the distributed optimizer: the step (and samples consumed at it) whose update this
     /// rank applied to its chunks, while that step's parameter all-gather has not completed.
     pending: Option<(u64, u64)>,
+    /// The closing sums' buffer, reused every step.
+    closing: Vec<f32>,
+    /// With [`Trainer::gather_pace`]: every rank's compute time per microbatch in the last
+    /// step, by global rank (not finite for a rank that ran no microbatch).
+    pace: Option<Vec<f32>>,
 }
 
 impl Trainer {
@@ -238,6 +243,8 @@ impl Trainer {
             mirror_valid: false,
             held: Vec::new(),
             pending: None,
+            closing: Vec::with_capacity(5),
+            pace: None,
         })
         .and_then(|mut t| {
             if resume {
@@ -259,6 +266,26 @@ impl Trainer {
             t.choose_transports()?;
             Ok(t)
         })
+    }
+
+    /// Gathers every rank's compute time per microbatch in each step's closing sums (one more
+    /// float per rank), for [`Trainer::pace`]: what an elastic job finds stragglers with. On
+    /// from now on, for this and later generations.
+    pub fn gather_pace(&mut self) {
+        self.resize_pace(true);
+    }
+
+    fn resize_pace(&mut self, on: bool) {
+        if on || self.pace.is_some() {
+            let [(_, tp), (_, pp), (_, dp)] = self.groups.coords();
+            self.pace = Some(vec![f32::NAN; tp * pp * dp]);
+        }
+    }
+
+    /// Every rank's compute time per microbatch in the last step, by global rank, when
+    /// gathered ([`Trainer::gather_pace`]).
+    pub fn pace(&self) -> Option<&[f32]> {
+        self.pace.as_deref()
     }
 
     /// Sets the flag any holder may raise to stop the job at the next step boundary. Every

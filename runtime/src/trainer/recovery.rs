@@ -36,6 +36,7 @@ impl Trainer {
         }
         self.cfg.parallel.dp = dp;
         self.groups = groups;
+        self.resize_pace(false);
         if self.cfg.parallel.distributed_optimizer {
             self.fetch_state()?;
             self.place_chunks();

@@ -100,6 +100,9 @@ pub struct Goodput {
     pub recomputed_steps: u64,
     #[serde(default)]
     pub recomputed_s: f64,
+    /// Elastic jobs: ranks flagged as stragglers.
+    #[serde(default)]
+    pub stragglers: u64,
 }
 
 impl Trainer {

@@ -121,7 +121,10 @@ impl Trainer {
                     .all_reduce_grads(&mut self.model, group, bucket)?;
             }
         }
-        let (loss_sum, shard, grad_norm) = self.sync_gradients(loss_sum, overlap)?;
+        let waits = times.pipeline_wait + times.tp_comm + times.comm_wait;
+        let compute = sync_started.duration_since(started).saturating_sub(waits);
+        let compute_ms = (compute.as_secs_f64() * 1e3 / mine.len() as f64) as f32;
+        let (loss_sum, shard, grad_norm) = self.sync_gradients(loss_sum, overlap, compute_ms)?;
         let loss = (loss_sum / micro_steps as f64) as f32;
         if !(loss.is_finite() && grad_norm.is_finite()) {
             // Refuse the update: the parameters stay those of the last good step.

@@ -28,10 +28,13 @@ impl Trainer {
     /// buffer this rank updates (all of it, or its shard with the distributed optimizer), and
     /// the global gradient norm.
     /// `reduced` says the gradients were already all-reduced, overlapped with backward.
+    /// `compute_ms` is this rank's compute time per microbatch in the step (not finite when it
+    /// ran none); with [`Trainer::gather_pace`] every rank's rides in the closing sums.
     pub(super) fn sync_gradients(
         &mut self,
         loss_sum: f64,
         reduced: bool,
+        compute_ms: f32,
     ) -> Result<(f64, std::ops::Range<usize>, f64)> {
         let zero = self.cfg.parallel.distributed_optimizer && self.groups.dp.is_some();
         let Trainer {
@@ -43,6 +46,8 @@ impl Trainer {
             norm_ranges,
             replicated,
             mirror,
+            closing,
+            pace,
             ..
         } = self;
         if let (false, Some(tp)) = (engine.deterministic(), groups.tp.as_mut()) {
@@ -110,12 +115,19 @@ impl Trainer {
         let stop = stop_signal
             .as_ref()
             .is_some_and(|s| s.load(Ordering::SeqCst));
-        let mut totals = [l_hi, l_lo, n_hi, n_lo, f32::from(stop)];
+        // The five sums, then (with the pace gathered) one slot per rank, zero but its own.
+        closing.clear();
+        closing.extend([l_hi, l_lo, n_hi, n_lo, f32::from(stop)]);
+        if let Some(pace) = pace.as_ref() {
+            closing.resize(5 + pace.len(), 0.0);
+            closing[5 + groups.rank()] = compute_ms;
+        }
+        let totals = &mut closing[..];
         for g in [groups.tp.as_mut(), groups.pp.as_mut()]
             .into_iter()
             .flatten()
         {
-            g.all_reduce(&mut totals)?;
+            g.all_reduce(totals)?;
         }
         if let Some(dp) = groups.dp.as_mut() {
             // Replicas hold the same norm unless each holds a shard of the gradient.
@@ -123,12 +135,15 @@ impl Trainer {
             if !zero {
                 totals[2..4].fill(0.0);
             }
-            dp.all_reduce(&mut totals)?;
+            dp.all_reduce(totals)?;
             if !zero {
                 totals[2..4].copy_from_slice(&norm);
             }
         }
         *stop_agreed = totals[4] > 0.0;
+        if let Some(pace) = pace.as_mut() {
+            pace.copy_from_slice(&totals[5..]);
+        }
         let norm_sq = join(totals[2], totals[3]);
         Ok((join(totals[0], totals[1]), shard, norm_sq.sqrt()))
     }
