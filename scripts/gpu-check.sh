@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # Every GPU check and the GPU bench in one run, for a machine with an NVIDIA GPU:
-#   scripts/gpu-check.sh [--torch] [--compile] [--no-layouts] [marathon bench gpu flags...]
+#   scripts/gpu-check.sh [--torch] [--compile] [--no-layouts] [--no-elastic] [bench gpu flags...]
 # Builds marathon with the cuda feature (or uses $MARATHON_BIN, a binary built elsewhere), finds
 # the CUDA libraries (NVRTC, cuBLASLt, NCCL) in the CUDA toolkit or in Python's nvidia-* packages,
 # runs `marathon bench gpu` (kernels; training, a GPU checkpoint and a tp2 one resumed on the
 # CPU; tp2, pp2, dp2 with the distributed optimizer and tp2 x pp2 x dp2 as worker processes on
 # this GPU against the one-GPU run; NCCL with abort and deadline; GPT-2 124M timing), then
 # `marathon bench train --device cuda` for each layout of GPT-2 124M on this GPU (tokens/s, the
-# share in collectives, the host-staged all-reduce beside the pinned copy), and with --torch
+# share in collectives, the host-staged all-reduce beside the pinned copy), the elastic check
+# (scripts/gpu-elastic-check.sh: a dp2 job on a private etcd, a worker killed; it needs etcd in
+# PATH or ETCD_BIN, or .devbin/etcd), and with --torch
 # times PyTorch's step on the same GPU (--compile adds torch.compile). Ends with the tables;
 # exits non-zero if a check failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-torch=0 compile=0 layouts=1 args=()
+torch=0 compile=0 layouts=1 elastic=1 args=()
 for a in "$@"; do
     case "$a" in
         --torch) torch=1 ;;
         --compile) torch=1 compile=1 ;;
         --no-layouts) layouts=0 ;;
+        --no-elastic) elastic=0 ;;
         *) args+=("$a") ;;
     esac
 done
@@ -72,6 +75,12 @@ if [[ $layouts == 1 ]]; then
             --tp "$tp" --pp "$pp" --dp "$dp" --steps 4 --warmup 2 || status=$?
     done
     rm -rf "$data"
+fi
+if [[ $elastic == 1 ]]; then
+    echo
+    started=$SECONDS
+    MARATHON_BIN="$bin" scripts/gpu-elastic-check.sh || status=$?
+    echo "elastic check: $((SECONDS - started)) s"
 fi
 if [[ $torch == 1 ]]; then
     echo

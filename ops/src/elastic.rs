@@ -77,9 +77,11 @@ pub struct AgentArgs {
     /// The job's name: every agent of one job gives the same.
     #[arg(long)]
     job: String,
-    /// Worker processes this node runs (its GPUs).
-    #[arg(long)]
-    slots: usize,
+    /// Worker processes this node runs, or `auto`: one per visible GPU (`CUDA_VISIBLE_DEVICES`,
+    /// else every GPU of the machine). On a GPU job each worker is pinned to one device, slots
+    /// beyond the GPUs' count sharing them round-robin.
+    #[arg(long, value_parser = parse_slots)]
+    slots: Slots,
     /// This node's name, unique in the job (default: the host name and the agent's pid).
     #[arg(long)]
     node: Option<String>,
@@ -123,6 +125,52 @@ pub struct WorkerArgs {
     layout: LayoutFlags,
 }
 
+/// `--slots`: a count, or one per visible GPU.
+#[derive(Debug, Clone, Copy)]
+enum Slots {
+    Count(usize),
+    Auto,
+}
+
+fn parse_slots(s: &str) -> Result<Slots, String> {
+    match s {
+        "auto" => Ok(Slots::Auto),
+        n => n.parse().map(Slots::Count).map_err(|_| {
+            format!("{n:?} is neither a number of slots nor `auto` (one per visible GPU)")
+        }),
+    }
+}
+
+/// The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` names them: its entries when it
+/// is set, else every GPU the NVIDIA driver lists (`/proc/driver/nvidia/gpus`).
+fn visible_gpus() -> Vec<String> {
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return v
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(String::from)
+            .collect();
+    }
+    let n = std::fs::read_dir("/proc/driver/nvidia/gpus").map_or(0, |d| d.count());
+    (0..n).map(|i| i.to_string()).collect()
+}
+
+/// Each slot's environment on a GPU job: its device, and how many of the node's slots share it.
+fn slot_devices(slots: usize, gpus: &[String]) -> Vec<Vec<(String, String)>> {
+    (0..slots)
+        .map(|i| {
+            let sharing = (0..slots)
+                .filter(|j| j % gpus.len() == i % gpus.len())
+                .count();
+            vec![
+                ("CUDA_VISIBLE_DEVICES".into(), gpus[i % gpus.len()].clone()),
+                ("MARATHON_DEVICE_SHARING".into(), sharing.to_string()),
+            ]
+        })
+        .collect()
+}
+
 fn endpoints(urls: &str) -> Vec<String> {
     urls.split(',')
         .map(str::trim)
@@ -135,10 +183,13 @@ fn endpoints(urls: &str) -> Vec<String> {
 fn elastic_config(config: &Path, layout: &LayoutFlags) -> Result<TrainConfig> {
     let mut cfg = TrainConfig::load(config)?;
     layout.apply(&mut cfg)?;
-    if cfg.train.device != marathon_runtime::device::Device::Cpu {
+    if cfg.train.device != marathon_runtime::device::Device::Cpu
+        && cfg.parallel.distributed_optimizer
+    {
         bail!(
-            "{}: train.device: elastic jobs run on the CPU so far (agents do not yet give each \
-             slot a GPU of its own); set device = \"cpu\", or train without --etcd",
+            "{}: parallel.distributed_optimizer: an elastic job mirrors each replica's optimizer \
+             chunk on a neighbour, which runs on the CPU so far; on a GPU set \
+             distributed_optimizer = false, or train without --etcd",
             config.display()
         );
     }
@@ -161,8 +212,27 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     }
     let cfg = elastic_config(&args.config, &args.layout)?;
     preflight(&cfg).with_context(|| format!("start an agent for {}", args.config.display()))?;
-    if args.slots == 0 {
-        bail!("--slots: a node runs at least one worker");
+    let on_gpu = cfg.train.device != marathon_runtime::device::Device::Cpu;
+    let gpus = if on_gpu { visible_gpus() } else { Vec::new() };
+    let slots = match args.slots {
+        Slots::Count(0) => bail!("--slots: a node runs at least one worker"),
+        Slots::Count(n) => n,
+        Slots::Auto if on_gpu && gpus.is_empty() => bail!(
+            "--slots auto: no GPU is visible to this agent (CUDA_VISIBLE_DEVICES is empty, or \
+             the NVIDIA driver lists none under /proc/driver/nvidia/gpus); give --slots N"
+        ),
+        Slots::Auto if on_gpu => gpus.len(),
+        Slots::Auto => bail!(
+            "--slots auto counts GPUs, and {} trains on the CPU; give --slots N",
+            args.config.display()
+        ),
+    };
+    if on_gpu && gpus.is_empty() {
+        bail!(
+            "{}: train.device = \"cuda\", but no GPU is visible to this agent \
+             (CUDA_VISIBLE_DEVICES is empty, or the NVIDIA driver lists none)",
+            args.config.display()
+        );
     }
     let node = args.node.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -189,16 +259,21 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     let threads = std::env::var("MARATHON_WORKER_THREADS")
         .ok()
         .and_then(|t| t.parse().ok())
-        .unwrap_or((cores / args.slots).max(1));
+        .unwrap_or((cores / slots).max(1));
     let e = &args.elastic;
     agent::run(AgentOptions {
         endpoints: endpoints(&args.etcd),
         job: args.job,
         node,
-        slots: args.slots,
+        slots,
         worker_program: exe,
         worker_args,
         worker_env: vec![("RAYON_NUM_THREADS".into(), threads.to_string())],
+        slot_env: if on_gpu {
+            slot_devices(slots, &gpus)
+        } else {
+            Vec::new()
+        },
         tp: cfg.parallel.tp,
         pp: cfg.parallel.pp,
         microbatches: microbatches(&cfg),
@@ -275,6 +350,22 @@ impl Drop for Agents {
     }
 }
 
+/// The GPUs local agent `node` of `slots` slots gets, the machine's taken round-robin over
+/// every node's slots: as `CUDA_VISIBLE_DEVICES`, none on a CPU job.
+fn node_gpus(gpus: &[String], node: usize, slots: usize) -> Option<(String, String)> {
+    if gpus.is_empty() {
+        return None;
+    }
+    let mut mine: Vec<&str> = Vec::new();
+    for j in 0..slots {
+        let d = gpus[(node * slots + j) % gpus.len()].as_str();
+        if !mine.contains(&d) {
+            mine.push(d);
+        }
+    }
+    Some(("CUDA_VISIBLE_DEVICES".into(), mine.join(",")))
+}
+
 /// `marathon train --etcd`: starts one agent per node on this machine, follows the job's
 /// commits in etcd, and prints its summary and where its time went.
 pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Result<()> {
@@ -301,6 +392,15 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
     let exe = std::env::current_exe().context("find the marathon executable")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / (nodes * slots)).max(1);
+    let on_gpu = cfg.train.device != marathon_runtime::device::Device::Cpu;
+    let gpus = if on_gpu { visible_gpus() } else { Vec::new() };
+    if on_gpu && gpus.is_empty() {
+        bail!(
+            "{}: train.device = \"cuda\", but no GPU is visible (CUDA_VISIBLE_DEVICES is \
+             empty, or the NVIDIA driver lists none)",
+            config.display()
+        );
+    }
     eprintln!(
         "job {job}: {nodes} agents of {slots} slots (tp {} x pp {}; dp up to {}), coordinated by {urls}",
         p.tp,
@@ -323,6 +423,7 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
             .args(layout.args())
             .args(flags.elastic.args())
             .env("MARATHON_WORKER_THREADS", threads.to_string())
+            .envs(node_gpus(&gpus, i, slots))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -400,4 +501,41 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
     crate::launch::report_goodput(&summary);
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_a_count_or_auto() {
+        assert!(matches!(parse_slots("4"), Ok(Slots::Count(4))));
+        assert!(matches!(parse_slots("auto"), Ok(Slots::Auto)));
+        let err = parse_slots("all").expect_err("not a count");
+        assert!(err.contains("\"all\"") && err.contains("auto"), "{err}");
+    }
+
+    #[test]
+    fn each_slot_gets_its_own_gpu_and_extra_slots_share_them() {
+        let gpus: Vec<String> = ["2", "5"].map(String::from).into();
+        let env = slot_devices(3, &gpus);
+        let device = |i: usize| env[i][0].1.as_str();
+        let sharing = |i: usize| env[i][1].1.as_str();
+        assert_eq!([device(0), device(1), device(2)], ["2", "5", "2"]);
+        assert_eq!([sharing(0), sharing(1), sharing(2)], ["2", "1", "2"]);
+        // A GPU of its own for each slot: none shared.
+        assert!(slot_devices(2, &gpus).iter().all(|e| e[1].1 == "1"));
+    }
+
+    #[test]
+    fn local_agents_take_the_machines_gpus_in_turn() {
+        let gpus: Vec<String> = (0..8).map(|i| i.to_string()).collect();
+        let of = |node| node_gpus(&gpus, node, 4).map(|(_, v)| v);
+        assert_eq!(of(0).as_deref(), Some("0,1,2,3"));
+        assert_eq!(of(1).as_deref(), Some("4,5,6,7"));
+        // One GPU for two nodes of one slot: both share it.
+        let one = ["0".to_string()];
+        assert_eq!(node_gpus(&one, 1, 1).map(|(_, v)| v).as_deref(), Some("0"));
+        assert_eq!(node_gpus(&[], 0, 4), None);
+    }
 }

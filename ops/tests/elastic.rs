@@ -616,6 +616,37 @@ fn a_job_with_no_straggler_flags_nothing_over_200_steps() {
     check_against_reference(dir.path(), 200);
 }
 
+/// `--slots auto` counts GPUs: refused for a CPU job, and for a GPU job that sees none, each
+/// with what to give instead.
+#[test]
+fn slots_auto_counts_gpus_and_says_when_there_are_none() {
+    let dir = job_config(4, 4, "");
+    let cuda = std::fs::read_to_string(dir.path().join("c.toml"))
+        .unwrap()
+        .replace("[train]\n", "[train]\ndevice = \"cuda\"\n");
+    std::fs::write(dir.path().join("gpu.toml"), cuda).unwrap();
+    let agent = |config: &str| {
+        Command::new(MARATHON)
+            .args(["agent", "--etcd", "http://127.0.0.1:9", "--job", "j"])
+            .args(["--slots", "auto", "--config", config])
+            .env("CUDA_VISIBLE_DEVICES", "")
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = agent("c.toml");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--slots auto counts GPUs") && err.contains("give --slots N"),
+        "{err}"
+    );
+    let out = agent("gpu.toml");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no GPU is visible"), "{err}");
+}
+
 /// The bytes each worker had read from storage when it started a generation after the first,
 /// from the agents' "generation <g> as rank" lines: (generation, node, bytes).
 fn storage_reads(text: &str) -> Vec<(u64, String, u64)> {

@@ -50,6 +50,9 @@ pub struct AgentOptions {
     pub worker_args: Vec<String>,
     /// Environment for the workers.
     pub worker_env: Vec<(String, String)>,
+    /// Environment of each slot's worker on top of it (a GPU job's device for the slot); empty
+    /// for none.
+    pub slot_env: Vec<Vec<(String, String)>>,
     pub tp: usize,
     pub pp: usize,
     /// Microbatches in the global batch.
@@ -752,6 +755,7 @@ impl Agent {
         let mut child = Command::new(&self.opts.worker_program)
             .args(&self.opts.worker_args)
             .envs(self.opts.worker_env.iter().cloned())
+            .envs(self.opts.slot_env.get(index).into_iter().flatten().cloned())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

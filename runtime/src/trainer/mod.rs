@@ -395,6 +395,10 @@ impl Trainer {
     }
 }
 
+/// Set by an elastic agent for a GPU worker: how many of the node's workers share its device.
+#[cfg(feature = "cuda")]
+const SHARING_ENV: &str = "MARATHON_DEVICE_SHARING";
+
 /// The engine `train.device` asks for, for the shard this rank holds. A GPU rank opens the
 /// device its place gives on this machine (ranks share them round-robin).
 fn open_engine(
@@ -422,7 +426,11 @@ fn open_cuda(
 ) -> Result<Box<dyn Engine>> {
     let count = marathon_model::cuda::probe().map_err(|e| RuntimeError::Device(e.to_string()))?;
     let ordinal = groups.rank() % count.max(1);
-    let sharing = cfg.parallel.world_size().div_ceil(count.max(1));
+    // An elastic agent pins each worker to a device and says how many of its workers share it.
+    let sharing = std::env::var(SHARING_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| cfg.parallel.world_size().div_ceil(count.max(1)));
     let engine = crate::engine::cuda::CudaEngine::open(
         cfg,
         ordinal,
