@@ -130,45 +130,9 @@ struct Recovery {
     steps_recomputed: u64,
 }
 
-pub fn run(args: RecoveryArgs) -> Result<()> {
-    let exe = std::env::current_exe().context("find the marathon executable")?;
-    let mut cfg = TrainConfig::load(&args.config)?;
-    let dir = tempfile::tempdir().context("a scratch directory")?;
-    cfg.train.steps = 1_000_000;
-    cfg.train.eval_every_steps = 0;
-    cfg.train.samples_log = None;
-    cfg.train.metrics = Some(dir.path().join("metrics.jsonl"));
-    cfg.parallel.tp = args.tp;
-    cfg.parallel.dp = args.dp;
-    cfg.checkpoint = None;
-    let write = |cfg: &TrainConfig, name: &str| -> Result<PathBuf> {
-        let path = dir.path().join(name);
-        std::fs::write(
-            &path,
-            toml::to_string(cfg).context("write the bench's config")?,
-        )?;
-        Ok(path)
-    };
-    let elastic_cfg = write(&cfg, "elastic.toml")?;
-    let mut base = cfg.clone();
-    base.train.metrics = Some(dir.path().join("base-metrics.jsonl"));
-    base.checkpoint = Some(CheckpointConfig {
-        root: dir.path().join("ckpt").display().to_string(),
-        every_steps: args.ckpt_every,
-        ..toml::from_str("root = \"\"").context("checkpoint defaults")?
-    });
-    let base_cfg = write(&base, "base.toml")?;
-    let world = args.tp * args.dp;
-    eprintln!(
-        "bench recovery: {} with tp {} x dp {} ({world} worker processes), one worker killed \
-         after step {}",
-        args.config.display(),
-        args.tp,
-        args.dp,
-        args.kill_after
-    );
-
-    // The elastic job.
+/// One elastic job of configuration `config`: one worker killed after `args.kill_after`
+/// committed steps, and what its recovery took.
+fn elastic_recovery(exe: &Path, config: &Path, args: &RecoveryArgs) -> Result<Recovery> {
     let job = format!("bench-recovery-{}", unix_ms());
     let keys = JobKeys::new(&job);
     let urls: Vec<String> = args.etcd.split(',').map(String::from).collect();
@@ -200,63 +164,107 @@ pub fn run(args: RecoveryArgs) -> Result<()> {
             .cloned()
     };
     let last = format!("agent node-{}: slot 0: worker pid", args.dp - 1);
-    let elastic = {
-        let job_run = Watched::start(
-            Command::new(&exe)
-                .args(["train", "--config"])
-                .arg(&elastic_cfg)
-                .args([
-                    "--etcd",
-                    &args.etcd,
-                    "--job",
-                    &job,
-                    "--cooldown-ms",
-                    "600000",
-                ]),
+    let job_run = Watched::start(
+        Command::new(exe)
+            .args(["train", "--config"])
+            .arg(config)
+            .args([
+                "--etcd",
+                &args.etcd,
+                "--job",
+                &job,
+                "--cooldown-ms",
+                "600000",
+            ]),
+    )?;
+    let victim = job_run.pid(&last, Duration::from_secs(60))?;
+    let k = args.kill_after;
+    wait_until("the elastic job's step", Duration::from_secs(300), || {
+        committed(&|c| c.generation == 1 && c.step >= k && c.loss.is_some()).is_some()
+    })?;
+    let killed = unix_ms();
+    kill9(victim)?;
+    let (first_at, first) = {
+        wait_until(
+            "the first step after the kill",
+            Duration::from_secs(60),
+            || committed(&|c| c.generation == 2 && c.loss.is_some()).is_some(),
         )?;
-        let victim = job_run.pid(&last, Duration::from_secs(60))?;
-        let k = args.kill_after;
-        wait_until("the elastic job's step", Duration::from_secs(300), || {
-            committed(&|c| c.generation == 1 && c.step >= k && c.loss.is_some()).is_some()
-        })?;
-        let killed = unix_ms();
-        kill9(victim)?;
-        let (first_at, first) = {
-            wait_until(
-                "the first step after the kill",
-                Duration::from_secs(60),
-                || committed(&|c| c.generation == 2 && c.loss.is_some()).is_some(),
-            )?;
-            committed(&|c| c.generation == 2 && c.loss.is_some()).expect("seen above")
-        };
-        let reached = commits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, c)| c.generation == 1)
-            .map(|(_, c)| c.step)
-            .max()
-            .unwrap_or(0);
-        let mut detected = None;
-        for (k, v) in coord.list(keys.root())? {
-            if let JobKey::Lost { .. } = keys.parse(&k) {
-                let l: LostRecord = serde_json::from_slice(&v)?;
-                detected = Some(l.detected_at_ms as i64 - killed as i64);
-            }
-        }
-        let planned: Option<PlannedRecord> = coord
-            .get(&keys.planned(2))?
-            .and_then(|v| serde_json::from_slice(&v).ok());
-        drop(job_run);
-        Recovery {
-            detected_ms: detected,
-            replanned_ms: planned.map(|p| p.at_ms as i64 - killed as i64),
-            first_step_ms: first_at as i64 - killed as i64,
-            // The first step of generation 2 is the one after the last that was committed;
-            // anything before it that generation 1 had done is done again.
-            steps_recomputed: (reached + 1).saturating_sub(first.step),
-        }
+        committed(&|c| c.generation == 2 && c.loss.is_some()).expect("seen above")
     };
+    let reached = commits
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(_, c)| c.generation == 1)
+        .map(|(_, c)| c.step)
+        .max()
+        .unwrap_or(0);
+    let mut detected = None;
+    for (k, v) in coord.list(keys.root())? {
+        if let JobKey::Lost { .. } = keys.parse(&k) {
+            let l: LostRecord = serde_json::from_slice(&v)?;
+            detected = Some(l.detected_at_ms as i64 - killed as i64);
+        }
+    }
+    let planned: Option<PlannedRecord> = coord
+        .get(&keys.planned(2))?
+        .and_then(|v| serde_json::from_slice(&v).ok());
+    drop(job_run);
+    Ok(Recovery {
+        detected_ms: detected,
+        replanned_ms: planned.map(|p| p.at_ms as i64 - killed as i64),
+        first_step_ms: first_at as i64 - killed as i64,
+        // The first step of generation 2 is the one after the last that was committed;
+        // anything before it that generation 1 had done is done again.
+        steps_recomputed: (reached + 1).saturating_sub(first.step),
+    })
+}
+
+pub fn run(args: RecoveryArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("find the marathon executable")?;
+    let mut cfg = TrainConfig::load(&args.config)?;
+    let dir = tempfile::tempdir().context("a scratch directory")?;
+    cfg.train.steps = 1_000_000;
+    cfg.train.eval_every_steps = 0;
+    cfg.train.samples_log = None;
+    cfg.train.metrics = Some(dir.path().join("metrics.jsonl"));
+    cfg.parallel.tp = args.tp;
+    cfg.parallel.dp = args.dp;
+    cfg.checkpoint = None;
+    let write = |cfg: &TrainConfig, name: &str| -> Result<PathBuf> {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            toml::to_string(cfg).context("write the bench's config")?,
+        )?;
+        Ok(path)
+    };
+    let elastic_cfg = write(&cfg, "elastic.toml")?;
+    let mut zero = cfg.clone();
+    zero.parallel.distributed_optimizer = true;
+    let zero_cfg = write(&zero, "zero.toml")?;
+    let mut base = cfg.clone();
+    base.train.metrics = Some(dir.path().join("base-metrics.jsonl"));
+    base.checkpoint = Some(CheckpointConfig {
+        root: dir.path().join("ckpt").display().to_string(),
+        every_steps: args.ckpt_every,
+        ..toml::from_str("root = \"\"").context("checkpoint defaults")?
+    });
+    let base_cfg = write(&base, "base.toml")?;
+    let world = args.tp * args.dp;
+    eprintln!(
+        "bench recovery: {} with tp {} x dp {} ({world} worker processes), one worker killed \
+         after step {}",
+        args.config.display(),
+        args.tp,
+        args.dp,
+        args.kill_after
+    );
+
+    // The elastic job, without and with the distributed optimizer.
+    let elastic = elastic_recovery(&exe, &elastic_cfg, &args)?;
+    let zero = elastic_recovery(&exe, &zero_cfg, &args)?;
 
     // The fail-stop baseline: the launcher stops every worker when one dies; the bench starts
     // it again at once, and it resumes from the newest checkpoint.
@@ -305,36 +313,29 @@ pub fn run(args: RecoveryArgs) -> Result<()> {
     };
 
     let ms = |v: Option<i64>| v.map_or("-".into(), |v| format!("{v} ms"));
-    println!(
-        "  {:<34} {:>20} {:>30}",
-        "after the kill", "elastic (marathon)", "stop all, resume from checkpoint"
+    let row = |what: &str, a: String, b: String, c: String| {
+        println!("  {what:<34} {a:>20} {b:>26} {c:>32}");
+    };
+    row(
+        "after the kill",
+        "elastic (marathon)".into(),
+        "elastic, distributed opt.".into(),
+        "stop all, resume from checkpoint".into(),
     );
-    println!(
-        "  {:<34} {:>20} {:>30}",
-        "failure detected",
-        ms(elastic.detected_ms),
-        ms(baseline.detected_ms)
-    );
-    println!(
-        "  {:<34} {:>20} {:>30}",
-        "new generation planned / restarted",
-        ms(elastic.replanned_ms),
-        ms(baseline.replanned_ms)
-    );
-    println!(
-        "  {:<34} {:>20} {:>30}",
-        "first step completed",
-        ms(Some(elastic.first_step_ms)),
-        ms(Some(baseline.first_step_ms))
-    );
-    println!(
-        "  {:<34} {:>20} {:>30}",
-        "steps recomputed", elastic.steps_recomputed, baseline.steps_recomputed
-    );
+    let runs = [&elastic, &zero, &baseline];
+    let [a, b, c] = runs.map(|r| ms(r.detected_ms));
+    row("failure detected", a, b, c);
+    let [a, b, c] = runs.map(|r| ms(r.replanned_ms));
+    row("new generation planned / restarted", a, b, c);
+    let [a, b, c] = runs.map(|r| ms(Some(r.first_step_ms)));
+    row("first step completed", a, b, c);
+    let [a, b, c] = runs.map(|r| r.steps_recomputed.to_string());
+    row("steps recomputed", a, b, c);
     println!(
         "{}",
-        serde_json::json!({ "elastic": elastic, "stop_and_resume": baseline, "tp": args.tp,
-            "dp": args.dp, "kill_after": args.kill_after, "ckpt_every": args.ckpt_every })
+        serde_json::json!({ "elastic": elastic, "elastic_distributed_optimizer": zero,
+            "stop_and_resume": baseline, "tp": args.tp, "dp": args.dp,
+            "kill_after": args.kill_after, "ckpt_every": args.ckpt_every })
     );
     Ok(())
 }
