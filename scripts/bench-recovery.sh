@@ -21,6 +21,7 @@ client="$(port)" peer="$(port)"
     --advertise-client-urls "http://127.0.0.1:$client" --listen-peer-urls "http://127.0.0.1:$peer" \
     --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
     --initial-cluster "default=http://127.0.0.1:$peer" >etcd.log 2>&1 &
+disown
 "$bin" data prepare --out corpus --val-fraction 0.2 --input "$repo/README.md" "$repo/ARCHITECTURE.md" >/dev/null
 cat >c.toml <<TOML
 [model]
