@@ -341,7 +341,7 @@ mod tests {
             assert_eq!(s.n_layer % s.pp, 0);
             assert_eq!(s.slots % s.tp, 0);
         }
-        assert_eq!(kinds.len(), 11, "{kinds:?}");
+        assert_eq!(kinds.len(), 12, "{kinds:?}");
         let moments: std::collections::BTreeSet<_> = (0..500)
             .flat_map(|seed| Scenario::from_seed(seed).faults)
             .filter_map(|t| t.moment)

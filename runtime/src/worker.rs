@@ -500,6 +500,20 @@ impl Generation<'_> {
         cfg.parallel.dp = plan.dp;
         let mut reloaded = None;
         let t1 = Instant::now();
+        // A worker kept idle while its block was broken may be placed at another shard: what
+        // it holds is then nobody's state (its block receives its state from a peer), and it
+        // starts afresh for its new place.
+        if let Some(t) = trainer.as_ref() {
+            let s = t.model.layout.shard;
+            if (s.tp_rank, s.stage) != (tp_rank, stage) {
+                eprintln!(
+                    "worker: placed at tensor rank {tp_rank} of stage {stage} after holding \
+                     tensor rank {} of stage {}; its state is dropped",
+                    s.tp_rank, s.stage
+                );
+                *trainer = None;
+            }
+        }
         let t = match trainer {
             Some(t) => {
                 t.regroup(groups)?;
