@@ -150,8 +150,12 @@ impl Membership {
         let mut out = Vec::new();
         match event {
             Event::Registered { node, offer } => {
-                // A plan using a slot no longer offered is stale: the next one leaves it out.
-                if self.live.insert(node, offer.clone()) != Some(offer) {
+                // A plan using a slot no longer offered is stale, and so is one the offers now
+                // allow to grow; a change that alters neither (a slot offered again that forms
+                // no block) re-plans nothing.
+                if self.live.insert(node, offer.clone()) != Some(offer)
+                    && (self.plan.is_none() || self.stale())
+                {
                     self.changed(now);
                 }
             }

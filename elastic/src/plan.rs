@@ -115,8 +115,12 @@ impl Offer {
     }
 
     /// A registration's value; `None` when it does not parse (the node then offers nothing).
+    /// A bare count, as agents before offers registered, offers every slot.
     pub fn parse(value: &[u8]) -> Option<Self> {
-        serde_json::from_slice(value).ok()
+        match serde_json::from_slice(value).ok()? {
+            serde_json::Value::Number(n) => Some(Offer::all(n.as_u64()? as usize)),
+            v => serde_json::from_value(v).ok(),
+        }
     }
 }
 
@@ -568,7 +572,8 @@ mod tests {
         o.cooling.insert(2);
         assert_eq!(o.offered().collect::<Vec<_>>(), [0, 1, 3]);
         assert_eq!(Offer::parse(&o.to_json()), Some(o));
-        assert_eq!(Offer::parse(b"4"), None);
+        assert_eq!(Offer::parse(b"4"), Some(Offer::all(4)));
+        assert_eq!(Offer::parse(b"four"), None);
     }
 
     #[test]

@@ -132,6 +132,9 @@ enum Slots {
     Auto,
 }
 
+/// How many workers of the machine share each GPU, as `train --etcd` tells its agents.
+const SHARING_ENV: &str = "MARATHON_DEVICE_SHARING";
+
 fn parse_slots(s: &str) -> Result<Slots, String> {
     match s {
         "auto" => Ok(Slots::Auto),
@@ -156,16 +159,23 @@ fn visible_gpus() -> Vec<String> {
     (0..n).map(|i| i.to_string()).collect()
 }
 
-/// Each slot's environment on a GPU job: its device, and how many of the node's slots share it.
-fn slot_devices(slots: usize, gpus: &[String]) -> Vec<Vec<(String, String)>> {
+/// Each slot's environment on a GPU job: its device, and how many workers share it: the
+/// node's slots on it, or `machine_sharing` when agents of the same machine share its GPUs
+/// (`marathon train --etcd` says so).
+fn slot_devices(
+    slots: usize,
+    gpus: &[String],
+    machine_sharing: Option<usize>,
+) -> Vec<Vec<(String, String)>> {
     (0..slots)
         .map(|i| {
-            let sharing = (0..slots)
+            let mine = (0..slots)
                 .filter(|j| j % gpus.len() == i % gpus.len())
                 .count();
+            let sharing = machine_sharing.unwrap_or(0).max(mine);
             vec![
                 ("CUDA_VISIBLE_DEVICES".into(), gpus[i % gpus.len()].clone()),
-                ("MARATHON_DEVICE_SHARING".into(), sharing.to_string()),
+                (SHARING_ENV.into(), sharing.to_string()),
             ]
         })
         .collect()
@@ -270,7 +280,8 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         worker_args,
         worker_env: vec![("RAYON_NUM_THREADS".into(), threads.to_string())],
         slot_env: if on_gpu {
-            slot_devices(slots, &gpus)
+            let machine = std::env::var(SHARING_ENV).ok().and_then(|v| v.parse().ok());
+            slot_devices(slots, &gpus, machine)
         } else {
             Vec::new()
         },
@@ -424,6 +435,10 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
             .args(flags.elastic.args())
             .env("MARATHON_WORKER_THREADS", threads.to_string())
             .envs(node_gpus(&gpus, i, slots))
+            .envs((!gpus.is_empty()).then(|| {
+                let sharing = (nodes * slots).div_ceil(gpus.len());
+                (SHARING_ENV, sharing.to_string())
+            }))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -518,13 +533,17 @@ mod tests {
     #[test]
     fn each_slot_gets_its_own_gpu_and_extra_slots_share_them() {
         let gpus: Vec<String> = ["2", "5"].map(String::from).into();
-        let env = slot_devices(3, &gpus);
+        let env = slot_devices(3, &gpus, None);
         let device = |i: usize| env[i][0].1.as_str();
         let sharing = |i: usize| env[i][1].1.as_str();
         assert_eq!([device(0), device(1), device(2)], ["2", "5", "2"]);
         assert_eq!([sharing(0), sharing(1), sharing(2)], ["2", "1", "2"]);
         // A GPU of its own for each slot: none shared.
-        assert!(slot_devices(2, &gpus).iter().all(|e| e[1].1 == "1"));
+        assert!(slot_devices(2, &gpus, None).iter().all(|e| e[1].1 == "1"));
+        // Agents of one machine sharing its GPUs: the machine's count.
+        assert!(slot_devices(1, &gpus, Some(2))
+            .iter()
+            .all(|e| e[1].1 == "2"));
     }
 
     #[test]

@@ -407,6 +407,8 @@ impl Agent {
         if !self.stragglers.insert((generation, f.slot.clone())) {
             return;
         }
+        let current = generation == self.membership.generation() && generation > self.aborted;
+        let evicts = self.opts.evict_stragglers && current && !self.done;
         if self.membership.leads() {
             self.log(format_args!(
                 "straggler in generation {generation}: node {} slot {} (rank {}), its compute \
@@ -416,15 +418,10 @@ impl Agent {
                 f.rank,
                 f.ratio,
                 f.step,
-                if self.opts.evict_stragglers {
-                    "; its agent evicts it"
-                } else {
-                    ""
-                }
+                if evicts { "; its agent evicts it" } else { "" }
             ));
         }
-        let current = generation == self.membership.generation() && generation > self.aborted;
-        if f.slot.node != self.opts.node || !self.opts.evict_stragglers || !current {
+        if f.slot.node != self.opts.node || !evicts {
             return;
         }
         if let Some(w) = self.workers.0.get_mut(&f.slot.index) {
@@ -559,13 +556,23 @@ impl Agent {
                 node: self.opts.node.clone(),
                 index,
             };
-            self.record_lost(slot, reason)?;
+            // A worker the plan does not use (idle, its block broken) died outside the job: its
+            // slot cools down, and nothing else happens.
+            let planned = self
+                .membership
+                .plan()
+                .is_some_and(|p| p.roles().contains_key(&slot));
+            if planned {
+                self.record_lost(slot, reason)?;
+            }
             if !self.opts.cooldown.is_zero() {
                 let now = Instant::now();
                 self.cooling.insert(index, now + self.opts.cooldown);
                 self.deaths
                     .retain(|&t| now.duration_since(t) < self.opts.cooldown);
-                self.deaths.push(now);
+                if planned {
+                    self.deaths.push(now);
+                }
                 let n = self.opts.withdraw_after;
                 if n > 0 && self.deaths.len() >= n && self.withdrawn_until.is_none() {
                     self.log(format_args!(

@@ -500,39 +500,45 @@ impl Generation<'_> {
         cfg.parallel.dp = plan.dp;
         let mut reloaded = None;
         let t1 = Instant::now();
-        // A worker kept idle while its block was broken may be placed at another shard: what
-        // it holds is then nobody's state (its block receives its state from a peer), and it
-        // starts afresh for its new place.
-        if let Some(t) = trainer.as_ref() {
+        // A worker whose block the plan does not keep holds nobody's state, whatever its memory
+        // says: it was idle (its block broken) or on standby from an older history, and may now
+        // hold another shard. Its block receives its state from a peer, or from storage.
+        if let (Some(t), false) = (
+            trainer.as_ref(),
+            plan.block(replica, stage).state == StateSource::Kept,
+        ) {
             let s = t.model.layout.shard;
-            if (s.tp_rank, s.stage) != (tp_rank, stage) {
-                eprintln!(
-                    "worker: placed at tensor rank {tp_rank} of stage {stage} after holding \
-                     tensor rank {} of stage {}; its state is dropped",
-                    s.tp_rank, s.stage
-                );
-                *trainer = None;
-            }
+            eprintln!(
+                "worker: placed at tensor rank {tp_rank} of stage {stage} in a block that keeps \
+                 no state; the state it held (tensor rank {} of stage {}, step {}) is dropped",
+                s.tp_rank, s.stage, t.step
+            );
+            *trainer = None;
         }
         let t = match trainer {
             Some(t) => {
                 t.regroup(groups)?;
+                t.set_generation(g);
                 if from_storage {
                     reloaded = Some(t.reload()?.unwrap_or(0));
                 }
                 t
             }
             None if from_storage => {
-                let t = Trainer::with_groups(cfg, groups)?;
+                let t = trainer.insert(Trainer::with_groups(cfg, groups)?);
+                t.set_generation(g);
                 reloaded = Some(t.resumed_from().unwrap_or(0));
-                trainer.insert(t)
+                t
             }
-            None => trainer.insert(Trainer::joining(cfg, groups)?),
+            None => {
+                let t = trainer.insert(Trainer::joining(cfg, groups)?);
+                t.set_generation(g);
+                t
+            }
         };
         // With the distributed optimizer, a lost replica's moments live on in a neighbour.
         t.mirror_moments()?;
         t.gather_pace();
-        t.set_generation(g);
         t.set_stop_signal(self.control.newer.clone());
         // A checkpoint commits only while this generation runs: the permission is a fenced
         // write of the job's checkpoint index, just before the manifest.
@@ -636,7 +642,9 @@ impl Generation<'_> {
                 // step every rank just applied is carried into the next by reconcile.
                 return Ok(Ended::Superseded);
             }
-            if let (true, Some(times)) = (is_rank0, t.pace()) {
+            // A flag at the last step would only disturb the job's end.
+            let last = rec.step == t.cfg.train.steps;
+            if let (true, false, Some(times)) = (is_rank0, last, t.pace()) {
                 for f in pace.observe(rec.step, times) {
                     let c = topology.coords(f.rank);
                     let slot = plan.block(c.dp, c.pp).slots[c.tp].clone();

@@ -444,3 +444,56 @@ fn a_lost_chunk_without_a_mirror_is_refused_on_every_rank() {
         "{err}"
     );
 }
+
+/// A replica that missed a reload holds an older history, even a more advanced one: reconcile
+/// takes the state of the newest lineage. Here replica 1 trained three steps in generation 1,
+/// away from the job, while the job started again from its initial weights in generation 2
+/// (as after a reload that found no checkpoint); both continue from step 0 with the initial
+/// weights, not from replica 1's step 3.
+#[test]
+fn a_replica_that_missed_a_reload_does_not_win_with_its_older_history() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    let coord = Arc::new(InProcessCoordinator::new());
+    let dp2 = Topology::new(1, 1, 2);
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let (coord, mut cfg) = (coord.clone(), cfg.clone());
+            cfg.parallel.dp = 2;
+            std::thread::spawn(move || {
+                let mut alone = cfg.clone();
+                alone.parallel.dp = 1;
+                let mut t = if rank == 1 {
+                    let mut t = Trainer::with_groups(alone, Groups::default()).expect("trainer");
+                    t.set_generation(1);
+                    let mut losses = Vec::new();
+                    steps(&mut t, SWITCH, &mut losses);
+                    t.regroup(groups(&coord, 2, dp2, rank)).expect("regroup");
+                    t
+                } else {
+                    let mut t =
+                        Trainer::with_groups(cfg, groups(&coord, 2, dp2, rank)).expect("trainer");
+                    t.set_generation(2);
+                    t
+                };
+                let step = t.reconcile().expect("reconcile");
+                (step, t.model.params.clone())
+            })
+        })
+        .collect();
+    let runs: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("rank"))
+        .collect();
+    let initial = Trainer::new(cfg).expect("single process").model.params;
+    for (rank, (step, params)) in runs.iter().enumerate() {
+        assert_eq!(*step, 0, "rank {rank}");
+        assert!(
+            params
+                .iter()
+                .zip(&initial)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "rank {rank} does not hold the initial weights"
+        );
+    }
+}

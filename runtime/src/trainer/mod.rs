@@ -111,6 +111,9 @@ pub struct Trainer {
     /// With the distributed optimizer: the step (and samples consumed at it) whose update this
     /// rank applied to its chunks, while that step's parameter all-gather has not completed.
     pending: Option<(u64, u64)>,
+    /// The generation in which this rank's state was loaded (from storage, or initialised):
+    /// replicas that missed a later reload hold an older history, which reconcile ignores.
+    lineage: u64,
     /// The closing sums' buffer, reused every step.
     closing: Vec<f32>,
     /// With [`Trainer::gather_pace`]: every rank's compute time per microbatch in the last
@@ -243,6 +246,7 @@ impl Trainer {
             mirror_valid: false,
             held: Vec::new(),
             pending: None,
+            lineage: 0,
             closing: Vec::with_capacity(5),
             pace: None,
         })
@@ -390,7 +394,11 @@ impl Trainer {
     }
 
     /// The elastic generation this trainer runs in, which the samples log records.
+    /// A trainer that holds state and runs its first generation loaded that state in it.
     pub fn set_generation(&mut self, generation: u64) {
+        if self.generation == 0 && self.holds_state {
+            self.lineage = generation;
+        }
         self.generation = generation;
     }
 }

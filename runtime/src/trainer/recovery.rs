@@ -34,6 +34,16 @@ impl Trainer {
                 shard.tp_rank, shard.tp, shard.stage, shard.pp
             )));
         }
+        if self.cfg.parallel.distributed_optimizer
+            && self.cfg.train.device != crate::device::Device::Cpu
+        {
+            return Err(bad(
+                "a new generation re-partitions the distributed optimizer's chunks, which runs \
+                 on the CPU so far; on a GPU train without the distributed optimizer, or resume \
+                 from a checkpoint in the new layout"
+                    .into(),
+            ));
+        }
         self.cfg.parallel.dp = dp;
         self.groups = groups;
         self.resize_pace(false);
@@ -85,6 +95,7 @@ impl Trainer {
         );
         self.step = 0;
         self.consumed_samples = 0;
+        self.lineage = self.generation;
         // What was held before is dropped: the checkpoint's state replaces it.
         self.held.clear();
         self.mirror_valid = false;
@@ -181,11 +192,17 @@ impl Trainer {
                 }
                 Ok(all.chunks_exact(2).map(word).collect())
             };
+        // State from an older history (kept by a rank that missed a reload from storage)
+        // counts as none: only holders of the newest lineage are taken.
+        let lineage = if self.holds_state { self.lineage } else { 0 };
+        let lineages = gather(self.groups.dp.as_mut(), lineage, replica, replicas)?;
+        let newest = lineages.iter().copied().max().unwrap_or(0);
+        let current = self.holds_state && lineage == newest;
         let (stateless, uncovered) = if self.cfg.parallel.distributed_optimizer {
-            self.reconcile_chunks()?
+            self.reconcile_chunks(current)?
         } else {
             // Step + 1 from a holder of state, 0 from a rank that holds none.
-            let held = if self.holds_state { self.step + 1 } else { 0 };
+            let held = if current { self.step + 1 } else { 0 };
             let held = gather(self.groups.dp.as_mut(), held, replica, replicas)?;
             let best = held.iter().copied().max().unwrap_or(held[replica]);
             if best != 0 && held.iter().any(|&s| s != best) {
@@ -194,12 +211,20 @@ impl Trainer {
             }
             (best == 0, false)
         };
-        // The replicas of each shard now agree; the shards must agree with each other.
+        if !stateless {
+            self.lineage = newest;
+        }
+        // The replicas of each shard now agree; the shards must agree with each other, on the
+        // step and on the history.
         let [(tp_rank, tp), (stage, pp), _] = self.groups.coords();
         let step = self.step;
         let across_tp = gather(self.groups.tp.as_mut(), step, tp_rank, tp)?;
         let across_pp = gather(self.groups.pp.as_mut(), step, stage, pp)?;
-        let differ = across_tp.iter().chain(&across_pp).any(|&s| s != step);
+        let lineage = self.lineage;
+        let lineage_tp = gather(self.groups.tp.as_mut(), lineage, tp_rank, tp)?;
+        let lineage_pp = gather(self.groups.pp.as_mut(), lineage, stage, pp)?;
+        let differ = across_tp.iter().chain(&across_pp).any(|&s| s != step)
+            || lineage_tp.iter().chain(&lineage_pp).any(|&l| l != lineage);
         let [differ_n, stateless_n, uncovered_n] = self.sum_over_ranks([
             f32::from(differ),
             f32::from(stateless),
@@ -221,9 +246,11 @@ impl Trainer {
                 )
             } else {
                 format!(
-                    "the shards of the model stopped at different steps (this rank's tensor \
-                     group: {across_tp:?}, pipeline group: {across_pp:?}); no replica holds \
-                     every shard at one step, so the job must resume from its newest checkpoint"
+                    "the shards of the model stopped at different steps or come from different \
+                     reloads (this rank's tensor group: steps {across_tp:?}, reloaded in \
+                     generations {lineage_tp:?}; pipeline group: {across_pp:?}, \
+                     {lineage_pp:?}); no replica holds every shard at one step, so the job \
+                     must resume from its newest checkpoint"
                 )
             };
             return Err(RuntimeError::Config {

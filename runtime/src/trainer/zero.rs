@@ -229,7 +229,9 @@ impl Trainer {
     /// The distributed optimizer's part of [`Trainer::reconcile`]: brings every replica of
     /// this shard to one step with its chunks' moments in place. Returns (no member holds
     /// state, the members hold no step whole); in either case nothing moved.
-    pub(super) fn reconcile_chunks(&mut self) -> Result<(bool, bool)> {
+    /// `current`: this rank holds state of the group's newest lineage (see `reconcile`); what
+    /// the others hold is counted only when they do too.
+    pub(super) fn reconcile_chunks(&mut self, current: bool) -> Result<(bool, bool)> {
         self.fetch_state()?;
         if self.held.is_empty() {
             // Nothing was set aside since the chunks were last placed: what this rank holds is
@@ -238,7 +240,8 @@ impl Trainer {
         }
         let [_, _, (replica, replicas)] = self.groups.coords();
         let numel = self.model.layout.numel();
-        let mine = self.holding();
+        let mut mine = self.holding();
+        mine.holds &= current;
         let mut words = vec![0f32; 2 * WORDS * replicas];
         for (i, w) in mine.words().iter().enumerate() {
             let at = 2 * (WORDS * replica + i);
