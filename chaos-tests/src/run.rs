@@ -17,6 +17,7 @@ use marathon_runtime::moments::Moment;
 use marathon_runtime::trainer::Summary;
 use marathon_runtime::worker::unix_ms;
 use marathon_storage::{format, Reader, Store};
+use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use crate::check;

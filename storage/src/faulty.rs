@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
+use futures::stream::{BoxStream, StreamExt};
 use object_store::path::Path;
 use object_store::{
-    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
 };
 
 /// What goes wrong, and where.
@@ -73,6 +73,15 @@ impl FaultyStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Another handle on the same inner store and fault state, for requests that outlive the
+    /// call that starts them (an upload's parts, a stream of deletions).
+    fn share(&self) -> Arc<FaultyStore> {
+        Arc::new(FaultyStore {
+            inner: self.inner.clone(),
+            state: self.state.clone(),
+        })
     }
 
     /// Decides one request's fate: its delay and whether it fails.
@@ -171,11 +180,7 @@ impl ObjectStore for FaultyStore {
         let inner = self.inner.put_multipart_opts(location, opts).await?;
         Ok(Box::new(FaultyUpload {
             inner,
-            store: FaultyStore {
-                inner: self.inner.clone(),
-                state: self.state.clone(),
-            }
-            .into(),
+            store: self.share(),
             location: location.clone(),
         }))
     }
@@ -189,9 +194,26 @@ impl ObjectStore for FaultyStore {
         self.inner.get_opts(location, options).await
     }
 
-    async fn delete(&self, location: &Path) -> object_store::Result<()> {
-        self.enter("delete", location).await?;
-        self.inner.delete(location).await
+    // Since object_store 0.13 a store implements only the stream of deletions, and `delete`
+    // (in `ObjectStoreExt`) is a stream of one. Each object in the stream is still a request of
+    // its own through the faults, deleted from the inner store on its own, so an injected
+    // failure fails that object and no other.
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        let store = self.share();
+        locations
+            .then(move |location| {
+                let store = store.clone();
+                async move {
+                    let location = location?;
+                    store.enter("delete", &location).await?;
+                    store.inner.delete(&location).await?;
+                    Ok(location)
+                }
+            })
+            .boxed()
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
@@ -202,14 +224,16 @@ impl ObjectStore for FaultyStore {
         self.inner.list_with_delimiter(prefix).await
     }
 
-    async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+    // `copy` and `copy_if_not_exists` (in `ObjectStoreExt` since object_store 0.13) both come
+    // here, their difference in `options.mode`.
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
         self.enter("copy", to).await?;
-        self.inner.copy(from, to).await
-    }
-
-    async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
-        self.enter("copy", to).await?;
-        self.inner.copy_if_not_exists(from, to).await
+        self.inner.copy_opts(from, to, options).await
     }
 }
 

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::ObjectMeta;
+use object_store::{ObjectMeta, ObjectStoreExt};
 
 use crate::boxes::{copy_intersection, TensorBox};
 use crate::codec::{checksum, decode};

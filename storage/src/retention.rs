@@ -8,7 +8,7 @@
 //! period too.
 
 use futures::TryStreamExt;
-use object_store::ObjectMeta;
+use object_store::{ObjectMeta, ObjectStoreExt};
 
 use crate::reader::Reader;
 use crate::store::retry;

@@ -149,7 +149,7 @@ impl Store {
     pub fn path(&self, name: &str) -> Path {
         let mut p = self.prefix.clone();
         for part in name.split('/').filter(|s| !s.is_empty()) {
-            p = p.child(part);
+            p = p.join(part);
         }
         p
     }
@@ -211,7 +211,7 @@ pub fn is_transient(e: &object_store::Error) -> bool {
             | AlreadyExists { .. }
             | Precondition { .. }
             | NotModified { .. }
-            | NotImplemented
+            | NotImplemented { .. }
             | NotSupported { .. }
             | InvalidPath { .. }
             | PermissionDenied { .. }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use object_store::{PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 
 use crate::boxes::{range_to_boxes, TensorBox};
 use crate::codec::{checksum, encode, Codec};
@@ -678,7 +678,7 @@ pub async fn probe_create_only(store: &Store) -> Result<CommitMode> {
     }
     let mode = match retry(put).await {
         Err(object_store::Error::AlreadyExists { .. }) => CommitMode::CreateOnly,
-        Ok(_) | Err(object_store::Error::NotImplemented) => CommitMode::LeaderChecked,
+        Ok(_) | Err(object_store::Error::NotImplemented { .. }) => CommitMode::LeaderChecked,
         Err(e) => return Err(StorageError::store("probe create-only put", &path, e)),
     };
     let _ = store.inner.delete(&path).await;

@@ -12,7 +12,7 @@ use marathon_storage::faulty::{Faults, FaultyStore};
 use marathon_storage::format::manifest_name;
 use marathon_storage::retention::{collect, Retention};
 use marathon_storage::{CheckpointWriter, Reader, StorageError, Store, WriterOptions};
-use object_store::PutPayload;
+use object_store::{ObjectStoreExt, PutPayload};
 
 fn faulty_memory() -> (Store, Arc<FaultyStore>) {
     let base = Store::open("memory://job").expect("open");
