@@ -92,6 +92,13 @@ fn seed_4_damaged_checkpoints_and_a_flaky_store() {
     scenario(4);
 }
 
+/// A worker stopped until its agent declares it hung and evicts it, the object store killed
+/// for 1.5 s, and a bit flipped in the newest committed checkpoint.
+#[test]
+fn seed_54_a_hung_worker_a_store_killed_and_a_flipped_bit() {
+    scenario(54);
+}
+
 /// A worker throttled to a third of its speed for 6 s (a straggler, alive), an etcd member
 /// killed, a node partitioned for 6 s and another's network slowed (when the job gets that
 /// far: from a rendezvous).
