@@ -168,3 +168,216 @@ pub fn fencing(keys: &JobKeys, seen: &[Seen]) -> Vec<String> {
     }
     v
 }
+
+/// From the generations' start records in etcd (`StepCommit::reloaded`, rank 0's):
+/// - no generation loaded the checkpoint of step `torn` (its manifest was torn: never
+///   committed);
+/// - no generation that began forming after a bit was flipped in the checkpoint of a step
+///   (`flipped`: the step and when) loaded that checkpoint: the load must find the damage and
+///   take the one before.
+pub fn checkpoint_loads(
+    keys: &JobKeys,
+    seen: &[Seen],
+    torn: Option<u64>,
+    flipped: &[(u64, u64)],
+) -> Vec<String> {
+    let mut v = Vec::new();
+    for (_, key, value) in seen {
+        let (JobKey::Committed(g), Some(value)) = (keys.parse(key), value) else {
+            continue;
+        };
+        let Ok(c) = serde_json::from_slice::<StepCommit>(value) else {
+            continue;
+        };
+        let Some(step) = c.reloaded.filter(|&s| s > 0) else {
+            continue;
+        };
+        if c.loss.is_some() {
+            // Only a generation's start record says what it loaded first.
+            continue;
+        }
+        if Some(step) == torn {
+            v.push(format!(
+                "generation {g} loaded the uncommitted checkpoint of step {step} (its manifest \
+                 was torn)"
+            ));
+        }
+        if let Some(&(_, at)) = flipped
+            .iter()
+            .find(|&&(f, at)| f == step && c.told_at_ms >= at)
+        {
+            v.push(format!(
+                "generation {g}, told to start at {} ms, loaded the checkpoint of step {step}, \
+                 damaged at {at} ms",
+                c.told_at_ms
+            ));
+        }
+    }
+    v
+}
+
+/// From the agents' and workers' log lines: no rendezvous ran out its deadline. A member
+/// missing from a generation is found dead and the generation superseded, which aborts its
+/// rendezvous long before.
+pub fn rendezvous_deadlines<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let deadline = [
+        "did not connect within",
+        "did not appear within",
+        "timed out",
+    ];
+    lines
+        .into_iter()
+        .filter(|l| l.contains("rendezvous of group") && deadline.iter().any(|d| l.contains(d)))
+        .map(|l| format!("a rendezvous waited out its deadline instead of being aborted: {l}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every invariant fed a doctored history fires, and the same history untouched passes.
+
+    use super::*;
+    use serde_json::json;
+
+    fn commit(generation: u64, step: u64, loss: Option<f32>, reloaded: Option<u64>) -> Vec<u8> {
+        serde_json::to_vec(&StepCommit {
+            generation,
+            step,
+            consumed_samples: step * 4,
+            loss,
+            dp: 2,
+            first_step: step,
+            told_at_ms: 1000 * generation,
+            groups_at_ms: 1000 * generation + 10,
+            ready_at_ms: 1000 * generation + 20,
+            at_ms: 1000 * generation + 30,
+            reloaded,
+            training_s: 0.0,
+            eval_s: 0.0,
+            checkpoint_stall_s: 0.0,
+            recomputed_steps: 0,
+            recomputed_s: 0.0,
+            stragglers: Vec::new(),
+        })
+        .expect("serialises")
+    }
+
+    fn write(dir: &Path, name: &str, rows: &[Value]) {
+        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(dir.join(name), text).expect("write");
+    }
+
+    fn step(step: u64, loss: f64) -> Value {
+        json!({ "kind": "step", "data": { "step": step, "loss": loss } })
+    }
+
+    fn fed(generation: u64, step: u64, replica: u64, samples: &[u64]) -> Value {
+        json!({ "generation": generation, "step": step, "replica": replica, "samples": samples })
+    }
+
+    /// A two-step job and its reference; `doctor` changes the job's logs.
+    fn job(doctor: impl FnOnce(&mut Vec<Value>, &mut Vec<Value>)) -> Vec<String> {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let reference = vec![step(1, 10.0), step(2, 9.0)];
+        let ref_samples = vec![fed(0, 1, 0, &[3, 1]), fed(0, 2, 0, &[0, 2])];
+        let (mut metrics, mut samples) = (
+            reference.clone(),
+            vec![
+                fed(1, 1, 0, &[3]),
+                fed(1, 1, 1, &[1]),
+                // Step 2 ran twice: the last generation's record counts.
+                fed(1, 2, 0, &[0, 0]),
+                fed(2, 2, 0, &[0, 2]),
+            ],
+        );
+        doctor(&mut metrics, &mut samples);
+        write(dir.path(), "metrics.jsonl", &metrics);
+        write(dir.path(), "ref-metrics.jsonl", &reference);
+        write(dir.path(), "samples.jsonl", &samples);
+        write(dir.path(), "ref-samples.jsonl", &ref_samples);
+        against_reference(dir.path(), 2)
+    }
+
+    #[test]
+    fn the_reference_check_fires_on_a_loss_a_sample_or_a_step_out_of_place() {
+        assert_eq!(job(|_, _| {}), Vec::<String>::new());
+        let v = job(|m, _| m[1] = step(2, 9.01));
+        assert!(v.len() == 1 && v[0].contains("step 2: loss"), "{v:?}");
+        let v = job(|m, _| {
+            m.pop();
+        });
+        assert!(v.iter().any(|e| e.contains("1 of 2 steps")), "{v:?}");
+        // A sample fed twice and another never.
+        let v = job(|_, s| s[3] = fed(2, 2, 0, &[0, 0]));
+        assert!(
+            v.len() == 1 && v[0].contains("step 2: 2 samples consumed"),
+            "{v:?}"
+        );
+        let v = job(|_, s| s.push(fed(2, 3, 0, &[5])));
+        assert!(
+            v.len() == 1 && v[0].contains("beyond the job's steps"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn the_fencing_check_fires_on_a_fenced_commit_a_replan_or_a_step_back() {
+        let keys = JobKeys::new("j");
+        let plan = |g: u64| (g * 1000, keys.plan(g), Some(b"{}".to_vec()));
+        let done = |g: u64, s: u64| {
+            (
+                g * 1000 + s,
+                keys.committed(g),
+                Some(commit(g, s, Some(1.0), None)),
+            )
+        };
+        let good = vec![plan(1), done(1, 1), done(1, 2), plan(2), done(2, 2)];
+        assert_eq!(fencing(&keys, &good), Vec::<String>::new());
+        let mut late = good.clone();
+        late.push(done(1, 3));
+        let v = fencing(&keys, &late);
+        assert!(
+            v.len() == 1 && v[0].contains("a fenced generation committed"),
+            "{v:?}"
+        );
+        let mut again = good.clone();
+        again.push(plan(2));
+        assert!(fencing(&keys, &again)[0].contains("generation 2 planned"));
+        let mut back = good;
+        back.push(done(2, 1));
+        assert!(fencing(&keys, &back)[0].contains("committed step 1 after step 2"));
+    }
+
+    #[test]
+    fn the_load_check_fires_on_a_torn_or_a_damaged_checkpoint_loaded() {
+        let keys = JobKeys::new("j");
+        let start = |g: u64, reloaded: u64| {
+            (
+                g * 1000,
+                keys.committed(g),
+                Some(commit(g, reloaded, None, Some(reloaded))),
+            )
+        };
+        let history = vec![start(1, 8), start(3, 12)];
+        // Step 12 was damaged at 2500 ms, after generation 1 loaded step 8 and before
+        // generation 3 (told at 3000 ms) loaded it.
+        let v = checkpoint_loads(&keys, &history, None, &[(12, 2500)]);
+        assert!(v.len() == 1 && v[0].contains("damaged at 2500 ms"), "{v:?}");
+        // Damaged after the load: the load was of a sound checkpoint.
+        assert!(checkpoint_loads(&keys, &history, None, &[(12, 3500)]).is_empty());
+        let v = checkpoint_loads(&keys, &history, Some(8), &[]);
+        assert!(v.len() == 1 && v[0].contains("manifest was torn"), "{v:?}");
+        assert!(checkpoint_loads(&keys, &history, Some(4), &[(4, 0)]).is_empty());
+    }
+
+    #[test]
+    fn the_rendezvous_check_fires_on_a_deadline_waited_out() {
+        let lines = [
+            "worker: rendezvous of group dp-pp0-tp0 (rank 1): rank 0 did not connect within 20000 ms",
+            "worker: rendezvous of group dp-pp0-tp0 (rank 1): aborted",
+            "agent a: step 3",
+        ];
+        let v = rendezvous_deadlines(lines);
+        assert!(v.len() == 1 && v[0].contains("did not connect"), "{v:?}");
+    }
+}

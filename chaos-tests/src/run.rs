@@ -746,51 +746,17 @@ impl<'a> Harness<'a> {
         v
     }
 
-    /// From the agents' logs:
-    /// - no generation loaded a checkpoint that never committed (a torn manifest) or one whose
-    ///   bit was flipped;
-    /// - no rendezvous ran out its deadline: a member missing from a generation is found dead
-    ///   and the generation superseded, which aborts its rendezvous, long before.
+    /// From the agents' logs and the history of the job's keys: no rendezvous ran out its
+    /// deadline, and no generation loaded a torn or damaged checkpoint (see [`check`]).
     fn check_logs(&self, s: &Scenario) -> Vec<String> {
-        let mut v = Vec::new();
-        for n in &self.nodes {
-            for line in n.lines() {
-                // Its ranks' addresses, or their connections, waited for to the end.
-                let deadline = [
-                    "did not connect within",
-                    "did not appear within",
-                    "timed out",
-                ];
-                if line.contains("rendezvous of group") && deadline.iter().any(|d| line.contains(d))
-                {
-                    v.push(format!(
-                        "a rendezvous waited out its deadline instead of being aborted: {line}"
-                    ));
-                }
-                let Some((_, rest)) = line.split_once("from the checkpoint of step ") else {
-                    continue;
-                };
-                let Some(Ok(step)) = rest.split(' ').next().map(str::parse::<u64>) else {
-                    continue;
-                };
-                if Some(step) == s.store.torn_manifest {
-                    v.push(format!(
-                        "a generation loaded the uncommitted checkpoint of step {step}: {line}"
-                    ));
-                }
-                if self.flipped.iter().any(|&(f, _)| f == step)
-                    && !self
-                        .recorder
-                        .seen()
-                        .iter()
-                        .any(|(_, k, _)| self.keys.parse(k) == JobKey::Checkpoint(step))
-                {
-                    v.push(format!(
-                        "a generation loaded the damaged checkpoint of step {step}: {line}"
-                    ));
-                }
-            }
-        }
+        let lines: Vec<String> = self.nodes.iter().flat_map(|n| n.lines()).collect();
+        let mut v = check::rendezvous_deadlines(lines.iter().map(String::as_str));
+        v.extend(check::checkpoint_loads(
+            &self.keys,
+            &self.recorder.seen(),
+            s.store.torn_manifest,
+            &self.flipped,
+        ));
         v
     }
 
