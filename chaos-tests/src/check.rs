@@ -2,7 +2,7 @@
 //! beside the fault-free reference's, and the history of its keys in etcd. Each returns the
 //! violations it found, saying what and where.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use marathon_elastic::{JobKey, JobKeys};
@@ -232,6 +232,71 @@ pub fn rendezvous_deadlines<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec
         .collect()
 }
 
+/// From `marathon ckpt verify` of the store at the end (its stdout and stderr) and the job's
+/// history: every checkpoint in the store verifies, except one whose bit was flipped (at the
+/// time given) and that was not written again since, or a torn manifest's; of the checkpoints
+/// ever committed (`ever`, as the harness saw them while the job ran), the newest `keep_last`
+/// are all there (retention lost none it should keep), and the last step's is one of them.
+pub fn checkpoints_in_store(
+    (out, err): (&str, &str),
+    keys: &JobKeys,
+    seen: &[Seen],
+    flipped: &[(u64, u64)],
+    torn: Option<u64>,
+    mut ever: BTreeSet<u64>,
+    keep_last: usize,
+    last_step: u64,
+) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut present = BTreeMap::new();
+    for line in out.lines() {
+        let Some((step, rest)) = line.strip_prefix("step ").and_then(|l| l.split_once(": ")) else {
+            continue;
+        };
+        if let Ok(step) = step.parse::<u64>() {
+            present.insert(step, rest.starts_with("ok"));
+        }
+    }
+    let rewritten = |step: u64, after: u64| {
+        seen.iter()
+            .any(|(t, k, _)| *t > after && keys.parse(k) == JobKey::Checkpoint(step))
+    };
+    for (&step, &ok) in &present {
+        let damaged = flipped
+            .iter()
+            .any(|&(f, at)| f == step && !rewritten(step, at));
+        if !ok && !damaged && Some(step) != torn {
+            v.push(format!(
+                "the committed checkpoint of step {step} fails `marathon ckpt verify`:\n{out}{err}"
+            ));
+        }
+    }
+    ever.extend(present.keys());
+    // A torn manifest is not a commit, though its object exists for a while; unless the
+    // writer's retry put it whole, and then it verifies.
+    let ever: Vec<u64> = ever
+        .into_iter()
+        .filter(|&step| Some(step) != torn || present.get(&step) == Some(&true))
+        .collect();
+    let newest = &ever[ever.len().saturating_sub(keep_last)..];
+    for step in newest {
+        if !present.contains_key(step) {
+            v.push(format!(
+                "the committed checkpoint of step {step} is gone: retention keeps the newest \
+                 {keep_last} of those committed ({ever:?}), {newest:?}; the store holds {:?}",
+                present.keys().collect::<Vec<_>>()
+            ));
+        }
+    }
+    if !present.contains_key(&last_step) {
+        v.push(format!(
+            "the job's last step, {last_step}, has no committed checkpoint; the store holds {:?}",
+            present.keys().collect::<Vec<_>>()
+        ));
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     //! Every invariant fed a doctored history fires, and the same history untouched passes.
@@ -368,6 +433,28 @@ mod tests {
         let v = checkpoint_loads(&keys, &history, Some(8), &[]);
         assert!(v.len() == 1 && v[0].contains("manifest was torn"), "{v:?}");
         assert!(checkpoint_loads(&keys, &history, Some(4), &[(4, 0)]).is_empty());
+    }
+
+    #[test]
+    fn the_store_check_fires_on_a_failed_verify_or_a_checkpoint_lost() {
+        let keys = JobKeys::new("j");
+        let out = "step 10: ok\nstep 15: ok\nstep 20: ok (3 chunks)\n";
+        let ever: BTreeSet<u64> = [5, 10, 15, 20].into();
+        let check = |out: &str, flipped: &[(u64, u64)], seen: &[Seen]| {
+            checkpoints_in_store((out, ""), &keys, seen, flipped, None, ever.clone(), 3, 20)
+        };
+        assert_eq!(check(out, &[], &[]), Vec::<String>::new());
+        // A damaged checkpoint nobody flipped, or flipped and written again since.
+        let bad = out.replace("step 15: ok", "step 15: checksum mismatch in chunk 2");
+        let v = check(&bad, &[], &[]);
+        assert!(v.len() == 1 && v[0].contains("step 15 fails"), "{v:?}");
+        assert!(check(&bad, &[(15, 100)], &[]).is_empty());
+        let rewritten = [(200, keys.checkpoint(15), Some(b"{}".to_vec()))];
+        assert_eq!(check(&bad, &[(15, 100)], &rewritten).len(), 1);
+        // Retention lost one of the newest three, and the last step's is gone.
+        let v = check("step 10: ok\nstep 15: ok\n", &[], &[]);
+        assert!(v.iter().any(|e| e.contains("step 20 is gone")), "{v:?}");
+        assert!(v.iter().any(|e| e.contains("last step, 20")), "{v:?}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! reaches their steps; the invariants checked at the end, and every process it started
 //! stopped, also when it fails.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -683,67 +683,20 @@ impl<'a> Harness<'a> {
     /// not written again; of the checkpoints ever committed, the newest `keep_last` are all
     /// there (retention lost none it should keep), and the last step's is one of them.
     fn check_checkpoints(&self, s: &Scenario) -> Vec<String> {
-        let mut v = Vec::new();
         let (_, out, err) = match run_to_end(&self.opts.exe, &self.dir, &self.verify_args(None)) {
             Ok(r) => r,
             Err(e) => return vec![format!("marathon ckpt verify: {e:#}")],
         };
-        let mut present = BTreeMap::new();
-        for line in out.lines() {
-            let Some((step, rest)) = line.strip_prefix("step ").and_then(|l| l.split_once(": "))
-            else {
-                continue;
-            };
-            if let Ok(step) = step.parse::<u64>() {
-                present.insert(step, rest.starts_with("ok"));
-            }
-        }
-        let rewritten = |step: u64, after: u64| {
-            self.recorder
-                .seen()
-                .iter()
-                .any(|(t, k, _)| *t > after && self.keys.parse(k) == JobKey::Checkpoint(step))
-        };
-        for (&step, &ok) in &present {
-            let damaged = self
-                .flipped
-                .iter()
-                .any(|&(f, at)| f == step && !rewritten(step, at));
-            if !ok && !damaged && Some(step) != s.store.torn_manifest {
-                v.push(format!(
-                    "the committed checkpoint of step {step} fails `marathon ckpt verify`:\n{out}{err}"
-                ));
-            }
-        }
-        let mut ever = self.commits.seen();
-        ever.extend(present.keys());
-        // A torn manifest is not a commit, though its object exists for a while; unless the
-        // writer's retry put it whole, and then it verifies.
-        let ever: Vec<u64> = ever
-            .into_iter()
-            .filter(|&step| {
-                Some(step) != s.store.torn_manifest || present.get(&step) == Some(&true)
-            })
-            .collect();
-        let newest = &ever[ever.len().saturating_sub(s.keep_last)..];
-        for step in newest {
-            if !present.contains_key(step) {
-                v.push(format!(
-                    "the committed checkpoint of step {step} is gone: retention keeps the newest \
-                     {} of those committed ({ever:?}), {newest:?}; the store holds {:?}",
-                    s.keep_last,
-                    present.keys().collect::<Vec<_>>()
-                ));
-            }
-        }
-        if !present.contains_key(&s.steps) {
-            v.push(format!(
-                "the job's last step, {}, has no committed checkpoint; the store holds {:?}",
-                s.steps,
-                present.keys().collect::<Vec<_>>()
-            ));
-        }
-        v
+        check::checkpoints_in_store(
+            (&out, &err),
+            &self.keys,
+            &self.recorder.seen(),
+            &self.flipped,
+            s.store.torn_manifest,
+            self.commits.seen(),
+            s.keep_last,
+            s.steps,
+        )
     }
 
     /// From the agents' logs and the history of the job's keys: no rendezvous ran out its
