@@ -11,13 +11,19 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install a Rust toolchain first (https://rustup.rs), then rerun"
 
-# System packages, as "command:package" pairs: protoc builds etcd's gRPC client; the tests also
-# start private etcd servers.
-needs=("protoc:protobuf-compiler")
+# System packages, as "command:package" pairs, or "/file:package" where the package brings files
+# rather than a command: protoc builds etcd's gRPC client, and needs protobuf's own .proto files
+# (descriptor.proto, which etcd's protocol imports) from libprotobuf-dev; the tests also start
+# private etcd servers.
+needs=("protoc:protobuf-compiler" "/usr/include/google/protobuf/descriptor.proto:libprotobuf-dev")
 [ "${1:-}" = "--test-servers" ] && needs+=("etcd:etcd-server")
 apt_packages=()
 for need in "${needs[@]}"; do
-  command -v "${need%%:*}" >/dev/null 2>&1 || apt_packages+=("${need#*:}")
+  what="${need%%:*}"
+  case "$what" in
+    /*) [ -e "$what" ] || apt_packages+=("${need#*:}") ;;
+    *) command -v "$what" >/dev/null 2>&1 || apt_packages+=("${need#*:}") ;;
+  esac
 done
 
 if [ ${#apt_packages[@]} -gt 0 ]; then

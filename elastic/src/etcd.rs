@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    WatchOptions, WatchResponse, WatchStream,
 };
 
 use crate::{Coordinator, ElasticError};
@@ -238,12 +238,12 @@ impl EtcdCoordinator {
     pub fn watch_prefix(&self, prefix: &str) -> Result<Watch, ElasticError> {
         let mut client = self.client.clone();
         let p = prefix.to_owned();
-        let (_watcher, mut stream) = self
+        let mut stream = self
             .rt
             .block_on(async move {
                 tokio::time::timeout(
                     CALL_TIMEOUT,
-                    client.watch(p, Some(WatchOptions::new().with_prefix())),
+                    open_watch(&mut client, p, WatchOptions::new().with_prefix()),
                 )
                 .await
             })
@@ -255,11 +255,14 @@ impl EtcdCoordinator {
             .map_err(|e| unavailable("watch", prefix, e))?;
         let (tx, changes) = std::sync::mpsc::channel();
         let task = self.rt.spawn(async move {
-            // The watcher lives as long as the task: dropping it would cancel the watch.
-            let _watcher = _watcher;
+            // The stream lives as long as the task: dropping it would end the watch.
             loop {
                 match stream.message().await {
                     Ok(Some(msg)) => {
+                        if let Some(reason) = cancelled(&msg) {
+                            let _ = tx.send(Err(reason));
+                            return;
+                        }
                         for e in msg.events() {
                             let Some(kv) = e.kv() else { continue };
                             let change = Change {
@@ -286,6 +289,47 @@ impl EtcdCoordinator {
             _rt: self.rt.clone(),
         })
     }
+}
+
+/// Opens a watch of `key` and waits for etcd to confirm it, so that every change after this
+/// returns (or from the start revision in `options`) arrives on the stream. The client hands
+/// the stream back before etcd has answered, with the confirmation as its first message; a
+/// caller that went on at once could miss a change made before etcd set the watch up. The
+/// stream carries the watch: dropping it ends the watch. etcd's refusal to create it is an
+/// error.
+async fn open_watch(
+    client: &mut Client,
+    key: String,
+    options: WatchOptions,
+) -> Result<WatchStream, etcd_client::Error> {
+    let mut stream = client.watch(key, Some(options)).await?;
+    match stream.message().await? {
+        Some(msg) => match cancelled(&msg) {
+            Some(reason) => Err(etcd_client::Error::WatchError(reason)),
+            None if msg.created() => Ok(stream),
+            None => Err(etcd_client::Error::WatchError(
+                "etcd answered the watch without confirming it".into(),
+            )),
+        },
+        None => Err(etcd_client::Error::WatchError(
+            "the watch ended before etcd confirmed it".into(),
+        )),
+    }
+}
+
+/// Why etcd cancelled a watch, when `msg` says it did (its start revision compacted away, or
+/// the watch refused): no more events come on it.
+fn cancelled(msg: &WatchResponse) -> Option<String> {
+    msg.canceled().then(|| {
+        if msg.compact_revision() > 0 {
+            format!(
+                "etcd cancelled the watch: revisions up to {} are compacted",
+                msg.compact_revision()
+            )
+        } else {
+            format!("etcd cancelled the watch: {}", msg.cancel_reason())
+        }
+    })
 }
 
 /// Keeps lease `id` alive every `period`; if no keep-alive succeeds for `ttl`, or etcd says the
@@ -453,10 +497,17 @@ impl Coordinator for EtcdCoordinator {
             let watched = self.rt.block_on(async move {
                 let left = deadline.saturating_duration_since(Instant::now());
                 tokio::time::timeout(left, async move {
-                    let (_watcher, mut stream) = client
-                        .watch(k, Some(WatchOptions::new().with_start_revision(from)))
-                        .await?;
+                    let mut stream = open_watch(
+                        &mut client,
+                        k,
+                        WatchOptions::new().with_start_revision(from),
+                    )
+                    .await?;
                     while let Some(msg) = stream.message().await? {
+                        // A cancelled watch sends nothing more: a broken watch, read again.
+                        if let Some(reason) = cancelled(&msg) {
+                            return Err(etcd_client::Error::WatchError(reason));
+                        }
                         for e in msg.events() {
                             if e.event_type() == EventType::Put {
                                 if let Some(kv) = e.kv() {
