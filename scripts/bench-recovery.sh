@@ -11,17 +11,13 @@ runs="${1:-3}"
 bin="$(realpath "${MARATHON_BIN:-target/release/marathon}")"
 etcd="$(realpath "${ETCD_BIN:-$(command -v etcd)}")"
 echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (uncommitted changes)'), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)"
+source scripts/private-etcd.sh
 dir="$(mktemp -d)"
-trap 'kill -9 $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
+etcd_pid=""
+trap 'kill -9 $etcd_pid 2>/dev/null || true; rm -rf "$dir"' EXIT
 repo="$PWD"
 cd "$dir"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-client="$(port)" peer="$(port)"
-"$etcd" --data-dir etcd --listen-client-urls "http://127.0.0.1:$client" \
-    --advertise-client-urls "http://127.0.0.1:$client" --listen-peer-urls "http://127.0.0.1:$peer" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
-    --initial-cluster "default=http://127.0.0.1:$peer" >etcd.log 2>&1 &
-disown
+start_private_etcd "$etcd"
 "$bin" data prepare --out corpus --val-fraction 0.2 --input "$repo/README.md" "$repo/ARCHITECTURE.md" >/dev/null
 cat >c.toml <<TOML
 [model]
@@ -52,5 +48,5 @@ steps = 40
 TOML
 for i in $(seq 1 "$runs"); do
     echo "run $i"
-    "$bin" bench recovery --etcd "http://127.0.0.1:$client" --config c.toml --tp 2 --dp 4 2>/dev/null
+    "$bin" bench recovery --etcd "$etcd_url" --config c.toml --tp 2 --dp 4 2>/dev/null
 done

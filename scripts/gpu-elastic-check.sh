@@ -15,21 +15,15 @@ etcd="$(realpath "$etcd")"
 device="${MARATHON_DEVICE:-cuda}"
 tolerance=2e-3
 [[ $device == cpu ]] && tolerance=1e-4
+source scripts/private-etcd.sh
 dir="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
 trap cleanup EXIT
 cd "$dir"
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-client="$(port)" peer="$(port)"
-"$etcd" --data-dir etcd --listen-client-urls "http://127.0.0.1:$client" \
-    --advertise-client-urls "http://127.0.0.1:$client" --listen-peer-urls "http://127.0.0.1:$peer" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
-    --initial-cluster "default=http://127.0.0.1:$peer" >etcd.log 2>&1 &
-pids+=($!)
-disown
-url="http://127.0.0.1:$client"
+start_private_etcd "$etcd"
+pids+=("$etcd_pid")
+url="$etcd_url"
 
 "$bin" data prepare --out corpus --val-fraction 0.1 --input "$OLDPWD/README.md" "$OLDPWD/ARCHITECTURE.md" >/dev/null
 cat >c.toml <<EOF

@@ -106,19 +106,29 @@ fn resize(cfg: &TrainConfig, before: usize, after: usize) -> Vec<Seen> {
         .collect()
 }
 
-fn check(cfg: &TrainConfig, seen: &[Seen], survivors: usize, what: &str) {
+/// The losses of the same job in one process, step by step.
+fn one_process(cfg: &TrainConfig) -> Vec<f32> {
     let mut single = Trainer::new(cfg.clone()).expect("single process");
-    let reference: Vec<f32> = (0..STEPS)
+    (0..STEPS)
         .map(|_| single.train_step().expect("step").loss)
-        .collect();
+        .collect()
+}
+
+/// Every (step, loss) a rank saw is one process's loss of that step, within 1e-5 relative.
+fn assert_losses(what: &str, losses: &[(u64, f32)], reference: &[f32]) {
+    for &(step, loss) in losses {
+        let want = reference[step as usize - 1];
+        assert!(
+            (loss - want).abs() <= 1e-5 * want.abs(),
+            "{what} step {step}: {loss} vs {want}"
+        );
+    }
+}
+
+fn check(cfg: &TrainConfig, seen: &[Seen], survivors: usize, what: &str) {
+    let reference = one_process(cfg);
     for (r, s) in seen.iter().enumerate().take(survivors) {
-        for &(step, loss) in &s.losses {
-            let want = reference[step as usize - 1];
-            assert!(
-                (loss - want).abs() <= 1e-5 * want.abs(),
-                "{what}: rank {r} step {step}: {loss} vs {want}"
-            );
-        }
+        assert_losses(&format!("{what}: rank {r}"), &s.losses, &reference);
         assert_eq!(
             s.losses.last().map(|l| l.0),
             Some(STEPS),
@@ -220,18 +230,9 @@ fn replicas_that_ended_a_step_apart_continue_from_the_most_advanced() {
         .into_iter()
         .map(|h| h.join().expect("rank"))
         .collect();
-    let mut single = Trainer::new(cfg).expect("single process");
-    let reference: Vec<f32> = (0..STEPS)
-        .map(|_| single.train_step().expect("step").loss)
-        .collect();
+    let reference = one_process(&cfg);
     for (rank, (losses, params)) in runs.iter().enumerate() {
-        for &(step, loss) in losses {
-            let want = reference[step as usize - 1];
-            assert!(
-                (loss - want).abs() <= 1e-5 * want.abs(),
-                "rank {rank} step {step}: {loss} vs {want}"
-            );
-        }
+        assert_losses(&format!("rank {rank}"), losses, &reference);
         assert!(
             params
                 .iter()
@@ -380,18 +381,9 @@ fn the_distributed_optimizer_shrinks_and_grows_from_memory() {
         .into_iter()
         .map(|h| h.join().expect("rank"))
         .collect();
-    let mut single = Trainer::new(cfg).expect("single process");
-    let reference: Vec<f32> = (0..STEPS)
-        .map(|_| single.train_step().expect("step").loss)
-        .collect();
+    let reference = one_process(&cfg);
     for (rank, (losses, params)) in runs.iter().enumerate() {
-        for &(step, loss) in losses {
-            let want = reference[step as usize - 1];
-            assert!(
-                (loss - want).abs() <= 1e-5 * want.abs(),
-                "rank {rank} step {step}: {loss} vs {want}"
-            );
-        }
+        assert_losses(&format!("rank {rank}"), losses, &reference);
         if rank != 1 {
             assert_eq!(losses.last().map(|l| l.0), Some(STEPS), "rank {rank}");
             assert!(

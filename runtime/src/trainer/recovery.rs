@@ -155,16 +155,9 @@ impl Trainer {
         dp.broadcast(&mut self.opt.m, source)?;
         dp.broadcast(&mut self.opt.v, source)?;
         // Counters travel bit for bit, as the f32s that share their bits.
-        let words = |x: u64| [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)];
-        let [a, b] = words(self.step);
-        let [c, d] = words(self.consumed_samples);
-        let [e, f] = words(self.opt.step);
-        let mut counters = [a, b, c, d, e, f];
-        dp.broadcast(&mut counters, source)?;
-        let word = |lo: f32, hi: f32| lo.to_bits() as u64 | (hi.to_bits() as u64) << 32;
-        self.step = word(counters[0], counters[1]);
-        self.consumed_samples = word(counters[2], counters[3]);
-        self.opt.step = word(counters[4], counters[5]);
+        let mut counters = [self.step, self.consumed_samples, self.opt.step].map(to_words);
+        dp.broadcast(counters.as_flattened_mut(), source)?;
+        [self.step, self.consumed_samples, self.opt.step] = counters.map(|w| from_words(&w));
         self.engine.push_state(&self.model, &self.opt)?;
         self.holds_state = true;
         Ok(())
@@ -181,29 +174,27 @@ impl Trainer {
     /// step the generation continues from.
     pub fn reconcile(&mut self) -> Result<u64> {
         let [_, _, (replica, replicas)] = self.groups.coords();
-        let words = |x: u64| [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)];
-        let word = |w: &[f32]| w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32;
-        let gather =
-            |g: Option<&mut ProcessGroup>, step: u64, me: usize, n: usize| -> Result<Vec<u64>> {
-                let mut all = vec![0f32; 2 * n];
-                all[2 * me..2 * me + 2].copy_from_slice(&words(step));
-                if let Some(g) = g {
-                    g.all_gather(&mut all)?;
-                }
-                Ok(all.chunks_exact(2).map(word).collect())
-            };
         // State from an older history (kept by a rank that missed a reload from storage)
         // counts as none: only holders of the newest lineage are taken.
-        let lineage = if self.holds_state { self.lineage } else { 0 };
-        let lineages = gather(self.groups.dp.as_mut(), lineage, replica, replicas)?;
-        let newest = lineages.iter().copied().max().unwrap_or(0);
-        let current = self.holds_state && lineage == newest;
+        let mine = [u64::from(self.holds_state), self.lineage, self.step];
+        let all = gather_u64s(self.groups.dp.as_mut(), &mine, replica, replicas)?;
+        let lineage_of = |r: &Vec<u64>| if r[0] == 1 { r[1] } else { 0 };
+        let newest = all.iter().map(lineage_of).max().unwrap_or(0);
+        let current = self.holds_state && self.lineage == newest;
         let (stateless, uncovered) = if self.cfg.parallel.distributed_optimizer {
             self.reconcile_chunks(current)?
         } else {
-            // Step + 1 from a holder of state, 0 from a rank that holds none.
-            let held = if current { self.step + 1 } else { 0 };
-            let held = gather(self.groups.dp.as_mut(), held, replica, replicas)?;
+            // Step + 1 from a holder of the newest state, 0 from a rank that holds none.
+            let held: Vec<u64> = all
+                .iter()
+                .map(|r| {
+                    if r[0] == 1 && r[1] == newest {
+                        r[2] + 1
+                    } else {
+                        0
+                    }
+                })
+                .collect();
             let best = held.iter().copied().max().unwrap_or(held[replica]);
             if best != 0 && held.iter().any(|&s| s != best) {
                 let source = held.iter().position(|&s| s == best).unwrap_or(0);
@@ -217,14 +208,16 @@ impl Trainer {
         // The replicas of each shard now agree; the shards must agree with each other, on the
         // step and on the history.
         let [(tp_rank, tp), (stage, pp), _] = self.groups.coords();
-        let step = self.step;
-        let across_tp = gather(self.groups.tp.as_mut(), step, tp_rank, tp)?;
-        let across_pp = gather(self.groups.pp.as_mut(), step, stage, pp)?;
-        let lineage = self.lineage;
-        let lineage_tp = gather(self.groups.tp.as_mut(), lineage, tp_rank, tp)?;
-        let lineage_pp = gather(self.groups.pp.as_mut(), lineage, stage, pp)?;
-        let differ = across_tp.iter().chain(&across_pp).any(|&s| s != step)
-            || lineage_tp.iter().chain(&lineage_pp).any(|&l| l != lineage);
+        let (step, lineage) = (self.step, self.lineage);
+        let tp_all = gather_u64s(self.groups.tp.as_mut(), &[step, lineage], tp_rank, tp)?;
+        let pp_all = gather_u64s(self.groups.pp.as_mut(), &[step, lineage], stage, pp)?;
+        let column = |all: &[Vec<u64>], i: usize| all.iter().map(|r| r[i]).collect::<Vec<_>>();
+        let (across_tp, lineage_tp) = (column(&tp_all, 0), column(&tp_all, 1));
+        let (across_pp, lineage_pp) = (column(&pp_all, 0), column(&pp_all, 1));
+        let differ = tp_all
+            .iter()
+            .chain(&pp_all)
+            .any(|r| r[..] != [step, lineage]);
         let [differ_n, stateless_n, uncovered_n] = self.sum_over_ranks([
             f32::from(differ),
             f32::from(stateless),
@@ -261,4 +254,36 @@ impl Trainer {
         }
         Ok(step)
     }
+}
+
+/// A u64 as the two f32s that share its bits, to travel bit for bit in an f32 collective.
+fn to_words(x: u64) -> [f32; 2] {
+    [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)]
+}
+
+/// The u64 whose bits two f32s carry ([`to_words`]).
+fn from_words(w: &[f32]) -> u64 {
+    w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32
+}
+
+/// Every member's `mine` (of the same length on each) gathered over `group`, in member order;
+/// this rank's alone without a group. `me` and `n` are this rank's place and the group's size.
+pub(super) fn gather_u64s(
+    group: Option<&mut ProcessGroup>,
+    mine: &[u64],
+    me: usize,
+    n: usize,
+) -> Result<Vec<Vec<u64>>> {
+    let k = 2 * mine.len();
+    let mut all = vec![0f32; k * n];
+    for (i, &x) in mine.iter().enumerate() {
+        all[k * me + 2 * i..k * me + 2 * i + 2].copy_from_slice(&to_words(x));
+    }
+    if let Some(g) = group {
+        g.all_gather(&mut all)?;
+    }
+    Ok(all
+        .chunks_exact(k.max(1))
+        .map(|c| c.chunks_exact(2).map(from_words).collect())
+        .collect())
 }

@@ -103,7 +103,7 @@ enum Continue {
     Uncovered { steps: Vec<u64> },
     /// Continue from `step`, each interval of the buffers sent by the member `root`.
     From {
-        step: usize,
+        step: u64,
         intervals: Vec<(Range<usize>, usize)>,
     },
 }
@@ -138,10 +138,7 @@ fn decide(all: &[Holding], numel: usize) -> Continue {
             })
             .collect();
         if let Some(intervals) = intervals {
-            return Continue::From {
-                step: step as usize,
-                intervals,
-            };
+            return Continue::From { step, intervals };
         }
     }
     Continue::Uncovered { steps }
@@ -242,25 +239,15 @@ impl Trainer {
         let numel = self.model.layout.numel();
         let mut mine = self.holding();
         mine.holds &= current;
-        let mut words = vec![0f32; 2 * WORDS * replicas];
-        for (i, w) in mine.words().iter().enumerate() {
-            let at = 2 * (WORDS * replica + i);
-            words[at] = f32::from_bits(*w as u32);
-            words[at + 1] = f32::from_bits((*w >> 32) as u32);
-        }
-        if let Some(dp) = self.groups.dp.as_mut() {
-            dp.all_gather(&mut words)?;
-        }
-        let all: Vec<Holding> = words
-            .chunks_exact(2 * WORDS)
-            .map(|c| {
-                let w: Vec<u64> = c
-                    .chunks_exact(2)
-                    .map(|p| p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32)
-                    .collect();
-                Holding::from_words(&w)
-            })
-            .collect();
+        let all: Vec<Holding> = super::recovery::gather_u64s(
+            self.groups.dp.as_mut(),
+            &mine.words(),
+            replica,
+            replicas,
+        )?
+        .iter()
+        .map(|w| Holding::from_words(w))
+        .collect();
         let (step, intervals) = match decide(&all, numel) {
             Continue::Stateless => return Ok((true, false)),
             Continue::Uncovered { steps } => {
@@ -270,7 +257,7 @@ impl Trainer {
                 );
                 return Ok((false, true));
             }
-            Continue::From { step, intervals } => (step as u64, intervals),
+            Continue::From { step, intervals } => (step, intervals),
         };
         let at_step = |h: &Holding| h.holds && h.step == step;
         // Parameters travel when some member's are not all at the step.
