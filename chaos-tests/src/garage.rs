@@ -15,11 +15,23 @@ pub const GARAGE_SECRET_KEY: &str =
     "0000000000000000000000000000000000000000000000000000000000000001";
 pub const GARAGE_BUCKET: &str = "ckpt";
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("find a free loopback port")?
-        .port())
+/// A port nobody listens on now, on any address of this machine, that this process has not
+/// handed out before. The probe binds the wildcard address: a port some server listens on at one
+/// address (etcd on a bridge's address, say) conflicts with it, where a probe on 127.0.0.1 would
+/// call it free and two servers would be told the same port. Ports handed out are remembered,
+/// since a probe's port is free again the moment the probe closes.
+pub fn free_port() -> Result<u16> {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("0.0.0.0:0")
+            .and_then(|l| l.local_addr())
+            .context("find a free port")?
+            .port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 /// Garage: `MARATHON_GARAGE`, else where `scripts/setup.sh` installs it (`MARATHON_TOOLS`, by

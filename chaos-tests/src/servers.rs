@@ -3,7 +3,6 @@
 //! again on its own data; everything is killed when dropped. A missing server binary is an
 //! error that says how to install it.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,13 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use marathon_elastic::{Coordinator, EtcdCoordinator};
 
-/// A port nobody listens on now.
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("find a free loopback port")?
-        .port())
-}
+pub use crate::garage::free_port;
 
 fn on_path(name: &str) -> Option<PathBuf> {
     let paths = std::env::var_os("PATH")?;
