@@ -27,17 +27,30 @@ pub trait Coordinator: Send + Sync {
     /// The value of `key`, if it exists.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ElasticError>;
 
+    /// Puts each of `puts` if every key of `when` has its expected value (`None`: the key does
+    /// not exist), all in one atomic step with respect to every other writer, or puts nothing.
+    /// Returns whether it did.
+    fn transact(
+        &self,
+        when: &[(&str, Option<&[u8]>)],
+        puts: &[(&str, &[u8])],
+    ) -> Result<bool, ElasticError>;
+
     /// Sets `key` to `new` if its value is `expected` (`None`: if it does not exist), and in
     /// the same atomic step puts each of `also` (a generation's counter and its plan commit
-    /// together, or not at all), atomically with respect to every other writer. Returns whether
-    /// it did.
+    /// together, or not at all). Returns whether it did.
     fn compare_and_swap(
         &self,
         key: &str,
         expected: Option<&[u8]>,
         new: &[u8],
         also: &[(&str, &[u8])],
-    ) -> Result<bool, ElasticError>;
+    ) -> Result<bool, ElasticError> {
+        let mut puts = Vec::with_capacity(also.len() + 1);
+        puts.extend_from_slice(also);
+        puts.push((key, new));
+        self.transact(&[(key, expected)], &puts)
+    }
 
     /// Removes `key`; removing a missing key is not an error.
     fn delete(&self, key: &str) -> Result<(), ElasticError>;
@@ -82,19 +95,19 @@ impl Coordinator for InProcessCoordinator {
         Ok(self.lock().get(key).cloned())
     }
 
-    fn compare_and_swap(
+    fn transact(
         &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: &[u8],
-        also: &[(&str, &[u8])],
+        when: &[(&str, Option<&[u8]>)],
+        puts: &[(&str, &[u8])],
     ) -> Result<bool, ElasticError> {
         let mut map = self.lock();
-        if map.get(key).map(Vec::as_slice) != expected {
+        if when
+            .iter()
+            .any(|(k, expected)| map.get(*k).map(Vec::as_slice) != *expected)
+        {
             return Ok(false);
         }
-        map.insert(key.to_owned(), new.to_vec());
-        for (k, v) in also {
+        for (k, v) in puts {
             map.insert((*k).to_owned(), v.to_vec());
         }
         self.changed.notify_all();
@@ -260,22 +273,23 @@ impl Coordinator for DirCoordinator {
         Ok(self.read(&self.path(key), key)?.map(|(_, v)| v))
     }
 
-    fn compare_and_swap(
+    fn transact(
         &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: &[u8],
-        also: &[(&str, &[u8])],
+        when: &[(&str, Option<&[u8]>)],
+        puts: &[(&str, &[u8])],
     ) -> Result<bool, ElasticError> {
-        self.locked(key, || {
-            if self.get(key)?.as_deref() != expected {
-                return Ok(false);
+        let first = when.first().map_or("", |(k, _)| *k);
+        self.locked(first, || {
+            for (k, expected) in when {
+                if self.get(k)?.as_deref() != *expected {
+                    return Ok(false);
+                }
             }
-            // The extra keys first: a reader that sees the new value finds them in place.
-            for (k, v) in also {
+            // In order: a caller puts the key readers watch last, so a reader that sees it
+            // finds the others in place.
+            for (k, v) in puts {
                 self.put(k, v)?;
             }
-            self.put(key, new)?;
             Ok(true)
         })
     }
@@ -328,6 +342,7 @@ pub mod conformance {
         wait_sees_a_later_put(c.clone(), prefix);
         missing_key_times_out(&*c, prefix);
         compare_and_swap_has_one_winner(c.clone(), prefix);
+        transaction_checks_every_condition(&*c, prefix);
         list_and_delete(&*c, prefix);
         generations_fence_old_writers(&*c, prefix);
     }
@@ -407,6 +422,26 @@ pub mod conformance {
             .sum();
         assert_eq!(c.get(&key).expect("get"), Some(b"20".to_vec()));
         assert_eq!(wins, 20);
+    }
+
+    /// A transaction puts all or nothing, and only when every condition holds: a key still
+    /// at its value and another still absent (a commit record fenced by generation).
+    fn transaction_checks_every_condition(c: &dyn Coordinator, prefix: &str) {
+        let (fence, record, other) = (
+            format!("{prefix}/tx/fence"),
+            format!("{prefix}/tx/record"),
+            format!("{prefix}/tx/other"),
+        );
+        c.put(&fence, b"1").expect("put");
+        let when = |f: &'static [u8]| [(fence.as_str(), Some(f)), (record.as_str(), None)];
+        let puts = |v: &'static [u8]| [(record.as_str(), v), (other.as_str(), v)];
+        assert!(!c.transact(&when(b"2"), &puts(b"stale")).expect("fenced"));
+        assert_eq!(c.get(&record).expect("get"), None);
+        assert_eq!(c.get(&other).expect("get"), None, "all or nothing");
+        assert!(c.transact(&when(b"1"), &puts(b"first")).expect("first"));
+        assert!(!c.transact(&when(b"1"), &puts(b"second")).expect("taken"));
+        assert_eq!(c.get(&record).expect("get"), Some(b"first".to_vec()));
+        assert_eq!(c.get(&other).expect("get"), Some(b"first".to_vec()));
     }
 
     fn list_and_delete(c: &dyn Coordinator, prefix: &str) {

@@ -532,23 +532,26 @@ impl Coordinator for EtcdCoordinator {
         }
     }
 
-    fn compare_and_swap(
+    fn transact(
         &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: &[u8],
-        also: &[(&str, &[u8])],
+        when: &[(&str, Option<&[u8]>)],
+        puts: &[(&str, &[u8])],
     ) -> Result<bool, ElasticError> {
-        let resp = self.call("compare-and-swap", key, |mut c| {
-            let (k, new) = (key.to_owned(), new.to_vec());
-            let when = match expected {
-                // A key that never existed, or was deleted, has create revision 0.
-                None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-                Some(v) => Compare::value(k.clone(), CompareOp::Equal, v.to_vec()),
-            };
-            let mut ops = vec![TxnOp::put(k, new, None)];
-            ops.extend(also.iter().map(|(k, v)| TxnOp::put(*k, v.to_vec(), None)));
-            let txn = Txn::new().when([when]).and_then(ops);
+        let first = when.first().map_or("", |(k, _)| *k);
+        let resp = self.call("transaction", first, |mut c| {
+            let compares: Vec<Compare> = when
+                .iter()
+                .map(|(k, expected)| match expected {
+                    // A key that never existed, or was deleted, has create revision 0.
+                    None => Compare::create_revision(*k, CompareOp::Equal, 0),
+                    Some(v) => Compare::value(*k, CompareOp::Equal, v.to_vec()),
+                })
+                .collect();
+            let ops: Vec<TxnOp> = puts
+                .iter()
+                .map(|(k, v)| TxnOp::put(*k, v.to_vec(), None))
+                .collect();
+            let txn = Txn::new().when(compares).and_then(ops);
             async move { c.txn(txn).await }
         })?;
         Ok(resp.succeeded())

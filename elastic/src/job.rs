@@ -13,7 +13,7 @@
 //! | `gen-<g>/lost/<node>/<slot>` | a worker of generation g that died or hung, and when that was seen |
 //! | `gen-<g>/retry/<node>/<slot>` | a live worker that left generation g on an error of its own |
 //! | `gen-<g>/pg/...`, `gen-<g>/nccl/...` | the process groups' rendezvous |
-//! | `checkpoints/<step>` | the generation that committed the checkpoint of that step, written fenced just before its manifest |
+//! | `checkpoints/<step>` | the commit of that step's checkpoint: its manifest's digest, writer and generation, created once, fenced, before the manifest is written |
 //! | `done` | the job's summary, once its last step is committed |
 //!
 //! A generation and its plan are written in one compare-and-swap on the counter; every later
@@ -234,6 +234,44 @@ pub fn fenced_put(
     coord.compare_and_swap(&keys.generation(), Some(g.as_bytes()), g.as_bytes(), writes)
 }
 
+/// What a checkpoint's commit record said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointRecord {
+    /// The record is ours: the step's commit.
+    Won,
+    /// Another writer's record was there first (its value).
+    Taken(Vec<u8>),
+    /// A newer generation than the writer's runs: it may not commit.
+    Fenced,
+}
+
+/// Creates the commit record of `step` with `value`, in one transaction that also checks that
+/// `generation` still runs (0: an unfenced writer), unless a record of the step exists.
+pub fn record_checkpoint(
+    coord: &dyn Coordinator,
+    keys: &JobKeys,
+    generation: u64,
+    step: u64,
+    value: &[u8],
+) -> Result<CheckpointRecord, ElasticError> {
+    let (key, counter, g) = (
+        keys.checkpoint(step),
+        keys.generation(),
+        generation.to_string(),
+    );
+    let mut when: Vec<(&str, Option<&[u8]>)> = vec![(&key, None)];
+    if generation > 0 {
+        when.push((&counter, Some(g.as_bytes())));
+    }
+    if coord.transact(&when, &[(&key, value)])? {
+        return Ok(CheckpointRecord::Won);
+    }
+    match coord.get(&key)? {
+        Some(v) => Ok(CheckpointRecord::Taken(v)),
+        None => Ok(CheckpointRecord::Fenced),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,5 +333,37 @@ mod tests {
         assert!(!fenced_put(&c, &k, 1, &[(&k.committed(1), b"late")]).unwrap());
         assert_eq!(c.get(&k.committed(1)).unwrap(), Some(b"s1".to_vec()));
         assert_eq!(generation(&c, &k).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_checkpoint_record_is_created_once_and_only_by_the_running_generation() {
+        let (c, k) = (InProcessCoordinator::new(), JobKeys::new("j"));
+        let plan = Plan {
+            tp: 1,
+            pp: 1,
+            dp: 1,
+            blocks: vec![],
+            microbatches: vec![1],
+            standby: vec![],
+        };
+        assert!(propose(&c, &k, 0, 1, &plan, &[]).expect("plan"));
+        let record = |g, v: &[u8]| record_checkpoint(&c, &k, g, 10, v).expect("record");
+        assert_eq!(record(2, b"future"), CheckpointRecord::Fenced);
+        assert_eq!(record(1, b"first"), CheckpointRecord::Won);
+        assert_eq!(
+            record(1, b"second"),
+            CheckpointRecord::Taken(b"first".to_vec())
+        );
+        assert!(propose(&c, &k, 1, 2, &plan, &[]).expect("plan"));
+        assert_eq!(
+            record_checkpoint(&c, &k, 1, 11, b"late").expect("record"),
+            CheckpointRecord::Fenced
+        );
+        assert_eq!(c.get(&k.checkpoint(11)).expect("get"), None);
+        // An unfenced writer (generation 0) only needs the step to be free.
+        assert_eq!(
+            record_checkpoint(&c, &k, 0, 11, b"unfenced").expect("record"),
+            CheckpointRecord::Won
+        );
     }
 }

@@ -516,6 +516,8 @@ pub fn ckpt(args: CkptArgs) -> Result<()> {
             abandoned_after_s: 3600,
             options: Default::default(),
             faults: None,
+            single_writer: false,
+            record: None,
         });
         let mut t = Trainer::new(cfg.clone())?;
         t.train_step()?;

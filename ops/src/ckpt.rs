@@ -74,6 +74,11 @@ pub enum CkptCommand {
         tp: usize,
         #[arg(long, default_value_t = 1)]
         pp: usize,
+        /// Nothing else writes under the destination root: needed on a store that does not
+        /// refuse a second create-only write (Garage), where marathon cannot tell a concurrent
+        /// writer's commit from its own.
+        #[arg(long)]
+        single_writer: bool,
     },
     /// Writes a committed checkpoint as a new one stored for another layout (tensor, pipeline
     /// and data-parallel degrees, the distributed optimizer on or off), streaming with about
@@ -102,6 +107,11 @@ pub enum CkptCommand {
         /// How the new checkpoint's chunks are stored.
         #[arg(long, value_parser = ["none", "zstd", "zstd-shuffle"], default_value = "zstd-shuffle")]
         compression: String,
+        /// Nothing else writes under the destination root: needed on a store that does not
+        /// refuse a second create-only write (Garage), where marathon cannot tell a concurrent
+        /// writer's commit from its own.
+        #[arg(long)]
+        single_writer: bool,
     },
     /// Compares two checkpoints of one model, from any two layouts, tensor by tensor
     /// (parameters and both Adam moments); exits non-zero where an element differs by more
@@ -208,6 +218,7 @@ pub fn run(command: CkptCommand) -> Result<()> {
             dp,
             zero,
             compression,
+            single_writer,
         } => {
             let reader = src.reader()?;
             let codec = match compression.as_str() {
@@ -230,6 +241,7 @@ pub fn run(command: CkptCommand) -> Result<()> {
                 || Ok(Store::open_with(&dst, options)?),
                 target,
                 codec,
+                single_writer,
                 tty,
             )?;
             eprintln!(
@@ -248,7 +260,13 @@ pub fn run(command: CkptCommand) -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
-        CkptCommand::Import { dir, root, tp, pp } => import_hf(&dir, || root.store(), tp, pp),
+        CkptCommand::Import {
+            dir,
+            root,
+            tp,
+            pp,
+            single_writer,
+        } => import_hf(&dir, || root.store(), tp, pp, single_writer),
         CkptCommand::Diff {
             a,
             b,

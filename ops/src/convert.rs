@@ -412,6 +412,7 @@ pub fn import_hf(
     open_root: impl FnOnce() -> Result<Store>,
     tp: usize,
     pp: usize,
+    single_writer: bool,
 ) -> Result<()> {
     let started = Instant::now();
     let config = hf_config(dir)?;
@@ -455,7 +456,10 @@ pub fn import_hf(
         &params,
         &zeros,
         &zeros,
-        WriterOptions::default(),
+        WriterOptions {
+            single_writer,
+            ..WriterOptions::default()
+        },
     )?;
     eprintln!(
         "imported {} ({} parameters) as step 0 under {url} in {:.2} s; fine-tune with \
@@ -637,6 +641,7 @@ pub fn reshard(
     open_dst: impl FnOnce() -> Result<Store>,
     target: ParallelLayout,
     codec: marathon_storage::codec::Codec,
+    single_writer: bool,
     progress: bool,
 ) -> Result<ReshardReport> {
     use marathon_model::Shard;
@@ -742,6 +747,13 @@ pub fn reshard(
         codec,
         uploads_inflight_max: 2,
         encoders_max: 1,
+        single_writer,
+        // The writers of this one persist share its epoch.
+        epoch: Some(
+            std::time::UNIX_EPOCH
+                .elapsed()
+                .map_or(0, |d| d.as_nanos() as u64),
+        ),
         ..WriterOptions::default()
     };
     // The first writer commits once every writer's index exists, so it stays until the end;

@@ -172,6 +172,15 @@ pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path)
     template.rendezvous_timeout = GROUP_TIMEOUT;
     let groups = Groups::connect(&DirCoordinator::new(coord_dir), topology, rank, &template)?;
     let mut trainer = Trainer::with_groups(cfg, groups)?;
+    // The launch's directory is named afresh for every launch: its ranks' checkpoint persists
+    // share it as their epoch, which no earlier launch's persists of the same steps had.
+    let epoch = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        coord_dir.hash(&mut h);
+        h.finish()
+    };
+    trainer.set_checkpoint_epoch(epoch);
     let mut report = Reporter { enabled: rank == 0 };
     if let Some(step) = trainer.resumed_from() {
         report.send(&Event::Resumed { step });

@@ -1150,6 +1150,19 @@ fn reshard_reads_one_store_and_writes_another() {
     let args = with(&[
         "ckpt", "reshard", "ck", dst, "--tp", "2", "--dp", "2", "--zero",
     ]);
+    // Garage does not refuse a second create-only write: a reshard must be told that it
+    // alone writes there, and writes nothing until it is.
+    let out = marathon(&args.iter().map(String::as_str).collect::<Vec<_>>(), d);
+    assert!(
+        !out.status.success() && text(&out).contains(dst) && text(&out).contains("--single-writer"),
+        "{}",
+        text(&out)
+    );
+    let listed = with(&["ckpt", "ls", dst]);
+    let out = run_ok(&listed.iter().map(String::as_str).collect::<Vec<_>>(), d);
+    assert!(!text(&out).contains("step "), "{}", text(&out));
+    let mut args = args;
+    args.push("--single-writer".into());
     run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), d);
     for cmd in [vec!["ckpt", "verify", dst], vec!["ckpt", "diff", "ck", dst]] {
         let args = with(&cmd);

@@ -18,7 +18,7 @@ use marathon_storage::boxes::range_to_boxes;
 use marathon_storage::codec::Codec;
 use marathon_storage::faulty::{Faults, FaultyStore};
 use marathon_storage::retention::Retention;
-use marathon_storage::writer::SnapshotReport;
+use marathon_storage::writer::{Claim, CommitRecord, Recorded, SnapshotReport};
 use marathon_storage::{
     CheckpointWriter, Manifest, Piece, Reader, Store, TensorBox, WriterOptions,
 };
@@ -172,8 +172,52 @@ pub(crate) fn writer_options(c: &CheckpointConfig) -> WriterOptions {
         },
         level: c.level,
         retention: Some(retention(c)),
+        record: c.record.clone(),
+        single_writer: c.single_writer,
         ..WriterOptions::default()
     }
+}
+
+/// The commit record of a job in its coordinator: `checkpoints/<step>`, created once. With
+/// `fenced`, an elastic job's, whose persists' epoch is their generation: the record is created
+/// in the same transaction that checks that this generation still runs. A coordinator out of
+/// reach is waited for `outage`, as long as any other of the job's writes.
+pub fn coordinator_record(
+    coord: Arc<dyn marathon_elastic::Coordinator>,
+    keys: marathon_elastic::JobKeys,
+    outage: Duration,
+    fenced: bool,
+) -> CommitRecord {
+    use marathon_elastic::job::{record_checkpoint, CheckpointRecord};
+    CommitRecord(Arc::new(move |claim: &Claim| {
+        crate::moments::reach(crate::moments::Moment::BeforeManifest);
+        let mut value = serde_json::to_value(claim).expect("a claim serialises");
+        value["at_ms"] = unix_ms().into();
+        let value = value.to_string();
+        let generation = if fenced { claim.epoch } else { 0 };
+        let record = || record_checkpoint(&*coord, &keys, generation, claim.step, value.as_bytes());
+        match marathon_elastic::retrying(outage, record).map_err(|e| e.to_string())? {
+            CheckpointRecord::Won => Ok(Recorded::Won),
+            CheckpointRecord::Taken(v) => Ok(Recorded::Taken(
+                // A record this build cannot read is someone else's.
+                serde_json::from_slice(&v).unwrap_or_else(|_| Claim {
+                    writer: String::from_utf8_lossy(&v).into_owned(),
+                    digest: String::new(),
+                    ..claim.clone()
+                }),
+            )),
+            CheckpointRecord::Fenced => Ok(Recorded::Fenced(format!(
+                "fenced: generation {} of the job is no longer the running one",
+                claim.epoch
+            ))),
+        }
+    }))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub fn retention(c: &CheckpointConfig) -> Retention {

@@ -161,6 +161,15 @@ pub struct CheckpointConfig {
     /// (`marathon chaos`): none unless the table is given.
     #[serde(default)]
     pub faults: Option<StoreFaults>,
+    /// The operator's word that nothing but this job ever writes under `root`. Needed on a
+    /// store that does not refuse a second create-only write (Garage) when the job has no
+    /// coordinator to record its commits: without either, the job is refused at its start.
+    #[serde(default)]
+    pub single_writer: bool,
+    /// Where each commit is decided beside the store: an elastic job's coordinator. Set by the
+    /// runtime, never read from a file.
+    #[serde(skip)]
+    pub record: Option<marathon_storage::writer::CommitRecord>,
 }
 
 /// `[checkpoint.faults]`: what goes wrong in the store's requests, drawn from `seed`.

@@ -33,8 +33,6 @@ use marathon_elastic::topology::Coords;
 use marathon_elastic::{job, retrying, Coordinator, ElasticError, JobKey, JobKeys, Topology};
 use serde::{Deserialize, Serialize};
 
-use marathon_storage::writer::CommitGuard;
-
 use crate::checkpoint::CheckpointRecord;
 use crate::comm::{AbortHandle, GroupSpec};
 use crate::trainer::{Goodput, Observer, Summary};
@@ -498,6 +496,17 @@ impl Generation<'_> {
         });
         let mut cfg = self.cfg.clone();
         cfg.parallel.dp = plan.dp;
+        // A checkpoint commits only while its generation runs: its commit is a record in the
+        // coordinator, created in the transaction that checks the generation, before the
+        // manifest is written. The trainer's persists carry the generation (set_generation).
+        if let Some(c) = cfg.checkpoint.as_mut() {
+            c.record = Some(crate::checkpoint::coordinator_record(
+                self.shared_coord.clone(),
+                self.keys.clone(),
+                OUTAGE_MAX,
+                true,
+            ));
+        }
         let mut reloaded = None;
         let t1 = Instant::now();
         // A worker whose block the plan does not keep holds nobody's state, whatever its memory
@@ -540,22 +549,6 @@ impl Generation<'_> {
         t.mirror_moments()?;
         t.gather_pace();
         t.set_stop_signal(self.control.newer.clone());
-        // A checkpoint commits only while this generation runs: the permission is a fenced
-        // write of the job's checkpoint index, just before the manifest.
-        let (coord, keys) = (self.shared_coord.clone(), self.keys.clone());
-        t.set_commit_guard(Some(CommitGuard(Arc::new(move |step| {
-            crate::moments::reach(crate::moments::Moment::BeforeManifest);
-            let record = serde_json::json!({ "generation": g, "at_ms": unix_ms() }).to_string();
-            let key = keys.checkpoint(step);
-            let put = || job::fenced_put(&*coord, &keys, g, &[(&key, record.as_bytes())]);
-            match retrying(OUTAGE_MAX, put) {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(format!(
-                    "fenced: generation {g} of the job is no longer the running one"
-                )),
-                Err(e) => Err(e.to_string()),
-            }
-        }))));
         let step = match t.reconcile() {
             Ok(step) => step,
             // Shards left at different steps: every rank failed together, and together they
@@ -871,14 +864,12 @@ impl Coordinator for Abortable<'_> {
         self.inner.get(key)
     }
 
-    fn compare_and_swap(
+    fn transact(
         &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: &[u8],
-        also: &[(&str, &[u8])],
+        when: &[(&str, Option<&[u8]>)],
+        puts: &[(&str, &[u8])],
     ) -> Result<bool, ElasticError> {
-        self.inner.compare_and_swap(key, expected, new, also)
+        self.inner.transact(when, puts)
     }
 
     fn delete(&self, key: &str) -> Result<(), ElasticError> {

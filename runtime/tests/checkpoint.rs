@@ -1,9 +1,12 @@
 //! Checkpoints in the trainer: a run stopped and resumed equals the uninterrupted run bitwise,
 //! in one process and in a dp2 x tp2 x pp2 layout; a checkpoint written in one layout resumes in
 //! another; a damaged newest checkpoint falls back to the one before; a checkpoint of another
-//! model is refused.
+//! model is refused; concurrent committers of one step make exactly one commit, on Garage
+//! (through the commit record in a real etcd) and on a local directory.
 
 mod common;
+#[path = "../../elastic/tests/common/etcd.rs"]
+mod etcd;
 #[path = "../../storage/tests/common/garage.rs"]
 mod garage;
 
@@ -38,6 +41,8 @@ fn config(dir: &std::path::Path, root: &str) -> TrainConfig {
         abandoned_after_s: 3600,
         options: Default::default(),
         faults: None,
+        single_writer: false,
+        record: None,
     });
     cfg
 }
@@ -216,6 +221,22 @@ fn a_run_resumes_from_an_s3_api_store_that_was_killed_and_restarted() {
     let c = cfg.checkpoint.as_mut().expect("checkpointing");
     c.options = server.options().into_iter().collect();
     c.keep_last = 1;
+    // Garage does not refuse a second create-only put: with nothing to record its commits
+    // the job is refused at its start, naming the root and the ways out.
+    let err = Trainer::new(cfg.clone())
+        .expect_err("an unsafe commit point")
+        .to_string();
+    assert!(
+        err.contains("s3://ckpt/jobs/resume")
+            && err.contains("does not refuse a second create-only write")
+            && err.contains("--etcd")
+            && err.contains("single_writer = true"),
+        "{err}"
+    );
+    cfg.checkpoint
+        .as_mut()
+        .expect("checkpointing")
+        .single_writer = true;
     on_every_rank(&cfg, (1, 2, 2), false, |t| run_to(t, 4));
     server.restart();
     let (rest, _, from, resumed) = run_to(Trainer::new(cfg.clone()).expect("trainer"), STEPS);
@@ -250,4 +271,162 @@ fn a_run_accounts_for_its_time() {
         g.effective_fraction > 0.0 && g.effective_fraction <= 1.0,
         "{g:?}"
     );
+}
+
+/// Rounds of `n` committers of one step at once (steps from `first`), each a one-rank job with
+/// values of its own:
+/// every round makes exactly one commit, every other committer is told `AlreadyCommitted`, and
+/// the committed checkpoint holds the winner's values. `record` gives each committer its
+/// commit record (none: the store's create-only put decides).
+fn concurrent_committers(
+    store: &marathon_storage::Store,
+    n: usize,
+    first: u64,
+    rounds: u64,
+    record: Option<marathon_storage::writer::CommitRecord>,
+) {
+    use marathon_storage::{
+        CheckpointWriter, Piece, Reader, StorageError, TensorBox, WriterOptions,
+    };
+    let shape = vec![64u64];
+    let reader = Reader::new(store.clone());
+    for round in 0..rounds {
+        let step = first + round;
+        let values = |c: usize| -> Vec<f32> {
+            (0..64)
+                .map(|i| (c * 1000 + i) as f32 + step as f32)
+                .collect()
+        };
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+        let results: Vec<_> = (0..n)
+            .map(|c| {
+                let (store, barrier, shape) = (store.clone(), barrier.clone(), shape.clone());
+                let opts = WriterOptions {
+                    record: record.clone(),
+                    chunk_bytes: 64,
+                    ..WriterOptions::default()
+                };
+                let data = values(c);
+                std::thread::spawn(move || {
+                    let mut w = CheckpointWriter::new(store, 0, 1, opts).expect("a writer");
+                    let piece = Piece {
+                        tensor: "w".into(),
+                        region: TensorBox::whole(&shape),
+                        shape,
+                    };
+                    barrier.wait();
+                    w.snapshot(
+                        step,
+                        serde_json::json!({ "committer": c }),
+                        vec![piece],
+                        |b| b.copy_from_slice(&data),
+                    );
+                    w.wait().expect("a persist")
+                })
+            })
+            .collect();
+        let results: Vec<_> = results
+            .into_iter()
+            .map(|h| h.join().expect("committer"))
+            .collect();
+        let won: Vec<usize> = (0..n).filter(|&c| results[c].is_ok()).collect();
+        assert_eq!(won.len(), 1, "round {round}: {results:?}");
+        for (c, r) in results.iter().enumerate().filter(|(c, _)| *c != won[0]) {
+            assert!(
+                matches!(r, Err(StorageError::AlreadyCommitted { .. })),
+                "round {round}, committer {c}: {r:?}"
+            );
+        }
+        let m = reader.manifest(step).expect("the committed manifest");
+        assert_eq!(m.run["committer"], won[0], "round {round}");
+        let mut got = vec![0f32; 64];
+        reader
+            .read_box(&m, "w", &TensorBox::whole(&shape), &mut got)
+            .expect("read back");
+        assert_eq!(got, values(won[0]), "round {round}: the winner's bytes");
+    }
+}
+
+#[test]
+fn concurrent_committers_of_a_step_make_one_commit_on_a_local_directory() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store =
+        marathon_storage::Store::open(&dir.path().display().to_string()).expect("a directory");
+    concurrent_committers(&store, 2, 100, 20, None);
+    concurrent_committers(&store, 4, 200, 20, None);
+}
+
+/// On Garage, which accepts a create-only put over an existing object, the commit record in
+/// etcd decides; a committer of a generation that no longer runs cannot commit, even once it
+/// has uploaded everything.
+#[test]
+fn concurrent_committers_of_a_step_make_one_commit_on_garage_through_etcd() {
+    use marathon_elastic::job::{propose, JobKeys};
+    use marathon_elastic::plan::Plan;
+    use marathon_elastic::Coordinator;
+    use marathon_storage::writer::{Claim, CommitRecord};
+    let (server, etcd) = (garage::Garage::start(), etcd::Etcd::start());
+    let coord: std::sync::Arc<dyn Coordinator> = std::sync::Arc::new(etcd.connect());
+    let keys = JobKeys::new("committers");
+    let store = marathon_storage::Store::open_with("s3://ckpt/jobs/committers", server.options())
+        .expect("open s3");
+    let record = |fenced| {
+        marathon_runtime::checkpoint::coordinator_record(
+            coord.clone(),
+            keys.clone(),
+            std::time::Duration::from_secs(5),
+            fenced,
+        )
+    };
+    concurrent_committers(&store, 2, 100, 20, Some(record(false)));
+    concurrent_committers(&store, 4, 200, 20, Some(record(false)));
+
+    // A committer of generation 1 stalls between its upload and its commit while generation 2
+    // starts: its record is refused, and no manifest of its step appears.
+    let plan = Plan {
+        tp: 1,
+        pp: 1,
+        dp: 1,
+        blocks: vec![],
+        microbatches: vec![1],
+        standby: vec![],
+    };
+    assert!(propose(&*coord, &keys, 0, 1, &plan, &[]).expect("generation 1"));
+    let (stalled_tx, stalled_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let stalling = {
+        let record = record(true);
+        CommitRecord(std::sync::Arc::new(move |claim: &Claim| {
+            stalled_tx.send(()).expect("tell");
+            go_rx.lock().expect("go").recv().expect("go");
+            (record.0)(claim)
+        }))
+    };
+    let opts = marathon_storage::WriterOptions {
+        record: Some(stalling),
+        epoch: Some(1),
+        ..marathon_storage::WriterOptions::default()
+    };
+    let mut w = marathon_storage::CheckpointWriter::new(store.clone(), 0, 1, opts).expect("writer");
+    let shape = vec![8u64];
+    let piece = marathon_storage::Piece {
+        tensor: "w".into(),
+        region: marathon_storage::TensorBox::whole(&shape),
+        shape,
+    };
+    w.snapshot(500, serde_json::json!({}), vec![piece], |b| b.fill(1.0));
+    stalled_rx.recv().expect("the committer reached its commit");
+    assert!(propose(&*coord, &keys, 1, 2, &plan, &[]).expect("generation 2"));
+    go_tx.send(()).expect("go");
+    let err = w.wait().expect("a persist").expect_err("a fenced commit");
+    assert!(
+        matches!(
+            err,
+            marathon_storage::StorageError::Fenced { step: 500, .. }
+        ) && err.to_string().contains("generation 1"),
+        "{err}"
+    );
+    let reader = marathon_storage::Reader::new(store);
+    assert!(!reader.committed().expect("list").contains(&500));
 }

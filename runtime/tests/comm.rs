@@ -245,15 +245,14 @@ impl marathon_elastic::Coordinator for AbortedAfter {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, marathon_elastic::ElasticError> {
         self.inner.get(key)
     }
-    fn compare_and_swap(
+    fn transact(
         &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: &[u8],
-        also: &[(&str, &[u8])],
+        when: &[(&str, Option<&[u8]>)],
+        puts: &[(&str, &[u8])],
     ) -> Result<bool, marathon_elastic::ElasticError> {
-        self.inner.compare_and_swap(key, expected, new, also)
+        self.inner.transact(when, puts)
     }
+
     fn delete(&self, key: &str) -> Result<(), marathon_elastic::ElasticError> {
         self.inner.delete(key)
     }

@@ -3,10 +3,11 @@
 //!
 //! A checkpoint of step N lives under `<root>/step-<N, 12 digits>/`: one shard object per
 //! writing rank (`shard-r<rank, 5 digits>-<writer, 16 hex digits>.bin`), one index per writing
-//! rank saying what its shard holds (`index-r<rank>.json`), and the manifest (`manifest.json`),
-//! written last with a create-only put. The checkpoint exists if and only if the manifest does.
-//! Each persist names its shard afresh, so a second writer of a step never changes the bytes a
-//! committed manifest points at.
+//! rank saying what its shard holds (`index-r<rank>-<epoch, 16 hex digits>.json`), and the
+//! manifest (`manifest.json`), written last by the one writer that won the step's commit (see
+//! `writer`). The checkpoint exists if and only if the manifest does. Each persist names its
+//! shard afresh, so a second writer of a step never changes the bytes a committed manifest
+//! points at. The manifest carries the SHA-256 of its own bytes ([`seal`], [`check_seal`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -41,8 +42,11 @@ pub fn shard_prefix(step: u64, rank: usize) -> String {
     format!("{}/shard-r{rank:05}-", step_dir(step))
 }
 
-pub fn index_name(step: u64, rank: usize) -> String {
-    format!("{}/index-r{rank:05}.json", step_dir(step))
+/// The index `rank` wrote in the persist of `step` that writers of `epoch` make together (an
+/// elastic job's generation, a launch's token): a committer merges only its own persist's
+/// indexes, never one an earlier persist of the same step left.
+pub fn index_name(step: u64, rank: usize, epoch: u64) -> String {
+    format!("{}/index-r{rank:05}-{epoch:016x}.json", step_dir(step))
 }
 
 pub fn manifest_name(step: u64) -> String {
@@ -85,7 +89,13 @@ pub struct RankIndex {
 
 /// The manifest: everything needed to read the checkpoint back into any layout.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// `sha256:` and the hex SHA-256 of the manifest's bytes as written, with this field's 64
+    /// hex digits read as zeros. First, so that it is the first such string in the bytes.
+    /// Manifests written before it existed have none and are read unchecked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     pub format: String,
     pub version: u32,
     pub step: u64,
@@ -165,6 +175,59 @@ impl Manifest {
     }
 }
 
+const DIGEST_PREFIX: &str = "sha256:";
+const DIGEST_HEX: usize = 64;
+
+/// The bytes of `manifest`, sealed: its `digest` set to the SHA-256 of the bytes themselves (the
+/// digest's own digits taken as zeros). Returns the bytes and the digest.
+pub fn seal(manifest: &Manifest) -> (Vec<u8>, String) {
+    let blank = format!("{DIGEST_PREFIX}{}", "0".repeat(DIGEST_HEX));
+    let mut m = manifest.clone();
+    m.digest = Some(blank.clone());
+    let mut bytes = serde_json::to_vec_pretty(&m).expect("a manifest serialises");
+    let at = find(&bytes, blank.as_bytes()).expect("the blank digest is in the bytes")
+        + DIGEST_PREFIX.len();
+    let digest = hex_sha256(&bytes);
+    bytes[at..at + DIGEST_HEX].copy_from_slice(digest.as_bytes());
+    (bytes, format!("{DIGEST_PREFIX}{digest}"))
+}
+
+/// Checks that `bytes`, which parsed as `manifest`, are the bytes its writer sealed. `Err` says
+/// what is wrong.
+pub fn check_seal(manifest: &Manifest, bytes: &[u8]) -> Result<(), String> {
+    let Some(digest) = &manifest.digest else {
+        return Ok(());
+    };
+    let hex = digest
+        .strip_prefix(DIGEST_PREFIX)
+        .filter(|h| h.len() == DIGEST_HEX && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| format!("its digest {digest:?} is not {DIGEST_PREFIX}<64 hex digits>"))?;
+    let at = find(bytes, digest.as_bytes()).ok_or("its digest is not where the writer put it")?
+        + DIGEST_PREFIX.len();
+    let mut blank = bytes.to_vec();
+    blank[at..at + DIGEST_HEX].fill(b'0');
+    let actual = hex_sha256(&blank);
+    if actual != hex {
+        return Err(format!(
+            "its bytes do not match its digest (sha256 {actual}, sealed as {hex}): it was \
+             damaged after it was written"
+        ));
+    }
+    Ok(())
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +243,34 @@ mod tests {
             "step-000000000042/shard-r00003-00000000000000ab.bin"
         );
         assert!(shard_name(42, 3, u64::MAX).starts_with(&shard_prefix(42, 3)));
+    }
+
+    #[test]
+    fn a_sealed_manifest_checks_and_any_flipped_byte_is_found() {
+        let m = Manifest {
+            digest: None,
+            format: FORMAT.into(),
+            version: VERSION,
+            step: 7,
+            created_unix_ms: 1,
+            writers: 1,
+            run: serde_json::json!({"lr": 0.1f32, "note": "digest"}),
+            tensors: vec![],
+        };
+        let (bytes, digest) = seal(&m);
+        let read: Manifest = serde_json::from_slice(&bytes).expect("parses");
+        assert_eq!(read.digest.as_deref(), Some(digest.as_str()));
+        check_seal(&read, &bytes).expect("sealed bytes check");
+        // Every byte, flipped in its low bit, either no longer parses or fails the check.
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            if let Ok(m) = serde_json::from_slice::<Manifest>(&bad) {
+                assert!(
+                    check_seal(&m, &bad).is_err(),
+                    "byte {i} flipped went unseen"
+                );
+            }
+        }
     }
 }

@@ -69,6 +69,17 @@ pub enum StorageError {
     /// The copy of a snapshot into the staging buffer failed (a device error).
     #[error("checkpoint of step {step}: the snapshot copy failed: {reason}; nothing was written")]
     Snapshot { step: u64, reason: String },
+    /// The store accepts a create-only put over an existing object, so the manifest's put
+    /// cannot decide a commit, and nothing else was given to decide it.
+    #[error(
+        "checkpoint root {url}: this store does not refuse a second create-only write (Garage \
+         does not), so two writers of one step could each commit and the later would silently \
+         replace the first. Either run the job under a coordinator that records each commit \
+         (`marathon train --etcd <endpoints>`: an elastic job, which may be one node), or, if \
+         nothing but this job ever writes under this root, say so with `single_writer = true` in \
+         [checkpoint] (`--single-writer` for `marathon ckpt`)"
+    )]
+    UnsafeCommit { url: String },
     /// A checkpoint of this step is already committed; a second writer cannot replace it.
     #[error("checkpoint of step {step} at {url} is already committed; it is left as it is")]
     AlreadyCommitted { step: u64, url: String },

@@ -104,7 +104,7 @@ impl Reader {
             .collect())
     }
 
-    /// The manifest of `step`, checked: format, version, and whole tensors.
+    /// The manifest of `step`, checked: format, version, its digest, and whole tensors.
     pub fn manifest(&self, step: u64) -> Result<Manifest> {
         let path = self.store.path(&format::manifest_name(step));
         let bytes = runtime()
@@ -141,6 +141,7 @@ impl Reader {
         }
         let m: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| bad(format!("does not parse: {e}")))?;
+        format::check_seal(&m, &bytes).map_err(bad)?;
         if m.step != step {
             return Err(bad(format!(
                 "says step {} but lives under step {step}",

@@ -5,9 +5,20 @@
 //! training goes on as soon as the copy is done. A background thread then cuts the pieces into
 //! chunks, checksums each chunk's raw bytes, encodes it and streams it into this rank's shard
 //! object as a multipart upload with bounded concurrency, then writes the rank's index. Rank 0
-//! commits: it waits until every rank's index exists, merges them into the manifest and writes
-//! the manifest create-only. There is at most one staged copy: a snapshot that comes while the
-//! previous persist is still running waits for it, and reports how long.
+//! commits: it waits until every rank's index of its persist exists and merges them into the
+//! manifest, which it seals with its digest.
+//!
+//! The commit point is one write that cannot be raced:
+//! - with a [`CommitRecord`] (a coordinator's create-only record of the step, which an elastic
+//!   job's generation fences in the same transaction), the record decides, and only its winner
+//!   then writes the manifest;
+//! - else the manifest's create-only put decides, on a store that refuses a second one;
+//! - a store that accepts it anyway (Garage 2.5) is refused at the start
+//!   ([`StorageError::UnsafeCommit`]), unless the writer was told that it alone writes under
+//!   the root ([`WriterOptions::single_writer`]).
+//!
+//! There is at most one staged copy: a snapshot that comes while the previous persist is still
+//! running waits for it, and reports how long.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,9 +54,16 @@ pub struct WriterOptions {
     /// Applied by the committing rank after each commit; the checkpoint it just committed
     /// counts as the newest verified one.
     pub retention: Option<Retention>,
-    /// Asked by the committing rank, with the step, just before it writes the manifest; a
-    /// refusal leaves the checkpoint uncommitted ([`StorageError::Fenced`]).
-    pub commit_guard: Option<CommitGuard>,
+    /// Decides each commit, before the manifest is written (see the module's notes).
+    pub record: Option<CommitRecord>,
+    /// The operator's word that no other writer ever commits under this root: accepted on a
+    /// store that ignores create-only puts, where the committer then checks that no manifest
+    /// exists before it writes its own.
+    pub single_writer: bool,
+    /// What the writers of one persist share and no other persist of the same step does (an
+    /// elastic job's generation, a launch's token): indexes are named by it. A writer of one
+    /// rank draws its own.
+    pub epoch: Option<u64>,
     /// Raised when the job moved on without this writer (an elastic job's newer generation):
     /// a committer still waiting for ranks' shards gives up at once, as [`StorageError::Fenced`],
     /// rather than at `commit_timeout`, since its commit would be refused anyway, and training
@@ -53,14 +71,49 @@ pub struct WriterOptions {
     pub cancel: Option<Arc<AtomicBool>>,
 }
 
-/// Whether a commit may go ahead: `Ok(())`, or why not. It runs on a blocking thread and may
-/// block (an elastic job asks etcd whether the writer's generation still runs).
-#[derive(Clone)]
-pub struct CommitGuard(pub Arc<dyn Fn(u64) -> std::result::Result<(), String> + Send + Sync>);
+/// A committer's claim on a step: the digest of the manifest it is about to write, and who it
+/// is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Claim {
+    pub step: u64,
+    /// The persist's epoch (an elastic job's generation, which the record checks is still the
+    /// running one).
+    pub epoch: u64,
+    /// The manifest's `sha256:` digest.
+    pub digest: String,
+    /// The committing process: host, pid and the persist's writer id.
+    pub writer: String,
+}
 
-impl std::fmt::Debug for CommitGuard {
+/// What a commit record said to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// The claim is the step's commit.
+    Won,
+    /// Another claim was recorded first: the step's commit is that one.
+    Taken(Claim),
+    /// The claim may not commit at all: the job moved on without its writer (why).
+    Fenced(String),
+}
+
+/// A create-only record of each step's commit, in a store other than the checkpoint's own
+/// (etcd). It runs on a blocking thread and may block; `Err` is a failure to ask, which leaves
+/// the checkpoint uncommitted.
+#[derive(Clone)]
+pub struct CommitRecord(pub Arc<RecordFn>);
+
+/// What a [`CommitRecord`] runs: the claim in, what the record said out.
+pub type RecordFn = dyn Fn(&Claim) -> std::result::Result<Recorded, String> + Send + Sync;
+
+impl std::fmt::Debug for CommitRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CommitGuard")
+        f.write_str("CommitRecord")
+    }
+}
+
+impl PartialEq for CommitRecord {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -75,7 +128,9 @@ impl Default for WriterOptions {
             encoders_max: 2,
             commit_timeout: Duration::from_secs(600),
             retention: None,
-            commit_guard: None,
+            record: None,
+            single_writer: false,
+            epoch: None,
             cancel: None,
         }
     }
@@ -95,8 +150,8 @@ pub struct Piece {
 pub enum CommitMode {
     /// The store refuses a second create-only put: the manifest put itself decides.
     CreateOnly,
-    /// The store accepts a create-only put over an existing object (Garage 2.5 does): the
-    /// single committing rank checks that no manifest exists before it writes.
+    /// The store accepts a create-only put over an existing object (Garage 2.5 does): a commit
+    /// record decides, or the single writer checks that no manifest exists before it writes.
     LeaderChecked,
 }
 
@@ -149,14 +204,23 @@ impl std::fmt::Debug for CheckpointWriter {
 
 impl CheckpointWriter {
     /// A writer for `rank` of `writers` ranks. Rank 0 commits; it probes once whether the store
-    /// enforces create-only puts (see [`CommitMode`]).
-    pub fn new(store: Store, rank: usize, writers: usize, opts: WriterOptions) -> Result<Self> {
+    /// enforces create-only puts (see [`CommitMode`]), and refuses a store that does not when
+    /// nothing else decides its commits.
+    pub fn new(store: Store, rank: usize, writers: usize, mut opts: WriterOptions) -> Result<Self> {
         assert!(rank < writers, "rank {rank} outside {writers} writers");
+        if writers == 1 {
+            opts.epoch = opts.epoch.or_else(|| Some(writer_id()));
+        }
         let mode = if rank == 0 {
             runtime().block_on(probe_create_only(&store))?
         } else {
             CommitMode::CreateOnly
         };
+        if mode == CommitMode::LeaderChecked && opts.record.is_none() && !opts.single_writer {
+            return Err(StorageError::UnsafeCommit {
+                url: store.url.clone(),
+            });
+        }
         Ok(CheckpointWriter {
             store,
             rank,
@@ -183,9 +247,10 @@ impl CheckpointWriter {
         previous
     }
 
-    /// Sets the guard asked before each later commit (see [`WriterOptions::commit_guard`]).
-    pub fn set_commit_guard(&mut self, guard: Option<CommitGuard>) {
-        self.opts.commit_guard = guard;
+    /// Sets the epoch of later persists (see [`WriterOptions::epoch`]): every writer of the
+    /// persist sets the same.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.opts.epoch = Some(epoch);
     }
 
     /// Sets the flag that cancels a later commit still waiting (see [`WriterOptions::cancel`]).
@@ -350,7 +415,9 @@ impl Job {
             rank: self.rank,
             tensors,
         };
-        let index_path = self.store.path(&format::index_name(self.step, self.rank));
+        let index_path = self
+            .store
+            .path(&format::index_name(self.step, self.rank, self.epoch()));
         let body = serde_json::to_vec(&index).expect("an index serialises");
         retry(|| {
             self.store
@@ -497,7 +564,9 @@ impl Job {
         let mut backoff = Duration::from_millis(10);
         loop {
             for (r, slot) in indexes.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
-                let path = self.store.path(&format::index_name(self.step, r));
+                let path = self
+                    .store
+                    .path(&format::index_name(self.step, r, self.epoch()));
                 match retry(|| self.store.inner.get(&path)).await {
                     Ok(got) => {
                         let bytes = got
@@ -564,6 +633,7 @@ impl Job {
                 .sort_by(|a, b| a.region.offset.cmp(&b.region.offset));
         }
         let manifest = Manifest {
+            digest: None,
             format: format::FORMAT.into(),
             version: format::VERSION,
             step: self.step,
@@ -582,32 +652,43 @@ impl Job {
                 path: path.to_string(),
                 reason: format!("not committed: {reason}"),
             })?;
+        let (body, digest) = format::seal(&manifest);
         let already = || StorageError::AlreadyCommitted {
             step: self.step,
             url: self.store.url.clone(),
         };
-        if self.mode == CommitMode::LeaderChecked {
+        if let Some(CommitRecord(record)) = self.opts.record.clone() {
+            let claim = Claim {
+                step: self.step,
+                epoch: self.epoch(),
+                digest,
+                writer: format!("{}:{}:{}", host(), std::process::id(), self.object),
+            };
+            let mine = claim.clone();
+            let said = tokio::task::spawn_blocking(move || record(&claim))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            match said {
+                Ok(Recorded::Won) => {}
+                // Our own claim, recorded by an attempt whose answer was lost.
+                Ok(Recorded::Taken(c)) if c == mine => {}
+                Ok(Recorded::Taken(_)) => return Err(already()),
+                Ok(Recorded::Fenced(reason)) | Err(reason) => {
+                    return Err(StorageError::Fenced {
+                        step: self.step,
+                        url: self.store.url.clone(),
+                        reason,
+                    })
+                }
+            }
+        } else if self.mode == CommitMode::LeaderChecked {
             match self.store.inner.head(&path).await {
                 Ok(_) => return Err(already()),
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(StorageError::store("check manifest", &path, e)),
             }
         }
-        if let Some(CommitGuard(guard)) = self.opts.commit_guard.clone() {
-            let step = self.step;
-            let asked = tokio::task::spawn_blocking(move || guard(step))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-            if let Err(reason) = asked {
-                return Err(StorageError::Fenced {
-                    step: self.step,
-                    url: self.store.url.clone(),
-                    reason,
-                });
-            }
-        }
-        let body = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
         let create = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
@@ -624,6 +705,19 @@ impl Job {
             Err(e) => Err(StorageError::store("commit manifest", &path, e)),
         }
     }
+
+    /// The persist's epoch; 0 for writers of several ranks that were given none (a caller
+    /// that runs one persist of each step at a time).
+    fn epoch(&self) -> u64 {
+        self.opts.epoch.unwrap_or(0)
+    }
+}
+
+/// This machine's name, for commit claims.
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// A random name for one persist's shard: the standard library's hasher keys are random per

@@ -75,6 +75,34 @@ fn a_manifest_torn_halfway_is_refused() {
     check(&reader, 1).expect("step 1 kept");
 }
 
+/// A committed manifest with one byte changed (a digit of a chunk's offset: still a manifest
+/// that parses and covers its tensors) is refused, named; its neighbours still read.
+#[test]
+fn a_manifest_with_one_flipped_byte_is_refused_with_its_name() {
+    let store = Store::open("memory://sealed").expect("open");
+    for step in [1, 2] {
+        save(&store, step).expect("save");
+    }
+    let name = manifest_name(2);
+    damage(&store, &name, |bytes| {
+        let at = bytes
+            .windows(14)
+            .position(|w| w == b"\"byte_offset\": ")
+            .expect("a chunk's offset")
+            + 14;
+        bytes[at] ^= 1;
+    });
+    let reader = Reader::new(store);
+    let err = reader.manifest(2).expect_err("a damaged manifest");
+    assert!(
+        matches!(err, StorageError::BadManifest { .. })
+            && err.to_string().contains(&name)
+            && err.to_string().contains("do not match its digest"),
+        "{err}"
+    );
+    check(&reader, 1).expect("the previous checkpoint still reads");
+}
+
 /// The shard object `rank` wrote for the checkpoint of `step`.
 fn shard(store: &Store, step: u64, rank: usize) -> String {
     let m = Reader::new(store.clone())
@@ -226,27 +254,37 @@ fn a_fenced_snapshot_persists_after_its_fence_and_a_failed_fence_writes_nothing(
     }
 }
 
+/// The record decides each commit: a won claim is written and names the manifest's digest; a
+/// fenced one and one taken by another writer leave no manifest of theirs.
 #[test]
-fn a_commit_guard_decides_whether_the_manifest_is_written() {
-    use marathon_storage::writer::CommitGuard;
+fn a_commit_record_decides_whether_the_manifest_is_written() {
+    use marathon_storage::writer::{Claim, CommitRecord, Recorded};
     use std::sync::Mutex;
-    let store = Store::open("memory://guarded").expect("open");
-    let asked = Arc::new(Mutex::new(Vec::new()));
-    let guard = {
+    let store = Store::open("memory://recorded").expect("open");
+    let asked: Arc<Mutex<Vec<Claim>>> = Arc::default();
+    let record = {
         let asked = asked.clone();
-        CommitGuard(Arc::new(move |step| {
-            asked.lock().expect("asked").push(step);
-            match step {
-                1 => Ok(()),
-                _ => Err(format!("fenced at step {step}")),
-            }
+        CommitRecord(Arc::new(move |claim: &Claim| {
+            asked.lock().expect("asked").push(claim.clone());
+            Ok(match claim.step {
+                1 => Recorded::Won,
+                2 => Recorded::Fenced(format!("fenced at step {}", claim.step)),
+                _ => Recorded::Taken(Claim {
+                    writer: "another".into(),
+                    ..claim.clone()
+                }),
+            })
         }))
     };
-    for step in [1, 2] {
+    let opts = WriterOptions {
+        record: Some(record),
+        epoch: Some(9),
+        ..options()
+    };
+    for step in [1, 2, 3] {
         let mut writers: Vec<CheckpointWriter> = (0..2)
-            .map(|r| CheckpointWriter::new(store.clone(), r, 2, options()).expect("a writer"))
+            .map(|r| CheckpointWriter::new(store.clone(), r, 2, opts.clone()).expect("a writer"))
             .collect();
-        writers[0].set_commit_guard(Some(guard.clone()));
         for (r, w) in writers.iter_mut().enumerate().rev() {
             let (p, data) = pieces(r, step);
             w.snapshot(step, serde_json::json!({ "step": step }), p, |buf| {
@@ -258,21 +296,37 @@ fn a_commit_guard_decides_whether_the_manifest_is_written() {
             .expect("rank 1")
             .expect("rank 1 persisted");
         let zero = writers[0].wait().expect("rank 0");
-        if step == 1 {
-            zero.expect("step 1 is committed");
-        } else {
-            let e = zero.expect_err("step 2 is refused");
-            assert!(
-                matches!(e, StorageError::Fenced { step: 2, .. })
-                    && e.to_string().contains("fenced at step 2"),
-                "{e}"
-            );
+        match step {
+            1 => drop(zero.expect("step 1 is committed")),
+            2 => {
+                let e = zero.expect_err("step 2 is refused");
+                assert!(
+                    matches!(e, StorageError::Fenced { step: 2, .. })
+                        && e.to_string().contains("fenced at step 2"),
+                    "{e}"
+                );
+            }
+            _ => {
+                let e = zero.expect_err("step 3 was taken");
+                assert!(
+                    matches!(e, StorageError::AlreadyCommitted { step: 3, .. }),
+                    "{e}"
+                );
+            }
         }
     }
-    // Only the committing rank asks, once per commit; the refused step has shards but no
-    // manifest, so it does not exist.
-    assert_eq!(*asked.lock().expect("asked"), vec![1, 2]);
-    assert_eq!(Reader::new(store).committed().expect("list"), vec![1]);
+    // Only the committing rank asks, once per commit, with its persist's epoch; the claim
+    // that won names the manifest written. The refused steps have shards but no manifest.
+    let asked = asked.lock().expect("asked");
+    assert_eq!(
+        asked.iter().map(|c| c.step).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(asked.iter().all(|c| c.epoch == 9));
+    let reader = Reader::new(store);
+    assert_eq!(reader.committed().expect("list"), vec![1]);
+    let m = reader.manifest(1).expect("the manifest of step 1");
+    assert_eq!(m.digest.as_deref(), Some(asked[0].digest.as_str()));
 }
 
 /// A second writer of a step that commits meanwhile (an elastic job's superseded generation

@@ -34,7 +34,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use marathon_model::{AdamW, BatchRamp, Gpt, Recompute, Shard};
-use marathon_storage::writer::CommitGuard;
 
 use crate::checkpoint::Checkpointing;
 use crate::comm::{chunk_range, ProcessGroup};
@@ -94,8 +93,9 @@ pub struct Trainer {
     /// Where this rank appends the samples its replica feeds (`train.samples_log`), on the
     /// first stage's first tensor rank of each replica.
     samples_log: Option<SamplesLog>,
-    /// Asked before each checkpoint commit (see [`Trainer::set_commit_guard`]).
-    commit_guard: Option<CommitGuard>,
+    /// What this trainer's checkpoint persists share with no other persist of the same step
+    /// (see [`Trainer::set_checkpoint_epoch`]).
+    checkpoint_epoch: Option<u64>,
     /// The ranges of the gradients a rank counts in the norm, refilled each step without
     /// allocating.
     norm_ranges: Vec<std::ops::Range<usize>>,
@@ -238,7 +238,7 @@ impl Trainer {
             last_val_loss: None,
             generation: 0,
             samples_log: None,
-            commit_guard: None,
+            checkpoint_epoch: None,
             norm_ranges,
             replicated,
             mirrored: false,
@@ -310,14 +310,15 @@ impl Trainer {
         self.stop_agreed
     }
 
-    /// Sets the guard the committing rank asks before each checkpoint commit: an elastic
-    /// worker's says whether its generation still runs, so a checkpoint of an old generation is
-    /// never committed.
-    pub fn set_commit_guard(&mut self, guard: Option<CommitGuard>) {
+    /// Sets the epoch of this trainer's checkpoint persists: the same on every rank, and
+    /// different from any other persist of the same steps under the root (an elastic job's
+    /// generation, which its commit record checks; a launch's token). Each rank's index is
+    /// named by it, so a committer merges only its own persist's.
+    pub fn set_checkpoint_epoch(&mut self, epoch: u64) {
         if let Some(ck) = self.ckpt.as_mut() {
-            ck.writer.set_commit_guard(guard.clone());
+            ck.writer.set_epoch(epoch);
         }
-        self.commit_guard = guard;
+        self.checkpoint_epoch = Some(epoch);
     }
 
     /// The step this run resumed from, if it did.
@@ -400,6 +401,7 @@ impl Trainer {
             self.lineage = generation;
         }
         self.generation = generation;
+        self.set_checkpoint_epoch(generation);
     }
 }
 

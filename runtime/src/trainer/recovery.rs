@@ -64,7 +64,9 @@ impl Trainer {
             });
         }
         self.ckpt = checkpointing(&self.cfg, &self.model, &self.opt, &self.groups)?;
-        self.set_commit_guard(self.commit_guard.clone());
+        if let Some(epoch) = self.checkpoint_epoch {
+            self.set_checkpoint_epoch(epoch);
+        }
         if let (Some(ck), Some(signal)) = (self.ckpt.as_mut(), &self.stop_signal) {
             ck.writer.set_cancel(Some(signal.clone()));
         }
