@@ -9,6 +9,7 @@
 //! | `generation` | the running generation, in decimal |
 //! | `gen-<g>/plan` | generation g's [`Plan`], as JSON, written with the counter |
 //! | `gen-<g>/planned` | when and why generation g was planned, written with the counter |
+//! | `gen-<g>/secret` | generation g's process-group secret, 32 random bytes in hex, written with the counter |
 //! | `gen-<g>/committed` | the step generation g reached, its consumed-samples counter and its accounting |
 //! | `gen-<g>/lost/<node>/<slot>` | a worker of generation g that died or hung, and when that was seen |
 //! | `gen-<g>/retry/<node>/<slot>` | a live worker that left generation g on an error of its own |
@@ -91,6 +92,11 @@ impl JobKeys {
 
     pub fn planned(&self, generation: u64) -> String {
         format!("{}gen-{generation}/planned", self.root)
+    }
+
+    /// The secret with which generation g's process-group members prove their membership.
+    pub fn secret(&self, generation: u64) -> String {
+        format!("{}gen-{generation}/secret", self.root)
     }
 
     pub fn committed(&self, generation: u64) -> String {
@@ -198,8 +204,8 @@ pub fn parse_generation(key: &str, v: &[u8]) -> Result<u64, ElasticError> {
 }
 
 /// Commits `plan` as generation `to` if the counter still reads `from` (0: no generation yet),
-/// with `also` in the same transaction. Returns whether it did; a proposal from an old
-/// generation loses.
+/// with a fresh random group secret ([`JobKeys::secret`]) and `also` in the same transaction.
+/// Returns whether it did; a proposal from an old generation loses.
 pub fn propose(
     coord: &dyn Coordinator,
     keys: &JobKeys,
@@ -209,8 +215,10 @@ pub fn propose(
     also: &[(&str, &[u8])],
 ) -> Result<bool, ElasticError> {
     let plan_json = serde_json::to_vec(plan).expect("plans serialise");
-    let plan_key = keys.plan(to);
-    let mut writes: Vec<(&str, &[u8])> = vec![(&plan_key, &plan_json)];
+    let (plan_key, secret_key) = (keys.plan(to), keys.secret(to));
+    let secret = fresh_secret()?;
+    let mut writes: Vec<(&str, &[u8])> =
+        vec![(&plan_key, &plan_json), (&secret_key, secret.as_bytes())];
     writes.extend_from_slice(also);
     let expected = from.to_string();
     coord.compare_and_swap(
@@ -219,6 +227,17 @@ pub fn propose(
         to.to_string().as_bytes(),
         &writes,
     )
+}
+
+/// 32 bytes from the operating system's random source, in hex.
+fn fresh_secret() -> Result<String, ElasticError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| ElasticError::Unavailable {
+        action: "draw a group secret",
+        key: String::new(),
+        reason: e.to_string(),
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes each of `writes` if generation `generation` is still the running one, all in one

@@ -3,7 +3,10 @@
 //!
 //! Members rendezvous through the [`Coordinator`]: each binds a listener, publishes its address
 //! under a key namespaced by job, generation and group, and connects to the members of lower
-//! rank (a full mesh; pipeline and data-parallel groups are small). All-reduce is a ring
+//! rank (a full mesh; pipeline and data-parallel groups are small). Each connection proves both
+//! ends hold the generation's group secret ([`crate::handshake`]); greetings are answered
+//! concurrently, each within a short deadline, so a silent or hostile connection delays no one,
+//! and a rank is taken by the first connection that proves it, once. All-reduce is a ring
 //! reduce-scatter followed by a ring all-gather, which moves 2 (p - 1) / p of the buffer per
 //! member: the bandwidth-optimal schedule.
 //!
@@ -21,14 +24,13 @@ use std::time::{Duration, Instant};
 
 use marathon_elastic::Coordinator;
 
+use crate::handshake::{self, Identity};
 use crate::{Result, RuntimeError};
 
 /// Bytes moved per blocking socket call, so deadlines and aborts are checked often.
 const IO_PIECE_BYTES: usize = 4 << 20;
-/// Handshake sent by the connecting side: magic, a hash naming the job, generation and group,
-/// and the connector's rank.
-const HELLO: &[u8; 4] = b"MRTN";
-const HELLO_BYTES: usize = 16;
+/// The longest a connection may take to prove its membership once accepted.
+const HANDSHAKE_MAX: Duration = Duration::from_secs(5);
 
 /// Where a group lives and who this member is.
 #[derive(Debug, Clone)]
@@ -45,6 +47,10 @@ pub struct GroupSpec {
     pub rendezvous_timeout: Duration,
     /// Deadline of each operation.
     pub op_timeout: Duration,
+    /// The generation's group secret, which every connection proves it holds (an elastic
+    /// job's, drawn by its leader for each generation; empty for groups of one launch on one
+    /// machine, whose members prove only that they belong to its job and group).
+    pub secret: Vec<u8>,
 }
 
 /// How long a loopback group waits for its members by default.
@@ -63,19 +69,17 @@ impl GroupSpec {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             rendezvous_timeout: LOOPBACK_RENDEZVOUS,
             op_timeout,
+            secret: Vec::new(),
         }
     }
 
-    fn hello(&self, rank: usize) -> [u8; HELLO_BYTES] {
-        let id = format!("{}/{}/{}", self.job, self.generation, self.name);
-        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-        let mut h = [0u8; HELLO_BYTES];
-        h[..4].copy_from_slice(HELLO);
-        h[4..12].copy_from_slice(&hash.to_le_bytes());
-        h[12..].copy_from_slice(&(rank as u32).to_le_bytes());
-        h
+    fn identity(&self) -> Identity {
+        Identity {
+            job: self.job.clone(),
+            generation: self.generation,
+            group: self.name.clone(),
+            secret: self.secret.clone(),
+        }
     }
 
     /// The coordinator key where member `rank` publishes its address.
@@ -113,6 +117,8 @@ pub struct ProcessGroup {
     abort: AbortHandle,
     /// Receive buffer of the reduce steps: one chunk, grown to the largest seen.
     scratch: Vec<f32>,
+    /// The connections refused at rendezvous, and why.
+    refused: Vec<String>,
 }
 
 /// The part of a buffer of `len` elements that rank `i` of `size` owns in reduce-scatter and
@@ -147,8 +153,9 @@ impl ProcessGroup {
             .put(&spec.key(spec.rank), addr.to_string().as_bytes())
             .map_err(|e| fail(e.to_string()))?;
 
+        let id = spec.identity();
         let mut peers: Vec<Option<TcpStream>> = (0..spec.size).map(|_| None).collect();
-        // Connect to every lower rank and introduce ourselves.
+        // Connect to every lower rank and prove who we are; it proves who it is.
         for (peer, slot) in peers.iter_mut().enumerate().take(spec.rank) {
             let value = coord
                 .wait_get(&spec.key(peer), deadline)
@@ -157,50 +164,56 @@ impl ProcessGroup {
             let peer_addr: SocketAddr = text
                 .parse()
                 .map_err(|_| fail(format!("rank {peer} published a bad address {text:?}")))?;
-            let mut stream = connect_until(peer_addr, deadline, || {
-                coord.check().map_err(|e| fail(e.to_string()))
-            })
-            .map_err(|e| match e {
+            let check = || coord.check().map_err(|e| fail(e.to_string()));
+            let mut stream = connect_until(peer_addr, deadline, check).map_err(|e| match e {
                 Connect::Io(e) => fail(format!("connect to rank {peer} at {peer_addr}: {e}")),
                 Connect::Cancelled(e) => e,
             })?;
-            let hello = spec.hello(spec.rank);
-            stream
-                .write_all(&hello)
-                .map_err(|e| fail(format!("greet rank {peer}: {e}")))?;
+            handshake::greet(&mut stream, &id, spec.rank, peer, deadline, &check)?
+                .map_err(|why| fail(format!("rank {peer} at {peer_addr}: {why}")))?;
             *slot = Some(stream);
         }
-        // Accept every higher rank.
+        // Accept every higher rank. Each accepted connection proves itself on a thread of its
+        // own, within HANDSHAKE_MAX; the first to prove a rank takes it.
         listener
             .set_nonblocking(true)
             .map_err(|e| fail(e.to_string()))?;
+        type Proved = (TcpStream, SocketAddr, std::result::Result<usize, String>);
+        let (proved_tx, proved) = std::sync::mpsc::channel::<Proved>();
+        let mut refused = Vec::new();
         let mut waiting = spec.size - spec.rank - 1;
         while waiting > 0 {
+            for (stream, from, outcome) in proved.try_iter() {
+                let why = match outcome {
+                    Ok(peer) if peers[peer].is_none() => {
+                        peers[peer] = Some(stream);
+                        waiting -= 1;
+                        continue;
+                    }
+                    Ok(peer) => format!("rank {peer} was already taken by another connection"),
+                    Err(why) => why,
+                };
+                eprintln!(
+                    "rendezvous of group {} (rank {}, generation {}): refused a connection \
+                     from {from}: {why}",
+                    spec.name, spec.rank, spec.generation
+                );
+                refused.push(format!("{from}: {why}"));
+            }
+            if waiting == 0 {
+                break;
+            }
             match listener.accept() {
-                Ok((mut stream, _)) => {
+                Ok((mut stream, from)) => {
                     stream
                         .set_nonblocking(false)
                         .map_err(|e| fail(e.to_string()))?;
-                    stream
-                        .set_read_timeout(Some(remaining(deadline).min(Duration::from_secs(5))))
-                        .map_err(|e| fail(e.to_string()))?;
-                    let mut hello = [0u8; HELLO_BYTES];
-                    // A connection that does not greet as a member of this group (a stale
-                    // address of another job, generation or group) is dropped, not fatal.
-                    let Ok(()) = stream.read_exact(&mut hello) else {
-                        continue;
-                    };
-                    let peer =
-                        u32::from_le_bytes(hello[12..].try_into().expect("4 bytes")) as usize;
-                    if peer <= spec.rank
-                        || peer >= spec.size
-                        || peers[peer].is_some()
-                        || hello != spec.hello(peer)
-                    {
-                        continue;
-                    }
-                    peers[peer] = Some(stream);
-                    waiting -= 1;
+                    let (tx, id, me, size) = (proved_tx.clone(), id.clone(), spec.rank, spec.size);
+                    let until = Instant::now() + remaining(deadline).min(HANDSHAKE_MAX);
+                    std::thread::spawn(move || {
+                        let outcome = handshake::answer(&mut stream, &id, me, size, until);
+                        let _ = tx.send((stream, from, outcome));
+                    });
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     coord.check().map_err(|e| fail(e.to_string()))?;
@@ -232,7 +245,14 @@ impl ProcessGroup {
             peers,
             abort,
             scratch: Vec::new(),
+            refused,
         })
+    }
+
+    /// The connections refused at rendezvous (another job's or generation's, or an impostor's),
+    /// each with its address and why; each was also logged.
+    pub fn refused(&self) -> &[String] {
+        &self.refused
     }
 
     pub fn rank(&self) -> usize {

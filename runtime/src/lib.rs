@@ -17,6 +17,7 @@ pub mod data;
 pub mod device;
 pub mod engine;
 pub mod groups;
+pub mod handshake;
 pub mod moments;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -437,6 +437,21 @@ pub fn run(
     Ok(())
 }
 
+/// Generation `g`'s process-group secret, which its leader wrote with its plan.
+fn group_secret(coord: &dyn Coordinator, keys: &JobKeys, g: u64) -> Result<Vec<u8>> {
+    let key = keys.secret(g);
+    match retrying(OUTAGE_MAX, || coord.get(&key))? {
+        Some(secret) if !secret.is_empty() => Ok(secret),
+        _ => Err(RuntimeError::Argument {
+            name: "plan",
+            reason: format!(
+                "generation {g} has no process-group secret at {key}: its plan was made by a \
+                 leader of an older marathon; run one version on every node"
+            ),
+        }),
+    }
+}
+
 /// One generation of one worker.
 struct Generation<'a> {
     cfg: &'a TrainConfig,
@@ -474,6 +489,7 @@ impl Generation<'_> {
         let t0 = Instant::now();
         let mut spec = GroupSpec::loopback(&self.opts.job, "", 0, 1, self.opts.group_timeout);
         spec.generation = g;
+        spec.secret = group_secret(self.coord, self.keys, g)?;
         spec.bind = std::net::SocketAddr::new(self.opts.host, 0);
         spec.rendezvous_timeout = self.opts.group_timeout;
         let abortable = Abortable {

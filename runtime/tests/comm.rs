@@ -296,3 +296,94 @@ fn connecting_to_an_unreachable_peer_ends_when_the_generation_is_aborted() {
     assert!(started.elapsed() < Duration::from_secs(10), "{e}");
     assert!(e.to_string().contains("the generation was aborted"), "{e}");
 }
+
+/// Rank 0 of a two-member group with `secret`, rendezvousing on a thread until `timeout`; its
+/// address, once published, and its group when it has formed.
+fn lone_rank_zero(
+    coord: &Arc<InProcessCoordinator>,
+    secret: &[u8],
+    timeout: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<marathon_runtime::Result<ProcessGroup>>,
+) {
+    let mut s = spec("guarded", 0, 2, Duration::from_secs(10));
+    s.generation = 2;
+    s.secret = secret.to_vec();
+    s.rendezvous_timeout = timeout;
+    let key = s.key(0);
+    let c = coord.clone();
+    let zero = std::thread::spawn(move || ProcessGroup::connect(&*c, s));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr = marathon_elastic::Coordinator::wait_get(&**coord, &key, deadline).unwrap();
+    (String::from_utf8(addr).unwrap().parse().unwrap(), zero)
+}
+
+/// Rank 1 of the group `lone_rank_zero` leads, in `generation` with `secret`.
+fn rank_one(
+    coord: &InProcessCoordinator,
+    generation: u64,
+    secret: &[u8],
+) -> marathon_runtime::Result<ProcessGroup> {
+    let mut s = spec("guarded", 1, 2, Duration::from_secs(10));
+    s.generation = generation;
+    s.secret = secret.to_vec();
+    s.rendezvous_timeout = Duration::from_secs(5);
+    ProcessGroup::connect(coord, s)
+}
+
+/// A process that knows the job and group names but not the generation's secret cannot take a
+/// member's place: both sides refuse it, the refusal is logged, and the real member joins.
+#[test]
+fn a_connection_without_the_secret_is_refused_and_the_member_joins() {
+    let coord = Arc::new(InProcessCoordinator::new());
+    let (_, zero) = lone_rank_zero(&coord, b"generation secret", Duration::from_secs(30));
+    let e = rank_one(&coord, 2, b"a guess").expect_err("an impostor");
+    assert!(e.to_string().contains("did not prove"), "{e}");
+    let mut one = rank_one(&coord, 2, b"generation secret").expect("the member joins");
+    let mut zero = zero.join().unwrap().expect("rank 0's group");
+    assert_eq!(zero.refused().len(), 1, "{:?}", zero.refused());
+    assert!(
+        zero.refused()[0].contains("claims rank 1"),
+        "{:?}",
+        zero.refused()
+    );
+    let h = std::thread::spawn(move || {
+        let mut b = vec![1.0f32; 4];
+        one.all_reduce(&mut b).map(|_| b)
+    });
+    let mut a = vec![2.0f32; 4];
+    zero.all_reduce(&mut a).unwrap();
+    assert_eq!(a, vec![3.0; 4]);
+    assert_eq!(h.join().unwrap().unwrap(), vec![3.0; 4]);
+}
+
+/// A member of the previous generation, reaching the new generation's listener through an
+/// address it kept, is refused by both sides.
+#[test]
+fn a_member_of_the_previous_generation_is_refused() {
+    let coord = Arc::new(InProcessCoordinator::new());
+    let (addr, zero) = lone_rank_zero(&coord, b"secret of 2", Duration::from_secs(30));
+    let mut old = spec("guarded", 0, 2, Duration::from_secs(10));
+    old.generation = 1;
+    marathon_elastic::Coordinator::put(&*coord, &old.key(0), addr.to_string().as_bytes()).unwrap();
+    let e = rank_one(&coord, 1, b"secret of 1").expect_err("a stale member");
+    assert!(e.to_string().contains("did not prove"), "{e}");
+    rank_one(&coord, 2, b"secret of 2").expect("the member joins");
+    let zero = zero.join().unwrap().expect("rank 0's group");
+    assert_eq!(zero.refused().len(), 1, "{:?}", zero.refused());
+}
+
+/// A connection that never says anything does not hold the rendezvous: greetings are read
+/// concurrently, so the member that connects after it joins well inside a deadline shorter
+/// than a greeting's own.
+#[test]
+fn a_silent_connection_does_not_delay_the_rendezvous() {
+    let coord = Arc::new(InProcessCoordinator::new());
+    let (addr, zero) = lone_rank_zero(&coord, b"s", Duration::from_secs(3));
+    let silent = std::net::TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    rank_one(&coord, 2, b"s").expect("the member joins");
+    zero.join().unwrap().expect("rank 0's group forms");
+    drop(silent);
+}

@@ -65,6 +65,7 @@ fn suite(store: Store) {
         1,
         WriterOptions {
             chunk_bytes: 1 << 20,
+            single_writer: true,
             ..WriterOptions::default()
         },
     )
@@ -164,7 +165,15 @@ fn s3_api_server() {
         .expect("runtime")
         .block_on(probe_create_only(&store))
         .expect("probe");
-    // Garage 2.5 accepts a create-only put over an existing object; the committer checks first.
+    // Garage 2.5 accepts a create-only put over an existing object: its manifest's put cannot
+    // decide a commit, so a writer with nothing else to decide it is refused at its start.
     assert_eq!(mode, marathon_storage::writer::CommitMode::LeaderChecked);
+    let refused = CheckpointWriter::new(store.clone(), 0, 1, WriterOptions::default())
+        .expect_err("an unsafe commit point");
+    assert!(
+        matches!(&refused, StorageError::UnsafeCommit { url } if url == "s3://ckpt/jobs/conformance")
+            && refused.to_string().contains("single_writer"),
+        "{refused}"
+    );
     suite(store);
 }
