@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions, WatchResponse, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchResponse, WatchStream,
 };
 
 use crate::{Coordinator, ElasticError};
@@ -22,12 +22,48 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts of a call that fails for want of a connection.
 const ATTEMPTS_MAX: u32 = 4;
 
+/// Who a client is to etcd, and how it knows etcd is the one it means. The default is plain
+/// `http://` endpoints, anonymous.
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    /// The CA (PEM) that etcd's server certificate must chain to: TLS, for `https://`
+    /// endpoints.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The certificate and key (PEM) this client presents, for etcd's `--client-cert-auth`.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// A user and its password, for etcd's authentication.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "EtcdAccess({}, tls {})",
+            self.who(),
+            self.ca_pem.is_some()
+        )
+    }
+}
+
+impl EtcdAccess {
+    /// Whom etcd sees, for messages: never the password.
+    pub fn who(&self) -> String {
+        match (&self.user, &self.identity) {
+            (Some((user, _)), _) => format!("user {user:?}"),
+            (None, Some(_)) => "the client certificate's user".into(),
+            (None, None) => "an anonymous client".into(),
+        }
+    }
+}
+
 /// A [`Coordinator`] on an etcd cluster.
 #[derive(Clone)]
 pub struct EtcdCoordinator {
     client: Client,
     rt: Arc<tokio::runtime::Runtime>,
     endpoints: Vec<String>,
+    who: String,
 }
 
 impl std::fmt::Debug for EtcdCoordinator {
@@ -38,8 +74,19 @@ impl std::fmt::Debug for EtcdCoordinator {
 
 impl EtcdCoordinator {
     /// Connects to the cluster at `endpoints` (`http://host:port`, comma-separated lists split
-    /// by the caller), waiting at most `timeout`.
+    /// by the caller), anonymously, waiting at most `timeout`.
     pub fn connect(endpoints: &[String], timeout: Duration) -> Result<Self, ElasticError> {
+        Self::connect_with(endpoints, timeout, &EtcdAccess::default())
+    }
+
+    /// Connects as `access` says: over TLS, with a client certificate, as a user. A credential
+    /// etcd refuses is [`ElasticError::Denied`] at once, never retried.
+    pub fn connect_with(
+        endpoints: &[String],
+        timeout: Duration,
+        access: &EtcdAccess,
+    ) -> Result<Self, ElasticError> {
+        let (endpoint, who) = (endpoints.join(","), access.who());
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("marathon-etcd")
@@ -51,6 +98,7 @@ impl EtcdCoordinator {
             .with_timeout(CALL_TIMEOUT)
             // Generous: on a loaded machine a late ping answer must not cost the connection.
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(10));
+        let options = secured(options, access);
         let client = rt
             .block_on(async {
                 tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await
@@ -63,14 +111,42 @@ impl EtcdCoordinator {
                     timeout.as_millis()
                 ),
             })?
-            .map_err(|e| unavailable("connect to", &endpoints.join(","), e))?;
+            .map_err(|e| match denial(&e) {
+                Some(reason) => denied("connect to", "", &endpoint, &who, reason),
+                None => unavailable("connect to", &endpoint, e),
+            })?;
         let c = EtcdCoordinator {
             client,
             rt: Arc::new(rt),
             endpoints: endpoints.to_vec(),
+            who,
         };
-        // The connection is lazy: one read proves the cluster answers.
-        c.get("/marathon/.probe")?;
+        // The connection is lazy: one call proves the cluster answers.
+        // (A status call: every authenticated user may make it, whatever keys its role covers.)
+        c.call("reach", &endpoint, |mut c| async move { c.status().await })
+            .map_err(|e| match e {
+                // Under TLS 1.3 a server verifies the client's certificate after the handshake
+                // and, refusing it, closes the connection: the client sees a broken pipe.
+                ElasticError::Unavailable { reason, .. }
+                    if access.identity.is_some()
+                        && ["broken pipe", "connection reset"]
+                            .iter()
+                            .any(|w| reason.to_lowercase().contains(w)) =>
+                {
+                    denied(
+                        "reach",
+                        "",
+                        &endpoint,
+                        &c.who,
+                        format!(
+                            "TLS: etcd closed the connection once it saw the client \
+                             certificate, as it does with one it does not accept (signed by \
+                             another CA than its --trusted-ca-file?): {reason}"
+                        ),
+                    )
+                }
+                e => e,
+            })?;
         Ok(c)
     }
 
@@ -87,8 +163,19 @@ impl EtcdCoordinator {
                 let result = tokio::time::timeout(CALL_TIMEOUT, op(self.client.clone())).await;
                 let err = match result {
                     Ok(Ok(v)) => return Ok(v),
-                    Ok(Err(e)) if !transient(&e) => return Err(unavailable(action, key, e)),
-                    Ok(Err(e)) => unavailable(action, key, e),
+                    Ok(Err(e)) => match denial(&e) {
+                        Some(reason) => {
+                            return Err(denied(
+                                action,
+                                key,
+                                &self.endpoints.join(","),
+                                &self.who,
+                                reason,
+                            ))
+                        }
+                        None if !transient(&e) => return Err(unavailable(action, key, e)),
+                        None => unavailable(action, key, e),
+                    },
                     Err(_) => ElasticError::Unavailable {
                         action,
                         key: key.to_owned(),
@@ -593,6 +680,67 @@ fn transient(e: &etcd_client::Error) -> bool {
         // gRPC's UNAVAILABLE (14) and DEADLINE_EXCEEDED (4).
         etcd_client::Error::GRpcStatus(s) if matches!(i32::from(s.code()), 14 | 4)
     )
+}
+
+/// `options` with TLS and credentials as `access` gives them.
+fn secured(mut options: ConnectOptions, access: &EtcdAccess) -> ConnectOptions {
+    if access.ca_pem.is_some() || access.identity.is_some() {
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &access.ca_pem {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &access.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(tls);
+    }
+    if let Some((user, password)) = &access.user {
+        options = options
+            .with_user(user.clone(), password.clone())
+            .with_auto_token_refresh(true);
+    }
+    options
+}
+
+/// Why etcd refused a credential or a request, if that is what `e` is: a failed
+/// authentication, a permission the user lacks, or a TLS handshake that a certificate failed
+/// (theirs or ours). These are never transient.
+fn denial(e: &etcd_client::Error) -> Option<String> {
+    // gRPC's UNAUTHENTICATED (16), PERMISSION_DENIED (7), and INVALID_ARGUMENT (3), which
+    // etcd answers a wrong password with.
+    if let etcd_client::Error::GRpcStatus(s) = e {
+        let code = i32::from(s.code());
+        if matches!(code, 16 | 7) || (code == 3 && s.message().contains("authentication failed")) {
+            return Some(s.message().to_string());
+        }
+    }
+    // A TLS handshake that failed on a certificate, wherever in the chain of errors it shows.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    let lower = text.to_lowercase();
+    ["certificate", "unknownissuer", "unknownca", "fatal alert"]
+        .iter()
+        .any(|w| lower.contains(w))
+        .then(|| format!("TLS: {text}"))
+}
+
+/// etcd at `endpoint` refused `who` (a credential, or a request its role does not cover).
+fn denied(
+    action: &'static str,
+    key: &str,
+    endpoint: &str,
+    who: &str,
+    reason: String,
+) -> ElasticError {
+    ElasticError::Denied {
+        action,
+        key: key.to_owned(),
+        reason: format!("at {endpoint} as {who}: refused: {reason}"),
+    }
 }
 
 fn unavailable(action: &'static str, key: &str, e: impl std::fmt::Display) -> ElasticError {

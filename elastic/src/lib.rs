@@ -24,7 +24,7 @@ pub mod plan;
 pub mod topology;
 
 pub use coordinator::{Coordinator, DirCoordinator, InProcessCoordinator};
-pub use etcd::{Change, EtcdCoordinator, Registration, Watch};
+pub use etcd::{Change, EtcdAccess, EtcdCoordinator, Registration, Watch};
 pub use job::{JobKey, JobKeys};
 pub use topology::{Axis, Topology};
 
@@ -43,12 +43,22 @@ pub enum ElasticError {
         key: String,
         reason: String,
     },
+    /// The coordinator refused who the client is or what it asked: a credential it does not
+    /// accept (a wrong password, a certificate of another CA) or a key the user's role may not
+    /// touch. Asking again cannot help.
+    /// `reason` names the endpoint and whom it refused.
+    #[error("coordinator: {action} {key} {reason}")]
+    Denied {
+        action: &'static str,
+        key: String,
+        reason: String,
+    },
 }
 
 impl ElasticError {
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        true
+        !matches!(self, ElasticError::Denied { .. })
     }
 
     pub(crate) fn timeout(key: &str, waited: Duration) -> Self {

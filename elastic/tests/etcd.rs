@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
+use common::etcd_tls::Certs;
 use marathon_elastic::coordinator::conformance;
 use marathon_elastic::Coordinator;
 
@@ -193,4 +194,73 @@ fn a_watch_goes_on_after_the_coordinator_that_started_it_is_dropped() {
         .expect("the put arrives");
     assert_eq!(change.key, "/marathon/job/generation");
     assert_eq!(change.value, Some(b"1".to_vec()));
+}
+
+/// etcd over TLS, asking for client certificates, with authentication on: the job's user, whose
+/// role covers the job's prefix, works there (by password, or by its certificate alone); a
+/// wrong password, a certificate from another CA, a user without the role and a key outside it
+/// are refused at once, with errors that name the user and the endpoint, and never retried.
+#[test]
+fn etcd_over_tls_with_authentication_admits_the_job_and_refuses_the_rest() {
+    use marathon_elastic::ElasticError;
+    let certs = Certs::new(&["root", "trainer", "other"]);
+    let etcd = Etcd::start_secure(&certs, &["trainer"], &["other"], "/marathon/secure/");
+    let prefix = "/marathon/secure";
+    for (i, (access, who)) in [
+        (
+            certs.access("trainer", Some("trainer-password")),
+            "user \"trainer\"",
+        ),
+        (certs.access("trainer", None), "client certificate"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = etcd.connect_with(&access);
+        c.put(&format!("{prefix}/a"), b"1")
+            .expect("put under the prefix");
+        assert_eq!(
+            c.get(&format!("{prefix}/a")).expect("get"),
+            Some(b"1".to_vec())
+        );
+        assert!(c
+            .transact(
+                &[(&format!("{prefix}/b{i}"), None)],
+                &[(&format!("{prefix}/b{i}"), b"2")]
+            )
+            .expect("a transaction under the prefix"));
+        let e = c
+            .put("/marathon/another-job/a", b"1")
+            .expect_err("outside the role");
+        assert!(
+            matches!(e, ElasticError::Denied { .. })
+                && !e.is_retryable()
+                && e.to_string().contains(who)
+                && e.to_string().contains(&etcd.url),
+            "{e}"
+        );
+    }
+    let denied = |access: marathon_elastic::EtcdAccess, what: &str| {
+        let e = marathon_elastic::EtcdCoordinator::connect_with(
+            std::slice::from_ref(&etcd.url),
+            Duration::from_secs(5),
+            &access,
+        )
+        .and_then(|c| c.put(&format!("{prefix}/c"), b"1"))
+        .expect_err(what);
+        assert!(
+            matches!(e, ElasticError::Denied { .. }) && e.to_string().contains(&etcd.url),
+            "{what}: {e}"
+        );
+        e.to_string()
+    };
+    let e = denied(certs.access("trainer", Some("a guess")), "a wrong password");
+    assert!(e.contains("\"trainer\""), "{e}");
+    let e = denied(certs.access("rogue", None), "a certificate of another CA");
+    assert!(e.contains("TLS"), "{e}");
+    let e = denied(
+        certs.access("other", Some("other-password")),
+        "a user without the role",
+    );
+    assert!(e.contains("\"other\""), "{e}");
 }

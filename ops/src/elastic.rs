@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use marathon_elastic::membership::Timing;
-use marathon_elastic::{retrying, Change, Coordinator, EtcdCoordinator, JobKey, JobKeys};
+use marathon_elastic::{
+    retrying, Change, Coordinator, EtcdAccess, EtcdCoordinator, JobKey, JobKeys,
+};
 use marathon_runtime::agent::{self, AgentOptions};
 use marathon_runtime::trainer::{preflight, Summary};
 use marathon_runtime::worker::{self, StepCommit, WorkerOptions};
@@ -68,6 +70,105 @@ impl ElasticFlags {
     }
 }
 
+/// The environment variable an etcd user's password may come from.
+pub const ETCD_PASSWORD_ENV: &str = "MARATHON_ETCD_PASSWORD";
+
+/// How to reach an etcd behind TLS and authentication. The password comes from
+/// `MARATHON_ETCD_PASSWORD` or a file, never from a flag (a command line is visible to every
+/// user of the machine).
+#[derive(Debug, Clone, Default, Args)]
+pub struct EtcdSecurity {
+    /// The CA certificate (PEM) that etcd's server certificate must chain to: TLS, with
+    /// https:// endpoints.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// The client certificate (PEM) to present to etcd (its --client-cert-auth), with
+    /// --etcd-key.
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// The etcd user to authenticate as; its password is MARATHON_ETCD_PASSWORD, or the first
+    /// line of --etcd-password-file.
+    #[arg(long)]
+    etcd_user: Option<String>,
+    /// A file holding the etcd user's password (readable only by the job's user).
+    #[arg(long, requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdSecurity {
+    /// The flags again, for the agents and workers this process starts (the password stays in
+    /// its file or the environment, which they inherit).
+    fn args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (flag, path) in [
+            ("--etcd-ca", &self.etcd_ca),
+            ("--etcd-cert", &self.etcd_cert),
+            ("--etcd-key", &self.etcd_key),
+            ("--etcd-password-file", &self.etcd_password_file),
+        ] {
+            if let Some(p) = path {
+                out.extend([flag.to_string(), p.display().to_string()]);
+            }
+        }
+        if let Some(u) = &self.etcd_user {
+            out.extend(["--etcd-user".to_string(), u.clone()]);
+        }
+        out
+    }
+
+    /// The files read and the password found, as the etcd client takes them.
+    pub fn access(&self) -> Result<EtcdAccess> {
+        let read = |flag: &str, p: &Path| {
+            std::fs::read(p).with_context(|| format!("{flag}: read {}", p.display()))
+        };
+        let ca_pem = self
+            .etcd_ca
+            .as_deref()
+            .map(|p| read("--etcd-ca", p))
+            .transpose()?;
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(c), Some(k)) => Some((read("--etcd-cert", c)?, read("--etcd-key", k)?)),
+            _ => None,
+        };
+        let user = match &self.etcd_user {
+            None => None,
+            Some(u) => {
+                let password = match &self.etcd_password_file {
+                    Some(p) => String::from_utf8_lossy(&read("--etcd-password-file", p)?)
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                    None => std::env::var(ETCD_PASSWORD_ENV).map_err(|_| {
+                        anyhow::anyhow!(
+                            "--etcd-user {u}: no password: set {ETCD_PASSWORD_ENV}, or give \
+                             --etcd-password-file"
+                        )
+                    })?,
+                };
+                Some((u.clone(), password))
+            }
+        };
+        Ok(EtcdAccess {
+            ca_pem,
+            identity,
+            user,
+        })
+    }
+
+    /// Connects to the etcd at `urls` as these flags say.
+    pub fn connect(&self, urls: &str, timeout: Duration) -> Result<EtcdCoordinator> {
+        Ok(EtcdCoordinator::connect_with(
+            &endpoints(urls),
+            timeout,
+            &self.access()?,
+        )?)
+    }
+}
+
 /// `marathon agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -104,6 +205,8 @@ pub struct AgentArgs {
     layout: LayoutFlags,
     #[command(flatten)]
     elastic: ElasticFlags,
+    #[command(flatten)]
+    security: EtcdSecurity,
 }
 
 /// The hidden `marathon elastic-worker`: one slot of an agent.
@@ -123,6 +226,8 @@ pub struct WorkerArgs {
     host: std::net::IpAddr,
     #[command(flatten)]
     layout: LayoutFlags,
+    #[command(flatten)]
+    security: EtcdSecurity,
 }
 
 /// `--slots`: a count, or one per visible GPU.
@@ -265,6 +370,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         args.host.to_string(),
     ];
     worker_args.extend(args.layout.args());
+    worker_args.extend(args.security.args());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = std::env::var("MARATHON_WORKER_THREADS")
         .ok()
@@ -273,6 +379,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     let e = &args.elastic;
     agent::run(AgentOptions {
         endpoints: endpoints(&args.etcd),
+        access: args.security.access()?,
         job: args.job,
         node,
         slots,
@@ -304,7 +411,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
 /// `marathon elastic-worker`.
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let cfg = elastic_config(&args.config, &args.layout)?;
-    let coord = EtcdCoordinator::connect(&endpoints(&args.etcd), Duration::from_secs(10))?;
+    let coord = args.security.connect(&args.etcd, Duration::from_secs(10))?;
     worker::run(
         cfg,
         Arc::new(coord),
@@ -338,6 +445,8 @@ pub struct TrainEtcdFlags {
     slots: Option<usize>,
     #[command(flatten)]
     elastic: ElasticFlags,
+    #[command(flatten)]
+    security: EtcdSecurity,
 }
 
 impl TrainEtcdFlags {
@@ -393,7 +502,9 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
         .job
         .clone()
         .unwrap_or_else(|| format!("{stem}-{}", worker::unix_ms()));
-    let coord = EtcdCoordinator::connect(&endpoints(&urls), Duration::from_secs(10))
+    let coord = flags
+        .security
+        .connect(&urls, Duration::from_secs(10))
         .with_context(|| format!("connect to etcd at {urls}"))?;
     let keys = JobKeys::new(&job);
     if coord.get(&keys.done())?.is_some() {
@@ -433,6 +544,7 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
             .args(["--wait-slots", &(nodes * slots).to_string(), "--tied"])
             .args(layout.args())
             .args(flags.elastic.args())
+            .args(flags.security.args())
             .env("MARATHON_WORKER_THREADS", threads.to_string())
             .envs(node_gpus(&gpus, i, slots))
             .envs((!gpus.is_empty()).then(|| {

@@ -41,6 +41,8 @@ use crate::{Result, RuntimeError};
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub endpoints: Vec<String>,
+    /// TLS and credentials for etcd.
+    pub access: marathon_elastic::EtcdAccess,
     pub job: String,
     /// This node's name, unique in the job.
     pub node: String,
@@ -163,9 +165,10 @@ struct Agent {
 
 impl Agent {
     fn new(opts: AgentOptions) -> Result<Self> {
-        let coord = Arc::new(EtcdCoordinator::connect(
+        let coord = Arc::new(EtcdCoordinator::connect_with(
             &opts.endpoints,
             Duration::from_secs(10),
+            &opts.access,
         )?);
         let keys = JobKeys::new(&opts.job);
         forget_previous_run(&*coord, &keys, &opts.node)?;

@@ -315,8 +315,15 @@ fn lone_rank_zero(
     let c = coord.clone();
     let zero = std::thread::spawn(move || ProcessGroup::connect(&*c, s));
     let deadline = Instant::now() + Duration::from_secs(10);
-    let addr = marathon_elastic::Coordinator::wait_get(&**coord, &key, deadline).unwrap();
-    (String::from_utf8(addr).unwrap().parse().unwrap(), zero)
+    let addr = marathon_elastic::Coordinator::wait_get(&**coord, &key, deadline)
+        .expect("rank 0's address");
+    (
+        String::from_utf8(addr)
+            .expect("text")
+            .parse()
+            .expect("an address"),
+        zero,
+    )
 }
 
 /// Rank 1 of the group `lone_rank_zero` leads, in `generation` with `secret`.
@@ -341,7 +348,7 @@ fn a_connection_without_the_secret_is_refused_and_the_member_joins() {
     let e = rank_one(&coord, 2, b"a guess").expect_err("an impostor");
     assert!(e.to_string().contains("did not prove"), "{e}");
     let mut one = rank_one(&coord, 2, b"generation secret").expect("the member joins");
-    let mut zero = zero.join().unwrap().expect("rank 0's group");
+    let mut zero = zero.join().expect("rank 0").expect("rank 0's group");
     assert_eq!(zero.refused().len(), 1, "{:?}", zero.refused());
     assert!(
         zero.refused()[0].contains("claims rank 1"),
@@ -353,9 +360,9 @@ fn a_connection_without_the_secret_is_refused_and_the_member_joins() {
         one.all_reduce(&mut b).map(|_| b)
     });
     let mut a = vec![2.0f32; 4];
-    zero.all_reduce(&mut a).unwrap();
+    zero.all_reduce(&mut a).expect("all-reduce");
     assert_eq!(a, vec![3.0; 4]);
-    assert_eq!(h.join().unwrap().unwrap(), vec![3.0; 4]);
+    assert_eq!(h.join().expect("rank 1").expect("all-reduce"), vec![3.0; 4]);
 }
 
 /// A member of the previous generation, reaching the new generation's listener through an
@@ -366,11 +373,12 @@ fn a_member_of_the_previous_generation_is_refused() {
     let (addr, zero) = lone_rank_zero(&coord, b"secret of 2", Duration::from_secs(30));
     let mut old = spec("guarded", 0, 2, Duration::from_secs(10));
     old.generation = 1;
-    marathon_elastic::Coordinator::put(&*coord, &old.key(0), addr.to_string().as_bytes()).unwrap();
+    marathon_elastic::Coordinator::put(&*coord, &old.key(0), addr.to_string().as_bytes())
+        .expect("put");
     let e = rank_one(&coord, 1, b"secret of 1").expect_err("a stale member");
     assert!(e.to_string().contains("did not prove"), "{e}");
     rank_one(&coord, 2, b"secret of 2").expect("the member joins");
-    let zero = zero.join().unwrap().expect("rank 0's group");
+    let zero = zero.join().expect("rank 0").expect("rank 0's group");
     assert_eq!(zero.refused().len(), 1, "{:?}", zero.refused());
 }
 
@@ -381,9 +389,9 @@ fn a_member_of_the_previous_generation_is_refused() {
 fn a_silent_connection_does_not_delay_the_rendezvous() {
     let coord = Arc::new(InProcessCoordinator::new());
     let (addr, zero) = lone_rank_zero(&coord, b"s", Duration::from_secs(3));
-    let silent = std::net::TcpStream::connect(addr).unwrap();
+    let silent = std::net::TcpStream::connect(addr).expect("connect");
     std::thread::sleep(Duration::from_millis(200));
     rank_one(&coord, 2, b"s").expect("the member joins");
-    zero.join().unwrap().expect("rank 0's group forms");
+    zero.join().expect("rank 0").expect("rank 0's group forms");
     drop(silent);
 }

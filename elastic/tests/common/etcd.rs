@@ -11,8 +11,8 @@ use marathon_elastic::EtcdCoordinator;
 
 /// A private etcd on free loopback ports with its own data directory, killed on drop.
 pub struct Etcd {
-    child: Child,
-    _dir: tempfile::TempDir,
+    pub child: Child,
+    pub dir: tempfile::TempDir,
     pub url: String,
 }
 
@@ -36,7 +36,7 @@ fn etcd_binary() -> PathBuf {
 
 /// A port nobody listens on now, on any address, not handed out before by this process (a
 /// probe's port is free again once the probe closes).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
     loop {
@@ -52,7 +52,14 @@ fn free_port() -> u16 {
 
 /// Starts etcd member `name` of the cluster `initial` (`name=peer-url,...`), with its data
 /// and log in `dir`, listening for clients on `url` and for peers on `peer_url`.
-fn spawn_member(dir: &Path, name: &str, url: &str, peer_url: &str, initial: &str) -> Child {
+pub fn spawn_member(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    peer_url: &str,
+    initial: &str,
+    extra: &[String],
+) -> Child {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("etcd log");
     Command::new(etcd_binary())
         .args(["--name", name, "--data-dir"])
@@ -70,6 +77,7 @@ fn spawn_member(dir: &Path, name: &str, url: &str, peer_url: &str, initial: &str
             "--initial-cluster-state",
             "new",
         ])
+        .args(extra)
         .stdout(log.try_clone().expect("etcd log"))
         .stderr(log)
         .stdin(Stdio::null())
@@ -84,12 +92,8 @@ impl Etcd {
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let initial = format!("test={peer_url}");
-        let child = spawn_member(dir.path(), "test", &url, &peer_url, &initial);
-        Etcd {
-            child,
-            _dir: dir,
-            url,
-        }
+        let child = spawn_member(dir.path(), "test", &url, &peer_url, &initial, &[]);
+        Etcd { child, dir, url }
     }
 
     pub fn connect(&self) -> EtcdCoordinator {
@@ -146,7 +150,7 @@ impl EtcdCluster {
         for (i, (client, peer)) in ports.iter().enumerate() {
             let url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = spawn_member(dir.path(), &format!("m{i}"), &url, &peer_url, &initial);
+            let child = spawn_member(dir.path(), &format!("m{i}"), &url, &peer_url, &initial, &[]);
             members.push(Some(child));
             urls.push(url);
         }

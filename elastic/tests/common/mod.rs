@@ -1,3 +1,4 @@
 //! Helpers shared by the elastic tests.
 
 pub mod etcd;
+pub mod etcd_tls;
