@@ -128,12 +128,16 @@ pub fn against_reference(dir: &Path, steps: u64) -> Vec<String> {
 /// From the history of the job's keys in etcd's order:
 /// - generations are planned in increasing order, each once;
 /// - no step commit of a generation lands after a newer generation was planned (a fenced
-///   generation never commits);
+///   generation never commits), nor any checkpoint's commit record (its `epoch`, the
+///   generation of its writer: a committer stalled across a change of generation cannot
+///   commit);
+/// - each checkpoint's commit record is written once;
 /// - the steps committed within a generation only increase.
 pub fn fencing(keys: &JobKeys, seen: &[Seen]) -> Vec<String> {
     let mut v = Vec::new();
     let mut planned = 0u64;
     let mut last_step: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut recorded = BTreeSet::new();
     for (at, key, value) in seen {
         let Some(value) = value else { continue };
         match keys.parse(key) {
@@ -161,6 +165,23 @@ pub fn fencing(keys: &JobKeys, seen: &[Seen]) -> Vec<String> {
                         ));
                     }
                     *last = (*last).max(c.step);
+                }
+            }
+            JobKey::Checkpoint(step) => {
+                let epoch = serde_json::from_slice::<serde_json::Value>(value)
+                    .ok()
+                    .and_then(|r| r["epoch"].as_u64());
+                match epoch {
+                    Some(g) if g < planned => v.push(format!(
+                        "the checkpoint of step {step} was committed at {at} ms by generation \
+                         {g}, after generation {planned} was planned: a fenced writer committed"
+                    )),
+                    _ => {}
+                }
+                if !recorded.insert(step) {
+                    v.push(format!(
+                        "the checkpoint of step {step} was committed a second time at {at} ms"
+                    ));
                 }
             }
             _ => {}
@@ -227,8 +248,39 @@ pub fn rendezvous_deadlines<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec
     ];
     lines
         .into_iter()
-        .filter(|l| l.contains("rendezvous of group") && deadline.iter().any(|d| l.contains(d)))
+        // A connection refused at rendezvous (an impostor's greeting that timed out) is not
+        // the rendezvous waiting out its deadline.
+        .filter(|l| {
+            l.contains("rendezvous of group")
+                && !l.contains("refused a connection")
+                && deadline.iter().any(|d| l.contains(d))
+        })
         .map(|l| format!("a rendezvous waited out its deadline instead of being aborted: {l}"))
+        .collect()
+}
+
+/// From the agents' and workers' log lines: every forged rendezvous connection a listener
+/// answered (`forged`, each by its local address) was then refused, and the refusal logged.
+pub fn forged_refused<'a>(
+    forged: &[String],
+    lines: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let refusals: Vec<&str> = lines
+        .into_iter()
+        .filter(|l| l.contains("refused a connection from"))
+        .collect();
+    forged
+        .iter()
+        .filter(|addr| {
+            let from = format!("refused a connection from {addr}:");
+            !refusals.iter().any(|l| l.contains(&from))
+        })
+        .map(|addr| {
+            format!(
+                "a forged rendezvous connection from {addr}, without the group secret, was \
+                 answered and never refused"
+            )
+        })
         .collect()
 }
 
@@ -408,9 +460,27 @@ mod tests {
         let mut again = good.clone();
         again.push(plan(2));
         assert!(fencing(&keys, &again)[0].contains("generation 2 planned"));
-        let mut back = good;
+        let mut back = good.clone();
         back.push(done(2, 1));
         assert!(fencing(&keys, &back)[0].contains("committed step 1 after step 2"));
+        // Checkpoint commit records: one per step, from the running generation only.
+        let record = |t: u64, step: u64, g: u64| {
+            let value = serde_json::json!({ "step": step, "epoch": g }).to_string();
+            (t, keys.checkpoint(step), Some(value.into_bytes()))
+        };
+        let mut ckpt = good.clone();
+        ckpt.push(record(2100, 4, 2));
+        assert_eq!(fencing(&keys, &ckpt), Vec::<String>::new());
+        let mut stalled = good.clone();
+        stalled.push(record(2100, 4, 1));
+        let v = fencing(&keys, &stalled);
+        assert!(
+            v.len() == 1 && v[0].contains("a fenced writer committed"),
+            "{v:?}"
+        );
+        ckpt.push(record(2200, 4, 2));
+        let v = fencing(&keys, &ckpt);
+        assert!(v.len() == 1 && v[0].contains("a second time"), "{v:?}");
     }
 
     #[test]
@@ -466,5 +536,22 @@ mod tests {
         ];
         let v = rendezvous_deadlines(lines);
         assert!(v.len() == 1 && v[0].contains("did not connect"), "{v:?}");
+        let refused = "rendezvous of group dp-0 (rank 0, generation 3): refused a connection \
+                       from 10.0.0.9:5000: no greeting: timed out";
+        assert!(rendezvous_deadlines([refused]).is_empty());
+    }
+
+    #[test]
+    fn the_forgery_check_fires_on_a_forged_connection_never_refused() {
+        let forged = ["10.0.0.9:5000".to_string(), "10.0.0.9:5001".to_string()];
+        let lines = [
+            "rendezvous of group dp-0 (rank 0, generation 3): refused a connection from \
+             10.0.0.9:5000: it claims rank 1 but did not prove that it holds this generation's \
+             group secret",
+            "agent a: step 3",
+        ];
+        let v = forged_refused(&forged, lines);
+        assert!(v.len() == 1 && v[0].contains("10.0.0.9:5001"), "{v:?}");
+        assert!(forged_refused(&forged[..1], lines).is_empty());
     }
 }

@@ -4,7 +4,7 @@
 //! reaches their steps; the invariants checked at the end, and every process it started
 //! stopped, also when it fails.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -157,6 +157,11 @@ struct Harness<'a> {
     injected: Vec<Injected>,
     /// Checkpoint steps whose shard had a bit flipped, and when.
     flipped: Vec<(u64, u64)>,
+    /// The forged rendezvous connections in flight, each with the index of its entry in
+    /// `injected`: each ends with its local address if a listener answered it.
+    forging: Vec<(usize, std::thread::JoinHandle<Option<String>>)>,
+    /// The local address of each forged rendezvous connection that a listener answered.
+    forged: Vec<String>,
     /// Every server pid, for the check that nothing is left running.
     server_pids: BTreeSet<u32>,
     /// Namespaces, or why the nodes run on loopback. Dropped last: the processes in the
@@ -230,6 +235,8 @@ impl<'a> Harness<'a> {
             reference: Some(reference),
             injected: Vec::new(),
             flipped: Vec::new(),
+            forging: Vec::new(),
+            forged: Vec::new(),
             server_pids,
             network,
         };
@@ -307,6 +314,18 @@ impl<'a> Harness<'a> {
                 "step {landed}: {fault}{}",
                 at.as_deref().map(|a| format!(" ({a})")).unwrap_or_default()
             ));
+            // While a worker is held at its rendezvous, its peers' listeners wait for it: an
+            // impostor tries them first.
+            if t.moment == Some(Moment::Rendezvous) && held.is_some() {
+                let tried = self.forge_rendezvous(self.injected.len());
+                self.injected.push(Injected {
+                    fault: Fault::ForgeRendezvous,
+                    what: Fault::ForgeRendezvous.to_string(),
+                    at_step: t.at_step,
+                    landed_at_step: landed,
+                    note: Some(format!("{tried} connections")),
+                });
+            }
             // The worker held at the moment goes on just after the fault began (most
             // faults last a while; held that long, it would be declared hung instead).
             if let Some(hit) = held {
@@ -495,6 +514,10 @@ impl<'a> Harness<'a> {
                 self.server_pids.extend(self.store.pid());
             }
             Fault::FlipBit => return self.flip_bit(),
+            Fault::ForgeRendezvous => {
+                let tried = self.forge_rendezvous(self.injected.len());
+                return Ok(Some(format!("{tried} connections")));
+            }
             Fault::Partition { node, ms } | Fault::SlowLink { node, ms } => {
                 let Ok(net) = &self.network else {
                     return Ok(Some(format!("not injected: {}", self.network_mode())));
@@ -512,6 +535,59 @@ impl<'a> Harness<'a> {
             }
         }
         Ok(None)
+    }
+
+    /// Connects to each process-group listener the newest generation published, as a process
+    /// that knows the job's and the groups' names but not the generation's secret: a greeting
+    /// that claims the rank above the listener's, then a proof of zeros. Each connection waits
+    /// for its answer on a thread of its own (a listener may be busy connecting to the worker
+    /// held at its rendezvous), and ends with its local address if a listener answered it,
+    /// which the listener must then refuse, and log. Returns how many connections were made;
+    /// `entry` is the index in `injected` their count of answers goes to.
+    fn forge_rendezvous(&mut self, entry: usize) -> usize {
+        // The addresses the newest planned generation's members published, once they have
+        // begun their rendezvous (the held worker's peers publish theirs as it is held).
+        let published = || {
+            let seen = self.recorder.seen();
+            let g = seen
+                .iter()
+                .filter_map(|(_, k, _)| match self.keys.parse(k) {
+                    JobKey::Plan(g) => Some(g),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            let prefix = format!("{}gen-{g}/pg/", self.keys.root());
+            let mut out: BTreeMap<String, String> = BTreeMap::new();
+            for (_, key, value) in seen {
+                if let (true, Some(v)) = (key.starts_with(&prefix), value) {
+                    out.insert(key, String::from_utf8_lossy(&v).into_owned());
+                }
+            }
+            out
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while published().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let mut tried = 0;
+        for (key, addr) in published() {
+            let (Ok(addr), Some(rank)) = (
+                addr.parse::<std::net::SocketAddr>(),
+                key.rsplit_once("/rank-")
+                    .and_then(|(_, r)| r.parse::<u32>().ok()),
+            ) else {
+                continue;
+            };
+            let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+                continue;
+            };
+            tried += 1;
+            self.forging
+                .push((entry, std::thread::spawn(move || forge(s, rank + 1))));
+        }
+        tried
     }
 
     /// Flips one bit in the middle of rank 0's shard of the newest committed checkpoint, and
@@ -582,6 +658,20 @@ impl<'a> Harness<'a> {
     /// every process stopped. The job's summary, and what went wrong.
     fn finish(&mut self, s: &Scenario) -> (Option<Summary>, Vec<String>) {
         let mut v = Vec::new();
+        let mut answered: BTreeMap<usize, usize> = BTreeMap::new();
+        for (entry, forging) in std::mem::take(&mut self.forging) {
+            if let Ok(Some(local)) = forging.join() {
+                self.forged.push(local);
+                *answered.entry(entry).or_default() += 1;
+            }
+        }
+        for (i, injected) in self.injected.iter_mut().enumerate() {
+            if injected.fault == Fault::ForgeRendezvous {
+                let n = answered.get(&i).copied().unwrap_or(0);
+                let note = injected.note.take().unwrap_or_default();
+                injected.note = Some(format!("{note}, {n} answered by a listener"));
+            }
+        }
         // The job's keys as they changed, for whoever reads a kept scenario's directory.
         let history: String = self
             .recorder
@@ -704,6 +794,10 @@ impl<'a> Harness<'a> {
     fn check_logs(&self, s: &Scenario) -> Vec<String> {
         let lines: Vec<String> = self.nodes.iter().flat_map(|n| n.lines()).collect();
         let mut v = check::rendezvous_deadlines(lines.iter().map(String::as_str));
+        v.extend(check::forged_refused(
+            &self.forged,
+            lines.iter().map(String::as_str),
+        ));
         v.extend(check::checkpoint_loads(
             &self.keys,
             &self.recorder.seen(),
@@ -768,6 +862,24 @@ fn hit(dir: &Path, prefix: &str) -> Option<(u32, PathBuf)> {
         let pid = name.strip_prefix(prefix)?.parse().ok()?;
         Some((pid, e.path()))
     })
+}
+
+/// One forged rendezvous connection on `s`: a greeting claiming `rank`, and, once a listener
+/// answers with its nonce and proof, a proof of zeros. The local address, if it was answered.
+fn forge(mut s: std::net::TcpStream, rank: u32) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut hello = b"MRT2".to_vec();
+    hello.extend_from_slice(&rank.to_le_bytes());
+    hello.extend_from_slice(&[7u8; 16]);
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    s.write_all(&hello).ok()?;
+    let mut answer = [0u8; 48];
+    s.read_exact(&mut answer).ok()?;
+    let local = s.local_addr().ok()?.to_string();
+    let _ = s.write_all(&[0u8; 32]);
+    // The listener closes the connection once it has refused it.
+    let _ = s.read(&mut [0u8; 1]);
+    Some(local)
 }
 
 /// `fault` aimed at the worker found at a moment (node-`node`, slot `slot`), or at its node;

@@ -46,6 +46,10 @@ pub enum Fault {
     Partition { node: usize, ms: u64 },
     /// A node's traffic delayed and lost for `ms`.
     SlowLink { node: usize, ms: u64 },
+    /// Connections forged to every process-group listener of the generation being formed, by a
+    /// process that knows the job's and groups' names but not the generation's secret. Not
+    /// drawn: the harness adds it at every rendezvous moment.
+    ForgeRendezvous,
 }
 
 impl Fault {
@@ -64,6 +68,7 @@ impl Fault {
             Fault::FlipBit => "flip-bit",
             Fault::Partition { .. } => "partition",
             Fault::SlowLink { .. } => "slow-link",
+            Fault::ForgeRendezvous => "forge-rendezvous",
         }
     }
 }
@@ -102,6 +107,10 @@ impl fmt::Display for Fault {
             Fault::SlowLink { node, ms } => {
                 write!(f, "slow node-{node}'s network for {ms} ms")
             }
+            Fault::ForgeRendezvous => write!(
+                f,
+                "connections forged to the rendezvous's listeners, without the group secret"
+            ),
         }
     }
 }

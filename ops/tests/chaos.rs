@@ -172,7 +172,26 @@ fn landed_at_moments(o: &serde_json::Value, moments: &[&str]) {
 /// killing a worker), tp 1 x pp 2.
 #[test]
 fn seed_39_a_node_killed_at_a_rendezvous_a_worker_killed_mid_transfer() {
-    scenario(39);
+    let o = scenario(39);
+    forged_connections_were_answered(&o);
+}
+
+/// At a rendezvous moment the harness also forges connections to the listeners waiting there,
+/// without the group secret: some listener answered one (and, the scenario having passed,
+/// refused and logged it; `check::forged_refused`).
+fn forged_connections_were_answered(o: &serde_json::Value) {
+    let notes: Vec<&str> = o["injected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["fault"]["kind"] == "forge_rendezvous")
+        .map(|i| i["note"].as_str().unwrap_or(""))
+        .collect();
+    let answered: u64 = notes
+        .iter()
+        .filter_map(|n| n.split(", ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(answered > 0, "seed {}: {notes:?}", o["seed"]);
 }
 
 /// A node killed in the middle of a step (its forward and backward done, its gradients not yet
