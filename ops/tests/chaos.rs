@@ -203,6 +203,15 @@ fn seed_48_a_node_killed_mid_step_a_slow_link_mid_collective() {
     network_faults_injected(&o);
 }
 
+/// The committing rank's node stopped for 5.7 s (past the 3 s lease) between its checkpoint's
+/// shards and its commit record: a newer generation forms without it, and when it wakes its
+/// record is refused (the fencing check sees no commit record from a fenced generation);
+/// then the store killed before another manifest.
+#[test]
+fn seed_305_a_committer_stalled_across_a_generation_change() {
+    scenario(305);
+}
+
 #[test]
 fn a_seed_prints_the_same_scenario_every_time() {
     let show = || {
