@@ -124,7 +124,10 @@ pub fn run(seed: u64, opts: &RunOptions) -> Result<Outcome> {
                     .with_context(|| format!("clear {} for seed {seed}", d.display()))?;
             }
             std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
-            d
+            // Absolute: the agents and workers run elsewhere, and find the moments' directory
+            // through this path.
+            d.canonicalize()
+                .with_context(|| format!("resolve {}", d.display()))?
         }
         None => {
             tmp = tempfile::Builder::new()

@@ -333,17 +333,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn writes_of_an_old_generation_are_fenced() {
-        let (c, k) = (InProcessCoordinator::new(), JobKeys::new("j"));
-        let plan = Plan {
+    /// A plan of one replica and no slots: enough for what generations fence.
+    fn one_replica() -> Plan {
+        Plan {
             tp: 1,
             pp: 1,
             dp: 1,
             blocks: vec![],
             microbatches: vec![1],
             standby: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn writes_of_an_old_generation_are_fenced() {
+        let (c, k) = (InProcessCoordinator::new(), JobKeys::new("j"));
+        let plan = one_replica();
         assert_eq!(generation(&c, &k).unwrap(), 0);
         assert!(propose(&c, &k, 0, 1, &plan, &[]).unwrap());
         assert!(!propose(&c, &k, 0, 1, &plan, &[]).unwrap(), "second first");
@@ -357,14 +362,7 @@ mod tests {
     #[test]
     fn a_checkpoint_record_is_created_once_and_only_by_the_running_generation() {
         let (c, k) = (InProcessCoordinator::new(), JobKeys::new("j"));
-        let plan = Plan {
-            tp: 1,
-            pp: 1,
-            dp: 1,
-            blocks: vec![],
-            microbatches: vec![1],
-            standby: vec![],
-        };
+        let plan = one_replica();
         assert!(propose(&c, &k, 0, 1, &plan, &[]).expect("plan"));
         let record = |g, v: &[u8]| record_checkpoint(&c, &k, g, 10, v).expect("record");
         assert_eq!(record(2, b"future"), CheckpointRecord::Fenced);

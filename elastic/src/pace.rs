@@ -2,8 +2,11 @@
 //! waits for it in the step's collectives. Each step, every rank's compute time per microbatch
 //! (its communication waits left out: those grow on the ranks that wait for a straggler, not on
 //! the straggler) is compared with the median of its peers, the ranks of the same pipeline
-//! stage, which do the same work per microbatch. A rank slower than `factor` times that median
-//! for `steps` consecutive steps is flagged, once per generation. No I/O and no clock.
+//! stage, which do the same work per microbatch. A rank with no peer (the only rank of its
+//! stage) is compared with its own pace instead: the median of its first
+//! [`BASELINE_STEPS`] steps of the generation. A rank slower than `factor` times its yardstick
+//! for `steps` consecutive steps is flagged, once per generation. A job of one rank has nobody
+//! waiting for it, and flags nothing. No I/O and no clock.
 
 use std::collections::BTreeMap;
 
@@ -29,6 +32,9 @@ pub struct Straggler {
     pub ratio: f64,
 }
 
+/// Steps of a generation whose compute times set the yardstick of a rank with no peer.
+pub const BASELINE_STEPS: usize = 5;
+
 /// The rule applied to one generation's ranks.
 #[derive(Debug, Clone)]
 pub struct Pace {
@@ -37,6 +43,8 @@ pub struct Pace {
     stages: Vec<usize>,
     streak: Vec<u32>,
     flagged: Vec<bool>,
+    /// A rank's first compute times of the generation, for a rank with no peer.
+    own: Vec<Vec<f64>>,
 }
 
 impl Pace {
@@ -48,6 +56,7 @@ impl Pace {
             stages,
             streak: vec![0; n],
             flagged: vec![false; n],
+            own: vec![Vec::new(); n],
         }
     }
 
@@ -79,9 +88,22 @@ impl Pace {
                 .filter(|(r, _)| *r != rank)
                 .map(|&(_, c)| c)
                 .collect();
-            let Some(median) = median(&mut others) else {
-                self.streak[rank] = 0;
-                continue;
+            let median = match median(&mut others) {
+                Some(m) => m,
+                // No peer: its own pace, once it has one; alone in the job, nobody waits.
+                None if compute.len() > 1 => {
+                    let own = &mut self.own[rank];
+                    if own.len() < BASELINE_STEPS {
+                        own.push(mine);
+                        self.streak[rank] = 0;
+                        continue;
+                    }
+                    median(&mut own.clone()).expect("a full baseline")
+                }
+                None => {
+                    self.streak[rank] = 0;
+                    continue;
+                }
             };
             let ratio = mine / median.max(f64::MIN_POSITIVE);
             if ratio > self.rule.factor {
@@ -151,11 +173,33 @@ mod tests {
         for step in 1..=10 {
             assert!(p.observe(step, &[10.0, 40.0, 10.5, 41.0]).is_empty());
         }
-        // A rank with no peer, or with no microbatch, is never flagged.
-        let mut alone = Pace::new(RULE, vec![0, 1]);
-        for step in 1..=10 {
-            assert!(alone.observe(step, &[10.0, 400.0]).is_empty());
-            assert!(alone.observe(step, &[f32::NAN, 400.0]).is_empty());
+        // A rank with no microbatch is never flagged, nor the rank of a one-rank job.
+        let mut idle = Pace::new(RULE, vec![0, 0]);
+        let mut single = Pace::new(RULE, vec![0]);
+        for step in 1..=20 {
+            assert!(idle.observe(step, &[f32::NAN, 400.0]).is_empty());
+            let t = if step > 5 { 400.0 } else { 10.0 };
+            assert!(single.observe(step, &[t]).is_empty());
+        }
+    }
+
+    #[test]
+    fn the_only_rank_of_a_stage_is_compared_with_its_own_pace() {
+        // pp 2, dp 1: each stage has one rank. Stage 1 always computes more (the head) and is
+        // steady; stage 0's rank slows to 3x its own pace from step 8.
+        let mut p = Pace::new(RULE, vec![0, 1]);
+        let mut flagged = Vec::new();
+        for step in 1..=20u64 {
+            let t0 = if step >= 8 { 30.0 } else { 10.0 };
+            flagged.extend(p.observe(step, &[t0, 40.0]));
+        }
+        assert_eq!(flagged.len(), 1, "{flagged:?}");
+        assert_eq!((flagged[0].rank, flagged[0].step), (0, 10));
+        assert!((flagged[0].ratio - 3.0).abs() < 1e-9, "{flagged:?}");
+        // A rank slow from the generation's first step sets its own pace: not flagged.
+        let mut slow_from_start = Pace::new(RULE, vec![0, 1]);
+        for step in 1..=20 {
+            assert!(slow_from_start.observe(step, &[30.0, 40.0]).is_empty());
         }
     }
 }

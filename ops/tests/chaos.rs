@@ -31,11 +31,13 @@ fn scenario(seed: u64) -> serde_json::Value {
 fn run_scenario(seed: u64) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
+    // `--keep` relative, as a user types it: the workers, which run elsewhere, must still find
+    // the moments' directory under it.
     let out = Command::new(MARATHON)
         .args(["chaos", "run", "--seed", &seed.to_string(), "--json"])
         .arg(&json)
-        .arg("--keep")
-        .arg(dir.path().join("runs"))
+        .args(["--keep", "runs"])
+        .current_dir(dir.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
