@@ -259,29 +259,35 @@ pub fn rendezvous_deadlines<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec
         .collect()
 }
 
-/// From the agents' and workers' log lines: every forged rendezvous connection a listener
-/// answered (`forged`, each by its local address) was then refused, and the refusal logged.
+/// Every forged rendezvous connection that a listener answered (`forged`: its local address,
+/// and whether the listener then closed it) was refused: closed without a byte more, never
+/// kept as a member. Also returns how many of them the logs show refused, by address.
 pub fn forged_refused<'a>(
-    forged: &[String],
+    forged: &[(String, bool)],
     lines: impl IntoIterator<Item = &'a str>,
-) -> Vec<String> {
+) -> (Vec<String>, usize) {
     let refusals: Vec<&str> = lines
         .into_iter()
         .filter(|l| l.contains("refused a connection from"))
         .collect();
-    forged
+    let logged = forged
         .iter()
-        .filter(|addr| {
+        .filter(|(addr, _)| {
             let from = format!("refused a connection from {addr}:");
-            !refusals.iter().any(|l| l.contains(&from))
+            refusals.iter().any(|l| l.contains(&from))
         })
-        .map(|addr| {
+        .count();
+    let v = forged
+        .iter()
+        .filter(|(_, closed)| !closed)
+        .map(|(addr, _)| {
             format!(
                 "a forged rendezvous connection from {addr}, without the group secret, was \
-                 answered and never refused"
+                 answered and then kept open by its listener instead of refused"
             )
         })
-        .collect()
+        .collect();
+    (v, logged)
 }
 
 /// From `marathon ckpt verify` of the store at the end (its stdout and stderr) and the job's
@@ -542,16 +548,20 @@ mod tests {
     }
 
     #[test]
-    fn the_forgery_check_fires_on_a_forged_connection_never_refused() {
-        let forged = ["10.0.0.9:5000".to_string(), "10.0.0.9:5001".to_string()];
+    fn the_forgery_check_fires_on_a_forged_connection_kept_open() {
+        let forged = [
+            ("10.0.0.9:5000".to_string(), true),
+            ("10.0.0.9:5001".to_string(), false),
+        ];
         let lines = [
             "rendezvous of group dp-0 (rank 0, generation 3): refused a connection from \
              10.0.0.9:5000: it claims rank 1 but did not prove that it holds this generation's \
              group secret",
             "agent a: step 3",
         ];
-        let v = forged_refused(&forged, lines);
+        let (v, logged) = forged_refused(&forged, lines);
         assert!(v.len() == 1 && v[0].contains("10.0.0.9:5001"), "{v:?}");
-        assert!(forged_refused(&forged[..1], lines).is_empty());
+        assert_eq!(logged, 1);
+        assert!(forged_refused(&forged[..1], lines).0.is_empty());
     }
 }

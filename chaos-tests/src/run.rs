@@ -161,10 +161,11 @@ struct Harness<'a> {
     /// Checkpoint steps whose shard had a bit flipped, and when.
     flipped: Vec<(u64, u64)>,
     /// The forged rendezvous connections in flight, each with the index of its entry in
-    /// `injected`: each ends with its local address if a listener answered it.
-    forging: Vec<(usize, std::thread::JoinHandle<Option<String>>)>,
-    /// The local address of each forged rendezvous connection that a listener answered.
-    forged: Vec<String>,
+    /// `injected`: see [`forge`].
+    forging: Vec<(usize, std::thread::JoinHandle<Option<(String, bool)>>)>,
+    /// Each forged rendezvous connection that a listener answered: its local address, and
+    /// whether the listener then closed it.
+    forged: Vec<(String, bool)>,
     /// Every server pid, for the check that nothing is left running.
     server_pids: BTreeSet<u32>,
     /// Namespaces, or why the nodes run on loopback. Dropped last: the processes in the
@@ -663,8 +664,8 @@ impl<'a> Harness<'a> {
         let mut v = Vec::new();
         let mut answered: BTreeMap<usize, usize> = BTreeMap::new();
         for (entry, forging) in std::mem::take(&mut self.forging) {
-            if let Ok(Some(local)) = forging.join() {
-                self.forged.push(local);
+            if let Ok(Some(answered_one)) = forging.join() {
+                self.forged.push(answered_one);
                 *answered.entry(entry).or_default() += 1;
             }
         }
@@ -797,10 +798,15 @@ impl<'a> Harness<'a> {
     fn check_logs(&self, s: &Scenario) -> Vec<String> {
         let lines: Vec<String> = self.nodes.iter().flat_map(|n| n.lines()).collect();
         let mut v = check::rendezvous_deadlines(lines.iter().map(String::as_str));
-        v.extend(check::forged_refused(
-            &self.forged,
-            lines.iter().map(String::as_str),
-        ));
+        let (forged, logged) =
+            check::forged_refused(&self.forged, lines.iter().map(String::as_str));
+        v.extend(forged);
+        if !self.forged.is_empty() {
+            self.say(format_args!(
+                "{} forged rendezvous connections answered, all closed; {logged} refusals logged",
+                self.forged.len()
+            ));
+        }
         v.extend(check::checkpoint_loads(
             &self.keys,
             &self.recorder.seen(),
@@ -868,8 +874,10 @@ fn hit(dir: &Path, prefix: &str) -> Option<(u32, PathBuf)> {
 }
 
 /// One forged rendezvous connection on `s`: a greeting claiming `rank`, and, once a listener
-/// answers with its nonce and proof, a proof of zeros. The local address, if it was answered.
-fn forge(mut s: std::net::TcpStream, rank: u32) -> Option<String> {
+/// answers with its nonce and proof, a proof of zeros. If it was answered: its local address,
+/// and whether the listener then closed it without a byte more (refused; a listener that took
+/// it as a member would keep it open and send it a collective's data).
+fn forge(mut s: std::net::TcpStream, rank: u32) -> Option<(String, bool)> {
     use std::io::{Read, Write};
     let mut hello = b"MRT2".to_vec();
     hello.extend_from_slice(&rank.to_le_bytes());
@@ -880,9 +888,15 @@ fn forge(mut s: std::net::TcpStream, rank: u32) -> Option<String> {
     s.read_exact(&mut answer).ok()?;
     let local = s.local_addr().ok()?.to_string();
     let _ = s.write_all(&[0u8; 32]);
-    // The listener closes the connection once it has refused it.
-    let _ = s.read(&mut [0u8; 1]);
-    Some(local)
+    let closed = match s.read(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    Some((local, closed))
 }
 
 /// `fault` aimed at the worker found at a moment (node-`node`, slot `slot`), or at its node;

@@ -59,7 +59,12 @@ fn run_scenario(seed: u64) -> serde_json::Value {
                 )
             })
             .collect();
-        panic!("seed {seed}:\n{stdout}\n{stderr}\n{logs}");
+        // The scenario's directory (configuration, logs, the etcd history) stays for reading.
+        let kept = dir.keep();
+        panic!(
+            "seed {seed}:\n{stdout}\n{stderr}\n{logs}\nthe scenario's directory is kept at {}",
+            kept.join(format!("runs/seed-{seed}")).display()
+        );
     }
     eprintln!("{stdout}");
     let report: serde_json::Value =
@@ -180,7 +185,7 @@ fn seed_39_a_node_killed_at_a_rendezvous_a_worker_killed_mid_transfer() {
 
 /// At a rendezvous moment the harness also forges connections to the listeners waiting there,
 /// without the group secret: some listener answered one (and, the scenario having passed,
-/// refused and logged it; `check::forged_refused`).
+/// closed it: `check::forged_refused`).
 fn forged_connections_were_answered(o: &serde_json::Value) {
     let notes: Vec<&str> = o["injected"]
         .as_array()

@@ -184,21 +184,19 @@ impl ProcessGroup {
         let mut waiting = spec.size - spec.rank - 1;
         while waiting > 0 {
             for (stream, from, outcome) in proved.try_iter() {
-                let why = match outcome {
+                match outcome {
                     Ok(peer) if peers[peer].is_none() => {
                         peers[peer] = Some(stream);
                         waiting -= 1;
-                        continue;
                     }
-                    Ok(peer) => format!("rank {peer} was already taken by another connection"),
-                    Err(why) => why,
-                };
-                eprintln!(
-                    "rendezvous of group {} (rank {}, generation {}): refused a connection \
-                     from {from}: {why}",
-                    spec.name, spec.rank, spec.generation
-                );
-                refused.push(format!("{from}: {why}"));
+                    Ok(peer) => {
+                        let why = format!("rank {peer} was already taken by another connection");
+                        log_refusal(&spec, from, &why);
+                        refused.push(format!("{from}: {why}"));
+                    }
+                    // Logged by its handshake's thread, which may end after the rendezvous.
+                    Err(why) => refused.push(format!("{from}: {why}")),
+                }
             }
             if waiting == 0 {
                 break;
@@ -208,10 +206,14 @@ impl ProcessGroup {
                     stream
                         .set_nonblocking(false)
                         .map_err(|e| fail(e.to_string()))?;
-                    let (tx, id, me, size) = (proved_tx.clone(), id.clone(), spec.rank, spec.size);
+                    let (tx, s) = (proved_tx.clone(), spec.clone());
                     let until = Instant::now() + remaining(deadline).min(HANDSHAKE_MAX);
+                    let id = id.clone();
                     std::thread::spawn(move || {
-                        let outcome = handshake::answer(&mut stream, &id, me, size, until);
+                        let outcome = handshake::answer(&mut stream, &id, s.rank, s.size, until);
+                        if let Err(why) = &outcome {
+                            log_refusal(&s, from, why);
+                        }
                         let _ = tx.send((stream, from, outcome));
                     });
                 }
@@ -571,6 +573,14 @@ fn recv_all(
         }
     }
     Ok(())
+}
+
+/// Logs a connection refused at rendezvous, with its address and why.
+fn log_refusal(spec: &GroupSpec, from: SocketAddr, why: &str) {
+    eprintln!(
+        "rendezvous of group {} (rank {}, generation {}): refused a connection from {from}: {why}",
+        spec.name, spec.rank, spec.generation
+    );
 }
 
 /// Time left before `deadline`, or None once it has passed.
