@@ -162,7 +162,7 @@ struct Harness<'a> {
     flipped: Vec<(u64, u64)>,
     /// The forged rendezvous connections in flight, each with the index of its entry in
     /// `injected`: see [`forge`].
-    forging: Vec<(usize, std::thread::JoinHandle<Option<(String, bool)>>)>,
+    forging: Vec<(usize, Forging)>,
     /// Each forged rendezvous connection that a listener answered: its local address, and
     /// whether the listener then closed it.
     forged: Vec<(String, bool)>,
@@ -872,6 +872,9 @@ fn hit(dir: &Path, prefix: &str) -> Option<(u32, PathBuf)> {
         Some((pid, e.path()))
     })
 }
+
+/// A forged rendezvous connection waiting for its listener: see [`forge`].
+type Forging = std::thread::JoinHandle<Option<(String, bool)>>;
 
 /// One forged rendezvous connection on `s`: a greeting claiming `rank`, and, once a listener
 /// answers with its nonce and proof, a proof of zeros. If it was answered: its local address,
