@@ -599,18 +599,27 @@ impl<'a> Harness<'a> {
     fn flip_bit(&mut self) -> Result<Option<String>> {
         let store = Store::open_with(&self.root, self.store.options())?;
         let reader = Reader::new(store.clone());
-        let Some(&step) = reader.committed()?.last() else {
-            return Ok(Some("not injected: no checkpoint committed yet".into()));
-        };
-        let manifest = match reader.manifest(step) {
-            Ok(m) => m,
-            // Retention removed it meanwhile.
-            Err(e) if reader.committed()?.last() != Some(&step) => {
-                return Ok(Some(format!(
-                    "not injected: step {step} was collected ({e})"
-                )))
+        // The newest checkpoint whose manifest reads: a torn manifest's object exists, but it
+        // is no commit.
+        let mut newest = None;
+        for step in reader.committed()?.into_iter().rev() {
+            match reader.manifest(step) {
+                Ok(m) => {
+                    newest = Some((step, m));
+                    break;
+                }
+                Err(marathon_storage::StorageError::BadManifest { .. }) => {}
+                // Retention removed it meanwhile.
+                Err(e) if !reader.committed()?.contains(&step) => {
+                    return Ok(Some(format!(
+                        "not injected: step {step} was collected ({e})"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
+        }
+        let Some((step, manifest)) = newest else {
+            return Ok(Some("not injected: no checkpoint committed yet".into()));
         };
         let Some(shard) = manifest.shard_of(0) else {
             bail!("the manifest of step {step} names no shard of rank 0");
