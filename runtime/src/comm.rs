@@ -208,8 +208,8 @@ impl ProcessGroup {
                         .map_err(|e| fail(e.to_string()))?;
                     let (tx, s) = (proved_tx.clone(), spec.clone());
                     let until = Instant::now() + remaining(deadline).min(HANDSHAKE_MAX);
-                    let id = id.clone();
                     std::thread::spawn(move || {
+                        let id = s.identity();
                         let outcome = handshake::answer(&mut stream, &id, s.rank, s.size, until);
                         if let Err(why) = &outcome {
                             log_refusal(&s, from, why);
