@@ -626,6 +626,20 @@ fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Holds this process's allocator to two arenas. glibc gives a thread that allocates while
+/// another holds its arena an arena of its own (up to eight per core) and keeps what is freed
+/// there for that arena's next use. The reshard's read, encode and upload threads each free
+/// chunk-sized buffers (4 MiB and more) on whichever thread ran last, so a run could keep a
+/// dozen arenas' worth of them resident, and its peak varied by twice the staging from one
+/// run to the next.
+fn few_allocator_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of glibc's allocator; any thread may call it.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Writes the checkpoint of `step` under `reader` as a new committed checkpoint of the same
 /// step under `dst`, stored the way a job in `target` would store it: every box each target
 /// rank owns (parameters and, with `target.distributed_optimizer`, each replica's moment shard)
@@ -634,7 +648,8 @@ fn peak_rss() -> Option<u64> {
 /// Memory: the pieces are written in batches of at most the largest tensor box (or 16 MiB of
 /// values, if more), each batch as one writer of the new checkpoint, through two writers in
 /// turn: one batch is read while the previous one is written. So two of the largest box are
-/// held, plus the writers' upload and encode buffers.
+/// held, plus the writers' upload and encode buffers; the allocator keeps few arenas, so
+/// what is freed is used again rather than kept beside it.
 pub fn reshard(
     reader: &Reader,
     step: u64,
@@ -648,6 +663,7 @@ pub fn reshard(
     use marathon_runtime::checkpoint::plan_pieces;
     use marathon_runtime::comm::chunk_range;
     use marathon_storage::{CheckpointWriter, Piece};
+    few_allocator_arenas();
     let started = Instant::now();
     let m = reader.manifest(step)?;
     let mut state = run_state(&m, &reader.store.url)?;

@@ -1117,7 +1117,7 @@ fn reshard_memory_stays_near_two_of_the_largest_box() {
         report["peak_rss_bytes"].as_u64().unwrap(),
     );
     // Two batches of staging, plus the writers' upload and encode buffers, the allocator's
-    // per-thread arenas and the process itself.
+    // two arenas and the process itself.
     let limit = 2 * bound + (192 << 20);
     assert!(
         bytes > 3 * limit,
