@@ -118,6 +118,29 @@ pub fn flops_per_token(config: &GptConfig, seq: usize) -> f64 {
     6.0 * params + 12.0 * (config.n_layer * seq * config.n_embd) as f64
 }
 
+/// Parameters on the most loaded rank of `layout`: a first or last pipeline stage, which holds
+/// the embedding beside its layers.
+pub fn params_per_rank_max(config: &GptConfig, layout: &ParallelLayout) -> u64 {
+    let (c, l, t) = (
+        config.n_embd as u64,
+        config.n_layer as u64,
+        layout.tp as u64,
+    );
+    // Column-parallel weights and biases and row-parallel weights split over tp; LayerNorms and
+    // the row-parallel biases are replicated.
+    let layer_per_rank = (12 * c * c + 7 * c) / t + 6 * c;
+    let embedding_per_rank = config.padded_vocab_size() as u64 * c / t;
+    let stage_layers = l / layout.pp as u64;
+    let first_stage =
+        stage_layers * layer_per_rank + embedding_per_rank + config.seq_len as u64 * c;
+    let last_stage = stage_layers * layer_per_rank + embedding_per_rank + 2 * c;
+    if layout.pp == 1 {
+        first_stage + 2 * c
+    } else {
+        first_stage.max(last_stage)
+    }
+}
+
 /// The cost of one step of `global_batch` sequences of `seq` tokens, in microbatches of
 /// `micro_batch`, under `layout`, with `recompute`.
 pub fn cost(
@@ -128,25 +151,8 @@ pub fn cost(
     micro_batch: usize,
     recompute: crate::Recompute,
 ) -> Cost {
-    let (c, l, t) = (
-        config.n_embd as u64,
-        config.n_layer as u64,
-        layout.tp as u64,
-    );
     let params = ParamLayout::new(config).numel() as u64;
-    // Column-parallel weights and biases and row-parallel weights split over tp; LayerNorms and
-    // the row-parallel biases are replicated.
-    let layer_per_rank = (12 * c * c + 7 * c) / t + 6 * c;
-    let embedding_per_rank = config.padded_vocab_size() as u64 * c / t;
-    let stage_layers = l / layout.pp as u64;
-    let first_stage =
-        stage_layers * layer_per_rank + embedding_per_rank + config.seq_len as u64 * c;
-    let last_stage = stage_layers * layer_per_rank + embedding_per_rank + 2 * c;
-    let params_per_rank_max = if layout.pp == 1 {
-        first_stage + 2 * c
-    } else {
-        first_stage.max(last_stage)
-    };
+    let params_per_rank_max = params_per_rank_max(config, layout);
     let fpt = flops_per_token(config, seq);
     let tokens = (global_batch * seq) as f64;
     let optimizer_shards = if layout.distributed_optimizer {
@@ -167,7 +173,7 @@ pub fn cost(
     // GELU, and 5 a s^2 b of attention scores, both split over tp; the layer input is 2 sbh.
     let tp = layout.tp as f64;
     let (products, scores) = (34.0 * s * b * h / tp, 5.0 * a * s * s * b / tp);
-    let layers = l as f64;
+    let layers = config.n_layer as f64;
     let activations = match recompute {
         crate::Recompute::None => layers * (products + scores),
         // The scores of one layer at a time, recomputed.

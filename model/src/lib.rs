@@ -4,7 +4,8 @@
 //! gradients and one per AdamW moment, with named views from a size table ([`ParamLayout`]); an
 //! explicit forward and backward for every layer ([`kernels`]); AdamW with global gradient-norm
 //! clipping ([`optim`]); the learning-rate and batch-size schedules ([`schedule`]); and the cost
-//! model that sizes a parallel layout ([`cost`]). The CPU kernels are generic over `f32` and `f64`
+//! model that sizes a parallel layout ([`cost`]) with the goodput it can expect at a failure rate
+//! ([`goodput`]). The CPU kernels are generic over `f32` and `f64`
 //! so gradients can be checked against finite differences in double precision.
 //!
 //! Never knows about files, sockets, async, etcd or object stores: callers hand it token ids and
@@ -17,6 +18,7 @@ pub mod cost;
 pub mod cuda;
 mod dims;
 pub mod float;
+pub mod goodput;
 pub mod gpt;
 pub mod kernels;
 pub mod layout;

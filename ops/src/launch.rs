@@ -131,7 +131,7 @@ pub fn train(
     let m = &cfg.model;
     eprintln!(
         "model: {} parameters, {} layers, hidden {}, {} heads, vocabulary {} (padded {})",
-        crate::step_cost(&cfg).params,
+        crate::plan::step_cost(&cfg).params,
         m.n_layer,
         m.n_embd,
         m.n_head,

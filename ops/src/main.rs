@@ -11,6 +11,7 @@ mod elastic;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod launch;
+mod plan;
 mod progress;
 mod recovery;
 mod sample;
@@ -20,9 +21,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use marathon_model::cost::{cost, Cost};
 use marathon_runtime::data::{prepare, PrepareOptions};
-use marathon_runtime::{RuntimeError, TrainConfig};
+use marathon_runtime::RuntimeError;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,11 +89,10 @@ enum Command {
         #[command(subcommand)]
         command: chaos::ChaosCommand,
     },
-    /// Size a configuration's parallel layout: parameters, memory per rank, FLOPs per step.
-    Plan {
-        #[arg(long)]
-        config: PathBuf,
-    },
+    /// Size a configuration's parallel layout (parameters, memory per rank, FLOPs per step),
+    /// its checkpoints (bytes, stall, persist, interval) and its goodput at a failure rate under
+    /// checkpoint-restart and under in-place recovery.
+    Plan(plan::PlanArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,7 +223,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ckpt { command } => ckpt::run(command),
         Command::Chaos { command } => chaos::run_command(command),
         Command::Sample(args) => sample::run(args),
-        Command::Plan { config } => plan(config),
+        Command::Plan(args) => plan::run(args),
     }
 }
 
@@ -250,70 +249,4 @@ fn gpu_bench(args: GpuArgs) -> Result<()> {
              --release --features cuda` (no CUDA installation is needed to build)"
         )
     }
-}
-
-/// The cost of one step of `cfg` under its own layout.
-pub(crate) fn step_cost(cfg: &TrainConfig) -> Cost {
-    cost(
-        &cfg.model,
-        &cfg.parallel,
-        cfg.batch.seq_len,
-        cfg.batch.global_batch,
-        cfg.batch.micro_batch,
-        cfg.train.recompute,
-    )
-}
-
-fn plan(config: PathBuf) -> Result<()> {
-    let cfg = TrainConfig::load(&config)?;
-    let layout = cfg.parallel;
-    let k = step_cost(&cfg);
-    let gib = |b: f64| b / (1u64 << 30) as f64;
-    println!("configuration      {}", config.display());
-    println!(
-        "model              {} layers, hidden {}, {} heads, sequence {}, vocabulary {} (padded {})",
-        cfg.model.n_layer,
-        cfg.model.n_embd,
-        cfg.model.n_head,
-        cfg.batch.seq_len,
-        cfg.model.vocab_size,
-        cfg.model.padded_vocab_size()
-    );
-    println!(
-        "layout             tp {} x pp {} x dp {} = {} ranks ({} layers per stage)",
-        layout.tp,
-        layout.pp,
-        layout.dp,
-        layout.world_size(),
-        cfg.model.n_layer / layout.pp
-    );
-    println!(
-        "parameters         {} ({:.1}B)",
-        k.params,
-        k.params as f64 / 1e9
-    );
-    println!(
-        "parameters/rank    {} at most ({:.2}B)",
-        k.params_per_rank_max,
-        k.params_per_rank_max as f64 / 1e9
-    );
-    let sharding = if layout.distributed_optimizer {
-        "optimizer sharded over dp"
-    } else {
-        "optimizer replicated"
-    };
-    println!(
-        "memory/rank        {:.1} GiB: {:.1} GiB weights, gradients and optimizer state (bf16 + fp32, {sharding}), {:.1} GiB activations (micro batch {}, recompute {})",
-        gib(k.memory_bytes_per_rank()),
-        gib(k.state_bytes_per_rank),
-        gib(k.activation_bytes_per_rank),
-        cfg.batch.micro_batch,
-        serde_json::to_value(k.recompute)?.as_str().unwrap_or("?"),
-    );
-    println!(
-        "FLOPs/step         {:.3e} for a global batch of {} x {} tokens ({:.3e} per rank)",
-        k.flops_per_step, cfg.batch.global_batch, cfg.batch.seq_len, k.flops_per_step_per_rank
-    );
-    println!("FLOPs/token        {:.3e}", k.flops_per_token);
-    Ok(())
 }

@@ -175,6 +175,86 @@ fn plan_sizes_the_mtnlg_530b_layout() {
 }
 
 #[test]
+fn plan_weighs_the_mtnlg_checkpoint_and_its_goodput_at_each_failure_rate() {
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["plan", "--config", "configs/mtnlg-530b.toml"];
+        args.extend_from_slice(extra);
+        let out = marathon(&args, repo());
+        assert!(out.status.success(), "{}", text(&out));
+        let t = text(&out);
+        for line in [
+            "checkpoint ",
+            "stall ",
+            "persist, load",
+            "interval ",
+            "ETTR",
+        ] {
+            assert!(t.contains(line), "{line}: {t}");
+        }
+        summary(&out)
+    };
+    let g = plan(&[]);
+    // 530B parameters' fp32 masters and both moments: about 6.35 TB.
+    let total = g["goodput"]["checkpoint"]["total_bytes"].as_f64().unwrap();
+    assert!((6.35e12..6.36e12).contains(&total), "{total}");
+    // The default failure rate is Llama 3's per GPU, over 4480 GPUs.
+    let mtbf = g["assumptions"]["job_mtbf_s"].as_f64().unwrap();
+    assert!((mtbf - 54.0 * 24.0 * 16384.0 / 419.0 * 3600.0 / 4480.0).abs() < 1e-6);
+    // More frequent failures cost both ways more, checkpoint-restart most.
+    let ettr = |g: &serde_json::Value, way: &str| g["goodput"][way]["ettr"].as_f64().unwrap();
+    let mut last = (0.0, 0.0);
+    for hours in ["3", "5", "12"] {
+        let g = plan(&["--mtbf-hours", hours]);
+        assert_eq!(
+            g["assumptions"]["job_mtbf_s"].as_f64().unwrap(),
+            hours.parse::<f64>().unwrap() * 3600.0
+        );
+        let (r, p) = (ettr(&g, "restart"), ettr(&g, "in_place"));
+        assert!(
+            p > r && r > last.0 && p > last.1,
+            "{hours} h: {r} {p} after {last:?}"
+        );
+        last = (r, p);
+    }
+    // Measured recovery times replace the defaults; a flag still wins over them.
+    let figures = "docs/figures/bench-recovery-7ae5021.txt";
+    let g = plan(&["--measured", figures, "--reform-s", "2"]);
+    // Detection in the three runs: 10, 7 and 9 ms.
+    assert_eq!(g["assumptions"]["detect_s"].as_f64().unwrap(), 0.009);
+    assert_eq!(g["assumptions"]["reform_s"].as_f64().unwrap(), 2.0);
+    let sources = g["sources"].to_string();
+    assert!(
+        sources.contains(&format!("detection: measured in {figures}"))
+            && sources.contains("re-forming: flag"),
+        "{sources}"
+    );
+    // Bad input is named.
+    for (args, says) in [
+        (
+            &["--mtbf-hours", "0"][..],
+            "--mtbf-hours / --gpu-mtbf-hours: must be a positive number",
+        ),
+        (
+            &["--measured", "README.md"][..],
+            "--measured README.md: holds no output of `marathon bench recovery`",
+        ),
+        (
+            &["--hardware-fraction", "1.5"][..],
+            "--hardware-fraction: must be between 0 and 1",
+        ),
+    ] {
+        let mut all = vec!["plan", "--config", "configs/mtnlg-530b.toml"];
+        all.extend_from_slice(args);
+        let out = marathon(&all, repo());
+        assert!(
+            !out.status.success() && text(&out).contains(says),
+            "{}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
 fn shipped_configurations_all_validate() {
     for entry in std::fs::read_dir(repo().join("configs")).unwrap() {
         let path = entry.unwrap().path();
@@ -647,6 +727,42 @@ fn bench_ckpt_prints_stall_persist_compression_and_load() {
     assert!(
         stdout.contains("stall") && stdout.contains("memcpy"),
         "{stdout}"
+    );
+    // `plan --measured` takes this machine's staging copy and store rates from it.
+    std::fs::write(dir.path().join("ckpt.txt"), &stdout).unwrap();
+    let out = marathon(
+        &[
+            "plan",
+            "--config",
+            repo().join("configs/mtnlg-530b.toml").to_str().unwrap(),
+            "--measured",
+            "ckpt.txt",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let plan = summary(&out);
+    let none = &report["codecs"]["none"];
+    let staging =
+        report["state_bytes"].as_f64().unwrap() / (none["stall_ms"].as_f64().unwrap() / 1e3) / 1e9;
+    let store = none["persist_gbs"]
+        .as_f64()
+        .unwrap()
+        .min(none["load_gbs"].as_f64().unwrap());
+    let a = &plan["assumptions"];
+    assert!(
+        (a["d2h_gbps"].as_f64().unwrap() - staging).abs() < 1e-9 * staging,
+        "{a}"
+    );
+    assert!(
+        (a["rank_store_gbps"].as_f64().unwrap() - store).abs() < 1e-9 * store,
+        "{a}"
+    );
+    assert!(
+        plan["sources"]
+            .to_string()
+            .contains("d2h: measured in ckpt.txt"),
+        "{plan}"
     );
 }
 
