@@ -25,3 +25,4 @@ pub mod scenario;
 pub mod servers;
 pub mod sim;
 pub mod throttle;
+pub mod weeks;

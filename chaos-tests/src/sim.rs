@@ -49,6 +49,9 @@ pub struct SimConfig {
     pub delay_max_ms: u64,
     pub lease_ttl_ms: u64,
     pub settle_ms: u64,
+    /// A planned worker with no progress for this long is declared hung (the simulation
+    /// reports no progress).
+    pub hang_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -68,6 +71,7 @@ impl Default for SimConfig {
             delay_max_ms: 40,
             lease_ttl_ms: 300,
             settle_ms: 50,
+            hang_ms: 3_600_000,
         }
     }
 }
@@ -87,7 +91,7 @@ pub struct Report {
     pub violations: Vec<String>,
 }
 
-struct Agent {
+pub(crate) struct Agent {
     m: Membership,
     alive: bool,
     /// Deliveries due: (when, order of sending, event).
@@ -99,7 +103,9 @@ struct Agent {
     knows_done: bool,
 }
 
-struct World {
+/// The simulated etcd and every agent on one clock; [`run`] shakes it with random faults, and
+/// [`crate::weeks`] drives it one failure at a time.
+pub(crate) struct World {
     cfg: SimConfig,
     rng: Rng,
     t0: Instant,
@@ -109,6 +115,13 @@ struct World {
     plans: BTreeMap<u64, Plan>,
     /// Registered nodes and when their lease runs out (`None`: kept alive).
     leases: BTreeMap<String, Option<u64>>,
+    /// What each node's registration offers.
+    offers: BTreeMap<String, Offer>,
+    /// Deliveries are due, or a change was delivered so recently that the leader may still be
+    /// settling, until this time.
+    active_until: u64,
+    /// When the last agent started the newest generation.
+    started_ms: u64,
     leader: Option<String>,
     agents: BTreeMap<String, Agent>,
     /// The job's done key exists.
@@ -122,23 +135,7 @@ fn node(i: usize) -> String {
 
 /// Runs one simulation from `seed`.
 pub fn run(seed: u64, cfg: &SimConfig) -> Report {
-    let mut w = World {
-        cfg: cfg.clone(),
-        rng: Rng(seed),
-        t0: Instant::now(),
-        now_ms: 0,
-        sent: 0,
-        generation: 0,
-        plans: BTreeMap::new(),
-        leases: BTreeMap::new(),
-        leader: None,
-        agents: BTreeMap::new(),
-        done: false,
-        report: Report {
-            seed,
-            ..Report::default()
-        },
-    };
+    let mut w = World::new(seed, cfg);
     // From a stream of its own, so the runs of every seed before it are unchanged.
     let mut ends = Rng(seed ^ 0x646f_6e65_5f61_7421);
     let done_at = ends
@@ -167,6 +164,131 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Report {
 }
 
 impl World {
+    pub(crate) fn new(seed: u64, cfg: &SimConfig) -> World {
+        World {
+            cfg: cfg.clone(),
+            rng: Rng(seed),
+            t0: Instant::now(),
+            now_ms: 0,
+            sent: 0,
+            generation: 0,
+            plans: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            offers: BTreeMap::new(),
+            active_until: 0,
+            started_ms: 0,
+            leader: None,
+            agents: BTreeMap::new(),
+            done: false,
+            report: Report {
+                seed,
+                ..Report::default()
+            },
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The newest committed plan.
+    pub(crate) fn plan(&self) -> Option<&Plan> {
+        self.plans.get(&self.generation)
+    }
+
+    /// When the last agent started the newest generation.
+    pub(crate) fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+
+    pub(crate) fn violations(&self) -> &[String] {
+        &self.report.violations
+    }
+
+    pub(crate) fn dropped(&self) -> u64 {
+        self.report.dropped
+    }
+
+    /// Whether the newest plan's every slot is on a live node that offers it.
+    pub(crate) fn plan_runs(&self) -> bool {
+        self.plan().is_some_and(|p| {
+            p.blocks.iter().flat_map(|b| &b.slots).all(|s| {
+                self.agents.get(&s.node).is_some_and(|a| a.alive)
+                    && self.offers.get(&s.node).is_some_and(|o| o.offers(s.index))
+            })
+        })
+    }
+
+    /// Node `name` stops: its agent hears nothing more, and its lease runs out.
+    pub(crate) fn kill(&mut self, name: &str) {
+        if let Some(a) = self.agents.get_mut(name) {
+            a.alive = false;
+        }
+        let until = self.now_ms + self.cfg.lease_ttl_ms;
+        if let Some(lease) = self.leases.get_mut(name) {
+            *lease = Some(until);
+        }
+    }
+
+    /// A live node registers again with `offer` (a slot cooling down after its worker died, or
+    /// every slot once it is over).
+    pub(crate) fn offer(&mut self, name: &str, offer: Offer) {
+        self.offers.insert(name.to_owned(), offer.clone());
+        self.broadcast(Event::Registered {
+            node: name.to_owned(),
+            offer,
+        });
+    }
+
+    /// The worker in `slot` exited: its agent tells every other one.
+    pub(crate) fn worker_exited(&mut self, slot: Slot) {
+        self.broadcast(Event::WorkerExited { slot });
+    }
+
+    /// The next lease to run out, if one is running out.
+    fn next_expiry(&self) -> Option<u64> {
+        self.leases.values().flatten().min().copied()
+    }
+
+    /// Runs the protocol until nothing is due: every delivery made, no leader settling, no
+    /// lease running out. Time jumps over stretches in which nothing can happen.
+    pub(crate) fn run_until_quiet(&mut self) {
+        loop {
+            let idle = self.now_ms >= self.active_until;
+            if idle {
+                match self.next_expiry() {
+                    None => return,
+                    // Straight to the tick at which it runs out.
+                    Some(t) => self.now_ms = self.now_ms.max(t.div_ceil(10) * 10),
+                }
+            } else {
+                self.now_ms += 10;
+            }
+            self.expire_leases();
+            self.deliver();
+        }
+    }
+
+    /// Moves the clock to `t_ms` (ahead of it), everything due before then done first.
+    pub(crate) fn advance_to(&mut self, t_ms: u64) {
+        loop {
+            self.run_until_quiet();
+            if self.now_ms >= t_ms {
+                return;
+            }
+            let next = self.next_expiry().unwrap_or(u64::MAX);
+            if next >= t_ms {
+                self.now_ms = t_ms.div_ceil(10) * 10;
+                self.deliver();
+                return;
+            }
+        }
+    }
+
     fn now(&self) -> Instant {
         self.t0 + Duration::from_millis(self.now_ms)
     }
@@ -205,6 +327,9 @@ impl World {
     fn push(&mut self, to: &str, at: u64, e: Event) {
         self.sent += 1;
         let seq = self.sent;
+        self.active_until = self
+            .active_until
+            .max(at + self.cfg.settle_ms + self.cfg.delay_max_ms + 20);
         if let Some(a) = self.agents.get_mut(to) {
             a.last_at = a.last_at.max(at);
             a.inbox.push((a.last_at, seq, e));
@@ -225,9 +350,15 @@ impl World {
                     .collect()
             })
             .unwrap_or_default();
-        out.extend(self.leases.keys().map(|n| Event::Registered {
-            node: n.clone(),
-            offer: Offer::all(self.cfg.slots),
+        out.extend(self.leases.keys().map(|n| {
+            Event::Registered {
+                node: n.clone(),
+                offer: self
+                    .offers
+                    .get(n)
+                    .cloned()
+                    .unwrap_or_else(|| Offer::all(self.cfg.slots)),
+            }
         }));
         if let Some(l) = &self.leader {
             out.push(Event::Leader { node: l.clone() });
@@ -244,10 +375,11 @@ impl World {
         out
     }
 
-    fn join(&mut self, name: &str) {
+    /// Node `name` starts (or returns) and registers every slot.
+    pub(crate) fn join(&mut self, name: &str) {
         let timing = Timing {
             settle: Duration::from_millis(self.cfg.settle_ms),
-            hang: Duration::from_secs(3600),
+            hang: Duration::from_millis(self.cfg.hang_ms),
         };
         let m = Membership::new(
             name,
@@ -272,6 +404,8 @@ impl World {
             self.push(name, at, e);
         }
         self.leases.insert(name.to_owned(), None);
+        self.offers
+            .insert(name.to_owned(), Offer::all(self.cfg.slots));
         self.broadcast(Event::Registered {
             node: name.to_owned(),
             offer: Offer::all(self.cfg.slots),
@@ -334,6 +468,7 @@ impl World {
             .collect();
         for n in gone {
             self.leases.remove(&n);
+            self.offers.remove(&n);
             self.broadcast(Event::Expired { node: n.clone() });
             if self.leader.as_deref() == Some(&n) {
                 self.leader = None;
@@ -411,6 +546,9 @@ impl World {
                 }
                 let a = self.agents.get_mut(agent).expect("agent");
                 a.started.push(generation);
+                if generation == self.generation {
+                    self.started_ms = self.now_ms;
+                }
             }
             Action::Abort { .. } | Action::Evict { .. } | Action::CannotPlan { .. } => {}
         }
@@ -509,7 +647,7 @@ impl World {
 
     /// After the quiet period every live node is known to all and the plan is the largest the
     /// live slots allow.
-    fn check_settled(&mut self) {
+    pub(crate) fn check_settled(&mut self) {
         if self.done {
             return;
         }

@@ -217,11 +217,13 @@ impl Membership {
                         s.dedup();
                         s
                     };
+                    // Only an agent sees its own workers' progress, so only they are watched.
                     self.last_progress = plan
                         .blocks
                         .iter()
-                        .flat_map(|b| b.slots.iter().cloned())
-                        .map(|s| (s, now))
+                        .flat_map(|b| b.slots.iter())
+                        .filter(|s| s.node == self.me)
+                        .map(|s| (s.clone(), now))
                         .collect();
                     self.plan = Some(plan.clone());
                     out.push(Action::Start {
@@ -263,6 +265,11 @@ impl Membership {
     fn stale_plan(&self, plan: &Plan) -> bool {
         if plan_misses(plan, &self.live) {
             return true;
+        }
+        // No more replicas than whole blocks allow: then the planner need not be asked.
+        let blocks: usize = self.live.values().map(|o| o.count() / self.tp).sum();
+        if (blocks / self.pp).min(self.microbatches) <= plan.dp {
+            return false;
         }
         let req = PlanRequest {
             tp: self.tp,
@@ -313,11 +320,7 @@ impl Membership {
         let hung: Vec<Slot> = self
             .last_progress
             .iter()
-            .filter(|(s, &t)| {
-                s.node == self.me
-                    && now.duration_since(t) >= self.timing.hang
-                    && !self.lost.contains(*s)
-            })
+            .filter(|(s, &t)| now.duration_since(t) >= self.timing.hang && !self.lost.contains(*s))
             .map(|(s, _)| s.clone())
             .collect();
         for slot in hung {

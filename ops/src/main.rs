@@ -15,6 +15,7 @@ mod plan;
 mod progress;
 mod recovery;
 mod sample;
+mod sim;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -93,6 +94,10 @@ enum Command {
     /// its checkpoints (bytes, stall, persist, interval) and its goodput at a failure rate under
     /// checkpoint-restart and under in-place recovery.
     Plan(plan::PlanArgs),
+    /// Simulate a configuration's job over weeks: every agent's membership core and the planner
+    /// against a simulated etcd, failures drawn from a seed and a published failure model, the
+    /// time lost per cause and the effective training time ratio beside checkpoint-restart's.
+    Sim(sim::SimArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,6 +229,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chaos { command } => chaos::run_command(command),
         Command::Sample(args) => sample::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Sim(args) => sim::run(args),
     }
 }
 

@@ -20,6 +20,13 @@ const TFLOPS_PER_GPU: f64 = 120.0;
 pub struct PlanArgs {
     #[arg(long)]
     config: PathBuf,
+    #[command(flatten)]
+    flags: GoodputFlags,
+}
+
+/// What a goodput estimate assumes, as flags; each has a documented default.
+#[derive(Debug, Args)]
+pub struct GoodputFlags {
     /// Mean time between failures of the whole job, in hours [default: from --gpu-mtbf-hours].
     #[arg(long, conflicts_with = "gpu_mtbf_hours")]
     mtbf_hours: Option<f64>,
@@ -158,8 +165,18 @@ fn measured(files: &[PathBuf]) -> Result<Measured> {
     Ok(out)
 }
 
-/// The assumptions of `args` for a job of `cost` on `world` GPUs, each with where it came from.
-fn assumptions(args: &PlanArgs, k: &Cost, world: usize) -> Result<(Assumptions, Vec<String>)> {
+/// The failures a job sees when no flag says otherwise: a GPU's mean time between failures in
+/// hours, and the share of failures in hardware.
+pub(crate) const LLAMA3: (f64, f64) = (LLAMA3_GPU_MTBF_HOURS, LLAMA3_HARDWARE_FRACTION);
+
+/// The assumptions of `args` for a job of `cost` on `world` GPUs, each with where it came from;
+/// `failures` gives the failure rate and hardware share when no flag does.
+pub(crate) fn assumptions(
+    args: &GoodputFlags,
+    k: &Cost,
+    world: usize,
+    failures: (f64, f64),
+) -> Result<(Assumptions, Vec<String>)> {
     let m = measured(&args.measured)?;
     let mut sources = Vec::new();
     let mut pick =
@@ -174,7 +191,7 @@ fn assumptions(args: &PlanArgs, k: &Cost, world: usize) -> Result<(Assumptions, 
         };
     let job_mtbf_s = match (args.mtbf_hours, args.gpu_mtbf_hours) {
         (Some(h), _) => pick("job MTBF", Some(h), &None, 0.0) * 3600.0,
-        (None, g) => pick("GPU MTBF", g, &None, LLAMA3_GPU_MTBF_HOURS) * 3600.0 / world as f64,
+        (None, g) => pick("GPU MTBF", g, &None, failures.0) * 3600.0 / world as f64,
     };
     let step_s = match args.step_s {
         Some(s) => pick("step", Some(s), &None, 0.0),
@@ -194,7 +211,7 @@ fn assumptions(args: &PlanArgs, k: &Cost, world: usize) -> Result<(Assumptions, 
             "hardware fraction",
             args.hardware_fraction,
             &None,
-            LLAMA3_HARDWARE_FRACTION,
+            failures.1,
         ),
         step_s,
         d2h_gbps: pick("d2h", args.d2h_gbps, &m.d2h_gbps, 25.0),
@@ -245,7 +262,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let layout = cfg.parallel;
     let k = step_cost(&cfg);
     print_size(&args.config, &cfg, &k)?;
-    let (a, sources) = assumptions(&args, &k, layout.world_size())?;
+    let (a, sources) = assumptions(&args.flags, &k, layout.world_size(), LLAMA3)?;
     let g = estimate(&cfg.model, &layout, &a);
     print_goodput(&a, &g, &sources, layout.dp);
     println!(
@@ -308,7 +325,7 @@ fn print_size(config: &Path, cfg: &TrainConfig, k: &Cost) -> Result<()> {
 }
 
 /// A duration in the unit a reader takes in at a glance.
-fn secs(s: f64) -> String {
+pub(crate) fn secs(s: f64) -> String {
     if s >= 3600.0 {
         format!("{:.1} h", s / 3600.0)
     } else if s >= 1.0 {

@@ -255,6 +255,57 @@ fn plan_weighs_the_mtnlg_checkpoint_and_its_goodput_at_each_failure_rate() {
 }
 
 #[test]
+fn sim_runs_the_mtnlg_job_for_days_and_charges_both_ways_of_recovering() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/mtnlg-530b.toml");
+    let config = config.to_str().unwrap();
+    // One failure every two hours for the job: a dozen land in a day.
+    let out = marathon(
+        &[
+            "sim",
+            "--config",
+            config,
+            "--days",
+            "1",
+            "--seed",
+            "3",
+            "--mtbf-hours",
+            "2",
+            "--json",
+            "sim.json",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    for line in [
+        "time lost",
+        "ETTR",
+        "invariants held throughout",
+        "data parallelism",
+    ] {
+        assert!(t.contains(line), "{line}: {t}");
+    }
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("sim.json")).unwrap()).unwrap();
+    assert_eq!(written, summary(&out));
+    let r = &written["report"];
+    assert_eq!(r["nodes"], 560);
+    let failures =
+        r["hardware_failures"].as_u64().unwrap() + r["worker_failures"].as_u64().unwrap();
+    assert!(failures >= 4, "{r}");
+    let ettr = |way: &str| r[way]["ettr"].as_f64().unwrap();
+    assert!(ettr("marathon") > ettr("restart"), "{r}");
+    assert!(r["violations"].as_array().unwrap().is_empty(), "{r}");
+    let out = marathon(&["sim", "--config", config, "--preset", "opt"], dir.path());
+    assert!(
+        !out.status.success() && text(&out).contains("--preset opt: no such failure model"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn shipped_configurations_all_validate() {
     for entry in std::fs::read_dir(repo().join("configs")).unwrap() {
         let path = entry.unwrap().path();
