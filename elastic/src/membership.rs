@@ -294,6 +294,23 @@ impl Membership {
         }
     }
 
+    /// When this core next has something to do without an event (a settled change for the
+    /// leader to plan, its own worker's hang deadline): an [`Event::Tick`] then does it. A time
+    /// already past means it waits on something else too (slots at the start, a proposal's
+    /// commit), so the caller keeps ticking.
+    pub fn next_due(&self) -> Option<Instant> {
+        let settle = self
+            .changed_at
+            .filter(|_| self.leads() && !self.done)
+            .map(|t| t + self.timing.settle);
+        let hang = self
+            .last_progress
+            .values()
+            .min()
+            .map(|&t| t + self.timing.hang);
+        settle.into_iter().chain(hang).min()
+    }
+
     /// The nodes this agent counts as live, with their slots.
     pub fn live(&self) -> &BTreeMap<String, Offer> {
         &self.live

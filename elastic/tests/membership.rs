@@ -421,3 +421,61 @@ fn nothing_is_planned_or_started_once_the_job_is_done() {
     );
     assert!(acts.is_empty(), "{acts:?}");
 }
+
+#[test]
+fn the_core_says_when_it_next_has_something_to_do() {
+    let t0 = Instant::now();
+    let timing = Timing {
+        settle: SETTLE,
+        hang: HANG,
+    };
+    let offer = Offer::all(2);
+    let mut leader = Membership::new("a", 1, 1, 8, timing);
+    let mut follower = Membership::new("b", 1, 1, 8, timing);
+    for m in [&mut leader, &mut follower] {
+        assert_eq!(
+            m.next_due(),
+            None,
+            "nothing is pending before anything happened"
+        );
+        m.handle(t0, Event::Leader { node: "a".into() });
+        m.handle(
+            t0,
+            Event::Registered {
+                node: "a".into(),
+                offer: offer.clone(),
+            },
+        );
+    }
+    // The leader plans once the change settled; the follower has nothing of its own to do.
+    assert_eq!(leader.next_due(), Some(t0 + SETTLE));
+    assert_eq!(follower.next_due(), None);
+    let actions = leader.handle(t0 + SETTLE, Event::Tick);
+    let Some(Action::Propose { to, plan, .. }) = actions.into_iter().next() else {
+        panic!("the settled leader proposes");
+    };
+    // Committed: the leader watches its own workers until their hang deadline, the follower
+    // (with no worker in the plan) nothing.
+    let at = t0 + SETTLE * 2;
+    for m in [&mut leader, &mut follower] {
+        m.handle(
+            at,
+            Event::Committed {
+                generation: to,
+                plan: plan.clone(),
+            },
+        );
+    }
+    assert_eq!(leader.next_due(), Some(at + HANG));
+    assert_eq!(follower.next_due(), None);
+    let slot = Slot {
+        node: "a".into(),
+        index: 0,
+    };
+    leader.handle(at + SETTLE, Event::Progress { slot });
+    assert!(
+        leader.next_due().unwrap() >= at + HANG,
+        "{:?}",
+        leader.next_due()
+    );
+}

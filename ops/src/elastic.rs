@@ -376,35 +376,42 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or((cores / slots).max(1));
-    let e = &args.elastic;
-    agent::run(AgentOptions {
-        endpoints: endpoints(&args.etcd),
-        access: args.security.access()?,
-        job: args.job,
-        node,
-        slots,
-        worker_program: exe,
+    let slot_env = if on_gpu {
+        let machine = std::env::var(SHARING_ENV).ok().and_then(|v| v.parse().ok());
+        slot_devices(slots, &gpus, machine)
+    } else {
+        Vec::new()
+    };
+    let processes = agent::Processes::new(
+        exe,
         worker_args,
-        worker_env: vec![("RAYON_NUM_THREADS".into(), threads.to_string())],
-        slot_env: if on_gpu {
-            let machine = std::env::var(SHARING_ENV).ok().and_then(|v| v.parse().ok());
-            slot_devices(slots, &gpus, machine)
-        } else {
-            Vec::new()
+        vec![("RAYON_NUM_THREADS".into(), threads.to_string())],
+        slot_env,
+    );
+    let e = &args.elastic;
+    agent::run(
+        AgentOptions {
+            endpoints: endpoints(&args.etcd),
+            access: args.security.access()?,
+            job: args.job,
+            node,
+            slots,
+            tp: cfg.parallel.tp,
+            pp: cfg.parallel.pp,
+            microbatches: microbatches(&cfg),
+            lease_ttl: Duration::from_millis(e.lease_ttl_ms),
+            timing: Timing {
+                settle: Duration::from_millis(e.settle_ms),
+                hang: Duration::from_millis(e.hang_ms),
+            },
+            cooldown: Duration::from_millis(e.cooldown_ms),
+            withdraw_after: e.withdraw_after as usize,
+            wait_slots: args.wait_slots,
+            evict_stragglers: cfg.elastic.evict_stragglers,
+            quiet: false,
         },
-        tp: cfg.parallel.tp,
-        pp: cfg.parallel.pp,
-        microbatches: microbatches(&cfg),
-        lease_ttl: Duration::from_millis(e.lease_ttl_ms),
-        timing: Timing {
-            settle: Duration::from_millis(e.settle_ms),
-            hang: Duration::from_millis(e.hang_ms),
-        },
-        cooldown: Duration::from_millis(e.cooldown_ms),
-        withdraw_after: e.withdraw_after as usize,
-        wait_slots: args.wait_slots,
-        evict_stragglers: cfg.elastic.evict_stragglers,
-    })?;
+        processes,
+    )?;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ mod plan;
 mod progress;
 mod recovery;
 mod sample;
+mod scale;
 mod sim;
 
 use std::path::PathBuf;
@@ -127,9 +128,10 @@ enum BenchCommand {
     /// What a checkpoint costs: training stall beside memcpy, persist beside the disk,
     /// compression with and without the byte shuffle, load time.
     Ckpt(bench::CkptArgs),
-    /// How long a cluster of agents takes to register under leases and agree on a plan,
-    /// against a real etcd.
-    Elastic(bench::ElasticArgs),
+    /// Many agents, each running the agent's own code on threads of this process against a real
+    /// etcd: registration, the first plan held by all, and a crashed node's loss to the next
+    /// plan held by all.
+    Elastic(scale::ElasticArgs),
     /// What a killed worker costs an elastic job on etcd, beside the same job stopping every
     /// worker and resuming from its newest checkpoint.
     Recovery(recovery::RecoveryArgs),
@@ -218,7 +220,7 @@ fn run(cli: Cli) -> Result<()> {
         } => bench::ckpt(args),
         Command::Bench {
             command: BenchCommand::Elastic(args),
-        } => bench::elastic(args),
+        } => scale::run(args),
         Command::Bench {
             command: BenchCommand::Gpu(args),
         } => gpu_bench(args),

@@ -821,7 +821,7 @@ fn bench_ckpt_prints_stall_persist_compression_and_load() {
 mod etcd;
 
 #[test]
-fn bench_elastic_registers_agents_and_agrees_on_a_plan_against_etcd() {
+fn bench_elastic_runs_real_agents_against_etcd_through_a_plan_and_a_nodes_loss() {
     let server = etcd::Etcd::start();
     server.connect();
     let args = [
@@ -841,14 +841,29 @@ fn bench_elastic_registers_agents_and_agrees_on_a_plan_against_etcd() {
         "64",
         "--connections",
         "4",
+        "--runs",
+        "1",
     ];
     let (report, stdout) = bench_report(&args, Path::new("."));
+    // 24 nodes of one block each: 8 replicas of 3 stages; one node lost, 7.
     assert_eq!(report["dp"], 8, "{report}");
+    let run = &report["runs"][0];
+    assert_eq!(run["dp_after_loss"], 7, "{report}");
+    let m = &report["median"];
+    for key in [
+        "all_hold_plan_ms",
+        "hold_after_registration_ms",
+        "hold_after_expiry_ms",
+    ] {
+        assert!(m[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {report}");
+    }
+    // The crashed node was declared dead when its lease (2 s) ran out, not at once.
+    let expired = m["expired_after_crash_ms"].as_f64().unwrap();
+    assert!(expired > 1000.0, "{report}");
     assert!(
-        report["all_hold_plan_ms"].as_f64().is_some_and(|v| v > 0.0),
-        "{report}"
+        stdout.contains("every agent held the first plan"),
+        "{stdout}"
     );
-    assert!(stdout.contains("every agent held the plan"), "{stdout}");
 }
 
 #[test]

@@ -19,13 +19,18 @@
 //!   dead, so the agent kills its workers and exits rather than carry on as a zombie.
 //!
 //! The worker processes hold the agent's pipe as their stdin; when the agent dies, they exit.
+//!
+//! Where the workers run is the agent's [`Host`]: processes ([`Processes`]), or none at all
+//! ([`Hollow`], which records what the agent asked of them), so that many agents can run in
+//! one process against a real etcd (`marathon bench elastic`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
@@ -47,14 +52,6 @@ pub struct AgentOptions {
     /// This node's name, unique in the job.
     pub node: String,
     pub slots: usize,
-    /// The program and arguments that start one worker.
-    pub worker_program: PathBuf,
-    pub worker_args: Vec<String>,
-    /// Environment for the workers.
-    pub worker_env: Vec<(String, String)>,
-    /// Environment of each slot's worker on top of it (a GPU job's device for the slot); empty
-    /// for none.
-    pub slot_env: Vec<Vec<(String, String)>>,
     pub tp: usize,
     pub pp: usize,
     /// Microbatches in the global batch.
@@ -70,9 +67,12 @@ pub struct AgentOptions {
     pub wait_slots: usize,
     /// Whether a worker flagged as a straggler is evicted, as a hung one is.
     pub evict_stragglers: bool,
+    /// Says nothing on stderr (many agents in one process).
+    pub quiet: bool,
 }
 
-/// How often the agent looks at its workers and the clock.
+/// How often the agent looks at its worker processes, and the shortest it waits for a
+/// deadline.
 const TICK: Duration = Duration::from_millis(5);
 /// How long workers have to exit after being told to stop, before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -94,42 +94,251 @@ enum Input {
     },
 }
 
-/// One worker process.
+/// Where a worker's reports go: the agent's loop.
+pub struct WorkerEvents {
+    tx: mpsc::Sender<Input>,
+    index: usize,
+}
+
+impl std::fmt::Debug for WorkerEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WorkerEvents(slot {})", self.index)
+    }
+}
+
+impl WorkerEvents {
+    /// Passes on one report of the worker with `pid`; false once the agent is gone.
+    pub fn send(&self, pid: u32, event: FromWorker) -> bool {
+        self.tx
+            .send(Input::Worker {
+                index: self.index,
+                pid,
+                event,
+            })
+            .is_ok()
+    }
+}
+
+/// Where an agent's workers run.
+pub trait Host: Send {
+    /// Starts the worker of slot `index`, whose reports go to `events`; returns its pid.
+    fn spawn(&mut self, index: usize, events: WorkerEvents) -> Result<u32>;
+    /// Sends one command. A worker that cannot hear is dead or dying; its exit is seen.
+    fn send(&mut self, index: usize, cmd: &ToWorker);
+    /// Kills the worker now.
+    fn kill(&mut self, index: usize);
+    /// How the worker ended, once it has (and is reaped).
+    fn exited(&mut self, index: usize) -> Result<Option<String>>;
+    /// The node registered under its lease.
+    fn registered(&mut self) {}
+    /// This node started generation `generation` (placed in its plan or not).
+    fn started(&mut self, _generation: u64) {}
+    /// How long the agent may wait for its inputs before it looks at its workers again.
+    fn poll_interval(&self) -> Duration {
+        TICK
+    }
+}
+
+/// The workers as processes of a program: each holds the agent's pipe as its stdin and writes
+/// its reports as JSON lines on its stdout. Every one left is killed and reaped when the host
+/// goes, however the agent ends.
+#[derive(Debug)]
+pub struct Processes {
+    /// The program and arguments that start one worker.
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Environment for the workers.
+    pub env: Vec<(String, String)>,
+    /// Environment of each slot's worker on top of it (a GPU job's device for the slot);
+    /// empty for none.
+    pub slot_env: Vec<Vec<(String, String)>>,
+    children: BTreeMap<usize, (Child, ChildStdin)>,
+}
+
+impl Processes {
+    pub fn new(
+        program: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        slot_env: Vec<Vec<(String, String)>>,
+    ) -> Self {
+        Processes {
+            program,
+            args,
+            env,
+            slot_env,
+            children: BTreeMap::new(),
+        }
+    }
+}
+
+impl Host for Processes {
+    fn spawn(&mut self, index: usize, events: WorkerEvents) -> Result<u32> {
+        let mut child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.env.iter().cloned())
+            .envs(self.slot_env.get(index).into_iter().flatten().cloned())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| RuntimeError::io("start a worker from", &self.program, e))?;
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Ok(event) = serde_json::from_str::<FromWorker>(&line) {
+                    if !events.send(pid, event) {
+                        return;
+                    }
+                }
+            }
+        });
+        let stdin = child.stdin.take().expect("stdin is piped");
+        self.children.insert(index, (child, stdin));
+        Ok(pid)
+    }
+
+    fn send(&mut self, index: usize, cmd: &ToWorker) {
+        if let Some((_, stdin)) = self.children.get_mut(&index) {
+            let line = serde_json::to_string(cmd).expect("commands serialise");
+            let _ = writeln!(stdin, "{line}").and_then(|_| stdin.flush());
+        }
+    }
+
+    fn kill(&mut self, index: usize) {
+        if let Some((child, _)) = self.children.get_mut(&index) {
+            let _ = child.kill();
+        }
+    }
+
+    fn exited(&mut self, index: usize) -> Result<Option<String>> {
+        let Some((child, _)) = self.children.get_mut(&index) else {
+            return Ok(Some("exited".into()));
+        };
+        let status = child
+            .try_wait()
+            .map_err(|e| RuntimeError::io("wait for a worker from", &self.program, e))?;
+        Ok(status.map(|s| {
+            self.children.remove(&index);
+            format!("exited ({s})")
+        }))
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (child, _) in self.children.values_mut() {
+            let _ = child.kill();
+        }
+        for (child, _) in self.children.values_mut() {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// When each node of a [`Hollow`] host registered (generation 0) and started each generation.
+pub type Starts = Arc<Mutex<Vec<(String, u64, Instant)>>>;
+
+/// No workers at all: a worker is "started" by name only, never reports, and ends when the
+/// agent stops or kills it. It records when its node started each generation, for a bench of
+/// many agents.
+#[derive(Debug)]
+pub struct Hollow {
+    node: String,
+    running: BTreeSet<usize>,
+    starts: Starts,
+}
+
+impl Hollow {
+    pub fn new(node: &str, starts: Starts) -> Self {
+        Hollow {
+            node: node.to_owned(),
+            running: BTreeSet::new(),
+            starts,
+        }
+    }
+}
+
+impl Host for Hollow {
+    fn spawn(&mut self, index: usize, _events: WorkerEvents) -> Result<u32> {
+        self.running.insert(index);
+        Ok(0)
+    }
+
+    fn send(&mut self, index: usize, cmd: &ToWorker) {
+        if matches!(cmd, ToWorker::Stop) {
+            self.running.remove(&index);
+        }
+    }
+
+    fn kill(&mut self, index: usize) {
+        self.running.remove(&index);
+    }
+
+    fn exited(&mut self, index: usize) -> Result<Option<String>> {
+        Ok((!self.running.contains(&index)).then(|| "stopped".to_string()))
+    }
+
+    fn registered(&mut self) {
+        self.started(0);
+    }
+
+    fn started(&mut self, generation: u64) {
+        let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+        starts.push((self.node.clone(), generation, Instant::now()));
+    }
+
+    /// Nothing to look at: the agent wakes for its inputs and its deadlines.
+    fn poll_interval(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+}
+
+/// One worker, as the agent sees it.
 struct Worker {
-    child: Child,
-    stdin: ChildStdin,
+    pid: u32,
     /// The agent stopped it on purpose: its exit is no failure.
     stopping: bool,
     /// Why the agent killed it, when it was evicted.
     evicted: Option<String>,
 }
 
-impl Worker {
-    fn send(&mut self, cmd: &ToWorker) {
-        let line = serde_json::to_string(cmd).expect("commands serialise");
-        // A worker that cannot hear is dead or dying; its exit is seen and handled.
-        let _ = writeln!(self.stdin, "{line}").and_then(|_| self.stdin.flush());
-    }
+/// The node's workers and where they run.
+struct Workers {
+    host: Box<dyn Host>,
+    running: BTreeMap<usize, Worker>,
 }
 
-/// Kills and reaps every worker however the agent ends.
-struct Workers(BTreeMap<usize, Worker>);
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for w in self.0.values_mut() {
-            let _ = w.child.kill();
-        }
-        for w in self.0.values_mut() {
-            let _ = w.child.wait();
+impl Workers {
+    fn send_all(&mut self, cmd: &ToWorker) {
+        for &index in self.running.keys() {
+            self.host.send(index, cmd);
         }
     }
 }
 
-/// Runs an agent until the job is done (`Ok`), or until this node is presumed dead or
-/// something it cannot retry fails.
-pub fn run(opts: AgentOptions) -> Result<()> {
-    Agent::new(opts)?.run()
+/// Runs an agent whose workers are processes of `host` until the job is done (`Ok`), or until
+/// this node is presumed dead or something it cannot retry fails.
+pub fn run(opts: AgentOptions, host: Processes) -> Result<()> {
+    let coord = Arc::new(EtcdCoordinator::connect_with(
+        &opts.endpoints,
+        Duration::from_secs(10),
+        &opts.access,
+    )?);
+    run_with(coord, opts, Box::new(host), None)
+}
+
+/// Runs an agent over `coord` with its workers on `host`. When `crash` turns true the agent
+/// stops at once as a crashed node would: its lease is not revoked but runs out, and its
+/// workers are gone.
+pub fn run_with(
+    coord: Arc<EtcdCoordinator>,
+    opts: AgentOptions,
+    host: Box<dyn Host>,
+    crash: Option<Arc<AtomicBool>>,
+) -> Result<()> {
+    Agent::new(coord, opts, host, crash)?.run()
 }
 
 struct Agent {
@@ -137,8 +346,9 @@ struct Agent {
     coord: Arc<EtcdCoordinator>,
     keys: JobKeys,
     membership: Membership,
-    registration: marathon_elastic::Registration,
+    registration: Option<marathon_elastic::Registration>,
     workers: Workers,
+    crash: Option<Arc<AtomicBool>>,
     inputs: mpsc::Receiver<Input>,
     tx: mpsc::Sender<Input>,
     /// Until when each slot whose worker died is not offered.
@@ -164,12 +374,12 @@ struct Agent {
 }
 
 impl Agent {
-    fn new(opts: AgentOptions) -> Result<Self> {
-        let coord = Arc::new(EtcdCoordinator::connect_with(
-            &opts.endpoints,
-            Duration::from_secs(10),
-            &opts.access,
-        )?);
+    fn new(
+        coord: Arc<EtcdCoordinator>,
+        opts: AgentOptions,
+        host: Box<dyn Host>,
+        crash: Option<Arc<AtomicBool>>,
+    ) -> Result<Self> {
         let keys = JobKeys::new(&opts.job);
         forget_previous_run(&*coord, &keys, &opts.node)?;
         let membership =
@@ -180,14 +390,20 @@ impl Agent {
             &Offer::all(opts.slots).to_json(),
             opts.lease_ttl,
         )?;
+        let mut host = host;
+        host.registered();
         let (tx, inputs) = mpsc::channel();
         Ok(Agent {
             opts,
             coord,
             keys,
             membership,
-            registration,
-            workers: Workers(BTreeMap::new()),
+            registration: Some(registration),
+            workers: Workers {
+                host,
+                running: BTreeMap::new(),
+            },
+            crash,
             inputs,
             tx,
             cooling: BTreeMap::new(),
@@ -204,9 +420,19 @@ impl Agent {
     }
 
     fn log(&self, msg: impl std::fmt::Display) {
+        if self.opts.quiet {
+            return;
+        }
         // One write per line: the node's workers write to the same stderr.
         let line = format!("agent {}: {msg}\n", self.opts.node);
         let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+
+    /// The node's registration, held from the start until a crash.
+    fn registration(&self) -> &marathon_elastic::Registration {
+        self.registration
+            .as_ref()
+            .expect("registered until it crashes")
     }
 
     fn run(mut self) -> Result<()> {
@@ -215,11 +441,22 @@ impl Agent {
             self.opts.slots,
             self.opts.job,
             self.opts.endpoints.join(","),
-            self.registration.ttl().as_secs()
+            self.registration().ttl().as_secs()
         ));
         self.resync()?;
         loop {
-            if self.registration.lost() {
+            if self
+                .crash
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+            {
+                if let Some(r) = self.registration.take() {
+                    r.abandon();
+                }
+                self.log("crashed: its lease runs out");
+                return Ok(());
+            }
+            if self.registration().lost() {
                 self.log("lost its lease: the job presumes this node dead; stopping its workers");
                 return Err(RuntimeError::Argument {
                     name: "lease",
@@ -232,7 +469,7 @@ impl Agent {
                     ),
                 });
             }
-            match self.inputs.recv_timeout(TICK) {
+            match self.inputs.recv_timeout(self.next_wait()) {
                 Ok(Input::Change(c)) => self.on_change(c)?,
                 Ok(Input::WatchFailed(reason)) => {
                     self.log(format_args!("the watch ended ({reason}); watching again"));
@@ -257,7 +494,7 @@ impl Agent {
                 }
             }
             self.feed(Event::Tick)?;
-            if self.done && self.workers.0.is_empty() {
+            if self.done && self.workers.running.is_empty() {
                 self.log("the job is done");
                 return Ok(());
             }
@@ -265,12 +502,32 @@ impl Agent {
                 // Dropping the agent kills what is left.
                 self.log(format_args!(
                     "the job is done; {} workers still running {} s after it ended are stopped",
-                    self.workers.0.len(),
+                    self.workers.running.len(),
                     STOP_GRACE.as_secs()
                 ));
                 return Ok(());
             }
         }
+    }
+
+    /// How long to wait for inputs: until the next deadline (the core's, a cooldown's, a suspect
+    /// peer's, the stop grace), at least [`TICK`] and at most the host's poll interval.
+    fn next_wait(&self) -> Duration {
+        let poll = self.workers.host.poll_interval();
+        let due = [
+            self.membership.next_due(),
+            self.cooling.values().min().copied(),
+            self.withdrawn_until,
+            self.suspect.as_ref().map(|s| s.1),
+            self.done_at.map(|t| t + STOP_GRACE),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        due.map_or(poll, |t| {
+            t.saturating_duration_since(Instant::now())
+                .clamp(TICK, poll.max(TICK))
+        })
     }
 
     /// Watches the job's keys, then reads them all: anything that changes between the two is
@@ -332,7 +589,7 @@ impl Agent {
     fn campaign(&mut self) -> Result<()> {
         let (key, me) = (self.keys.leader(), self.opts.node.as_bytes());
         let holder = retrying(OUTAGE_MAX, || {
-            self.coord.campaign(&key, me, &self.registration)
+            self.coord.campaign(&key, me, self.registration())
         })?;
         if !holder.is_empty() {
             let node = String::from_utf8_lossy(&holder).into_owned();
@@ -384,10 +641,10 @@ impl Agent {
                     self.done = true;
                     self.done_at = Some(Instant::now());
                     self.log("the job reached its last step; stopping the workers");
-                    for w in self.workers.0.values_mut() {
+                    for w in self.workers.running.values_mut() {
                         w.stopping = true;
-                        w.send(&ToWorker::Stop);
                     }
+                    self.workers.send_all(&ToWorker::Stop);
                 }
                 // From now on the core plans nothing, even when this agent comes to lead.
                 self.feed(Event::Done)
@@ -427,12 +684,12 @@ impl Agent {
         if f.slot.node != self.opts.node || !evicts {
             return;
         }
-        if let Some(w) = self.workers.0.get_mut(&f.slot.index) {
+        if let Some(w) = self.workers.running.get_mut(&f.slot.index) {
             w.evicted = Some(format!(
                 "was a straggler ({:.1}x its peers' compute at step {}) and was evicted",
                 f.ratio, f.step
             ));
-            let _ = w.child.kill();
+            self.workers.host.kill(f.slot.index);
         }
     }
 
@@ -539,21 +796,17 @@ impl Agent {
     /// Handles the exit of each worker that exited.
     fn reap(&mut self) -> Result<()> {
         let mut exited = Vec::new();
-        for (&index, w) in self.workers.0.iter_mut() {
-            if let Some(status) = w
-                .child
-                .try_wait()
-                .map_err(|e| RuntimeError::io("wait for a worker of", self.opts.node.clone(), e))?
-            {
-                exited.push((index, status, w.stopping, w.evicted.take(), w.child.id()));
+        for (&index, w) in self.workers.running.iter_mut() {
+            if let Some(how) = self.workers.host.exited(index)? {
+                exited.push((index, how, w.stopping, w.evicted.take(), w.pid));
             }
         }
-        for (index, status, stopping, evicted, pid) in exited {
-            self.workers.0.remove(&index);
+        for (index, how, stopping, evicted, pid) in exited {
+            self.workers.running.remove(&index);
             if stopping {
                 continue;
             }
-            let reason = evicted.unwrap_or_else(|| format!("exited ({status})"));
+            let reason = evicted.unwrap_or(how);
             self.log(format_args!("worker of slot {index} (pid {pid}) {reason}"));
             let slot = Slot {
                 node: self.opts.node.clone(),
@@ -614,7 +867,7 @@ impl Agent {
     /// Re-registers the node with what it offers now.
     fn offer(&mut self) -> Result<()> {
         let json = self.current_offer().to_json();
-        retrying(OUTAGE_MAX, || self.registration.update(&json))?;
+        retrying(OUTAGE_MAX, || self.registration().update(&json))?;
         Ok(())
     }
 
@@ -656,17 +909,15 @@ impl Agent {
         match action {
             Action::Abort { generation } => {
                 self.aborted = self.aborted.max(generation);
-                for w in self.workers.0.values_mut() {
-                    w.send(&ToWorker::Abort { generation });
-                }
+                self.workers.send_all(&ToWorker::Abort { generation });
             }
             Action::Evict { slot } => {
-                if let Some(w) = self.workers.0.get_mut(&slot.index) {
+                if let Some(w) = self.workers.running.get_mut(&slot.index) {
                     w.evicted = Some(format!(
                         "was declared hung (no step within {} ms) and killed",
                         self.opts.timing.hang.as_millis()
                     ));
-                    let _ = w.child.kill();
+                    self.workers.host.kill(slot.index);
                 }
             }
             Action::Propose { from, to, plan } => {
@@ -735,62 +986,46 @@ impl Agent {
         // A worker with no place in this plan stays, idle, while its slot is offered: a later
         // plan may use it again. Those of slots no longer offered stop.
         let offer = self.current_offer();
-        for (index, w) in self.workers.0.iter_mut() {
+        for (index, w) in self.workers.running.iter_mut() {
             let placed = mine.contains(index) || standby.contains(index);
             if !placed && !offer.offers(*index) && !w.stopping {
                 w.stopping = true;
-                let _ = w.child.kill();
+                self.workers.host.kill(*index);
             }
         }
-        for &index in &mine {
-            if !self.workers.0.contains_key(&index) {
-                let w = self.spawn(index)?;
-                self.workers.0.insert(index, w);
-            }
-            let slot = Slot {
+        // One command, its slot set for each worker in turn: the plan is not copied per slot.
+        let mut start = ToWorker::Start {
+            generation,
+            plan,
+            slot: Slot {
                 node: me.clone(),
-                index,
-            };
-            let w = self.workers.0.get_mut(&index).expect("started above");
-            w.send(&ToWorker::Start {
-                generation,
-                plan: plan.clone(),
-                slot,
-            });
-        }
-        Ok(())
-    }
-
-    fn spawn(&self, index: usize) -> Result<Worker> {
-        let mut child = Command::new(&self.opts.worker_program)
-            .args(&self.opts.worker_args)
-            .envs(self.opts.worker_env.iter().cloned())
-            .envs(self.opts.slot_env.get(index).into_iter().flatten().cloned())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| RuntimeError::io("start a worker from", &self.opts.worker_program, e))?;
-        let pid = child.id();
-        self.log(format_args!("slot {index}: worker pid {pid}"));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let tx = self.tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                if let Ok(event) = serde_json::from_str::<FromWorker>(&line) {
-                    if tx.send(Input::Worker { index, pid, event }).is_err() {
-                        return;
-                    }
-                }
+                index: 0,
+            },
+        };
+        for &index in &mine {
+            if !self.workers.running.contains_key(&index) {
+                let events = WorkerEvents {
+                    tx: self.tx.clone(),
+                    index,
+                };
+                let pid = self.workers.host.spawn(index, events)?;
+                self.log(format_args!("slot {index}: worker pid {pid}"));
+                self.workers.running.insert(
+                    index,
+                    Worker {
+                        pid,
+                        stopping: false,
+                        evicted: None,
+                    },
+                );
             }
-        });
-        let stdin = child.stdin.take().expect("stdin is piped");
-        Ok(Worker {
-            child,
-            stdin,
-            stopping: false,
-            evicted: None,
-        })
+            if let ToWorker::Start { slot, .. } = &mut start {
+                slot.index = index;
+            }
+            self.workers.host.send(index, &start);
+        }
+        self.workers.host.started(generation);
+        Ok(())
     }
 }
 
@@ -823,14 +1058,15 @@ impl Drop for Agent {
         // Workers told to stop get a moment to finish their last checkpoint; then `Workers`
         // kills what is left.
         let deadline = Instant::now() + STOP_GRACE;
-        while self.done
-            && Instant::now() < deadline
-            && self
-                .workers
-                .0
-                .values_mut()
-                .any(|w| matches!(w.child.try_wait(), Ok(None)))
-        {
+        while self.done && Instant::now() < deadline {
+            let indices: Vec<usize> = self.workers.running.keys().copied().collect();
+            let host = &mut self.workers.host;
+            if indices
+                .iter()
+                .all(|&i| matches!(host.exited(i), Ok(Some(_)) | Err(_)))
+            {
+                break;
+            }
             std::thread::sleep(TICK);
         }
     }
