@@ -157,10 +157,11 @@ pub fn open_store(c: &CheckpointConfig) -> Result<Store> {
         refuse_puts_to: f.refuse_puts_to.clone(),
         tear_puts_to: f.tear_puts_to.clone(),
     };
-    Ok(Store {
-        inner: Arc::new(FaultyStore::new(store.inner.clone(), faults, f.seed)),
-        ..store
-    })
+    Ok(store.wrapped(Arc::new(FaultyStore::new(
+        store.inner.clone(),
+        faults,
+        f.seed,
+    ))))
 }
 
 pub(crate) fn writer_options(c: &CheckpointConfig) -> WriterOptions {

@@ -12,6 +12,7 @@
 
 pub mod boxes;
 pub mod codec;
+pub mod direct;
 pub mod faulty;
 pub mod format;
 pub mod reader;

@@ -221,6 +221,25 @@ impl Reader {
 
     async fn chunk_bytes(&self, c: &format::Chunk) -> Result<Bytes> {
         let path = self.store.path(&c.object);
+        if let Some(file) = self.store.direct_file(&c.object) {
+            let bytes = crate::direct::read_range(&file, c.byte_offset, c.byte_len as usize)
+                .map_err(|e| {
+                    let source = Box::new(e);
+                    let e = if source.kind() == std::io::ErrorKind::NotFound {
+                        object_store::Error::NotFound {
+                            path: path.to_string(),
+                            source,
+                        }
+                    } else {
+                        object_store::Error::Generic {
+                            store: "marathon",
+                            source,
+                        }
+                    };
+                    StorageError::store("read chunk", &path, e)
+                })?;
+            return Ok(count(Bytes::from(bytes)));
+        }
         let range = c.byte_offset..c.byte_offset + c.byte_len;
         retry(|| self.store.inner.get_range(&path, range.clone()))
             .await

@@ -24,6 +24,10 @@ pub struct Store {
     /// For a local directory: the directory, whose files the writer syncs to disk, since the
     /// local store's puts reach only the page cache.
     pub local_dir: Option<std::path::PathBuf>,
+    /// A local directory opened as it is, not wrapped: its objects are files that the writer
+    /// writes itself, straight from its staging buffer. A wrapped store (a fault injector)
+    /// must see every write, and has none.
+    direct: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -68,6 +72,7 @@ impl Store {
                     prefix: Path::default(),
                     url: url.to_string(),
                     local_dir: Some(dir.to_path_buf()),
+                    direct: Some(dir.to_path_buf()),
                 });
             }
             "memory" => Arc::new(object_store::memory::InMemory::new()),
@@ -118,6 +123,7 @@ impl Store {
             prefix,
             url: url.to_string(),
             local_dir: None,
+            direct: None,
         })
     }
 
@@ -145,6 +151,24 @@ impl Store {
             })
     }
 
+    /// The file of object `name` when this process may write it itself (see `direct`), for a
+    /// name of plain segments (letters, digits, `.`, `_`, `-`), which the local store keeps as
+    /// they are.
+    pub(crate) fn direct_file(&self, name: &str) -> Option<std::path::PathBuf> {
+        let dir = self.direct.as_ref()?;
+        let plain = |seg: &str| {
+            !seg.is_empty()
+                && !seg.starts_with('.')
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        let segs: Vec<&str> = name.split('/').collect();
+        segs.iter()
+            .all(|s| plain(s))
+            .then(|| segs.iter().fold(dir.clone(), |p, s| p.join(s)))
+    }
+
     /// `name` under this store's prefix.
     pub fn path(&self, name: &str) -> Path {
         let mut p = self.prefix.clone();
@@ -161,6 +185,7 @@ impl Store {
             prefix: self.prefix.clone(),
             url: self.url.clone(),
             local_dir: self.local_dir.clone(),
+            direct: None,
         }
     }
 }

@@ -473,8 +473,17 @@ impl Job {
     async fn upload_shard(&self, staging: &[f32]) -> object_store::Result<(Vec<TensorEntry>, u64)> {
         let object = self.object.clone();
         let path = self.store.path(&object);
-        let upload = self.store.inner.put_multipart(&path).await?;
-        let mut w = WriteMultipart::new_with_chunk_size(upload, self.opts.part_bytes);
+        let mut w = match self.store.direct_file(&object) {
+            Some(file) => Sink::file(&file)?,
+            None => {
+                let upload = self.store.inner.put_multipart(&path).await?;
+                Sink::Upload(WriteMultipart::new_with_chunk_size(
+                    upload,
+                    self.opts.part_bytes,
+                ))
+            }
+        };
+        let inflight = self.opts.uploads_inflight_max;
         let mut entries: Vec<TensorEntry> = Vec::new();
         let mut index: BTreeMap<&str, usize> = BTreeMap::new();
         let mut byte_offset = 0u64;
@@ -519,8 +528,7 @@ impl Job {
             let raw = le_bytes(&staging[range], &mut scratch);
             if codec == Codec::Raw {
                 let crc32c = checksum(raw);
-                w.wait_for_capacity(self.opts.uploads_inflight_max).await?;
-                w.write(raw);
+                w.write(raw, inflight).await?;
                 record(piece, region, raw.len() as u64, raw.len() as u64, crc32c);
                 continue;
             }
@@ -547,8 +555,7 @@ impl Job {
                     .await
                     .map_err(|e| failed(e.to_string()))?
                     .map_err(|e| failed(e.to_string()))?;
-                w.wait_for_capacity(self.opts.uploads_inflight_max).await?;
-                w.write(&stored);
+                w.write(&stored, inflight).await?;
                 record(piece, region, stored.len() as u64, raw_len, crc32c);
             }
         }
@@ -746,6 +753,55 @@ fn le_bytes<'a>(values: &'a [f32], buf: &'a mut Vec<u8>) -> &'a [u8] {
         buf.clear();
         buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
         buf
+    }
+}
+
+/// Where a shard's bytes go: a multipart upload, or, for a local directory, the object's file
+/// written by this process around the page cache ([`crate::direct`]; no part buffers, no
+/// staging file), made durable by the persist's sync.
+enum Sink {
+    Upload(WriteMultipart),
+    File(crate::direct::DirectFile),
+}
+
+impl Sink {
+    fn file(path: &std::path::Path) -> object_store::Result<Sink> {
+        let io = |e: std::io::Error| object_store::Error::Generic {
+            store: "marathon",
+            source: format!("create {}: {e}", path.display()).into(),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        Ok(Sink::File(
+            crate::direct::DirectFile::create(path).map_err(io)?,
+        ))
+    }
+
+    /// Appends `bytes`; an upload waits while `inflight` parts are in flight.
+    async fn write(&mut self, bytes: &[u8], inflight: usize) -> object_store::Result<()> {
+        match self {
+            Sink::Upload(w) => {
+                w.wait_for_capacity(inflight).await?;
+                w.write(bytes);
+                Ok(())
+            }
+            Sink::File(f) => f.write_all(bytes).map_err(shard_write),
+        }
+    }
+
+    async fn finish(self) -> object_store::Result<()> {
+        match self {
+            Sink::Upload(w) => w.finish().await.map(|_| ()),
+            Sink::File(f) => f.finish().map(|_| ()).map_err(shard_write),
+        }
+    }
+}
+
+fn shard_write(e: std::io::Error) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "marathon",
+        source: format!("write a shard: {e}").into(),
     }
 }
 

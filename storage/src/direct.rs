@@ -1,0 +1,286 @@
+//! A local file written around the page cache (`O_DIRECT`), for shards.
+//!
+//! A buffered write copies every byte into the page cache, and the kernel must find a free page
+//! for each: with earlier checkpoints' files still cached, a 1.5 GB shard was written at 0.4
+//! GB/s where the disk takes 3 GB/s. Written direct, the bytes go from an aligned bounce buffer
+//! to the device in large blocks, and the page cache keeps what training reads. Every block but
+//! the last is whole; the last is padded to the block size and the file cut back to its length.
+//! Where the filesystem refuses direct I/O (tmpfs, some network filesystems) the file is written
+//! through the page cache as before.
+//!
+//! A chunk is read back the same way ([`read_range`]): the aligned blocks around it straight from
+//! the device, so a cold load runs at the disk's speed rather than the page cache's allocation.
+
+use std::alloc::Layout;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// Alignment of buffer addresses, lengths and file offsets for direct I/O: the largest logical
+/// block size in common use.
+const ALIGN: usize = 4096;
+/// Bytes per direct write.
+const BLOCK: usize = 8 << 20;
+
+/// A heap buffer aligned for direct I/O.
+#[derive(Debug)]
+struct Aligned {
+    ptr: std::ptr::NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the buffer is owned memory with no shared state.
+unsafe impl Send for Aligned {}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let layout = Layout::from_size_align(len, ALIGN).expect("a valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Aligned { ptr, layout }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `layout.size()` initialised bytes that this buffer owns.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// A file being written, direct where the filesystem allows.
+#[derive(Debug)]
+pub struct DirectFile {
+    file: File,
+    /// `None` once the file is written through the page cache.
+    buf: Option<Aligned>,
+    filled: usize,
+    len: u64,
+}
+
+impl DirectFile {
+    /// Creates (or truncates) `path`.
+    pub fn create(path: &Path) -> std::io::Result<DirectFile> {
+        Self::open(path, true)
+    }
+
+    /// Creates (or truncates) `path`, direct if `direct` and the filesystem allows.
+    fn open(path: &Path, direct: bool) -> std::io::Result<DirectFile> {
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let (file, buf) = match open(if direct { libc::O_DIRECT } else { 0 }) {
+            Ok(f) if !direct => (f, None),
+            Ok(f) => (f, Some(Aligned::new(BLOCK))),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, None),
+            Err(e) => return Err(e),
+        };
+        Ok(DirectFile {
+            file,
+            buf,
+            filled: 0,
+            len: 0,
+        })
+    }
+
+    /// Whether the file is being written around the page cache.
+    #[cfg(test)]
+    fn is_direct(&self) -> bool {
+        self.buf.is_some()
+    }
+
+    /// Appends `bytes`.
+    pub fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let Some(buf) = self.buf.as_mut() else {
+                self.len += bytes.len() as u64;
+                return self.file.write_all(bytes);
+            };
+            let n = (BLOCK - self.filled).min(bytes.len());
+            buf.bytes()[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            bytes = &bytes[n..];
+            if self.filled == BLOCK {
+                self.flush(BLOCK)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the first `n` bytes of the buffer (a multiple of [`ALIGN`]) and empties it.
+    fn flush(&mut self, n: usize) -> std::io::Result<()> {
+        let buf = self.buf.as_mut().expect("a direct file");
+        match self.file.write_all(&buf.bytes()[..n]) {
+            Ok(()) => {}
+            // Some filesystems open direct files but refuse their writes: on through the page
+            // cache, from this offset, which every direct write left aligned.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && self.len == 0 => {
+                clear_direct(&self.file)?;
+                self.file.write_all(&buf.bytes()[..n])?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.len += self.filled as u64;
+        self.filled = 0;
+        Ok(())
+    }
+
+    /// Writes what is buffered and cuts the file to its length; the caller syncs it.
+    pub fn finish(mut self) -> std::io::Result<u64> {
+        if self.filled > 0 {
+            let filled = self.filled;
+            let padded = filled.div_ceil(ALIGN) * ALIGN;
+            let buf = self.buf.as_mut().expect("only a direct file buffers");
+            buf.bytes()[filled..padded].fill(0);
+            self.flush(padded)?;
+            if padded != filled {
+                self.file.set_len(self.len)?;
+            }
+        }
+        Ok(self.len)
+    }
+}
+
+/// The `len` bytes of `path` from `offset`, read around the page cache where the filesystem
+/// allows.
+pub fn read_range(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let open = |flags: i32| OpenOptions::new().read(true).custom_flags(flags).open(path);
+    let file = match open(libc::O_DIRECT) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            return read_cached(&open(0)?, offset, len)
+        }
+        Err(e) => return Err(e),
+    };
+    let start = offset / ALIGN as u64 * ALIGN as u64;
+    let skip = (offset - start) as usize;
+    let span = (skip + len).div_ceil(ALIGN) * ALIGN;
+    let mut buf = Aligned::new(span.max(ALIGN));
+    let mut got = 0;
+    while got < skip + len {
+        match file.read_at(&mut buf.bytes()[got..span], start + got as u64) {
+            // The file ends inside the last block.
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && got == 0 => {
+                return read_cached(&file_cached(path)?, offset, len)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if got < skip + len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "{} ends at {} bytes, inside the range {offset}..{}",
+                path.display(),
+                start + got as u64,
+                offset + len as u64
+            ),
+        ));
+    }
+    Ok(buf.bytes()[skip..skip + len].to_vec())
+}
+
+fn file_cached(path: &Path) -> std::io::Result<File> {
+    File::open(path)
+}
+
+/// `len` bytes from `offset` through the page cache.
+fn read_cached(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut out = vec![0u8; len];
+    file.read_exact_at(&mut out, offset)?;
+    Ok(out)
+}
+
+/// Turns direct I/O off for `file`.
+fn clear_direct(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this process owns, with no pointers passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_direct_file_holds_exactly_what_was_written_at_any_length() {
+        let dir = tempfile::tempdir().unwrap();
+        // Lengths around the block and the alignment, written in uneven pieces.
+        for len in [
+            0,
+            1,
+            4095,
+            4096,
+            4097,
+            BLOCK - 1,
+            BLOCK,
+            BLOCK + 1,
+            2 * BLOCK + 12_345,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+            let path = dir.path().join(format!("f{len}"));
+            let mut f = DirectFile::create(&path).unwrap();
+            for piece in data.chunks(1_000_003) {
+                f.write_all(piece).unwrap();
+            }
+            assert_eq!(f.finish().unwrap(), len as u64);
+            assert_eq!(std::fs::read(&path).unwrap(), data, "length {len}");
+            // Any range reads back, aligned or not; one past the end is refused.
+            for (offset, n) in [
+                (0, len),
+                (len / 3, len / 2),
+                (len.saturating_sub(1), len.min(1)),
+            ] {
+                let got = read_range(&path, offset as u64, n).unwrap();
+                assert_eq!(got, &data[offset..offset + n], "{offset}+{n} of {len}");
+            }
+            let past = read_range(&path, len as u64, 1).unwrap_err();
+            assert_eq!(past.kind(), std::io::ErrorKind::UnexpectedEof, "{past}");
+        }
+    }
+
+    #[test]
+    fn a_file_written_through_the_cache_or_turned_so_midway_holds_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3 * BLOCK + 777).map(|i| (i % 251) as u8).collect();
+        // Through the page cache from the start, as where direct I/O is refused.
+        let path = dir.path().join("cached");
+        let mut f = DirectFile::open(&path, false).unwrap();
+        assert!(!f.is_direct());
+        f.write_all(&data).unwrap();
+        assert_eq!(f.finish().unwrap(), data.len() as u64);
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        // Direct for a block, then through the cache from an aligned offset.
+        let path = dir.path().join("turned");
+        let mut f = DirectFile::create(&path).unwrap();
+        f.write_all(&data[..BLOCK + 5]).unwrap();
+        clear_direct(&f.file).unwrap();
+        f.write_all(&data[BLOCK + 5..]).unwrap();
+        f.finish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+}
