@@ -5,12 +5,13 @@
 //! generation and group, and waiting for the keys of their peers. Generations advance by
 //! compare-and-swap. The etcd implementation keeps the same contract across machines.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::ElasticError;
+use crate::cluster::{Changes, Cluster, Lease};
+use crate::{Change, ElasticError};
 
 /// A key-value store that every member of a job can reach.
 ///
@@ -66,33 +67,126 @@ pub trait Coordinator: Send + Sync {
     }
 }
 
-/// A coordinator inside one process, for single-machine runs and tests.
-#[derive(Debug, Default)]
+/// A coordinator inside one process, for single-machine runs and tests. It also holds leases,
+/// campaigns and watches ([`crate::Cluster`]) for agents that run as threads of one process:
+/// a lease lives until it is dropped (its keys go at once) or abandoned (they go when its time
+/// runs out), since nothing in one process can lose touch with it.
+#[derive(Debug, Default, Clone)]
 pub struct InProcessCoordinator {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
     map: Mutex<HashMap<String, Vec<u8>>>,
     changed: Condvar,
+    /// Locked after `map`, never before.
+    live: Mutex<Live>,
+}
+
+/// Leases and the changes each watch has not read yet.
+#[derive(Debug, Default)]
+struct Live {
+    next_id: i64,
+    leases: HashMap<i64, Held>,
+    watches: HashMap<i64, (String, VecDeque<Change>)>,
+}
+
+/// A lease's keys, and when it runs out once abandoned.
+#[derive(Debug)]
+struct Held {
+    keys: BTreeSet<String>,
+    ttl: Duration,
+    expires: Option<Instant>,
+}
+
+type Map = HashMap<String, Vec<u8>>;
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Map> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        self.expire(&mut map);
+        map
+    }
+
+    fn live(&self) -> MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that `key` changed, for every watch of a prefix of it, and wakes the waiters.
+    fn record(&self, key: &str, value: Option<&[u8]>) {
+        for (prefix, queue) in self.live().watches.values_mut() {
+            if key.starts_with(prefix.as_str()) {
+                queue.push_back(Change {
+                    key: key.to_owned(),
+                    value: value.map(<[u8]>::to_vec),
+                });
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    fn put(&self, map: &mut Map, key: &str, value: &[u8]) {
+        map.insert(key.to_owned(), value.to_vec());
+        self.record(key, Some(value));
+    }
+
+    fn remove(&self, map: &mut Map, key: &str) {
+        if map.remove(key).is_some() {
+            self.record(key, None);
+        }
+    }
+
+    /// Deletes the keys of every abandoned lease whose time ran out.
+    fn expire(&self, map: &mut Map) {
+        let now = Instant::now();
+        let gone: Vec<BTreeSet<String>> = {
+            let mut live = self.live();
+            let ids: Vec<i64> = live
+                .leases
+                .iter()
+                .filter(|(_, l)| l.expires.is_some_and(|t| t <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| live.leases.remove(&id))
+                .map(|l| l.keys)
+                .collect()
+        };
+        for key in gone.iter().flatten() {
+            self.remove(map, key);
+        }
+    }
+
+    /// When the next abandoned lease runs out.
+    fn next_expiry(&self) -> Option<Instant> {
+        self.live().leases.values().filter_map(|l| l.expires).min()
+    }
+
+    fn revoke(&self, id: i64) {
+        let mut map = self.lock();
+        let held = self.live().leases.remove(&id);
+        for key in held.iter().flat_map(|l| &l.keys) {
+            self.remove(&mut map, key);
+        }
+    }
 }
 
 impl InProcessCoordinator {
     pub fn new() -> Self {
         Self::default()
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 impl Coordinator for InProcessCoordinator {
     fn put(&self, key: &str, value: &[u8]) -> Result<(), ElasticError> {
-        let mut map = self.lock();
-        map.insert(key.to_owned(), value.to_vec());
-        self.changed.notify_all();
+        let mut map = self.shared.lock();
+        self.shared.put(&mut map, key, value);
         Ok(())
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ElasticError> {
-        Ok(self.lock().get(key).cloned())
+        Ok(self.shared.lock().get(key).cloned())
     }
 
     fn transact(
@@ -100,7 +194,7 @@ impl Coordinator for InProcessCoordinator {
         when: &[(&str, Option<&[u8]>)],
         puts: &[(&str, &[u8])],
     ) -> Result<bool, ElasticError> {
-        let mut map = self.lock();
+        let mut map = self.shared.lock();
         if when
             .iter()
             .any(|(k, expected)| map.get(*k).map(Vec::as_slice) != *expected)
@@ -108,19 +202,19 @@ impl Coordinator for InProcessCoordinator {
             return Ok(false);
         }
         for (k, v) in puts {
-            map.insert((*k).to_owned(), v.to_vec());
+            self.shared.put(&mut map, k, v);
         }
-        self.changed.notify_all();
         Ok(true)
     }
 
     fn delete(&self, key: &str) -> Result<(), ElasticError> {
-        self.lock().remove(key);
+        let mut map = self.shared.lock();
+        self.shared.remove(&mut map, key);
         Ok(())
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ElasticError> {
-        let map = self.lock();
+        let map = self.shared.lock();
         let mut out: Vec<_> = map
             .iter()
             .filter(|(k, _)| k.starts_with(prefix))
@@ -132,7 +226,7 @@ impl Coordinator for InProcessCoordinator {
 
     fn wait_get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, ElasticError> {
         let started = Instant::now();
-        let mut map = self.lock();
+        let mut map = self.shared.lock();
         loop {
             if let Some(v) = map.get(key) {
                 return Ok(v.clone());
@@ -142,11 +236,180 @@ impl Coordinator for InProcessCoordinator {
                 return Err(ElasticError::timeout(key, now - started));
             }
             map = self
+                .shared
                 .changed
                 .wait_timeout(map, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+/// A lease of an [`InProcessCoordinator`].
+#[derive(Debug)]
+struct InProcessLease {
+    shared: Arc<Shared>,
+    id: i64,
+    key: String,
+    ttl: Duration,
+    /// Abandoned: dropping it revokes nothing.
+    abandoned: bool,
+}
+
+impl Lease for InProcessLease {
+    fn lost(&self) -> bool {
+        let _map = self.shared.lock();
+        !self.shared.live().leases.contains_key(&self.id)
+    }
+
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn update(&self, value: &[u8]) -> Result<(), ElasticError> {
+        let mut map = self.shared.lock();
+        if !self.shared.live().leases.contains_key(&self.id) {
+            return Err(ElasticError::Unavailable {
+                action: "update",
+                key: self.key.clone(),
+                reason: "its lease ran out".into(),
+            });
+        }
+        self.shared.put(&mut map, &self.key, value);
+        Ok(())
+    }
+
+    fn abandon(mut self: Box<Self>) {
+        self.abandoned = true;
+        let _map = self.shared.lock();
+        if let Some(l) = self.shared.live().leases.get_mut(&self.id) {
+            l.expires = Some(Instant::now() + l.ttl);
+        }
+        self.shared.changed.notify_all();
+    }
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+}
+
+impl Drop for InProcessLease {
+    fn drop(&mut self) {
+        if !self.abandoned {
+            self.shared.revoke(self.id);
+        }
+    }
+}
+
+/// A watch of an [`InProcessCoordinator`].
+#[derive(Debug)]
+struct InProcessWatch {
+    shared: Arc<Shared>,
+    id: i64,
+}
+
+impl Changes for InProcessWatch {
+    fn next(&self, timeout: Duration) -> Result<Option<Change>, ElasticError> {
+        let deadline = Instant::now() + timeout;
+        let mut map = self.shared.lock();
+        loop {
+            let next = self
+                .shared
+                .live()
+                .watches
+                .get_mut(&self.id)
+                .and_then(|(_, q)| q.pop_front());
+            if next.is_some() {
+                return Ok(next);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            // Wake for a change, or when an abandoned lease runs out.
+            let until = self
+                .shared
+                .next_expiry()
+                .map_or(deadline, |t| t.min(deadline));
+            map = self
+                .shared
+                .changed
+                .wait_timeout(map, until.saturating_duration_since(now))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            self.shared.expire(&mut map);
+        }
+    }
+}
+
+impl Drop for InProcessWatch {
+    fn drop(&mut self) {
+        self.shared.live().watches.remove(&self.id);
+    }
+}
+
+impl Cluster for InProcessCoordinator {
+    fn register(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Box<dyn Lease>, ElasticError> {
+        let mut map = self.shared.lock();
+        let id = {
+            let mut live = self.shared.live();
+            live.next_id += 1;
+            let id = live.next_id;
+            live.leases.insert(
+                id,
+                Held {
+                    keys: BTreeSet::from([key.to_owned()]),
+                    ttl,
+                    expires: None,
+                },
+            );
+            id
+        };
+        self.shared.put(&mut map, key, value);
+        Ok(Box::new(InProcessLease {
+            shared: self.shared.clone(),
+            id,
+            key: key.to_owned(),
+            ttl,
+            abandoned: false,
+        }))
+    }
+
+    fn campaign(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: &dyn Lease,
+    ) -> Result<Vec<u8>, ElasticError> {
+        let mut map = self.shared.lock();
+        if let Some(holder) = map.get(key) {
+            return Ok(holder.clone());
+        }
+        match self.shared.live().leases.get_mut(&lease.id()) {
+            Some(held) => held.keys.insert(key.to_owned()),
+            // A lease that ran out holds nothing.
+            None => return Ok(Vec::new()),
+        };
+        self.shared.put(&mut map, key, value);
+        Ok(value.to_vec())
+    }
+
+    fn watch(&self, prefix: &str) -> Result<Box<dyn Changes>, ElasticError> {
+        let _map = self.shared.lock();
+        let mut live = self.shared.live();
+        live.next_id += 1;
+        let id = live.next_id;
+        live.watches
+            .insert(id, (prefix.to_owned(), VecDeque::new()));
+        Ok(Box::new(InProcessWatch {
+            shared: self.shared.clone(),
+            id,
+        }))
     }
 }
 

@@ -248,7 +248,16 @@ impl EtcdCoordinator {
         value: &[u8],
         reg: &Registration,
     ) -> Result<Vec<u8>, ElasticError> {
-        let lease = reg.lease;
+        self.campaign_under(key, value, reg.lease)
+    }
+
+    /// [`EtcdCoordinator::campaign`] for the holder of lease `lease`.
+    pub(crate) fn campaign_under(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<Vec<u8>, ElasticError> {
         let resp = self.call("campaign for", key, |mut c| {
             let (k, v) = (key.to_owned(), value.to_vec());
             let txn = Txn::new()
@@ -504,6 +513,10 @@ impl std::fmt::Debug for Registration {
 }
 
 impl Registration {
+    pub(crate) fn lease_id(&self) -> i64 {
+        self.lease
+    }
+
     /// Whether the lease expired: the key is gone, and the holder must stop as if dead.
     pub fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)

@@ -15,6 +15,7 @@
 //! coordinator ([`etcd`]) with leases and leader election, and the job's key layout with its
 //! generation-fenced writes ([`job`]). The agent that runs them is `marathon_runtime::agent`.
 
+pub mod cluster;
 pub mod coordinator;
 pub mod etcd;
 pub mod job;
@@ -23,6 +24,7 @@ pub mod pace;
 pub mod plan;
 pub mod topology;
 
+pub use cluster::{Changes, Cluster, Lease};
 pub use coordinator::{Coordinator, DirCoordinator, InProcessCoordinator};
 pub use etcd::{Change, EtcdAccess, EtcdCoordinator, Registration, Watch};
 pub use job::{JobKey, JobKeys};

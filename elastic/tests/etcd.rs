@@ -19,6 +19,12 @@ fn etcd_coordinator_passes_the_conformance_suite() {
 }
 
 #[test]
+fn etcd_coordinator_passes_the_cluster_conformance_suite() {
+    let etcd = Etcd::start();
+    marathon_elastic::cluster::conformance::run(Arc::new(etcd.connect()), "/marathon/cluster");
+}
+
+#[test]
 fn a_registration_expires_after_its_holder_stops_and_is_revoked_when_dropped() {
     let etcd = Etcd::start();
     let c = etcd.connect();

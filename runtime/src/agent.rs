@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
 use marathon_elastic::plan::{Offer, Plan, Slot};
-use marathon_elastic::{job, retrying, Change, Coordinator, EtcdCoordinator, JobKey, JobKeys};
+use marathon_elastic::{
+    job, retrying, Change, Cluster, Coordinator, EtcdCoordinator, JobKey, JobKeys, Lease,
+};
 
 use crate::worker::{
     unix_ms, FlaggedStraggler, FromWorker, LostRecord, PlannedRecord, StepCommit, ToWorker,
@@ -321,7 +323,7 @@ impl Workers {
 /// Runs an agent whose workers are processes of `host` until the job is done (`Ok`), or until
 /// this node is presumed dead or something it cannot retry fails.
 pub fn run(opts: AgentOptions, host: Processes) -> Result<()> {
-    let coord = Arc::new(EtcdCoordinator::connect_with(
+    let coord: Arc<dyn Cluster> = Arc::new(EtcdCoordinator::connect_with(
         &opts.endpoints,
         Duration::from_secs(10),
         &opts.access,
@@ -329,11 +331,12 @@ pub fn run(opts: AgentOptions, host: Processes) -> Result<()> {
     run_with(coord, opts, Box::new(host), None)
 }
 
-/// Runs an agent over `coord` with its workers on `host`. When `crash` turns true the agent
+/// Runs an agent over `coord` (etcd, or the in-process coordinator for agents that are threads
+/// of one process) with its workers on `host`. When `crash` turns true the agent
 /// stops at once as a crashed node would: its lease is not revoked but runs out, and its
 /// workers are gone.
 pub fn run_with(
-    coord: Arc<EtcdCoordinator>,
+    coord: Arc<dyn Cluster>,
     opts: AgentOptions,
     host: Box<dyn Host>,
     crash: Option<Arc<AtomicBool>>,
@@ -343,10 +346,10 @@ pub fn run_with(
 
 struct Agent {
     opts: AgentOptions,
-    coord: Arc<EtcdCoordinator>,
+    coord: Arc<dyn Cluster>,
     keys: JobKeys,
     membership: Membership,
-    registration: Option<marathon_elastic::Registration>,
+    registration: Option<Box<dyn Lease>>,
     workers: Workers,
     crash: Option<Arc<AtomicBool>>,
     inputs: mpsc::Receiver<Input>,
@@ -375,7 +378,7 @@ struct Agent {
 
 impl Agent {
     fn new(
-        coord: Arc<EtcdCoordinator>,
+        coord: Arc<dyn Cluster>,
         opts: AgentOptions,
         host: Box<dyn Host>,
         crash: Option<Arc<AtomicBool>>,
@@ -429,9 +432,9 @@ impl Agent {
     }
 
     /// The node's registration, held from the start until a crash.
-    fn registration(&self) -> &marathon_elastic::Registration {
+    fn registration(&self) -> &dyn Lease {
         self.registration
-            .as_ref()
+            .as_deref()
             .expect("registered until it crashes")
     }
 
@@ -534,7 +537,7 @@ impl Agent {
     /// seen twice, which the membership core takes calmly.
     fn resync(&mut self) -> Result<()> {
         let (coord, root) = (self.coord.clone(), self.keys.root().to_owned());
-        let watch = retrying(OUTAGE_MAX, || coord.watch_prefix(&root))?;
+        let watch = retrying(OUTAGE_MAX, || coord.watch(&root))?;
         let tx = self.tx.clone();
         std::thread::spawn(move || loop {
             match watch.next(Duration::from_secs(1)) {
