@@ -125,6 +125,18 @@ fn node(i: usize) -> String {
     format!("n{i:04}")
 }
 
+/// What `node` offers while `cooling` slots of it cool down.
+fn offer_of(cooling: &BTreeMap<String, BTreeMap<usize, f64>>, node: &str, slots: usize) -> Offer {
+    let mut offer = Offer::all(slots);
+    offer.cooling.extend(
+        cooling
+            .get(node)
+            .into_iter()
+            .flat_map(|c| c.keys().copied()),
+    );
+    offer
+}
+
 /// Training since the newest committed checkpoint, `since` seconds after a start from one:
 /// snapshots every `interval`, each committed `persist` after it is taken.
 fn rework(since: f64, interval: f64, persist: f64) -> f64 {
@@ -209,7 +221,7 @@ pub fn run(cfg: &WeeksConfig) -> WeeksReport {
         lease_ttl_ms: cfg.lease_ttl_ms,
         settle_ms: 50,
         // No progress is simulated, so no worker may ever count as hung.
-        hang_ms: 400 * 86_400_000,
+        hang_ms: 20 * 365 * 86_400_000,
     };
     let mut w = World::new(cfg.seed, &sim);
     let mut rng = Rng(cfg.seed ^ 0x7765_656b_735f_7275);
@@ -244,6 +256,8 @@ pub fn run(cfg: &WeeksConfig) -> WeeksReport {
         waiting_since: None,
     };
     let mut up: BTreeSet<String> = (0..nodes).map(node).collect();
+    // Each node's slots cooling down after their workers died, and until when.
+    let mut cooling: BTreeMap<String, BTreeMap<usize, f64>> = BTreeMap::new();
     let mut due: BTreeMap<(u64, u64), Due> = BTreeMap::new();
     let mut seq = 0u64;
     let failure_mean = |up: usize| cfg.gpu_mtbf_hours * 3600.0 / (up.max(1) * gpn) as f64;
@@ -289,6 +303,7 @@ pub fn run(cfg: &WeeksConfig) -> WeeksReport {
                 if hardware {
                     report.hardware_failures += 1;
                     up.remove(&victim);
+                    cooling.remove(&victim);
                     w.kill(&victim);
                     detect = ttl;
                     seq += 1;
@@ -297,10 +312,13 @@ pub fn run(cfg: &WeeksConfig) -> WeeksReport {
                 } else {
                     report.worker_failures += 1;
                     if let Some(slot) = planned.get(rng.below(planned.len() as u64) as usize) {
-                        let mut offer = Offer::all(gpn);
-                        offer.cooling.insert(slot.index);
+                        let until = now + cfg.cooldown_s;
+                        cooling
+                            .entry(victim.clone())
+                            .or_default()
+                            .insert(slot.index, until);
                         w.worker_exited(slot.clone());
-                        w.offer(&victim, offer);
+                        w.offer(&victim, offer_of(&cooling, &victim, gpn));
                         seq += 1;
                         due.insert(
                             (at_ms(now + cfg.cooldown_s), seq),
@@ -309,16 +327,18 @@ pub fn run(cfg: &WeeksConfig) -> WeeksReport {
                     }
                 }
                 // Checkpoint-restart stops at any failure on its nodes; a node lost in
-                // hardware is replaced from those that are up, or it waits for one.
-                if cr.nodes.contains(&victim) && cr.waiting_since.is_none() {
+                // hardware leaves its nodes (while it waits for others, too) and is replaced
+                // from those that are up, or it waits for one.
+                let member = cr.nodes.contains(&victim);
+                if hardware {
+                    cr.nodes.remove(&victim);
+                }
+                if member && cr.waiting_since.is_none() {
                     r.add("detection", if hardware { ttl } else { 0.0 });
                     r.add(
                         "training done again",
                         rework((now - cr.resumed).max(0.0), g.interval_s, g.persist_s),
                     );
-                    if hardware {
-                        cr.nodes.remove(&victim);
-                    }
                     if cr.fill(&up) {
                         cr.restart(now + detect, a, g, &mut r);
                     } else {
@@ -339,8 +359,11 @@ pub fn run(cfg: &WeeksConfig) -> WeeksReport {
                 }
             }
             Some(Due::Cooled(n)) => {
+                if let Some(slots) = cooling.get_mut(&n) {
+                    slots.retain(|_, until| *until > now + 1e-3);
+                }
                 if up.contains(&n) {
-                    w.offer(&n, Offer::all(gpn));
+                    w.offer(&n, offer_of(&cooling, &n, gpn));
                 }
             }
         }
@@ -404,11 +427,9 @@ pub fn run(cfg: &WeeksConfig) -> WeeksReport {
 
     // Past the horizon: slots cooling are offered again and the job must settle on the
     // largest plan the live nodes allow.
-    for d in due.into_values() {
-        if let Due::Cooled(n) = d {
-            if up.contains(&n) {
-                w.offer(&n, Offer::all(gpn));
-            }
+    for (n, _) in std::mem::take(&mut cooling) {
+        if up.contains(&n) {
+            w.offer(&n, Offer::all(gpn));
         }
     }
     w.run_until_quiet();

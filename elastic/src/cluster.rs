@@ -10,6 +10,8 @@ use crate::{Change, Coordinator, ElasticError, EtcdCoordinator, Registration, Wa
 
 /// Keys, leases, campaigns and watches.
 pub trait Cluster: Coordinator {
+    /// The same coordinator, for what takes keys only.
+    fn keys(&self) -> &dyn Coordinator;
     /// Puts `key` = `value` under a new lease of `ttl`, kept alive until the lease is dropped
     /// (the key is deleted at once) or abandoned (it goes when the time runs out).
     fn register(
@@ -75,6 +77,10 @@ impl Changes for Watch {
 }
 
 impl Cluster for EtcdCoordinator {
+    fn keys(&self) -> &dyn Coordinator {
+        self
+    }
+
     fn register(
         &self,
         key: &str,
@@ -167,6 +173,16 @@ pub mod conformance {
             .next(Duration::from_millis(100))
             .expect("watch")
             .is_none());
+        // A key registered again under a new lease (an agent restarted under its old name)
+        // stays when the old lease goes.
+        let key = format!("{nodes}c");
+        let old = c.register(&key, b"old", TTL).expect("register c");
+        let new = c.register(&key, b"new", TTL).expect("register c again");
+        drop(old);
+        assert_eq!(c.get(&key).expect("get"), Some(b"new".to_vec()));
+        assert!(!new.lost());
+        drop(new);
+        assert_eq!(c.get(&key).expect("get"), None);
     }
 
     fn one_campaigner_leads_until_its_lease_goes(c: &dyn Cluster, prefix: &str) {

@@ -89,6 +89,9 @@ struct Shared {
 struct Live {
     next_id: i64,
     leases: HashMap<i64, Held>,
+    /// The lease each leased key is held under now: a key written again (under another lease,
+    /// or none) leaves its old lease, as in etcd, and goes only with its new one.
+    owners: HashMap<String, i64>,
     watches: HashMap<i64, (String, VecDeque<Change>)>,
 }
 
@@ -126,21 +129,43 @@ impl Shared {
         self.changed.notify_all();
     }
 
-    fn put(&self, map: &mut Map, key: &str, value: &[u8]) {
+    /// Puts `key` under `lease` (`None`: under none).
+    fn put(&self, map: &mut Map, key: &str, value: &[u8], lease: Option<i64>) {
+        {
+            let mut live = self.live();
+            match lease {
+                Some(id) => live.owners.insert(key.to_owned(), id),
+                None => live.owners.remove(key),
+            };
+        }
         map.insert(key.to_owned(), value.to_vec());
         self.record(key, Some(value));
     }
 
     fn remove(&self, map: &mut Map, key: &str) {
+        self.live().owners.remove(key);
         if map.remove(key).is_some() {
             self.record(key, None);
+        }
+    }
+
+    /// Deletes the keys still held under lease `id`, which is gone.
+    fn release(&self, map: &mut Map, id: i64, keys: &BTreeSet<String>) {
+        let held: Vec<&String> = {
+            let live = self.live();
+            keys.iter()
+                .filter(|k| live.owners.get(*k) == Some(&id))
+                .collect()
+        };
+        for key in held {
+            self.remove(map, key);
         }
     }
 
     /// Deletes the keys of every abandoned lease whose time ran out.
     fn expire(&self, map: &mut Map) {
         let now = Instant::now();
-        let gone: Vec<BTreeSet<String>> = {
+        let gone: Vec<(i64, BTreeSet<String>)> = {
             let mut live = self.live();
             let ids: Vec<i64> = live
                 .leases
@@ -149,12 +174,11 @@ impl Shared {
                 .map(|(id, _)| *id)
                 .collect();
             ids.into_iter()
-                .filter_map(|id| live.leases.remove(&id))
-                .map(|l| l.keys)
+                .filter_map(|id| live.leases.remove(&id).map(|l| (id, l.keys)))
                 .collect()
         };
-        for key in gone.iter().flatten() {
-            self.remove(map, key);
+        for (id, keys) in &gone {
+            self.release(map, *id, keys);
         }
     }
 
@@ -166,8 +190,8 @@ impl Shared {
     fn revoke(&self, id: i64) {
         let mut map = self.lock();
         let held = self.live().leases.remove(&id);
-        for key in held.iter().flat_map(|l| &l.keys) {
-            self.remove(&mut map, key);
+        if let Some(l) = held {
+            self.release(&mut map, id, &l.keys);
         }
     }
 }
@@ -181,7 +205,7 @@ impl InProcessCoordinator {
 impl Coordinator for InProcessCoordinator {
     fn put(&self, key: &str, value: &[u8]) -> Result<(), ElasticError> {
         let mut map = self.shared.lock();
-        self.shared.put(&mut map, key, value);
+        self.shared.put(&mut map, key, value, None);
         Ok(())
     }
 
@@ -202,7 +226,7 @@ impl Coordinator for InProcessCoordinator {
             return Ok(false);
         }
         for (k, v) in puts {
-            self.shared.put(&mut map, k, v);
+            self.shared.put(&mut map, k, v, None);
         }
         Ok(true)
     }
@@ -275,7 +299,7 @@ impl Lease for InProcessLease {
                 reason: "its lease ran out".into(),
             });
         }
-        self.shared.put(&mut map, &self.key, value);
+        self.shared.put(&mut map, &self.key, value, Some(self.id));
         Ok(())
     }
 
@@ -349,6 +373,10 @@ impl Drop for InProcessWatch {
 }
 
 impl Cluster for InProcessCoordinator {
+    fn keys(&self) -> &dyn Coordinator {
+        self
+    }
+
     fn register(
         &self,
         key: &str,
@@ -370,7 +398,7 @@ impl Cluster for InProcessCoordinator {
             );
             id
         };
-        self.shared.put(&mut map, key, value);
+        self.shared.put(&mut map, key, value, Some(id));
         Ok(Box::new(InProcessLease {
             shared: self.shared.clone(),
             id,
@@ -395,7 +423,7 @@ impl Cluster for InProcessCoordinator {
             // A lease that ran out holds nothing.
             None => return Ok(Vec::new()),
         };
-        self.shared.put(&mut map, key, value);
+        self.shared.put(&mut map, key, value, Some(lease.id()));
         Ok(value.to_vec())
     }
 

@@ -305,9 +305,10 @@ impl Membership {
             .map(|t| t + self.timing.settle);
         let hang = self
             .last_progress
-            .values()
-            .min()
-            .map(|&t| t + self.timing.hang);
+            .iter()
+            .filter(|(s, _)| !self.lost.contains(*s))
+            .map(|(_, &t)| t + self.timing.hang)
+            .min();
         settle.into_iter().chain(hang).min()
     }
 

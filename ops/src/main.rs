@@ -10,6 +10,7 @@ mod convert;
 mod elastic;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod job;
 mod launch;
 mod plan;
 mod progress;
@@ -95,6 +96,11 @@ enum Command {
     /// its checkpoints (bytes, stall, persist, interval) and its goodput at a failure rate under
     /// checkpoint-restart and under in-place recovery.
     Plan(plan::PlanArgs),
+    /// A running elastic job, from its keys in etcd.
+    Job {
+        #[command(subcommand)]
+        command: job::JobCommand,
+    },
     /// Simulate a configuration's job over weeks: every agent's membership core and the planner
     /// against a simulated etcd, failures drawn from a seed and a published failure model, the
     /// time lost per cause and the effective training time ratio beside checkpoint-restart's.
@@ -231,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chaos { command } => chaos::run_command(command),
         Command::Sample(args) => sample::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Job { command } => job::run(command),
         Command::Sim(args) => sim::run(args),
     }
 }

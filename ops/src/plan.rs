@@ -110,9 +110,12 @@ fn median(mut x: Vec<f64>) -> Option<f64> {
     x.get(x.len() / 2).copied()
 }
 
-/// Reads the benches' JSON lines in `files`; each figure is the median over the runs found.
+/// Reads the benches' JSON lines in `files`; each figure is the median over the runs found in
+/// all of them, said to come from the files that held it.
 fn measured(files: &[PathBuf]) -> Result<Measured> {
     let mut out = Measured::default();
+    // Each figure's values, and the files they came from.
+    let mut found: [(Vec<f64>, Vec<String>); 4] = Default::default();
     for file in files {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("--measured {}: cannot read", file.display()))?;
@@ -144,24 +147,28 @@ fn measured(files: &[PathBuf]) -> Result<Measured> {
             }
         }
         let name = file.display().to_string();
-        let found = [&detect, &reform, &d2h, &store]
+        let any = [&detect, &reform, &d2h, &store]
             .iter()
             .any(|v| !v.is_empty());
         ensure!(
-            found,
+            any,
             "--measured {name}: holds no output of `marathon bench recovery` or `marathon bench \
              ckpt` (their last line, a JSON object, is what is read)"
         );
-        let keep = |v: Vec<f64>, slot: &mut Option<(f64, String)>| {
-            if let Some(m) = median(v) {
-                *slot = Some((m, name.clone()));
+        for (slot, values) in found.iter_mut().zip([detect, reform, d2h, store]) {
+            if !values.is_empty() {
+                slot.0.extend(values);
+                slot.1.push(name.clone());
             }
-        };
-        keep(detect, &mut out.detect_s);
-        keep(reform, &mut out.reform_s);
-        keep(d2h, &mut out.d2h_gbps);
-        keep(store, &mut out.rank_store_gbps);
+        }
     }
+    let [detect, reform, d2h, store] = found;
+    let keep =
+        |(values, files): (Vec<f64>, Vec<String>)| median(values).map(|m| (m, files.join(" and ")));
+    out.detect_s = keep(detect);
+    out.reform_s = keep(reform);
+    out.d2h_gbps = keep(d2h);
+    out.rank_store_gbps = keep(store);
     Ok(out)
 }
 

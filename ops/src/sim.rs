@@ -51,8 +51,11 @@ pub fn run(args: SimArgs) -> Result<()> {
             args.preset
         );
     };
-    if !(args.days.is_finite() && args.days > 0.0) {
-        bail!("--days: must be a positive number (it is {})", args.days);
+    if !(args.days.is_finite() && args.days > 0.0 && args.days <= 3650.0) {
+        bail!(
+            "--days: must be more than 0 and at most 3650 (it is {})",
+            args.days
+        );
     }
     if !(args.cooldown_s.is_finite() && args.cooldown_s >= 0.0) {
         bail!(

@@ -463,6 +463,51 @@ fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
         "{last_before} then {}",
         first.step
     );
+    // `marathon job status` tells the same story from etcd.
+    let status = |job: &str| {
+        Command::new(MARATHON)
+            .args(["job", "status", "--etcd", &server.url, "--job", job])
+            .arg("--json")
+            .output()
+            .unwrap()
+    };
+    let out = status("kill");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["done"], true, "{st}");
+    assert_eq!(
+        (st["generation"].as_u64(), st["recoveries"].as_u64()),
+        (Some(3), Some(2)),
+        "{st}"
+    );
+    assert_eq!(
+        (st["tp"].as_u64(), st["dp"].as_u64()),
+        (Some(2), Some(4)),
+        "{st}"
+    );
+    assert_eq!(st["members"].as_array().unwrap().len(), 4, "{st}");
+    assert_eq!(
+        (st["step"].as_u64(), st["checkpoint"].as_u64()),
+        (Some(40), Some(40)),
+        "{st}"
+    );
+    let losses = st["losses"].as_array().unwrap();
+    assert!(
+        losses.len() == 1 && losses[0]["node"] == "node-1" && losses[0]["slot"] == 1,
+        "{st}"
+    );
+    // Every agent left with the job, and took its lease with it.
+    assert!(st["nodes"].as_object().unwrap().is_empty(), "{st}");
+    let out = status("kil");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no job kil in the coordinator"),
+        "{err}"
+    );
 }
 
 /// `--withdraw-after 2`: the second worker death on one node within a cooldown withdraws the

@@ -352,6 +352,8 @@ struct Agent {
     registration: Option<Box<dyn Lease>>,
     workers: Workers,
     crash: Option<Arc<AtomicBool>>,
+    /// Set when the agent ends, for the threads it started.
+    gone: Arc<AtomicBool>,
     inputs: mpsc::Receiver<Input>,
     tx: mpsc::Sender<Input>,
     /// Until when each slot whose worker died is not offered.
@@ -384,7 +386,7 @@ impl Agent {
         crash: Option<Arc<AtomicBool>>,
     ) -> Result<Self> {
         let keys = JobKeys::new(&opts.job);
-        forget_previous_run(&*coord, &keys, &opts.node)?;
+        forget_previous_run(coord.keys(), &keys, &opts.node)?;
         let membership =
             Membership::new(&opts.node, opts.tp, opts.pp, opts.microbatches, opts.timing)
                 .wait_for_slots(opts.wait_slots);
@@ -407,6 +409,7 @@ impl Agent {
                 running: BTreeMap::new(),
             },
             crash,
+            gone: Arc::default(),
             inputs,
             tx,
             cooling: BTreeMap::new(),
@@ -538,8 +541,12 @@ impl Agent {
     fn resync(&mut self) -> Result<()> {
         let (coord, root) = (self.coord.clone(), self.keys.root().to_owned());
         let watch = retrying(OUTAGE_MAX, || coord.watch(&root))?;
-        let tx = self.tx.clone();
+        let (tx, gone) = (self.tx.clone(), self.gone.clone());
         std::thread::spawn(move || loop {
+            // The agent ended: so does its watch, within a second, change or not.
+            if gone.load(Ordering::SeqCst) {
+                return;
+            }
             match watch.next(Duration::from_secs(1)) {
                 Ok(Some(c)) => {
                     if tx.send(Input::Change(c)).is_err() {
@@ -933,7 +940,7 @@ impl Agent {
                 let planned = self.keys.planned(to);
                 let won = retrying(OUTAGE_MAX, || {
                     job::propose(
-                        &*self.coord,
+                        self.coord.keys(),
                         &self.keys,
                         from,
                         to,
@@ -1058,6 +1065,7 @@ fn forget_previous_run(coord: &dyn Coordinator, keys: &JobKeys, node: &str) -> R
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        self.gone.store(true, Ordering::SeqCst);
         // Workers told to stop get a moment to finish their last checkpoint; then `Workers`
         // kills what is left.
         let deadline = Instant::now() + STOP_GRACE;

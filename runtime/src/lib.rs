@@ -21,6 +21,7 @@ pub mod handshake;
 pub mod moments;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod status;
 pub mod trainer;
 pub mod transport;
 pub mod worker;

@@ -13,7 +13,6 @@
 
 use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -107,8 +106,10 @@ impl DirectFile {
     pub fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
         while !bytes.is_empty() {
             let Some(buf) = self.buf.as_mut() else {
+                use std::os::unix::fs::FileExt;
+                self.file.write_all_at(bytes, self.len)?;
                 self.len += bytes.len() as u64;
-                return self.file.write_all(bytes);
+                return Ok(());
             };
             let n = (BLOCK - self.filled).min(bytes.len());
             buf.bytes()[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
@@ -121,16 +122,19 @@ impl DirectFile {
         Ok(())
     }
 
-    /// Writes the first `n` bytes of the buffer (a multiple of [`ALIGN`]) and empties it.
+    /// Writes the first `n` bytes of the buffer (a multiple of [`ALIGN`]) at the file's length
+    /// (by offset, so a write retried after a partial one lands in the same place) and empties
+    /// the buffer.
     fn flush(&mut self, n: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
         let buf = self.buf.as_mut().expect("a direct file");
-        match self.file.write_all(&buf.bytes()[..n]) {
+        match self.file.write_all_at(&buf.bytes()[..n], self.len) {
             Ok(()) => {}
             // Some filesystems open direct files but refuse their writes: on through the page
-            // cache, from this offset, which every direct write left aligned.
+            // cache, at the same offset.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && self.len == 0 => {
                 clear_direct(&self.file)?;
-                self.file.write_all(&buf.bytes()[..n])?;
+                self.file.write_all_at(&buf.bytes()[..n], self.len)?;
             }
             Err(e) => return Err(e),
         }
@@ -176,7 +180,13 @@ pub fn read_range(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u
         match file.read_at(&mut buf.bytes()[got..span], start + got as u64) {
             // The file ends inside the last block.
             Ok(0) => break,
-            Ok(n) => got += n,
+            Ok(n) => {
+                got += n;
+                // A read that ends off a block boundary ended at the end of the file.
+                if got % ALIGN != 0 {
+                    break;
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && got == 0 => {
                 return read_cached(&file_cached(path)?, offset, len)
