@@ -1,8 +1,9 @@
 //! A local file written around the page cache (`O_DIRECT`), for shards.
 //!
 //! A buffered write copies every byte into the page cache, and the kernel must find a free page
-//! for each: with earlier checkpoints' files still cached, a 1.5 GB shard was written at 0.4
-//! GB/s where the disk takes 3 GB/s. Written direct, the bytes go from an aligned bounce buffer
+//! for each: with earlier checkpoints' files still cached, a 1.5 GB shard was written at 0.38
+//! GB/s where the disk took 2.5 (docs/figures/bench-ckpt-c35ae58.txt). Written direct, the
+//! bytes go from an aligned bounce buffer
 //! to the device in large blocks, and the page cache keeps what training reads. Every block but
 //! the last is whole; the last is padded to the block size and the file cut back to its length.
 //! Where the filesystem refuses direct I/O (tmpfs, some network filesystems) the file is written
@@ -254,6 +255,8 @@ mod tests {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
             let path = dir.path().join(format!("f{len}"));
             let mut f = DirectFile::create(&path).unwrap();
+            // This machine's filesystems take direct I/O: the page cache is not in the way.
+            assert!(f.is_direct(), "{} refused O_DIRECT", dir.path().display());
             for piece in data.chunks(1_000_003) {
                 f.write_all(piece).unwrap();
             }
