@@ -429,9 +429,7 @@ impl World {
             let alive = self.agents[&n].alive;
             if alive && self.rng.chance(self.cfg.p_node_death) {
                 self.report.node_deaths += 1;
-                self.agents.get_mut(&n).expect("agent").alive = false;
-                let ttl = self.cfg.lease_ttl_ms;
-                self.leases.insert(n.clone(), Some(self.now_ms + ttl));
+                self.kill(&n);
             } else if !alive && self.rng.chance(self.cfg.p_revival) {
                 if self.leases.contains_key(&n) {
                     continue; // its old lease has not expired yet

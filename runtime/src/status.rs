@@ -9,7 +9,7 @@ use marathon_elastic::{job, Coordinator, JobKey, JobKeys};
 use serde::Serialize;
 
 use crate::trainer::Goodput;
-use crate::worker::{goodput, unix_ms, LostRecord, PlannedRecord, StepCommit};
+use crate::worker::{goodput, unix_ms, LostRecord, Records};
 use crate::{Result, RuntimeError};
 
 /// One member of the running plan.
@@ -100,22 +100,18 @@ impl JobStatus {
             elapsed_s: 0.0,
             done: false,
         };
-        let (mut commits, mut lost, mut planned) = (Vec::new(), Vec::new(), Vec::new());
+        let mut records = Records::default();
         let mut plan: Option<Plan> = None;
         for (key, value) in listed {
-            match keys.parse(&key) {
+            let key = keys.parse(&key);
+            records.add(&key, &value);
+            match key {
                 JobKey::Node(node) => {
                     let offer = Offer::parse(&value).unwrap_or_default();
                     s.nodes.insert(node, offer.offered().collect());
                 }
                 JobKey::Leader => s.leader = Some(String::from_utf8_lossy(&value).into_owned()),
                 JobKey::Plan(g) if g == generation => plan = serde_json::from_slice(&value).ok(),
-                JobKey::Planned(_) => {
-                    planned.extend(serde_json::from_slice::<PlannedRecord>(&value).ok())
-                }
-                JobKey::Committed(_) => {
-                    commits.extend(serde_json::from_slice::<StepCommit>(&value).ok())
-                }
                 JobKey::Lost { generation, slot } => {
                     if let Ok(l) = serde_json::from_slice::<LostRecord>(&value) {
                         s.losses.push(Loss {
@@ -125,7 +121,6 @@ impl JobStatus {
                             reason: l.reason.clone(),
                             detected_at_ms: l.detected_at_ms,
                         });
-                        lost.push((generation, l));
                     }
                 }
                 JobKey::Checkpoint(step) => s.checkpoint = s.checkpoint.max(Some(step)),
@@ -154,6 +149,7 @@ impl JobStatus {
                     .push((*stage, node, slots.iter().map(|x| x.index).collect()));
             }
         }
+        let commits = &records.commits;
         if let Some(newest) = commits.iter().max_by_key(|c| (c.step, c.generation)) {
             s.step = Some(newest.step);
             s.loss = commits
@@ -162,7 +158,7 @@ impl JobStatus {
                 .find_map(|c| c.loss);
             s.consumed_samples = Some(newest.consumed_samples);
         }
-        (s.goodput, s.elapsed_s) = goodput(&commits, &lost, &planned, unix_ms());
+        (s.goodput, s.elapsed_s) = goodput(commits, &records.lost, &records.planned, unix_ms());
         s.losses.sort_by_key(|l| (l.generation, l.detected_at_ms));
         Ok(s)
     }

@@ -732,24 +732,41 @@ fn committed_high_water(coord: &dyn Coordinator, keys: &JobKeys, generation: u64
     Ok(high)
 }
 
-/// The job's summary: `last` (the final generation's rank 0) with the accounting of every
-/// generation, read back from the coordinator.
-fn job_summary(coord: &dyn Coordinator, keys: &JobKeys, last: &Summary) -> Result<Summary> {
-    let (mut commits, mut lost, mut planned) = (Vec::new(), Vec::new(), Vec::new());
-    for (k, v) in retrying(OUTAGE_MAX, || coord.list(keys.root()))? {
-        match keys.parse(&k) {
-            JobKey::Committed(_) => commits.extend(serde_json::from_slice::<StepCommit>(&v).ok()),
+/// The records of a job's generations that its goodput is accounted from: step commits,
+/// losses and plans, as read from its keys.
+#[derive(Debug, Default)]
+pub struct Records {
+    pub commits: Vec<StepCommit>,
+    pub lost: Vec<(u64, LostRecord)>,
+    pub planned: Vec<PlannedRecord>,
+}
+
+impl Records {
+    /// Takes the record that `key` holds, if it is one of these.
+    pub fn add(&mut self, key: &JobKey, value: &[u8]) {
+        match key {
+            JobKey::Committed(_) => self.commits.extend(serde_json::from_slice(value).ok()),
             JobKey::Lost { generation, .. } => {
-                if let Ok(l) = serde_json::from_slice::<LostRecord>(&v) {
-                    lost.push((generation, l));
+                if let Ok(l) = serde_json::from_slice::<LostRecord>(value) {
+                    self.lost.push((*generation, l));
                 }
             }
-            JobKey::Planned(_) => planned.extend(serde_json::from_slice::<PlannedRecord>(&v).ok()),
+            JobKey::Planned(_) => self.planned.extend(serde_json::from_slice(value).ok()),
             _ => {}
         }
     }
+}
+
+/// The job's summary: `last` (the final generation's rank 0) with the accounting of every
+/// generation, read back from the coordinator.
+fn job_summary(coord: &dyn Coordinator, keys: &JobKeys, last: &Summary) -> Result<Summary> {
+    let mut records = Records::default();
+    for (k, v) in retrying(OUTAGE_MAX, || coord.list(keys.root()))? {
+        records.add(&keys.parse(&k), &v);
+    }
+    let (commits, lost, planned) = (&records.commits, &records.lost, &records.planned);
     let mut summary = last.clone();
-    (summary.goodput, summary.elapsed_s) = goodput(&commits, &lost, &planned, unix_ms());
+    (summary.goodput, summary.elapsed_s) = goodput(commits, lost, planned, unix_ms());
     if summary.final_loss.is_nan() {
         // A generation that began at the last step ran none: the job's last loss is the one
         // the generation before it committed.
