@@ -34,6 +34,28 @@ pub fn free_port() -> Result<u16> {
     }
 }
 
+/// `count` consecutive ports nobody listens on now, as [`free_port`] finds one: for a server
+/// whose helpers take the ports after its own (an agent's workers' metrics).
+pub fn free_ports(count: u16) -> Result<u16> {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    'search: for _ in 0..1000 {
+        let base = free_port()?;
+        if base.checked_add(count).is_none() {
+            continue;
+        }
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        for port in base..base + count {
+            if given.contains(&port) || TcpListener::bind(("0.0.0.0", port)).is_err() {
+                continue 'search;
+            }
+        }
+        given.extend(base..base + count);
+        return Ok(base);
+    }
+    bail!("found no {count} consecutive free ports")
+}
+
 /// Garage: `MARATHON_GARAGE`, else where `scripts/setup.sh` installs it (`MARATHON_TOOLS`, by
 /// default ~/.cache/marathon/tools), else `garage` on the PATH.
 pub fn garage_binary() -> Result<PathBuf> {

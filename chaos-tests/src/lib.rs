@@ -18,6 +18,7 @@ pub mod cluster;
 mod corpus;
 pub mod garage;
 pub mod network;
+pub mod prometheus;
 pub mod report;
 mod rng;
 pub mod run;

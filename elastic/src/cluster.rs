@@ -26,6 +26,10 @@ pub trait Cluster: Coordinator {
         -> Result<Vec<u8>, ElasticError>;
     /// Every change under `prefix` from now on, in order.
     fn watch(&self, prefix: &str) -> Result<Box<dyn Changes>, ElasticError>;
+    /// Requests that failed so far (each retry counted), for the agent's metrics.
+    fn request_errors(&self) -> u64 {
+        0
+    }
 }
 
 /// A key kept alive under a lease.
@@ -101,6 +105,10 @@ impl Cluster for EtcdCoordinator {
 
     fn watch(&self, prefix: &str) -> Result<Box<dyn Changes>, ElasticError> {
         Ok(Box::new(self.watch_prefix(prefix)?))
+    }
+
+    fn request_errors(&self) -> u64 {
+        EtcdCoordinator::request_errors(self)
     }
 }
 

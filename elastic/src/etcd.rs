@@ -6,7 +6,7 @@
 //! lease and keeps the lease alive in the background; when the lease cannot be kept alive the
 //! registration says so, and its holder must treat that as its own death.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,8 @@ pub struct EtcdCoordinator {
     rt: Arc<tokio::runtime::Runtime>,
     endpoints: Vec<String>,
     who: String,
+    /// Requests that failed, each retry counted.
+    errors: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for EtcdCoordinator {
@@ -120,6 +122,7 @@ impl EtcdCoordinator {
             rt: Arc::new(rt),
             endpoints: endpoints.to_vec(),
             who,
+            errors: Arc::default(),
         };
         // The connection is lazy: one call proves the cluster answers.
         // (A status call: every authenticated user may make it, whatever keys its role covers.)
@@ -150,6 +153,11 @@ impl EtcdCoordinator {
         Ok(c)
     }
 
+    /// Requests to etcd that failed so far, each retry counted.
+    pub fn request_errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
     /// Runs `op` with the call timeout, retrying failures to reach etcd with backoff.
     fn call<T, F, Fut>(&self, action: &'static str, key: &str, op: F) -> Result<T, ElasticError>
     where
@@ -161,6 +169,9 @@ impl EtcdCoordinator {
             let mut attempt = 1;
             loop {
                 let result = tokio::time::timeout(CALL_TIMEOUT, op(self.client.clone())).await;
+                if !matches!(result, Ok(Ok(_))) {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                }
                 let err = match result {
                     Ok(Ok(v)) => return Ok(v),
                     Ok(Err(e)) => match denial(&e) {

@@ -15,6 +15,7 @@ use marathon_elastic::{
     retrying, Change, Coordinator, EtcdAccess, EtcdCoordinator, JobKey, JobKeys,
 };
 use marathon_runtime::agent::{self, AgentOptions};
+use marathon_runtime::metrics::RankEndpoint;
 use marathon_runtime::trainer::{preflight, Summary};
 use marathon_runtime::worker::{self, StepCommit, WorkerOptions};
 use marathon_runtime::TrainConfig;
@@ -197,6 +198,11 @@ pub struct AgentArgs {
     /// listen there).
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
+    /// Serve this agent's metrics for Prometheus at HOST:PORT (`/metrics`), and while it
+    /// leads the job's; its workers serve theirs on PORT + 1 + slot, and `/targets` lists
+    /// them all for Prometheus's HTTP service discovery.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Exit when stdin closes: the agent belongs to the process that started it
     /// (`marathon train --etcd`), and goes with it; its workers follow.
     #[arg(long, hide = true)]
@@ -236,6 +242,9 @@ enum Slots {
     Count(usize),
     Auto,
 }
+
+/// Where an agent's worker serves its metrics, as the agent tells it.
+const METRICS_ENV: &str = "MARATHON_METRICS_ADDR";
 
 /// How many workers of the machine share each GPU, as `train --etcd` tells its agents.
 const SHARING_ENV: &str = "MARATHON_DEVICE_SHARING";
@@ -376,12 +385,25 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or((cores / slots).max(1));
-    let slot_env = if on_gpu {
+    let mut slot_env = if on_gpu {
         let machine = std::env::var(SHARING_ENV).ok().and_then(|v| v.parse().ok());
         slot_devices(slots, &gpus, machine)
     } else {
-        Vec::new()
+        vec![Vec::new(); slots]
     };
+    if let Some(addr) = args.metrics_addr {
+        if usize::from(addr.port()) + slots > usize::from(u16::MAX) || addr.port() == 0 {
+            bail!(
+                "--metrics-addr {addr}: the agent's workers serve on the {slots} ports after it; \
+                 give a fixed port of at most {}",
+                usize::from(u16::MAX) - slots
+            );
+        }
+        for (slot, env) in slot_env.iter_mut().enumerate() {
+            let worker = marathon_runtime::metrics::worker_addr(addr, slot);
+            env.push((METRICS_ENV.into(), worker.to_string()));
+        }
+    }
     let processes = agent::Processes::new(
         exe,
         worker_args,
@@ -409,6 +431,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
             wait_slots: args.wait_slots,
             evict_stragglers: cfg.elastic.evict_stragglers,
             quiet: false,
+            metrics_addr: args.metrics_addr,
         },
         processes,
     )?;
@@ -419,6 +442,15 @@ pub fn agent(args: AgentArgs) -> Result<()> {
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let cfg = elastic_config(&args.config, &args.layout)?;
     let coord = args.security.connect(&args.etcd, Duration::from_secs(10))?;
+    let live = match std::env::var(METRICS_ENV) {
+        Ok(addr) => {
+            let addr = addr
+                .parse()
+                .with_context(|| format!("{METRICS_ENV}={addr}: not a HOST:PORT"))?;
+            Some(RankEndpoint::serve(addr)?)
+        }
+        Err(_) => None,
+    };
     worker::run(
         cfg,
         Arc::new(coord),
@@ -427,6 +459,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             group_timeout: Duration::from_millis(args.group_timeout_ms),
             heartbeat: Duration::from_millis(args.heartbeat_ms),
             host: args.host,
+            metrics: live.as_ref().map(|l| l.rank.clone()),
         },
         BufReader::new(std::io::stdin()),
         std::io::stdout(),
@@ -495,7 +528,12 @@ fn node_gpus(gpus: &[String], node: usize, slots: usize) -> Option<(String, Stri
 
 /// `marathon train --etcd`: starts one agent per node on this machine, follows the job's
 /// commits in etcd, and prints its summary and where its time went.
-pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Result<()> {
+pub fn train(
+    config: &Path,
+    layout: &LayoutFlags,
+    flags: &TrainEtcdFlags,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let urls = flags.etcd.clone().expect("train --etcd");
     let cfg = elastic_config(config, layout)?;
     preflight(&cfg).with_context(|| format!("start training from {}", config.display()))?;
@@ -536,6 +574,9 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
         p.pp,
         nodes * slots / (p.tp * p.pp)
     );
+    if let Some(a) = metrics_addr {
+        crate::launch::check_ports(a, nodes * (slots + 1))?;
+    }
     let mut agents = Agents(Vec::with_capacity(nodes));
     for i in 0..nodes {
         let child = Command::new(&exe)
@@ -549,6 +590,11 @@ pub fn train(config: &Path, layout: &LayoutFlags, flags: &TrainEtcdFlags) -> Res
             .arg("--config")
             .arg(config)
             .args(["--wait-slots", &(nodes * slots).to_string(), "--tied"])
+            .args(metrics_addr.into_iter().flat_map(|a| {
+                let port = usize::from(a.port()) + i * (slots + 1);
+                let a = std::net::SocketAddr::new(a.ip(), port as u16);
+                ["--metrics-addr".to_string(), a.to_string()]
+            }))
             .args(layout.args())
             .args(flags.elastic.args())
             .args(flags.security.args())

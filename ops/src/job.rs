@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use marathon_runtime::status::JobStatus;
+use marathon_runtime::worker::unix_ms;
 
 use crate::elastic::EtcdSecurity;
 
@@ -52,10 +53,21 @@ fn status(args: StatusArgs) -> Result<()> {
         "running"
     };
     println!("job                {} ({state})", s.job);
+    let causes: Vec<String> = s
+        .recoveries_by_cause
+        .iter()
+        .map(|(cause, n)| format!("{n} {cause}"))
+        .collect();
     println!(
-        "generation         {} ({} recoveries); leader {}",
+        "generation         {} ({} recoveries{}, {} resizes); leader {}",
         s.generation,
         s.recoveries,
+        if causes.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", causes.join(", "))
+        },
+        s.resizes,
         s.leader.as_deref().unwrap_or("none")
     );
     if let (Some(tp), Some(pp), Some(dp)) = (s.tp, s.pp, s.dp) {
@@ -82,10 +94,13 @@ fn status(args: StatusArgs) -> Result<()> {
         ),
         None => println!("step               none committed yet"),
     }
+    let age = |at: u64| format!(", {:.0} s ago", unix_ms().saturating_sub(at) as f64 / 1e3);
     println!(
         "checkpoint         {}",
-        s.checkpoint
-            .map_or("none committed".into(), |c| format!("step {c}"))
+        s.checkpoint.map_or("none committed".into(), |c| format!(
+            "step {c}{}",
+            s.checkpoint_at_ms.map(age).unwrap_or_default()
+        ))
     );
     for l in &s.losses {
         println!(

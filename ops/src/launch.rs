@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -20,6 +21,7 @@ use marathon_elastic::{DirCoordinator, Topology};
 use marathon_runtime::checkpoint::CheckpointRecord;
 use marathon_runtime::comm::GroupSpec;
 use marathon_runtime::config::Resume;
+use marathon_runtime::metrics::RankEndpoint;
 use marathon_runtime::trainer::{preflight, Observer, StepRecord, Summary};
 use marathon_runtime::Groups;
 use marathon_runtime::{TrainConfig, Trainer};
@@ -122,9 +124,10 @@ pub fn train(
     config: &Path,
     flags: &LayoutFlags,
     etcd: &crate::elastic::TrainEtcdFlags,
+    metrics_addr: Option<SocketAddr>,
 ) -> Result<()> {
     if etcd.enabled() {
-        return crate::elastic::train(config, flags, etcd);
+        return crate::elastic::train(config, flags, etcd, metrics_addr);
     }
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
@@ -141,6 +144,7 @@ pub fn train(
     if cfg.parallel.world_size() == 1 {
         let mut trainer = Trainer::new(cfg)
             .with_context(|| format!("start training from {}", config.display()))?;
+        let _live = serve_metrics(&mut trainer, metrics_addr, true)?;
         let mut progress = Progress::new(&trainer.cfg);
         if let Some(step) = trainer.resumed_from() {
             progress.on_resumed(step, &trainer.cfg);
@@ -151,11 +155,47 @@ pub fn train(
         println!("{}", serde_json::to_string(&summary)?);
         return Ok(());
     }
-    launch(config, flags, &cfg)
+    launch(config, flags, &cfg, metrics_addr)
+}
+
+/// Refuses a `--metrics-addr` whose `count` ports from its own do not all exist, or whose
+/// port is 0 (the processes after the first find theirs from it).
+pub(crate) fn check_ports(addr: SocketAddr, count: usize) -> Result<()> {
+    if addr.port() == 0 || usize::from(addr.port()) + count - 1 > usize::from(u16::MAX) {
+        bail!(
+            "--metrics-addr {addr}: this job's {count} processes serve metrics on the ports \
+             from it, one each; give a fixed port of at most {}",
+            usize::from(u16::MAX) + 1 - count
+        );
+    }
+    Ok(())
+}
+
+/// Serves `trainer`'s metrics on `addr`, and the job's where `job` says this rank reports
+/// them; the endpoint stops when the returned value is dropped.
+fn serve_metrics(
+    trainer: &mut Trainer,
+    addr: Option<SocketAddr>,
+    job: bool,
+) -> Result<Option<RankEndpoint>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let live = RankEndpoint::serve(addr)?;
+    trainer.set_live_metrics(live.rank.clone());
+    if job {
+        trainer.set_job_metrics(live.job.clone());
+    }
+    eprintln!("metrics: http://{}/metrics", live.endpoint.addr());
+    Ok(Some(live))
 }
 
 /// `marathon worker`: one rank of a launched job.
-pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path) -> Result<()> {
+pub fn worker(
+    config: &Path,
+    flags: &LayoutFlags,
+    rank: usize,
+    coord_dir: &Path,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<()> {
     // The launcher holds our stdin open; when it goes away, so do we, rather than training on
     // with nobody to report to.
     std::thread::spawn(|| {
@@ -172,6 +212,7 @@ pub fn worker(config: &Path, flags: &LayoutFlags, rank: usize, coord_dir: &Path)
     template.rendezvous_timeout = GROUP_TIMEOUT;
     let groups = Groups::connect(&DirCoordinator::new(coord_dir), topology, rank, &template)?;
     let mut trainer = Trainer::with_groups(cfg, groups)?;
+    let _live = serve_metrics(&mut trainer, metrics_addr, rank == 0)?;
     // The launch's directory is named afresh for every launch: its ranks' checkpoint persists
     // share it as their epoch, which no earlier launch's persists of the same steps had.
     let epoch = {
@@ -244,7 +285,12 @@ impl Drop for RemoveDir {
     }
 }
 
-fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
+fn launch(
+    config: &Path,
+    flags: &LayoutFlags,
+    cfg: &TrainConfig,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<()> {
     // Refuse what every worker would refuse before starting any of them.
     preflight(cfg).with_context(|| format!("start training from {}", config.display()))?;
     let world = cfg.parallel.world_size();
@@ -254,6 +300,9 @@ fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
              at most {LOCAL_RANKS_MAX}; lower parallel.tp, parallel.pp or parallel.dp",
             config.display()
         );
+    }
+    if let Some(a) = metrics_addr {
+        check_ports(a, world)?;
     }
     let exe = std::env::current_exe().context("find the marathon executable")?;
     let coord_dir = RemoveDir(std::env::temp_dir().join(format!(
@@ -281,6 +330,10 @@ fn launch(config: &Path, flags: &LayoutFlags, cfg: &TrainConfig) -> Result<()> {
             .arg("--coord-dir")
             .arg(&coord_dir.0)
             .args(flags.args())
+            .args(metrics_addr.into_iter().flat_map(|a| {
+                let a = SocketAddr::new(a.ip(), a.port() + rank as u16);
+                ["--metrics-addr".to_string(), a.to_string()]
+            }))
             .env("RAYON_NUM_THREADS", threads.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -49,6 +49,11 @@ enum Command {
         layout: launch::LayoutFlags,
         #[command(flatten)]
         etcd: elastic::TrainEtcdFlags,
+        /// Serve live metrics for Prometheus at HOST:PORT (`/metrics`). A launch of several
+        /// ranks serves rank r on PORT + r; with --etcd, agent i serves on
+        /// PORT + i x (slots + 1) and its workers on the ports after it.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Run one node of an elastic job: register its slots in etcd, take part in planning, and
     /// run and supervise a worker process per slot through the job's generations.
@@ -67,6 +72,8 @@ enum Command {
         coord_dir: PathBuf,
         #[command(flatten)]
         layout: launch::LayoutFlags,
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Text from a checkpoint, on the CPU: greedy, or sampled with a temperature and top-k.
     Sample(sample::SampleArgs),
@@ -180,7 +187,8 @@ fn run(cli: Cli) -> Result<()> {
             config,
             layout,
             etcd,
-        } => launch::train(&config, &layout, &etcd),
+            metrics_addr,
+        } => launch::train(&config, &layout, &etcd, metrics_addr),
         Command::Agent(args) => elastic::agent(args),
         Command::ElasticWorker(args) => elastic::worker(args),
         Command::Worker {
@@ -188,7 +196,8 @@ fn run(cli: Cli) -> Result<()> {
             rank,
             coord_dir,
             layout,
-        } => launch::worker(&config, &layout, rank, &coord_dir),
+            metrics_addr,
+        } => launch::worker(&config, &layout, rank, &coord_dir, metrics_addr),
         Command::Data {
             command:
                 DataCommand::Prepare {

@@ -154,6 +154,7 @@ fn one_run(
                 wait_slots: args.agents * args.slots,
                 evict_stragglers: false,
                 quiet: true,
+                metrics_addr: None,
             };
             let (coord, host) = (
                 conns[i % conns.len()].clone(),

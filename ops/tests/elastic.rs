@@ -479,11 +479,22 @@ fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
     );
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["done"], true, "{st}");
+    // One recovery (the killed worker), then one resize (its slot offered again).
     assert_eq!(
-        (st["generation"].as_u64(), st["recoveries"].as_u64()),
-        (Some(3), Some(2)),
+        (
+            st["generation"].as_u64(),
+            st["recoveries"].as_u64(),
+            st["resizes"].as_u64()
+        ),
+        (Some(3), Some(1), Some(1)),
         "{st}"
     );
+    assert_eq!(
+        st["recoveries_by_cause"],
+        serde_json::json!({"worker_died": 1}),
+        "{st}"
+    );
+    assert!(st["checkpoint_at_ms"].as_u64() > Some(killed_at), "{st}");
     assert_eq!(
         (st["tp"].as_u64(), st["dp"].as_u64()),
         (Some(2), Some(4)),
@@ -508,6 +519,95 @@ fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
         !out.status.success() && err.contains("no job kil in the coordinator"),
         "{err}"
     );
+}
+
+/// A real Prometheus scrapes an elastic job through its agents' HTTP service discovery: every
+/// agent and worker is up (its exposition parses), the job's step advances, the job's series
+/// come from its leader alone, and a killed worker is counted as a recovery by its cause, with
+/// the time re-forming took.
+#[test]
+fn prometheus_scrapes_an_elastic_job_and_counts_a_killed_worker() {
+    let server = etcd::Etcd::start();
+    let dir = job_config(1_000_000, 8, "");
+    // Two agents of two slots: each takes three ports, its own and one per worker.
+    let base = marathon_chaos::garage::free_ports(6).unwrap();
+    let addr = format!("127.0.0.1:{base}");
+    let args = [
+        "train",
+        "--config",
+        "c.toml",
+        "--nodes",
+        "2",
+        "--slots",
+        "2",
+        "--etcd",
+        &server.url,
+        "--job",
+        "prom",
+        "--metrics-addr",
+        &addr,
+        "--cooldown-ms",
+        "2500",
+        "--lease-ttl-ms",
+        "3000",
+        "--hang-ms",
+        "30000",
+        "--group-timeout-ms",
+        "20000",
+    ];
+    let job = Proc::start("train --etcd", dir.path(), &args);
+    let sd = [base, base + 3].map(|p| format!("http://127.0.0.1:{p}/targets"));
+    let prom =
+        marathon_chaos::prometheus::Prometheus::start(&dir.path().join("prom"), &sd).unwrap();
+    let wait = |q: &str, ok: &dyn Fn(&[marathon_chaos::prometheus::Sample]) -> bool| {
+        prom.wait_for(q, Duration::from_secs(90), ok)
+            .unwrap_or_else(|e| panic!("{e}\n{}\njob:\n{}", prom.log_text(), job.text()))
+    };
+    // Both agents and all four workers, found through /targets and scraped.
+    let up = wait("up", &|s| s.len() == 6 && s.iter().all(|x| x.1 == 1.0));
+    let roles: Vec<&str> = up.iter().map(|x| x.0["role"].as_str()).collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "worker").count(),
+        4,
+        "{up:?}"
+    );
+    // The step advances, on every worker.
+    let first = wait("min(marathon_step)", &|s| {
+        s.first().is_some_and(|x| x.1 > 0.0)
+    })[0]
+        .1;
+    wait("min(marathon_step)", &|s| {
+        s.first().is_some_and(|x| x.1 >= first + 5.0)
+    });
+    // The job's series come from one target, the leading agent's.
+    let generation = wait("marathon_job_generation", &|s| {
+        s.len() == 1 && s[0].1 == 1.0
+    });
+    assert_eq!(generation[0].0["role"], "agent", "{generation:?}");
+    wait("marathon_job_data_parallel_degree", &|s| {
+        s.len() == 1 && s[0].1 == 4.0
+    });
+    wait("marathon_agent_leader", &|s| {
+        s.len() == 2 && s.iter().map(|x| x.1).sum::<f64>() == 1.0
+    });
+    // A worker SIGKILLed: counted as a recovery, with its cause, and the job re-forms.
+    let victim = worker_pid(&job, "node-1", 1);
+    signal("-9", victim);
+    wait(
+        "marathon_job_recoveries_total{cause=\"worker_died\"}",
+        &|s| s.len() == 1 && s[0].1 == 1.0,
+    );
+    wait("marathon_job_generation", &|s| {
+        s.len() == 1 && s[0].1 >= 2.0
+    });
+    wait("marathon_job_lost_seconds_total{cause=\"reform\"}", &|s| {
+        s.len() == 1 && s[0].1 > 0.0
+    });
+    // No other cause was counted.
+    let others = prom
+        .query("marathon_job_recoveries_total{cause!=\"worker_died\"} > 0")
+        .unwrap();
+    assert!(others.is_empty(), "{others:?}");
 }
 
 /// `--withdraw-after 2`: the second worker death on one node within a cooldown withdraws the

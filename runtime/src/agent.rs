@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,14 +34,19 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::registry::Registry;
+
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
 use marathon_elastic::plan::{Offer, Plan, Slot};
 use marathon_elastic::{
     job, retrying, Change, Cluster, Coordinator, EtcdCoordinator, JobKey, JobKeys, Lease,
 };
 
+use crate::metrics::{self, AgentMetrics, Endpoint, JobMetrics, JobView};
+use crate::status::JobStatus;
 use crate::worker::{
-    unix_ms, FlaggedStraggler, FromWorker, LostRecord, PlannedRecord, StepCommit, ToWorker,
+    unix_ms, FlaggedStraggler, FromWorker, LossCause, LostRecord, PlannedRecord, StepCommit,
+    ToWorker,
 };
 use crate::{Result, RuntimeError};
 
@@ -71,6 +77,10 @@ pub struct AgentOptions {
     pub evict_stragglers: bool,
     /// Says nothing on stderr (many agents in one process).
     pub quiet: bool,
+    /// Where the agent serves its metrics (and, while it leads, the job's) for Prometheus; its
+    /// workers serve theirs on the following ports ([`metrics::worker_addr`]), and `/targets`
+    /// lists them all for Prometheus's HTTP service discovery.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// How often the agent looks at its worker processes, and the shortest it waits for a
@@ -303,7 +313,7 @@ struct Worker {
     /// The agent stopped it on purpose: its exit is no failure.
     stopping: bool,
     /// Why the agent killed it, when it was evicted.
-    evicted: Option<String>,
+    evicted: Option<(LossCause, String)>,
 }
 
 /// The node's workers and where they run.
@@ -376,6 +386,77 @@ struct Agent {
     stragglers: BTreeSet<(u64, Slot)>,
     /// When this agent learned the job is done.
     done_at: Option<Instant>,
+    /// The metrics endpoint, when it serves one.
+    live: Option<Live>,
+}
+
+/// What the agent's metrics endpoint shares with its loop.
+struct Live {
+    _endpoint: Endpoint,
+    agent: Arc<AgentMetrics>,
+    leads: Arc<AtomicBool>,
+    /// The slots whose workers run, for `/targets`.
+    running: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Live {
+    fn start(opts: &AgentOptions, coord: &Arc<dyn Cluster>) -> Result<Option<Live>> {
+        let Some(addr) = opts.metrics_addr else {
+            return Ok(None);
+        };
+        let mut registry = Registry::default();
+        let agent = AgentMetrics::register(&mut registry);
+        let job = JobMetrics::register(&mut registry);
+        let leads = Arc::new(AtomicBool::new(false));
+        let running: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let refresh: metrics::Refresh = {
+            let (coord, agent, leads, name) = (
+                coord.clone(),
+                agent.clone(),
+                leads.clone(),
+                opts.job.clone(),
+            );
+            Box::new(move || {
+                agent.coordinator_errors(coord.request_errors());
+                if !leads.load(Ordering::SeqCst) {
+                    job.set(None);
+                } else if let Ok(s) = JobStatus::read(coord.keys(), &name) {
+                    job.set(Some(JobView::of(&s)));
+                }
+            })
+        };
+        let targets: metrics::Page = {
+            let (running, job, node) = (running.clone(), opts.job.clone(), opts.node.clone());
+            Box::new(move || {
+                let base = |role: &str| {
+                    vec![
+                        ("marathon_job", job.clone()),
+                        ("node", node.clone()),
+                        ("role", role.to_owned()),
+                    ]
+                };
+                let mut targets = vec![(addr, base("agent"))];
+                for &slot in running.lock().expect("never poisoned").iter() {
+                    let mut labels = base("worker");
+                    labels.push(("slot", slot.to_string()));
+                    targets.push((metrics::worker_addr(addr, slot), labels));
+                }
+                metrics::targets_json(&targets)
+            })
+        };
+        let endpoint = Endpoint::serve(
+            addr,
+            registry,
+            Some(refresh),
+            [("/targets", targets)].into(),
+        )?;
+        Ok(Some(Live {
+            _endpoint: endpoint,
+            agent,
+            leads,
+            running,
+        }))
+    }
 }
 
 impl Agent {
@@ -395,6 +476,7 @@ impl Agent {
             &Offer::all(opts.slots).to_json(),
             opts.lease_ttl,
         )?;
+        let live = Live::start(&opts, &coord)?;
         let mut host = host;
         host.registered();
         let (tx, inputs) = mpsc::channel();
@@ -422,6 +504,7 @@ impl Agent {
             done: false,
             stragglers: BTreeSet::new(),
             done_at: None,
+            live,
         })
     }
 
@@ -500,6 +583,7 @@ impl Agent {
                 }
             }
             self.feed(Event::Tick)?;
+            self.report();
             if self.done && self.workers.running.is_empty() {
                 self.log("the job is done");
                 return Ok(());
@@ -514,6 +598,21 @@ impl Agent {
                 return Ok(());
             }
         }
+    }
+
+    /// Brings the metrics endpoint's view of this node up to date.
+    fn report(&self) {
+        let Some(live) = &self.live else { return };
+        let running: Vec<usize> = self.workers.running.keys().copied().collect();
+        let leads = self.membership.leads();
+        live.agent.set(
+            self.current_offer().count(),
+            running.len(),
+            self.registration.as_ref().is_some_and(|r| !r.lost()),
+            leads,
+        );
+        live.leads.store(leads, Ordering::SeqCst);
+        *live.running.lock().expect("never poisoned") = running;
     }
 
     /// How long to wait for inputs: until the next deadline (the core's, a cooldown's, a suspect
@@ -695,9 +794,12 @@ impl Agent {
             return;
         }
         if let Some(w) = self.workers.running.get_mut(&f.slot.index) {
-            w.evicted = Some(format!(
-                "was a straggler ({:.1}x its peers' compute at step {}) and was evicted",
-                f.ratio, f.step
+            w.evicted = Some((
+                LossCause::Straggler,
+                format!(
+                    "was a straggler ({:.1}x its peers' compute at step {}) and was evicted",
+                    f.ratio, f.step
+                ),
             ));
             self.workers.host.kill(f.slot.index);
         }
@@ -786,17 +888,17 @@ impl Agent {
                 ),
             });
         }
-        let json = LostRecord::now(reason);
+        let json = LostRecord::now(reason, LossCause::Restarted);
         let key = self.keys.retry(generation, &slot);
         retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
         self.feed(Event::Retry { generation })
     }
 
     /// Records `slot` lost in the running generation, for every agent to see.
-    fn record_lost(&mut self, slot: Slot, reason: String) -> Result<()> {
+    fn record_lost(&mut self, slot: Slot, reason: String, cause: LossCause) -> Result<()> {
         let generation = self.membership.generation();
         if generation > 0 {
-            let json = LostRecord::now(reason);
+            let json = LostRecord::now(reason, cause);
             let key = self.keys.lost(generation, &slot);
             retrying(OUTAGE_MAX, || self.coord.put(&key, &json))?;
         }
@@ -816,7 +918,7 @@ impl Agent {
             if stopping {
                 continue;
             }
-            let reason = evicted.unwrap_or(how);
+            let (cause, reason) = evicted.unwrap_or((LossCause::WorkerDied, how));
             self.log(format_args!("worker of slot {index} (pid {pid}) {reason}"));
             let slot = Slot {
                 node: self.opts.node.clone(),
@@ -829,7 +931,7 @@ impl Agent {
                 .plan()
                 .is_some_and(|p| p.roles().contains_key(&slot));
             if planned {
-                self.record_lost(slot, reason)?;
+                self.record_lost(slot, reason, cause)?;
             }
             if !self.opts.cooldown.is_zero() {
                 let now = Instant::now();
@@ -923,9 +1025,12 @@ impl Agent {
             }
             Action::Evict { slot } => {
                 if let Some(w) = self.workers.running.get_mut(&slot.index) {
-                    w.evicted = Some(format!(
-                        "was declared hung (no step within {} ms) and killed",
-                        self.opts.timing.hang.as_millis()
+                    w.evicted = Some((
+                        LossCause::Hung,
+                        format!(
+                            "was declared hung (no step within {} ms) and killed",
+                            self.opts.timing.hang.as_millis()
+                        ),
                     ));
                     self.workers.host.kill(slot.index);
                 }
@@ -1053,7 +1158,7 @@ fn forget_previous_run(coord: &dyn Coordinator, keys: &JobKeys, node: &str) -> R
     let Ok(plan) = serde_json::from_slice::<Plan>(&json) else {
         return Ok(());
     };
-    let record = LostRecord::now("its agent restarted".into());
+    let record = LostRecord::now("its agent restarted".into(), LossCause::NodeLost);
     for slot in plan.blocks.iter().flat_map(|b| &b.slots) {
         if slot.node == node {
             let key = keys.lost(generation, slot);

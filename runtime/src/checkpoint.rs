@@ -259,6 +259,32 @@ pub struct CheckpointRecord {
     pub staged_bytes: u64,
     /// Why the previous checkpoint's persist failed, if it did (it stays uncommitted).
     pub previous_failed: Option<String>,
+    /// The previous checkpoint's persist, if it finished here.
+    #[serde(default)]
+    pub previous_persisted: Option<Persisted>,
+}
+
+/// What a finished persist did, as a rank reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Persisted {
+    pub step: u64,
+    /// From the snapshot to this rank's shard being durable.
+    pub seconds: f64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// This rank committed the checkpoint.
+    pub committed: bool,
+}
+
+impl From<&marathon_storage::writer::PersistReport> for Persisted {
+    fn from(p: &marathon_storage::writer::PersistReport) -> Self {
+        Persisted {
+            step: p.step,
+            seconds: p.upload.as_secs_f64(),
+            bytes: p.stored_bytes,
+            committed: p.committed.is_some(),
+        }
+    }
 }
 
 impl CheckpointRecord {
@@ -271,6 +297,10 @@ impl CheckpointRecord {
             staged_bytes,
             previous_failed: match &r.previous {
                 Some(Err(e)) => Some(e.to_string()),
+                _ => None,
+            },
+            previous_persisted: match &r.previous {
+                Some(Ok(p)) => Some(p.into()),
                 _ => None,
             },
         }

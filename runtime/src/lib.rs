@@ -18,6 +18,7 @@ pub mod device;
 pub mod engine;
 pub mod groups;
 pub mod handshake;
+pub mod metrics;
 pub mod moments;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -157,14 +157,47 @@ pub struct FlaggedStraggler {
 pub struct LostRecord {
     pub detected_at_ms: u64,
     pub reason: String,
+    /// Why its agent reports it (records of older builds: a worker that died).
+    #[serde(default)]
+    pub cause: LossCause,
+}
+
+/// Why a worker was lost, as its agent saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossCause {
+    /// Its process exited or was killed.
+    #[default]
+    WorkerDied,
+    /// The watchdog saw no progress from it and its agent killed it.
+    Hung,
+    /// Flagged as a straggler and evicted.
+    Straggler,
+    /// It left its generation on an error of its own, and the same members start over.
+    Restarted,
+    /// Its node went: the lease ran out, or its agent restarted.
+    NodeLost,
+}
+
+impl LossCause {
+    pub fn name(self) -> &'static str {
+        match self {
+            LossCause::WorkerDied => "worker_died",
+            LossCause::Hung => "hung",
+            LossCause::Straggler => "straggler",
+            LossCause::Restarted => "restarted",
+            LossCause::NodeLost => "node_lost",
+        }
+    }
 }
 
 impl LostRecord {
     /// The record of a loss seen now, as its key's value.
-    pub fn now(reason: String) -> Vec<u8> {
+    pub fn now(reason: String, cause: LossCause) -> Vec<u8> {
         let record = LostRecord {
             detected_at_ms: unix_ms(),
             reason,
+            cause,
         };
         serde_json::to_vec(&record).expect("records serialise")
     }
@@ -195,6 +228,8 @@ pub struct WorkerOptions {
     pub heartbeat: Duration,
     /// The address of this node that the other nodes' workers reach it on.
     pub host: std::net::IpAddr,
+    /// Live metrics for Prometheus, when the worker serves them.
+    pub metrics: Option<Arc<crate::metrics::RankMetrics>>,
 }
 
 /// How long a worker keeps retrying an etcd read before it gives up.
@@ -565,6 +600,10 @@ impl Generation<'_> {
         t.mirror_moments()?;
         t.gather_pace();
         t.set_stop_signal(self.control.newer.clone());
+        if let Some(live) = &self.opts.metrics {
+            t.set_live_metrics(live.clone());
+            live.placed(g, rank);
+        }
         let step = match t.reconcile() {
             Ok(step) => step,
             // Shards left at different steps: every rank failed together, and together they

@@ -31,6 +31,7 @@ fn options(node: &str, nodes: usize) -> AgentOptions {
         wait_slots: 2 * nodes,
         evict_stragglers: false,
         quiet: true,
+        metrics_addr: None,
     }
 }
 

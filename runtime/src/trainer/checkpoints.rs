@@ -152,7 +152,11 @@ impl Trainer {
                 eprintln!("note: {e}");
                 Ok(None)
             }
-            Some(done) => Ok(Some(done?)),
+            Some(done) => {
+                let report = done?;
+                self.persisted(&(&report).into());
+                Ok(Some(report))
+            }
             None => Ok(None),
         }
     }

@@ -43,6 +43,7 @@ use crate::device::Device;
 use crate::engine::cpu::CpuEngine;
 use crate::engine::Engine;
 use crate::groups::Groups;
+use crate::metrics::{JobMetrics, RankMetrics};
 use crate::transport::{Transport, TransportChoice};
 use crate::{Result, RuntimeError};
 
@@ -72,6 +73,9 @@ pub struct Trainer {
     act_in: Vec<f32>,
     grad_in: Vec<f32>,
     metrics: Option<BufWriter<File>>,
+    /// Live metrics for Prometheus, when the process serves them (see [`Trainer::set_live_metrics`]).
+    live: Option<Arc<RankMetrics>>,
+    live_job: Option<Arc<JobMetrics>>,
     groups: Groups,
     ckpt: Option<Checkpointing>,
     resumed_from: Option<u64>,
@@ -228,6 +232,8 @@ impl Trainer {
             act_in: vec![0.0; if stage > 0 { hidden } else { 0 }],
             grad_in: vec![0.0; if stage + 1 < pp { hidden } else { 0 }],
             metrics: None,
+            live: None,
+            live_job: None,
             groups,
             ckpt,
             resumed_from: None,

@@ -4,12 +4,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use super::Trainer;
-use crate::checkpoint::CheckpointRecord;
+use crate::checkpoint::{CheckpointRecord, Persisted};
+use crate::metrics::{JobMetrics, RankMetrics};
 use crate::{Result, RuntimeError};
 
 /// What one optimizer step did.
@@ -113,10 +115,39 @@ impl Trainer {
         let mut last = f32::NAN;
         while self.step < self.cfg.train.steps {
             last = self.advance(observer, &mut goodput)?.loss;
+            if let Some(job) = &self.live_job {
+                let elapsed = started.elapsed().as_secs_f64();
+                job.update(|v| {
+                    (v.generation, v.dp) = (self.generation, self.cfg.parallel.dp);
+                    v.lost_seconds = crate::metrics::lost_seconds(&goodput);
+                    v.goodput = goodput.training_s / elapsed.max(1e-9);
+                });
+            }
         }
         let summary = self.conclude(started, goodput, last)?;
         self.write_record("goodput", &summary.goodput)?;
         Ok(summary)
+    }
+
+    /// Reports every step, validation and checkpoint to `live` from now on.
+    pub fn set_live_metrics(&mut self, live: Arc<RankMetrics>) {
+        self.live = Some(live);
+    }
+
+    /// Reports where the job stands to `job` from now on, as [`Trainer::run`] goes: for a job
+    /// outside an elastic one (whose leading agent reports it), on its rank 0.
+    pub fn set_job_metrics(&mut self, job: Arc<JobMetrics>) {
+        self.live_job = Some(job);
+    }
+
+    /// A persist of this rank finished.
+    pub(super) fn persisted(&self, p: &Persisted) {
+        if let Some(live) = &self.live {
+            live.on_persisted(p);
+        }
+        if let (Some(job), true) = (&self.live_job, p.committed) {
+            job.update(|v| v.checkpoint = Some((p.step, crate::worker::unix_ms())));
+        }
     }
 
     /// Appends a record of `kind` to the metrics, on the rank that writes them.
@@ -131,9 +162,14 @@ impl Trainer {
         observer: &mut dyn Observer,
         goodput: &mut Goodput,
     ) -> Result<StepRecord> {
+        let consumed = self.consumed_samples;
         let rec = self.train_step()?;
         goodput.training_s += rec.step_ms / 1e3;
         observer.on_step(&rec);
+        if let Some(live) = &self.live {
+            let tokens = (self.consumed_samples - consumed) * self.cfg.batch.seq_len as u64;
+            live.on_step(&rec, tokens);
+        }
         let every = self.cfg.train.eval_every_steps;
         if every > 0 && (self.step % every == 0 || self.step == self.cfg.train.steps) {
             let t0 = Instant::now();
@@ -141,6 +177,9 @@ impl Trainer {
             goodput.eval_s += t0.elapsed().as_secs_f64();
             if let Some(v) = val {
                 observer.on_eval(self.step, v);
+                if let Some(live) = &self.live {
+                    live.on_eval(v);
+                }
                 self.last_val_loss = Some(v);
             }
         }
@@ -150,6 +189,12 @@ impl Trainer {
             if let Some(ck) = self.checkpoint()? {
                 goodput.checkpoint_stall_s += ck.stall_ms / 1e3;
                 observer.on_checkpoint(&ck);
+                if let Some(live) = &self.live {
+                    live.on_checkpoint(&ck);
+                }
+                if let Some(p) = &ck.previous_persisted {
+                    self.persisted(p);
+                }
             }
         }
         Ok(rec)
