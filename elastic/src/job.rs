@@ -15,7 +15,8 @@
 //! | `gen-<g>/retry/<node>/<slot>` | a live worker that left generation g on an error of its own |
 //! | `gen-<g>/pg/...`, `gen-<g>/nccl/...` | the process groups' rendezvous |
 //! | `checkpoints/<step>` | the commit of that step's checkpoint: its manifest's digest, writer and generation, created once, fenced, before the manifest is written |
-//! | `done` | the job's summary, once its last step is committed |
+//! | `stop` | an operator's request to end the job at the next step boundary (`marathon job stop`): who and when |
+//! | `done` | the job's summary, once its last step is committed (or the step it stopped at) |
 //!
 //! A generation and its plan are written in one compare-and-swap on the counter; every later
 //! write that matters (a step commit, the end of the job) is a transaction conditioned on the
@@ -48,6 +49,7 @@ pub enum JobKey {
         slot: Slot,
     },
     Checkpoint(u64),
+    Stop,
     Done,
     /// A key this table does not name (rendezvous, for example).
     Other,
@@ -125,6 +127,10 @@ impl JobKeys {
         format!("{}done", self.root)
     }
 
+    pub fn stop(&self) -> String {
+        format!("{}stop", self.root)
+    }
+
     /// What `key` is.
     pub fn parse(&self, key: &str) -> JobKey {
         let Some(rest) = key.strip_prefix(&self.root) else {
@@ -140,6 +146,7 @@ impl JobKeys {
             "leader" => return JobKey::Leader,
             "generation" => return JobKey::Generation,
             "done" => return JobKey::Done,
+            "stop" => return JobKey::Stop,
             _ => {}
         }
         let Some((g, what)) = rest
@@ -326,6 +333,7 @@ mod tests {
             ),
             (k.checkpoint(40), JobKey::Checkpoint(40)),
             (k.done(), JobKey::Done),
+            (k.stop(), JobKey::Stop),
             ("/marathon/j/gen-1/pg/dp-0/rank-0".into(), JobKey::Other),
             ("/marathon/other/leader".into(), JobKey::Other),
         ] {

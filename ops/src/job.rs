@@ -1,11 +1,11 @@
 //! `marathon job status`: where a running elastic job stands, from its keys in etcd
-//! ([`marathon_runtime::status`]).
+//! ([`marathon_runtime::status`]); `marathon job stop`: ends it cleanly.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use marathon_runtime::status::JobStatus;
+use marathon_runtime::status::{request_stop, JobStatus, StopRequest};
 use marathon_runtime::worker::unix_ms;
 
 use crate::elastic::EtcdSecurity;
@@ -15,6 +15,27 @@ pub enum JobCommand {
     /// The generation and its plan, the nodes holding their leases, the last committed step and
     /// checkpoint, the recoveries so far and where the time went.
     Status(StatusArgs),
+    /// End a running elastic job cleanly: its workers stop together at the next step boundary
+    /// and the job ends on a checkpoint of that step. Waits for the end unless --no-wait.
+    Stop(StopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// etcd endpoints, comma-separated (http://10.0.0.1:2379,http://10.0.0.2:2379).
+    #[arg(long)]
+    etcd: String,
+    /// The job's name.
+    #[arg(long)]
+    job: String,
+    /// Return once the request is recorded, without waiting for the job to end.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for the job to end, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+    #[command(flatten)]
+    security: EtcdSecurity,
 }
 
 #[derive(Debug, Args)]
@@ -35,6 +56,58 @@ pub struct StatusArgs {
 pub fn run(command: JobCommand) -> Result<()> {
     match command {
         JobCommand::Status(args) => status(args),
+        JobCommand::Stop(args) => stop(args),
+    }
+}
+
+fn stop(args: StopArgs) -> Result<()> {
+    let coord = args.security.connect(&args.etcd, Duration::from_secs(10))?;
+    let by = format!(
+        "marathon job stop on {} (pid {})",
+        std::fs::read_to_string("/etc/hostname")
+            .unwrap_or_default()
+            .trim(),
+        std::process::id()
+    );
+    let job = &args.job;
+    match request_stop(&coord, job, &by)? {
+        StopRequest::Done => {
+            eprintln!("job {job} had ended already");
+            return Ok(());
+        }
+        StopRequest::Pending => eprintln!("job {job} was asked to stop already; waiting for it"),
+        StopRequest::Requested => eprintln!(
+            "job {job} asked to stop: its workers end it at the next step boundary, on a \
+             checkpoint"
+        ),
+    }
+    if args.no_wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
+    loop {
+        let s = JobStatus::read(&coord, job)?;
+        if s.done {
+            println!(
+                "job {job} stopped at step {}; checkpoint {}",
+                s.step.map_or("-".into(), |x| x.to_string()),
+                s.checkpoint
+                    .map_or("none (the job has no [checkpoint])".into(), |c| format!(
+                        "of step {c}"
+                    ))
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "job {job} did not end within {} s of the request (generation {}, step {}); \
+                 its agents may be down: check `marathon job status --job {job}`",
+                args.timeout_s,
+                s.generation,
+                s.step.map_or("-".into(), |x| x.to_string())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

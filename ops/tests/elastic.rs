@@ -524,11 +524,16 @@ fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
 /// A real Prometheus scrapes an elastic job through its agents' HTTP service discovery: every
 /// agent and worker is up (its exposition parses), the job's step advances, the job's series
 /// come from its leader alone, and a killed worker is counted as a recovery by its cause, with
-/// the time re-forming took.
+/// the time re-forming took. `marathon job stop` then ends the job at a step boundary, on a
+/// checkpoint of that step.
 #[test]
-fn prometheus_scrapes_an_elastic_job_and_counts_a_killed_worker() {
+fn prometheus_scrapes_an_elastic_job_and_job_stop_ends_it_on_a_checkpoint() {
     let server = etcd::Etcd::start();
-    let dir = job_config(1_000_000, 8, "");
+    let dir = job_config(
+        1_000_000,
+        8,
+        "[checkpoint]\nroot = \"ckpt\"\nevery_steps = 1000000\n",
+    );
     // Two agents of two slots: each takes three ports, its own and one per worker.
     let base = marathon_chaos::garage::free_ports(6).unwrap();
     let addr = format!("127.0.0.1:{base}");
@@ -608,6 +613,65 @@ fn prometheus_scrapes_an_elastic_job_and_counts_a_killed_worker() {
         .query("marathon_job_recoveries_total{cause!=\"worker_died\"} > 0")
         .unwrap();
     assert!(others.is_empty(), "{others:?}");
+    // `job stop`: every worker ends at one step, the job on a checkpoint of it.
+    let stop = Command::new(MARATHON)
+        .args(["job", "stop", "--etcd", &server.url, "--job", "prom"])
+        .args(["--timeout-s", "120"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&stop.stdout).into_owned();
+    assert!(
+        stop.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    let (status, stdout, text) = job.finish(Duration::from_secs(60));
+    assert!(status.success(), "{text}");
+    let steps = summary(&stdout)["steps"].as_u64().unwrap();
+    assert!(steps > first as u64 && steps < 1_000_000, "{stdout}");
+    assert!(
+        said.contains(&format!(
+            "stopped at step {steps}; checkpoint of step {steps}"
+        )),
+        "{said}"
+    );
+    // Every worker of the last generation (dp 3 or, once the killed slot is back, 4) ended
+    // at that step.
+    let last_plan = plans(&server.connect(), &JobKeys::new("prom"))
+        .pop_last()
+        .unwrap()
+        .1;
+    let ends: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("asked to stop; it ends at step"))
+        .collect();
+    assert!(
+        ends.len() == last_plan.dp
+            && ends
+                .iter()
+                .all(|l| l.ends_with(&format!("step {steps} on a checkpoint"))),
+        "{ends:?}"
+    );
+    let ls = Command::new(MARATHON)
+        .args(["ckpt", "ls", "ckpt"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        ls.status.success() && listed.contains(&steps.to_string()),
+        "{listed}"
+    );
+    // A second request finds the job ended.
+    let again = Command::new(MARATHON)
+        .args(["job", "stop", "--etcd", &server.url, "--job", "prom"])
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("had ended already"),
+        "{again:?}"
+    );
 }
 
 /// `--withdraw-after 2`: the second worker death on one node within a cooldown withdraws the

@@ -386,6 +386,8 @@ struct Agent {
     stragglers: BTreeSet<(u64, Slot)>,
     /// When this agent learned the job is done.
     done_at: Option<Instant>,
+    /// An operator asked the job to stop (`marathon job stop`).
+    finishing: bool,
     /// The metrics endpoint, when it serves one.
     live: Option<Live>,
 }
@@ -504,6 +506,7 @@ impl Agent {
             done: false,
             stragglers: BTreeSet::new(),
             done_at: None,
+            finishing: false,
             live,
         })
     }
@@ -745,6 +748,17 @@ impl Agent {
                 Ok(())
             }
             (JobKey::Retry { generation, .. }, Some(_)) => self.feed(Event::Retry { generation }),
+            (JobKey::Stop, Some(_)) => {
+                if !self.finishing {
+                    self.finishing = true;
+                    self.log(
+                        "the job was asked to stop: its workers end it at the next step boundary, \
+                         on a checkpoint",
+                    );
+                    self.workers.send_all(&ToWorker::Finish);
+                }
+                Ok(())
+            }
             (JobKey::Done, Some(_)) => {
                 if !self.done {
                     self.done = true;
@@ -1138,6 +1152,9 @@ impl Agent {
                 slot.index = index;
             }
             self.workers.host.send(index, &start);
+            if self.finishing {
+                self.workers.host.send(index, &ToWorker::Finish);
+            }
         }
         self.workers.host.started(generation);
         Ok(())

@@ -196,6 +196,43 @@ impl JobStatus {
     }
 }
 
+/// What asking a job to stop found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    /// The request is recorded; the job's workers end it at their next step boundary.
+    Requested,
+    /// An earlier request is still pending.
+    Pending,
+    /// The job had ended already.
+    Done,
+}
+
+/// Asks job `name` to end at its next step boundary, on a checkpoint of that step
+/// (`marathon job stop`): records `stop` with who asked and when, unless the job ended or was
+/// asked already. A job with no keys at all is an error, as in [`JobStatus::read`].
+pub fn request_stop(coord: &dyn Coordinator, name: &str, by: &str) -> Result<StopRequest> {
+    let keys = JobKeys::new(name);
+    if coord.list(keys.root())?.is_empty() {
+        return Err(RuntimeError::Argument {
+            name: "job",
+            reason: format!(
+                "no job {name} in the coordinator: nothing under {}; check --job and --etcd",
+                keys.root()
+            ),
+        });
+    }
+    if coord.get(&keys.done())?.is_some() {
+        return Ok(StopRequest::Done);
+    }
+    let value = serde_json::json!({ "by": by, "at_ms": unix_ms() }).to_string();
+    let stop = keys.stop();
+    if coord.transact(&[(&stop, None)], &[(&stop, value.as_bytes())])? {
+        Ok(StopRequest::Requested)
+    } else {
+        Ok(StopRequest::Pending)
+    }
+}
+
 /// Why each generation after the first began, in order: the cause of the first loss its
 /// predecessor recorded; else a start over of the same members; else a node of the
 /// predecessor's plan (a member or on standby) missing from its own, lost with its lease;

@@ -50,6 +50,9 @@ pub enum ToWorker {
     },
     /// Abort generation `generation`'s collectives now: one of its members is gone.
     Abort { generation: u64 },
+    /// End the job at the next step boundary that every rank agrees on, after a final
+    /// checkpoint (`marathon job stop`).
+    Finish,
     /// Exit.
     Stop,
 }
@@ -245,6 +248,8 @@ struct Control {
     changed: Condvar,
     /// The trainer's stop signal: a newer generation is waiting.
     newer: Arc<AtomicBool>,
+    /// The trainer's finish signal: the job was asked to end (`marathon job stop`).
+    finish: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -282,6 +287,7 @@ impl Control {
                     s.aborts.iter().for_each(AbortHandle::abort);
                 }
             }
+            ToWorker::Finish => self.finish.store(true, Ordering::SeqCst),
             ToWorker::Stop => {
                 s.stop = true;
                 self.newer.store(true, Ordering::SeqCst);
@@ -600,6 +606,7 @@ impl Generation<'_> {
         t.mirror_moments()?;
         t.gather_pace();
         t.set_stop_signal(self.control.newer.clone());
+        t.set_finish_signal(self.control.finish.clone());
         if let Some(live) = &self.opts.metrics {
             t.set_live_metrics(live.clone());
             live.placed(g, rank);
@@ -690,6 +697,7 @@ impl Generation<'_> {
                 // step every rank just applied is carried into the next by reconcile.
                 return Ok(Ended::Superseded);
             }
+            let finishing = t.finish_agreed();
             // A flag at the last step would only disturb the job's end.
             let last = rec.step == t.cfg.train.steps;
             if let (true, false, Some(times)) = (is_rank0, last, t.pace()) {
@@ -723,13 +731,28 @@ impl Generation<'_> {
                     return Ok(Ended::Fenced);
                 }
             }
+            if finishing {
+                // Every rank learned of the request in the same step: the job ends here.
+                eprintln!(
+                    "worker: the job was asked to stop; it ends at step {} on a checkpoint",
+                    rec.step
+                );
+                break;
+            }
         }
-        if step == t.cfg.train.steps {
+        let ck = if step == t.cfg.train.steps {
             // The generation before ended right after the last step, and the checkpoint of that
             // step may have been refused with it: the job ends on a checkpoint of its own.
-            if let Some(ck) = t.checkpoint()? {
-                goodput.checkpoint_stall_s += ck.stall_ms / 1e3;
-            }
+            t.checkpoint()?
+        } else if t.step < t.cfg.train.steps {
+            // An operator ended the job: it ends on a checkpoint of its last step, which this
+            // generation may have taken already.
+            t.checkpoint_once()?
+        } else {
+            None
+        };
+        if let Some(ck) = ck {
+            goodput.checkpoint_stall_s += ck.stall_ms / 1e3;
         }
         let summary = t.conclude(started, goodput, last)?;
         if is_rank0 {

@@ -137,6 +137,18 @@ impl Trainer {
         )))
     }
 
+    /// As [`Trainer::checkpoint`], unless a checkpoint of the current step was taken already.
+    pub fn checkpoint_once(&mut self) -> Result<Option<CheckpointRecord>> {
+        if self
+            .ckpt
+            .as_ref()
+            .is_some_and(|c| c.last_step == Some(self.step))
+        {
+            return Ok(None);
+        }
+        self.checkpoint()
+    }
+
     /// Waits until the last checkpoint is durable (and, on rank 0, committed).
     pub fn finish_checkpoints(&mut self) -> Result<()> {
         self.wait_checkpoint().map(|_| ())

@@ -90,6 +90,10 @@ pub struct Trainer {
     stop_signal: Option<Arc<AtomicBool>>,
     /// Whether any rank raised its stop signal before the last step's closing sum.
     stop_agreed: bool,
+    /// Raised by whoever wants the job to end at the next step boundary (an elastic worker
+    /// told that an operator stopped the job); see [`Trainer::set_finish_signal`].
+    finish_signal: Option<Arc<AtomicBool>>,
+    finish_agreed: bool,
     /// The last validation loss.
     last_val_loss: Option<f32>,
     /// The elastic generation this trainer runs in (0 outside an elastic job).
@@ -241,6 +245,8 @@ impl Trainer {
             engine,
             stop_signal: None,
             stop_agreed: false,
+            finish_signal: None,
+            finish_agreed: false,
             last_val_loss: None,
             generation: 0,
             samples_log: None,
@@ -314,6 +320,18 @@ impl Trainer {
     /// Whether some rank raised its stop signal before the closing sum of the last step.
     pub fn stop_agreed(&self) -> bool {
         self.stop_agreed
+    }
+
+    /// Sets the flag any holder may raise to end the job at the next step boundary, as
+    /// [`Trainer::set_stop_signal`]'s flag stops it, but without cancelling a checkpoint's
+    /// commit: the job ends on a checkpoint of its last step.
+    pub fn set_finish_signal(&mut self, signal: Arc<AtomicBool>) {
+        self.finish_signal = Some(signal);
+    }
+
+    /// Whether some rank raised its finish signal before the closing sum of the last step.
+    pub fn finish_agreed(&self) -> bool {
+        self.finish_agreed
     }
 
     /// Sets the epoch of this trainer's checkpoint persists: the same on every rank, and

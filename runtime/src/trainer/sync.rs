@@ -1,10 +1,16 @@
 //! Gradient synchronisation: the sums over replicas and over the tied embedding's two copies,
-//! and the step's closing sums (loss, gradient norm, the stop flag) over every rank.
+//! and the step's closing sums (loss, gradient norm, the stop and finish flags) over every
+//! rank.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use super::Trainer;
 use crate::Result;
+
+/// The closing sums before the pace: the loss and the norm (a high and a low f32 each), the
+/// stop flag and the finish flag.
+const SUMS: usize = 6;
 
 impl Trainer {
     /// The sums of `v` over every rank of the job: over the tensor, then pipeline, then data
@@ -43,6 +49,8 @@ impl Trainer {
             groups,
             stop_signal,
             stop_agreed,
+            finish_signal,
+            finish_agreed,
             norm_ranges,
             replicated,
             mirror,
@@ -112,15 +120,16 @@ impl Trainer {
         let split = |x: f64| [x as f32, (x - (x as f32) as f64) as f32];
         let join = |hi: f32, lo: f32| hi as f64 + lo as f64;
         let ([l_hi, l_lo], [n_hi, n_lo]) = (split(loss_part), split(own_sq));
-        let stop = stop_signal
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::SeqCst));
-        // The five sums, then (with the pace gathered) one slot per rank, zero but its own.
+        let raised = |s: &Option<Arc<AtomicBool>>| {
+            f32::from(s.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)))
+        };
+        let (stop, finish) = (raised(stop_signal), raised(finish_signal));
+        // The six sums, then (with the pace gathered) one slot per rank, zero but its own.
         closing.clear();
-        closing.extend([l_hi, l_lo, n_hi, n_lo, f32::from(stop)]);
+        closing.extend([l_hi, l_lo, n_hi, n_lo, stop, finish]);
         if let Some(pace) = pace.as_ref() {
-            closing.resize(5 + pace.len(), 0.0);
-            closing[5 + groups.rank()] = compute_ms;
+            closing.resize(SUMS + pace.len(), 0.0);
+            closing[SUMS + groups.rank()] = compute_ms;
         }
         let totals = &mut closing[..];
         for g in [groups.tp.as_mut(), groups.pp.as_mut()]
@@ -141,8 +150,9 @@ impl Trainer {
             }
         }
         *stop_agreed = totals[4] > 0.0;
+        *finish_agreed = totals[5] > 0.0;
         if let Some(pace) = pace.as_mut() {
-            pace.copy_from_slice(&totals[5..]);
+            pace.copy_from_slice(&totals[SUMS..]);
         }
         let norm_sq = join(totals[2], totals[3]);
         Ok((join(totals[0], totals[1]), shard, norm_sq.sqrt()))
