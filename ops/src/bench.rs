@@ -12,8 +12,10 @@ use marathon_elastic::Topology;
 use marathon_model::cost::flops_per_token;
 use marathon_model::ParamLayout;
 use marathon_runtime::comm::{GroupSpec, ProcessGroup};
-use marathon_runtime::trainer::StepRecord;
+use marathon_runtime::metrics::RankEndpoint;
+use marathon_runtime::trainer::{Observer, StepRecord};
 use marathon_runtime::{Groups, TrainConfig, Trainer};
+use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -49,6 +51,10 @@ pub struct TrainArgs {
     /// round-robin, with the host-staged transport between them).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
+    /// Instead: the cost of `--metrics-addr`, two identical one-process trainers stepping in
+    /// turn, one serving its metrics to a scraper that reads them every 100 ms.
+    #[arg(long)]
+    metrics: bool,
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -74,6 +80,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
     cfg.train.device = args.device.parse().map_err(anyhow::Error::msg)?;
     let on_gpu = cfg.train.device == marathon_runtime::device::Device::Cuda;
     cfg.validate().map_err(|e| cfg.error(e))?;
+    if args.metrics {
+        anyhow::ensure!(
+            cfg.parallel.world_size() == 1,
+            "--metrics: measured on one rank; drop --tp, --pp and --dp"
+        );
+        return metrics_overhead(&cfg, args.warmup, args.steps);
+    }
     let (b, t) = (cfg.batch.global_batch, cfg.batch.seq_len);
     let p = cfg.parallel;
     let world = p.world_size();
@@ -265,6 +278,78 @@ fn report_gpu(
 }
 
 /// Runs `warmup` untimed steps and returns the records of `steps` timed ones.
+/// `bench train --metrics`: two identical trainers step in turn, one reporting every step to
+/// a metrics endpoint that a scraper reads every 100 ms (Prometheus's default is every 15 s),
+/// the other to nothing; prints the mean step time of each and their ratio.
+fn metrics_overhead(cfg: &TrainConfig, warmup: u64, steps: u64) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Nothing;
+    impl Observer for Nothing {}
+    let mut cfg = cfg.clone();
+    cfg.checkpoint = None;
+    let mut plain = Trainer::new(cfg.clone())?;
+    let mut served = Trainer::new(cfg.clone())?;
+    let live = RankEndpoint::serve("127.0.0.1:0".parse()?)?;
+    served.set_live_metrics(live.rank.clone());
+    served.set_job_metrics(live.job.clone());
+    let (addr, stop) = (live.endpoint.addr(), Arc::new(AtomicBool::new(false)));
+    let halt = stop.clone();
+    let scraper = std::thread::spawn(move || -> Result<(u64, usize)> {
+        let (mut scrapes, mut bytes) = (0, 0);
+        while !halt.load(Ordering::SeqCst) {
+            let mut c = std::net::TcpStream::connect(addr)?;
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+            let mut answer = String::new();
+            c.read_to_string(&mut answer)?;
+            anyhow::ensure!(
+                answer.contains("marathon_step "),
+                "a scrape without marathon_step"
+            );
+            (scrapes, bytes) = (scrapes + 1, answer.len());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok((scrapes, bytes))
+    });
+    let mut goodput = Default::default();
+    for _ in 0..warmup {
+        plain.advance(&mut Nothing, &mut goodput)?;
+        served.advance(&mut Nothing, &mut goodput)?;
+    }
+    let (mut without, mut with) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        plain.advance(&mut Nothing, &mut goodput)?;
+        let t1 = Instant::now();
+        served.advance(&mut Nothing, &mut goodput)?;
+        (without, with) = (without + (t1 - t0), with + t1.elapsed());
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (scrapes, bytes) = scraper.join().expect("the scraper does not panic")?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3 / steps as f64;
+    let (a, b) = (ms(without), ms(with));
+    println!(
+        "bench train --metrics: {} layers, hidden {}, batch {} x seq {}, {steps} steps each in \
+         turn\n  without an endpoint {a:.2} ms/step; with one, scraped {scrapes} times \
+         ({bytes} bytes each) {b:.2} ms/step: {:.3}x",
+        cfg.model.n_layer,
+        cfg.model.n_embd,
+        cfg.batch.global_batch,
+        cfg.batch.seq_len,
+        b / a
+    );
+    let report = serde_json::json!({
+        "ms_per_step_without": a,
+        "ms_per_step_with": b,
+        "ratio": b / a,
+        "scrapes": scrapes,
+        "scrape_bytes": bytes,
+        "steps": steps,
+    });
+    println!("{report}");
+    Ok(())
+}
+
 fn run_steps(mut trainer: Trainer, warmup: u64, steps: u64) -> Result<Vec<StepRecord>> {
     for _ in 0..warmup {
         trainer.train_step()?;
