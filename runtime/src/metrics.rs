@@ -43,6 +43,14 @@ fn step_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 15))
 }
 
+/// The phases a step's time is split into.
+const PHASES: [&str; 4] = [
+    "compute",
+    "tensor_parallel",
+    "pipeline_wait",
+    "data_parallel_wait",
+];
+
 /// What one rank's training does, updated as it steps.
 #[derive(Debug, Default)]
 pub struct RankMetrics {
@@ -53,6 +61,8 @@ pub struct RankMetrics {
     tokens: Counter,
     step_seconds: Option<Histogram>,
     phase_seconds: Family<Labels, Seconds>,
+    /// The family's four counters, taken once: the step loop allocates no label sets.
+    phases: Vec<(&'static str, Seconds)>,
     checkpoint_stall_seconds: Option<Histogram>,
     checkpoint_persist_seconds: Option<Histogram>,
     persisted_bytes: Counter,
@@ -63,7 +73,7 @@ pub struct RankMetrics {
 impl RankMetrics {
     /// The metrics, registered in `registry`.
     pub fn register(registry: &mut Registry) -> Arc<Self> {
-        let m = RankMetrics {
+        let mut m = RankMetrics {
             step_seconds: Some(step_buckets()),
             checkpoint_stall_seconds: Some(step_buckets()),
             checkpoint_persist_seconds: Some(Histogram::new(exponential_buckets(0.05, 2.0, 16))),
@@ -71,6 +81,10 @@ impl RankMetrics {
         };
         // Not a number until the first validation.
         m.validation_loss.set(f64::NAN);
+        m.phases = PHASES
+            .iter()
+            .map(|&p| (p, m.phase_seconds.get_or_create_owned(&label("phase", p))))
+            .collect();
         let r = registry;
         r.register("marathon_step", "Steps completed", m.step.clone());
         r.register(
@@ -149,16 +163,11 @@ impl RankMetrics {
         if let Some(h) = &self.step_seconds {
             h.observe(seconds);
         }
-        let waits = [
-            ("tensor_parallel", rec.tp_comm_ms / 1e3),
-            ("pipeline_wait", rec.pipeline_wait_ms / 1e3),
-            ("data_parallel_wait", rec.comm_wait_ms / 1e3),
-        ];
-        let compute = seconds - waits.iter().map(|w| w.1).sum::<f64>();
-        for (phase, s) in waits.into_iter().chain([("compute", compute)]) {
-            self.phase_seconds
-                .get_or_create(&label("phase", phase))
-                .inc_by(s.max(0.0));
+        let waits = [rec.tp_comm_ms, rec.pipeline_wait_ms, rec.comm_wait_ms].map(|ms| ms / 1e3);
+        let compute = seconds - waits.iter().sum::<f64>();
+        // In PHASES' order.
+        for ((_, counter), s) in self.phases.iter().zip([compute].into_iter().chain(waits)) {
+            counter.inc_by(s.max(0.0));
         }
     }
 

@@ -71,20 +71,10 @@ pub struct JobStatus {
 }
 
 impl JobStatus {
-    /// Reads job `name`'s keys from `coord`. A job with no keys at all is an error that says
-    /// so, since a mistyped name would otherwise look like a job that has not started.
+    /// Reads job `name`'s keys from `coord`; a job with no keys at all is an error.
     pub fn read(coord: &dyn Coordinator, name: &str) -> Result<JobStatus> {
         let keys = JobKeys::new(name);
-        let listed = coord.list(keys.root())?;
-        if listed.is_empty() {
-            return Err(RuntimeError::Argument {
-                name: "job",
-                reason: format!(
-                    "no job {name} in the coordinator: nothing under {}; check --job and --etcd",
-                    keys.root()
-                ),
-            });
-        }
+        let listed = job_keys(coord, &keys, name)?;
         let generation = job::generation(coord, &keys)?;
         let mut s = JobStatus {
             job: name.to_owned(),
@@ -196,6 +186,22 @@ impl JobStatus {
     }
 }
 
+/// Every key of job `name`. None at all is an error that says so, since a mistyped name would
+/// otherwise look like a job that has not started.
+fn job_keys(coord: &dyn Coordinator, keys: &JobKeys, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let listed = coord.list(keys.root())?;
+    if listed.is_empty() {
+        return Err(RuntimeError::Argument {
+            name: "job",
+            reason: format!(
+                "no job {name} in the coordinator: nothing under {}; check --job and --etcd",
+                keys.root()
+            ),
+        });
+    }
+    Ok(listed)
+}
+
 /// What asking a job to stop found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopRequest {
@@ -209,18 +215,10 @@ pub enum StopRequest {
 
 /// Asks job `name` to end at its next step boundary, on a checkpoint of that step
 /// (`marathon job stop`): records `stop` with who asked and when, unless the job ended or was
-/// asked already. A job with no keys at all is an error, as in [`JobStatus::read`].
+/// asked already. A job with no keys at all is an error.
 pub fn request_stop(coord: &dyn Coordinator, name: &str, by: &str) -> Result<StopRequest> {
     let keys = JobKeys::new(name);
-    if coord.list(keys.root())?.is_empty() {
-        return Err(RuntimeError::Argument {
-            name: "job",
-            reason: format!(
-                "no job {name} in the coordinator: nothing under {}; check --job and --etcd",
-                keys.root()
-            ),
-        });
-    }
+    job_keys(coord, &keys, name)?;
     if coord.get(&keys.done())?.is_some() {
         return Ok(StopRequest::Done);
     }
