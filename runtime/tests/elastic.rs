@@ -489,3 +489,67 @@ fn a_replica_that_missed_a_reload_does_not_win_with_its_older_history() {
         );
     }
 }
+
+/// A generation whose metrics writer is new (here a joining replica, whose file is on its own
+/// host) logs the step it continues from, taken from a replica that applied it: the step the
+/// old writer logged on a host that is gone, or never logged because the step's last
+/// collective failed under it. The record is the one the replicas made.
+#[test]
+fn a_new_metrics_writer_logs_the_step_its_generation_continues_from() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cfg = config(dir.path());
+    let coord = Arc::new(InProcessCoordinator::new());
+    let (dp2, dp3) = (Topology::new(1, 1, 2), Topology::new(1, 1, 3));
+    let zero = |dp: usize, metrics: &str| {
+        let mut c = cfg.clone();
+        c.parallel.dp = dp;
+        c.parallel.distributed_optimizer = true;
+        c.train.metrics = Some(dir.path().join(metrics));
+        c
+    };
+    let handles: Vec<_> = (0..3)
+        .map(|rank| {
+            let (coord, old, joiner) = (coord.clone(), zero(2, "gone.jsonl"), zero(3, "new.jsonl"));
+            std::thread::spawn(move || {
+                let mut losses = Vec::new();
+                let mut t = if rank == 2 {
+                    // Joins the second generation as replica 0, the writer of the metrics.
+                    Trainer::joining(joiner, groups(&coord, 1, dp3, 0)).expect("joiner")
+                } else {
+                    let mut t =
+                        Trainer::with_groups(old, groups(&coord, 0, dp2, rank)).expect("trainer");
+                    t.mirror_moments().expect("mirror");
+                    assert_eq!(t.reconcile().expect("reconcile"), 0);
+                    steps(&mut t, SWITCH, &mut losses);
+                    t.regroup(groups(&coord, 1, dp3, rank + 1))
+                        .expect("regroup to dp 3");
+                    t
+                };
+                t.mirror_moments().expect("mirror");
+                assert_eq!(t.reconcile().expect("reconcile"), SWITCH, "rank {rank}");
+                steps(&mut t, STEPS, &mut losses);
+                losses
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("rank");
+    }
+    let reference = one_process(&cfg);
+    let text = std::fs::read_to_string(dir.path().join("new.jsonl")).expect("new writer's file");
+    let logged: Vec<(u64, f32)> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|v| v["kind"] == "step")
+        .map(|v| {
+            let d = &v["data"];
+            (
+                d["step"].as_u64().expect("step"),
+                d["loss"].as_f64().expect("loss") as f32,
+            )
+        })
+        .collect();
+    let steps: Vec<u64> = logged.iter().map(|l| l.0).collect();
+    assert_eq!(steps, (SWITCH..=STEPS).collect::<Vec<_>>(), "{text}");
+    assert_losses("the new writer", &logged, &reference);
+}

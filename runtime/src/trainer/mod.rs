@@ -119,6 +119,11 @@ pub struct Trainer {
     /// With the distributed optimizer: the step (and samples consumed at it) whose update this
     /// rank applied to its chunks, while that step's parameter all-gather has not completed.
     pending: Option<(u64, u64)>,
+    /// The record of the newest step whose update this rank applied, complete or pending:
+    /// what a new generation's metrics writer logs for a step the old writer did not.
+    last_record: Option<StepRecord>,
+    /// On the rank that writes the metrics: the step of the last step record it wrote.
+    logged_step: Option<u64>,
     /// The generation in which this rank's state was loaded (from storage, or initialised):
     /// replicas that missed a later reload hold an older history, which reconcile ignores.
     lineage: u64,
@@ -258,6 +263,8 @@ impl Trainer {
             mirror_valid: false,
             held: Vec::new(),
             pending: None,
+            last_record: None,
+            logged_step: None,
             lineage: 0,
             closing: Vec::with_capacity(5),
             pace: None,

@@ -4,7 +4,7 @@
 
 use marathon_model::AdamW;
 
-use super::{checkpointing, open_metrics, Trainer};
+use super::{checkpointing, open_metrics, StepRecord, Trainer};
 use crate::comm::ProcessGroup;
 use crate::groups::Groups;
 use crate::{Result, RuntimeError};
@@ -102,6 +102,7 @@ impl Trainer {
         self.held.clear();
         self.mirror_valid = false;
         self.pending = None;
+        self.last_record = None;
         self.resumed_from = self.resume()?;
         self.engine.push_state(&self.model, &self.opt)?;
         self.holds_state = true;
@@ -178,7 +179,10 @@ impl Trainer {
         let [_, _, (replica, replicas)] = self.groups.coords();
         // State from an older history (kept by a rank that missed a reload from storage)
         // counts as none: only holders of the newest lineage are taken.
-        let mine = [u64::from(self.holds_state), self.lineage, self.step];
+        // With it, the record of the newest step each applied, for the metrics writer.
+        let mut mine = vec![u64::from(self.holds_state), self.lineage, self.step];
+        let none = [0; StepRecord::WORDS];
+        mine.extend(self.last_record.as_ref().map_or(none, StepRecord::words));
         let all = gather_u64s(self.groups.dp.as_mut(), &mine, replica, replicas)?;
         let lineage_of = |r: &Vec<u64>| if r[0] == 1 { r[1] } else { 0 };
         let newest = all.iter().map(lineage_of).max().unwrap_or(0);
@@ -253,6 +257,20 @@ impl Trainer {
                 field: "parallel".into(),
                 reason,
             });
+        }
+        // A step a replica applied but whose last collective failed is carried forward by
+        // this generation, and a rank that writes the metrics anew has not written the step
+        // it continues from: either way it logs that step's record now, as a replica that
+        // applied it made it. A step logged twice has the same record both times.
+        if self.metrics.is_some() && self.logged_step != Some(step) {
+            let carried = all
+                .iter()
+                .filter(|w| w[0] == 1 && w[1] == newest)
+                .filter_map(|w| StepRecord::from_words(&w[3..]))
+                .find(|r| r.step == step);
+            if let Some(rec) = carried {
+                self.log_step(&rec)?;
+            }
         }
         Ok(step)
     }

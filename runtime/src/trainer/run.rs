@@ -44,6 +44,48 @@ pub struct StepRecord {
     pub pipeline_wait_ms: f64,
 }
 
+impl StepRecord {
+    /// Words of a record as it travels in [`StepRecord::words`].
+    pub(super) const WORDS: usize = 12;
+
+    /// The record as words (floats by their bits), to travel in a gather of u64s.
+    pub(super) fn words(&self) -> [u64; Self::WORDS] {
+        [
+            self.step,
+            u64::from(self.loss.to_bits()),
+            self.lr.to_bits(),
+            self.grad_norm.to_bits(),
+            self.batch,
+            self.tokens_consumed,
+            self.step_ms.to_bits(),
+            self.tokens_per_s.to_bits(),
+            self.comm_wait_ms.to_bits(),
+            self.comm_overlapped_ms.to_bits(),
+            self.tp_comm_ms.to_bits(),
+            self.pipeline_wait_ms.to_bits(),
+        ]
+    }
+
+    /// The record [`StepRecord::words`] wrote; `None` for the words of no record (step 0).
+    pub(super) fn from_words(w: &[u64]) -> Option<Self> {
+        let f = |i: usize| f64::from_bits(w[i]);
+        (w[0] != 0).then(|| StepRecord {
+            step: w[0],
+            loss: f32::from_bits(w[1] as u32),
+            lr: f(2),
+            grad_norm: f(3),
+            batch: w[4],
+            tokens_consumed: w[5],
+            step_ms: f(6),
+            tokens_per_s: f(7),
+            comm_wait_ms: f(8),
+            comm_overlapped_ms: f(9),
+            tp_comm_ms: f(10),
+            pipeline_wait_ms: f(11),
+        })
+    }
+}
+
 /// Receives progress; `ops` draws it.
 pub trait Observer {
     fn on_step(&mut self, _rec: &StepRecord) {}

@@ -145,6 +145,9 @@ impl Trainer {
             self.engine
                 .update(&mut self.model, mirror, r, lr, grad_norm, clip)?;
         }
+        // The step's record as it stands once the update is applied: a generation that
+        // carries the step forward after the all-gather failed logs this one.
+        self.last_record = Some(self.record(started, batch, loss, lr, grad_norm, &times));
         if self.cfg.parallel.distributed_optimizer {
             // Until the all-gather completes, this rank's chunks are a step ahead of the rest.
             self.pending = Some((self.step + 1, self.consumed_samples + batch));
@@ -169,28 +172,52 @@ impl Trainer {
         grad_norm: f64,
         times: StepTimes,
     ) -> Result<StepRecord> {
-        let seq = self.cfg.batch.seq_len as u64;
+        let rec = self.record(started, batch, loss, lr, grad_norm, &times);
         self.consumed_samples += batch;
         self.step += 1;
         self.pending = None;
+        self.last_record = Some(rec.clone());
+        self.log_step(&rec)?;
+        Ok(rec)
+    }
+
+    /// The record of the step after `self.step`, which started at `started`.
+    fn record(
+        &self,
+        started: Instant,
+        batch: u64,
+        loss: f32,
+        lr: f64,
+        grad_norm: f64,
+        times: &StepTimes,
+    ) -> StepRecord {
+        let seq = self.cfg.batch.seq_len as u64;
         let step_ms = started.elapsed().as_secs_f64() * 1e3;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let rec = StepRecord {
-            step: self.step,
+        StepRecord {
+            step: self.step + 1,
             loss,
             lr,
             grad_norm,
             batch,
-            tokens_consumed: self.consumed_samples * seq,
+            tokens_consumed: (self.consumed_samples + batch) * seq,
             step_ms,
             tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
             comm_wait_ms: ms(times.comm_wait),
             comm_overlapped_ms: ms(times.comm_overlapped),
             tp_comm_ms: ms(times.tp_comm),
             pipeline_wait_ms: ms(times.pipeline_wait),
-        };
-        self.write_metric(&serde_json::json!({ "kind": "step", "data": &rec }))?;
-        Ok(rec)
+        }
+    }
+
+    /// Writes a step's record to the metrics (on the rank that writes them) and notes it as
+    /// the last logged.
+    pub(super) fn log_step(&mut self, rec: &StepRecord) -> Result<()> {
+        if self.metrics.is_some() {
+            self.write_metric(&serde_json::json!({ "kind": "step", "data": rec }))?;
+            self.logged_step = Some(rec.step);
+        }
+        Ok(())
     }
 
     /// Fills the input and target buffers with microbatch `m` of the current step.
