@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what marathon's build needs on a fresh Debian or Ubuntu machine that has a Rust
 # toolchain, and with --test-servers also the servers the tests start (etcd, and Garage, an
-# S3-API store), and Prometheus, which scrapes an elastic job in the metrics test.
+# S3-API store), Prometheus, which scrapes an elastic job in the metrics test, and Chromium,
+# which loads the run report headless in the report test.
 # Idempotent: anything already present is left alone. Says what it installs and fails with a
 # clear message where it cannot.
 set -euo pipefail
@@ -16,7 +17,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found; install a Rust toolcha
 # (descriptor.proto, which etcd's protocol imports) from libprotobuf-dev; the tests also start
 # private etcd servers.
 needs=("protoc:protobuf-compiler" "/usr/include/google/protobuf/descriptor.proto:libprotobuf-dev")
-[ "${1:-}" = "--test-servers" ] && needs+=("etcd:etcd-server" "prometheus:prometheus")
+[ "${1:-}" = "--test-servers" ] && needs+=("etcd:etcd-server" "prometheus:prometheus" "chromium:chromium")
 apt_packages=()
 for need in "${needs[@]}"; do
   what="${need%%:*}"

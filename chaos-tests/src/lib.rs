@@ -5,6 +5,7 @@
 //!   node in a network namespace of its own where the machine allows ([`network`]), and the
 //!   faults of a schedule drawn from a seed ([`scenario`]) injected as the job reaches their
 //!   steps; the invariants checked after it ([`check`]), and a report ([`report`]).
+//! - [`browser`]: a real headless Chromium loading a report page, and the checks it must pass.
 //! - [`throttle`]: the slow-worker fault, a live process made slow.
 //! - [`sim`]: the membership core of every agent against a simulated etcd that delays,
 //!   reorders and loses deliveries and expires leases, with nodes and workers dying and
@@ -13,6 +14,7 @@
 //! `marathon chaos run --seed S` replays one scenario, `marathon chaos soak --duration D` runs
 //! scenarios until the time is up, and `marathon chaos sim` runs the simulation.
 
+pub mod browser;
 pub mod check;
 pub mod cluster;
 mod corpus;

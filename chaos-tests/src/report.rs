@@ -1,8 +1,11 @@
-//! The report of a set of scenarios: a table to read, and the same as JSON to compare runs.
+//! The report of a set of scenarios: a table to read, the same as JSON to compare runs, and
+//! as an HTML page with plots (the page of a run report, linking each kept scenario's own).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::path::Path;
 
+use marathon_runtime::report::{Chart, Page, Series, Style};
 use serde::Serialize;
 
 use crate::run::Outcome;
@@ -128,5 +131,123 @@ impl Report {
             }
         }
         t
+    }
+
+    /// The report as a page: the totals, a row per scenario, the time each lost per cause, the
+    /// faults by kind, every violation, and links to the run reports of the scenarios kept.
+    pub fn page(&self) -> Result<Page, String> {
+        let mut page = Page::new("marathon chaos report");
+        page.heading("Summary").table(
+            &[],
+            &[
+                vec!["scenarios".into(), self.scenarios.len().to_string()],
+                vec![
+                    "failed".into(),
+                    format!("{} {:?}", self.failed.len(), self.failed),
+                ],
+                vec!["wall time".into(), format!("{:.0} s", self.wall_s)],
+                vec![
+                    "faults injected".into(),
+                    self.faults_by_kind.values().sum::<usize>().to_string(),
+                ],
+            ],
+        );
+        let rows: Vec<Vec<String>> = self
+            .scenarios
+            .iter()
+            .map(|o| {
+                vec![
+                    o.seed.to_string(),
+                    o.scenario.clone(),
+                    o.injected.len().to_string(),
+                    o.recoveries.to_string(),
+                    format!("{:.2}", o.lost.detection_s),
+                    format!("{:.2}", o.lost.reform_s),
+                    format!("{:.2}", o.lost.transfer_s),
+                    format!("{:.2}", o.lost.recomputed_s),
+                    format!("{:.0}", o.wall_s),
+                    if o.ok { "ok" } else { "FAILED" }.into(),
+                ]
+            })
+            .collect();
+        page.heading("Scenarios").table(
+            &[
+                "seed",
+                "scenario",
+                "faults",
+                "recoveries",
+                "detection s",
+                "re-forming s",
+                "transfer s",
+                "recomputed s",
+                "wall s",
+                "verdict",
+            ],
+            &rows,
+        );
+        page.heading("Time lost to faults");
+        let per = |name: &str, f: fn(&Outcome) -> f64| {
+            Series::new(
+                name,
+                Style::Points,
+                self.scenarios
+                    .iter()
+                    .map(|o| (o.seed as f64, f(o)))
+                    .collect(),
+            )
+        };
+        page.chart(
+            &Chart::new("Time lost per scenario, by cause", "seed", "seconds")
+                .series(per("failure detection", |o| o.lost.detection_s))
+                .series(per("re-forming", |o| o.lost.reform_s))
+                .series(per("state transfer", |o| o.lost.transfer_s))
+                .series(per("steps recomputed", |o| o.lost.recomputed_s)),
+            "no scenario ran",
+        )?;
+        page.chart(
+            &Chart::new("Faults injected, by kind", "faults", "").bars(
+                self.faults_by_kind
+                    .iter()
+                    .map(|(k, n)| (k.clone(), *n as f64))
+                    .collect(),
+            ),
+            "no fault was injected",
+        )?;
+        let failed: Vec<&Outcome> = self.scenarios.iter().filter(|o| !o.ok).collect();
+        if !failed.is_empty() {
+            page.heading("Violations");
+            for o in failed {
+                page.paragraph(&format!(
+                    "seed {} (replay: marathon chaos run --seed {} --keep DIR): {}",
+                    o.seed,
+                    o.seed,
+                    o.violations.join("; ")
+                ));
+            }
+        }
+        let kept: Vec<(String, String)> = self
+            .scenarios
+            .iter()
+            .filter_map(|o| {
+                let report = Path::new(o.dir.as_deref()?).join("report.html");
+                let at = report.canonicalize().ok()?;
+                Some((
+                    format!("seed {}: the job's run report", o.seed),
+                    format!("file://{}", at.display()),
+                ))
+            })
+            .collect();
+        if !kept.is_empty() {
+            page.heading("Run reports of the scenarios kept")
+                .links(&kept);
+        }
+        Ok(page)
+    }
+
+    /// Writes [`Report::page`] to `path`.
+    pub fn write_html(&self, path: &Path) -> anyhow::Result<()> {
+        let page = self.page().map_err(anyhow::Error::msg)?;
+        std::fs::write(path, page.html())
+            .map_err(|e| anyhow::anyhow!("write the report to {}: {e}", path.display()))
     }
 }

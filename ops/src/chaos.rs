@@ -64,6 +64,10 @@ pub struct CommonArgs {
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write the report as an HTML page with plots here too; with --keep it is written to
+    /// chaos-report.html in that directory unless this names another place.
+    #[arg(long)]
+    html: Option<PathBuf>,
     /// Train on this text file instead of one drawn from the seed.
     #[arg(long)]
     corpus: Option<PathBuf>,
@@ -199,6 +203,12 @@ fn scenarios(common: &CommonArgs, next: impl Fn(usize) -> Option<u64>) -> Result
     if let Some(path) = &common.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("write the report to {}", path.display()))?;
+    }
+    let html =
+        (common.html.clone()).or_else(|| Some(common.keep.as_ref()?.join("chaos-report.html")));
+    if let Some(path) = html {
+        report.write_html(&path)?;
+        eprintln!("chaos: report written to {}", path.display());
     }
     if !report.failed.is_empty() {
         bail!(

@@ -19,10 +19,10 @@ mod sample;
 mod scale;
 mod sim;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use marathon_runtime::data::{prepare, PrepareOptions};
 use marathon_runtime::RuntimeError;
@@ -112,6 +112,16 @@ enum Command {
     /// against a simulated etcd, failures drawn from a seed and a published failure model, the
     /// time lost per cause and the effective training time ratio beside checkpoint-restart's.
     Sim(sim::SimArgs),
+    /// Draw a run's report, one self-contained HTML page with SVG plots, from its metrics (a
+    /// run writes it at its end too): losses, throughput, step time, goodput, checkpoints, and
+    /// an elastic job's generations and faults.
+    Report {
+        /// The run's directory (its metrics.jsonl is read) or its metrics file.
+        run: PathBuf,
+        /// Where to write the page; by default beside the metrics (report.html).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,7 +258,28 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Job { command } => job::run(command),
         Command::Sim(args) => sim::run(args),
+        Command::Report { run, out } => report(&run, out),
     }
+}
+
+fn report(run: &Path, out: Option<PathBuf>) -> Result<()> {
+    let metrics = if run.is_dir() {
+        let m = run.join("metrics.jsonl");
+        if !m.is_file() {
+            bail!(
+                "{}: no metrics.jsonl in this directory; name the run's metrics file (its \
+                 configuration's train.metrics) instead",
+                run.display()
+            );
+        }
+        m
+    } else {
+        run.to_path_buf()
+    };
+    let out = out.unwrap_or_else(|| marathon_runtime::report::report_path(&metrics));
+    let plots = marathon_runtime::report::write_run_report(&metrics, &out)?;
+    println!("{}: report with {plots} plots", out.display());
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]

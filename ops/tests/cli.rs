@@ -1351,3 +1351,120 @@ fn reshard_reads_one_store_and_writes_another() {
         run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), d);
     }
 }
+
+/// A run of two worker processes with validation and checkpoints writes its report beside its
+/// metrics; `marathon report` draws it again; and a real headless Chromium loads the page with
+/// no console message, every plot drawing data points, and a screenshot that is not blank.
+#[test]
+fn a_run_writes_its_report_and_a_browser_loads_it_cleanly() {
+    use marathon_chaos::browser;
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path(), 12);
+    let cfg = std::fs::read_to_string(dir.path().join("c.toml")).unwrap();
+    let cfg = cfg.replace(
+        "[train]\n",
+        "[train]\neval_every_steps = 4\neval_batches = 1\nmetrics = \"run/metrics.jsonl\"\n",
+    ) + "[checkpoint]\nroot = \"ckpt\"\nevery_steps = 4\n";
+    let cfg = cfg.replace("[data]\n", "[data]\nval = \"corpus/val.bin\"\n");
+    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
+    let out = marathon(&["train", "--config", "c.toml", "--dp", "2"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let written = dir.path().join("run/report.html");
+    let html = std::fs::read_to_string(&written).unwrap();
+    for section in [
+        "Loss against step",
+        "Tokens per second",
+        "Step time, broken down",
+        "Where the run's time went",
+        "Checkpoint stall and persist",
+        "data-parallel wait",
+    ] {
+        assert!(html.contains(section), "the report lacks {section:?}");
+    }
+    let out = marathon(&["report", "run", "--out", "again.html"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("again.html: report with 6 plots"),
+        "{}",
+        text(&out)
+    );
+    for page in [written, dir.path().join("again.html")] {
+        let loaded = browser::load(&page).unwrap();
+        let wrong = browser::check_report(&loaded, 6);
+        assert!(wrong.is_empty(), "{}: {wrong:#?}", page.display());
+    }
+}
+
+/// Each check of a report in the browser fires on a page that breaks it: a console error, a
+/// plot with no data, a blank page, fewer plots than expected.
+#[test]
+fn the_browser_checks_of_a_report_fire_on_bad_pages() {
+    use marathon_chaos::browser;
+    use marathon_runtime::report::{Chart, Page, Series, Style};
+    let dir = tempfile::tempdir().unwrap();
+    let mut page = Page::new("a page");
+    let chart = Chart::new("line", "x", "y").series(Series::new(
+        "s",
+        Style::Line,
+        vec![(0.0, 1.0), (1.0, 2.0), (2.0, 1.5)],
+    ));
+    page.chart(&chart, "none").unwrap();
+    let good = page.html();
+    let write = |name: &str, html: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, html).unwrap();
+        browser::check_report(&browser::load(&p).unwrap(), 1)
+    };
+    assert_eq!(write("good.html", &good), Vec::<String>::new());
+    let scripted = good.replace("</body>", "<script>console.error('broken')</script></body>");
+    let v = write("console.html", &scripted);
+    assert!(
+        v.iter()
+            .any(|m| m.contains("console") && m.contains("broken")),
+        "{v:?}"
+    );
+    let thrown = good.replace("</body>", "<script>undefinedFunction()</script></body>");
+    let v = write("thrown.html", &thrown);
+    assert!(v.iter().any(|m| m.contains("undefinedFunction")), "{v:?}");
+    // The data line taken out of the plot: axes and legend only.
+    let empty: String = good
+        .split('\n')
+        .filter(|l| !(l.contains("<polyline") && l.contains("#1F77B4")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let v = write("empty.html", &empty);
+    assert!(
+        v.iter().any(|m| m.contains("draws no data points")),
+        "{v:?}"
+    );
+    let v = write("blank.html", "<!DOCTYPE html><html><body></body></html>");
+    assert!(v.iter().any(|m| m.contains("fewer than 1")), "{v:?}");
+    assert!(v.iter().any(|m| m.contains("is blank")), "{v:?}");
+}
+
+/// `marathon report` on what is not a run's metrics names the file, the line and what to do,
+/// and writes nothing.
+#[test]
+fn report_refuses_what_is_not_a_metrics_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = marathon(&["report", "."], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no metrics.jsonl in this directory"),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(
+        dir.path().join("metrics.jsonl"),
+        "{\"kind\":\"step\",\"data\":{\"step\":1,\"loss\":2.0}}\n",
+    )
+    .unwrap();
+    let out = marathon(&["report", "."], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("metrics.jsonl: line 1: missing field"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join("report.html").exists());
+}

@@ -662,6 +662,21 @@ fn prometheus_scrapes_an_elastic_job_and_job_stop_ends_it_on_a_checkpoint() {
         ls.status.success() && listed.contains(&steps.to_string()),
         "{listed}"
     );
+    // The job's report, written by its last generation's first rank: the kill is on its
+    // timeline, and a real browser draws every plot.
+    let report = dir.path().join("report.html");
+    let html = std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("{e}: {text}"));
+    for part in [
+        "Generations, faults and recoveries",
+        "lost: worker_died",
+        "Data-parallel degree",
+        "Checkpoint stall and persist",
+    ] {
+        assert!(html.contains(part), "the report lacks {part:?}");
+    }
+    let loaded = marathon_chaos::browser::load(&report).unwrap();
+    let wrong = marathon_chaos::browser::check_report(&loaded, 8);
+    assert!(wrong.is_empty(), "{wrong:#?}");
     // A second request finds the job ended.
     let again = Command::new(MARATHON)
         .args(["job", "stop", "--etcd", &server.url, "--job", "prom"])

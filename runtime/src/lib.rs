@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod moments;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod report;
 pub mod status;
 pub mod trainer;
 pub mod transport;

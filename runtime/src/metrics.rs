@@ -619,6 +619,7 @@ mod tests {
             comm_overlapped_ms: 0.0,
             tp_comm_ms: 20.0,
             pipeline_wait_ms: 30.0,
+            at_ms: 0,
         };
         rank.on_step(&rec, 128);
         rank.on_persisted(&Persisted {

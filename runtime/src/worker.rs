@@ -756,8 +756,10 @@ impl Generation<'_> {
         }
         let summary = t.conclude(started, goodput, last)?;
         if is_rank0 {
-            let job = job_summary(self.coord, self.keys, &summary)?;
+            let (job, records) = job_summary(self.coord, self.keys, &summary)?;
             t.write_record("goodput", &job.goodput)?;
+            t.write_record("timeline", &crate::report::Timeline::from_records(&records))?;
+            t.write_report();
             let json = serde_json::to_vec(&job).expect("summaries serialise");
             let done = self.keys.done();
             let put = || job::fenced_put(self.coord, self.keys, g, &[(&done, &json)]);
@@ -820,8 +822,12 @@ impl Records {
 }
 
 /// The job's summary: `last` (the final generation's rank 0) with the accounting of every
-/// generation, read back from the coordinator.
-fn job_summary(coord: &dyn Coordinator, keys: &JobKeys, last: &Summary) -> Result<Summary> {
+/// generation, read back from the coordinator, and the records it was read from.
+fn job_summary(
+    coord: &dyn Coordinator,
+    keys: &JobKeys,
+    last: &Summary,
+) -> Result<(Summary, Records)> {
     let mut records = Records::default();
     for (k, v) in retrying(OUTAGE_MAX, || coord.list(keys.root()))? {
         records.add(&keys.parse(&k), &v);
@@ -840,7 +846,7 @@ fn job_summary(coord: &dyn Coordinator, keys: &JobKeys, last: &Summary) -> Resul
             summary.final_loss = l;
         }
     }
-    Ok(summary)
+    Ok((summary, records))
 }
 
 /// Where an elastic job's time went, from its generations' records: training in kept steps,

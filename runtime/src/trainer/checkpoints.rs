@@ -130,11 +130,12 @@ impl Trainer {
             self.engine
                 .snapshot(&self.model, &self.opt, writer, self.step, run, pieces)?;
         *last_step = Some(self.step);
-        Ok(Some(CheckpointRecord::new(
-            self.step,
-            4 * staged as u64,
-            &report,
-        )))
+        let rec = CheckpointRecord::new(self.step, 4 * staged as u64, &report);
+        self.write_record("checkpoint", &rec)?;
+        if let Some(p) = &rec.previous_persisted {
+            self.persisted(p)?;
+        }
+        Ok(Some(rec))
     }
 
     /// As [`Trainer::checkpoint`], unless a checkpoint of the current step was taken already.
@@ -166,7 +167,7 @@ impl Trainer {
             }
             Some(done) => {
                 let report = done?;
-                self.persisted(&(&report).into());
+                self.persisted(&(&report).into())?;
                 Ok(Some(report))
             }
             None => Ok(None),

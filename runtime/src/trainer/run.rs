@@ -42,11 +42,14 @@ pub struct StepRecord {
     /// bubble plus the transfers.
     #[serde(default)]
     pub pipeline_wait_ms: f64,
+    /// When the step's update was applied, in Unix milliseconds.
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 impl StepRecord {
     /// Words of a record as it travels in [`StepRecord::words`].
-    pub(super) const WORDS: usize = 12;
+    pub(super) const WORDS: usize = 13;
 
     /// The record as words (floats by their bits), to travel in a gather of u64s.
     pub(super) fn words(&self) -> [u64; Self::WORDS] {
@@ -63,6 +66,7 @@ impl StepRecord {
             self.comm_overlapped_ms.to_bits(),
             self.tp_comm_ms.to_bits(),
             self.pipeline_wait_ms.to_bits(),
+            self.at_ms,
         ]
     }
 
@@ -82,6 +86,7 @@ impl StepRecord {
             comm_overlapped_ms: f(9),
             tp_comm_ms: f(10),
             pipeline_wait_ms: f(11),
+            at_ms: w[12],
         })
     }
 }
@@ -168,7 +173,28 @@ impl Trainer {
         }
         let summary = self.conclude(started, goodput, last)?;
         self.write_record("goodput", &summary.goodput)?;
+        self.write_report();
         Ok(summary)
+    }
+
+    /// On the rank that writes the metrics: writes the run's report beside them
+    /// ([`crate::report::report_path`]). A report that cannot be written is a warning: the
+    /// run it describes is done, and `marathon report` can draw it again.
+    pub fn write_report(&mut self) {
+        let (Some(m), Some(path)) = (&mut self.metrics, &self.cfg.train.metrics) else {
+            return;
+        };
+        let out = crate::report::report_path(path);
+        let written = m
+            .flush()
+            .map_err(|e| RuntimeError::io("write metrics", path, e))
+            .and_then(|_| crate::report::write_run_report(path, &out));
+        if let Err(e) = written {
+            eprintln!(
+                "warning: the run's report {} was not written: {e}",
+                out.display()
+            );
+        }
     }
 
     /// Reports every step, validation and checkpoint to `live` from now on.
@@ -182,14 +208,15 @@ impl Trainer {
         self.live_job = Some(job);
     }
 
-    /// A persist of this rank finished.
-    pub(super) fn persisted(&self, p: &Persisted) {
+    /// A persist of this rank finished: it goes to the live metrics and the metrics file.
+    pub(super) fn persisted(&mut self, p: &Persisted) -> Result<()> {
         if let Some(live) = &self.live {
             live.on_persisted(p);
         }
         if let (Some(job), true) = (&self.live_job, p.committed) {
             job.update(|v| v.checkpoint = Some((p.step, crate::worker::unix_ms())));
         }
+        self.write_record("persist", p)
     }
 
     /// Appends a record of `kind` to the metrics, on the rank that writes them.
@@ -233,9 +260,6 @@ impl Trainer {
                 observer.on_checkpoint(&ck);
                 if let Some(live) = &self.live {
                     live.on_checkpoint(&ck);
-                }
-                if let Some(p) = &ck.previous_persisted {
-                    self.persisted(p);
                 }
             }
         }

@@ -207,6 +207,7 @@ impl Trainer {
             comm_overlapped_ms: ms(times.comm_overlapped),
             tp_comm_ms: ms(times.tp_comm),
             pipeline_wait_ms: ms(times.pipeline_wait),
+            at_ms: crate::worker::unix_ms(),
         }
     }
 
