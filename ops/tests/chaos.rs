@@ -70,6 +70,21 @@ fn run_scenario(seed: u64) -> serde_json::Value {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["failed"], serde_json::json!([]), "{stdout}");
+    // The report as a page, beside the kept scenario; the job's own report in its directory,
+    // its faults on the timeline; both drawn by a real browser.
+    let runs = dir.path().join("runs");
+    let job_report = runs.join(format!("seed-{seed}/report.html"));
+    let html = std::fs::read_to_string(&job_report).unwrap();
+    assert!(
+        html.contains("Generations, faults and recoveries"),
+        "{}",
+        job_report.display()
+    );
+    for (page, plots) in [(runs.join("chaos-report.html"), 2), (job_report, 8)] {
+        let loaded = marathon_chaos::browser::load(&page).unwrap();
+        let wrong = marathon_chaos::browser::check_report(&loaded, plots);
+        assert!(wrong.is_empty(), "{}: {wrong:#?}", page.display());
+    }
     report["scenarios"][0].clone()
 }
 
