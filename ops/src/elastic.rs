@@ -329,7 +329,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     if args.tied {
         std::thread::spawn(|| {
             let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-            eprintln!("agent: the process that started it is gone; stopping");
+            tracing::info!("agent: the process that started it is gone; stopping");
             // The workers read this process's pipe as their stdin, and exit when it closes.
             std::process::exit(crate::launch::EXIT_LAUNCHER_GONE);
         });
@@ -568,7 +568,7 @@ pub fn train(
             config.display()
         );
     }
-    eprintln!(
+    tracing::info!(
         "job {job}: {nodes} agents of {slots} slots (tp {} x pp {}; dp up to {}), coordinated by {urls}",
         p.tp,
         p.pp,
@@ -609,7 +609,7 @@ pub fn train(
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("start agent node-{i} from {}", exe.display()))?;
-        eprintln!("agent node-{i}: pid {}", child.id());
+        tracing::info!("agent node-{i}: pid {}", child.id());
         agents.0.push(child);
     }
     let steps = cfg.train.steps;
@@ -621,7 +621,7 @@ pub fn train(
             Err(e) => {
                 // An etcd member went away: watch again through the others, and look for the
                 // end of the job in case it came meanwhile.
-                eprintln!("the watch of job {job} ended ({e}); watching again");
+                tracing::info!("the watch of job {job} ended ({e}); watching again");
                 watch = retrying(OUTAGE_MAX, || coord.watch_prefix(keys.root()))?;
                 retrying(OUTAGE_MAX, || coord.get(&keys.done()))?.map(|v| Change {
                     key: keys.done(),
@@ -642,9 +642,11 @@ pub fn train(
                             || c.step == steps)
                     {
                         let loss = c.loss.map_or("-".into(), |l| format!("{l:.4}"));
-                        eprintln!(
+                        tracing::info!(
                             "step {}/{steps} loss {loss} (generation {}, dp {})",
-                            c.step, c.generation, c.dp
+                            c.step,
+                            c.generation,
+                            c.dp
                         );
                         shown = (c.generation, c.step);
                         last_shown = Instant::now();

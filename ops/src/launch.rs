@@ -132,7 +132,7 @@ pub fn train(
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
     let m = &cfg.model;
-    eprintln!(
+    tracing::info!(
         "model: {} parameters, {} layers, hidden {}, {} heads, vocabulary {} (padded {})",
         crate::plan::step_cost(&cfg).params,
         m.n_layer,
@@ -184,7 +184,7 @@ fn serve_metrics(
     if job {
         trainer.set_job_metrics(live.job.clone());
     }
-    eprintln!("metrics: http://{}/metrics", live.endpoint.addr());
+    tracing::info!("metrics: http://{}/metrics", live.endpoint.addr());
     Ok(Some(live))
 }
 
@@ -196,11 +196,14 @@ pub fn worker(
     coord_dir: &Path,
     metrics_addr: Option<SocketAddr>,
 ) -> Result<()> {
+    let span = tracing::info_span!("worker", rank);
+    let _worker = span.clone().entered();
     // The launcher holds our stdin open; when it goes away, so do we, rather than training on
     // with nobody to report to.
-    std::thread::spawn(|| {
+    std::thread::spawn(move || {
+        let _worker = span.entered();
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-        eprintln!("the launcher is gone; stopping");
+        tracing::info!("the launcher is gone; stopping");
         std::process::exit(EXIT_LAUNCHER_GONE);
     });
     let mut cfg = TrainConfig::load(config)?;
@@ -315,9 +318,11 @@ fn launch(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / world).max(1);
     let p = cfg.parallel;
-    eprintln!(
+    tracing::info!(
         "launching {world} workers (tp {} x pp {} x dp {}), {threads} threads each",
-        p.tp, p.pp, p.dp
+        p.tp,
+        p.pp,
+        p.dp
     );
     let (events_tx, events) = mpsc::channel::<Event>();
     let mut workers = Workers(Vec::with_capacity(world));
@@ -340,7 +345,7 @@ fn launch(
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("start worker rank {rank} from {}", exe.display()))?;
-        eprintln!("worker rank {rank}: pid {}", child.id());
+        tracing::info!("worker rank {rank}: pid {}", child.id());
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let stderr = child.stderr.take().expect("stderr is piped");
         let t = tail.clone();
@@ -381,7 +386,7 @@ fn launch(
 /// Says on stderr where the run's time went.
 pub(crate) fn report_goodput(s: &Summary) {
     let g = &s.goodput;
-    eprintln!(
+    tracing::info!(
         "effective training time {:.1}% of {:.1} s: steps {:.1} s, validation {:.1} s, checkpoint \
          stalls {:.2} s, waiting for the last checkpoint {:.2} s",
         100.0 * g.effective_fraction,
@@ -393,7 +398,7 @@ pub(crate) fn report_goodput(s: &Summary) {
     );
     let elastic = g.startup_s + g.detection_s + g.reform_s + g.transfer_s + g.recomputed_s;
     if elastic > 0.0 {
-        eprintln!(
+        tracing::info!(
             "elastic: start-up {:.2} s, failure detection (with the dropped step) {:.2} s, \
              re-forming {:.2} s, state transfer {:.2} s, {} steps recomputed in {:.2} s, {} \
              stragglers flagged",

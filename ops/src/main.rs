@@ -12,6 +12,7 @@ mod elastic;
 mod gpu;
 mod job;
 mod launch;
+mod logs;
 mod plan;
 mod progress;
 mod recovery;
@@ -34,6 +35,10 @@ use marathon_runtime::RuntimeError;
     about = "Train GPT models with 3D parallelism, for weeks"
 )]
 struct Cli {
+    /// How log lines are written: human (default) or json, one object per line. Workers and
+    /// agents this process starts write the same. `RUST_LOG` filters them (`info` by default).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<logs::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -166,6 +171,10 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = logs::init(cli.log_format) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,4 +1,5 @@
-//! The training progress display: a bar on a terminal, plain lines otherwise (logs, CI).
+//! The training progress display: a bar on a terminal, with log lines written above it;
+//! periodic log lines otherwise (a log file, CI).
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ impl Progress {
             let style = ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
                 .expect("static template");
             bar.set_style(style);
+            crate::logs::set_bar(Some(bar.clone()));
             bar
         });
         Progress {
@@ -45,6 +47,7 @@ impl Progress {
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish();
+            crate::logs::set_bar(None);
         }
     }
 
@@ -56,16 +59,7 @@ impl Progress {
         }
         self.first_step = step;
         let root = cfg.checkpoint.as_ref().map_or("", |c| c.root.as_str());
-        self.println(format!(
-            "resumed from the checkpoint of step {step} under {root}"
-        ));
-    }
-
-    fn println(&self, line: String) {
-        match &self.bar {
-            Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
-        }
+        tracing::info!("resumed from the checkpoint of step {step} under {root}");
     }
 
     fn message(&self, r: &StepRecord) -> String {
@@ -94,28 +88,44 @@ impl Observer for Progress {
             let elapsed = self.started.elapsed().as_secs_f64();
             let done = r.step.saturating_sub(self.first_step).max(1);
             let eta = elapsed / done as f64 * self.total.saturating_sub(r.step) as f64;
-            eprintln!("step {}/{} {msg} ETA {eta:.0}s", r.step, self.total);
+            let left = self.total.saturating_sub(r.step);
+            in_step(r.step, || {
+                tracing::info!("{msg}, {left} steps and {eta:.0} s to go");
+            });
             self.last_line = Some(Instant::now());
         }
     }
 
     fn on_eval(&mut self, step: u64, val_loss: f32) {
         self.last_val = Some(val_loss);
-        self.println(format!("step {step}: validation loss {val_loss:.4}"));
+        in_step(step, || tracing::info!("validation loss {val_loss:.4}"));
     }
 
     fn on_checkpoint(&mut self, r: &CheckpointRecord) {
         if let Some(e) = &r.previous_failed {
-            self.println(format!(
-                "warning: the previous checkpoint was not committed: {e}"
-            ));
+            in_step(r.step, || {
+                tracing::warn!("the previous checkpoint was not committed: {e}")
+            });
         }
-        self.println(format!(
-            "step {}: checkpoint staged ({:.1} MB in {:.0} ms, {:.0} ms of it waiting for the previous one); persisting in the background",
-            r.step,
-            r.staged_bytes as f64 / 1e6,
-            r.stall_ms,
-            r.waited_ms
-        ));
+        in_step(r.step, || {
+            tracing::info!(
+                "checkpoint staged ({:.1} MB in {:.0} ms, {:.0} ms of it waiting for the \
+                 previous one); persisting in the background",
+                r.staged_bytes as f64 / 1e6,
+                r.stall_ms,
+                r.waited_ms
+            )
+        });
+    }
+}
+
+/// Runs `f` in the span of step `step`: the trainer's, when this process runs the step, else one
+/// of its own (a launcher reporting its workers' steps).
+fn in_step(step: u64, f: impl FnOnce()) {
+    let current = tracing::Span::current();
+    if current.metadata().is_some_and(|m| m.name() == "step") {
+        f()
+    } else {
+        tracing::info_span!("step", step).in_scope(f)
     }
 }

@@ -565,8 +565,11 @@ fn running_dp2_job(dir: &Path) -> (std::process::Child, impl Iterator<Item = Str
     // Wait for both workers to start and for training to make progress.
     for line in lines.by_ref() {
         seen.push(line.clone());
-        if let Some(rest) = line.strip_prefix("worker rank ") {
-            let (rank, pid) = rest.split_once(": pid ").unwrap();
+        // The launcher's line about a worker, not the worker's own (which start the same).
+        if let Some((rank, pid)) = line
+            .strip_prefix("worker rank ")
+            .and_then(|rest| rest.split_once(": pid "))
+        {
             pids[rank.parse::<usize>().unwrap()] = pid.parse().unwrap();
         }
         if line.starts_with("step ") {
@@ -1467,4 +1470,63 @@ fn report_refuses_what_is_not_a_metrics_file() {
         text(&out)
     );
     assert!(!dir.path().join("report.html").exists());
+}
+
+/// `--log-format json` makes every log line of a launched job a JSON object, a step's carrying
+/// its step; `RUST_LOG` filters lines by level.
+#[test]
+fn logs_are_json_lines_with_their_fields_and_rust_log_filters_them() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path(), 4);
+    let cfg = std::fs::read_to_string(dir.path().join("c.toml")).unwrap();
+    let cfg = cfg
+        .replace(
+            "[train]\n",
+            "[train]\neval_every_steps = 2\neval_batches = 1\n",
+        )
+        .replace("[data]\n", "[data]\nval = \"corpus/val.bin\"\n");
+    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
+    let args = [
+        "train",
+        "--config",
+        "c.toml",
+        "--dp",
+        "2",
+        "--log-format",
+        "json",
+    ];
+    let out = marathon(&args, dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["ts"].is_string() && l["level"] == "info"));
+    let eval = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("validation loss"))
+        })
+        .unwrap_or_else(|| panic!("no validation line: {stderr}"));
+    assert_eq!(eval["step"], 2, "{eval}");
+    // Human lines by default; RUST_LOG=warn leaves none of these.
+    let out = marathon(&["train", "--config", "c.toml"], dir.path());
+    assert!(
+        text(&out).contains("step 4: validation loss"),
+        "{}",
+        text(&out)
+    );
+    let quiet = Command::new(env!("CARGO_BIN_EXE_marathon"))
+        .args(["train", "--config", "c.toml"])
+        .env("RUST_LOG", "warn")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(quiet.status.success(), "{}", text(&quiet));
+    assert_eq!(String::from_utf8_lossy(&quiet.stderr), "", "RUST_LOG=warn");
 }

@@ -826,11 +826,44 @@ fn a_job_with_no_straggler_flags_nothing_over_200_steps() {
         "steady",
         "--group-timeout-ms",
         "20000",
+        "--log-format",
+        "json",
     ];
     let (status, stdout, text) =
         Proc::start("train --etcd", dir.path(), &args).finish(Duration::from_secs(180));
     assert!(status.success(), "{text}");
     assert!(!text.contains("straggler in generation"), "{text}");
+    // Every process (launcher, agents, workers) logs JSON lines: the agents' carry their node,
+    // the workers' their generation, slot and rank, all the job's name.
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{text}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["ts"].is_string() && l["message"].is_string()));
+    let agent = lines
+        .iter()
+        .find(|l| l["span"] == "agent")
+        .expect("an agent's line");
+    assert_eq!(
+        (&agent["job"], agent["node"].is_string()),
+        (&"steady".into(), true)
+    );
+    let worker = lines
+        .iter()
+        .find(|l| {
+            l["span"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("worker>generation"))
+        })
+        .unwrap_or_else(|| panic!("a worker's line in a generation:\n{text}"));
+    assert_eq!(worker["job"], "steady", "{worker}");
+    assert!(
+        worker["generation"].is_u64() && worker["rank"].is_u64() && worker["slot"].is_string(),
+        "{worker}"
+    );
     let flags: Vec<_> = rec
         .commits(&keys)
         .into_iter()

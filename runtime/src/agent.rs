@@ -515,9 +515,8 @@ impl Agent {
         if self.opts.quiet {
             return;
         }
-        // One write per line: the node's workers write to the same stderr.
-        let line = format!("agent {}: {msg}\n", self.opts.node);
-        let _ = std::io::stderr().write_all(line.as_bytes());
+        let (job, node) = (&self.opts.job, &self.opts.node);
+        tracing::info_span!("agent", job = %job, node = %node).in_scope(|| tracing::info!("{msg}"));
     }
 
     /// The node's registration, held from the start until a crash.

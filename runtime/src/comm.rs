@@ -577,9 +577,11 @@ fn recv_all(
 
 /// Logs a connection refused at rendezvous, with its address and why.
 fn log_refusal(spec: &GroupSpec, from: SocketAddr, why: &str) {
-    eprintln!(
+    tracing::info!(
         "rendezvous of group {} (rank {}, generation {}): refused a connection from {from}: {why}",
-        spec.name, spec.rank, spec.generation
+        spec.name,
+        spec.rank,
+        spec.generation
     );
 }
 

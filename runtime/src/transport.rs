@@ -190,7 +190,7 @@ pub fn negotiate(
             }
         })?;
         if g.rank() == 0 {
-            eprintln!(
+            tracing::info!(
                 "group {}: {transport} across {} ranks ({why})",
                 g.name(),
                 g.size()

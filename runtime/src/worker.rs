@@ -375,8 +375,8 @@ struct Quiet;
 impl Observer for Quiet {
     fn on_checkpoint(&mut self, rec: &CheckpointRecord) {
         if let Some(e) = &rec.previous_failed {
-            eprintln!(
-                "warning: the checkpoint before step {} did not commit: {e}",
+            tracing::warn!(
+                "the checkpoint before step {} did not commit: {e}",
                 rec.step
             );
         }
@@ -394,19 +394,22 @@ pub fn run(
     events: impl Write + Send + 'static,
 ) -> Result<()> {
     let shared = Arc::new(Control::default());
+    let span = tracing::info_span!("worker", job = %opts.job);
+    let _worker = span.clone().entered();
     {
         let shared = shared.clone();
         std::thread::spawn(move || {
+            let _worker = span.entered();
             for line in control.lines() {
                 let Ok(line) = line else { break };
                 match serde_json::from_str::<ToWorker>(&line) {
                     Ok(cmd) => shared.handle(cmd),
                     Err(e) => {
-                        eprintln!("worker: ignoring a command that does not parse ({e}): {line}")
+                        tracing::info!("ignoring a command that does not parse ({e}): {line}")
                     }
                 }
             }
-            eprintln!("worker: the agent is gone; stopping");
+            tracing::info!("the agent is gone; stopping");
             std::process::exit(EXIT_AGENT_GONE);
         });
     }
@@ -421,6 +424,13 @@ pub fn run(
     }
     let mut trainer: Option<Trainer> = None;
     while let Some((generation, plan, slot, told_at_ms)) = shared.next() {
+        let _generation = tracing::info_span!(
+            "generation",
+            generation,
+            slot = %format_args!("{}/{}", slot.node, slot.index),
+            rank = tracing::field::Empty,
+        )
+        .entered();
         let mut gen = Generation {
             cfg: &cfg,
             coord: &*coord,
@@ -527,6 +537,7 @@ impl Generation<'_> {
             dp: replica,
             tp: tp_rank,
         });
+        tracing::Span::current().record("rank", rank);
         let t0 = Instant::now();
         let mut spec = GroupSpec::loopback(&self.opts.job, "", 0, 1, self.opts.group_timeout);
         spec.generation = g;
@@ -574,10 +585,12 @@ impl Generation<'_> {
             plan.block(replica, stage).state == StateSource::Kept,
         ) {
             let s = t.model.layout.shard;
-            eprintln!(
-                "worker: placed at tensor rank {tp_rank} of stage {stage} in a block that keeps \
+            tracing::info!(
+                "placed at tensor rank {tp_rank} of stage {stage} in a block that keeps \
                  no state; the state it held (tensor rank {} of stage {}, step {}) is dropped",
-                s.tp_rank, s.stage, t.step
+                s.tp_rank,
+                s.stage,
+                t.step
             );
             *trainer = None;
         }
@@ -611,18 +624,29 @@ impl Generation<'_> {
             t.set_live_metrics(live.clone());
             live.placed(g, rank);
         }
+        let recovery = tracing::info_span!("recovery").entered();
         let step = match t.reconcile() {
             Ok(step) => step,
             // Shards left at different steps: every rank failed together, and together they
             // take the newest checkpoint.
             Err(RuntimeError::Config { reason, .. }) => {
-                eprintln!("worker: {reason}; reloading the newest checkpoint");
+                tracing::info!("{reason}; reloading the newest checkpoint");
                 reloaded = Some(t.reload()?.unwrap_or(0));
                 t.reconcile()?
             }
             Err(e) => return Err(e),
         };
+        drop(recovery);
         let reconcile_ms = t1.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            "continues from step {step} at dp {}, its state {}, in {reconcile_ms:.0} ms",
+            plan.dp,
+            match reloaded {
+                Some(0) => "the initial one".to_string(),
+                Some(s) => format!("reloaded from the checkpoint of step {s}"),
+                None => "kept in memory or taken from a peer".to_string(),
+            }
+        );
         let is_rank0 = rank == 0;
         let high_water = if is_rank0 {
             committed_high_water(self.coord, self.keys, g)?
@@ -704,10 +728,15 @@ impl Generation<'_> {
                 for f in pace.observe(rec.step, times) {
                     let c = topology.coords(f.rank);
                     let slot = plan.block(c.dp, c.pp).slots[c.tp].clone();
-                    eprintln!(
-                        "worker: rank {} ({}/{}) is a straggler: its compute per microbatch was \
+                    tracing::info!(
+                        "rank {} ({}/{}) is a straggler: its compute per microbatch was \
                          {:.1}x its peers' median for {} steps, to step {}",
-                        f.rank, slot.node, slot.index, f.ratio, rule.steps, f.step
+                        f.rank,
+                        slot.node,
+                        slot.index,
+                        f.ratio,
+                        rule.steps,
+                        f.step
                     );
                     record.stragglers.push(FlaggedStraggler {
                         slot,
@@ -733,8 +762,8 @@ impl Generation<'_> {
             }
             if finishing {
                 // Every rank learned of the request in the same step: the job ends here.
-                eprintln!(
-                    "worker: the job was asked to stop; it ends at step {} on a checkpoint",
+                tracing::info!(
+                    "the job was asked to stop; it ends at step {} on a checkpoint",
                     rec.step
                 );
                 break;

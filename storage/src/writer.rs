@@ -338,8 +338,8 @@ impl CheckpointWriter {
                 if let Err(e) =
                     crate::retention::collect(&reader, policy, now, false, |s| s == step)
                 {
-                    eprintln!(
-                        "warning: the checkpoint of step {step} committed, but collecting older ones \
+                    tracing::warn!(
+                        "the checkpoint of step {step} committed, but collecting older ones \
                          failed ({e}); the next checkpoint tries again"
                     );
                 }

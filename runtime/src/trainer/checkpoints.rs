@@ -51,12 +51,12 @@ impl Trainer {
                     self.opt.step = state.optimizer_step;
                     return Ok(Some(step));
                 }
-                Ok(_) => eprintln!(
-                    "warning: the checkpoint of step {step} under {url} could not be read on \
+                Ok(_) => tracing::warn!(
+                    "the checkpoint of step {step} under {url} could not be read on \
                      another rank; falling back to the one before"
                 ),
-                Err(e) => eprintln!(
-                    "warning: the checkpoint of step {step} under {url} cannot be loaded ({e}); \
+                Err(e) => tracing::warn!(
+                    "the checkpoint of step {step} under {url} cannot be loaded ({e}); \
                      falling back to the one before"
                 ),
             }
@@ -103,6 +103,7 @@ impl Trainer {
         let Some(ck) = self.ckpt.as_mut() else {
             return Ok(None);
         };
+        let _span = tracing::info_span!("checkpoint", step = self.step).entered();
         let seq = self.cfg.batch.seq_len as u64;
         let state = RunState {
             step: self.step,
@@ -162,7 +163,7 @@ impl Trainer {
     pub fn wait_checkpoint(&mut self) -> Result<Option<PersistReport>> {
         match self.ckpt.as_mut().and_then(|ck| ck.writer.wait()) {
             Some(Err(e @ marathon_storage::StorageError::AlreadyCommitted { .. })) => {
-                eprintln!("note: {e}");
+                tracing::info!("{e}");
                 Ok(None)
             }
             Some(done) => {

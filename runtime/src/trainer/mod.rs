@@ -393,8 +393,8 @@ impl Trainer {
             });
         }
         if self.groups.rank() == 0 {
-            eprintln!(
-                "note: NCCL could serve groups of this job, but the trainer moves device memory \
+            tracing::info!(
+                "NCCL could serve groups of this job, but the trainer moves device memory \
                  host-staged in this release"
             );
         }

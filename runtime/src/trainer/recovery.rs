@@ -57,9 +57,7 @@ impl Trainer {
         if let Some(mut old) = self.ckpt.take() {
             std::thread::spawn(move || {
                 if let Some(Err(e)) = old.writer.wait() {
-                    eprintln!(
-                        "warning: a checkpoint of the previous generation did not commit: {e}"
-                    );
+                    tracing::warn!("a checkpoint of the previous generation did not commit: {e}");
                 }
             });
         }

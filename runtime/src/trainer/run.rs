@@ -190,10 +190,7 @@ impl Trainer {
             .map_err(|e| RuntimeError::io("write metrics", path, e))
             .and_then(|_| crate::report::write_run_report(path, &out));
         if let Err(e) = written {
-            eprintln!(
-                "warning: the run's report {} was not written: {e}",
-                out.display()
-            );
+            tracing::warn!("the run's report {} was not written: {e}", out.display());
         }
     }
 
@@ -231,6 +228,7 @@ impl Trainer {
         observer: &mut dyn Observer,
         goodput: &mut Goodput,
     ) -> Result<StepRecord> {
+        let _step = tracing::info_span!("step", step = self.step + 1).entered();
         let consumed = self.consumed_samples;
         let rec = self.train_step()?;
         goodput.training_s += rec.step_ms / 1e3;

@@ -251,8 +251,8 @@ impl Trainer {
         let (step, intervals) = match decide(&all, numel) {
             Continue::Stateless => return Ok((true, false)),
             Continue::Uncovered { steps } => {
-                eprintln!(
-                    "warning: the replicas of this shard hold optimizer chunks at steps \
+                tracing::warn!(
+                    "the replicas of this shard hold optimizer chunks at steps \
                      {steps:?}, but at none of them every chunk"
                 );
                 return Ok((false, true));
