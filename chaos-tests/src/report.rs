@@ -134,8 +134,9 @@ impl Report {
     }
 
     /// The report as a page: the totals, a row per scenario, the time each lost per cause, the
-    /// faults by kind, every violation, and links to the run reports of the scenarios kept.
-    pub fn page(&self) -> Result<Page, String> {
+    /// faults by kind, every violation, and links to the run reports of the scenarios kept
+    /// (relative to `base`, the page's directory, for those under it).
+    pub fn page(&self, base: Option<&Path>) -> Result<Page, String> {
         let mut page = Page::new("marathon chaos report");
         page.heading("Summary").table(
             &[],
@@ -231,10 +232,12 @@ impl Report {
             .filter_map(|o| {
                 let report = Path::new(o.dir.as_deref()?).join("report.html");
                 let at = report.canonicalize().ok()?;
-                Some((
-                    format!("seed {}: the job's run report", o.seed),
-                    format!("file://{}", at.display()),
-                ))
+                let base = base.and_then(|b| b.canonicalize().ok());
+                let href = match base.as_deref().and_then(|b| at.strip_prefix(b).ok()) {
+                    Some(rel) => rel.display().to_string(),
+                    None => format!("file://{}", at.display()),
+                };
+                Some((format!("seed {}: the job's run report", o.seed), href))
             })
             .collect();
         if !kept.is_empty() {
@@ -246,7 +249,7 @@ impl Report {
 
     /// Writes [`Report::page`] to `path`.
     pub fn write_html(&self, path: &Path) -> anyhow::Result<()> {
-        let page = self.page().map_err(anyhow::Error::msg)?;
+        let page = self.page(path.parent()).map_err(anyhow::Error::msg)?;
         std::fs::write(path, page.html())
             .map_err(|e| anyhow::anyhow!("write the report to {}: {e}", path.display()))
     }
