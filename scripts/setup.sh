@@ -75,9 +75,11 @@ else
 fi
 
 # numpy and safetensors, for the independent check of Hugging Face exports
-# (ops/tests/fixtures/hf_gpt2_numpy.py); scripts/test.sh puts them on PYTHONPATH.
+# (ops/tests/fixtures/hf_gpt2_numpy.py), and kubernetes-validate (with PyYAML), which checks the
+# Kubernetes example under deploy/ against the API's schema; scripts/test.sh puts them on
+# PYTHONPATH.
 py="$tools/python"
-py_packages="numpy==2.2.6 safetensors==0.5.3"
+py_packages="numpy==2.2.6 safetensors==0.5.3 kubernetes-validate==1.37.0"
 if [ -e "$py/packages-$(echo "$py_packages" | tr ' =' '_-')" ]; then
   say "python packages ready in $py"
 else

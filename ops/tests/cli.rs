@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{repo, running};
+use common::{json_lines, line_with, repo, running};
 use marathon_storage::format::Manifest;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -1498,21 +1498,16 @@ fn logs_are_json_lines_with_their_fields_and_rust_log_filters_them() {
     let out = marathon(&args, dir.path());
     assert!(out.status.success(), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<serde_json::Value> = stderr
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let lines = json_lines(&stderr);
     assert!(lines
         .iter()
         .all(|l| l["ts"].is_string() && l["level"] == "info"));
-    let eval = lines
-        .iter()
-        .find(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("validation loss"))
-        })
-        .unwrap_or_else(|| panic!("no validation line: {stderr}"));
+    let eval = line_with(
+        &lines,
+        "message",
+        |m| m.starts_with("validation loss"),
+        &stderr,
+    );
     assert_eq!(eval["step"], 2, "{eval}");
     // Human lines by default; RUST_LOG=warn leaves none of these.
     let out = marathon(&["train", "--config", "c.toml"], dir.path());

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{repo, running};
+use common::{json_lines, line_with, repo, running};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -79,9 +79,15 @@ struct Proc {
 
 impl Proc {
     fn start(name: &str, dir: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(MARATHON)
-            .args(args)
-            .current_dir(dir)
+        let mut cmd = Command::new(MARATHON);
+        cmd.args(args).current_dir(dir);
+        Proc::spawn(name, cmd)
+    }
+
+    /// Runs `cmd` (its program, arguments, directory and environment set), stdin closed and
+    /// its output captured.
+    fn spawn(name: &str, mut cmd: Command) -> Proc {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -835,30 +841,19 @@ fn a_job_with_no_straggler_flags_nothing_over_200_steps() {
     assert!(!text.contains("straggler in generation"), "{text}");
     // Every process (launcher, agents, workers) logs JSON lines: the agents' carry their node,
     // the workers' their generation, slot and rank, all the job's name.
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{text}")))
-        .collect();
+    let lines = json_lines(&text);
     assert!(lines
         .iter()
         .all(|l| l["ts"].is_string() && l["message"].is_string()));
-    let agent = lines
-        .iter()
-        .find(|l| l["span"] == "agent")
-        .expect("an agent's line");
-    assert_eq!(
-        (&agent["job"], agent["node"].is_string()),
-        (&"steady".into(), true)
+    let agent = line_with(&lines, "span", |s| s == "agent", &text);
+    assert_eq!(agent["job"], "steady", "{agent}");
+    assert!(agent["node"].is_string(), "{agent}");
+    let worker = line_with(
+        &lines,
+        "span",
+        |s| s.starts_with("worker>generation"),
+        &text,
     );
-    let worker = lines
-        .iter()
-        .find(|l| {
-            l["span"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("worker>generation"))
-        })
-        .unwrap_or_else(|| panic!("a worker's line in a generation:\n{text}"));
     assert_eq!(worker["job"], "steady", "{worker}");
     assert!(
         worker["generation"].is_u64() && worker["rank"].is_u64() && worker["slot"].is_string(),
@@ -1322,4 +1317,128 @@ fn a_job_trains_against_etcd_over_tls_with_authentication() {
     let (status, _, text) = launch("password").finish(Duration::from_secs(120));
     assert!(status.success(), "{text}");
     check_against_reference(dir.path(), 20);
+}
+
+/// The deployment examples under deploy/, run here as their nodes would run them: the
+/// Kubernetes manifest passes the API's schema (and fails it with a field misspelt), and the
+/// agent command of each example, the cluster's addresses and sizes replaced by this machine's,
+/// trains a job of two nodes to its end and writes its report.
+#[test]
+fn the_deployment_examples_are_valid_and_their_agents_train_a_job() {
+    let server = etcd::Etcd::start();
+    let manifest = repo().join("deploy/kubernetes/marathon.yaml");
+    let python = |args: &[&str]| {
+        let out = Command::new("python3").args(args).output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !said.contains("No module named"),
+            "{said}\nthe deploy test needs kubernetes-validate and PyYAML: run \
+             scripts/setup.sh --test-servers and put its python folder on PYTHONPATH, as \
+             scripts/test.sh does"
+        );
+        (out.status.success(), said)
+    };
+    let m = manifest.to_str().unwrap();
+    let (valid, said) = python(&["-m", "kubernetes_validate", "--strict", "--quiet", m]);
+    assert!(valid, "{said}");
+    let scratch = tempfile::tempdir().unwrap();
+    let typo = scratch.path().join("typo.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&typo, text.replace("completionMode:", "completionModes:")).unwrap();
+    let (valid, said) = python(&[
+        "-m",
+        "kubernetes_validate",
+        "--strict",
+        "--quiet",
+        typo.to_str().unwrap(),
+    ]);
+    assert!(!valid && said.contains("completionModes"), "{said}");
+
+    // The manifest's agent command, as two pods would run it.
+    let (ok, json) = python(&[
+        "-c",
+        "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        m,
+    ]);
+    assert!(ok, "{json}");
+    let job: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["command"], serde_json::json!(["marathon"]));
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let dir = job_config(12, 4, "");
+    let ports = marathon_chaos::garage::free_ports(6).unwrap();
+    let pods: Vec<Proc> = (0..2u16)
+        .map(|i| {
+            let local = [
+                ("--etcd", server.url.clone()),
+                ("--node", format!("marathon-{i}")),
+                ("--host", "127.0.0.1".into()),
+                ("--slots", "1".into()),
+                ("--wait-slots", "2".into()),
+                ("--config", "c.toml".into()),
+                ("--metrics-addr", format!("127.0.0.1:{}", ports + 3 * i)),
+            ];
+            let mut args = args.clone();
+            for (flag, value) in &local {
+                let at = args
+                    .iter()
+                    .position(|a| a == flag)
+                    .unwrap_or_else(|| panic!("the manifest's agent has no {flag}"));
+                args[at + 1] = value.clone();
+            }
+            let mut cmd = Command::new(MARATHON);
+            cmd.args(&args).current_dir(dir.path());
+            Proc::spawn(&format!("pod {i}"), cmd)
+        })
+        .collect();
+    for p in pods {
+        let (status, _, text) = p.finish(Duration::from_secs(120));
+        assert!(status.success(), "{text}");
+    }
+    assert!(dir.path().join("report.html").is_file());
+
+    // The Slurm script's agent, as srun runs it on two nodes.
+    let sbatch = repo().join("deploy/slurm/marathon.sbatch");
+    let out = Command::new("bash")
+        .arg("-n")
+        .arg(&sbatch)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let dir = job_config(12, 4, "");
+    let nodes: Vec<Proc> = (0..2u16)
+        .map(|i| {
+            let mut cmd = Command::new(repo().join("deploy/slurm/agent.sh"));
+            cmd.current_dir(dir.path())
+                .env("ETCD_ENDPOINTS", &server.url)
+                .env("MARATHON_CONFIG", "c.toml")
+                .env("SLURM_JOB_ID", "77")
+                .env("MARATHON_BIN", MARATHON)
+                .env("MARATHON_NODE", format!("n{i}"))
+                .env("MARATHON_HOST", "127.0.0.1")
+                .env("MARATHON_SLOTS", "1")
+                .env("MARATHON_WAIT_SLOTS", "2")
+                .env(
+                    "MARATHON_METRICS_ADDR",
+                    format!("127.0.0.1:{}", ports + 3 * i),
+                );
+            Proc::spawn(&format!("node {i}"), cmd)
+        })
+        .collect();
+    for p in nodes {
+        let (status, _, text) = p.finish(Duration::from_secs(120));
+        assert!(status.success(), "{text}");
+        // JSON lines, the job named after the allocation.
+        assert!(text.contains("\"job\":\"marathon-77\""), "{text}");
+    }
+    assert!(dir.path().join("report.html").is_file());
 }
