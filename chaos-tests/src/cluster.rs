@@ -111,6 +111,10 @@ impl Node {
             )
             .env("MARATHON_WORKER_THREADS", "1")
             .env(MOMENTS_ENV, &spec.moments)
+            // The harness reads the agents' human lines (worker pids, steps), whatever the
+            // format and filter the command was given.
+            .env("MARATHON_LOG_FORMAT", "human")
+            .env("RUST_LOG", "info")
             .current_dir(&spec.dir)
             .stdin(Stdio::piped())
             .stdout(stdout)

@@ -249,7 +249,11 @@ impl Report {
 
     /// Writes [`Report::page`] to `path`.
     pub fn write_html(&self, path: &Path) -> anyhow::Result<()> {
-        let page = self.page(path.parent()).map_err(anyhow::Error::msg)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let page = self.page(Some(dir)).map_err(anyhow::Error::msg)?;
         std::fs::write(path, page.html())
             .map_err(|e| anyhow::anyhow!("write the report to {}: {e}", path.display()))
     }

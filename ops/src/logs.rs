@@ -3,7 +3,7 @@
 //!
 //! - Human lines by default: the enclosing spans, then the message, as in
 //!   `agent node-1: slot 0: worker pid 4121` or
-//!   `worker node-1 slot 0: generation 3 rank 2 dp 4: step 17: warning: ...`. A span shows its
+//!   `worker: generation 3 node-1/0 rank 2: step 17: warning: ...`. A span shows its
 //!   name and its fields (a string by its value, a number as `key value`, the field named as
 //!   the span by its value alone); the job's name, the same on every line, is left to JSON.
 //! - JSON lines with `--log-format json` (or `MARATHON_LOG_FORMAT=json`, which children

@@ -178,7 +178,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            tracing::error!("{e:#}");
             // A worker that failed because its group broke says so in its status, so the
             // launcher can name the worker that really failed.
             let peer_failure = e.chain().any(|c| {

@@ -74,6 +74,15 @@ impl Progress {
     }
 }
 
+impl Drop for Progress {
+    // A run that fails leaves no bar for log lines to wait on.
+    fn drop(&mut self) {
+        if self.bar.is_some() {
+            crate::logs::set_bar(None);
+        }
+    }
+}
+
 impl Observer for Progress {
     fn on_step(&mut self, r: &StepRecord) {
         let msg = self.message(r);

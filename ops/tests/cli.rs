@@ -18,6 +18,9 @@ fn marathon(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_marathon"))
         .args(args)
         .current_dir(cwd)
+        // The tests read human info lines, whatever the environment they run in says.
+        .env_remove("MARATHON_LOG_FORMAT")
+        .env("RUST_LOG", "info")
         .output()
         .expect("run the marathon binary")
 }

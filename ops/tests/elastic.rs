@@ -87,7 +87,11 @@ impl Proc {
     /// Runs `cmd` (its program, arguments, directory and environment set), stdin closed and
     /// its output captured.
     fn spawn(name: &str, mut cmd: Command) -> Proc {
+        // The tests read human info lines, whatever the environment they run in says; a test
+        // that wants JSON gives --log-format.
         let mut child = cmd
+            .env_remove("MARATHON_LOG_FORMAT")
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1378,16 +1382,36 @@ fn the_deployment_examples_are_valid_and_their_agents_train_a_job() {
     let ports = marathon_chaos::garage::free_ports(6).unwrap();
     let pods: Vec<Proc> = (0..2u16)
         .map(|i| {
+            // The pod's environment, as the manifest's fieldRefs give it.
+            let env = [
+                ("JOB_UID", "3f0c2a9e".to_string()),
+                ("JOB_INDEX", i.to_string()),
+                ("POD_IP", "127.0.0.1".to_string()),
+            ];
+            let defined: Vec<&str> = container["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["name"].as_str().unwrap())
+                .collect();
+            let names: Vec<&str> = env.iter().map(|e| e.0).collect();
+            assert_eq!(defined, names, "the manifest's environment");
+            let mut args: Vec<String> = args
+                .iter()
+                .map(|a| {
+                    env.iter()
+                        .fold(a.clone(), |a, (k, v)| a.replace(&format!("$({k})"), v))
+                })
+                .collect();
+            assert!(args.iter().all(|a| !a.contains("$(")), "{args:?}");
+            // What differs from the cluster: etcd, slots, the configuration's path, ports.
             let local = [
                 ("--etcd", server.url.clone()),
-                ("--node", format!("marathon-{i}")),
-                ("--host", "127.0.0.1".into()),
                 ("--slots", "1".into()),
                 ("--wait-slots", "2".into()),
                 ("--config", "c.toml".into()),
                 ("--metrics-addr", format!("127.0.0.1:{}", ports + 3 * i)),
             ];
-            let mut args = args.clone();
             for (flag, value) in &local {
                 let at = args
                     .iter()
@@ -1400,9 +1424,12 @@ fn the_deployment_examples_are_valid_and_their_agents_train_a_job() {
             Proc::spawn(&format!("pod {i}"), cmd)
         })
         .collect();
-    for p in pods {
+    for (i, p) in pods.into_iter().enumerate() {
         let (status, _, text) = p.finish(Duration::from_secs(120));
         assert!(status.success(), "{text}");
+        // The job named after the Job's uid, the agent after its index.
+        let line = format!("\"job\":\"marathon-3f0c2a9e\",\"node\":\"node-{i}\"");
+        assert!(text.contains(&line), "{text}");
     }
     assert!(dir.path().join("report.html").is_file());
 

@@ -97,7 +97,12 @@ impl RunMetrics {
         let text =
             std::fs::read_to_string(path).map_err(|e| RuntimeError::io("read metrics", path, e))?;
         let mut m = RunMetrics::default();
-        for (i, line) in text.lines().enumerate() {
+        // A run that is still going may be writing its last line.
+        let whole = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        for (i, line) in whole.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
@@ -551,6 +556,24 @@ mod tests {
         ] {
             assert!(html.contains(part), "{part}");
         }
+    }
+
+    #[test]
+    fn a_run_still_writing_its_last_line_is_read_up_to_it_and_a_bad_line_is_named() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("metrics.jsonl");
+        let half = step(2, 4.0, 1_100);
+        std::fs::write(&path, format!("{}\n{}", step(1, 5.0, 1_000), &half[..20])).expect("write");
+        assert_eq!(RunMetrics::read(&path).expect("read").steps.len(), 1);
+        std::fs::write(
+            &path,
+            format!("{}\n{{\"kind\":\"step\"}}\n", step(1, 5.0, 1_000)),
+        )
+        .expect("write");
+        let err = RunMetrics::read(&path)
+            .expect_err("a record without data")
+            .to_string();
+        assert!(err.contains("line 2: missing field `data`"), "{err}");
     }
 
     #[test]

@@ -259,7 +259,8 @@ impl Trainer {
         // A step a replica applied but whose last collective failed is carried forward by
         // this generation, and a rank that writes the metrics anew has not written the step
         // it continues from: either way it logs that step's record now, as a replica that
-        // applied it made it. A step logged twice has the same record both times.
+        // applied it made it. A step logged twice has the same loss both times (its timings
+        // may differ); readers keep a step's last record.
         if self.metrics.is_some() && self.logged_step != Some(step) {
             let carried = all
                 .iter()
