@@ -7,13 +7,17 @@
 //!
 //! Never knows about tensors or object stores.
 //!
-//! Built so far: the [`Coordinator`] key-value contract with its in-process and directory
-//! implementations, which process groups rendezvous through, the [`Topology`] that places each
-//! rank in a (tp, pp, dp) layout and names its groups, the planner ([`plan`]) that turns live
-//! slots into a generation's layout, keeping survivors in place, the membership core
-//! ([`membership`]) that decides when to abort, re-plan and start a generation, the etcd
-//! coordinator ([`etcd`]) with leases and leader election, and the job's key layout with its
-//! generation-fenced writes ([`job`]). The agent that runs them is `marathon_runtime::agent`.
+//! - [`coordinator`]: the key-value contract (in-process and directory implementations) that
+//!   process groups rendezvous through; [`cluster`] adds leases, watches and election;
+//! - [`etcd`]: the etcd coordinator;
+//! - [`job`]: the job's key layout and its generation-fenced writes;
+//! - [`topology`]: where each rank sits in a (tp, pp, dp) layout, and its groups' names;
+//! - [`plan`]: live slots to a generation's layout, survivors kept in place;
+//! - [`membership`]: the I/O-free core that decides when to abort, re-plan and start a
+//!   generation;
+//! - [`pace`]: stragglers from every rank's compute time.
+//!
+//! The agent that runs them is `marathon_runtime::agent`.
 
 pub mod cluster;
 pub mod coordinator;

@@ -1,13 +1,13 @@
 //! marathon-runtime: the worker.
 //!
-//! Owns what runs a training job once its configuration is known: the data pipeline (token
-//! files, corpus preparation, the deterministic sampler), the configuration and its validation,
-//! and the trainer's step loop with evaluation and metrics. The process groups, pipeline
-//! schedule, checkpoint hooks, recovery and the node agent arrive with the parallelism,
-//! checkpoint and elastic work.
+//! Owns what runs a training job once its configuration is known: the configuration and its
+//! validation, the data pipeline (token files, corpus preparation, the deterministic sampler),
+//! the process groups and their transports, the trainer (any tensor x pipeline x data layout,
+//! on the CPU or a GPU, through [`engine`]), checkpoints, the elastic worker and the node agent,
+//! live metrics, job status and run reports.
 //!
-//! Never parses command lines or draws progress bars: it reports progress through
-//! [`trainer::Observer`], and `ops` renders it.
+//! Never parses command lines or draws on a terminal: it reports progress through
+//! [`trainer::Observer`] and logs through `tracing`, and `ops` renders both.
 
 pub mod agent;
 pub mod checkpoint;
