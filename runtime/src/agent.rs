@@ -42,13 +42,13 @@ use marathon_elastic::{
     job, retrying, Change, Cluster, Coordinator, EtcdCoordinator, JobKey, JobKeys, Lease,
 };
 
+use crate::error::{Result, RuntimeError};
 use crate::metrics::{self, AgentMetrics, Endpoint, JobMetrics, JobView};
 use crate::status::JobStatus;
 use crate::worker::{
     unix_ms, FlaggedStraggler, FromWorker, LossCause, LostRecord, PlannedRecord, StepCommit,
     ToWorker,
 };
-use crate::{Result, RuntimeError};
 
 /// How an agent runs.
 #[derive(Debug, Clone)]

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::chunk_range;
 use crate::config::{CheckpointConfig, Compression, TrainConfig};
-use crate::{Result, RuntimeError};
+use crate::error::{Result, RuntimeError};
 
 /// The training state stored in the manifest beside the tensors: enough to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use marathon_elastic::Coordinator;
 
+use crate::error::{Result, RuntimeError};
 use crate::handshake::{self, Identity};
-use crate::{Result, RuntimeError};
 
 /// Bytes moved per blocking socket call, so deadlines and aborts are checked often.
 const IO_PIECE_BYTES: usize = 4 << 20;

@@ -10,7 +10,7 @@ use marathon_model::cost::ParallelLayout;
 use marathon_model::{AdamWConfig, BatchRamp, GptConfig, LrSchedule, ModelError};
 use serde::{Deserialize, Serialize};
 
-use crate::{Result, RuntimeError};
+use crate::error::{Result, RuntimeError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

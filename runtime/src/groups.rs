@@ -4,7 +4,7 @@ use marathon_elastic::{Axis, Coordinator, Topology};
 use marathon_model::Collective;
 
 use crate::comm::{GroupSpec, ProcessGroup};
-use crate::{Result, RuntimeError};
+use crate::error::{Result, RuntimeError};
 
 /// A worker's groups. A group of one is `None`: a dimension the layout does not split costs
 /// nothing.

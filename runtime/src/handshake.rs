@@ -66,8 +66,8 @@ pub fn greet(
     me: usize,
     peer: usize,
     deadline: Instant,
-    check: &dyn Fn() -> crate::Result<()>,
-) -> crate::Result<std::result::Result<(), String>> {
+    check: &dyn Fn() -> crate::error::Result<()>,
+) -> crate::error::Result<std::result::Result<(), String>> {
     let mine = nonce();
     let mut hello = Vec::with_capacity(HELLO_BYTES);
     hello.extend_from_slice(MAGIC);
@@ -155,8 +155,8 @@ fn read_until(
     stream: &mut TcpStream,
     buf: &mut [u8],
     deadline: Instant,
-    check: &dyn Fn() -> crate::Result<()>,
-) -> crate::Result<std::result::Result<(), String>> {
+    check: &dyn Fn() -> crate::error::Result<()>,
+) -> crate::error::Result<std::result::Result<(), String>> {
     let mut got = 0;
     while got < buf.len() {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -26,9 +26,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::checkpoint::{CheckpointRecord, Persisted};
+use crate::error::{Result, RuntimeError};
 use crate::status::JobStatus;
 use crate::trainer::{Goodput, StepRecord};
-use crate::{Result, RuntimeError};
 
 type Labels = Vec<(String, String)>;
 type Seconds = Counter<f64, AtomicU64>;

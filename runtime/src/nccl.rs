@@ -25,7 +25,7 @@ use half::bf16 as Bf16;
 use marathon_elastic::Coordinator;
 use marathon_model::cuda::{self, Gpu, Library, Slice, Stream};
 
-use crate::{Result, RuntimeError};
+use crate::error::{Result, RuntimeError};
 
 /// The communicator, shared with abort handles; `None` once destroyed or aborted.
 #[derive(Debug)]

@@ -8,9 +8,9 @@ use marathon_elastic::plan::{Offer, Plan, StateSource};
 use marathon_elastic::{job, Coordinator, JobKey, JobKeys};
 use serde::Serialize;
 
+use crate::error::{Result, RuntimeError};
 use crate::trainer::Goodput;
 use crate::worker::{goodput, unix_ms, LossCause, LostRecord, Records};
-use crate::{Result, RuntimeError};
 
 /// One member of the running plan.
 #[derive(Debug, Clone, Serialize)]

@@ -14,8 +14,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::comm::ProcessGroup;
+use crate::error::Result;
 use crate::groups::Groups;
-use crate::Result;
 
 /// What a rank reports about itself: its host, and the GPU it computes on (a device UUID), if
 /// any.
@@ -183,7 +183,7 @@ pub fn negotiate(
     {
         let members = gather(g, me)?;
         let (transport, why) = choose(&members, nccl_present, choice).map_err(|reason| {
-            crate::RuntimeError::Rendezvous {
+            crate::error::RuntimeError::Rendezvous {
                 group: g.name().to_string(),
                 rank: g.rank(),
                 reason,

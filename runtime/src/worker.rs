@@ -35,8 +35,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::CheckpointRecord;
 use crate::comm::{AbortHandle, GroupSpec};
+use crate::config::TrainConfig;
+use crate::error::{Result, RuntimeError};
+use crate::groups::Groups;
+use crate::trainer::Trainer;
 use crate::trainer::{Goodput, Observer, Summary};
-use crate::{Groups, Result, RuntimeError, TrainConfig, Trainer};
 
 /// What an agent tells its worker, one JSON object per line on the worker's stdin.
 #[derive(Debug, Clone, Serialize, Deserialize)]

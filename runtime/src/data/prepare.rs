@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use tiktoken_rs::CoreBPE;
 
 use super::tokens::TokenWriter;
-use crate::{Result, RuntimeError};
+use crate::error::{Result, RuntimeError};
 
 /// GPT-2's vocabulary size and its end-of-text token.
 pub const GPT2_VOCAB_SIZE: u32 = 50257;

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::{Result, RuntimeError};
+use crate::error::{Result, RuntimeError};
 
 pub const MAGIC: &[u8; 8] = b"MRTNTOK1";
 pub const VERSION: u32 = 1;

@@ -28,9 +28,9 @@ use super::{Engine, Piece};
 use crate::checkpoint::Source;
 use crate::comm::ProcessGroup;
 use crate::config::TrainConfig;
+use crate::error::{Result, RuntimeError};
 use crate::groups::TensorGroup;
 use crate::trainer::StepTimes;
-use crate::{Result, RuntimeError};
 
 /// Elements per block of the host's bf16 conversions, which run on every core.
 const CONVERT_BLOCK: usize = 1 << 16;

@@ -21,9 +21,9 @@ use marathon_storage::CheckpointWriter;
 
 use crate::checkpoint::Source;
 use crate::comm::ProcessGroup;
+use crate::error::Result;
 use crate::groups::TensorGroup;
 use crate::trainer::StepTimes;
-use crate::Result;
 
 pub mod cpu;
 #[cfg(feature = "cuda")]

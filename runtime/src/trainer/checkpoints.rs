@@ -8,8 +8,8 @@ use marathon_storage::{CheckpointWriter, Reader};
 use super::Trainer;
 use crate::checkpoint::{self, CheckpointRecord, Checkpointing, RunState};
 use crate::config::{Resume, TrainConfig};
+use crate::error::{Result, RuntimeError};
 use crate::groups::Groups;
-use crate::{Result, RuntimeError};
 
 impl Trainer {
     /// Continues from the newest committed checkpoint under `checkpoint.root`, if there is one

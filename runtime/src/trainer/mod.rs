@@ -42,10 +42,10 @@ use crate::data::{DataOrder, TokenFile};
 use crate::device::Device;
 use crate::engine::cpu::CpuEngine;
 use crate::engine::Engine;
+use crate::error::{Result, RuntimeError};
 use crate::groups::Groups;
 use crate::metrics::{JobMetrics, RankMetrics};
 use crate::transport::{Transport, TransportChoice};
-use crate::{Result, RuntimeError};
 
 use checkpoints::checkpointing;
 use run::open_metrics;

@@ -5,7 +5,7 @@ use marathon_model::{Gpt, Shard};
 use crate::config::TrainConfig;
 use crate::data::TokenFile;
 use crate::device::Device;
-use crate::{Result, RuntimeError};
+use crate::error::{Result, RuntimeError};
 
 /// Everything a worker checks before it trains that needs no peers: the layout is one this
 /// build runs, the data files open and fit the model and batch, and the buffers fit in memory.

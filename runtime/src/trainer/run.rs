@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Trainer;
 use crate::checkpoint::{CheckpointRecord, Persisted};
+use crate::error::{Result, RuntimeError};
 use crate::metrics::{JobMetrics, RankMetrics};
-use crate::{Result, RuntimeError};
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::{StepRecord, Trainer};
 use crate::comm::{chunk_range, ProcessGroup};
+use crate::error::{Result, RuntimeError};
 use crate::groups::TensorGroup;
-use crate::{Result, RuntimeError};
 
 /// `train.samples_log`, open on the rank that logs for its replica, and the sample ids it fed
 /// in the step running.

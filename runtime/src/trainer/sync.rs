@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::Trainer;
-use crate::Result;
+use crate::error::Result;
 
 /// The closing sums before the pace: the loss and the norm (a high and a low f32 each), the
 /// stop flag and the finish flag.

@@ -20,7 +20,7 @@ use marathon_model::AdamW;
 use super::Trainer;
 use crate::comm::chunk_range;
 use crate::device::Device;
-use crate::{Result, RuntimeError};
+use crate::error::{Result, RuntimeError};
 
 /// Words of one rank's description of what it holds.
 const WORDS: usize = 10;
