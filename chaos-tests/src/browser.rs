@@ -140,17 +140,6 @@ pub fn load(page: &Path) -> Result<Loaded> {
     })
 }
 
-/// The colours plots draw data in (`marathon_runtime::report::page`'s palette), as SVG writes
-/// them.
-fn data_colours() -> Vec<String> {
-    [
-        "#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F",
-    ]
-    .iter()
-    .map(|c| c.to_string())
-    .collect()
-}
-
 /// The value of attribute `name` in the tag `tag`.
 fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
     let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
@@ -160,7 +149,7 @@ fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
 /// The data points one plot's SVG draws: the points of its coloured lines, its coloured dots,
 /// and its coloured bars (a legend's swatches are smaller than a bar and not counted).
 pub fn data_points(svg: &str) -> usize {
-    let colours = data_colours();
+    let colours: Vec<String> = marathon_runtime::report::page::data_colours().collect();
     let coloured =
         |c: Option<&str>| c.is_some_and(|c| colours.iter().any(|k| k.eq_ignore_ascii_case(c)));
     let mut n = 0;

@@ -19,6 +19,14 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
+/// The colours plots draw data in, as SVG writes them (`#1F77B4`): what a check of a drawn
+/// page looks for.
+pub fn data_colours() -> impl Iterator<Item = String> {
+    PALETTE
+        .iter()
+        .map(|c| format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2))
+}
+
 /// A plot's size in pixels.
 const PLOT_PX: (u32, u32) = (760, 320);
 

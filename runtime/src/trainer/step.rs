@@ -145,12 +145,12 @@ impl Trainer {
             self.engine
                 .update(&mut self.model, mirror, r, lr, grad_norm, clip)?;
         }
-        // The step's record as it stands once the update is applied: a generation that
-        // carries the step forward after the all-gather failed logs this one.
-        self.last_record = Some(self.record(started, batch, loss, lr, grad_norm, &times));
         if self.cfg.parallel.distributed_optimizer {
-            // Until the all-gather completes, this rank's chunks are a step ahead of the rest.
+            // Until the all-gather completes, this rank's chunks are a step ahead of the rest,
+            // and the step's record is the one as it stands now: a generation that carries the
+            // step forward after the all-gather failed logs this one.
             self.pending = Some((self.step + 1, self.consumed_samples + batch));
+            self.last_record = Some(self.record(started, batch, loss, lr, grad_norm, &times));
         }
         if let (Some(g), true) = (&mut self.groups.dp, self.cfg.parallel.distributed_optimizer) {
             self.engine.all_gather_params(&mut self.model, g)?;
