@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use marathon_elastic::{JobKey, JobKeys};
-use marathon_runtime::worker::StepCommit;
+use marathon_runtime::records::StepCommit;
 use serde_json::Value;
 
 use crate::cluster::Seen;

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use marathon_elastic::{EtcdCoordinator, JobKey, JobKeys};
 use marathon_runtime::moments::MOMENTS_ENV;
-use marathon_runtime::worker::{unix_ms, StepCommit};
+use marathon_runtime::records::{unix_ms, StepCommit};
 use marathon_storage::{Reader, Store};
 
-use crate::servers::{running, signal};
+use crate::process::Process;
 
 /// How an agent is started: everything but its name.
 #[derive(Debug, Clone)]
@@ -50,8 +50,11 @@ pub struct Node {
     /// Held open: the agent runs with `--tied`, and goes with this process.
     stdin: Option<ChildStdin>,
     lines: Arc<Mutex<Vec<String>>>,
-    /// Every agent pid this node had.
-    pub agent_pids: Vec<u32>,
+    /// Every agent this node had, and every worker they started (by slot), oldest first: each
+    /// held from the moment it was started, so a signal never reaches another process that
+    /// took its pid later.
+    agents: Vec<Arc<Process>>,
+    workers: Arc<Mutex<Vec<(usize, Arc<Process>)>>>,
     /// Times its agent was started again after it exited or was killed.
     pub restarts: usize,
 }
@@ -65,7 +68,8 @@ impl Node {
             child: None,
             stdin: None,
             lines: Arc::new(Mutex::new(Vec::new())),
-            agent_pids: Vec::new(),
+            agents: Vec::new(),
+            workers: Arc::new(Mutex::new(Vec::new())),
             restarts: 0,
         };
         n.spawn(spec)?;
@@ -121,8 +125,11 @@ impl Node {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("start agent {} from {}", self.name, spec.exe.display()))?;
+        // Held before anything can reap it.
+        let agent = Process::open(child.id()).context("hold the agent process")?;
         let stderr = child.stderr.take().context("agent stderr")?;
-        let lines = self.lines.clone();
+        let (lines, workers) = (self.lines.clone(), self.workers.clone());
+        let marker = format!("agent {}: slot ", self.name);
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -130,10 +137,18 @@ impl Node {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = writeln!(log, "{line}");
+                // The agent names each worker as it starts it: held now, while the pid is
+                // surely that worker's.
+                if let Some((slot, pid)) = worker_started(&marker, &line) {
+                    if let Some(w) = Process::open(pid) {
+                        let mut all = workers.lock().unwrap_or_else(|e| e.into_inner());
+                        all.push((slot, Arc::new(w)));
+                    }
+                }
                 lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
-        self.agent_pids.push(child.id());
+        self.agents.push(Arc::new(agent));
         self.stdin = child.stdin.take();
         self.child = Some(child);
         Ok(())
@@ -154,8 +169,11 @@ impl Node {
         }
     }
 
-    pub fn agent_pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+    /// Every agent and worker this node ever had.
+    pub fn every_process(&self) -> Vec<Arc<Process>> {
+        let mut all = self.agents.clone();
+        all.extend(self.workers().into_iter().map(|(_, w)| w));
+        all
     }
 
     /// Every line so far.
@@ -169,51 +187,43 @@ impl Node {
         lines[lines.len().saturating_sub(n)..].join("\n    ")
     }
 
-    /// Every worker pid any of its agents started: (slot, pid), oldest first.
-    pub fn worker_pids(&self) -> Vec<(usize, u32)> {
-        let marker = format!("agent {}: slot ", self.name);
-        self.lines()
-            .iter()
-            .filter_map(|l| {
-                let rest = l.strip_prefix(&marker)?;
-                let (slot, pid) = rest.split_once(": worker pid ")?;
-                Some((slot.parse().ok()?, pid.trim().parse().ok()?))
-            })
-            .collect()
+    /// Every worker any of its agents started: (slot, process), oldest first.
+    pub fn workers(&self) -> Vec<(usize, Arc<Process>)> {
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The newest worker of `slot`, if it runs.
-    pub fn worker(&self, slot: usize) -> Option<u32> {
-        self.worker_pids()
+    pub fn worker(&self, slot: usize) -> Option<Arc<Process>> {
+        self.workers()
             .into_iter()
             .rev()
             .find(|(s, _)| *s == slot)
             .map(|(_, p)| p)
-            .filter(|p| running(*p))
+            .filter(|p| p.running())
     }
 
-    /// The agent and its running workers.
-    pub fn processes(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self.agent_pid().into_iter().collect();
-        pids.extend(
-            self.worker_pids()
-                .into_iter()
-                .map(|(_, p)| p)
-                .filter(|p| running(*p)),
-        );
-        pids
+    /// The agent and its workers that still run.
+    pub fn processes(&self) -> Vec<Arc<Process>> {
+        let agent = self.agents.last().filter(|_| self.child.is_some()).cloned();
+        let mut all: Vec<Arc<Process>> = agent.into_iter().collect();
+        all.extend(self.workers().into_iter().map(|(_, w)| w));
+        all.retain(|p| p.running());
+        all
     }
 
-    /// Signals the agent and every running worker.
-    pub fn signal_all(&self, sig: &str) {
-        for pid in self.processes() {
-            let _ = signal(sig, pid);
+    /// Signals the agent and every running worker (`libc::SIGKILL`, `SIGSTOP`, `SIGCONT`).
+    pub fn signal_all(&self, sig: libc::c_int) {
+        for p in self.processes() {
+            p.signal(sig);
         }
     }
 
     /// Kills the agent and its workers (SIGKILL), as a lost machine.
     pub fn kill(&mut self) {
-        self.signal_all("-KILL");
+        self.signal_all(libc::SIGKILL);
         self.stdin = None;
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -240,6 +250,14 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The slot and pid of the worker an agent's line says it started (`agent NODE: slot S: worker
+/// pid P`), `marker` being its start up to the slot.
+fn worker_started(marker: &str, line: &str) -> Option<(usize, u32)> {
+    let rest = line.strip_prefix(marker)?;
+    let (slot, pid) = rest.split_once(": worker pid ")?;
+    Some((slot.parse().ok()?, pid.trim().parse().ok()?))
 }
 
 /// A change seen: when (Unix milliseconds), the key, its new value (`None`: deleted).

@@ -20,6 +20,7 @@ pub mod cluster;
 mod corpus;
 pub mod garage;
 pub mod network;
+pub mod process;
 pub mod prometheus;
 pub mod report;
 mod rng;

@@ -4,7 +4,7 @@
 //! reaches their steps; the invariants checked at the end, and every process it started
 //! stopped, also when it fails.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use marathon_elastic::{JobKey, JobKeys};
 use marathon_runtime::moments::Moment;
-use marathon_runtime::trainer::Summary;
-use marathon_runtime::worker::unix_ms;
+use marathon_runtime::records::{unix_ms, Summary};
 use marathon_storage::{format, Reader, Store};
 use object_store::ObjectStoreExt;
 use serde::Serialize;
@@ -24,8 +23,9 @@ use crate::check;
 use crate::cluster::{run_to_end, AgentSpec, CommitWatch, Node, Recorder};
 use crate::garage::{Garage, GARAGE_BUCKET};
 use crate::network::Network;
+use crate::process::Process;
 use crate::scenario::{Fault, Scenario, Timed};
-use crate::servers::{running, signal, EtcdCluster};
+use crate::servers::EtcdCluster;
 
 /// How scenarios are run.
 #[derive(Debug, Clone)]
@@ -166,8 +166,8 @@ struct Harness<'a> {
     /// Each forged rendezvous connection that a listener answered: its local address, and
     /// whether the listener then closed it.
     forged: Vec<(String, bool)>,
-    /// Every server pid, for the check that nothing is left running.
-    server_pids: BTreeSet<u32>,
+    /// Every server process, for the check that nothing is left running.
+    servers: Vec<Process>,
     /// Namespaces, or why the nodes run on loopback. Dropped last: the processes in the
     /// namespaces go first.
     network: Result<Network, String>,
@@ -223,8 +223,13 @@ impl<'a> Harness<'a> {
             }),
         };
         std::fs::create_dir_all(&spec.moments)?;
-        let mut server_pids: BTreeSet<u32> = etcd.pids().into_iter().collect();
-        server_pids.extend(store.pid());
+        // Held while they are children not yet reaped, so the pids are surely theirs.
+        let servers = etcd
+            .pids()
+            .into_iter()
+            .chain(store.pid())
+            .filter_map(Process::open)
+            .collect();
         let mut h = Harness {
             opts,
             dir: dir.to_path_buf(),
@@ -241,7 +246,7 @@ impl<'a> Harness<'a> {
             flipped: Vec::new(),
             forging: Vec::new(),
             forged: Vec::new(),
-            server_pids,
+            servers,
             network,
         };
         for i in 0..s.nodes {
@@ -447,7 +452,13 @@ impl<'a> Harness<'a> {
             return Ok(None);
         };
         let found = self.nodes.iter().enumerate().find_map(|(i, n)| {
-            let slot = n.worker_pids().into_iter().find(|&(_, p)| p == pid)?.0;
+            // The newest worker with that pid: an older one may have had it before.
+            let slot = n
+                .workers()
+                .into_iter()
+                .rev()
+                .find(|(_, p)| p.pid() == pid)?
+                .0;
             Some((pid, i, slot, path.clone()))
         });
         if found.is_none() {
@@ -461,13 +472,13 @@ impl<'a> Harness<'a> {
         match *fault {
             Fault::KillWorker { node, slot } | Fault::HangWorker { node, slot } => {
                 let sig = if matches!(fault, Fault::KillWorker { .. }) {
-                    "-KILL"
+                    libc::SIGKILL
                 } else {
-                    "-STOP"
+                    libc::SIGSTOP
                 };
                 match self.nodes[node].worker(slot) {
-                    Some(pid) => signal(sig, pid)?,
-                    None => return Ok(Some("not injected: the slot runs no worker".into())),
+                    Some(w) if w.signal(sig) => {}
+                    _ => return Ok(Some("not injected: the slot runs no worker".into())),
                 }
             }
             Fault::SlowWorker {
@@ -476,8 +487,8 @@ impl<'a> Harness<'a> {
                 slowdown,
                 ms,
             } => match self.nodes[node].worker(slot) {
-                Some(pid) => {
-                    let throttle = crate::throttle::Throttle::start(pid, f64::from(slowdown));
+                Some(w) => {
+                    let throttle = crate::throttle::Throttle::start(w, f64::from(slowdown));
                     sleep(ms);
                     drop(throttle);
                 }
@@ -489,33 +500,47 @@ impl<'a> Harness<'a> {
                 self.nodes[node].restart(&self.spec)?;
             }
             Fault::StopNode { node, ms } => {
-                self.nodes[node].signal_all("-STOP");
+                self.nodes[node].signal_all(libc::SIGSTOP);
                 sleep(ms);
-                self.nodes[node].signal_all("-CONT");
+                self.nodes[node].signal_all(libc::SIGCONT);
             }
             Fault::KillEtcdMember { member, down_ms } => {
                 self.etcd.kill(member);
                 sleep(down_ms);
                 self.etcd.restart(member)?;
-                self.server_pids.extend(self.etcd.pid(member));
+                self.servers
+                    .extend(self.etcd.pid(member).and_then(Process::open));
             }
             Fault::EtcdOutage { ms } => {
-                let pids = self.etcd.pids();
-                pids.iter().try_for_each(|p| signal("-STOP", *p))?;
+                let members: Vec<Process> = self
+                    .etcd
+                    .pids()
+                    .into_iter()
+                    .filter_map(Process::open)
+                    .collect();
+                if members.len() < self.etcd.size()
+                    || !members.iter().all(|m| m.signal(libc::SIGSTOP))
+                {
+                    bail!("{} of {} etcd members run", members.len(), self.etcd.size());
+                }
                 sleep(ms);
-                pids.iter().try_for_each(|p| signal("-CONT", *p))?;
+                members.iter().for_each(|m| {
+                    m.signal(libc::SIGCONT);
+                });
             }
             Fault::StopStore { ms } => {
-                let pid = self.store.pid().context("the store is not running")?;
-                signal("-STOP", pid)?;
+                let store = self.store.pid().and_then(Process::open);
+                let store = store.filter(|s| s.signal(libc::SIGSTOP));
+                let store = store.context("the store is not running")?;
                 sleep(ms);
-                signal("-CONT", pid)?;
+                store.signal(libc::SIGCONT);
             }
             Fault::KillStore { down_ms } => {
                 self.store.kill();
                 sleep(down_ms);
                 self.store.restart()?;
-                self.server_pids.extend(self.store.pid());
+                self.servers
+                    .extend(self.store.pid().and_then(Process::open));
             }
             Fault::FlipBit => return self.flip_bit(),
             Fault::ForgeRendezvous => {
@@ -755,10 +780,9 @@ impl<'a> Harness<'a> {
         v.extend(check::fencing(&self.keys, &self.recorder.seen()));
         v.extend(self.check_logs(s));
         // Everything stops: nodes, servers; then nothing may be left running.
-        let mut pids: BTreeSet<u32> = self.server_pids.clone();
+        let mut all: Vec<Arc<Process>> = Vec::new();
         for n in &mut self.nodes {
-            pids.extend(n.agent_pids.iter().copied());
-            pids.extend(n.worker_pids().into_iter().map(|(_, p)| p));
+            all.extend(n.every_process());
             n.kill();
         }
         for i in 0..self.etcd.size() {
@@ -766,17 +790,28 @@ impl<'a> Harness<'a> {
         }
         self.store.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut left: Vec<u32> = pids.iter().copied().filter(|p| running(*p)).collect();
+        let running = || {
+            let nodes = all.iter().map(|p| &**p);
+            let left: Vec<&Process> = self
+                .servers
+                .iter()
+                .chain(nodes)
+                .filter(|p| p.running())
+                .collect();
+            left
+        };
+        let mut left = running();
         while !left.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
-            left.retain(|p| running(*p));
+            left = running();
         }
         if !left.is_empty() {
+            let pids: Vec<u32> = left.iter().map(|p| p.pid()).collect();
             v.push(format!(
-                "processes left running after the scenario: {left:?}"
+                "processes left running after the scenario: {pids:?}"
             ));
             for p in left {
-                let _ = signal("-KILL", p);
+                p.signal(libc::SIGKILL);
             }
         }
         (summary, v)

@@ -31,19 +31,6 @@ pub fn etcd_binary() -> Result<PathBuf> {
     )
 }
 
-/// Sends `sig` (`-STOP`, `-CONT`, `-KILL`) to `pid`.
-pub fn signal(sig: &str, pid: u32) -> Result<()> {
-    let status = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status()
-        .context("run kill")?;
-    if !status.success() {
-        bail!("kill {sig} {pid}: no such process");
-    }
-    Ok(())
-}
-
 /// Whether process `pid` is running (a zombie awaiting its reaper counts as gone).
 pub fn running(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

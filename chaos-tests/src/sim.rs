@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
-use marathon_elastic::plan::{Offer, Plan, Slot, StateSource};
+use marathon_elastic::plan::{Offer, Plan, Slot};
 
 use crate::rng::Rng;
 
@@ -552,90 +552,16 @@ impl World {
         }
     }
 
+    /// The invariants every plan keeps ([`Plan::problems`], [`Plan::kept_problems`] against
+    /// the generation before), and its slots exist on their nodes. The core asserts them too;
+    /// here they are named for the simulation's report.
     fn check_plan(&mut self, g: u64, plan: &Plan) {
         let cfg = &self.cfg;
-        let mut problems = Vec::new();
-        if plan.blocks.len() != plan.dp * cfg.pp {
-            problems.push(format!(
-                "{} blocks for dp {} x pp {}",
-                plan.blocks.len(),
-                plan.dp,
-                cfg.pp
-            ));
-        }
-        if plan.microbatches.len() != plan.dp
-            || plan.microbatches.iter().sum::<usize>() != cfg.microbatches
-        {
-            problems.push(format!(
-                "microbatches {:?} do not cover {}",
-                plan.microbatches, cfg.microbatches
-            ));
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for b in &plan.blocks {
-            if b.slots.len() != cfg.tp || b.slots.iter().any(|s| s.node != b.slots[0].node) {
-                problems.push(format!(
-                    "a block is not {} slots of one node: {:?}",
-                    cfg.tp, b
-                ));
-            }
-            for s in b
-                .slots
-                .iter()
-                .chain(plan.standby.iter().flat_map(|(_, s)| s))
-            {
-                if s.index >= cfg.slots {
-                    problems.push(format!("slot {s:?} does not exist"));
-                }
-            }
-            for s in &b.slots {
-                if !seen.insert(s.clone()) {
-                    problems.push(format!("slot {s:?} assigned twice"));
-                }
-            }
-            if let StateSource::Peer(r) = b.state {
-                let source = plan
-                    .blocks
-                    .iter()
-                    .find(|o| o.replica == r && o.stage == b.stage);
-                if !source.is_some_and(|o| o.state == StateSource::Kept) {
-                    problems.push(format!(
-                        "block {b:?} copies from a replica that keeps nothing"
-                    ));
-                }
-            }
-        }
-        for r in 0..plan.dp {
-            let mut stages: Vec<usize> = plan
-                .blocks
-                .iter()
-                .filter(|b| b.replica == r)
-                .map(|b| b.stage)
-                .collect();
-            stages.sort_unstable();
-            if stages != (0..cfg.pp).collect::<Vec<_>>() {
-                problems.push(format!("replica {r} holds stages {stages:?}"));
-            }
-        }
-        // A block kept from the previous generation holds what it held there, in a block or
-        // on standby.
-        if let Some(prev) = self.plans.get(&(g - 1)) {
-            let mut before = prev.roles();
-            for (stage, slots) in &prev.standby {
-                for (t, s) in slots.iter().enumerate() {
-                    before.insert(s.clone(), (usize::MAX, *stage, t));
-                }
-            }
-            for b in plan.blocks.iter().filter(|b| b.state == StateSource::Kept) {
-                for (t, s) in b.slots.iter().enumerate() {
-                    match before.get(s) {
-                        Some(&(_, stage, rank)) if stage == b.stage && rank == t => {}
-                        held => problems.push(format!(
-                            "{s:?} is kept as stage {} rank {t} but held {held:?}",
-                            b.stage
-                        )),
-                    }
-                }
+        let mut problems = plan.problems(cfg.tp, cfg.pp, cfg.microbatches);
+        problems.extend(plan.kept_problems(self.plans.get(&(g - 1))));
+        for s in plan.held().keys() {
+            if s.index >= cfg.slots {
+                problems.push(format!("slot {s:?} does not exist"));
             }
         }
         for p in problems {

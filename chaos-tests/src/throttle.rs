@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::process::Process;
+
 /// One throttling period.
 const PERIOD: Duration = Duration::from_millis(40);
 
@@ -17,24 +19,24 @@ const PERIOD: Duration = Duration::from_millis(40);
 pub struct Throttle {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    pid: u32,
+    process: Arc<Process>,
 }
 
 impl Throttle {
-    /// Throttles `pid` so that it runs `1 / slowdown` of the time (`slowdown` above 1).
-    pub fn start(pid: u32, slowdown: f64) -> Throttle {
+    /// Throttles `process` so that it runs `1 / slowdown` of the time (`slowdown` above 1).
+    pub fn start(process: Arc<Process>, slowdown: f64) -> Throttle {
         assert!(slowdown > 1.0, "a slowdown of {slowdown} slows nothing");
         let run = PERIOD.div_f64(slowdown);
         let stopped = PERIOD - run;
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let (flag, p) = (stop.clone(), process.clone());
         let thread = std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                if !send(pid, libc::SIGSTOP) {
+                if !p.signal(libc::SIGSTOP) {
                     return;
                 }
                 std::thread::sleep(stopped);
-                if !send(pid, libc::SIGCONT) {
+                if !p.signal(libc::SIGCONT) {
                     return;
                 }
                 std::thread::sleep(run);
@@ -43,7 +45,7 @@ impl Throttle {
         Throttle {
             stop,
             thread: Some(thread),
-            pid,
+            process,
         }
     }
 }
@@ -54,17 +56,8 @@ impl Drop for Throttle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        send(self.pid, libc::SIGCONT);
+        self.process.signal(libc::SIGCONT);
     }
-}
-
-/// Sends `sig` to `pid`; false when the process is gone.
-fn send(pid: u32, sig: libc::c_int) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: kill(2) reads no memory of ours; an exited pid only makes it fail.
-    unsafe { libc::kill(pid, sig) == 0 }
 }
 
 #[cfg(test)]
@@ -85,7 +78,8 @@ mod tests {
             .arg("30")
             .spawn()
             .expect("a child");
-        let throttle = Throttle::start(child.id(), 4.0);
+        let process = Arc::new(Process::open(child.id()).expect("a running child"));
+        let throttle = Throttle::start(process, 4.0);
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..400 {
             seen.insert(state(child.id()) == 'T');

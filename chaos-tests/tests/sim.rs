@@ -61,9 +61,9 @@ fn a_seed_replays_the_same_run() {
 
 mod weeks {
     use marathon_chaos::weeks::{run, WeeksConfig, PRESETS};
-    use marathon_model::cost::ParallelLayout;
     use marathon_model::goodput::{estimate, Assumptions};
     use marathon_model::GptConfig;
+    use marathon_model::ParallelLayout;
 
     /// A job of 8 nodes of 4 GPUs (tp 2 x pp 2 x dp 8) failing about once an hour, for days.
     fn config(seed: u64, spare_nodes: usize, repair_hours: f64) -> WeeksConfig {

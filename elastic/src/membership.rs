@@ -146,7 +146,13 @@ impl Membership {
     }
 
     /// Feeds one event observed at `now`; returns what to do, in order.
+    ///
+    /// # Panics
+    /// If the protocol breaks an invariant (see [`Membership::check`]), or on a committed plan
+    /// that does not fit this core's layout and batch, which its caller refuses first
+    /// ([`Plan::problems`]).
     pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        let before = self.generation;
         let mut out = Vec::new();
         match event {
             Event::Registered { node, offer } => {
@@ -192,6 +198,18 @@ impl Membership {
                     self.generation = generation;
                     self.plan = Some(plan);
                 } else if generation > self.generation {
+                    // Paired with the planner's own check: the plan this agent starts keeps
+                    // every invariant, and its kept blocks hold what they held in the plan it
+                    // follows (known when this agent ran the generation before).
+                    let mut broken = plan.problems(self.tp, self.pp, self.microbatches);
+                    if generation == self.generation + 1 {
+                        broken.extend(plan.kept_problems(self.plan.as_ref()));
+                    }
+                    assert!(
+                        broken.is_empty(),
+                        "{}: generation {generation} was committed with a broken plan: {broken:?}",
+                        self.me
+                    );
                     let first = self.generation == 0;
                     self.generation = generation;
                     self.lost.clear();
@@ -253,7 +271,44 @@ impl Membership {
         }
         self.watchdog(now, &mut out);
         self.maybe_propose(now, &mut out);
+        self.check(before, &out);
         out
+    }
+
+    /// The protocol's invariants over one event, asserted in every run and every test as in
+    /// the simulation: generations only increase; an abort is of the running generation; only
+    /// the leader proposes, and only the generation after the one it runs; a start is of the
+    /// generation just committed. (The plans themselves are checked where they are made,
+    /// [`plan`], and where they are started, [`Event::Committed`].)
+    fn check(&self, before: u64, out: &[Action]) {
+        assert!(
+            self.generation >= before,
+            "{}: generation {before} went back to {}",
+            self.me,
+            self.generation
+        );
+        for a in out {
+            match a {
+                Action::Abort { generation } => assert_eq!(
+                    *generation, self.generation,
+                    "{}: aborted a generation it does not run",
+                    self.me
+                ),
+                Action::Propose { from, to, .. } => assert!(
+                    self.leads() && *from == self.generation && *to == from + 1,
+                    "{}: proposed generation {to} from {from}, running {} and leading: {}",
+                    self.me,
+                    self.generation,
+                    self.leads()
+                ),
+                Action::Start { generation, .. } => assert!(
+                    *generation == self.generation && *generation > before,
+                    "{}: started generation {generation} after {before}",
+                    self.me
+                ),
+                Action::Evict { .. } | Action::CannotPlan { .. } => {}
+            }
+        }
     }
 
     /// Whether the running plan must be replaced: it lost a worker, uses a slot no longer

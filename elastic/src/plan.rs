@@ -75,6 +75,132 @@ impl Plan {
         }
         out
     }
+
+    /// Every slot's (replica, stage, tensor rank), its standby blocks' included (as replica
+    /// `usize::MAX`): what each slot holds in memory while this plan runs.
+    pub fn held(&self) -> BTreeMap<Slot, (usize, usize, usize)> {
+        let mut out = self.roles();
+        for (stage, slots) in &self.standby {
+            for (t, s) in slots.iter().enumerate() {
+                out.insert(s.clone(), (usize::MAX, *stage, t));
+            }
+        }
+        out
+    }
+
+    /// The invariants every plan keeps, whoever made it, each broken one described (none: an
+    /// empty list). The plan is `dp` whole replicas of `pp` blocks, in (replica, stage) order,
+    /// each block `tp` slots of one node and no slot used twice; its microbatches cover the
+    /// global batch's `microbatches` once, split as evenly as they go; a block takes its state
+    /// from a peer only where that peer keeps the stage, and from storage only where no block
+    /// keeps it. What a kept block holds is [`Plan::kept_problems`]'s.
+    pub fn problems(&self, tp: usize, pp: usize, microbatches: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        if (self.tp, self.pp) != (tp, pp) {
+            out.push(format!(
+                "a plan for tp {} x pp {}, not the job's tp {tp} x pp {pp}",
+                self.tp, self.pp
+            ));
+        }
+        if self.dp == 0 || self.blocks.len() != self.dp * pp {
+            out.push(format!(
+                "{} blocks for dp {} x pp {pp}",
+                self.blocks.len(),
+                self.dp
+            ));
+        }
+        if self.microbatches.len() != self.dp
+            || self.microbatches.iter().sum::<usize>() != microbatches
+        {
+            out.push(format!(
+                "microbatches {:?} do not cover the global batch's {microbatches} once, one count \
+                 a replica",
+                self.microbatches
+            ));
+        }
+        let (lo, hi) = (
+            self.microbatches.iter().min(),
+            self.microbatches.iter().max(),
+        );
+        if hi.zip(lo).is_some_and(|(h, l)| h - l > 1) {
+            out.push(format!(
+                "microbatches {:?} are not split evenly",
+                self.microbatches
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        let standby = self.standby.iter().map(|(_, s)| s);
+        for slots in self.blocks.iter().map(|b| &b.slots).chain(standby) {
+            if slots.len() != tp || slots.iter().any(|s| s.node != slots[0].node) {
+                out.push(format!("a block is not {tp} slots of one node: {slots:?}"));
+            }
+            for s in slots {
+                if !seen.insert(s) {
+                    out.push(format!("slot {}/{} is used twice", s.node, s.index));
+                }
+            }
+        }
+        let keeps = |stage: usize| {
+            self.blocks
+                .iter()
+                .any(|b| b.stage == stage && b.state == StateSource::Kept)
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            if (b.replica, b.stage) != (i / pp.max(1), i % pp.max(1)) {
+                out.push(format!(
+                    "block {i} is replica {} stage {}, out of (replica, stage) order",
+                    b.replica, b.stage
+                ));
+            }
+            match b.state {
+                StateSource::Peer(q) => {
+                    let source = self
+                        .blocks
+                        .iter()
+                        .find(|o| (o.replica, o.stage) == (q, b.stage));
+                    if !source.is_some_and(|o| o.state == StateSource::Kept) {
+                        out.push(format!(
+                            "replica {} stage {} copies from replica {q}, which keeps nothing of it",
+                            b.replica, b.stage
+                        ));
+                    }
+                }
+                StateSource::Storage if keeps(b.stage) => out.push(format!(
+                    "replica {} stage {} loads from storage though a replica keeps the stage",
+                    b.replica, b.stage
+                )),
+                StateSource::Kept | StateSource::Storage => {}
+            }
+        }
+        out
+    }
+
+    /// Each kept block holds what it held under `previous`, the plan this one follows (`None`:
+    /// the first, which keeps nothing): the same stage and tensor rank, in a block or standing
+    /// by. Each one that does not is described.
+    pub fn kept_problems(&self, previous: Option<&Plan>) -> Vec<String> {
+        let before = previous
+            .filter(|p| (p.tp, p.pp) == (self.tp, self.pp))
+            .map(Plan::held);
+        let mut out = Vec::new();
+        for b in self.blocks.iter().filter(|b| b.state == StateSource::Kept) {
+            for (t, s) in b.slots.iter().enumerate() {
+                let held = before.as_ref().and_then(|h| h.get(s));
+                if !held.is_some_and(|&(_, stage, rank)| (stage, rank) == (b.stage, t)) {
+                    out.push(format!(
+                        "slot {}/{} keeps stage {} tensor rank {t}, but held {}",
+                        s.node,
+                        s.index,
+                        b.stage,
+                        held.map_or("nothing".into(), |(_, stage, rank)| format!(
+                            "stage {stage} tensor rank {rank}"
+                        ))
+                    ));
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The slots a node offers: indices `0..slots`, less those cooling down after their worker
@@ -302,14 +428,29 @@ pub fn plan(req: &PlanRequest<'_>) -> Result<Plan, PlanError> {
         .into_iter()
         .filter_map(|(held, slots)| held.map(|stage| (stage, slots)))
         .collect();
-    Ok(Plan {
+    let p = Plan {
         tp,
         pp,
         dp,
         blocks,
         microbatches,
         standby,
-    })
+    };
+    // Paired with the checks of every plan that agents start ([`crate::membership`]): a plan
+    // that breaks an invariant is never proposed.
+    let mut broken = p.problems(tp, pp, req.microbatches);
+    broken.extend(p.kept_problems(req.previous));
+    broken.extend(
+        p.held()
+            .keys()
+            .filter(|s| !req.live.get(&s.node).is_some_and(|o| o.offers(s.index)))
+            .map(|s| format!("slot {}/{} is not offered", s.node, s.index)),
+    );
+    assert!(
+        broken.is_empty(),
+        "the planner broke its invariants: {broken:?}\n{req:?}\n{p:?}"
+    );
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -329,69 +470,19 @@ mod tests {
         }
     }
 
-    /// The (replica, stage, tensor rank) each slot of `p` held, standby blocks included (as
-    /// replica `usize::MAX`).
-    fn held(p: &Plan) -> BTreeMap<Slot, (usize, usize, usize)> {
-        let mut out = p.roles();
-        for (stage, slots) in &p.standby {
-            for (t, s) in slots.iter().enumerate() {
-                out.insert(s.clone(), (usize::MAX, *stage, t));
-            }
-        }
-        out
-    }
-
-    /// Checks every invariant of `p` for `req`, and its stickiness to `req.previous`.
+    /// Checks what this planner promises beyond the invariants `plan` asserts of every plan
+    /// ([`Plan::problems`]): as many replicas as the live blocks allow, and survivors keep
+    /// their stage and tensor rank.
     fn check(req: &PlanRequest<'_>, p: &Plan, seed: u64) {
         let ctx = format!("seed {seed}: {req:?}\n{p:?}");
+        let mut broken = p.problems(req.tp, req.pp, req.microbatches);
+        broken.extend(p.kept_problems(req.previous));
+        assert_eq!(broken, Vec::<String>::new(), "{ctx}");
         let blocks_live: usize = req.live.values().map(|o| o.count() / req.tp).sum();
         assert_eq!(p.dp, (blocks_live / req.pp).min(req.microbatches), "{ctx}");
-        assert_eq!(p.blocks.len(), p.dp * p.pp, "{ctx}");
-        let mut seen = BTreeSet::new();
-        for (i, b) in p.blocks.iter().enumerate() {
-            assert_eq!((b.replica, b.stage), (i / p.pp, i % p.pp), "{ctx}");
-            assert_eq!(b.slots.len(), req.tp, "{ctx}");
-            // A tensor-parallel group on one node, on live slots, each slot used once.
-            assert!(b.slots.iter().all(|s| s.node == b.slots[0].node), "{ctx}");
-            for s in &b.slots {
-                assert!(req.live[&s.node].offers(s.index), "{ctx}");
-                assert!(seen.insert(s.clone()), "slot {s:?} twice; {ctx}");
-            }
-            match b.state {
-                StateSource::Kept => {
-                    let prev = req
-                        .previous
-                        .expect("only a previous plan's blocks are kept");
-                    let old = held(prev);
-                    for (t, s) in b.slots.iter().enumerate() {
-                        let (_, stage, rank) = old[s];
-                        assert_eq!((stage, rank), (b.stage, t), "a kept block moved; {ctx}");
-                    }
-                }
-                StateSource::Peer(q) => {
-                    assert_eq!(p.block(q, b.stage).state, StateSource::Kept, "{ctx}");
-                }
-                StateSource::Storage => {
-                    // Only when no block of the plan keeps the stage.
-                    assert!(
-                        !p.blocks
-                            .iter()
-                            .any(|o| o.stage == b.stage && o.state == StateSource::Kept),
-                        "{ctx}"
-                    );
-                }
-            }
-        }
-        assert_eq!(
-            p.microbatches.iter().sum::<usize>(),
-            req.microbatches,
-            "{ctx}"
-        );
-        let (lo, hi) = (p.microbatches.iter().min(), p.microbatches.iter().max());
-        assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{ctx}");
         // Survivors keep their stage and tensor rank whenever their block is in the plan.
         if let Some(prev) = req.previous {
-            let old = held(prev);
+            let old = prev.held();
             let new = p.roles();
             for (slot, &(_, stage, rank)) in &new {
                 if let Some(&(_, s0, r0)) = old.get(slot) {
@@ -563,6 +654,77 @@ mod tests {
         assert_eq!(a[0].state, StateSource::Kept);
         live.get_mut("a").expect("a").cooling.clear();
         assert_eq!(req(&live, Some(&second)).dp, 4);
+    }
+
+    #[test]
+    fn every_broken_invariant_of_a_plan_is_named() {
+        // Two nodes of 4 slots, tp 2 x pp 2: two replicas, each bent out of shape in turn.
+        let live: BTreeMap<String, Offer> =
+            ["a", "b"].map(|n| (n.to_string(), Offer::all(4))).into();
+        let first = plan(&PlanRequest {
+            tp: 2,
+            pp: 2,
+            microbatches: 5,
+            live: &live,
+            previous: None,
+        })
+        .expect("a plan");
+        assert!(first.problems(2, 2, 5).is_empty() && first.kept_problems(None).is_empty());
+        let broken = |f: &dyn Fn(&mut Plan), previous: Option<&Plan>, expect: &str| {
+            let mut p = first.clone();
+            f(&mut p);
+            let mut found = p.problems(2, 2, 5);
+            found.extend(p.kept_problems(previous));
+            assert!(
+                found.iter().any(|m| m.contains(expect)),
+                "{expect:?} not among {found:?}"
+            );
+        };
+        broken(
+            &|p| p.blocks[1].slots[0] = p.blocks[0].slots[0].clone(),
+            None,
+            "used twice",
+        );
+        broken(
+            &|p| p.blocks[1].slots[1].node = "b".into(),
+            None,
+            "not 2 slots of one node",
+        );
+        broken(&|p| p.microbatches = vec![3, 3], None, "do not cover");
+        broken(&|p| p.microbatches = vec![1, 4], None, "not split evenly");
+        broken(
+            &|p| p.blocks.swap(0, 1),
+            None,
+            "out of (replica, stage) order",
+        );
+        broken(&|p| p.blocks.truncate(3), None, "3 blocks for dp 2 x pp 2");
+        broken(&|p| p.tp = 4, None, "not the job's tp 2 x pp 2");
+        broken(
+            &|p| p.blocks[2].state = StateSource::Peer(0),
+            None,
+            "keeps nothing",
+        );
+        broken(
+            &|p| p.blocks[0].state = StateSource::Kept,
+            None,
+            "but held nothing",
+        );
+        let mut moved = first.clone();
+        moved.blocks[0].stage = 1;
+        moved.blocks[1].stage = 0;
+        broken(
+            &|p| p.blocks[0].state = StateSource::Kept,
+            Some(&moved),
+            "but held stage 1",
+        );
+        broken(
+            &|p| {
+                p.blocks[0].state = StateSource::Kept;
+                p.blocks[2].state = StateSource::Storage;
+            },
+            Some(&first),
+            "loads from storage though a replica keeps the stage",
+        );
     }
 
     #[test]

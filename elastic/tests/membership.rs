@@ -479,3 +479,34 @@ fn the_core_says_when_it_next_has_something_to_do() {
         leader.next_due()
     );
 }
+
+/// The core asserts what it starts, as the planner asserts what it makes: a committed plan that
+/// breaks an invariant (here one microbatch too many) stops the agent instead of reaching its
+/// workers.
+#[test]
+#[should_panic(expected = "generation 1 was committed with a broken plan")]
+fn a_committed_plan_that_breaks_an_invariant_is_never_started() {
+    let live: BTreeMap<String, Offer> = [("a".to_string(), Offer::all(2))].into();
+    let mut plan = marathon_elastic::plan::plan(&marathon_elastic::plan::PlanRequest {
+        tp: 1,
+        pp: 1,
+        microbatches: 8,
+        live: &live,
+        previous: None,
+    })
+    .expect("a plan");
+    assert_eq!(plan.microbatches, [4, 4]);
+    plan.microbatches[1] = 5;
+    let timing = Timing {
+        settle: SETTLE,
+        hang: HANG,
+    };
+    let mut m = Membership::new("a", 1, 1, 8, timing);
+    m.handle(
+        Instant::now(),
+        Event::Committed {
+            generation: 1,
+            plan,
+        },
+    );
+}

@@ -5,88 +5,10 @@
 //! a 1F1B pipeline, and the activation recomputation the configuration asks for
 //! ([`crate::Recompute`]), with Korthikanti et al.'s per-layer activation sizes.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::GptConfig;
-use crate::layout::ParamLayout;
-use crate::ModelError;
-
-/// How the ranks of a job split the model: tensor x pipeline x data parallel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParallelLayout {
-    #[serde(default = "one")]
-    pub tp: usize,
-    #[serde(default = "one")]
-    pub pp: usize,
-    #[serde(default = "one")]
-    pub dp: usize,
-    /// ZeRO-1: gradients are reduce-scattered, each data-parallel replica updates its shard of
-    /// the master weights and Adam moments, and the parameters are all-gathered.
-    #[serde(default)]
-    pub distributed_optimizer: bool,
-}
-
-fn one() -> usize {
-    1
-}
-
-impl Default for ParallelLayout {
-    fn default() -> Self {
-        ParallelLayout {
-            tp: 1,
-            pp: 1,
-            dp: 1,
-            distributed_optimizer: false,
-        }
-    }
-}
-
-impl ParallelLayout {
-    pub fn world_size(&self) -> usize {
-        self.tp * self.pp * self.dp
-    }
-
-    /// Checks that the layout splits `config` into whole pieces, naming the dimension that does
-    /// not divide.
-    pub fn validate(&self, config: &GptConfig) -> Result<(), ModelError> {
-        for (field, v) in [
-            ("parallel.tp", self.tp),
-            ("parallel.pp", self.pp),
-            ("parallel.dp", self.dp),
-        ] {
-            if v == 0 {
-                return Err(ModelError::invalid(field, "must be at least 1"));
-            }
-        }
-        if config.n_head % self.tp != 0 {
-            return Err(ModelError::invalid(
-                "parallel.tp",
-                format!("tensor parallel size {} does not divide model.n_head {}; each rank must hold whole heads", self.tp, config.n_head),
-            ));
-        }
-        if config.padded_vocab_size() % self.tp != 0 {
-            return Err(ModelError::invalid(
-                "parallel.tp",
-                format!(
-                    "tensor parallel size {} does not divide the padded vocabulary {}",
-                    self.tp,
-                    config.padded_vocab_size()
-                ),
-            ));
-        }
-        if config.n_layer % self.pp != 0 {
-            return Err(ModelError::invalid(
-                "parallel.pp",
-                format!(
-                    "pipeline parallel size {} does not divide model.n_layer {}; each stage must hold the same number of layers",
-                    self.pp, config.n_layer
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
+use crate::layout::{ParallelLayout, ParamLayout};
 
 /// What one training step of a configuration costs under a layout.
 #[derive(Debug, Clone, PartialEq, Serialize)]

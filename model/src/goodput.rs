@@ -18,7 +18,8 @@
 use serde::Serialize;
 
 use crate::config::GptConfig;
-use crate::cost::{params_per_rank_max, ParallelLayout};
+use crate::cost::params_per_rank_max;
+use crate::layout::ParallelLayout;
 use crate::layout::ParamLayout;
 
 /// Llama 3 405B's pre-training had 419 unexpected interruptions in 54 days on 16,384 GPUs

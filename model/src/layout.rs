@@ -5,16 +5,96 @@
 //! LayerNorm, so the tensors of any run of layers form one contiguous range: a pipeline stage's
 //! state, a ZeRO shard or a checkpoint chunk is a range of the buffer, copied in one piece.
 //!
-//! A layout describes either the whole model or one rank's [`Shard`] of it: the tensors of its
+//! A [`ParallelLayout`] says how a job splits the model (tensor x pipeline x data). A size table
+//! describes either the whole model or one rank's [`Shard`] of it: the tensors of its
 //! pipeline stage, each cut to its tensor-parallel slice by Megatron's rules. Every local tensor
 //! knows the box of the global tensor it holds, so state can move between layouts by boxes.
 
 use std::collections::HashMap;
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::GptConfig;
 use crate::rng::Rng;
 use crate::{Float, ModelError};
+
+/// How the ranks of a job split the model: tensor x pipeline x data parallel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelLayout {
+    #[serde(default = "one")]
+    pub tp: usize,
+    #[serde(default = "one")]
+    pub pp: usize,
+    #[serde(default = "one")]
+    pub dp: usize,
+    /// ZeRO-1: gradients are reduce-scattered, each data-parallel replica updates its shard of
+    /// the master weights and Adam moments, and the parameters are all-gathered.
+    #[serde(default)]
+    pub distributed_optimizer: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for ParallelLayout {
+    fn default() -> Self {
+        ParallelLayout {
+            tp: 1,
+            pp: 1,
+            dp: 1,
+            distributed_optimizer: false,
+        }
+    }
+}
+
+impl ParallelLayout {
+    pub fn world_size(&self) -> usize {
+        self.tp * self.pp * self.dp
+    }
+
+    /// Checks that the layout splits `config` into whole pieces, naming the dimension that does
+    /// not divide.
+    pub fn validate(&self, config: &GptConfig) -> Result<(), ModelError> {
+        for (field, v) in [
+            ("parallel.tp", self.tp),
+            ("parallel.pp", self.pp),
+            ("parallel.dp", self.dp),
+        ] {
+            if v == 0 {
+                return Err(ModelError::invalid(field, "must be at least 1"));
+            }
+        }
+        if config.n_head % self.tp != 0 {
+            return Err(ModelError::invalid(
+                "parallel.tp",
+                format!("tensor parallel size {} does not divide model.n_head {}; each rank must hold whole heads", self.tp, config.n_head),
+            ));
+        }
+        if config.padded_vocab_size() % self.tp != 0 {
+            return Err(ModelError::invalid(
+                "parallel.tp",
+                format!(
+                    "tensor parallel size {} does not divide the padded vocabulary {}",
+                    self.tp,
+                    config.padded_vocab_size()
+                ),
+            ));
+        }
+        if config.n_layer % self.pp != 0 {
+            return Err(ModelError::invalid(
+                "parallel.pp",
+                format!(
+                    "pipeline parallel size {} does not divide model.n_layer {}; each stage must hold the same number of layers",
+                    self.pp, config.n_layer
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Where one rank sits in the model: its tensor-parallel slice and its pipeline stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,9 +117,9 @@ impl Shard {
     };
 
     /// Checks the shard splits `config` into whole pieces, naming the dimension that does not
-    /// divide (see also [`crate::cost::ParallelLayout::validate`]).
+    /// divide (see also [`ParallelLayout::validate`]).
     pub fn validate(&self, config: &GptConfig) -> Result<(), ModelError> {
-        crate::cost::ParallelLayout {
+        ParallelLayout {
             tp: self.tp,
             pp: self.pp,
             dp: 1,

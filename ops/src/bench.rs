@@ -13,7 +13,8 @@ use marathon_model::cost::flops_per_token;
 use marathon_model::ParamLayout;
 use marathon_runtime::comm::{GroupSpec, ProcessGroup};
 use marathon_runtime::metrics::RankEndpoint;
-use marathon_runtime::trainer::{Observer, StepRecord};
+use marathon_runtime::records::StepRecord;
+use marathon_runtime::trainer::Observer;
 use marathon_runtime::{Groups, TrainConfig, Trainer};
 use std::sync::Arc;
 

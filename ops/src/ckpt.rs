@@ -227,7 +227,7 @@ pub fn run(command: CkptCommand) -> Result<()> {
                 _ => marathon_storage::codec::Codec::ZstdShuffle4,
             };
             let step = pick(&reader, step)?;
-            let target = marathon_model::cost::ParallelLayout {
+            let target = marathon_model::ParallelLayout {
                 tp,
                 pp,
                 dp,

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use marathon_model::cost::ParallelLayout;
+use marathon_model::ParallelLayout;
 use marathon_model::{GptConfig, ParamLayout};
 use marathon_runtime::checkpoint::{save_whole, RunState};
 use marathon_storage::format::Manifest;

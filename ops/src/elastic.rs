@@ -16,8 +16,9 @@ use marathon_elastic::{
 };
 use marathon_runtime::agent::{self, AgentOptions};
 use marathon_runtime::metrics::RankEndpoint;
-use marathon_runtime::trainer::{preflight, Summary};
-use marathon_runtime::worker::{self, StepCommit, WorkerOptions};
+use marathon_runtime::records::{StepCommit, Summary};
+use marathon_runtime::trainer::preflight;
+use marathon_runtime::worker::{self, WorkerOptions};
 use marathon_runtime::TrainConfig;
 
 use crate::launch::LayoutFlags;
@@ -546,7 +547,7 @@ pub fn train(
     let job = flags
         .job
         .clone()
-        .unwrap_or_else(|| format!("{stem}-{}", worker::unix_ms()));
+        .unwrap_or_else(|| format!("{stem}-{}", marathon_runtime::records::unix_ms()));
     let coord = flags
         .security
         .connect(&urls, Duration::from_secs(10))

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use marathon_runtime::records::unix_ms;
 use marathon_runtime::status::{request_stop, JobStatus, StopRequest};
-use marathon_runtime::worker::unix_ms;
 
 use crate::elastic::EtcdSecurity;
 

@@ -22,7 +22,8 @@ use marathon_runtime::checkpoint::CheckpointRecord;
 use marathon_runtime::comm::GroupSpec;
 use marathon_runtime::config::Resume;
 use marathon_runtime::metrics::RankEndpoint;
-use marathon_runtime::trainer::{preflight, Observer, StepRecord, Summary};
+use marathon_runtime::records::{StepRecord, Summary};
+use marathon_runtime::trainer::{preflight, Observer};
 use marathon_runtime::Groups;
 use marathon_runtime::{TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
@@ -119,16 +120,9 @@ enum Event {
     Summary(Summary),
 }
 
-/// `marathon train`.
-pub fn train(
-    config: &Path,
-    flags: &LayoutFlags,
-    etcd: &crate::elastic::TrainEtcdFlags,
-    metrics_addr: Option<SocketAddr>,
-) -> Result<()> {
-    if etcd.enabled() {
-        return crate::elastic::train(config, flags, etcd, metrics_addr);
-    }
+/// `marathon train` without `--etcd`: one process, or a launch of one process per rank on this
+/// machine (`elastic::train` runs it with `--etcd`).
+pub fn train(config: &Path, flags: &LayoutFlags, metrics_addr: Option<SocketAddr>) -> Result<()> {
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
     let m = &cfg.model;

@@ -207,7 +207,13 @@ fn run(cli: Cli) -> Result<()> {
             layout,
             etcd,
             metrics_addr,
-        } => launch::train(&config, &layout, &etcd, metrics_addr),
+        } if etcd.enabled() => elastic::train(&config, &layout, &etcd, metrics_addr),
+        Command::Train {
+            config,
+            layout,
+            metrics_addr,
+            ..
+        } => launch::train(&config, &layout, metrics_addr),
         Command::Agent(args) => elastic::agent(args),
         Command::ElasticWorker(args) => elastic::worker(args),
         Command::Worker {

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use marathon_runtime::checkpoint::CheckpointRecord;
-use marathon_runtime::trainer::{Observer, StepRecord};
+use marathon_runtime::records::StepRecord;
+use marathon_runtime::trainer::Observer;
 use marathon_runtime::TrainConfig;
 
 /// How often plain-line mode prints when stderr is not a terminal.

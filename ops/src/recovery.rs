@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use marathon_elastic::{Coordinator, EtcdCoordinator, JobKey, JobKeys};
 use marathon_runtime::config::CheckpointConfig;
-use marathon_runtime::worker::{unix_ms, LostRecord, PlannedRecord, StepCommit};
+use marathon_runtime::records::{unix_ms, LostRecord, PlannedRecord, StepCommit};
 use marathon_runtime::TrainConfig;
 
 #[derive(Debug, Args)]

@@ -15,7 +15,7 @@ use clap::Args;
 use marathon_elastic::membership::Timing;
 use marathon_elastic::{Coordinator, EtcdCoordinator, JobKeys};
 use marathon_runtime::agent::{self, AgentOptions, Hollow, Starts};
-use marathon_runtime::worker::{unix_ms, PlannedRecord};
+use marathon_runtime::records::{unix_ms, PlannedRecord};
 
 #[derive(Debug, Args)]
 pub struct ElasticArgs {

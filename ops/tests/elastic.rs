@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use marathon_elastic::plan::Plan;
 use marathon_elastic::{Coordinator, EtcdCoordinator, JobKey, JobKeys};
-use marathon_runtime::worker::{unix_ms, LostRecord, PlannedRecord, StepCommit};
+use marathon_runtime::records::{unix_ms, LostRecord, PlannedRecord, StepCommit};
 
 #[path = "../../elastic/tests/common/etcd.rs"]
 mod etcd;
@@ -187,12 +187,15 @@ fn worker_pid(p: &Proc, node: &str, slot: usize) -> u32 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// Sends `sig` (`-9`, `-STOP`, `-CONT`) to process `pid`, through a pidfd: a pid that has
+/// become a thread's is refused, never signalled (see `marathon_chaos::process`).
 fn signal(sig: &str, pid: u32) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "kill {sig} {pid}");
+    let number = marathon_chaos::process::signal_number(sig).unwrap();
+    let p = marathon_chaos::process::Process::open(pid);
+    assert!(
+        p.is_some_and(|p| p.signal(number)),
+        "kill {sig} {pid}: no such process"
+    );
 }
 
 /// A change seen: when (Unix milliseconds), the key, and its new value (`None`: deleted).
@@ -772,6 +775,7 @@ fn a_throttled_worker_is_flagged_as_a_straggler_and_evicted() {
     ];
     let job = Proc::start("train --etcd", dir.path(), &args);
     let victim = worker_pid(&job, "node-1", 0);
+    let victim = std::sync::Arc::new(marathon_chaos::process::Process::open(victim).unwrap());
     rec.wait_step(&keys, 1, 8, Duration::from_secs(60));
     let before = rec
         .commits(&keys)

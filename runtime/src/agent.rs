@@ -44,11 +44,9 @@ use marathon_elastic::{
 
 use crate::error::{Result, RuntimeError};
 use crate::metrics::{self, AgentMetrics, Endpoint, JobMetrics, JobView};
+use crate::records::{unix_ms, FlaggedStraggler, LossCause, LostRecord, PlannedRecord, StepCommit};
 use crate::status::JobStatus;
-use crate::worker::{
-    unix_ms, FlaggedStraggler, FromWorker, LossCause, LostRecord, PlannedRecord, StepCommit,
-    ToWorker,
-};
+use crate::worker::{FromWorker, ToWorker};
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -469,7 +467,7 @@ impl Agent {
         crash: Option<Arc<AtomicBool>>,
     ) -> Result<Self> {
         let keys = JobKeys::new(&opts.job);
-        forget_previous_run(coord.keys(), &keys, &opts.node)?;
+        check_running_plan(coord.keys(), &keys, &opts)?;
         let membership =
             Membership::new(&opts.node, opts.tp, opts.pp, opts.microbatches, opts.timing)
                 .wait_for_slots(opts.wait_slots);
@@ -738,6 +736,7 @@ impl Agent {
                         name: "plan",
                         reason: format!("{key} does not parse: {e}"),
                     })?;
+                fits(&self.opts, &key, &plan)?;
                 self.feed(Event::Committed { generation, plan })
             }
             (JobKey::Lost { generation, slot }, Some(_)) => {
@@ -1160,26 +1159,48 @@ impl Agent {
     }
 }
 
-/// An agent restarted under its old name finds its node in the running plan: the workers it
-/// ran there died with it, whatever its old lease still says. It records them lost before it
-/// registers again, so every agent re-plans without them.
-fn forget_previous_run(coord: &dyn Coordinator, keys: &JobKeys, node: &str) -> Result<()> {
+/// Before an agent registers, the job's running plan: it must fit the agent's configuration
+/// ([`fits`]), and an agent restarted under its old name finds its node in it. The workers it
+/// ran there died with it, whatever its old lease still says: it records them lost, so every
+/// agent re-plans without them.
+fn check_running_plan(coord: &dyn Coordinator, keys: &JobKeys, opts: &AgentOptions) -> Result<()> {
     let generation = retrying(OUTAGE_MAX, || job::generation(coord, keys))?;
     if generation == 0 {
         return Ok(());
     }
-    let Some(json) = retrying(OUTAGE_MAX, || coord.get(&keys.plan(generation)))? else {
+    let key = keys.plan(generation);
+    let Some(json) = retrying(OUTAGE_MAX, || coord.get(&key))? else {
         return Ok(());
     };
     let Ok(plan) = serde_json::from_slice::<Plan>(&json) else {
         return Ok(());
     };
+    fits(opts, &key, &plan)?;
+    let node = &opts.node;
     let record = LostRecord::now("its agent restarted".into(), LossCause::NodeLost);
     for slot in plan.blocks.iter().flat_map(|b| &b.slots) {
-        if slot.node == node {
+        if &slot.node == node {
             let key = keys.lost(generation, slot);
             retrying(OUTAGE_MAX, || coord.put(&key, &record))?;
         }
+    }
+    Ok(())
+}
+
+/// Refuses a committed plan made for another layout or global batch: the job's agents were
+/// started with different configurations, and this one cannot run its part.
+fn fits(o: &AgentOptions, key: &str, plan: &Plan) -> Result<()> {
+    let microbatches: usize = plan.microbatches.iter().sum();
+    if (plan.tp, plan.pp, microbatches) != (o.tp, o.pp, o.microbatches) {
+        return Err(RuntimeError::Argument {
+            name: "plan",
+            reason: format!(
+                "{key} plans tp {} x pp {} over {microbatches} microbatches, but node {}'s \
+                 configuration says tp {} x pp {} over {}; start every agent of job {} with \
+                 the same configuration",
+                plan.tp, plan.pp, o.node, o.tp, o.pp, o.microbatches, o.job
+            ),
+        });
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use marathon_model::cost::ParallelLayout;
+use marathon_model::ParallelLayout;
 use marathon_model::{GptConfig, ParamLayout};
 use marathon_storage::boxes::range_to_boxes;
 use marathon_storage::codec::Codec;

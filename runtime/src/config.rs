@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use marathon_model::cost::ParallelLayout;
+use marathon_model::ParallelLayout;
 use marathon_model::{AdamWConfig, BatchRamp, GptConfig, LrSchedule, ModelError};
 use serde::{Deserialize, Serialize};
 

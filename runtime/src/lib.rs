@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod moments;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod records;
 pub mod report;
 pub mod status;
 pub mod trainer;
@@ -32,4 +33,5 @@ pub mod worker;
 pub use config::TrainConfig;
 pub use error::{Result, RuntimeError};
 pub use groups::Groups;
-pub use trainer::{Observer, StepRecord, Trainer};
+pub use records::StepRecord;
+pub use trainer::{Observer, Trainer};

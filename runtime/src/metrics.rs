@@ -27,8 +27,8 @@ use prometheus_client::registry::Registry;
 
 use crate::checkpoint::{CheckpointRecord, Persisted};
 use crate::error::{Result, RuntimeError};
+use crate::records::{unix_ms, Goodput, StepRecord};
 use crate::status::JobStatus;
-use crate::trainer::{Goodput, StepRecord};
 
 type Labels = Vec<(String, String)>;
 type Seconds = Counter<f64, AtomicU64>;
@@ -363,7 +363,7 @@ impl Collector for JobMetrics {
             gauge(
                 "marathon_job_checkpoint_age_seconds",
                 "Seconds since the newest checkpoint was committed.",
-                crate::worker::unix_ms().saturating_sub(at_ms) as f64 / 1e3,
+                unix_ms().saturating_sub(at_ms) as f64 / 1e3,
             )?;
         }
         let mut m = encoder.encode_descriptor(
@@ -631,7 +631,7 @@ mod tests {
         job.update(|v| {
             v.lost_seconds = vec![("detection", 0.75)];
             v.recoveries.insert("hung".into(), 2);
-            v.checkpoint = Some((7, crate::worker::unix_ms() - 2000));
+            v.checkpoint = Some((7, unix_ms() - 2000));
         });
         let pages: BTreeMap<&'static str, Page> =
             [("/targets", Box::new(|| "[]".to_owned()) as Page)].into();

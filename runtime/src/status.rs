@@ -9,8 +9,7 @@ use marathon_elastic::{job, Coordinator, JobKey, JobKeys};
 use serde::Serialize;
 
 use crate::error::{Result, RuntimeError};
-use crate::trainer::Goodput;
-use crate::worker::{goodput, unix_ms, LossCause, LostRecord, Records};
+use crate::records::{goodput, unix_ms, Goodput, LossCause, LostRecord, Records};
 
 /// One member of the running plan.
 #[derive(Debug, Clone, Serialize)]

@@ -38,8 +38,8 @@ use crate::comm::{AbortHandle, GroupSpec};
 use crate::config::TrainConfig;
 use crate::error::{Result, RuntimeError};
 use crate::groups::Groups;
-use crate::trainer::Trainer;
-use crate::trainer::{Goodput, Observer, Summary};
+use crate::records::{goodput, unix_ms, FlaggedStraggler, Goodput, Records, StepCommit, Summary};
+use crate::trainer::{Observer, Trainer};
 
 /// What an agent tells its worker, one JSON object per line on the worker's stdin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,119 +109,6 @@ pub enum FromWorker {
     /// a worker blocked in a collective still sends it and a stopped or wedged process does
     /// not.
     Alive,
-}
-
-/// A generation's record of progress, committed by its rank 0 after each step (and once when
-/// it starts) under `gen-<g>/committed`, fenced by the generation. Times are Unix milliseconds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StepCommit {
-    pub generation: u64,
-    /// Steps completed.
-    pub step: u64,
-    /// Samples consumed by those steps: the data order's position.
-    pub consumed_samples: u64,
-    /// The last step's loss; `None` in the record that starts the generation.
-    pub loss: Option<f32>,
-    pub dp: usize,
-    /// The step the generation started from.
-    pub first_step: u64,
-    /// When the worker was told to start the generation, when its groups formed, when the
-    /// replicas were reconciled, and when this record was written.
-    pub told_at_ms: u64,
-    pub groups_at_ms: u64,
-    pub ready_at_ms: u64,
-    pub at_ms: u64,
-    /// The checkpoint step the generation reloaded from storage, if it did (0: none existed).
-    pub reloaded: Option<u64>,
-    /// This generation's time in kept steps, validation and checkpoint stalls.
-    pub training_s: f64,
-    pub eval_s: f64,
-    pub checkpoint_stall_s: f64,
-    /// Steps this generation ran that an earlier one had already committed (after a reload
-    /// from storage), and their time.
-    pub recomputed_steps: u64,
-    pub recomputed_s: f64,
-    /// The ranks of this generation flagged as stragglers so far (`marathon_elastic::pace`).
-    #[serde(default)]
-    pub stragglers: Vec<FlaggedStraggler>,
-}
-
-/// A rank flagged as a straggler: where it runs, and how slow it was when flagged.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FlaggedStraggler {
-    pub slot: Slot,
-    pub rank: usize,
-    /// The step at which it was flagged.
-    pub step: u64,
-    /// Its compute time per microbatch over its peers' median, at that step.
-    pub ratio: f64,
-}
-
-/// A worker lost in a generation, recorded by the agent that saw it under
-/// `gen-<g>/lost/<node>/<slot>` (or `gen-<g>/retry/...` for a live one that left it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LostRecord {
-    pub detected_at_ms: u64,
-    pub reason: String,
-    /// Why its agent reports it (records of older builds: a worker that died).
-    #[serde(default)]
-    pub cause: LossCause,
-}
-
-/// Why a worker was lost, as its agent saw it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossCause {
-    /// Its process exited or was killed.
-    #[default]
-    WorkerDied,
-    /// The watchdog saw no progress from it and its agent killed it.
-    Hung,
-    /// Flagged as a straggler and evicted.
-    Straggler,
-    /// It left its generation on an error of its own, and the same members start over.
-    Restarted,
-    /// Its node went: the lease ran out, or its agent restarted.
-    NodeLost,
-}
-
-impl LossCause {
-    pub fn name(self) -> &'static str {
-        match self {
-            LossCause::WorkerDied => "worker_died",
-            LossCause::Hung => "hung",
-            LossCause::Straggler => "straggler",
-            LossCause::Restarted => "restarted",
-            LossCause::NodeLost => "node_lost",
-        }
-    }
-}
-
-impl LostRecord {
-    /// The record of a loss seen now, as its key's value.
-    pub fn now(reason: String, cause: LossCause) -> Vec<u8> {
-        let record = LostRecord {
-            detected_at_ms: unix_ms(),
-            reason,
-            cause,
-        };
-        serde_json::to_vec(&record).expect("records serialise")
-    }
-}
-
-/// A generation's planning, written by the leader with the plan under `gen-<g>/planned`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PlannedRecord {
-    pub at_ms: u64,
-    pub dp: usize,
-    pub leader: String,
-}
-
-/// The current time in Unix milliseconds.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What the worker needs besides its configuration.
@@ -828,31 +715,6 @@ fn committed_high_water(coord: &dyn Coordinator, keys: &JobKeys, generation: u64
     Ok(high)
 }
 
-/// The records of a job's generations that its goodput is accounted from: step commits,
-/// losses and plans, as read from its keys.
-#[derive(Debug, Default)]
-pub struct Records {
-    pub commits: Vec<StepCommit>,
-    pub lost: Vec<(u64, LostRecord)>,
-    pub planned: Vec<PlannedRecord>,
-}
-
-impl Records {
-    /// Takes the record that `key` holds, if it is one of these.
-    pub fn add(&mut self, key: &JobKey, value: &[u8]) {
-        match key {
-            JobKey::Committed(_) => self.commits.extend(serde_json::from_slice(value).ok()),
-            JobKey::Lost { generation, .. } => {
-                if let Ok(l) = serde_json::from_slice::<LostRecord>(value) {
-                    self.lost.push((*generation, l));
-                }
-            }
-            JobKey::Planned(_) => self.planned.extend(serde_json::from_slice(value).ok()),
-            _ => {}
-        }
-    }
-}
-
 /// The job's summary: `last` (the final generation's rank 0) with the accounting of every
 /// generation, read back from the coordinator, and the records it was read from.
 fn job_summary(
@@ -879,66 +741,6 @@ fn job_summary(
         }
     }
     Ok((summary, records))
-}
-
-/// Where an elastic job's time went, from its generations' records: training in kept steps,
-/// validation, checkpoint stalls, and for each change of generation the time from the last
-/// committed step to the failure's detection (the dropped step's work included), from there to
-/// the new generation's groups (re-forming), and from there to reconciled replicas (peer
-/// transfer, or the reload from storage), plus steps run again after a reload. Returns it with
-/// the job's elapsed seconds, from its first plan to `end_ms`.
-pub fn goodput(
-    commits: &[StepCommit],
-    lost: &[(u64, LostRecord)],
-    planned: &[PlannedRecord],
-    end_ms: u64,
-) -> (Goodput, f64) {
-    let mut commits: Vec<&StepCommit> = commits.iter().collect();
-    commits.sort_by_key(|c| c.generation);
-    let start_ms = planned
-        .iter()
-        .map(|p| p.at_ms)
-        .chain(commits.first().map(|c| c.told_at_ms))
-        .min()
-        .unwrap_or(end_ms);
-    let s = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
-    let mut g = Goodput::default();
-    let mut previous: Option<&StepCommit> = None;
-    for c in &commits {
-        g.training_s += c.training_s;
-        g.eval_s += c.eval_s;
-        g.checkpoint_stall_s += c.checkpoint_stall_s;
-        g.recomputed_s += c.recomputed_s;
-        g.recomputed_steps += c.recomputed_steps;
-        g.stragglers += c.stragglers.len() as u64;
-        match previous {
-            None => g.startup_s += s(start_ms, c.ready_at_ms),
-            Some(p) => {
-                let detected = lost
-                    .iter()
-                    .filter(|(gen, _)| *gen == p.generation)
-                    .map(|(_, l)| l.detected_at_ms)
-                    .min();
-                let from = match detected {
-                    Some(d) => {
-                        g.detection_s += s(p.at_ms, d);
-                        d
-                    }
-                    None => p.at_ms,
-                };
-                g.reform_s += s(from, c.groups_at_ms);
-                g.transfer_s += s(c.groups_at_ms, c.ready_at_ms);
-            }
-        }
-        previous = Some(c);
-    }
-    let elapsed_s = s(start_ms, end_ms);
-    g.effective_fraction = if elapsed_s > 0.0 {
-        g.training_s / elapsed_s
-    } else {
-        0.0
-    };
-    (g, elapsed_s)
 }
 
 /// The coordinator as a generation's rendezvous sees it: waiting for a peer's key gives up

@@ -113,3 +113,51 @@ fn agents_on_the_in_process_coordinator_plan_and_replan_without_a_crashed_node()
         a.join().unwrap().unwrap();
     }
 }
+
+/// An agent started with another configuration than its job's (here twice the global batch)
+/// refuses the job's running plan with an error naming both, before it registers, rather than
+/// joining a plan it does not fit; the job's own agents go on undisturbed.
+#[test]
+fn an_agent_whose_configuration_differs_from_its_jobs_refuses_the_plan() {
+    let coord = Arc::new(InProcessCoordinator::new());
+    let keys = JobKeys::new("in-process");
+    let nodes = ["a", "b"];
+    let starts: Starts = Arc::new(Mutex::new(Vec::new()));
+    let spawn = |node: &'static str, opts: AgentOptions| {
+        let coord: Arc<dyn Cluster> = coord.clone();
+        let host = Box::new(Hollow::new(node, starts.clone()));
+        std::thread::spawn(move || agent::run_with(coord, opts, host, None))
+    };
+    let agents: Vec<_> = nodes
+        .iter()
+        .map(|n| spawn(n, options(n, nodes.len())))
+        .collect();
+    all_started(&starts, &nodes, 1);
+    let odd = spawn(
+        "z",
+        AgentOptions {
+            microbatches: 16,
+            ..options("z", nodes.len())
+        },
+    );
+    let err = odd
+        .join()
+        .unwrap()
+        .expect_err("a plan it does not fit")
+        .to_string();
+    assert!(
+        err.contains("plans tp 2 x pp 1 over 8 microbatches, but node z's configuration says tp 2 x pp 1 over 16")
+            && err.contains("same configuration"),
+        "{err}"
+    );
+    // It refused before registering: the job was not disturbed.
+    assert!(starts.lock().unwrap().iter().all(|(n, _, _)| n != "z"));
+    assert_eq!(
+        coord.get(&keys.generation()).unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    coord.put(&keys.done(), b"done").unwrap();
+    for a in agents {
+        a.join().unwrap().unwrap();
+    }
+}

@@ -13,7 +13,8 @@ mod garage;
 use common::*;
 use marathon_runtime::checkpoint::CheckpointRecord;
 use marathon_runtime::config::{CheckpointConfig, Compression, Resume};
-use marathon_runtime::trainer::{Observer, StepRecord};
+use marathon_runtime::records::StepRecord;
+use marathon_runtime::trainer::Observer;
 use marathon_runtime::{TrainConfig, Trainer};
 use marathon_storage::format::Manifest;
 

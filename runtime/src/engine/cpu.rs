@@ -15,7 +15,7 @@ use crate::checkpoint::Source;
 use crate::comm::ProcessGroup;
 use crate::error::Result;
 use crate::groups::TensorGroup;
-use crate::trainer::StepTimes;
+use crate::records::StepTimes;
 
 /// Elements per block of the checkpoint snapshot's parallel copy (1 MiB).
 const COPY_BLOCK: usize = 1 << 18;

@@ -30,7 +30,7 @@ use crate::comm::ProcessGroup;
 use crate::config::TrainConfig;
 use crate::error::{Result, RuntimeError};
 use crate::groups::TensorGroup;
-use crate::trainer::StepTimes;
+use crate::records::StepTimes;
 
 /// Elements per block of the host's bf16 conversions, which run on every core.
 const CONVERT_BLOCK: usize = 1 << 16;

@@ -23,7 +23,7 @@ use crate::checkpoint::Source;
 use crate::comm::ProcessGroup;
 use crate::error::Result;
 use crate::groups::TensorGroup;
-use crate::trainer::StepTimes;
+use crate::records::StepTimes;
 
 pub mod cpu;
 #[cfg(feature = "cuda")]

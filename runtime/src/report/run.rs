@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::page::{Chart, Page, Series, Style};
 use crate::checkpoint::{CheckpointRecord, Persisted};
 use crate::error::{Result, RuntimeError};
-use crate::trainer::{Goodput, StepRecord};
-use crate::worker::{LossCause, Records};
+use crate::records::{Goodput, LossCause, Records, StepRecord};
 
 /// An elastic job's generations and faults, written to the metrics at its end by the rank
 /// that writes them, from the job's records in the coordinator.

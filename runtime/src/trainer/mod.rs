@@ -25,8 +25,7 @@ mod sync;
 mod zero;
 
 pub use preflight::preflight;
-pub use run::{Goodput, Observer, StepRecord, Summary};
-pub(crate) use step::StepTimes;
+pub use run::Observer;
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -45,6 +44,7 @@ use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::groups::Groups;
 use crate::metrics::{JobMetrics, RankMetrics};
+use crate::records::StepRecord;
 use crate::transport::{Transport, TransportChoice};
 
 use checkpoints::checkpointing;

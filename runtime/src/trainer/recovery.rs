@@ -4,10 +4,11 @@
 
 use marathon_model::AdamW;
 
-use super::{checkpointing, open_metrics, StepRecord, Trainer};
+use super::{checkpointing, open_metrics, Trainer};
 use crate::comm::ProcessGroup;
 use crate::error::{Result, RuntimeError};
 use crate::groups::Groups;
+use crate::records::StepRecord;
 
 impl Trainer {
     /// Continues with new process groups: a new generation of the job, with the same tensor

@@ -7,151 +7,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::Trainer;
 use crate::checkpoint::{CheckpointRecord, Persisted};
 use crate::error::{Result, RuntimeError};
 use crate::metrics::{JobMetrics, RankMetrics};
-
-/// What one optimizer step did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StepRecord {
-    pub step: u64,
-    /// Mean loss over the global batch.
-    pub loss: f32,
-    pub lr: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    pub batch: u64,
-    /// Tokens consumed by all steps up to and including this one.
-    pub tokens_consumed: u64,
-    pub step_ms: f64,
-    pub tokens_per_s: f64,
-    /// Time the step waited on collectives (data-parallel gradient and loss sums, the
-    /// distributed optimizer's gather): communication not hidden behind compute.
-    #[serde(default)]
-    pub comm_wait_ms: f64,
-    /// Time collectives ran on the communication thread while backward went on.
-    #[serde(default)]
-    pub comm_overlapped_ms: f64,
-    /// Time in tensor-parallel collectives inside forward and backward.
-    #[serde(default)]
-    pub tp_comm_ms: f64,
-    /// Time blocked sending to or receiving from neighbouring pipeline stages: the pipeline
-    /// bubble plus the transfers.
-    #[serde(default)]
-    pub pipeline_wait_ms: f64,
-    /// When the step's update was applied, in Unix milliseconds.
-    #[serde(default)]
-    pub at_ms: u64,
-}
-
-impl StepRecord {
-    /// Words of a record as it travels in [`StepRecord::words`].
-    pub(super) const WORDS: usize = 13;
-
-    /// The record as words (floats by their bits), to travel in a gather of u64s.
-    pub(super) fn words(&self) -> [u64; Self::WORDS] {
-        [
-            self.step,
-            u64::from(self.loss.to_bits()),
-            self.lr.to_bits(),
-            self.grad_norm.to_bits(),
-            self.batch,
-            self.tokens_consumed,
-            self.step_ms.to_bits(),
-            self.tokens_per_s.to_bits(),
-            self.comm_wait_ms.to_bits(),
-            self.comm_overlapped_ms.to_bits(),
-            self.tp_comm_ms.to_bits(),
-            self.pipeline_wait_ms.to_bits(),
-            self.at_ms,
-        ]
-    }
-
-    /// The record [`StepRecord::words`] wrote; `None` for the words of no record (step 0).
-    pub(super) fn from_words(w: &[u64]) -> Option<Self> {
-        let f = |i: usize| f64::from_bits(w[i]);
-        (w[0] != 0).then(|| StepRecord {
-            step: w[0],
-            loss: f32::from_bits(w[1] as u32),
-            lr: f(2),
-            grad_norm: f(3),
-            batch: w[4],
-            tokens_consumed: w[5],
-            step_ms: f(6),
-            tokens_per_s: f(7),
-            comm_wait_ms: f(8),
-            comm_overlapped_ms: f(9),
-            tp_comm_ms: f(10),
-            pipeline_wait_ms: f(11),
-            at_ms: w[12],
-        })
-    }
-}
+use crate::records::{unix_ms, Goodput, StepRecord, Summary};
 
 /// Receives progress; `ops` draws it.
 pub trait Observer {
     fn on_step(&mut self, _rec: &StepRecord) {}
     fn on_eval(&mut self, _step: u64, _val_loss: f32) {}
     fn on_checkpoint(&mut self, _rec: &CheckpointRecord) {}
-}
-
-/// The end of a run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Summary {
-    pub steps: u64,
-    /// NaN when the job's last generation ran no step and its predecessor committed none
-    /// (JSON writes it as null, and reads null back as NaN).
-    #[serde(deserialize_with = "nan_if_null")]
-    pub final_loss: f32,
-    pub final_val_loss: Option<f32>,
-    pub tokens_consumed: u64,
-    pub elapsed_s: f64,
-    /// Where the run's time went.
-    #[serde(default)]
-    pub goodput: Goodput,
-}
-
-fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f32, D::Error> {
-    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
-}
-
-/// Where a run's wall time went: training steps, validation, checkpoint stalls (the staging
-/// copy and any wait for the previous persist) and the wait for the last checkpoint to commit.
-/// `effective_fraction` is the share spent in training steps.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Goodput {
-    pub training_s: f64,
-    pub eval_s: f64,
-    pub checkpoint_stall_s: f64,
-    pub final_checkpoint_s: f64,
-    pub effective_fraction: f64,
-    /// Elastic jobs: from the first plan to the first generation's reconciled replicas
-    /// (rendezvous, building the model, loading a checkpoint).
-    #[serde(default)]
-    pub startup_s: f64,
-    /// Elastic jobs: from the last committed step before a failure to its detection; the
-    /// dropped step's work is part of it.
-    #[serde(default)]
-    pub detection_s: f64,
-    /// Elastic jobs: from a failure's detection (or a growth's step boundary) to the new
-    /// generation's process groups: the settling window, planning and rendezvous.
-    #[serde(default)]
-    pub reform_s: f64,
-    /// Elastic jobs: reconciling the replicas of a new generation: peer state transfer, or
-    /// the reload from storage.
-    #[serde(default)]
-    pub transfer_s: f64,
-    /// Elastic jobs: steps run again after a reload from storage, and their time.
-    #[serde(default)]
-    pub recomputed_steps: u64,
-    #[serde(default)]
-    pub recomputed_s: f64,
-    /// Elastic jobs: ranks flagged as stragglers.
-    #[serde(default)]
-    pub stragglers: u64,
 }
 
 impl Trainer {
@@ -211,7 +79,7 @@ impl Trainer {
             live.on_persisted(p);
         }
         if let (Some(job), true) = (&self.live_job, p.committed) {
-            job.update(|v| v.checkpoint = Some((p.step, crate::worker::unix_ms())));
+            job.update(|v| v.checkpoint = Some((p.step, unix_ms())));
         }
         self.write_record("persist", p)
     }

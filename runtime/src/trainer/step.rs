@@ -5,10 +5,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use super::{StepRecord, Trainer};
+use super::Trainer;
 use crate::comm::{chunk_range, ProcessGroup};
 use crate::error::{Result, RuntimeError};
 use crate::groups::TensorGroup;
+use crate::records::{unix_ms, StepRecord, StepTimes};
 
 /// `train.samples_log`, open on the rank that logs for its replica, and the sample ids it fed
 /// in the step running.
@@ -16,15 +17,6 @@ use crate::groups::TensorGroup;
 pub(super) struct SamplesLog {
     file: File,
     fed: Vec<u64>,
-}
-
-/// Where a step's time went, beyond compute.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct StepTimes {
-    pub comm_wait: Duration,
-    pub comm_overlapped: Duration,
-    pub tp_comm: Duration,
-    pub pipeline_wait: Duration,
 }
 
 impl Trainer {
@@ -207,7 +199,7 @@ impl Trainer {
             comm_overlapped_ms: ms(times.comm_overlapped),
             tp_comm_ms: ms(times.tp_comm),
             pipeline_wait_ms: ms(times.pipeline_wait),
-            at_ms: crate::worker::unix_ms(),
+            at_ms: unix_ms(),
         }
     }
 
