@@ -6,7 +6,7 @@ use marathon_storage::format::Manifest;
 use marathon_storage::retention::{collect, Retention};
 use marathon_storage::{Reader, Store};
 
-use crate::convert::{diff, export_hf, import_hf, reshard, Dtype, Tolerance};
+use crate::convert::{diff, export_hf, import_hf, Dtype, Tolerance};
 use std::path::PathBuf;
 
 #[derive(Debug, Subcommand)]
@@ -235,15 +235,31 @@ pub fn run(command: CkptCommand) -> Result<()> {
             };
             let options = parse_options(&src.options)?;
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let report = reshard(
+            let bar = if tty {
+                indicatif::ProgressBar::new(0)
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "reshard {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("a valid template"),
+            );
+            let report = marathon_runtime::reshard::reshard(
                 &reader,
                 step,
                 || Ok(Store::open_with(&dst, options)?),
                 target,
                 codec,
                 single_writer,
-                tty,
-            )?;
+                &mut |read, total| {
+                    bar.set_length(total);
+                    bar.set_position(read);
+                },
+            )
+            .with_context(|| format!("reshard step {step} to --tp {tp} --pp {pp} --dp {dp}"))?;
+            bar.finish_and_clear();
             eprintln!(
                 "resharded step {step} to tp {tp} pp {pp} dp {dp}{}: {:.1} MB in {:.2} s ({:.2} \
                  GB/s) as {} objects of at most {:.1} MB; peak memory {}",

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use marathon_chaos::process::Process;
 use marathon_elastic::{Coordinator, EtcdCoordinator, JobKey, JobKeys};
 use marathon_runtime::config::CheckpointConfig;
 use marathon_runtime::records::{unix_ms, LostRecord, PlannedRecord, StepCommit};
@@ -61,7 +62,9 @@ impl Watched {
     }
 
     /// The pid in the first line starting with `prefix` and ending with "pid <n>".
-    fn pid(&self, prefix: &str, timeout: Duration) -> Result<u32> {
+    /// The process the first line starting with `prefix` names by its last word, held as soon
+    /// as the line is seen (a pid learnt and signalled minutes later may be another's).
+    fn process(&self, prefix: &str, timeout: Duration) -> Result<Process> {
         let deadline = Instant::now() + timeout;
         loop {
             let found = self
@@ -72,7 +75,7 @@ impl Watched {
                 .find(|l| l.starts_with(prefix))
                 .and_then(|l| l.rsplit(' ').next()?.parse().ok());
             if let Some(pid) = found {
-                return Ok(pid);
+                return Process::open(pid).with_context(|| format!("process {pid} is gone"));
             }
             if Instant::now() > deadline {
                 bail!("no line starting {prefix:?} within {timeout:?}");
@@ -89,12 +92,9 @@ impl Drop for Watched {
     }
 }
 
-fn kill9(pid: u32) -> Result<()> {
-    let ok = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()?;
-    if !ok.success() {
-        bail!("kill -9 {pid} failed");
+fn kill9(p: &Process) -> Result<()> {
+    if !p.signal(libc::SIGKILL) {
+        bail!("kill -9 {}: the process is gone", p.pid());
     }
     Ok(())
 }
@@ -177,13 +177,13 @@ fn elastic_recovery(exe: &Path, config: &Path, args: &RecoveryArgs) -> Result<Re
                 "600000",
             ]),
     )?;
-    let victim = job_run.pid(&last, Duration::from_secs(60))?;
+    let victim = job_run.process(&last, Duration::from_secs(60))?;
     let k = args.kill_after;
     wait_until("the elastic job's step", Duration::from_secs(300), || {
         committed(&|c| c.generation == 1 && c.step >= k && c.loss.is_some()).is_some()
     })?;
     let killed = unix_ms();
-    kill9(victim)?;
+    kill9(&victim)?;
     let (first_at, first) = {
         wait_until(
             "the first step after the kill",
@@ -278,7 +278,7 @@ pub fn run(args: RecoveryArgs) -> Result<()> {
             )
         };
         let mut first = start()?;
-        let victim = first.pid(
+        let victim = first.process(
             &format!("worker rank {}: pid", world - 1),
             Duration::from_secs(60),
         )?;
@@ -287,7 +287,7 @@ pub fn run(args: RecoveryArgs) -> Result<()> {
             metric_steps(&metrics).last().is_some_and(|&s| s >= k)
         })?;
         let killed = unix_ms();
-        kill9(victim)?;
+        kill9(&victim)?;
         let status = first.child.wait()?;
         let detected = unix_ms();
         let reached = metric_steps(&metrics).into_iter().max().unwrap_or(0);

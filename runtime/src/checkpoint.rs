@@ -55,6 +55,15 @@ pub struct RunState {
     pub origin: Option<String>,
 }
 
+/// The run state in the manifest `m` of a checkpoint under `url`.
+pub fn run_state(m: &Manifest, url: &str) -> Result<RunState> {
+    serde_json::from_value(m.run.clone()).map_err(|e| RuntimeError::CheckpointContent {
+        url: url.to_string(),
+        step: m.step,
+        reason: format!("it has no marathon run state: {e}"),
+    })
+}
+
 /// Which of a rank's buffers a piece is copied from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {

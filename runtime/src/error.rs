@@ -77,6 +77,14 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// A checkpoint holds something other than what is asked of it: no run state, a tensor
+    /// missing or of another shape.
+    #[error("the checkpoint of step {step} under {url}: {reason}")]
+    CheckpointContent {
+        url: String,
+        step: u64,
+        reason: String,
+    },
     /// Checkpoint storage failed: the message names the step, object, tensor or URL.
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] marathon_storage::StorageError),

@@ -25,6 +25,7 @@ pub mod moments;
 pub mod nccl;
 pub mod records;
 pub mod report;
+pub mod reshard;
 pub mod status;
 pub mod trainer;
 pub mod transport;
