@@ -40,6 +40,9 @@ pub struct AgentSpec {
     pub namespaces: Option<Vec<(String, String)>>,
 }
 
+/// A worker an agent started: its slot, and the process held.
+pub type Worker = (usize, Arc<Process>);
+
 /// One node: its agent process (when running) and every line it and its workers wrote, over
 /// all its lives.
 #[derive(Debug)]
@@ -54,7 +57,7 @@ pub struct Node {
     /// held from the moment it was started, so a signal never reaches another process that
     /// took its pid later.
     agents: Vec<Arc<Process>>,
-    workers: Arc<Mutex<Vec<(usize, Arc<Process>)>>>,
+    workers: Arc<Mutex<Vec<Worker>>>,
     /// Times its agent was started again after it exited or was killed.
     pub restarts: usize,
 }
@@ -188,7 +191,7 @@ impl Node {
     }
 
     /// Every worker any of its agents started: (slot, process), oldest first.
-    pub fn workers(&self) -> Vec<(usize, Arc<Process>)> {
+    pub fn workers(&self) -> Vec<Worker> {
         self.workers
             .lock()
             .unwrap_or_else(|e| e.into_inner())

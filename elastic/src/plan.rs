@@ -186,7 +186,7 @@ impl Plan {
         for b in self.blocks.iter().filter(|b| b.state == StateSource::Kept) {
             for (t, s) in b.slots.iter().enumerate() {
                 let held = before.as_ref().and_then(|h| h.get(s));
-                if !held.is_some_and(|&(_, stage, rank)| (stage, rank) == (b.stage, t)) {
+                if held.is_none_or(|&(_, stage, rank)| (stage, rank) != (b.stage, t)) {
                     out.push(format!(
                         "slot {}/{} keeps stage {} tensor rank {t}, but held {}",
                         s.node,

@@ -43,6 +43,7 @@ fn run_scenario(seed: u64) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
+        let headline = failure_headline(&json, out.status, &stderr);
         // The agents' own logs say what the job did.
         let logs: String = std::fs::read_dir(dir.path().join(format!("runs/seed-{seed}")))
             .into_iter()
@@ -62,7 +63,7 @@ fn run_scenario(seed: u64) -> serde_json::Value {
         // The scenario's directory (configuration, logs, the etcd history) stays for reading.
         let kept = dir.keep();
         panic!(
-            "seed {seed}:\n{stdout}\n{stderr}\n{logs}\nthe scenario's directory is kept at {}",
+            "seed {seed}: {headline}\nthe scenario's directory is kept at {}\n\n{stdout}\n{stderr}\n{logs}",
             kept.join(format!("runs/seed-{seed}")).display()
         );
     }
@@ -86,6 +87,37 @@ fn run_scenario(seed: u64) -> serde_json::Value {
         assert!(wrong.is_empty(), "{}: {wrong:#?}", page.display());
     }
     report["scenarios"][0].clone()
+}
+
+/// The first line of a failed scenario's message: the invariants its report says broke, or,
+/// with no report, how `marathon chaos run` ended (a signal, an error) and its last line.
+fn failure_headline(
+    json: &std::path::Path,
+    status: std::process::ExitStatus,
+    stderr: &str,
+) -> String {
+    let report: Option<serde_json::Value> = std::fs::read_to_string(json)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok());
+    let violations: Vec<String> = report
+        .iter()
+        .flat_map(|r| r["scenarios"].as_array().cloned().unwrap_or_default())
+        .flat_map(|s| s["violations"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    if !violations.is_empty() {
+        return format!("broke: {}", violations.join("; "));
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let last = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    match status.signal() {
+        Some(sig) => format!("`marathon chaos run` was killed by signal {sig} before its report; its last line: {last}"),
+        None => format!("`marathon chaos run` exited with {status} and no report; its last line: {last}"),
+    }
 }
 
 /// Checks that the network faults a scenario drew were injected: they need network
@@ -271,4 +303,28 @@ fn a_scenario_that_cannot_recover_fails_loudly_and_cleans_up() {
     assert_eq!(report["failed"], serde_json::json!([2]));
     let violations = report["scenarios"][0]["violations"].to_string();
     assert!(!violations.contains("left running"), "{violations}");
+}
+
+/// A failed scenario's first line says what broke: the report's violations, or with no report
+/// the signal or status `marathon chaos run` ended with (CI shows a failure's first lines).
+#[test]
+fn a_failed_scenarios_first_line_names_what_broke() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let killed = std::process::ExitStatus::from_raw(9);
+    let h = failure_headline(&json, killed, "chaos: step 30: kill -9 node-1\n\n");
+    assert_eq!(
+        h,
+        "`marathon chaos run` was killed by signal 9 before its report; its last line: chaos: \
+         step 30: kill -9 node-1"
+    );
+    let report =
+        serde_json::json!({ "scenarios": [{ "violations": ["step 25: no loss logged"] }] });
+    std::fs::write(&json, report.to_string()).unwrap();
+    let failed = std::process::ExitStatus::from_raw(1 << 8);
+    assert_eq!(
+        failure_headline(&json, failed, "error: invariants broken"),
+        "broke: step 25: no loss logged"
+    );
 }
