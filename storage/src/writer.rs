@@ -727,8 +727,9 @@ fn host() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-/// A random name for one persist's shard: the standard library's hasher keys are random per
-/// process, and the clock tells persists of one process apart.
+/// A random name for one persist's shard or one probe: the standard library's hasher keys are
+/// random per thread and move on at each use, so no two calls hash with the same keys (the
+/// clock's reading is hashed too).
 fn writer_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -807,10 +808,14 @@ fn shard_write(e: std::io::Error) -> object_store::Error {
 
 /// Whether `store` refuses a second create-only put of the same object.
 pub async fn probe_create_only(store: &Store) -> Result<CommitMode> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let path = store.path(&format!(".marathon-probe-{}-{nanos}", std::process::id()));
+    // A name no other probe has, in this process or another: two probes of one name would
+    // each see the other's object, and the one whose object the other deleted would find its
+    // second put accepted (a clock read twice in one tick gives two writers the same time).
+    let path = store.path(&format!(
+        ".marathon-probe-{}-{:016x}",
+        std::process::id(),
+        writer_id()
+    ));
     let create = PutOptions {
         mode: PutMode::Create,
         ..PutOptions::default()
