@@ -3,10 +3,11 @@
 //! its keys (step commits, losses, plans). Plain data with no I/O, below the trainer, the worker,
 //! live metrics, job status and reports, which all read or write it.
 
+use std::time::Duration;
+
 use marathon_elastic::plan::Slot;
 use marathon_elastic::JobKey;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
