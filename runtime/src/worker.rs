@@ -393,6 +393,27 @@ fn group_secret(coord: &dyn Coordinator, keys: &JobKeys, g: u64) -> Result<Vec<u
     }
 }
 
+/// Whether `plan` is the plan committed for generation `g`: `Err` describes how it is not.
+fn committed_plan_is(
+    coord: &dyn Coordinator,
+    keys: &JobKeys,
+    g: u64,
+    plan: &Plan,
+) -> Result<std::result::Result<(), String>> {
+    let key = keys.plan(g);
+    let committed = retrying(OUTAGE_MAX, || coord.get(&key))?;
+    let committed: Option<Plan> = committed.and_then(|j| serde_json::from_slice(&j).ok());
+    Ok(match committed {
+        Some(c) if &c == plan => Ok(()),
+        Some(c) => Err(format!(
+            "told to run generation {g} with {plan:?}, but {key} holds {c:?}"
+        )),
+        None => Err(format!(
+            "told to run generation {g}, but {key} holds no plan"
+        )),
+    })
+}
+
 /// One generation of one worker.
 struct Generation<'a> {
     cfg: &'a TrainConfig,
@@ -432,6 +453,11 @@ impl Generation<'_> {
         let mut spec = GroupSpec::loopback(&self.opts.job, "", 0, 1, self.opts.group_timeout);
         spec.generation = g;
         spec.secret = group_secret(self.coord, self.keys, g)?;
+        // Paired with the membership core's checks of the plans it starts: a worker runs only
+        // the plan committed for its generation.
+        if let Err(e) = committed_plan_is(self.coord, self.keys, g, plan)? {
+            panic!("{}: {e}", self.slot.node);
+        }
         spec.bind = std::net::SocketAddr::new(self.opts.host, 0);
         spec.rendezvous_timeout = self.opts.group_timeout;
         let abortable = Abortable {
@@ -813,5 +839,48 @@ impl Coordinator for Abortable<'_> {
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ElasticError> {
         self.inner.list(prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use marathon_elastic::plan::{plan, Offer, PlanRequest};
+    use marathon_elastic::InProcessCoordinator;
+
+    use super::*;
+
+    /// The check behind the worker's assertion fires on a plan other than the committed one,
+    /// and on a generation with none.
+    #[test]
+    fn a_plan_other_than_the_committed_one_is_named() {
+        let coord = InProcessCoordinator::new();
+        let keys = JobKeys::new("j");
+        let live: BTreeMap<String, Offer> = [("a".to_string(), Offer::all(2))].into();
+        let req = |microbatches| PlanRequest {
+            tp: 1,
+            pp: 1,
+            microbatches,
+            live: &live,
+            previous: None,
+        };
+        let committed = plan(&req(4)).expect("a plan");
+        let other = plan(&req(6)).expect("a plan");
+        coord
+            .put(
+                &keys.plan(1),
+                &serde_json::to_vec(&committed).expect("json"),
+            )
+            .expect("put");
+        let is = |g, p: &Plan| committed_plan_is(&coord, &keys, g, p).expect("a read");
+        assert_eq!(is(1, &committed), Ok(()));
+        let e = is(1, &other).expect_err("another plan");
+        assert!(
+            e.contains("told to run generation 1 with") && e.contains("but /"),
+            "{e}"
+        );
+        let e = is(2, &committed).expect_err("no plan");
+        assert!(e.ends_with("holds no plan"), "{e}");
     }
 }
