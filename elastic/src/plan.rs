@@ -140,11 +140,14 @@ impl Plan {
                 }
             }
         }
-        let keeps = |stage: usize| {
-            self.blocks
-                .iter()
-                .any(|b| b.stage == stage && b.state == StateSource::Kept)
-        };
+        // The (replica, stage) of every kept block and the stages kept, each looked up once.
+        let kept: BTreeSet<(usize, usize)> = self
+            .blocks
+            .iter()
+            .filter(|b| b.state == StateSource::Kept)
+            .map(|b| (b.replica, b.stage))
+            .collect();
+        let kept_stages: BTreeSet<usize> = kept.iter().map(|&(_, s)| s).collect();
         for (i, b) in self.blocks.iter().enumerate() {
             if (b.replica, b.stage) != (i / pp.max(1), i % pp.max(1)) {
                 out.push(format!(
@@ -154,18 +157,14 @@ impl Plan {
             }
             match b.state {
                 StateSource::Peer(q) => {
-                    let source = self
-                        .blocks
-                        .iter()
-                        .find(|o| (o.replica, o.stage) == (q, b.stage));
-                    if !source.is_some_and(|o| o.state == StateSource::Kept) {
+                    if !kept.contains(&(q, b.stage)) {
                         out.push(format!(
                             "replica {} stage {} copies from replica {q}, which keeps nothing of it",
                             b.replica, b.stage
                         ));
                     }
                 }
-                StateSource::Storage if keeps(b.stage) => out.push(format!(
+                StateSource::Storage if kept_stages.contains(&b.stage) => out.push(format!(
                     "replica {} stage {} loads from storage though a replica keeps the stage",
                     b.replica, b.stage
                 )),
