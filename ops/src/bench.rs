@@ -18,7 +18,11 @@ use marathon_runtime::trainer::Observer;
 use marathon_runtime::{Groups, TrainConfig, Trainer};
 use std::sync::Arc;
 
+use crate::flags::LayoutFlags;
+
 #[derive(Debug, Args)]
+#[command(mut_arg("tp", |a| a.default_value("1")), mut_arg("pp", |a| a.default_value("1")),
+          mut_arg("dp", |a| a.default_value("1")))]
 pub struct TrainArgs {
     #[arg(long)]
     config: PathBuf,
@@ -38,16 +42,10 @@ pub struct TrainArgs {
     /// (sets batch.global_batch).
     #[arg(long)]
     global_batch: Option<usize>,
-    /// Tensor-parallel size. Every rank runs as a thread of this process sharing its cores,
-    /// with real TCP process groups.
-    #[arg(long, default_value_t = 1)]
-    tp: usize,
-    /// Pipeline-parallel size.
-    #[arg(long, default_value_t = 1)]
-    pp: usize,
-    /// Data-parallel replicas.
-    #[arg(long, default_value_t = 1)]
-    dp: usize,
+    /// The layout timed (1 x 1 x 1 unless given). Every rank runs as a thread of this process
+    /// sharing its cores, with real TCP process groups.
+    #[command(flatten)]
+    layout: LayoutFlags,
     /// Where the model computes: `cpu`, or `cuda` (ranks share this machine's GPUs
     /// round-robin, with the host-staged transport between them).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
@@ -71,9 +69,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if let Some(g) = args.global_batch {
         cfg.batch.global_batch = g;
     }
-    cfg.parallel.tp = args.tp;
-    cfg.parallel.pp = args.pp;
-    cfg.parallel.dp = args.dp;
+    cfg.parallel = args.layout.over(cfg.parallel);
     cfg.batch.rampup = None;
     cfg.train.steps = args.warmup + args.steps;
     cfg.train.eval_every_steps = 0;

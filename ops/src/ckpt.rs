@@ -6,6 +6,7 @@ use marathon_storage::format::Manifest;
 use marathon_storage::retention::{collect, Retention};
 use marathon_storage::{Reader, Store};
 
+use crate::flags::LayoutFlags;
 use crate::convert::{diff, export_hf, import_hf, Dtype, Tolerance};
 use std::path::PathBuf;
 
@@ -64,16 +65,16 @@ pub enum CkptCommand {
     /// Turns a Hugging Face GPT-2 safetensors model into the checkpoint of step 0 under a root,
     /// with fresh optimizer state, for fine-tuning. Every tensor is checked before anything is
     /// written.
+    #[command(mut_arg("tp", |a| a.default_value("1")), mut_arg("pp", |a| a.default_value("1")),
+              mut_arg("dp", |a| a.default_value("1")))]
     Import {
         /// A directory with model.safetensors and config.json.
         dir: PathBuf,
         #[command(flatten)]
         root: RootArgs,
-        /// The tensor-parallel size the checkpoint is recorded for (any layout can load it).
-        #[arg(long, default_value_t = 1)]
-        tp: usize,
-        #[arg(long, default_value_t = 1)]
-        pp: usize,
+        /// The layout the checkpoint is recorded for (any layout can load it).
+        #[command(flatten)]
+        layout: LayoutFlags,
         /// Nothing else writes under the destination root: needed on a store that does not
         /// refuse a second create-only write (Garage), where marathon cannot tell a concurrent
         /// writer's commit from its own.
@@ -84,6 +85,8 @@ pub enum CkptCommand {
     /// and data-parallel degrees, the distributed optimizer on or off), streaming with about
     /// two of the largest tensor box in memory; the source and destination may be different
     /// stores. Prints the throughput and peak memory at the end.
+    #[command(mut_arg("tp", |a| a.default_value("1")), mut_arg("pp", |a| a.default_value("1")),
+              mut_arg("dp", |a| a.default_value("1")))]
     Reshard {
         #[command(flatten)]
         src: RootArgs,
@@ -92,15 +95,9 @@ pub enum CkptCommand {
         /// The step (default: the newest committed).
         #[arg(long)]
         step: Option<u64>,
-        /// The target layout's tensor-parallel size (it must divide the heads).
-        #[arg(long, default_value_t = 1)]
-        tp: usize,
-        /// The target layout's pipeline stages (they must divide the layers).
-        #[arg(long, default_value_t = 1)]
-        pp: usize,
-        /// The target layout's data-parallel replicas.
-        #[arg(long, default_value_t = 1)]
-        dp: usize,
+        /// The target layout (1 x 1 x 1 unless given).
+        #[command(flatten)]
+        layout: LayoutFlags,
         /// Store the moments as the distributed optimizer's per-replica shards.
         #[arg(long)]
         zero: bool,
@@ -213,9 +210,7 @@ pub fn run(command: CkptCommand) -> Result<()> {
             src,
             dst,
             step,
-            tp,
-            pp,
-            dp,
+            layout,
             zero,
             compression,
             single_writer,
@@ -228,11 +223,10 @@ pub fn run(command: CkptCommand) -> Result<()> {
             };
             let step = pick(&reader, step)?;
             let target = marathon_model::ParallelLayout {
-                tp,
-                pp,
-                dp,
                 distributed_optimizer: zero,
+                ..layout.layout()
             };
+            let (tp, pp, dp) = (target.tp, target.pp, target.dp);
             let options = parse_options(&src.options)?;
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let bar = if tty {
@@ -279,10 +273,9 @@ pub fn run(command: CkptCommand) -> Result<()> {
         CkptCommand::Import {
             dir,
             root,
-            tp,
-            pp,
+            layout,
             single_writer,
-        } => import_hf(&dir, || root.store(), tp, pp, single_writer),
+        } => import_hf(&dir, || root.store(), layout.layout(), single_writer),
         CkptCommand::Diff {
             a,
             b,

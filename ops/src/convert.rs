@@ -396,25 +396,19 @@ fn hf_config(dir: &Path) -> Result<GptConfig> {
 
 /// Writes the Hugging Face GPT-2 model in `dir` as the checkpoint of step 0 under the root that
 /// `open_root` opens (only once the model has been read and checked), with fresh optimizer
-/// state, recorded as written for (tp, pp).
+/// state, recorded as written for `layout`.
 pub fn import_hf(
     dir: &Path,
     open_root: impl FnOnce() -> Result<Store>,
-    tp: usize,
-    pp: usize,
+    layout: ParallelLayout,
     single_writer: bool,
 ) -> Result<()> {
     let started = Instant::now();
     let config = hf_config(dir)?;
-    let layout = ParallelLayout {
-        tp,
-        pp,
-        dp: 1,
-        distributed_optimizer: false,
-    };
+    let ParallelLayout { tp, pp, dp, .. } = layout;
     layout
         .validate(&config)
-        .map_err(|e| anyhow::anyhow!("--tp {tp} --pp {pp}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("--tp {tp} --pp {pp} --dp {dp}: {e}"))?;
     let st = Safetensors::open(&dir.join("model.safetensors"))?;
     let lay = ParamLayout::new(&config);
     let mut params = vec![0f32; lay.numel()];

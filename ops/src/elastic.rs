@@ -21,7 +21,7 @@ use marathon_runtime::trainer::preflight;
 use marathon_runtime::worker::{self, WorkerOptions};
 use marathon_runtime::TrainConfig;
 
-use crate::launch::LayoutFlags;
+use crate::flags::TrainFlags;
 
 /// How long the launcher keeps retrying etcd before it gives up on the job.
 const OUTAGE_MAX: Duration = Duration::from_secs(30);
@@ -209,7 +209,7 @@ pub struct AgentArgs {
     #[arg(long, hide = true)]
     tied: bool,
     #[command(flatten)]
-    layout: LayoutFlags,
+    layout: TrainFlags,
     #[command(flatten)]
     elastic: ElasticFlags,
     #[command(flatten)]
@@ -232,7 +232,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
     #[command(flatten)]
-    layout: LayoutFlags,
+    layout: TrainFlags,
     #[command(flatten)]
     security: EtcdSecurity,
 }
@@ -305,7 +305,7 @@ fn endpoints(urls: &str) -> Vec<String> {
 }
 
 /// Loads the configuration an elastic job runs, refusing what it cannot run yet.
-fn elastic_config(config: &Path, layout: &LayoutFlags) -> Result<TrainConfig> {
+fn elastic_config(config: &Path, layout: &TrainFlags) -> Result<TrainConfig> {
     let mut cfg = TrainConfig::load(config)?;
     layout.apply(&mut cfg)?;
     if cfg.train.device != marathon_runtime::device::Device::Cpu
@@ -531,7 +531,7 @@ fn node_gpus(gpus: &[String], node: usize, slots: usize) -> Option<(String, Stri
 /// commits in etcd, and prints its summary and where its time went.
 pub fn train(
     config: &Path,
-    layout: &LayoutFlags,
+    layout: &TrainFlags,
     flags: &TrainEtcdFlags,
     metrics_addr: Option<std::net::SocketAddr>,
 ) -> Result<()> {

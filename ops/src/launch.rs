@@ -16,11 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use marathon_elastic::{DirCoordinator, Topology};
 use marathon_runtime::checkpoint::CheckpointRecord;
 use marathon_runtime::comm::GroupSpec;
-use marathon_runtime::config::Resume;
 use marathon_runtime::metrics::RankEndpoint;
 use marathon_runtime::records::{StepRecord, Summary};
 use marathon_runtime::trainer::{preflight, Observer};
@@ -28,6 +26,7 @@ use marathon_runtime::Groups;
 use marathon_runtime::{TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
+use crate::flags::TrainFlags;
 use crate::progress::Progress;
 
 /// Lines of each worker's stderr kept for the report when it dies.
@@ -45,70 +44,6 @@ const LOCAL_RANKS_MAX: usize = 64;
 /// How long workers wait for each other to form their groups, and for each operation.
 const GROUP_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Layout flags that override the configuration's `[parallel]` section.
-#[derive(Debug, Clone, Default, Args)]
-pub struct LayoutFlags {
-    /// Tensor-parallel size.
-    #[arg(long)]
-    tp: Option<usize>,
-    /// Pipeline-parallel size.
-    #[arg(long)]
-    pp: Option<usize>,
-    /// Data-parallel size.
-    #[arg(long)]
-    dp: Option<usize>,
-    /// Continue from the newest committed checkpoint under checkpoint.root (`auto`, the
-    /// default), or refuse a root that has one (`never`).
-    #[arg(long, value_parser = ["auto", "never"])]
-    resume: Option<String>,
-    /// Where the model computes: `cpu`, or `cuda` for one GPU (sets train.device).
-    #[arg(long, value_parser = ["cpu", "cuda"])]
-    device: Option<String>,
-}
-
-impl LayoutFlags {
-    pub(crate) fn apply(&self, cfg: &mut TrainConfig) -> Result<()> {
-        let p = &mut cfg.parallel;
-        p.tp = self.tp.unwrap_or(p.tp);
-        p.pp = self.pp.unwrap_or(p.pp);
-        p.dp = self.dp.unwrap_or(p.dp);
-        if let Some(r) = &self.resume {
-            let Some(c) = cfg.checkpoint.as_mut() else {
-                anyhow::bail!(
-                    "--resume {r}: {} has no [checkpoint] section to resume from; add one with a root",
-                    cfg.source.display()
-                );
-            };
-            c.resume = if r == "never" {
-                Resume::Never
-            } else {
-                Resume::Auto
-            };
-        }
-        if let Some(d) = &self.device {
-            cfg.train.device = d.parse().map_err(anyhow::Error::msg)?;
-        }
-        cfg.validate().map_err(|e| cfg.error(e))?;
-        Ok(())
-    }
-
-    pub(crate) fn args(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (flag, v) in [("--tp", self.tp), ("--pp", self.pp), ("--dp", self.dp)] {
-            if let Some(v) = v {
-                out.extend([flag.to_string(), v.to_string()]);
-            }
-        }
-        if let Some(r) = &self.resume {
-            out.extend(["--resume".to_string(), r.clone()]);
-        }
-        if let Some(d) = &self.device {
-            out.extend(["--device".to_string(), d.clone()]);
-        }
-        out
-    }
-}
-
 /// What a worker tells the launcher, one JSON object per line on stdout.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -122,7 +57,7 @@ enum Event {
 
 /// `marathon train` without `--etcd`: one process, or a launch of one process per rank on this
 /// machine (`elastic::train` runs it with `--etcd`).
-pub fn train(config: &Path, flags: &LayoutFlags, metrics_addr: Option<SocketAddr>) -> Result<()> {
+pub fn train(config: &Path, flags: &TrainFlags, metrics_addr: Option<SocketAddr>) -> Result<()> {
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
     let m = &cfg.model;
@@ -185,7 +120,7 @@ fn serve_metrics(
 /// `marathon worker`: one rank of a launched job.
 pub fn worker(
     config: &Path,
-    flags: &LayoutFlags,
+    flags: &TrainFlags,
     rank: usize,
     coord_dir: &Path,
     metrics_addr: Option<SocketAddr>,
@@ -284,7 +219,7 @@ impl Drop for RemoveDir {
 
 fn launch(
     config: &Path,
-    flags: &LayoutFlags,
+    flags: &TrainFlags,
     cfg: &TrainConfig,
     metrics_addr: Option<SocketAddr>,
 ) -> Result<()> {

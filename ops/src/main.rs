@@ -8,6 +8,7 @@ mod chaos;
 mod ckpt;
 mod convert;
 mod elastic;
+mod flags;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod job;
@@ -51,7 +52,7 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         #[command(flatten)]
-        layout: launch::LayoutFlags,
+        layout: flags::TrainFlags,
         #[command(flatten)]
         etcd: elastic::TrainEtcdFlags,
         /// Serve live metrics for Prometheus at HOST:PORT (`/metrics`). A launch of several
@@ -76,7 +77,7 @@ enum Command {
         #[arg(long)]
         coord_dir: PathBuf,
         #[command(flatten)]
-        layout: launch::LayoutFlags,
+        layout: flags::TrainFlags,
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
     },

@@ -16,7 +16,11 @@ use marathon_runtime::config::CheckpointConfig;
 use marathon_runtime::records::{unix_ms, LostRecord, PlannedRecord, StepCommit};
 use marathon_runtime::TrainConfig;
 
+use crate::flags::LayoutFlags;
+
 #[derive(Debug, Args)]
+#[command(mut_arg("tp", |a| a.default_value("2")), mut_arg("pp", |a| a.default_value("1")),
+          mut_arg("dp", |a| a.default_value("4")))]
 pub struct RecoveryArgs {
     /// etcd endpoints for the elastic job, comma-separated.
     #[arg(long)]
@@ -25,10 +29,9 @@ pub struct RecoveryArgs {
     /// are the bench's.
     #[arg(long)]
     config: PathBuf,
-    #[arg(long, default_value_t = 2)]
-    tp: usize,
-    #[arg(long, default_value_t = 4)]
-    dp: usize,
+    /// The job's layout: one data-parallel replica per node, killed in the last node.
+    #[command(flatten)]
+    layout: LayoutFlags,
     /// Kill the worker once this many steps are committed.
     #[arg(long, default_value_t = 12)]
     kill_after: u64,
@@ -163,7 +166,7 @@ fn elastic_recovery(exe: &Path, config: &Path, args: &RecoveryArgs) -> Result<Re
             .find(|(_, c)| f(c))
             .cloned()
     };
-    let last = format!("agent node-{}: slot 0: worker pid", args.dp - 1);
+    let last = format!("agent node-{}: slot 0: worker pid", args.layout().dp - 1);
     let job_run = Watched::start(
         Command::new(exe)
             .args(["train", "--config"])
@@ -221,97 +224,130 @@ fn elastic_recovery(exe: &Path, config: &Path, args: &RecoveryArgs) -> Result<Re
     })
 }
 
+impl RecoveryArgs {
+    fn layout(&self) -> marathon_model::ParallelLayout {
+        self.layout.layout()
+    }
+}
+
 pub fn run(args: RecoveryArgs) -> Result<()> {
     let exe = std::env::current_exe().context("find the marathon executable")?;
-    let mut cfg = TrainConfig::load(&args.config)?;
     let dir = tempfile::tempdir().context("a scratch directory")?;
-    cfg.train.steps = 1_000_000;
-    cfg.train.eval_every_steps = 0;
-    cfg.train.samples_log = None;
-    cfg.train.metrics = Some(dir.path().join("metrics.jsonl"));
-    cfg.parallel.tp = args.tp;
-    cfg.parallel.dp = args.dp;
-    cfg.checkpoint = None;
-    let write = |cfg: &TrainConfig, name: &str| -> Result<PathBuf> {
-        let path = dir.path().join(name);
-        std::fs::write(
-            &path,
-            toml::to_string(cfg).context("write the bench's config")?,
-        )?;
-        Ok(path)
-    };
-    let elastic_cfg = write(&cfg, "elastic.toml")?;
-    let mut zero = cfg.clone();
-    zero.parallel.distributed_optimizer = true;
-    let zero_cfg = write(&zero, "zero.toml")?;
-    let mut base = cfg.clone();
-    base.train.metrics = Some(dir.path().join("base-metrics.jsonl"));
-    base.checkpoint = Some(CheckpointConfig {
-        root: dir.path().join("ckpt").display().to_string(),
-        every_steps: args.ckpt_every,
-        ..toml::from_str("root = \"\"").context("checkpoint defaults")?
-    });
-    let base_cfg = write(&base, "base.toml")?;
-    let world = args.tp * args.dp;
+    let configs = Configs::write(&args, dir.path())?;
+    let p = args.layout();
     eprintln!(
-        "bench recovery: {} with tp {} x dp {} ({world} worker processes), one worker killed \
+        "bench recovery: {} with tp {} x pp {} x dp {} ({} worker processes), one worker killed \
          after step {}",
         args.config.display(),
-        args.tp,
-        args.dp,
+        p.tp,
+        p.pp,
+        p.dp,
+        p.world_size(),
         args.kill_after
     );
-
     // The elastic job, without and with the distributed optimizer.
-    let elastic = elastic_recovery(&exe, &elastic_cfg, &args)?;
-    let zero = elastic_recovery(&exe, &zero_cfg, &args)?;
+    let elastic = elastic_recovery(&exe, &configs.elastic, &args)?;
+    let zero = elastic_recovery(&exe, &configs.zero, &args)?;
+    let baseline = baseline_recovery(&exe, &configs, &args)?;
+    print(&args, [&elastic, &zero, &baseline]);
+    Ok(())
+}
 
-    // The fail-stop baseline: the launcher stops every worker when one dies; the bench starts
-    // it again at once, and it resumes from the newest checkpoint.
-    let metrics = dir.path().join("base-metrics.jsonl");
-    let baseline = {
-        let start = || {
-            Watched::start(
-                Command::new(&exe)
-                    .args(["train", "--config"])
-                    .arg(&base_cfg),
-            )
+/// The bench's three configurations, written into its scratch directory.
+struct Configs {
+    elastic: PathBuf,
+    zero: PathBuf,
+    baseline: PathBuf,
+    /// The baseline's metrics, where the bench watches its steps.
+    baseline_metrics: PathBuf,
+}
+
+impl Configs {
+    fn write(args: &RecoveryArgs, dir: &Path) -> Result<Configs> {
+        let mut cfg = TrainConfig::load(&args.config)?;
+        cfg.train.steps = 1_000_000;
+        cfg.train.eval_every_steps = 0;
+        cfg.train.samples_log = None;
+        cfg.train.metrics = Some(dir.join("metrics.jsonl"));
+        cfg.parallel = args.layout.over(cfg.parallel);
+        cfg.parallel.distributed_optimizer = false;
+        cfg.checkpoint = None;
+        cfg.validate().map_err(|e| cfg.error(e))?;
+        let write = |cfg: &TrainConfig, name: &str| -> Result<PathBuf> {
+            let path = dir.join(name);
+            std::fs::write(
+                &path,
+                toml::to_string(cfg).context("write the bench's config")?,
+            )?;
+            Ok(path)
         };
-        let mut first = start()?;
-        let victim = first.process(
-            &format!("worker rank {}: pid", world - 1),
-            Duration::from_secs(60),
-        )?;
-        let k = args.kill_after;
-        wait_until("the baseline's step", Duration::from_secs(300), || {
-            metric_steps(&metrics).last().is_some_and(|&s| s >= k)
-        })?;
-        let killed = unix_ms();
-        kill9(&victim)?;
-        let status = first.child.wait()?;
-        let detected = unix_ms();
-        let reached = metric_steps(&metrics).into_iter().max().unwrap_or(0);
-        if status.success() {
-            bail!("the baseline's launcher did not notice its worker's death");
-        }
-        let before = metric_steps(&metrics).len();
-        let second = start()?;
-        let restarted = unix_ms();
-        let first_at = wait_until(
-            "the baseline's first step after restarting",
-            Duration::from_secs(300),
-            || metric_steps(&metrics).len() > before,
-        )?;
-        let resumed_at = metric_steps(&metrics)[before];
-        drop(second);
-        Recovery {
-            detected_ms: Some(detected as i64 - killed as i64),
-            replanned_ms: Some(restarted as i64 - killed as i64),
-            first_step_ms: first_at as i64 - killed as i64,
-            steps_recomputed: (reached + 1).saturating_sub(resumed_at),
-        }
-    };
+        let mut zero = cfg.clone();
+        zero.parallel.distributed_optimizer = true;
+        let mut base = cfg.clone();
+        let baseline_metrics = dir.join("base-metrics.jsonl");
+        base.train.metrics = Some(baseline_metrics.clone());
+        base.checkpoint = Some(CheckpointConfig {
+            root: dir.join("ckpt").display().to_string(),
+            every_steps: args.ckpt_every,
+            ..toml::from_str("root = \"\"").context("checkpoint defaults")?
+        });
+        Ok(Configs {
+            elastic: write(&cfg, "elastic.toml")?,
+            zero: write(&zero, "zero.toml")?,
+            baseline: write(&base, "base.toml")?,
+            baseline_metrics,
+        })
+    }
+}
 
+/// The fail-stop baseline: the launcher stops every worker when one dies; the bench starts it
+/// again at once, and it resumes from the newest checkpoint.
+fn baseline_recovery(exe: &Path, configs: &Configs, args: &RecoveryArgs) -> Result<Recovery> {
+    let metrics = &configs.baseline_metrics;
+    let start = || {
+        Watched::start(
+            Command::new(exe)
+                .args(["train", "--config"])
+                .arg(&configs.baseline),
+        )
+    };
+    let mut first = start()?;
+    let victim = first.process(
+        &format!("worker rank {}: pid", args.layout().world_size() - 1),
+        Duration::from_secs(60),
+    )?;
+    let k = args.kill_after;
+    wait_until("the baseline's step", Duration::from_secs(300), || {
+        metric_steps(metrics).last().is_some_and(|&s| s >= k)
+    })?;
+    let killed = unix_ms();
+    kill9(&victim)?;
+    let status = first.child.wait()?;
+    let detected = unix_ms();
+    let reached = metric_steps(metrics).into_iter().max().unwrap_or(0);
+    if status.success() {
+        bail!("the baseline's launcher did not notice its worker's death");
+    }
+    let before = metric_steps(metrics).len();
+    let second = start()?;
+    let restarted = unix_ms();
+    let first_at = wait_until(
+        "the baseline's first step after restarting",
+        Duration::from_secs(300),
+        || metric_steps(metrics).len() > before,
+    )?;
+    let resumed_at = metric_steps(metrics)[before];
+    drop(second);
+    Ok(Recovery {
+        detected_ms: Some(detected as i64 - killed as i64),
+        replanned_ms: Some(restarted as i64 - killed as i64),
+        first_step_ms: first_at as i64 - killed as i64,
+        steps_recomputed: (reached + 1).saturating_sub(resumed_at),
+    })
+}
+
+/// The table, then every figure as one JSON line.
+fn print(args: &RecoveryArgs, runs: [&Recovery; 3]) {
     let ms = |v: Option<i64>| v.map_or("-".into(), |v| format!("{v} ms"));
     let row = |what: &str, a: String, b: String, c: String| {
         println!("  {what:<34} {a:>20} {b:>26} {c:>32}");
@@ -322,7 +358,6 @@ pub fn run(args: RecoveryArgs) -> Result<()> {
         "elastic, distributed opt.".into(),
         "stop all, resume from checkpoint".into(),
     );
-    let runs = [&elastic, &zero, &baseline];
     let [a, b, c] = runs.map(|r| ms(r.detected_ms));
     row("failure detected", a, b, c);
     let [a, b, c] = runs.map(|r| ms(r.replanned_ms));
@@ -331,11 +366,11 @@ pub fn run(args: RecoveryArgs) -> Result<()> {
     row("first step completed", a, b, c);
     let [a, b, c] = runs.map(|r| r.steps_recomputed.to_string());
     row("steps recomputed", a, b, c);
+    let p = args.layout();
     println!(
         "{}",
-        serde_json::json!({ "elastic": elastic, "elastic_distributed_optimizer": zero,
-            "stop_and_resume": baseline, "tp": args.tp, "dp": args.dp,
+        serde_json::json!({ "elastic": runs[0], "elastic_distributed_optimizer": runs[1],
+            "stop_and_resume": runs[2], "tp": p.tp, "pp": p.pp, "dp": p.dp,
             "kill_after": args.kill_after, "ckpt_every": args.ckpt_every })
     );
-    Ok(())
 }

@@ -17,7 +17,10 @@ use marathon_elastic::{Coordinator, EtcdCoordinator, JobKeys};
 use marathon_runtime::agent::{self, AgentOptions, Hollow, Starts};
 use marathon_runtime::records::{unix_ms, PlannedRecord};
 
+use crate::flags::LayoutFlags;
+
 #[derive(Debug, Args)]
+#[command(mut_arg("tp", |a| a.default_value("8")), mut_arg("pp", |a| a.default_value("35")))]
 pub struct ElasticArgs {
     /// etcd endpoints, comma-separated (http://127.0.0.1:2379).
     #[arg(long)]
@@ -28,10 +31,10 @@ pub struct ElasticArgs {
     /// Slots of each agent's node.
     #[arg(long, default_value_t = 8)]
     slots: usize,
-    #[arg(long, default_value_t = 8)]
-    tp: usize,
-    #[arg(long, default_value_t = 35)]
-    pp: usize,
+    /// The job's tensor and pipeline degrees; its data-parallel degree is what the agents'
+    /// slots hold (--dp, if given, must be that).
+    #[command(flatten)]
+    layout: LayoutFlags,
     /// Microbatches of the global batch.
     #[arg(long, default_value_t = 1920)]
     microbatches: usize,
@@ -140,8 +143,8 @@ fn one_run(
                 job: job.clone(),
                 node: node.clone(),
                 slots: args.slots,
-                tp: args.tp,
-                pp: args.pp,
+                tp: args.layout().tp,
+                pp: args.layout().pp,
                 microbatches: args.microbatches,
                 lease_ttl: Duration::from_millis(args.lease_ttl_ms),
                 timing: Timing {
@@ -234,11 +237,30 @@ fn one_run(
     })
 }
 
+impl ElasticArgs {
+    fn layout(&self) -> marathon_model::ParallelLayout {
+        self.layout.layout()
+    }
+}
+
 pub fn run(args: ElasticArgs) -> Result<()> {
     ensure!(
         args.agents > 0 && args.connections > 0 && args.runs > 0,
         "--agents, --connections and --runs: at least 1"
     );
+    let p = args.layout();
+    let replicas = args.agents * args.slots / (p.tp * p.pp).max(1);
+    if let Some(dp) = args.layout.dp {
+        ensure!(
+            dp == replicas,
+            "--dp {dp}: the job's replicas are what its agents' slots hold, --agents {} x --slots \
+             {} / (tp {} x pp {}) = {replicas}; leave --dp out or change --agents",
+            args.agents,
+            args.slots,
+            p.tp,
+            p.pp
+        );
+    }
     let endpoints: Vec<String> = args.etcd.split(',').map(str::to_owned).collect();
     let conns: Vec<Arc<EtcdCoordinator>> = (0..args.connections)
         .map(|_| EtcdCoordinator::connect(&endpoints, Duration::from_secs(5)).map(Arc::new))
@@ -258,8 +280,8 @@ pub fn run(args: ElasticArgs) -> Result<()> {
              {}) committed {:.0} ms and held by every survivor {:.0} ms after the expiry",
             k + 1,
             r.all_registered_ms,
-            args.tp,
-            args.pp,
+            args.layout().tp,
+            args.layout().pp,
             r.dp,
             r.planned_ms,
             r.all_hold_plan_ms,
@@ -279,8 +301,8 @@ pub fn run(args: ElasticArgs) -> Result<()> {
     let report = serde_json::json!({
         "agents": args.agents,
         "slots": args.slots,
-        "tp": args.tp,
-        "pp": args.pp,
+        "tp": args.layout().tp,
+        "pp": args.layout().pp,
         "dp": runs[0].dp,
         "connections": args.connections,
         "lease_ttl_ms": args.lease_ttl_ms,

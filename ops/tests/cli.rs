@@ -141,6 +141,21 @@ fn bad_input_exits_non_zero_naming_what_is_wrong() {
         "{}",
         text(&out)
     );
+    // A data-parallel degree the agents' slots do not hold, refused before connecting.
+    let out = marathon(
+        &[
+            "bench", "elastic", "--etcd", "http://127.0.0.1:1", "--agents", "24", "--slots", "8",
+            "--tp", "8", "--pp", "3", "--dp", "7",
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--dp 7: the job's replicas are what its agents' slots hold")
+            && text(&out).contains("= 8;"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
