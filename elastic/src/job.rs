@@ -200,14 +200,32 @@ pub fn parse_generation(key: &str, v: &[u8]) -> Result<u64, ElasticError> {
     std::str::from_utf8(v)
         .ok()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| ElasticError::Unavailable {
-            action: "read",
+        .ok_or_else(|| ElasticError::Corrupt {
             key: key.to_owned(),
             reason: format!(
-                "{:?} is not a generation number; the key belongs to marathon, do not edit it",
+                "holds {:?}, not a generation number",
                 String::from_utf8_lossy(v)
             ),
         })
+}
+
+/// The plan committed for `generation`, if any: every reader of a plan goes through this.
+/// A plan that does not parse is an error naming its key, never taken for no plan.
+pub fn plan(
+    coord: &dyn Coordinator,
+    keys: &JobKeys,
+    generation: u64,
+) -> Result<Option<Plan>, ElasticError> {
+    let key = keys.plan(generation);
+    coord
+        .get(&key)?
+        .map(|json| {
+            serde_json::from_slice(&json).map_err(|e| ElasticError::Corrupt {
+                key,
+                reason: format!("does not parse as a plan: {e}"),
+            })
+        })
+        .transpose()
 }
 
 /// Commits `plan` as generation `to` if the counter still reads `from` (0: no generation yet),
@@ -365,6 +383,24 @@ mod tests {
         assert!(!fenced_put(&c, &k, 1, &[(&k.committed(1), b"late")]).unwrap());
         assert_eq!(c.get(&k.committed(1)).unwrap(), Some(b"s1".to_vec()));
         assert_eq!(generation(&c, &k).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_plan_or_generation_that_does_not_parse_is_an_error_naming_its_key() {
+        let (c, k) = (InProcessCoordinator::new(), JobKeys::new("j"));
+        assert_eq!(plan(&c, &k, 1).expect("read"), None);
+        assert!(propose(&c, &k, 0, 1, &one_replica(), &[]).expect("plan"));
+        assert_eq!(plan(&c, &k, 1).expect("read"), Some(one_replica()));
+        c.put(&k.plan(2), b"{\"tp\": 1").expect("put");
+        c.put(&k.generation(), b"two").expect("put");
+        for e in [
+            plan(&c, &k, 2).expect_err("a torn plan"),
+            generation(&c, &k).expect_err("a word"),
+        ] {
+            assert!(matches!(e, ElasticError::Corrupt { .. }), "{e:?}");
+            assert!(!e.is_retryable(), "{e}");
+            assert!(e.to_string().contains("/marathon/j/"), "{e}");
+        }
     }
 
     #[test]

@@ -59,12 +59,19 @@ pub enum ElasticError {
         key: String,
         reason: String,
     },
+    /// A key of the job holds what marathon cannot read: written by another version, or
+    /// edited by hand. Asking again cannot help.
+    #[error("coordinator: {key} {reason}; the key belongs to marathon: run one version on every node and do not edit it")]
+    Corrupt { key: String, reason: String },
 }
 
 impl ElasticError {
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, ElasticError::Denied { .. })
+        !matches!(
+            self,
+            ElasticError::Denied { .. } | ElasticError::Corrupt { .. }
+        )
     }
 
     pub(crate) fn timeout(key: &str, waited: Duration) -> Self {

@@ -727,16 +727,11 @@ impl Agent {
                 if generation <= self.membership.generation() {
                     return Ok(());
                 }
-                let key = self.keys.plan(generation);
-                let Some(json) = retrying(OUTAGE_MAX, || self.coord.get(&key))? else {
+                let read = || job::plan(&*self.coord, &self.keys, generation);
+                let Some(plan) = retrying(OUTAGE_MAX, read)? else {
                     return Ok(());
                 };
-                let plan: Plan =
-                    serde_json::from_slice(&json).map_err(|e| RuntimeError::Argument {
-                        name: "plan",
-                        reason: format!("{key} does not parse: {e}"),
-                    })?;
-                fits(&self.opts, &key, &plan)?;
+                fits(&self.opts, &self.keys.plan(generation), &plan)?;
                 self.feed(Event::Committed { generation, plan })
             }
             (JobKey::Lost { generation, slot }, Some(_)) => {
@@ -1168,14 +1163,10 @@ fn check_running_plan(coord: &dyn Coordinator, keys: &JobKeys, opts: &AgentOptio
     if generation == 0 {
         return Ok(());
     }
-    let key = keys.plan(generation);
-    let Some(json) = retrying(OUTAGE_MAX, || coord.get(&key))? else {
+    let Some(plan) = retrying(OUTAGE_MAX, || job::plan(coord, keys, generation))? else {
         return Ok(());
     };
-    let Ok(plan) = serde_json::from_slice::<Plan>(&json) else {
-        return Ok(());
-    };
-    fits(opts, &key, &plan)?;
+    fits(opts, &keys.plan(generation), &plan)?;
     let node = &opts.node;
     let record = LostRecord::now("its agent restarted".into(), LossCause::NodeLost);
     for slot in plan.blocks.iter().flat_map(|b| &b.slots) {

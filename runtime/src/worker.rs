@@ -401,9 +401,7 @@ fn committed_plan_is(
     plan: &Plan,
 ) -> Result<std::result::Result<(), String>> {
     let key = keys.plan(g);
-    let committed = retrying(OUTAGE_MAX, || coord.get(&key))?;
-    let committed: Option<Plan> = committed.and_then(|j| serde_json::from_slice(&j).ok());
-    Ok(match committed {
+    Ok(match retrying(OUTAGE_MAX, || job::plan(coord, keys, g))? {
         Some(c) if &c == plan => Ok(()),
         Some(c) => Err(format!(
             "told to run generation {g} with {plan:?}, but {key} holds {c:?}"
@@ -882,5 +880,13 @@ mod tests {
         );
         let e = is(2, &committed).expect_err("no plan");
         assert!(e.ends_with("holds no plan"), "{e}");
+        // A plan that does not parse is an error naming its key, not taken for no plan.
+        coord.put(&keys.plan(3), b"{\"tp\": ").expect("put");
+        let e = committed_plan_is(&coord, &keys, 3, &committed).expect_err("unreadable");
+        let e = e.to_string();
+        assert!(
+            e.contains(&keys.plan(3)) && e.contains("does not parse as a plan"),
+            "{e}"
+        );
     }
 }
