@@ -220,7 +220,7 @@ fn report_gpu(
     };
     let bytes = 4 * ParamLayout::sharded(&cfg.model, shard).numel();
     let world = p.world_size().max(2);
-    let staged = crate::gpu::staged_allreduce(world, bytes)?;
+    let staged = marathon_runtime::selftest::staged_allreduce(world, bytes)?;
     let device = marathon_model::cuda::Gpu::new(0)?.name().to_string();
     let report = serde_json::json!({
         "impl": "marathon-cuda-bf16",

@@ -26,6 +26,9 @@ pub mod nccl;
 pub mod records;
 pub mod report;
 pub mod reshard;
+/// The GPU's self-test: every GPU path against the CPU's, and the GPU bench.
+#[cfg(feature = "cuda")]
+pub mod selftest;
 pub mod status;
 pub mod trainer;
 pub mod transport;

@@ -14,10 +14,12 @@
 //! - [`DeviceBuffer`] and [`PinnedBuffer`]: plain allocations, freed on drop.
 //! - [`ops`]: one launch per CPU kernel of [`crate::kernels`], on raw device pointers.
 //! - [`CudaGpt`]: a shard's forward, backward and AdamW step on the device.
+//! - [`selftest`]: every kernel against the CPU kernel it mirrors, within a stated tolerance.
 
 mod blas;
 mod gpt;
 pub mod ops;
+pub mod selftest;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
