@@ -72,6 +72,16 @@ pub struct EtcdCluster {
     dir: PathBuf,
     initial: String,
     members: Vec<Member>,
+    /// The members' arguments beyond their names and addresses (TLS).
+    extra: Vec<String>,
+}
+
+/// The files of an etcd that serves clients over TLS and asks each for a certificate of `ca`.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl std::fmt::Debug for EtcdCluster {
@@ -83,12 +93,35 @@ impl std::fmt::Debug for EtcdCluster {
 impl EtcdCluster {
     /// Starts `size` members that serve clients on `host` (an address of this machine).
     pub fn start(dir: &Path, size: usize, host: &str) -> Result<EtcdCluster> {
+        Self::start_with(dir, size, host, None)
+    }
+
+    /// As [`EtcdCluster::start`], serving clients over TLS when `tls` is given.
+    pub fn start_with(
+        dir: &Path,
+        size: usize,
+        host: &str,
+        tls: Option<&ClientTls>,
+    ) -> Result<EtcdCluster> {
         etcd_binary()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let extra = tls.map_or(vec![], |t| {
+            let path = |p: &Path| p.display().to_string();
+            vec![
+                "--cert-file".into(),
+                path(&t.cert),
+                "--key-file".into(),
+                path(&t.key),
+                "--trusted-ca-file".into(),
+                path(&t.ca),
+                "--client-cert-auth".into(),
+            ]
+        });
         let mut members = Vec::with_capacity(size);
         for i in 0..size {
             members.push(Member {
                 name: format!("m{i}"),
-                url: format!("http://{host}:{}", free_port()?),
+                url: format!("{scheme}://{host}:{}", free_port()?),
                 peer_url: format!("http://127.0.0.1:{}", free_port()?),
                 child: None,
             });
@@ -101,6 +134,7 @@ impl EtcdCluster {
             dir: dir.to_path_buf(),
             initial: initial.join(","),
             members,
+            extra,
         };
         for i in 0..size {
             cluster.spawn(i)?;
@@ -124,6 +158,7 @@ impl EtcdCluster {
             .args(["--initial-advertise-peer-urls", &m.peer_url])
             .args(["--initial-cluster", &self.initial])
             .args(["--initial-cluster-state", "new"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -2,15 +2,12 @@
 //! expire when their holder stops keeping them alive, and a holder that learns it lost its lease
 //! when etcd goes away.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::etcd::Etcd;
-use common::etcd_tls::Certs;
 use marathon_elastic::coordinator::conformance;
 use marathon_elastic::Coordinator;
+use marathon_testkit::etcd::{Certs, Etcd};
 
 #[test]
 fn etcd_coordinator_passes_the_conformance_suite() {

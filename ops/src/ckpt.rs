@@ -6,8 +6,8 @@ use marathon_storage::format::Manifest;
 use marathon_storage::retention::{collect, Retention};
 use marathon_storage::{Reader, Store};
 
-use crate::flags::LayoutFlags;
 use crate::convert::{diff, export_hf, import_hf, Dtype, Tolerance};
+use crate::flags::LayoutFlags;
 use std::path::PathBuf;
 
 #[derive(Debug, Subcommand)]

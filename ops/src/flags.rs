@@ -131,7 +131,15 @@ mod tests {
         assert!(got.distributed_optimizer);
         assert_eq!(flags.args(), ["--pp", "5"]);
         let parsed = WithDefault::parse_from(["x", "--dp", "3"]).layout;
-        assert_eq!(parsed.layout(), ParallelLayout { tp: 2, pp: 1, dp: 3, ..Default::default() });
+        assert_eq!(
+            parsed.layout(),
+            ParallelLayout {
+                tp: 2,
+                pp: 1,
+                dp: 3,
+                ..Default::default()
+            }
+        );
         assert_eq!(parsed.args(), ["--tp", "2", "--dp", "3"]);
     }
 }

@@ -6,13 +6,12 @@
 mod common;
 use common::{json_lines, line_with, repo, running};
 use marathon_storage::format::Manifest;
+use marathon_testkit::docs_corpus;
+use marathon_testkit::etcd::Etcd;
+use marathon_testkit::garage::Garage;
+use marathon_testkit::job::SmallJob;
 use std::path::Path;
 use std::process::{Command, Output};
-
-// Shared with the storage and runtime tests; this file does not restart the server.
-#[allow(dead_code)]
-#[path = "../../storage/tests/common/garage.rs"]
-mod garage;
 
 fn marathon(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_marathon"))
@@ -42,37 +41,15 @@ fn prepare_then_train_writes_metrics_and_a_summary() {
         "{}",
         text(&out)
     );
-    let config = r#"
-[model]
-vocab_size = 50257
-seq_len = 32
-n_layer = 1
-n_head = 2
-n_embd = 32
-[data]
-train = "corpus/train.bin"
-val = "corpus/val.bin"
-[batch]
-micro_batch = 2
-global_batch = 4
-seq_len = 32
-[optim]
-beta1 = 0.9
-beta2 = 0.95
-eps = 1e-8
-weight_decay = 0.1
-grad_clip = 1.0
-init_std = 0.02
-[optim.lr]
-peak_lr = 1e-3
-warmup_tokens = 256
-decay_tokens = 1024
-[train]
-steps = 4
-eval_every_steps = 2
-eval_batches = 1
-metrics = "runs/m.jsonl"
-"#;
+    let config = SmallJob {
+        n_layer: 1,
+        val: Some("corpus/val.bin".into()),
+        global_batch: 4,
+        decay_tokens: 1024,
+        train_lines: "eval_every_steps = 2\neval_batches = 1\nmetrics = \"runs/m.jsonl\"\n".into(),
+        ..Default::default()
+    }
+    .toml();
     std::fs::write(dir.path().join("c.toml"), config).unwrap();
     let out = marathon(&["train", "--config", "c.toml"], dir.path());
     assert!(out.status.success(), "{}", text(&out));
@@ -144,8 +121,20 @@ fn bad_input_exits_non_zero_naming_what_is_wrong() {
     // A data-parallel degree the agents' slots do not hold, refused before connecting.
     let out = marathon(
         &[
-            "bench", "elastic", "--etcd", "http://127.0.0.1:1", "--agents", "24", "--slots", "8",
-            "--tp", "8", "--pp", "3", "--dp", "7",
+            "bench",
+            "elastic",
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--agents",
+            "24",
+            "--slots",
+            "8",
+            "--tp",
+            "8",
+            "--pp",
+            "3",
+            "--dp",
+            "7",
         ],
         dir.path(),
     );
@@ -487,7 +476,7 @@ fn bench_comm_prints_bus_bandwidth_beside_memcpy() {
 
 /// Prepares `corpus/` in `dir` from the repository's own text, which every checkout has.
 fn prepare_corpus(dir: &Path) -> Output {
-    let (readme, arch) = (repo().join("README.md"), repo().join("ARCHITECTURE.md"));
+    let [readme, arch] = docs_corpus();
     let (readme, arch) = (readme.to_str().unwrap(), arch.to_str().unwrap());
     let out = marathon(
         &[
@@ -510,14 +499,11 @@ fn prepare_corpus(dir: &Path) -> Output {
 /// A corpus and a tiny configuration in `dir`, training `steps` steps.
 fn tiny_job(dir: &Path, steps: u64) {
     prepare_corpus(dir);
-    let config = format!(
-        "[model]\nvocab_size = 50257\nseq_len = 32\nn_layer = 2\nn_head = 2\nn_embd = 32\n\
-         [data]\ntrain = \"corpus/train.bin\"\n\
-         [batch]\nmicro_batch = 2\nglobal_batch = 6\nseq_len = 32\n\
-         [optim]\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\nweight_decay = 0.1\ngrad_clip = 1.0\ninit_std = 0.02\n\
-         [optim.lr]\npeak_lr = 1e-3\nwarmup_tokens = 256\ndecay_tokens = 4096\n\
-         [train]\nsteps = {steps}\n"
-    );
+    let config = SmallJob {
+        steps,
+        ..Default::default()
+    }
+    .toml();
     std::fs::write(dir.join("c.toml"), config).unwrap();
 }
 
@@ -838,12 +824,9 @@ fn bench_ckpt_prints_stall_persist_compression_and_load() {
     );
 }
 
-#[path = "../../elastic/tests/common/etcd.rs"]
-mod etcd;
-
 #[test]
 fn bench_elastic_runs_real_agents_against_etcd_through_a_plan_and_a_nodes_loss() {
-    let server = etcd::Etcd::start();
+    let server = Etcd::start();
     server.connect();
     let args = [
         "bench",
@@ -1337,7 +1320,7 @@ fn reshard_memory_stays_near_two_of_the_largest_box() {
 fn reshard_reads_one_store_and_writes_another() {
     let dir = trained_job(2, 2);
     let d = dir.path();
-    let server = garage::Garage::start();
+    let server = Garage::start();
     let options: Vec<String> = server
         .options()
         .into_iter()

@@ -19,10 +19,7 @@ use marathon_elastic::plan::Plan;
 use marathon_elastic::{Coordinator, EtcdCoordinator, JobKey, JobKeys};
 use marathon_runtime::records::{unix_ms, LostRecord, PlannedRecord, StepCommit};
 
-#[path = "../../elastic/tests/common/etcd.rs"]
-mod etcd;
-#[path = "../../elastic/tests/common/etcd_tls.rs"]
-mod etcd_tls;
+use marathon_testkit::etcd::{self, Certs};
 
 const MARATHON: &str = env!("CARGO_BIN_EXE_marathon");
 
@@ -43,7 +40,7 @@ fn job_dir(steps: u64, global_batch: u64, extra: &str) -> tempfile::TempDir {
 /// As [`job_dir`], without the reference run.
 fn job_config(steps: u64, global_batch: u64, extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let (readme, arch) = (repo().join("README.md"), repo().join("ARCHITECTURE.md"));
+    let [readme, arch] = marathon_testkit::docs_corpus();
     let out = Command::new(MARATHON)
         .args(["data", "prepare", "--input"])
         .args([&readme, &arch])
@@ -52,14 +49,16 @@ fn job_config(steps: u64, global_batch: u64, extra: &str) -> tempfile::TempDir {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let config = format!(
-        "[model]\nvocab_size = 50257\nseq_len = 32\nn_layer = 2\nn_head = 2\nn_embd = 32\n\
-         [data]\ntrain = \"corpus/train.bin\"\n\
-         [batch]\nmicro_batch = 2\nglobal_batch = {global_batch}\nseq_len = 32\n\
-         [optim]\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\nweight_decay = 0.1\ngrad_clip = 1.0\ninit_std = 0.02\n\
-         [optim.lr]\npeak_lr = 1e-3\nwarmup_tokens = 256\ndecay_tokens = 40960\n\
-         [train]\nsteps = {steps}\nmetrics = \"metrics.jsonl\"\nsamples_log = \"samples.jsonl\"\n{extra}"
-    );
+    let config = marathon_testkit::job::SmallJob {
+        global_batch: global_batch as usize,
+        decay_tokens: 40960,
+        steps,
+        train_lines: format!(
+            "metrics = \"metrics.jsonl\"\nsamples_log = \"samples.jsonl\"\n{extra}"
+        ),
+        ..Default::default()
+    }
+    .toml();
     std::fs::write(dir.path().join("c.toml"), &config).unwrap();
     // The fault-free reference: the same job in one process, with its own logs.
     let reference = config
@@ -1282,7 +1281,7 @@ fn an_agent_restarted_under_its_name_has_its_old_workers_recorded_lost() {
 /// once, naming the user and the endpoint, having written nothing.
 #[test]
 fn a_job_trains_against_etcd_over_tls_with_authentication() {
-    let certs = etcd_tls::Certs::new(&["root", "trainer"]);
+    let certs = Certs::new(&["root", "trainer"]);
     let server = etcd::Etcd::start_secure(&certs, &["trainer"], &[], "/marathon/secure/");
     let dir = job_dir(20, 8, "");
     std::fs::write(dir.path().join("password"), "trainer-password\n").expect("write");

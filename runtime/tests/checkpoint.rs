@@ -5,10 +5,6 @@
 //! (through the commit record in a real etcd) and on a local directory.
 
 mod common;
-#[path = "../../elastic/tests/common/etcd.rs"]
-mod etcd;
-#[path = "../../storage/tests/common/garage.rs"]
-mod garage;
 
 use common::*;
 use marathon_runtime::checkpoint::CheckpointRecord;
@@ -17,6 +13,8 @@ use marathon_runtime::records::StepRecord;
 use marathon_runtime::trainer::Observer;
 use marathon_runtime::{TrainConfig, Trainer};
 use marathon_storage::format::Manifest;
+use marathon_testkit::etcd::Etcd;
+use marathon_testkit::garage::Garage;
 
 const STEPS: u64 = 8;
 
@@ -217,7 +215,7 @@ fn a_run_resumes_from_an_s3_api_store_that_was_killed_and_restarted() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let whole = config(dir.path(), &dir.path().join("whole").display().to_string());
     let (all, _, _, params) = run_to(Trainer::new(whole).expect("trainer"), STEPS);
-    let mut server = garage::Garage::start();
+    let mut server = Garage::start();
     let mut cfg = config(dir.path(), "s3://ckpt/jobs/resume");
     let c = cfg.checkpoint.as_mut().expect("checkpointing");
     c.options = server.options().into_iter().collect();
@@ -366,7 +364,7 @@ fn concurrent_committers_of_a_step_make_one_commit_on_garage_through_etcd() {
     use marathon_elastic::plan::Plan;
     use marathon_elastic::Coordinator;
     use marathon_storage::writer::{Claim, CommitRecord};
-    let (server, etcd) = (garage::Garage::start(), etcd::Etcd::start());
+    let (server, etcd) = (Garage::start(), Etcd::start());
     let coord: std::sync::Arc<dyn Coordinator> = std::sync::Arc::new(etcd.connect());
     let keys = JobKeys::new("committers");
     let store = marathon_storage::Store::open_with("s3://ckpt/jobs/committers", server.options())

@@ -8,6 +8,7 @@ use common::*;
 use marathon_runtime::data::prepare::{gpt2_tokenizer, GPT2_EOT, GPT2_VOCAB_SIZE};
 use marathon_runtime::data::tokens::{write_token_file, HEADER_BYTES};
 use marathon_runtime::data::{prepare, PrepareOptions, TokenFile};
+use marathon_testkit::shakespeare;
 
 fn opts(inputs: &[&Path], out: &Path, val_fraction: f64) -> PrepareOptions {
     PrepareOptions {

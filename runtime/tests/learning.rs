@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use marathon_runtime::data::{prepare, PrepareOptions};
 use marathon_runtime::Trainer;
+use marathon_testkit::shakespeare;
 
 /// Steps the test allows; the run stops as soon as validation passes the goal.
 const STEPS_MAX: u64 = 250;
@@ -21,47 +22,31 @@ fn validation_loss_on_shakespeare_falls_below_six_nats() {
         val_fraction: 0.1,
     })
     .unwrap();
-    let text = format!(
-        r#"
-[model]
-vocab_size = 50257
-seq_len = 64
-n_layer = 2
-n_head = 4
-n_embd = 64
-[data]
-train = {train:?}
-val = {val:?}
-seed = 1
-[batch]
-micro_batch = 16
-global_batch = 16
-seq_len = 64
-[optim]
-beta1 = 0.9
-beta2 = 0.95
-eps = 1e-8
-weight_decay = 0.1
-grad_clip = 1.0
-init_std = 0.02
-[optim.lr]
-peak_lr = 1.2e-2
-warmup_tokens = 10240
-decay_tokens = 256000
-[train]
-steps = {STEPS_MAX}
-seed = 1
-eval_every_steps = 10
-eval_batches = 8
-"#,
-        train = r.train_path.display().to_string(),
-        val = r
-            .val_path
-            .as_ref()
-            .expect("a validation split")
-            .display()
-            .to_string(),
-    );
+    let text = marathon_testkit::job::SmallJob {
+        context: 64,
+        n_head: 4,
+        n_embd: 64,
+        train: r.train_path.display().to_string(),
+        val: Some(
+            r.val_path
+                .as_ref()
+                .expect("a validation split")
+                .display()
+                .to_string(),
+        ),
+        data_seed: Some(1),
+        micro_batch: 16,
+        global_batch: 16,
+        seq_len: 64,
+        peak_lr: 1.2e-2,
+        warmup_tokens: 10240,
+        decay_tokens: 256000,
+        steps: STEPS_MAX,
+        seed: Some(1),
+        train_lines: "eval_every_steps = 10\neval_batches = 8\n".into(),
+        ..Default::default()
+    }
+    .toml();
     let mut t = Trainer::new(parse(&text)).unwrap();
     let first = t.evaluate().unwrap().unwrap();
     assert!(

@@ -2,7 +2,7 @@
 //! directory, memory, the fault-injecting wrapper, and a real S3-API server (Garage).
 
 mod common;
-use common::garage::Garage;
+use marathon_testkit::garage::Garage;
 
 use std::sync::Arc;
 

@@ -6,23 +6,6 @@ use std::path::{Path, PathBuf};
 use marathon_runtime::data::tokens::write_token_file;
 use marathon_runtime::TrainConfig;
 
-/// tinyshakespeare, from `../shared/data/` beside the checkout or `MARATHON_TEST_TEXT`.
-/// Fails loudly when it is missing: a test that needs real text must not pass without it.
-pub fn shakespeare() -> PathBuf {
-    let path = std::env::var_os("MARATHON_TEST_TEXT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt")
-        });
-    assert!(
-        path.is_file(),
-        "test text {} is missing: these tests need tinyshakespeare.txt in ../shared/data/ beside the \
-         checkout, or MARATHON_TEST_TEXT set to a copy of it",
-        path.display()
-    );
-    path
-}
-
 /// A token file of `n` pseudo-random tokens below `vocab`, with some structure to learn
 /// (each token usually follows from the one before).
 pub fn synthetic_tokens(dir: &Path, name: &str, n: usize, vocab: u32, seed: u64) -> PathBuf {
@@ -45,46 +28,20 @@ pub fn synthetic_tokens(dir: &Path, name: &str, n: usize, vocab: u32, seed: u64)
 
 /// A small, valid configuration over the given token files, as TOML text.
 pub fn small_config_toml(train: &Path, val: Option<&Path>, vocab: usize) -> String {
-    let val = val
-        .map(|v| format!("val = {:?}\n", v.display().to_string()))
-        .unwrap_or_default();
-    format!(
-        r#"
-[model]
-vocab_size = {vocab}
-seq_len = 32
-n_layer = 2
-n_head = 2
-n_embd = 32
-
-[data]
-train = {train:?}
-{val}seed = 7
-
-[batch]
-micro_batch = 4
-global_batch = 8
-seq_len = 16
-
-[optim]
-beta1 = 0.9
-beta2 = 0.95
-eps = 1e-8
-weight_decay = 0.1
-grad_clip = 1.0
-init_std = 0.02
-
-[optim.lr]
-peak_lr = 3e-3
-warmup_tokens = 256
-decay_tokens = 4096
-
-[train]
-steps = 6
-seed = 3
-"#,
-        train = train.display().to_string(),
-    )
+    marathon_testkit::job::SmallJob {
+        vocab_size: vocab,
+        train: train.display().to_string(),
+        val: val.map(|v| v.display().to_string()),
+        data_seed: Some(7),
+        micro_batch: 4,
+        global_batch: 8,
+        seq_len: 16,
+        peak_lr: 3e-3,
+        steps: 6,
+        seed: Some(3),
+        ..Default::default()
+    }
+    .toml()
 }
 
 pub fn parse(text: &str) -> TrainConfig {

@@ -1,8 +1,6 @@
 //! Helpers shared by the storage tests: a tiny two-rank checkpoint and its expected values.
 #![allow(dead_code)]
 
-pub mod garage;
-
 use std::time::Duration;
 
 use marathon_storage::codec::Codec;

@@ -1,22 +1,20 @@
 //! A private Garage server (a real S3-API object store) for tests: its own directory and free
-//! loopback ports, stopped and removed on drop. Fails loudly, saying how to install it, when the
-//! binary is missing. The server itself is the chaos suite's (`chaos-tests/src/garage.rs`).
-
-#[allow(dead_code)]
-#[path = "../../../chaos-tests/src/garage.rs"]
-mod server;
+//! loopback ports, stopped and removed on drop. The server is the chaos harness's
+//! (`marathon_chaos::garage`).
 
 /// A running Garage.
+#[derive(Debug)]
 pub struct Garage {
-    server: server::Garage,
+    server: marathon_chaos::garage::Garage,
     _dir: tempfile::TempDir,
 }
 
 impl Garage {
+    /// Starts one; panics saying how to install Garage when it is missing.
     pub fn start() -> Garage {
         let dir = tempfile::tempdir().expect("garage directory");
-        let server =
-            server::Garage::start(dir.path(), "127.0.0.1").unwrap_or_else(|e| panic!("{e:#}"));
+        let server = marathon_chaos::garage::Garage::start(dir.path(), "127.0.0.1")
+            .unwrap_or_else(|e| panic!("{e:#}"));
         Garage { server, _dir: dir }
     }
 
