@@ -9,16 +9,12 @@ mod ckpt;
 mod convert;
 mod elastic;
 mod flags;
-#[cfg(feature = "cuda")]
-mod gpu;
 mod job;
 mod launch;
 mod logs;
 mod plan;
 mod progress;
-mod recovery;
 mod sample;
-mod scale;
 mod sim;
 
 use std::path::{Path, PathBuf};
@@ -91,7 +87,7 @@ enum Command {
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
-        command: BenchCommand,
+        command: bench::BenchCommand,
     },
     /// Checkpoints: list, inspect, verify, collect.
     Ckpt {
@@ -145,29 +141,6 @@ enum DataCommand {
         #[arg(long, default_value_t = 0.1)]
         val_fraction: f64,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchCommand {
-    /// Time training steps and compare with the GEMM library's speed on the step's largest
-    /// matrix product.
-    Train(bench::TrainArgs),
-    /// All-reduce bus bandwidth of the TCP process groups beside memcpy bandwidth.
-    Comm(bench::CommArgs),
-    /// What a checkpoint costs: training stall beside memcpy, persist beside the disk,
-    /// compression with and without the byte shuffle, load time.
-    Ckpt(bench::CkptArgs),
-    /// Many agents, each running the agent's own code on threads of this process against a real
-    /// etcd: registration, the first plan held by all, and a crashed node's loss to the next
-    /// plan held by all.
-    Elastic(scale::ElasticArgs),
-    /// What a killed worker costs an elastic job on etcd, beside the same job stopping every
-    /// worker and resuming from its newest checkpoint.
-    Recovery(recovery::RecoveryArgs),
-    /// Every GPU check (each kernel against the CPU, training against the CPU, NCCL, a GPU
-    /// checkpoint resumed on the CPU) and the GPU bench, ending with a table. Needs a build
-    /// with `--features cuda` and a GPU.
-    Gpu(GpuArgs),
 }
 
 fn main() -> ExitCode {
@@ -250,24 +223,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench {
-            command: BenchCommand::Train(args),
-        } => bench::train(args),
-        Command::Bench {
-            command: BenchCommand::Comm(args),
-        } => bench::comm(args),
-        Command::Bench {
-            command: BenchCommand::Ckpt(args),
-        } => bench::ckpt(args),
-        Command::Bench {
-            command: BenchCommand::Elastic(args),
-        } => scale::run(args),
-        Command::Bench {
-            command: BenchCommand::Gpu(args),
-        } => gpu_bench(args),
-        Command::Bench {
-            command: BenchCommand::Recovery(args),
-        } => recovery::run(args),
+        Command::Bench { command } => bench::run(command),
         Command::Ckpt { command } => ckpt::run(command),
         Command::Chaos { command } => chaos::run_command(command),
         Command::Sample(args) => sample::run(args),
@@ -296,28 +252,4 @@ fn report(run: &Path, out: Option<PathBuf>) -> Result<()> {
     let plots = marathon_runtime::report::write_run_report(&metrics, &out)?;
     println!("{}: report with {plots} plots", out.display());
     Ok(())
-}
-
-#[cfg(feature = "cuda")]
-use gpu::GpuArgs;
-
-/// Without the `cuda` feature `bench gpu` only says how to get it.
-#[cfg(not(feature = "cuda"))]
-#[derive(Debug, clap::Args)]
-struct GpuArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    _rest: Vec<String>,
-}
-
-fn gpu_bench(args: GpuArgs) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    return gpu::run(args);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = args;
-        anyhow::bail!(
-            "bench gpu: this marathon was built without CUDA; build it with `cargo build \
-             --release --features cuda` (no CUDA installation is needed to build)"
-        )
-    }
 }

@@ -871,6 +871,54 @@ fn bench_elastic_runs_real_agents_against_etcd_through_a_plan_and_a_nodes_loss()
 }
 
 #[test]
+fn bench_recovery_kills_a_worker_of_each_job_and_prints_the_three_recoveries() {
+    let server = Etcd::start();
+    server.connect();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_job(dir.path(), 4);
+    let args = [
+        "bench",
+        "recovery",
+        "--etcd",
+        &server.url,
+        "--config",
+        "c.toml",
+        "--tp",
+        "1",
+        "--dp",
+        "2",
+        "--kill-after",
+        "4",
+        "--ckpt-every",
+        "3",
+    ];
+    let (report, stdout) = bench_report(&args, dir.path());
+    assert_eq!(
+        (&report["tp"], &report["pp"], &report["dp"]),
+        (&1.into(), &1.into(), &2.into()),
+        "{report}"
+    );
+    // The elastic job goes on in place from the step it reached, with and without the
+    // distributed optimizer; the fail-stop baseline resumes from its checkpoint of step 3 and
+    // does again what came after it.
+    for run in ["elastic", "elastic_distributed_optimizer"] {
+        let r = &report[run];
+        assert_eq!(r["steps_recomputed"], 0, "{run}: {report}");
+        assert!(r["detected_ms"].as_i64().is_some(), "{run}: {report}");
+        assert!(
+            r["first_step_ms"].as_i64().is_some_and(|ms| ms > 0),
+            "{run}: {report}"
+        );
+    }
+    let base = &report["stop_and_resume"];
+    assert!(
+        base["steps_recomputed"].as_u64().is_some_and(|n| n >= 1),
+        "{report}"
+    );
+    assert!(stdout.contains("first step completed"), "{stdout}");
+}
+
+#[test]
 fn training_on_a_gpu_without_one_says_so_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     tiny_job(dir.path(), 2);
