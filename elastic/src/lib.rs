@@ -11,8 +11,8 @@
 //!   process groups rendezvous through; [`cluster`] adds leases, watches and election;
 //! - [`etcd`]: the etcd coordinator;
 //! - [`job`]: the job's key layout and its generation-fenced writes;
-//! - [`topology`]: where each rank sits in a (tp, pp, dp) layout, and its groups' names;
-//! - [`plan`]: live slots to a generation's layout, survivors kept in place;
+//! - [`plan`]: live slots to a generation's layout, survivors kept in place, each slot's rank
+//!   placed by `marathon_model::Place`;
 //! - [`membership`]: the I/O-free core that decides when to abort, re-plan and start a
 //!   generation;
 //! - [`pace`]: stragglers from every rank's compute time.
@@ -26,13 +26,11 @@ pub mod job;
 pub mod membership;
 pub mod pace;
 pub mod plan;
-pub mod topology;
 
 pub use cluster::{Changes, Cluster, Lease};
 pub use coordinator::{Coordinator, DirCoordinator, InProcessCoordinator};
 pub use etcd::{Change, EtcdAccess, EtcdCoordinator, Registration, Watch};
 pub use job::{JobKey, JobKeys};
-pub use topology::{Axis, Topology};
 
 use std::time::Duration;
 

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use marathon_model::{ParallelLayout, Place, Shard};
 use serde::{Deserialize, Serialize};
 
 /// One slot: a worker process a node can run.
@@ -65,24 +66,47 @@ impl Plan {
         &self.blocks[replica * self.pp + stage]
     }
 
-    /// Every slot's (replica, stage, tensor rank).
-    pub fn roles(&self) -> BTreeMap<Slot, (usize, usize, usize)> {
+    /// The layout the plan runs.
+    pub fn layout(&self) -> ParallelLayout {
+        ParallelLayout::new(self.tp, self.pp, self.dp)
+    }
+
+    /// Where each slot's rank sits.
+    pub fn roles(&self) -> BTreeMap<Slot, Place> {
         let mut out = BTreeMap::new();
         for b in &self.blocks {
             for (t, s) in b.slots.iter().enumerate() {
-                out.insert(s.clone(), (b.replica, b.stage, t));
+                let place = Place {
+                    tp: self.tp,
+                    pp: self.pp,
+                    dp: self.dp,
+                    tp_rank: t,
+                    stage: b.stage,
+                    replica: b.replica,
+                };
+                out.insert(s.clone(), place);
             }
         }
         out
     }
 
-    /// Every slot's (replica, stage, tensor rank), its standby blocks' included (as replica
-    /// `usize::MAX`): what each slot holds in memory while this plan runs.
-    pub fn held(&self) -> BTreeMap<Slot, (usize, usize, usize)> {
-        let mut out = self.roles();
+    /// The part of the model each slot holds in memory while this plan runs: its rank's, or
+    /// its standby block's.
+    pub fn held(&self) -> BTreeMap<Slot, Shard> {
+        let mut out: BTreeMap<Slot, Shard> = self
+            .roles()
+            .into_iter()
+            .map(|(s, p)| (s, p.shard()))
+            .collect();
         for (stage, slots) in &self.standby {
             for (t, s) in slots.iter().enumerate() {
-                out.insert(s.clone(), (usize::MAX, *stage, t));
+                let shard = Shard {
+                    tp: self.tp,
+                    tp_rank: t,
+                    pp: self.pp,
+                    stage: *stage,
+                };
+                out.insert(s.clone(), shard);
             }
         }
         out
@@ -185,14 +209,15 @@ impl Plan {
         for b in self.blocks.iter().filter(|b| b.state == StateSource::Kept) {
             for (t, s) in b.slots.iter().enumerate() {
                 let held = before.as_ref().and_then(|h| h.get(s));
-                if held.is_none_or(|&(_, stage, rank)| (stage, rank) != (b.stage, t)) {
+                if held.is_none_or(|h| (h.stage, h.tp_rank) != (b.stage, t)) {
                     out.push(format!(
                         "slot {}/{} keeps stage {} tensor rank {t}, but held {}",
                         s.node,
                         s.index,
                         b.stage,
-                        held.map_or("nothing".into(), |(_, stage, rank)| format!(
-                            "stage {stage} tensor rank {rank}"
+                        held.map_or("nothing".into(), |h| format!(
+                            "stage {} tensor rank {}",
+                            h.stage, h.tp_rank
                         ))
                     ));
                 }
@@ -483,8 +508,14 @@ mod tests {
         if let Some(prev) = req.previous {
             let old = prev.held();
             let new = p.roles();
-            for (slot, &(_, stage, rank)) in &new {
-                if let Some(&(_, s0, r0)) = old.get(slot) {
+            for (slot, place) in &new {
+                let (stage, rank) = (place.stage, place.tp_rank);
+                if let Some(&Shard {
+                    stage: s0,
+                    tp_rank: r0,
+                    ..
+                }) = old.get(slot)
+                {
                     let kept = p
                         .blocks
                         .iter()

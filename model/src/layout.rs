@@ -5,8 +5,9 @@
 //! LayerNorm, so the tensors of any run of layers form one contiguous range: a pipeline stage's
 //! state, a ZeRO shard or a checkpoint chunk is a range of the buffer, copied in one piece.
 //!
-//! A [`ParallelLayout`] says how a job splits the model (tensor x pipeline x data). A size table
-//! describes either the whole model or one rank's [`Shard`] of it: the tensors of its
+//! A [`ParallelLayout`] says how a job splits the model (tensor x pipeline x data), and a
+//! [`Place`] where one rank sits in it. A size table describes either the whole model or one
+//! rank's [`Shard`] of it: the tensors of its
 //! pipeline stage, each cut to its tensor-parallel slice by Megatron's rules. Every local tensor
 //! knows the box of the global tensor it holds, so state can move between layouts by boxes.
 
@@ -96,7 +97,181 @@ impl ParallelLayout {
     }
 }
 
-/// Where one rank sits in the model: its tensor-parallel slice and its pipeline stage.
+impl ParallelLayout {
+    /// A layout of `tp * pp * dp` ranks, without the distributed optimizer.
+    ///
+    /// # Panics
+    /// If any degree is zero.
+    pub fn new(tp: usize, pp: usize, dp: usize) -> Self {
+        assert!(
+            tp > 0 && pp > 0 && dp > 0,
+            "every parallel degree is at least 1"
+        );
+        ParallelLayout {
+            tp,
+            pp,
+            dp,
+            distributed_optimizer: false,
+        }
+    }
+
+    /// Where `rank` sits.
+    ///
+    /// # Panics
+    /// If `rank` is outside the layout.
+    pub fn place(&self, rank: usize) -> Place {
+        assert!(
+            rank < self.world_size(),
+            "rank {rank} outside a world of {}",
+            self.world_size()
+        );
+        Place {
+            tp: self.tp,
+            pp: self.pp,
+            dp: self.dp,
+            tp_rank: rank % self.tp,
+            replica: (rank / self.tp) % self.dp,
+            stage: rank / (self.tp * self.dp),
+        }
+    }
+}
+
+/// The three kinds of group every rank belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Axis {
+    Tensor,
+    Pipeline,
+    Data,
+}
+
+/// Where one rank sits in a job: the layout's degrees and the rank's coordinates in it. The one
+/// notion of a rank's place, shared by the planner, the process groups, the trainer and the
+/// checkpoint plan.
+///
+/// Ranks are numbered as Megatron numbers them, tensor fastest, then data, then pipeline:
+/// `rank = (stage * dp + replica) * tp + tp_rank`. Tensor-parallel peers are neighbours (inside
+/// a node, on NVLink in production), and a pipeline stage's ranks are contiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Place {
+    pub tp: usize,
+    pub pp: usize,
+    pub dp: usize,
+    /// This rank's place in its tensor-parallel group.
+    pub tp_rank: usize,
+    /// Its pipeline stage.
+    pub stage: usize,
+    /// Its data-parallel replica.
+    pub replica: usize,
+}
+
+impl Place {
+    /// The only rank of a one-rank job.
+    pub const ALONE: Place = Place {
+        tp: 1,
+        pp: 1,
+        dp: 1,
+        tp_rank: 0,
+        stage: 0,
+        replica: 0,
+    };
+
+    /// The place of the rank at (`replica`, `stage`, `tp_rank`) in `layout`.
+    ///
+    /// # Panics
+    /// If a coordinate is outside the layout.
+    pub fn at(layout: ParallelLayout, replica: usize, stage: usize, tp_rank: usize) -> Place {
+        let p = Place {
+            tp: layout.tp,
+            pp: layout.pp,
+            dp: layout.dp,
+            tp_rank,
+            stage,
+            replica,
+        };
+        assert!(
+            tp_rank < p.tp && stage < p.pp && replica < p.dp,
+            "{p:?} is outside its own layout"
+        );
+        p
+    }
+
+    /// The degrees of the layout this place is in.
+    pub fn layout(&self) -> ParallelLayout {
+        ParallelLayout::new(self.tp, self.pp, self.dp)
+    }
+
+    /// The rank's number.
+    pub fn rank(&self) -> usize {
+        (self.stage * self.dp + self.replica) * self.tp + self.tp_rank
+    }
+
+    /// The part of the model the rank holds: its tensor-parallel slice of its stage.
+    pub fn shard(&self) -> Shard {
+        Shard {
+            tp: self.tp,
+            tp_rank: self.tp_rank,
+            pp: self.pp,
+            stage: self.stage,
+        }
+    }
+
+    /// The rank that sits where this one does, but at `i` along `axis`.
+    pub fn along(&self, axis: Axis, i: usize) -> Place {
+        let mut p = *self;
+        match axis {
+            Axis::Tensor => p.tp_rank = i,
+            Axis::Pipeline => p.stage = i,
+            Axis::Data => p.replica = i,
+        }
+        p
+    }
+
+    /// The size of the rank's group along `axis`, and its place in it.
+    pub fn coordinate(&self, axis: Axis) -> (usize, usize) {
+        match axis {
+            Axis::Tensor => (self.tp_rank, self.tp),
+            Axis::Pipeline => (self.stage, self.pp),
+            Axis::Data => (self.replica, self.dp),
+        }
+    }
+
+    /// The ranks of this rank's group along `axis`, in group-rank order, and its place in it.
+    pub fn group(&self, axis: Axis) -> (Vec<usize>, usize) {
+        let (me, size) = self.coordinate(axis);
+        let members = (0..size).map(|i| self.along(axis, i).rank()).collect();
+        (members, me)
+    }
+
+    /// A name for this rank's group along `axis`, the same for every member and different for
+    /// every other group: the coordinates the members share.
+    pub fn group_name(&self, axis: Axis) -> String {
+        match axis {
+            Axis::Tensor => format!("tp-pp{}-dp{}", self.stage, self.replica),
+            Axis::Data => format!("dp-pp{}-tp{}", self.stage, self.tp_rank),
+            Axis::Pipeline => format!("pp-dp{}-tp{}", self.replica, self.tp_rank),
+        }
+    }
+
+    /// The group that shares the tied token embedding's gradient: the first and the last stage
+    /// of this rank's pipeline, when it has more than one stage and the rank is one of them.
+    /// Returns the members, this rank's place among them and the group's name.
+    pub fn embedding_group(&self) -> Option<(Vec<usize>, usize, String)> {
+        let last = self.pp - 1;
+        if self.pp == 1 || (self.stage != 0 && self.stage != last) {
+            return None;
+        }
+        let members = vec![
+            self.along(Axis::Pipeline, 0).rank(),
+            self.along(Axis::Pipeline, last).rank(),
+        ];
+        let me = usize::from(self.stage != 0);
+        let name = format!("emb-dp{}-tp{}", self.replica, self.tp_rank);
+        Some((members, me, name))
+    }
+}
+
+/// The part of the model one rank holds: its tensor-parallel slice and its pipeline stage (a
+/// [`Place`] without the data-parallel replica, which holds the same part as every other).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     /// Tensor-parallel size and this rank's place in its tensor-parallel group.
@@ -570,6 +745,75 @@ pub fn copy_box<F: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn megatron_order_puts_tensor_fastest() {
+        let l = ParallelLayout::new(2, 2, 2);
+        let coords = |r| {
+            let p = l.place(r);
+            (p.stage, p.replica, p.tp_rank)
+        };
+        assert_eq!(coords(0), (0, 0, 0));
+        assert_eq!(coords(1), (0, 0, 1));
+        assert_eq!(coords(2), (0, 1, 0));
+        assert_eq!(coords(4), (1, 0, 0));
+        assert_eq!(Place::at(l, 1, 0, 1), l.place(3));
+        let p = l.place(5);
+        assert_eq!(p.group(Axis::Tensor), (vec![4, 5], 1));
+        assert_eq!(p.group(Axis::Data), (vec![5, 7], 0));
+        assert_eq!(p.group(Axis::Pipeline), (vec![1, 5], 1));
+        assert_eq!(
+            p.embedding_group(),
+            Some((vec![1, 5], 1, "emb-dp0-tp1".to_string()))
+        );
+        assert_eq!(
+            ParallelLayout::new(2, 3, 1).place(2).embedding_group(),
+            None
+        );
+        assert_eq!(
+            ParallelLayout::new(2, 1, 2).place(0).embedding_group(),
+            None
+        );
+        assert_eq!(
+            p.shard(),
+            Shard {
+                tp: 2,
+                tp_rank: 1,
+                pp: 2,
+                stage: 1
+            }
+        );
+        assert_eq!(Place::ALONE, ParallelLayout::default().place(0));
+    }
+
+    #[test]
+    fn groups_partition_the_world_along_each_axis() {
+        // MT-NLG's layout: 8 x 35 x 16 = 4480 ranks.
+        let l = ParallelLayout::new(8, 35, 16);
+        for r in 0..l.world_size() {
+            assert_eq!(l.place(r).rank(), r);
+        }
+        for (axis, size) in [(Axis::Tensor, 8), (Axis::Pipeline, 35), (Axis::Data, 16)] {
+            let mut seen = HashSet::new();
+            let mut names = HashSet::new();
+            for r in 0..l.world_size() {
+                let p = l.place(r);
+                let (members, me) = p.group(axis);
+                assert_eq!(members.len(), size);
+                assert_eq!(members[me], r);
+                // Every member computes the same group and the same name.
+                for &m in &members {
+                    assert_eq!(l.place(m).group(axis).0, members);
+                    assert_eq!(l.place(m).group_name(axis), p.group_name(axis));
+                }
+                seen.insert(members);
+                names.insert(p.group_name(axis));
+            }
+            assert_eq!(seen.len(), l.world_size() / size);
+            assert_eq!(names.len(), seen.len());
+        }
+    }
 
     #[test]
     fn replicated_ranges_are_exactly_the_tensors_every_tensor_rank_holds_whole() {

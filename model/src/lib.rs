@@ -30,7 +30,7 @@ pub use collective::{Collective, Solo};
 pub use config::GptConfig;
 pub use float::Float;
 pub use gpt::{Gpt, Recompute};
-pub use layout::{ParallelLayout, ParamLayout, Shard, TensorSpec};
+pub use layout::{Axis, ParallelLayout, ParamLayout, Place, Shard, TensorSpec};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{BatchRamp, LrSchedule};
 

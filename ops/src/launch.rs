@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use marathon_elastic::{DirCoordinator, Topology};
+use marathon_elastic::DirCoordinator;
 use marathon_runtime::checkpoint::CheckpointRecord;
 use marathon_runtime::comm::GroupSpec;
 use marathon_runtime::metrics::RankEndpoint;
@@ -138,11 +138,10 @@ pub fn worker(
     let mut cfg = TrainConfig::load(config)?;
     flags.apply(&mut cfg)?;
     // This rank's tensor, pipeline, data and embedding groups, from its place in the layout.
-    let p = cfg.parallel;
-    let topology = Topology::new(p.tp, p.pp, p.dp);
+    let place = cfg.parallel.place(rank);
     let mut template = GroupSpec::loopback("local", "", 0, 1, GROUP_TIMEOUT);
     template.rendezvous_timeout = GROUP_TIMEOUT;
-    let groups = Groups::connect(&DirCoordinator::new(coord_dir), topology, rank, &template)?;
+    let groups = Groups::connect(&DirCoordinator::new(coord_dir), place, &template)?;
     let mut trainer = Trainer::with_groups(cfg, groups)?;
     let _live = serve_metrics(&mut trainer, metrics_addr, rank == 0)?;
     // The launch's directory is named afresh for every launch: its ranks' checkpoint persists

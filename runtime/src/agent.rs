@@ -826,9 +826,7 @@ impl Agent {
             }
             FromWorker::Started {
                 generation,
-                rank,
-                role: (replica, stage, tp_rank),
-                dp,
+                place,
                 step,
                 reloaded,
                 groups_ms,
@@ -837,12 +835,14 @@ impl Agent {
                 storage_read_bytes,
             } => {
                 self.feed(Event::Progress { slot })?;
+                let (rank, dp) = (place.rank(), place.dp);
                 self.log(format_args!(
                     "slot {index} (pid {pid}): generation {generation} as rank {rank} (replica \
-                     {replica}, stage {stage}, tensor rank {tp_rank}) at step {step}, state \
-                     digest {digest:016x}, {storage_read_bytes} bytes read from storage so far"
+                     {}, stage {}, tensor rank {}) at step {step}, state digest \
+                     {digest:016x}, {storage_read_bytes} bytes read from storage so far",
+                    place.replica, place.stage, place.tp_rank
                 ));
-                if *rank == 0 {
+                if rank == 0 {
                     let from = match reloaded {
                         Some(0) => ", from initialisation".to_string(),
                         Some(s) => format!(", from the checkpoint of step {s} (storage)"),

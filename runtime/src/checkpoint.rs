@@ -12,8 +12,8 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use marathon_model::ParallelLayout;
 use marathon_model::{GptConfig, ParamLayout};
+use marathon_model::{ParallelLayout, Place};
 use marathon_storage::boxes::range_to_boxes;
 use marathon_storage::codec::Codec;
 use marathon_storage::faulty::{Faults, FaultyStore};
@@ -82,19 +82,24 @@ impl Source {
     }
 }
 
-/// The pieces one rank stores, and where each one's values are in the rank's buffers (ranges
-/// of the parameter buffer, or of the optimizer state's shard for the moments).
+/// The pieces the rank at `place` stores, and where each one's values are in its buffers
+/// (ranges of the parameter buffer, or of the optimizer state's shard for the moments).
+/// `layout` is the rank's size table, of `place`'s shard.
 pub fn plan_pieces(
     layout: &ParamLayout,
     opt_shard: &Range<usize>,
-    replica: usize,
-    replicas: usize,
+    place: Place,
     distributed_optimizer: bool,
 ) -> Vec<(Piece, Source, Range<usize>)> {
+    assert_eq!(
+        layout.shard,
+        place.shard(),
+        "a size table of another rank's shard"
+    );
     let unique = layout.unique_ranges();
     // This replica's even share of the elements the model-parallel group stores once.
     let total: usize = unique.iter().map(|r| r.len()).sum();
-    let share = chunk_range(total, replicas, replica);
+    let share = chunk_range(total, place.dp, place.replica);
     let mut mine = Vec::new();
     let mut seen = 0;
     for r in unique {
@@ -460,7 +465,7 @@ pub fn save_whole(
         .into());
     }
     let mut writer = CheckpointWriter::new(store, 0, 1, opts)?;
-    let pieces = plan_pieces(&layout, &(0..n), 0, 1, false);
+    let pieces = plan_pieces(&layout, &(0..n), Place::ALONE, false);
     let run = serde_json::to_value(state).expect("the run state serialises");
     writer.snapshot(
         state.step,

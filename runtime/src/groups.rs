@@ -1,7 +1,7 @@
 //! The process groups of one worker in a tensor x pipeline x data layout.
 
-use marathon_elastic::{Axis, Coordinator, Topology};
-use marathon_model::Collective;
+use marathon_elastic::Coordinator;
+use marathon_model::{Axis, Collective, Place};
 
 use crate::comm::{GroupSpec, ProcessGroup};
 use crate::error::{Result, RuntimeError};
@@ -30,15 +30,10 @@ impl Groups {
         }
     }
 
-    /// Joins every group of `rank` in `topology`: tensor, pipeline, data, then embedding, the
+    /// Joins every group of the rank at `place`: tensor, pipeline, data, then embedding, the
     /// same order on every rank, so no two ranks wait on each other's groups in opposite
     /// orders. `template` gives the job, generation, address and timeouts.
-    pub fn connect(
-        coord: &dyn Coordinator,
-        topology: Topology,
-        rank: usize,
-        template: &GroupSpec,
-    ) -> Result<Self> {
+    pub fn connect(coord: &dyn Coordinator, place: Place, template: &GroupSpec) -> Result<Self> {
         let join = |name: String, members: usize, me: usize| -> Result<Option<ProcessGroup>> {
             if members == 1 {
                 return Ok(None);
@@ -52,32 +47,40 @@ impl Groups {
             ProcessGroup::connect(coord, spec).map(Some)
         };
         let axis = |a: Axis| {
-            let (members, me) = topology.group(rank, a);
-            join(topology.group_name(rank, a), members.len(), me)
+            let (members, me) = place.group(a);
+            join(place.group_name(a), members.len(), me)
         };
         let (tp, pp, dp) = (
             axis(Axis::Tensor)?,
             axis(Axis::Pipeline)?,
             axis(Axis::Data)?,
         );
-        let emb = match topology.embedding_group(rank) {
+        let emb = match place.embedding_group() {
             Some((members, me, name)) => join(name, members.len(), me)?,
             None => None,
         };
         Ok(Groups { tp, pp, dp, emb })
     }
 
-    /// This rank's place in the job, in Megatron's order (tensor fastest, then data, then
-    /// pipeline), as the checkpoint writers number ranks.
-    pub fn rank(&self) -> usize {
-        let [(tp_rank, tp), (stage, _), (replica, replicas)] = self.coords();
-        (stage * replicas + replica) * tp + tp_rank
+    /// Where this rank sits, read from its groups (a group of one is a degree of 1).
+    pub fn place(&self) -> Place {
+        let at = |g: &Option<ProcessGroup>| g.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
+        let ((tp_rank, tp), (stage, pp), (replica, dp)) =
+            (at(&self.tp), at(&self.pp), at(&self.dp));
+        Place {
+            tp,
+            pp,
+            dp,
+            tp_rank,
+            stage,
+            replica,
+        }
     }
 
-    /// (rank, size) along each axis: tensor, pipeline, data.
-    pub fn coords(&self) -> [(usize, usize); 3] {
-        let at = |g: &Option<ProcessGroup>| g.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
-        [at(&self.tp), at(&self.pp), at(&self.dp)]
+    /// This rank's number in the job (Megatron's order), as the checkpoint writers number
+    /// ranks.
+    pub fn rank(&self) -> usize {
+        self.place().rank()
     }
 }
 

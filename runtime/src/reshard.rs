@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use marathon_model::{ParallelLayout, ParamLayout, Shard};
+use marathon_model::{ParallelLayout, ParamLayout};
 use marathon_storage::codec::Codec;
 use marathon_storage::{CheckpointWriter, Piece, Reader, Store, WriterOptions};
 
@@ -101,32 +101,17 @@ pub fn reshard(
     }
     // Every target rank's pieces, in rank order.
     let mut pieces: Vec<Piece> = Vec::new();
-    for stage in 0..target.pp {
-        for replica in 0..target.dp {
-            for tp_rank in 0..target.tp {
-                let shard = Shard {
-                    tp: target.tp,
-                    tp_rank,
-                    pp: target.pp,
-                    stage,
-                };
-                let layout = ParamLayout::sharded(&state.model, shard);
-                let n = layout.numel();
-                let opt = if target.distributed_optimizer {
-                    chunk_range(n, target.dp, replica)
-                } else {
-                    0..n
-                };
-                let rank = plan_pieces(
-                    &layout,
-                    &opt,
-                    replica,
-                    target.dp,
-                    target.distributed_optimizer,
-                );
-                pieces.extend(rank.into_iter().map(|(p, _, _)| p));
-            }
-        }
+    for rank in 0..target.world_size() {
+        let place = target.place(rank);
+        let layout = ParamLayout::sharded(&state.model, place.shard());
+        let n = layout.numel();
+        let opt = if target.distributed_optimizer {
+            chunk_range(n, target.dp, place.replica)
+        } else {
+            0..n
+        };
+        let mine = plan_pieces(&layout, &opt, place, target.distributed_optimizer);
+        pieces.extend(mine.into_iter().map(|(p, _, _)| p));
     }
     for p in &pieces {
         let entry = m

@@ -598,7 +598,8 @@ fn recompute_checks(
 fn tp2_checkpoint_check(data: &Path, dir: &Path) -> Result<Check> {
     use crate::comm::GroupSpec;
     use crate::Groups;
-    use marathon_elastic::{InProcessCoordinator, Topology};
+    use marathon_elastic::InProcessCoordinator;
+    use marathon_model::ParallelLayout;
     let root = dir.join("ckpt-tp2");
     let steps = 3;
     let extra = "[parallel]\ntp = 2\n";
@@ -608,13 +609,13 @@ fn tp2_checkpoint_check(data: &Path, dir: &Path) -> Result<Check> {
         &small_toml(data, steps, Some(&root), Device::Cuda, 4, extra),
     )?;
     let coord = std::sync::Arc::new(InProcessCoordinator::new());
-    let topology = Topology::new(2, 1, 1);
+    let layout = ParallelLayout::new(2, 1, 1);
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
             let (coord, path) = (coord.clone(), gpu_path.clone());
             std::thread::spawn(move || -> Result<(ParamLayout, [Vec<f32>; 3])> {
                 let template = GroupSpec::loopback("gpu-check", "", 0, 1, Duration::from_secs(120));
-                let groups = Groups::connect(&*coord, topology, rank, &template)?;
+                let groups = Groups::connect(&*coord, layout.place(rank), &template)?;
                 let mut t = Trainer::with_groups(TrainConfig::load(&path)?, groups)?;
                 t.run(&mut Quiet)?;
                 let [p, m, v] = t.state();

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use marathon_elastic::pace::{Pace, StragglerRule};
 use marathon_elastic::plan::{Plan, Slot, StateSource};
-use marathon_elastic::topology::Coords;
-use marathon_elastic::{job, retrying, Coordinator, ElasticError, JobKey, JobKeys, Topology};
+use marathon_elastic::{job, retrying, Coordinator, ElasticError, JobKey, JobKeys};
+use marathon_model::Place;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::CheckpointRecord;
@@ -69,10 +69,8 @@ pub enum FromWorker {
     /// existed, so from initialisation).
     Started {
         generation: u64,
-        rank: usize,
-        /// The worker's (replica, stage, tensor rank).
-        role: (usize, usize, usize),
-        dp: usize,
+        /// Where the worker's rank sits in the generation's layout.
+        place: Place,
         step: u64,
         reloaded: Option<u64>,
         groups_ms: f64,
@@ -434,18 +432,13 @@ impl Generation<'_> {
     ) -> Result<Ended> {
         let (plan, g) = (self.plan, self.generation);
         let role = plan.roles().get(self.slot).copied();
-        let Some((replica, stage, tp_rank)) = role else {
+        let Some(place) = role else {
             return Err(RuntimeError::Argument {
                 name: "slot",
                 reason: format!("{:?} has no place in the plan of generation {g}", self.slot),
             });
         };
-        let topology = Topology::new(plan.tp, plan.pp, plan.dp);
-        let rank = topology.rank(Coords {
-            pp: stage,
-            dp: replica,
-            tp: tp_rank,
-        });
+        let rank = place.rank();
         tracing::Span::current().record("rank", rank);
         let t0 = Instant::now();
         let mut spec = GroupSpec::loopback(&self.opts.job, "", 0, 1, self.opts.group_timeout);
@@ -464,7 +457,7 @@ impl Generation<'_> {
             generation: g,
         };
         crate::moments::reach(crate::moments::Moment::Rendezvous);
-        let groups = Groups::connect(&abortable, topology, rank, &spec)?;
+        let groups = Groups::connect(&abortable, place, &spec)?;
         self.control.arm(g, &groups)?;
         let groups_at_ms = unix_ms();
         let groups_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -496,12 +489,14 @@ impl Generation<'_> {
         // hold another shard. Its block receives its state from a peer, or from storage.
         if let (Some(t), false) = (
             trainer.as_ref(),
-            plan.block(replica, stage).state == StateSource::Kept,
+            plan.block(place.replica, place.stage).state == StateSource::Kept,
         ) {
             let s = t.model.layout.shard;
             tracing::info!(
-                "placed at tensor rank {tp_rank} of stage {stage} in a block that keeps \
-                 no state; the state it held (tensor rank {} of stage {}, step {}) is dropped",
+                "placed at tensor rank {} of stage {} in a block that keeps no state; the \
+                 state it held (tensor rank {} of stage {}, step {}) is dropped",
+                place.tp_rank,
+                place.stage,
                 s.tp_rank,
                 s.stage,
                 t.step
@@ -592,8 +587,9 @@ impl Generation<'_> {
             factor: e.straggler_factor,
             steps: e.straggler_steps,
         };
-        let stages = (0..topology.world_size())
-            .map(|r| topology.coords(r).pp)
+        let layout = plan.layout();
+        let stages = (0..layout.world_size())
+            .map(|r| layout.place(r).stage)
             .collect();
         let mut pace = Pace::new(rule, stages);
         if is_rank0 && !self.commit(&record)? {
@@ -602,9 +598,7 @@ impl Generation<'_> {
         }
         events.send(&FromWorker::Started {
             generation: g,
-            rank,
-            role: (replica, stage, tp_rank),
-            dp: plan.dp,
+            place,
             step,
             reloaded,
             groups_ms,
@@ -640,8 +634,8 @@ impl Generation<'_> {
             let last = rec.step == t.cfg.train.steps;
             if let (true, false, Some(times)) = (is_rank0, last, t.pace()) {
                 for f in pace.observe(rec.step, times) {
-                    let c = topology.coords(f.rank);
-                    let slot = plan.block(c.dp, c.pp).slots[c.tp].clone();
+                    let p = layout.place(f.rank);
+                    let slot = plan.block(p.replica, p.stage).slots[p.tp_rank].clone();
                     tracing::info!(
                         "rank {} ({}/{}) is a straggler: its compute per microbatch was \
                          {:.1}x its peers' median for {} steps, to step {}",

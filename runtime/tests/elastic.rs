@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use marathon_elastic::{InProcessCoordinator, Topology};
+use marathon_elastic::InProcessCoordinator;
+use marathon_model::ParallelLayout;
 use marathon_runtime::comm::GroupSpec;
 use marathon_runtime::{Groups, TrainConfig, Trainer};
 
@@ -30,12 +31,12 @@ fn config(dir: &std::path::Path) -> TrainConfig {
 fn groups(
     coord: &InProcessCoordinator,
     generation: u64,
-    topology: Topology,
+    layout: ParallelLayout,
     rank: usize,
 ) -> Groups {
     let mut template = GroupSpec::loopback("elastic", "", 0, 1, Duration::from_secs(60));
     template.generation = generation;
-    Groups::connect(coord, topology, rank, &template).expect("join the generation's groups")
+    Groups::connect(coord, layout.place(rank), &template).expect("join the generation's groups")
 }
 
 /// What one rank saw: the loss of every step it ran, its parameters right after joining (for
@@ -57,7 +58,10 @@ fn steps(t: &mut Trainer, to: u64, losses: &mut Vec<(u64, f32)>) {
 /// `after` leave, new ones join and receive replica 0's state.
 fn resize(cfg: &TrainConfig, before: usize, after: usize) -> Vec<Seen> {
     let coord = Arc::new(InProcessCoordinator::new());
-    let (old, new) = (Topology::new(2, 1, before), Topology::new(2, 1, after));
+    let (old, new) = (
+        ParallelLayout::new(2, 1, before),
+        ParallelLayout::new(2, 1, after),
+    );
     let ranks = old.world_size().max(new.world_size());
     let handles: Vec<_> = (0..ranks)
         .map(|rank| {
@@ -181,7 +185,7 @@ fn a_new_generation_must_keep_each_ranks_shard() {
     let joins: Vec<_> = (0..2)
         .map(|rank| {
             let coord = coord.clone();
-            std::thread::spawn(move || groups(&coord, 1, Topology::new(2, 1, 1), rank))
+            std::thread::spawn(move || groups(&coord, 1, ParallelLayout::new(2, 1, 1), rank))
         })
         .collect();
     let mut both: Vec<Groups> = joins.into_iter().map(|h| h.join().expect("join")).collect();
@@ -205,7 +209,7 @@ fn replicas_that_ended_a_step_apart_continue_from_the_most_advanced() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let cfg = config(dir.path());
     let coord = Arc::new(InProcessCoordinator::new());
-    let dp2 = Topology::new(1, 1, 2);
+    let dp2 = ParallelLayout::new(1, 1, 2);
     let handles: Vec<_> = (0..2)
         .map(|rank| {
             let (coord, mut cfg) = (coord.clone(), cfg.clone());
@@ -251,7 +255,7 @@ fn shards_left_at_different_steps_are_refused_on_every_rank() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let cfg = config(dir.path());
     let coord = Arc::new(InProcessCoordinator::new());
-    let tp2 = Topology::new(2, 1, 1);
+    let tp2 = ParallelLayout::new(2, 1, 1);
     let handles: Vec<_> = (0..2)
         .map(|rank| {
             let (coord, mut cfg) = (coord.clone(), cfg.clone());
@@ -287,7 +291,7 @@ fn a_generation_in_which_no_replica_holds_state_is_refused_on_every_rank() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let cfg = config(dir.path());
     let coord = Arc::new(InProcessCoordinator::new());
-    let tp2dp2 = Topology::new(2, 1, 2);
+    let tp2dp2 = ParallelLayout::new(2, 1, 2);
     let handles: Vec<_> = (0..4)
         .map(|rank| {
             let (coord, mut cfg) = (coord.clone(), cfg.clone());
@@ -335,7 +339,7 @@ fn the_distributed_optimizer_shrinks_and_grows_from_memory() {
     let cfg = config(dir.path());
     assert!(cfg.checkpoint.is_none(), "nothing to read from storage");
     let coord = Arc::new(InProcessCoordinator::new());
-    let (dp3, dp2) = (Topology::new(1, 1, 3), Topology::new(1, 1, 2));
+    let (dp3, dp2) = (ParallelLayout::new(1, 1, 3), ParallelLayout::new(1, 1, 2));
     let zero = |dp: usize| {
         let mut c = cfg.clone();
         c.parallel.dp = dp;
@@ -404,7 +408,7 @@ fn a_lost_chunk_without_a_mirror_is_refused_on_every_rank() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let cfg = config(dir.path());
     let coord = Arc::new(InProcessCoordinator::new());
-    let (dp2, alone) = (Topology::new(1, 1, 2), Topology::new(1, 1, 1));
+    let (dp2, alone) = (ParallelLayout::new(1, 1, 2), ParallelLayout::new(1, 1, 1));
     let handles: Vec<_> = (0..2)
         .map(|rank| {
             let (coord, mut cfg) = (coord.clone(), cfg.clone());
@@ -447,7 +451,7 @@ fn a_replica_that_missed_a_reload_does_not_win_with_its_older_history() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let cfg = config(dir.path());
     let coord = Arc::new(InProcessCoordinator::new());
-    let dp2 = Topology::new(1, 1, 2);
+    let dp2 = ParallelLayout::new(1, 1, 2);
     let handles: Vec<_> = (0..2)
         .map(|rank| {
             let (coord, mut cfg) = (coord.clone(), cfg.clone());
@@ -499,7 +503,7 @@ fn a_new_metrics_writer_logs_the_step_its_generation_continues_from() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let cfg = config(dir.path());
     let coord = Arc::new(InProcessCoordinator::new());
-    let (dp2, dp3) = (Topology::new(1, 1, 2), Topology::new(1, 1, 3));
+    let (dp2, dp3) = (ParallelLayout::new(1, 1, 2), ParallelLayout::new(1, 1, 3));
     let zero = |dp: usize, metrics: &str| {
         let mut c = cfg.clone();
         c.parallel.dp = dp;

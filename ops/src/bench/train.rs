@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Args;
-use marathon_elastic::Topology;
 use marathon_model::cost::flops_per_token;
 use marathon_model::ParamLayout;
 use marathon_runtime::comm::GroupSpec;
@@ -212,12 +211,7 @@ fn report_gpu(
             / step
     };
     // The largest buffer a rank all-reduces: its gradients.
-    let shard = marathon_model::Shard {
-        tp: p.tp,
-        tp_rank: 0,
-        pp: p.pp,
-        stage: 0,
-    };
+    let shard = p.place(0).shard();
     let bytes = 4 * ParamLayout::sharded(&cfg.model, shard).numel();
     let world = p.world_size().max(2);
     let staged = marathon_runtime::selftest::staged_allreduce(world, bytes)?;
@@ -364,9 +358,8 @@ fn run_ranks(
     threads: usize,
 ) -> Result<Vec<Vec<StepRecord>>> {
     let coord = std::sync::Arc::new(marathon_elastic::InProcessCoordinator::new());
-    let p = cfg.parallel;
-    let topology = Topology::new(p.tp, p.pp, p.dp);
-    let ranks: Vec<_> = (0..topology.world_size())
+    let layout = cfg.parallel;
+    let ranks: Vec<_> = (0..layout.world_size())
         .map(|rank| {
             let (coord, cfg) = (coord.clone(), cfg.clone());
             std::thread::spawn(move || -> Result<Vec<StepRecord>> {
@@ -374,7 +367,7 @@ fn run_ranks(
                     .num_threads(threads)
                     .build()?;
                 let template = GroupSpec::loopback("bench", "", 0, 1, Duration::from_secs(600));
-                let groups = Groups::connect(&*coord, topology, rank, &template)?;
+                let groups = Groups::connect(&*coord, layout.place(rank), &template)?;
                 pool.install(|| run_steps(Trainer::with_groups(cfg, groups)?, warmup, steps))
             })
         })

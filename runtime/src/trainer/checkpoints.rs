@@ -187,20 +187,18 @@ pub(super) fn checkpointing(
     let Some(c) = &cfg.checkpoint else {
         return Ok(None);
     };
-    let [(_, tp), (_, pp), (replica, replicas)] = groups.coords();
+    let place = groups.place();
     let store = checkpoint::open_store(c)?;
-    let rank = groups.rank();
     let writer = CheckpointWriter::new(
         store.clone(),
-        rank,
-        tp * pp * replicas,
+        place.rank(),
+        place.layout().world_size(),
         checkpoint::writer_options(c),
     )?;
     let pieces = checkpoint::plan_pieces(
         &model.layout,
         &opt.shard,
-        replica,
-        replicas,
+        place,
         cfg.parallel.distributed_optimizer,
     );
     Ok(Some(Checkpointing {

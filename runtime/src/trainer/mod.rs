@@ -32,7 +32,7 @@ use std::io::BufWriter;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use marathon_model::{AdamW, BatchRamp, Gpt, Recompute, Shard};
+use marathon_model::{AdamW, BatchRamp, Gpt, Place, Recompute, Shard};
 
 use crate::checkpoint::Checkpointing;
 use crate::comm::{chunk_range, ProcessGroup};
@@ -166,7 +166,15 @@ impl Trainer {
 
     fn build(cfg: TrainConfig, groups: Groups, resume: bool) -> Result<Self> {
         let layout = cfg.parallel;
-        let [(tp_rank, tp), (stage, pp), (replica, replicas)] = groups.coords();
+        let place = groups.place();
+        let Place {
+            tp,
+            pp,
+            dp: replicas,
+            tp_rank,
+            stage,
+            replica,
+        } = place;
         for (field, want, have) in [
             ("parallel.tp", layout.tp, tp),
             ("parallel.pp", layout.pp, pp),
@@ -195,12 +203,7 @@ impl Trainer {
         let (train, val) = preflight(&cfg)?;
         let (mb, seq) = (cfg.batch.micro_batch, cfg.batch.seq_len);
         let order = DataOrder::new(cfg.data.seed, train.samples(seq));
-        let shard = Shard {
-            tp,
-            tp_rank,
-            pp,
-            stage,
-        };
+        let shard = place.shard();
         // A 1F1B stage keeps at most one microbatch per later stage in flight, plus its own.
         let slots = pp - stage;
         let on_gpu = cfg.train.device == Device::Cuda;
@@ -300,8 +303,8 @@ impl Trainer {
 
     fn resize_pace(&mut self, on: bool) {
         if on || self.pace.is_some() {
-            let [(_, tp), (_, pp), (_, dp)] = self.groups.coords();
-            self.pace = Some(vec![f32::NAN; tp * pp * dp]);
+            let world = self.groups.place().layout().world_size();
+            self.pace = Some(vec![f32::NAN; world]);
         }
     }
 

@@ -1,6 +1,6 @@
 //! What a worker checks before it trains that needs no peers.
 
-use marathon_model::{Gpt, Shard};
+use marathon_model::{Gpt, Place};
 
 use crate::config::TrainConfig;
 use crate::data::TokenFile;
@@ -67,12 +67,7 @@ fn check_memory(cfg: &TrainConfig) -> Result<()> {
     };
     let per_replica: f64 = (0..p.pp)
         .map(|stage| {
-            let shard = Shard {
-                tp: p.tp,
-                tp_rank: 0,
-                pp: p.pp,
-                stage,
-            };
+            let shard = Place::at(p, 0, stage, 0).shard();
             let slots = p.pp - stage;
             p.tp as f64
                 * Gpt::<f32>::shard_memory_bytes(&cfg.model, shard, mb, seq, slots, recompute)

@@ -2,7 +2,7 @@
 //! state between replicas, and reconciling the replicas at a generation's start. Written on the
 //! host state; a GPU engine's state is fetched before and pushed after.
 
-use marathon_model::AdamW;
+use marathon_model::{AdamW, Place};
 
 use super::{checkpointing, open_metrics, Trainer};
 use crate::comm::ProcessGroup;
@@ -21,7 +21,14 @@ impl Trainer {
     ///
     /// Errors: a group whose tensor or pipeline size differs from the layout's.
     pub fn regroup(&mut self, groups: Groups) -> Result<()> {
-        let [(tp_rank, tp), (stage, pp), (_, dp)] = groups.coords();
+        let Place {
+            tp_rank,
+            tp,
+            stage,
+            pp,
+            dp,
+            ..
+        } = groups.place();
         let shard = self.model.layout.shard;
         let bad = |reason: String| RuntimeError::Config {
             path: self.cfg.source.clone(),
@@ -70,7 +77,7 @@ impl Trainer {
             ck.writer.set_cancel(Some(signal.clone()));
         }
         // The first rank of the new generation writes the metrics, after the old one's lines.
-        let first = self.groups.coords().iter().all(|&(rank, _)| rank == 0);
+        let first = self.groups.rank() == 0;
         self.metrics = match (&self.cfg.train.metrics, first, self.metrics.take()) {
             (Some(_), true, Some(m)) => Some(m),
             (Some(p), true, None) => Some(open_metrics(p, true)?),
@@ -175,7 +182,11 @@ impl Trainer {
     /// the initial weights are never taken for the job's. Every rank calls it. Returns the
     /// step the generation continues from.
     pub fn reconcile(&mut self) -> Result<u64> {
-        let [_, _, (replica, replicas)] = self.groups.coords();
+        let Place {
+            replica,
+            dp: replicas,
+            ..
+        } = self.groups.place();
         // State from an older history (kept by a rank that missed a reload from storage)
         // counts as none: only holders of the newest lineage are taken.
         // With it, the record of the newest step each applied, for the metrics writer.
@@ -212,7 +223,13 @@ impl Trainer {
         }
         // The replicas of each shard now agree; the shards must agree with each other, on the
         // step and on the history.
-        let [(tp_rank, tp), (stage, pp), _] = self.groups.coords();
+        let Place {
+            tp_rank,
+            tp,
+            stage,
+            pp,
+            ..
+        } = self.groups.place();
         let (step, lineage) = (self.step, self.lineage);
         let tp_all = gather_u64s(self.groups.tp.as_mut(), &[step, lineage], tp_rank, tp)?;
         let pp_all = gather_u64s(self.groups.pp.as_mut(), &[step, lineage], stage, pp)?;

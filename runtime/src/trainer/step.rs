@@ -5,6 +5,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use marathon_model::Place;
+
 use super::Trainer;
 use crate::comm::{chunk_range, ProcessGroup};
 use crate::error::{Result, RuntimeError};
@@ -23,9 +25,10 @@ impl Trainer {
     /// Opens `train.samples_log` for appending on the rank that logs for its replica (the first
     /// stage's first tensor rank); closes it on the others.
     pub(super) fn open_samples_log(&mut self) -> Result<()> {
-        let [(tp_rank, _), (stage, _), _] = self.groups.coords();
+        let place = self.groups.place();
         self.samples_log = None;
-        if let (Some(p), true) = (&self.cfg.train.samples_log, tp_rank == 0 && stage == 0) {
+        let writes = place.tp_rank == 0 && place.stage == 0;
+        if let (Some(p), true) = (&self.cfg.train.samples_log, writes) {
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -48,11 +51,10 @@ impl Trainer {
             return self.step_once();
         }
         let planned = self.replica_samples();
-        let [_, _, (replica, _)] = self.groups.coords();
         let line = serde_json::json!({
             "generation": self.generation,
             "step": self.step + 1,
-            "replica": replica,
+            "replica": self.groups.place().replica,
             "samples": &planned,
         });
         let log = self.samples_log.as_mut().expect("checked above");
@@ -78,9 +80,9 @@ impl Trainer {
     fn replica_samples(&mut self) -> Vec<u64> {
         let mb = self.cfg.batch.micro_batch;
         let micro_steps = self.next_batch() as usize / mb;
-        let [_, _, (replica, replicas)] = self.groups.coords();
+        let place = self.groups.place();
         let first = self.consumed_samples;
-        chunk_range(micro_steps, replicas, replica)
+        chunk_range(micro_steps, place.dp, place.replica)
             .flat_map(|m| m * mb..(m + 1) * mb)
             .map(|j| self.order.sample(first + j as u64) as u64)
             .collect()
@@ -95,11 +97,11 @@ impl Trainer {
         self.engine.zero_grad(&mut self.model)?;
         // This replica's microbatches: a contiguous run, one more on the first replicas when
         // they do not divide evenly. Which replica runs a microbatch changes nothing else.
-        let [_, _, (replica, replicas)] = self.groups.coords();
+        let place = self.groups.place();
         // Without the distributed optimizer, the last microbatch's backward overlaps with the
         // all-reduce of the gradient buckets it has finished.
         let overlap = self.groups.dp.is_some() && !self.cfg.parallel.distributed_optimizer;
-        let mine = chunk_range(micro_steps, replicas, replica);
+        let mine = chunk_range(micro_steps, place.dp, place.replica);
         let mut times = StepTimes::default();
         self.pipeline(mine.clone(), dloss, overlap, &mut times)?;
         let loss_sum = self.engine.loss_sum()?;
@@ -240,7 +242,9 @@ impl Trainer {
         overlap: bool,
         times: &mut StepTimes,
     ) -> Result<()> {
-        let [_, (stage, stages), _] = self.groups.coords();
+        let Place {
+            stage, pp: stages, ..
+        } = self.groups.place();
         let (first, last) = (stage == 0, stage + 1 == stages);
         let count = mine.len();
         let warmup = (stages - stage - 1).min(count);
@@ -357,7 +361,9 @@ impl Trainer {
             .eval_batches
             .min(val.samples(seq) / mb)
             .max(1);
-        let [_, (stage, stages), _] = self.groups.coords();
+        let Place {
+            stage, pp: stages, ..
+        } = self.groups.place();
         self.engine.reset_loss()?;
         for b in 0..batches {
             for j in 0..mb {

@@ -110,8 +110,8 @@ impl Trainer {
         );
         let own_sq = engine.grad_sum_squares(model, norm_ranges)?;
         // The loss is known to the last stage's ranks; one of them counts it.
-        let [(tp_rank, _), (stage, stages), _] = groups.coords();
-        let loss_part = if tp_rank == 0 && stage + 1 == stages {
+        let place = groups.place();
+        let loss_part = if place.tp_rank == 0 && place.stage + 1 == place.pp {
             loss_sum
         } else {
             0.0

@@ -15,7 +15,7 @@
 
 use std::ops::Range;
 
-use marathon_model::AdamW;
+use marathon_model::{AdamW, Place};
 
 use super::Trainer;
 use crate::comm::chunk_range;
@@ -187,8 +187,13 @@ impl Trainer {
 
     /// The chunk this rank updates and the one it mirrors, in the current groups.
     fn chunks(&self) -> (Range<usize>, Option<Range<usize>>) {
-        let [_, _, (replica, replicas)] = self.groups.coords();
-        zero_chunks(self.model.layout.numel(), replicas, replica, self.mirrored)
+        let place = self.groups.place();
+        zero_chunks(
+            self.model.layout.numel(),
+            place.dp,
+            place.replica,
+            self.mirrored,
+        )
     }
 
     /// Sets aside the moments this rank holds (`held`) and gives it empty ones for its chunks
@@ -235,7 +240,11 @@ impl Trainer {
             // its chunks, which it may now hold in another place.
             self.place_chunks();
         }
-        let [_, _, (replica, replicas)] = self.groups.coords();
+        let Place {
+            replica,
+            dp: replicas,
+            ..
+        } = self.groups.place();
         let numel = self.model.layout.numel();
         let mut mine = self.holding();
         mine.holds &= current;

@@ -70,9 +70,9 @@ pub fn on_every_rank<R: Send + 'static>(
     cfg.parallel.pp = pp;
     cfg.parallel.dp = dp;
     cfg.parallel.distributed_optimizer = distributed_optimizer;
-    let topology = marathon_elastic::Topology::new(tp, pp, dp);
+    let layout = cfg.parallel;
     let f = Arc::new(f);
-    let handles: Vec<_> = (0..topology.world_size())
+    let handles: Vec<_> = (0..layout.world_size())
         .map(|rank| {
             let (coord, cfg, f) = (coord.clone(), cfg.clone(), f.clone());
             std::thread::spawn(move || {
@@ -83,8 +83,9 @@ pub fn on_every_rank<R: Send + 'static>(
                     1,
                     std::time::Duration::from_secs(60),
                 );
-                let groups = marathon_runtime::Groups::connect(&*coord, topology, rank, &template)
-                    .expect("join this rank's groups");
+                let groups =
+                    marathon_runtime::Groups::connect(&*coord, layout.place(rank), &template)
+                        .expect("join this rank's groups");
                 f(marathon_runtime::Trainer::with_groups(cfg, groups).expect("rank trainer"))
             })
         })
