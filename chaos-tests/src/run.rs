@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use marathon_elastic::{JobKey, JobKeys};
 use marathon_runtime::moments::Moment;
 use marathon_runtime::records::{unix_ms, Summary};
+use marathon_runtime::small_job::SmallJob;
 use marathon_storage::{format, Reader, Store};
 use object_store::ObjectStoreExt;
 use serde::Serialize;
@@ -984,14 +985,19 @@ fn prepare(s: &Scenario, opts: &RunOptions, dir: &Path, root: &str, store: &Gara
         val_fraction: 0.0,
     })
     .context("prepare the scenario's corpus")?;
-    let common = format!(
-        "[model]\nvocab_size = 50257\nseq_len = 32\nn_layer = {}\nn_head = 2\nn_embd = 32\n\
-         [data]\ntrain = \"corpus/train.bin\"\n\
-         [batch]\nmicro_batch = {}\nglobal_batch = {}\nseq_len = 32\n\
-         [optim]\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\nweight_decay = 0.1\ngrad_clip = 1.0\ninit_std = 0.02\n\
-         [optim.lr]\npeak_lr = 1e-3\nwarmup_tokens = 256\ndecay_tokens = 40960\n",
-        s.n_layer, s.micro_batch, s.global_batch
-    );
+    let job = |train_lines: String, sections: String| {
+        SmallJob {
+            n_layer: s.n_layer,
+            micro_batch: s.micro_batch,
+            global_batch: s.global_batch,
+            decay_tokens: 40960,
+            steps: s.steps,
+            train_lines,
+            sections,
+            ..SmallJob::default()
+        }
+        .toml()
+    };
     let options: String = store
         .options()
         .iter()
@@ -1001,18 +1007,17 @@ fn prepare(s: &Scenario, opts: &RunOptions, dir: &Path, root: &str, store: &Gara
     let torn = st.torn_manifest.map_or(String::new(), |t| {
         format!("tear_puts_to = \"{}\"\n", format::manifest_name(t))
     });
-    let job = format!(
-        "{common}[train]\nsteps = {}\nmetrics = \"metrics.jsonl\"\nsamples_log = \"samples.jsonl\"\n\
-         [checkpoint]\nroot = \"{root}\"\nevery_steps = {}\nkeep_last = {}\n\
+    let checkpoint = format!(
+        "[checkpoint]\nroot = \"{root}\"\nevery_steps = {}\nkeep_last = {}\n\
          [checkpoint.options]\n{options}\
          [checkpoint.faults]\nerror_rate = {}\ndelay_ms = {}\nseed = {}\n{torn}",
-        s.steps, s.checkpoint_every, s.keep_last, st.error_rate, st.delay_ms, s.seed
+        s.checkpoint_every, s.keep_last, st.error_rate, st.delay_ms, s.seed
     );
-    std::fs::write(dir.join("c.toml"), job)?;
-    let reference = format!(
-        "{common}[train]\nsteps = {}\nmetrics = \"ref-metrics.jsonl\"\nsamples_log = \"ref-samples.jsonl\"\n",
-        s.steps
-    );
+    let logs = |prefix: &str| {
+        format!("metrics = \"{prefix}metrics.jsonl\"\nsamples_log = \"{prefix}samples.jsonl\"\n")
+    };
+    std::fs::write(dir.join("c.toml"), job(logs(""), checkpoint))?;
+    let reference = job(logs("ref-"), String::new());
     std::fs::write(dir.join("ref.toml"), reference)?;
     Ok(())
 }

@@ -5,11 +5,11 @@
 
 mod common;
 use common::{json_lines, line_with, repo, running};
+use marathon_runtime::small_job::SmallJob;
 use marathon_storage::format::Manifest;
 use marathon_testkit::docs_corpus;
 use marathon_testkit::etcd::Etcd;
 use marathon_testkit::garage::Garage;
-use marathon_testkit::job::SmallJob;
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -49,7 +49,7 @@ fn job_config(steps: u64, global_batch: u64, extra: &str) -> tempfile::TempDir {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let config = marathon_testkit::job::SmallJob {
+    let config = marathon_runtime::small_job::SmallJob {
         global_batch: global_batch as usize,
         decay_tokens: 40960,
         steps,

@@ -33,6 +33,7 @@ use marathon_model::cuda::{CudaError, DeviceBuffer, Gpu, PinnedBuffer, Stream};
 use marathon_model::{GptConfig, ParamLayout};
 
 use crate::device::Device;
+use crate::small_job::SmallJob;
 use crate::{Result, RuntimeError, TrainConfig, Trainer};
 
 pub use marathon_model::cuda::selftest::Check;
@@ -324,46 +325,25 @@ fn small_toml(
             p.display()
         )
     });
-    let toml = format!(
-        r#"
-[model]
-vocab_size = 50257
-seq_len = 128
-n_layer = 2
-n_head = 2
-n_embd = 128
-[data]
-train = "{train}"
-seed = 7
-[batch]
-micro_batch = {micro}
-global_batch = 8
-seq_len = 128
-[optim]
-beta1 = 0.9
-beta2 = 0.95
-eps = 1e-8
-weight_decay = 0.1
-grad_clip = 1.0
-init_std = 0.02
-[optim.lr]
-peak_lr = 1e-3
-warmup_tokens = 2048
-decay_tokens = 40960
-min_lr_ratio = 0.1
-[train]
-steps = {steps}
-seed = 3
-device = "{dev}"
-{ckpt}{extra}"#,
-        train = data.display(),
-        dev = if device == Device::Cuda {
-            "cuda"
-        } else {
-            "cpu"
-        },
-    );
-    toml
+    let device = if device == Device::Cuda { "cuda" } else { "cpu" };
+    SmallJob {
+        context: 128,
+        n_embd: 128,
+        train: data.display().to_string(),
+        data_seed: Some(7),
+        micro_batch: micro,
+        global_batch: 8,
+        seq_len: 128,
+        warmup_tokens: 2048,
+        decay_tokens: 40960,
+        min_lr_ratio: Some(0.1),
+        steps,
+        seed: Some(3),
+        train_lines: format!("device = \"{device}\"\n"),
+        sections: format!("{ckpt}{extra}"),
+        ..SmallJob::default()
+    }
+    .toml()
 }
 
 /// The small model trained 20 steps on the CPU and on the GPU from the same weights and data,
@@ -894,4 +874,61 @@ fn bench(options: &Options, data: &Path, progress: &mut dyn FnMut(Progress<'_>))
         pinned_d2h_gbs: rec.staged_bytes as f64 / (best / 1e3) / 1e9,
         profile,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checks' small model as it was written out before it became a [`SmallJob`]: the
+    /// configuration must stay the same, field for field.
+    #[test]
+    fn the_checks_small_job_is_the_one_they_always_trained() {
+        let (data, ckpt) = (Path::new("/d/train.bin"), Path::new("/c"));
+        let extra = "metrics = \"m.jsonl\"\n";
+        let want = format!(
+            r#"
+[model]
+vocab_size = 50257
+seq_len = 128
+n_layer = 2
+n_head = 2
+n_embd = 128
+[data]
+train = "/d/train.bin"
+seed = 7
+[batch]
+micro_batch = 2
+global_batch = 8
+seq_len = 128
+[optim]
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-8
+weight_decay = 0.1
+grad_clip = 1.0
+init_std = 0.02
+[optim.lr]
+peak_lr = 1e-3
+warmup_tokens = 2048
+decay_tokens = 40960
+min_lr_ratio = 0.1
+[train]
+steps = 20
+seed = 3
+device = "cuda"
+[checkpoint]
+root = "/c"
+every_steps = 20
+keep_last = 2
+{extra}"#
+        );
+        let got = small_toml(data, 20, Some(ckpt), Device::Cuda, 2, extra);
+        let parse = |t: &str| t.parse::<toml::Table>().expect("TOML");
+        assert_eq!(parse(&got), parse(&want), "{got}");
+        let bare = small_toml(data, 3, None, Device::Cpu, 4, "");
+        let bare = parse(&bare);
+        assert_eq!(bare["train"]["device"].as_str(), Some("cpu"));
+        assert!(!bare.contains_key("checkpoint"));
+    }
 }

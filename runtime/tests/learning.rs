@@ -22,7 +22,7 @@ fn validation_loss_on_shakespeare_falls_below_six_nats() {
         val_fraction: 0.1,
     })
     .unwrap();
-    let text = marathon_testkit::job::SmallJob {
+    let text = marathon_runtime::small_job::SmallJob {
         context: 64,
         n_head: 4,
         n_embd: 64,

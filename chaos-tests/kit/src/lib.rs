@@ -2,7 +2,6 @@
 //!
 //! - [`etcd`]: a private etcd (one member, a cluster, or one behind TLS with users and roles);
 //! - [`garage`]: a private Garage, a real S3-API object store;
-//! - [`job`]: the small job configuration the tests train, as TOML;
 //! - the corpora tests train on: [`shakespeare`] and [`docs_corpus`].
 //!
 //! Every server runs on free loopback ports with its own directory, is killed on drop, and
@@ -11,7 +10,6 @@
 
 pub mod etcd;
 pub mod garage;
-pub mod job;
 
 use std::path::{Path, PathBuf};
 

@@ -28,7 +28,7 @@ pub fn synthetic_tokens(dir: &Path, name: &str, n: usize, vocab: u32, seed: u64)
 
 /// A small, valid configuration over the given token files, as TOML text.
 pub fn small_config_toml(train: &Path, val: Option<&Path>, vocab: usize) -> String {
-    marathon_testkit::job::SmallJob {
+    marathon_runtime::small_job::SmallJob {
         vocab_size: vocab,
         train: train.display().to_string(),
         val: val.map(|v| v.display().to_string()),

@@ -1,6 +1,7 @@
-//! The small job the tests train, as TOML: a GPT of two layers, 32 wide, over GPT-2's
-//! vocabulary, with the optimizer every test uses. A test changes the fields it needs; an
-//! optional field left `None` is left out, so the configuration's own default applies.
+//! The small job that marathon's own checks train (the GPU self-test, the chaos scenarios and
+//! the tests), as TOML: a GPT of two layers, 32 wide, over GPT-2's vocabulary, with one
+//! optimizer setting. A user changes the fields it needs; an optional field left `None` is
+//! left out, so the configuration's own default applies.
 
 /// A small job's configuration.
 #[derive(Debug, Clone)]
@@ -23,12 +24,13 @@ pub struct SmallJob {
     pub peak_lr: f64,
     pub warmup_tokens: u64,
     pub decay_tokens: u64,
+    pub min_lr_ratio: Option<f64>,
     pub steps: u64,
     /// The weights' seed (train.seed).
     pub seed: Option<u64>,
-    /// Lines added to the `[train]` section.
+    /// Lines added to the `[train]` section, each ending in a newline.
     pub train_lines: String,
-    /// Sections added after `[train]`.
+    /// Sections added after `[train]`, ending in a newline.
     pub sections: String,
 }
 
@@ -49,6 +51,7 @@ impl Default for SmallJob {
             peak_lr: 1e-3,
             warmup_tokens: 256,
             decay_tokens: 4096,
+            min_lr_ratio: None,
             steps: 4,
             seed: None,
             train_lines: String::new(),
@@ -68,7 +71,7 @@ impl SmallJob {
              [batch]\nmicro_batch = {}\nglobal_batch = {}\nseq_len = {}\n\
              [optim]\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\nweight_decay = 0.1\ngrad_clip = 1.0\n\
              init_std = 0.02\n\
-             [optim.lr]\npeak_lr = {:e}\nwarmup_tokens = {}\ndecay_tokens = {}\n\
+             [optim.lr]\npeak_lr = {:e}\nwarmup_tokens = {}\ndecay_tokens = {}\n{}\
              [train]\nsteps = {}\n{}{}{}",
             self.vocab_size,
             self.context,
@@ -84,6 +87,7 @@ impl SmallJob {
             self.peak_lr,
             self.warmup_tokens,
             self.decay_tokens,
+            line("min_lr_ratio", self.min_lr_ratio.map(|r| format!("{r:?}"))),
             self.steps,
             line("seed", self.seed.map(|s| s.to_string())),
             self.train_lines,
