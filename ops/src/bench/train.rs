@@ -57,6 +57,39 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     anyhow::ensure!(args.steps > 0, "--steps: must be at least 1 timed step");
+    let cfg = configure(&args)?;
+    if args.metrics {
+        anyhow::ensure!(
+            cfg.parallel.world_size() == 1,
+            "--metrics: measured on one rank; drop --tp, --pp and --dp"
+        );
+        return metrics_overhead(&cfg, args.warmup, args.steps);
+    }
+    let world = cfg.parallel.world_size();
+    let threads = rayon::current_num_threads();
+    let ranks = if world == 1 {
+        vec![run_steps(
+            Trainer::new(cfg.clone())?,
+            args.warmup,
+            args.steps,
+        )?]
+    } else {
+        run_ranks(&cfg, args.warmup, args.steps, (threads / world).max(1))?
+    };
+    let times = Times::of(&ranks);
+    let (b, t) = (cfg.batch.global_batch, cfg.batch.seq_len);
+    let step_gflops = flops_per_token(&cfg.model, t) * (b * t) as f64 / 1e9;
+    if cfg.train.device == marathon_runtime::device::Device::Cuda {
+        let shares = [times.wait, times.overlapped, times.tp_comm];
+        return report_gpu(&cfg, &ranks, times.mean_ms, step_gflops, shares);
+    }
+    report_cpu(&cfg, &times, step_gflops, threads);
+    Ok(())
+}
+
+/// The configuration timed: the file's, with the flags' batch, layout and device, no rampup,
+/// evaluation or metrics, and the warm-up and timed steps.
+fn configure(args: &TrainArgs) -> Result<TrainConfig> {
     let mut cfg = TrainConfig::load(&args.config)?;
     if let Some(b) = args.batch {
         cfg.batch.micro_batch = b;
@@ -74,61 +107,66 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.train.eval_every_steps = 0;
     cfg.train.metrics = None;
     cfg.train.device = args.device.parse().map_err(anyhow::Error::msg)?;
-    let on_gpu = cfg.train.device == marathon_runtime::device::Device::Cuda;
     cfg.validate().map_err(|e| cfg.error(e))?;
-    if args.metrics {
-        anyhow::ensure!(
-            cfg.parallel.world_size() == 1,
-            "--metrics: measured on one rank; drop --tp, --pp and --dp"
-        );
-        return metrics_overhead(&cfg, args.warmup, args.steps);
+    Ok(cfg)
+}
+
+/// What the timed steps took. Every rank ends a step at the same collective, so rank 0's step
+/// time is the job's; the communication and pipeline figures are means over ranks, as
+/// fractions of the step.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    mean_ms: f64,
+    min_ms: f64,
+    /// Waiting in the step's closing collectives.
+    wait: f64,
+    /// Data-parallel reduction overlapped with backward.
+    overlapped: f64,
+    /// Tensor-parallel collectives.
+    tp_comm: f64,
+    /// Waiting on neighbouring pipeline stages.
+    bubble: f64,
+}
+
+impl Times {
+    fn of(ranks: &[Vec<StepRecord>]) -> Times {
+        let n = (ranks.len() * ranks[0].len()) as f64;
+        let mean_all = |f: fn(&StepRecord) -> f64| ranks.iter().flatten().map(f).sum::<f64>() / n;
+        let records = &ranks[0];
+        let step_all = mean_all(|r| r.step_ms);
+        let frac = |f: fn(&StepRecord) -> f64| mean_all(f) / step_all;
+        Times {
+            mean_ms: records.iter().map(|r| r.step_ms).sum::<f64>() / records.len() as f64,
+            min_ms: records
+                .iter()
+                .map(|r| r.step_ms)
+                .fold(f64::INFINITY, f64::min),
+            wait: frac(|r| r.comm_wait_ms),
+            overlapped: frac(|r| r.comm_overlapped_ms),
+            tp_comm: frac(|r| r.tp_comm_ms),
+            bubble: frac(|r| r.pipeline_wait_ms),
+        }
     }
+}
+
+/// The CPU step beside the GEMM library's speed on the step's largest matrix product, as
+/// lines and then one JSON object.
+fn report_cpu(cfg: &TrainConfig, times: &Times, step_gflops: f64, threads: usize) {
     let (b, t) = (cfg.batch.global_batch, cfg.batch.seq_len);
     let p = cfg.parallel;
-    let world = p.world_size();
-    let threads = rayon::current_num_threads();
-    let ranks = if world == 1 {
-        vec![run_steps(
-            Trainer::new(cfg.clone())?,
-            args.warmup,
-            args.steps,
-        )?]
-    } else {
-        run_ranks(&cfg, args.warmup, args.steps, (threads / world).max(1))?
-    };
-    // Every rank ends a step at the same collective, so rank 0's step time is the job's; the
-    // communication and pipeline figures are means over ranks, as fractions of the step.
-    let n = (ranks.len() * ranks[0].len()) as f64;
-    let mean_all = |f: fn(&StepRecord) -> f64| ranks.iter().flatten().map(f).sum::<f64>() / n;
-    let records = &ranks[0];
-    let mean_ms = records.iter().map(|r| r.step_ms).sum::<f64>() / records.len() as f64;
-    let min_ms = records
-        .iter()
-        .map(|r| r.step_ms)
-        .fold(f64::INFINITY, f64::min);
-    let step_all = mean_all(|r| r.step_ms);
-    let frac = |f: fn(&StepRecord) -> f64| mean_all(f) / step_all;
-    let (wait, overlapped, tp_comm, bubble) = (
-        frac(|r| r.comm_wait_ms),
-        frac(|r| r.comm_overlapped_ms),
-        frac(|r| r.tp_comm_ms),
-        frac(|r| r.pipeline_wait_ms),
-    );
+    let Times {
+        mean_ms,
+        min_ms,
+        wait,
+        overlapped,
+        tp_comm,
+        bubble,
+    } = *times;
     // 1F1B's idle share with m microbatches per replica and p stages: (p - 1) / (m + p - 1).
     let m_per_replica = (b / cfg.batch.micro_batch).div_ceil(p.dp) as f64;
     let ideal_bubble = (p.pp as f64 - 1.0) / (m_per_replica + p.pp as f64 - 1.0);
     let tokens = (b * t) as f64;
-    let step_gflops = flops_per_token(&cfg.model, t) * tokens / 1e9;
     let achieved = step_gflops / (mean_ms / 1e3);
-    if on_gpu {
-        return report_gpu(
-            &cfg,
-            &ranks,
-            mean_ms,
-            step_gflops,
-            [wait, overlapped, tp_comm],
-        );
-    }
     // The largest matrix product of the step is the tied output head: (B*T, C) x (C, Vp).
     let (m, k, n) = (
         cfg.batch.micro_batch * t,
@@ -182,7 +220,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         100.0 * ideal_bubble,
     );
     println!("{report}");
-    Ok(())
 }
 
 /// `bench train --device cuda`: tokens/s of the layout on this GPU, the share of the step in
