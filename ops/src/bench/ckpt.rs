@@ -2,7 +2,7 @@
 //! and load beside this disk's own sequential bandwidth, compression with and without the byte
 //! shuffle.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -29,8 +29,7 @@ pub struct CkptArgs {
 
 /// `marathon bench ckpt`: what a checkpoint of the configuration's model with AdamW state costs.
 pub fn run(args: CkptArgs) -> Result<()> {
-    use marathon_runtime::config::{CheckpointConfig, Compression, Resume};
-    use marathon_storage::codec::{encode, Codec};
+    use marathon_runtime::config::Compression;
     anyhow::ensure!(args.checkpoints > 0, "--checkpoints: must be at least 1");
     let mut cfg = TrainConfig::load(&args.config)?;
     // One short step fills the Adam moments with real values; its size does not matter here.
@@ -55,91 +54,19 @@ pub fn run(args: CkptArgs) -> Result<()> {
         ("zstd-shuffle", Compression::ZstdShuffle),
     ] {
         let root = base.join(format!("bench-{name}-{}", nanos_now()));
-        cfg.checkpoint = Some(CheckpointConfig {
-            root: root.display().to_string(),
-            every_steps: 0,
-            keep_last: 1000,
-            keep_every: 0,
-            compression,
-            level: args.level,
-            resume: Resume::Never,
-            abandoned_after_s: 3600,
-            options: Default::default(),
-            faults: None,
-            single_writer: false,
-            record: None,
-        });
-        let mut t = Trainer::new(cfg.clone())?;
-        t.train_step()?;
-        let (mut stalls, mut persists) = (Vec::new(), Vec::new());
-        for k in 0..=args.checkpoints {
-            t.seek(k + 1);
-            let rec = t.checkpoint()?.expect("checkpointing is configured");
-            let persist = t.wait_checkpoint()?.expect("a persist ran");
-            state_bytes = rec.staged_bytes;
-            // The first snapshot allocates the staging buffer; it is not timed.
-            if k > 0 {
-                stalls.push(rec.stall_ms);
-                persists.push(persist.committed.unwrap_or(persist.upload).as_secs_f64());
-            }
-        }
-        let stall = median(&mut stalls);
-        let persist_s = median(&mut persists);
-        let stored: u64 =
-            dir_bytes(&root.join(marathon_storage::format::step_dir(args.checkpoints + 1)));
-        // Load: read, decode and verify every chunk of the newest checkpoint.
-        let reader = marathon_storage::Reader::new(marathon_storage::Store::open(
-            &root.display().to_string(),
-        )?);
-        let m = reader.manifest(args.checkpoints + 1)?;
-        let t0 = Instant::now();
-        reader.verify(&m)?;
-        let load_s = t0.elapsed().as_secs_f64();
-        figures.insert(
-            name.into(),
-            serde_json::json!({
-                "stall_ms": stall,
-                "persist_s": persist_s,
-                "persist_gbs": state_bytes as f64 / persist_s / 1e9,
-                "stored_bytes": stored,
-                "load_s": load_s,
-                "load_gbs": state_bytes as f64 / load_s / 1e9,
-            }),
-        );
-        lines.push(format!(
-            "  {name:<13} stall {stall:.1} ms, persist {persist_s:.2} s ({:.2} GB/s), stored {:.1} MB, load and verify {load_s:.2} s ({:.2} GB/s)",
-            state_bytes as f64 / persist_s / 1e9,
-            stored as f64 / 1e6,
-            state_bytes as f64 / load_s / 1e9,
-        ));
+        let (timed, t) = time_checkpoints(&cfg, &root, compression, &args)?;
+        state_bytes = timed.state_bytes;
+        lines.push(timed.line(name));
+        figures.insert(name.into(), timed.json());
         if name == "zstd-shuffle" {
-            // Compression of each family, with and without the shuffle, one thread.
-            let [params, m, v] = t.state();
-            for (family, data) in [("params", params), ("adam_m", m), ("adam_v", v)] {
-                let raw: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-                for codec in [Codec::Zstd, Codec::ZstdShuffle4] {
-                    let (mut out, mut scratch, mut stored) = (Vec::new(), Vec::new(), 0usize);
-                    let t0 = Instant::now();
-                    for chunk in raw.chunks(4 << 20) {
-                        encode(codec, args.level, chunk, &mut out, &mut scratch)?;
-                        stored += out.len();
-                    }
-                    let secs = t0.elapsed().as_secs_f64();
-                    let key = format!(
-                        "{family}_{}",
-                        if codec == Codec::Zstd {
-                            "zstd"
-                        } else {
-                            "zstd_shuffle"
-                        }
-                    );
-                    let ratio = raw.len() as f64 / stored as f64;
-                    figures.insert(key.clone(), serde_json::json!({ "ratio": ratio, "mb_per_s": raw.len() as f64 / secs / 1e6 }));
-                    lines.push(format!(
-                        "  {key:<20} ratio {ratio:.3}, {:.0} MB/s on one thread",
-                        raw.len() as f64 / secs / 1e6
-                    ));
-                }
+            for (key, ratio, mb_per_s) in codec_ratios(&t, args.level)? {
+                lines.push(format!(
+                    "  {key:<20} ratio {ratio:.3}, {mb_per_s:.0} MB/s on one thread"
+                ));
+                figures.insert(
+                    key,
+                    serde_json::json!({ "ratio": ratio, "mb_per_s": mb_per_s }),
+                );
             }
         }
     }
@@ -183,6 +110,131 @@ pub fn run(args: CkptArgs) -> Result<()> {
     );
     println!("{report}");
     Ok(())
+}
+
+/// What checkpoints of one codec cost: medians over the timed ones.
+struct Timed {
+    state_bytes: u64,
+    stall_ms: f64,
+    persist_s: f64,
+    stored_bytes: u64,
+    load_s: f64,
+}
+
+impl Timed {
+    fn persist_gbs(&self) -> f64 {
+        self.state_bytes as f64 / self.persist_s / 1e9
+    }
+
+    fn load_gbs(&self) -> f64 {
+        self.state_bytes as f64 / self.load_s / 1e9
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "stall_ms": self.stall_ms,
+            "persist_s": self.persist_s,
+            "persist_gbs": self.persist_gbs(),
+            "stored_bytes": self.stored_bytes,
+            "load_s": self.load_s,
+            "load_gbs": self.load_gbs(),
+        })
+    }
+
+    fn line(&self, name: &str) -> String {
+        format!(
+            "  {name:<13} stall {:.1} ms, persist {:.2} s ({:.2} GB/s), stored {:.1} MB, load and \
+             verify {:.2} s ({:.2} GB/s)",
+            self.stall_ms,
+            self.persist_s,
+            self.persist_gbs(),
+            self.stored_bytes as f64 / 1e6,
+            self.load_s,
+            self.load_gbs(),
+        )
+    }
+}
+
+/// One step, then `args.checkpoints` timed checkpoints under `root` (after an untimed first,
+/// which allocates the staging buffer), and a load that reads, decodes and verifies every
+/// chunk of the newest. Returns the figures and the trainer, whose state the codecs measure.
+fn time_checkpoints(
+    cfg: &TrainConfig,
+    root: &Path,
+    compression: marathon_runtime::config::Compression,
+    args: &CkptArgs,
+) -> Result<(Timed, Trainer)> {
+    use marathon_runtime::config::{CheckpointConfig, Resume};
+    let mut cfg = cfg.clone();
+    cfg.checkpoint = Some(CheckpointConfig {
+        root: root.display().to_string(),
+        every_steps: 0,
+        keep_last: 1000,
+        keep_every: 0,
+        compression,
+        level: args.level,
+        resume: Resume::Never,
+        abandoned_after_s: 3600,
+        options: Default::default(),
+        faults: None,
+        single_writer: false,
+        record: None,
+    });
+    let mut t = Trainer::new(cfg)?;
+    t.train_step()?;
+    let (mut stalls, mut persists, mut state_bytes) = (Vec::new(), Vec::new(), 0);
+    for k in 0..=args.checkpoints {
+        t.seek(k + 1);
+        let rec = t.checkpoint()?.expect("checkpointing is configured");
+        let persist = t.wait_checkpoint()?.expect("a persist ran");
+        state_bytes = rec.staged_bytes;
+        if k > 0 {
+            stalls.push(rec.stall_ms);
+            persists.push(persist.committed.unwrap_or(persist.upload).as_secs_f64());
+        }
+    }
+    let newest = args.checkpoints + 1;
+    let stored_bytes = dir_bytes(&root.join(marathon_storage::format::step_dir(newest)));
+    let reader =
+        marathon_storage::Reader::new(marathon_storage::Store::open(&root.display().to_string())?);
+    let m = reader.manifest(newest)?;
+    let t0 = Instant::now();
+    reader.verify(&m)?;
+    let timed = Timed {
+        state_bytes,
+        stall_ms: median(&mut stalls),
+        persist_s: median(&mut persists),
+        stored_bytes,
+        load_s: t0.elapsed().as_secs_f64(),
+    };
+    Ok((timed, t))
+}
+
+/// Each state family compressed with zstd, with and without the byte shuffle, on one thread:
+/// (`<family>_<codec>`, ratio, MB/s).
+fn codec_ratios(t: &Trainer, level: i32) -> Result<Vec<(String, f64, f64)>> {
+    use marathon_storage::codec::{encode, Codec};
+    let mut out = Vec::new();
+    let [params, m, v] = t.state();
+    for (family, data) in [("params", params), ("adam_m", m), ("adam_v", v)] {
+        let raw: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        for (codec, name) in [(Codec::Zstd, "zstd"), (Codec::ZstdShuffle4, "zstd_shuffle")] {
+            let (mut buf, mut scratch, mut stored) = (Vec::new(), Vec::new(), 0usize);
+            let t0 = Instant::now();
+            for chunk in raw.chunks(4 << 20) {
+                encode(codec, level, chunk, &mut buf, &mut scratch)?;
+                stored += buf.len();
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let ratio = raw.len() as f64 / stored as f64;
+            out.push((
+                format!("{family}_{name}"),
+                ratio,
+                raw.len() as f64 / secs / 1e6,
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// This disk's sequential bandwidth for `bytes` in 8 MiB blocks, as a well-configured writer
