@@ -121,30 +121,30 @@ fn planned(
         .and_then(|v| serde_json::from_slice(&v).ok()))
 }
 
-fn one_run(
+/// One thread per node running the agent's own code with a hollow host, sharing `conns`
+/// round-robin; node `i` crashes when `crash[i]` is set.
+fn start_agents(
     args: &ElasticArgs,
     conns: &[Arc<EtcdCoordinator>],
     endpoints: &[String],
-) -> Result<Run> {
-    let job = format!("bench-{}", unix_ms());
-    let keys = JobKeys::new(&job);
-    let nodes: Vec<String> = (0..args.agents).map(|i| format!("node-{i:04}")).collect();
-    let starts: Starts = Arc::new(Mutex::new(Vec::new()));
-    let crash: Vec<Arc<AtomicBool>> = nodes.iter().map(|_| Arc::default()).collect();
-    let (t0, t0_unix) = (Instant::now(), unix_ms());
-    let since = |unix: u64| unix.saturating_sub(t0_unix) as f64;
-    let agents: Vec<_> = nodes
+    job: &str,
+    nodes: &[String],
+    starts: &Starts,
+    crash: &[Arc<AtomicBool>],
+) -> Result<Vec<std::thread::JoinHandle<marathon_runtime::Result<()>>>> {
+    let layout = args.layout();
+    nodes
         .iter()
         .enumerate()
         .map(|(i, node)| {
             let opts = AgentOptions {
                 endpoints: endpoints.to_vec(),
                 access: Default::default(),
-                job: job.clone(),
+                job: job.to_string(),
                 node: node.clone(),
                 slots: args.slots,
-                tp: args.layout().tp,
-                pp: args.layout().pp,
+                tp: layout.tp,
+                pp: layout.pp,
                 microbatches: args.microbatches,
                 lease_ttl: Duration::from_millis(args.lease_ttl_ms),
                 timing: Timing {
@@ -170,7 +170,22 @@ fn one_run(
                 .spawn(move || agent::run_with(coord, opts, Box::new(host), Some(crash)))
                 .context("start an agent's thread")
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+fn one_run(
+    args: &ElasticArgs,
+    conns: &[Arc<EtcdCoordinator>],
+    endpoints: &[String],
+) -> Result<Run> {
+    let job = format!("bench-{}", unix_ms());
+    let keys = JobKeys::new(&job);
+    let nodes: Vec<String> = (0..args.agents).map(|i| format!("node-{i:04}")).collect();
+    let starts: Starts = Arc::new(Mutex::new(Vec::new()));
+    let crash: Vec<Arc<AtomicBool>> = nodes.iter().map(|_| Arc::default()).collect();
+    let (t0, t0_unix) = (Instant::now(), unix_ms());
+    let since = |unix: u64| unix.saturating_sub(t0_unix) as f64;
+    let agents = start_agents(args, conns, endpoints, &job, &nodes, &starts, &crash)?;
     let leader = &conns[0];
     let limit = Duration::from_secs(120);
     // Generation 0 is each agent's registration.
