@@ -775,6 +775,15 @@ fn bench_ckpt_prints_stall_persist_compression_and_load() {
             "{key} in {report}"
         );
     }
+    // Loading the same state resharded from tp2 x dp2 into one process is timed beside the
+    // plain load (the bench checks that both load the same values).
+    let resharded = &report["resharded_load"];
+    for key in ["same_layout_s", "resharded_s", "ratio"] {
+        assert!(
+            resharded[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0),
+            "{key} in {report}"
+        );
+    }
     let shuffled = report["codecs"]["adam_m_zstd_shuffle"]["ratio"]
         .as_f64()
         .unwrap();

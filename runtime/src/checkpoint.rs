@@ -344,10 +344,29 @@ pub fn load_params(
     Ok(())
 }
 
+/// Reads the whole global tensor `name` of shape `shape` from the checkpoint `m` under `reader`.
+pub(crate) fn read_whole(
+    reader: &Reader,
+    m: &Manifest,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
+    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut out = vec![0f32; shape.iter().product::<u64>() as usize];
+    reader
+        .read_box(m, name, &TensorBox::whole(&shape), &mut out)
+        .map_err(|e| RuntimeError::CheckpointContent {
+            url: reader.store.url.clone(),
+            step: m.step,
+            reason: format!("reading {name}: {e}"),
+        })?;
+    Ok(out)
+}
+
 /// Reads this rank's state from `m`: every local tensor's box of the parameters, and the boxes
 /// of the optimizer's shard of both moments. Works from a checkpoint of any layout of the same
 /// model.
-pub(crate) fn load_tensors(
+pub fn load_tensors(
     reader: &Reader,
     m: &Manifest,
     layout: &ParamLayout,

@@ -49,6 +49,7 @@ pub fn run(args: CkptArgs) -> Result<()> {
     let mut figures = serde_json::Map::new();
     let mut lines = Vec::new();
     let mut state_bytes = 0u64;
+    let mut resharded = None;
     for (name, compression) in [
         ("none", Compression::None),
         ("zstd-shuffle", Compression::ZstdShuffle),
@@ -58,6 +59,9 @@ pub fn run(args: CkptArgs) -> Result<()> {
         state_bytes = timed.state_bytes;
         lines.push(timed.line(name));
         figures.insert(name.into(), timed.json());
+        if name == "none" {
+            resharded = Some(resharded_load(&cfg, &root, args.checkpoints + 1)?);
+        }
         if name == "zstd-shuffle" {
             for (key, ratio, mb_per_s) in codec_ratios(&t, args.level)? {
                 lines.push(format!(
@@ -82,6 +86,7 @@ pub fn run(args: CkptArgs) -> Result<()> {
         "persist_over_disk_uncompressed": f("none", "persist_gbs") / disk_gbs,
         "persist_over_disk_compressed": f("zstd-shuffle", "persist_gbs") / disk_gbs,
         "load_over_disk_read_uncompressed": f("none", "load_gbs") / disk.direct_read_gbs,
+        "resharded_load": resharded,
         "codecs": figures,
     });
     println!(
@@ -90,7 +95,8 @@ pub fn run(args: CkptArgs) -> Result<()> {
          the disk, measured first after a sync, in 8 MiB blocks: write {:.2} GB/s direct and \
          {:.2} GB/s through the page cache, each with fsync; cold read {:.2} GB/s direct\n{}\n  \
          stall {:.2}x memcpy; persist {:.2}x the disk's write uncompressed, {:.2}x compressed; \
-         load and verify {:.2}x its cold read uncompressed",
+         load and verify {:.2}x its cold read uncompressed\n  \
+         {}",
         ParamLayout::new(&cfg.model).numel(),
         state_bytes as f64 / 1e6,
         disk.direct_write_gbs,
@@ -107,6 +113,7 @@ pub fn run(args: CkptArgs) -> Result<()> {
         report["load_over_disk_read_uncompressed"]
             .as_f64()
             .unwrap_or(f64::NAN),
+        resharded.map_or(String::new(), |r| r.line()),
     );
     println!("{report}");
     Ok(())
@@ -208,6 +215,86 @@ fn time_checkpoints(
         load_s: t0.elapsed().as_secs_f64(),
     };
     Ok((timed, t))
+}
+
+/// Loading a checkpoint into one process from the layout that wrote it, and from the same
+/// state stored as tp2 x dp2 (four ranks' pieces, each tensor split in two and its rows shared
+/// between two replicas), uncompressed and from the page cache, best of three each.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct ReshardedLoad {
+    same_layout_s: f64,
+    resharded_s: f64,
+    ratio: f64,
+}
+
+impl ReshardedLoad {
+    fn line(&self) -> String {
+        format!(
+            "resharded load, saved as tp2 x dp2 and loaded in one process: {:.2} s beside {:.2} \
+             s from the layout that wrote it ({:.2}x)",
+            self.resharded_s, self.same_layout_s, self.ratio
+        )
+    }
+}
+
+fn resharded_load(cfg: &TrainConfig, root: &Path, step: u64) -> Result<ReshardedLoad> {
+    use marathon_runtime::checkpoint::load_tensors;
+    use marathon_storage::{codec::Codec, Reader, Store};
+    let open = |p: &Path| Store::open(&p.display().to_string());
+    let same = Reader::new(open(root)?);
+    let other_root = root.with_extension("tp2-dp2");
+    let target = marathon_model::ParallelLayout {
+        tp: 2,
+        pp: 1,
+        dp: 2,
+        distributed_optimizer: false,
+    };
+    target
+        .validate(&cfg.model)
+        .context("the resharded load needs a model that tp 2 divides")?;
+    marathon_runtime::reshard::reshard(
+        &same,
+        step,
+        || Ok(open(&other_root)?),
+        target,
+        Codec::Raw,
+        true,
+        &mut |_, _| {},
+    )?;
+    let other = Reader::new(open(&other_root)?);
+    let layout = ParamLayout::new(&cfg.model);
+    let n = layout.numel();
+    let (mut p, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    // Each load also digests what it read: both must give the same state, bit for bit.
+    let mut load = |reader: &Reader| -> Result<(f64, u64)> {
+        let manifest = reader.manifest(step)?;
+        let t0 = Instant::now();
+        load_tensors(reader, &manifest, &layout, &mut p, &(0..n), &mut m, &mut v)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for x in p.iter().chain(&m).chain(&v) {
+            h = (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        Ok((secs, h))
+    };
+    let (mut same_s, mut resharded_s) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..3 {
+        let (a, same_digest) = load(&same)?;
+        let (b, resharded_digest) = load(&other)?;
+        anyhow::ensure!(
+            same_digest == resharded_digest,
+            "the checkpoint of step {step} resharded to tp2 x dp2 under {} loads other values \
+             than the one it came from",
+            other_root.display()
+        );
+        same_s = same_s.min(a);
+        resharded_s = resharded_s.min(b);
+    }
+    Ok(ReshardedLoad {
+        same_layout_s: same_s,
+        resharded_s,
+        ratio: resharded_s / same_s,
+    })
 }
 
 /// Each state family compressed with zstd, with and without the byte shuffle, on one thread:
