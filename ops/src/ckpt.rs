@@ -1,14 +1,33 @@
-//! `marathon ckpt`: list, inspect, verify and garbage-collect the checkpoints under a root.
+//! `marathon ckpt`: list, inspect, verify and garbage-collect the checkpoints under a root;
+//! reshard, export, import and diff them through `marathon_runtime` (`reshard`, `hf`, `diff`),
+//! printing what those report.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use marathon_runtime::diff::{Pair, Tolerance};
+use marathon_runtime::hf;
 use marathon_storage::format::Manifest;
 use marathon_storage::retention::{collect, Retention};
 use marathon_storage::{Reader, Store};
 
-use crate::convert::{diff, export_hf, import_hf, Dtype, Tolerance};
 use crate::flags::LayoutFlags;
 use std::path::PathBuf;
+
+/// Element type of an export (`hf::Dtype`, which knows nothing of flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl From<Dtype> for hf::Dtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => hf::Dtype::F32,
+            Dtype::Bf16 => hf::Dtype::Bf16,
+        }
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub enum CkptCommand {
@@ -152,11 +171,6 @@ impl RootArgs {
     fn reader(&self) -> Result<Reader> {
         reader(&self.root, &self.options)
     }
-
-    /// The root as a store to write to, which need not exist yet.
-    fn store(&self) -> Result<Store> {
-        Ok(Store::open_with(&self.root, parse_options(&self.options)?)?)
-    }
 }
 
 fn parse_options(options: &[String]) -> Result<Vec<(String, String)>> {
@@ -204,7 +218,16 @@ pub fn run(command: CkptCommand) -> Result<()> {
         } => {
             let reader = root.reader()?;
             let step = pick(&reader, step)?;
-            export_hf(&reader, step, &dir, dtype)
+            let report = hf::export(&reader, step, &dir, dtype.into())?;
+            eprintln!(
+                "exported step {step} of {} ({} tensors, {:.1} MB) to {} in {:.2} s",
+                report.url,
+                report.tensors,
+                report.bytes as f64 / 1e6,
+                dir.display(),
+                report.seconds
+            );
+            Ok(())
         }
         CkptCommand::Reshard {
             src,
@@ -275,7 +298,30 @@ pub fn run(command: CkptCommand) -> Result<()> {
             root,
             layout,
             single_writer,
-        } => import_hf(&dir, || root.store(), layout.layout(), single_writer),
+        } => {
+            let layout = layout.layout();
+            let (tp, pp, dp) = (layout.tp, layout.pp, layout.dp);
+            // The root need not exist yet: it is opened once the model has been checked.
+            let options = parse_options(&root.options)?;
+            let report = hf::import(
+                &dir,
+                || Ok(Store::open_with(&root.root, options)?),
+                layout,
+                single_writer,
+            )
+            .with_context(|| {
+                format!("import {} for --tp {tp} --pp {pp} --dp {dp}", dir.display())
+            })?;
+            eprintln!(
+                "imported {} ({} parameters) as step 0 under {} in {:.2} s; fine-tune with \
+                 checkpoint.root pointing there",
+                dir.display(),
+                report.parameters,
+                report.url,
+                report.seconds
+            );
+            Ok(())
+        }
         CkptCommand::Diff {
             a,
             b,
@@ -298,7 +344,7 @@ pub fn run(command: CkptCommand) -> Result<()> {
                 Some(x) => Tolerance::L2(x),
                 None => Tolerance::Elementwise { atol, rtol },
             };
-            if diff((&ra, sa), (&rb, sb), families, tol)? {
+            if diff(&Pair::open((&ra, sa), (&rb, sb))?, families, tol)? {
                 Ok(())
             } else {
                 bail!("the checkpoints differ beyond {tol:?} (see DIFFERS above)")
@@ -343,6 +389,51 @@ pub fn run(command: CkptCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Prints the comparison of `pair` over `families` as a table, each family's rows as soon as it
+/// is compared. Returns whether every family agrees within `tol`.
+fn diff(pair: &Pair, families: &[&str], tol: Tolerance) -> Result<bool> {
+    let (a, b) = (&pair.a, &pair.b);
+    println!(
+        "a: step {} of {} (tp {} pp {} dp {}); b: step {} of {} (tp {} pp {} dp {})",
+        a.step,
+        a.url,
+        a.layout.tp,
+        a.layout.pp,
+        a.layout.dp,
+        b.step,
+        b.url,
+        b.layout.tp,
+        b.layout.pp,
+        b.layout.dp
+    );
+    println!(
+        "{:<40} {:>11} {:>11} {:>11} {:>11}",
+        "tensor", "elements", "bitwise eq", "max abs", "max rel"
+    );
+    let mut all_ok = true;
+    for family in families {
+        let f = pair.compare(family, tol)?;
+        for t in &f.tensors {
+            println!(
+                "{:<40} {:>11} {:>11} {:>11.3e} {:>11.3e}{}",
+                t.name,
+                t.elements,
+                t.bitwise_equal,
+                t.max_abs,
+                t.max_rel,
+                if t.within { "" } else { "  DIFFERS" }
+            );
+        }
+        println!(
+            "{family}: relative L2 difference {:.3e}{}",
+            f.l2,
+            if f.l2_within { "" } else { "  DIFFERS" }
+        );
+        all_ok &= f.agrees();
+    }
+    Ok(all_ok)
 }
 
 /// `step`, or the newest committed one.

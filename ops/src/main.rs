@@ -6,7 +6,6 @@
 mod bench;
 mod chaos;
 mod ckpt;
-mod convert;
 mod elastic;
 mod flags;
 mod job;

@@ -85,11 +85,12 @@ pub enum RuntimeError {
         step: u64,
         reason: String,
     },
-    /// Checkpoint storage failed: the message names the step, object, tensor or URL.
-    #[error("checkpoint: {0}")]
+    /// Checkpoint storage failed: the message names the step, object, tensor or URL. Shown as
+    /// the storage error itself, so a chain of causes names it once.
+    #[error(transparent)]
     Checkpoint(#[from] marathon_storage::StorageError),
-    /// The coordinator (etcd) failed or could not be reached.
-    #[error("{0}")]
+    /// The coordinator (etcd) failed or could not be reached, shown as its own error.
+    #[error(transparent)]
     Coordinator(#[from] marathon_elastic::ElasticError),
 }
 
@@ -115,3 +116,35 @@ impl RuntimeError {
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every message in an error's chain of causes, joined as `{e:#}` joins them.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut next = e.source();
+        while let Some(s) = next {
+            out = format!("{out}: {s}");
+            next = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn a_wrapped_storage_or_coordinator_error_is_named_once_in_its_chain() {
+        let storage = RuntimeError::from(marathon_storage::StorageError::AlreadyCommitted {
+            step: 7,
+            url: "file:///ck".into(),
+        });
+        let coordinator = RuntimeError::from(marathon_elastic::ElasticError::Corrupt {
+            key: "/marathon/j/generation".into(),
+            reason: "holds \"two\"".into(),
+        });
+        for (e, part) in [(storage, "file:///ck"), (coordinator, "/marathon/j/generation")] {
+            let text = chain(&e);
+            assert_eq!(text.matches(part).count(), 1, "{text}");
+        }
+    }
+}

@@ -15,10 +15,12 @@ pub mod comm;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod diff;
 pub mod engine;
 mod error;
 pub mod groups;
 pub mod handshake;
+pub mod hf;
 pub mod metrics;
 pub mod moments;
 #[cfg(feature = "cuda")]
