@@ -456,16 +456,54 @@ fn bench_comm_prints_bus_bandwidth_beside_memcpy() {
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("memcpy: "), "{stdout}");
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    // 64 KiB, 256 KiB and 1 MiB for each of 2 and 3 ranks.
-    assert_eq!(rows.len(), 6, "{rows:?}");
+    // Each group's rank 0 logs its transport among the JSON lines.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("group allreduce-3-shm: collectives over shared memory across 3 ranks")
+            && stderr.contains("group allreduce-3-tcp: collectives over tcp across 3 ranks"),
+        "{stderr}"
+    );
+    let json_lines = |stderr: &str| -> Vec<serde_json::Value> {
+        stderr
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let rows = json_lines(&stderr);
+    // 64 KiB, 256 KiB and 1 MiB for each of 2 and 3 ranks, on each transport.
+    assert_eq!(rows.len(), 12, "{rows:?}");
     for r in &rows {
         assert!(r["busbw_gbs"].as_f64().is_some_and(|b| b > 0.0), "{r}");
         assert!(r["memcpy_gbs"].as_f64().is_some_and(|b| b > 0.0), "{r}");
     }
+    for t in ["shm", "tcp"] {
+        let of = rows.iter().filter(|r| r["transport"] == t).count();
+        assert_eq!(of, 6, "{t}: {rows:?}");
+    }
+    assert!(
+        stdout.contains("shm GB/s") && stdout.contains("tcp GB/s"),
+        "{stdout}"
+    );
+    let out = marathon(
+        &[
+            "bench",
+            "comm",
+            "--ranks",
+            "2",
+            "--min-kib",
+            "64",
+            "--max-mib",
+            "1",
+            "--transports",
+            "tcp",
+        ],
+        repo(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let rows = json_lines(&String::from_utf8_lossy(&out.stderr));
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().all(|r| r["transport"] == "tcp"), "{rows:?}");
     let out = marathon(&["bench", "comm", "--ranks", "1"], repo());
     assert!(
         !out.status.success() && text(&out).contains("--ranks: every group needs at least 2 ranks"),
@@ -780,7 +818,9 @@ fn bench_ckpt_prints_stall_persist_compression_and_load() {
     let resharded = &report["resharded_load"];
     for key in ["same_layout_s", "resharded_s", "ratio"] {
         assert!(
-            resharded[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0),
+            resharded[key]
+                .as_f64()
+                .is_some_and(|v| v.is_finite() && v > 0.0),
             "{key} in {report}"
         );
     }

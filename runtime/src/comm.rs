@@ -1,5 +1,5 @@
-//! Process groups over TCP: the collectives that tensor, pipeline and data parallelism use on
-//! the CPU.
+//! Process groups: the collectives that tensor, pipeline and data parallelism use on the CPU,
+//! over TCP, or over shared memory between members on one host (`shm`).
 //!
 //! Members rendezvous through the [`Coordinator`]: each binds a listener, publishes its address
 //! under a key namespaced by job, generation and group, and connects to the members of lower
@@ -10,22 +10,30 @@
 //! reduce-scatter followed by a ring all-gather, which moves 2 (p - 1) / p of the buffer per
 //! member: the bandwidth-optimal schedule.
 //!
+//! Once connected, the members choose the group's transport ([`CommTransport`]): shared memory
+//! when every member is on this host and none asks for TCP ([`GroupSpec::transport`], or
+//! [`TRANSPORT_ENV`]`=tcp` in its environment), TCP otherwise. Rank 0 logs the choice and why.
+//! Both give the same results bit for bit: shared memory sums in the ring's order.
+//!
 //! Every operation has a deadline, and an [`AbortHandle`] can abort the group from any thread:
-//! it shuts the sockets down, so a blocked send or receive returns at once, and every pending
-//! and later operation fails with [`RuntimeError::Aborted`]. A member that dies closes its
-//! sockets, which its peers see as [`RuntimeError::PeerLost`] rather than waiting for it.
+//! it shuts the sockets down (and wakes a member waiting on shared memory), so a blocked
+//! operation returns at once, and every pending and later operation fails with
+//! [`RuntimeError::Aborted`]. A member that dies closes its sockets, which its peers see as
+//! [`RuntimeError::PeerLost`] rather than waiting for it; on shared memory the sockets stay
+//! open for just that.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use marathon_elastic::Coordinator;
 
 use crate::error::{Result, RuntimeError};
 use crate::handshake::{self, Identity};
+use crate::shm::{self, Shm, Watch};
 
 /// Bytes moved per blocking socket call, so deadlines and aborts are checked often.
 const IO_PIECE_BYTES: usize = 4 << 20;
@@ -51,6 +59,39 @@ pub struct GroupSpec {
     /// job's, drawn by its leader for each generation; empty for groups of one launch on one
     /// machine, whose members prove only that they belong to its job and group).
     pub secret: Vec<u8>,
+    /// What this member lets the group use: shared memory where every member is on this host
+    /// ([`CommChoice::Auto`]) or TCP always. One member asking for TCP makes the group TCP.
+    pub transport: CommChoice,
+}
+
+/// The environment variable that forces TCP on every group of a process: `tcp`, or `auto`
+/// (the default) to let [`GroupSpec::transport`] decide.
+pub const TRANSPORT_ENV: &str = "MARATHON_COMM_TRANSPORT";
+
+/// What a member lets its group use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CommChoice {
+    /// Shared memory when every member is on this host, TCP otherwise.
+    #[default]
+    Auto,
+    /// TCP, even on one host.
+    Tcp,
+}
+
+/// How a group's members move their buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommTransport {
+    Tcp,
+    SharedMemory,
+}
+
+impl std::fmt::Display for CommTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CommTransport::Tcp => "tcp",
+            CommTransport::SharedMemory => "shared memory",
+        })
+    }
 }
 
 /// How long a loopback group waits for its members by default.
@@ -70,6 +111,25 @@ impl GroupSpec {
             rendezvous_timeout: LOOPBACK_RENDEZVOUS,
             op_timeout,
             secret: Vec::new(),
+            transport: CommChoice::Auto,
+        }
+    }
+
+    /// What this member asks of the group's transport: TCP if its spec or its environment
+    /// says so, shared memory on this host otherwise.
+    fn ask(&self) -> std::result::Result<shm::Ask, String> {
+        if self.transport == CommChoice::Tcp {
+            return Ok(shm::Ask::Tcp("its group spec says tcp".into()));
+        }
+        match std::env::var(TRANSPORT_ENV).as_deref() {
+            Ok("tcp") => Ok(shm::Ask::Tcp(format!("{TRANSPORT_ENV}=tcp"))),
+            Ok("auto") | Ok("") | Err(std::env::VarError::NotPresent) => {
+                Ok(shm::Ask::Auto(shm::host_identity()))
+            }
+            Ok(other) => Err(format!(
+                "{TRANSPORT_ENV}={other:?}: expected \"tcp\" or \"auto\""
+            )),
+            Err(e) => Err(format!("{TRANSPORT_ENV}: {e}")),
         }
     }
 
@@ -96,6 +156,8 @@ impl GroupSpec {
 pub struct AbortHandle {
     aborted: Arc<AtomicBool>,
     streams: Arc<Vec<TcpStream>>,
+    /// On shared memory: marks this member gone and wakes everyone waiting.
+    shm: Option<shm::Leaver>,
 }
 
 impl AbortHandle {
@@ -104,6 +166,9 @@ impl AbortHandle {
         self.aborted.store(true, Ordering::SeqCst);
         for s in self.streams.iter() {
             let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(l) = &self.shm {
+            l.leave();
         }
     }
 }
@@ -117,8 +182,11 @@ pub struct ProcessGroup {
     abort: AbortHandle,
     /// Receive buffer of the reduce steps: one chunk, grown to the largest seen.
     scratch: Vec<f32>,
-    /// The connections refused at rendezvous, and why.
-    refused: Vec<String>,
+    /// The connections refused at rendezvous, and why; a handshake still running when the group
+    /// formed adds its refusal when it ends.
+    refused: Arc<Mutex<Vec<String>>>,
+    /// The segment, when the group is on shared memory.
+    shm: Option<Shm>,
 }
 
 /// The part of a buffer of `len` elements that rank `i` of `size` owns in reduce-scatter and
@@ -180,7 +248,7 @@ impl ProcessGroup {
             .map_err(|e| fail(e.to_string()))?;
         type Proved = (TcpStream, SocketAddr, std::result::Result<usize, String>);
         let (proved_tx, proved) = std::sync::mpsc::channel::<Proved>();
-        let mut refused = Vec::new();
+        let refused = Arc::new(Mutex::new(Vec::new()));
         let mut waiting = spec.size - spec.rank - 1;
         while waiting > 0 {
             for (stream, from, outcome) in proved.try_iter() {
@@ -192,10 +260,11 @@ impl ProcessGroup {
                     Ok(peer) => {
                         let why = format!("rank {peer} was already taken by another connection");
                         log_refusal(&spec, from, &why);
-                        refused.push(format!("{from}: {why}"));
+                        refusal(&refused, from, &why);
                     }
-                    // Logged by its handshake's thread, which may end after the rendezvous.
-                    Err(why) => refused.push(format!("{from}: {why}")),
+                    // Logged and recorded by its handshake's thread, which may end after the
+                    // rendezvous.
+                    Err(_) => {}
                 }
             }
             if waiting == 0 {
@@ -206,13 +275,14 @@ impl ProcessGroup {
                     stream
                         .set_nonblocking(false)
                         .map_err(|e| fail(e.to_string()))?;
-                    let (tx, s) = (proved_tx.clone(), spec.clone());
+                    let (tx, s, refused) = (proved_tx.clone(), spec.clone(), refused.clone());
                     let until = Instant::now() + remaining(deadline).min(HANDSHAKE_MAX);
                     std::thread::spawn(move || {
                         let id = s.identity();
                         let outcome = handshake::answer(&mut stream, &id, s.rank, s.size, until);
                         if let Err(why) = &outcome {
                             log_refusal(&s, from, why);
+                            refusal(&refused, from, why);
                         }
                         let _ = tx.send((stream, from, outcome));
                     });
@@ -238,9 +308,37 @@ impl ProcessGroup {
             s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
             clones.push(s.try_clone().map_err(|e| fail(e.to_string()))?);
         }
+        let shm = if spec.size > 1 {
+            let chosen =
+                shm::negotiate(&mut peers, spec.rank, spec.ask().map_err(&fail)?, deadline)
+                    .map_err(&fail)?;
+            if chosen.shm.is_some() {
+                // From now on the connections only tell whether a peer is alive, which a wait
+                // asks without blocking.
+                for s in peers.iter().flatten() {
+                    s.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
+                }
+            }
+            if spec.rank == 0 {
+                let transport = match chosen.shm {
+                    Some(_) => CommTransport::SharedMemory,
+                    None => CommTransport::Tcp,
+                };
+                tracing::info!(
+                    "group {}: collectives over {transport} across {} ranks ({})",
+                    spec.name,
+                    spec.size,
+                    chosen.why
+                );
+            }
+            chosen.shm
+        } else {
+            None
+        };
         let abort = AbortHandle {
             aborted: Arc::new(AtomicBool::new(false)),
             streams: Arc::new(clones),
+            shm: shm.as_ref().map(Shm::leaver),
         };
         Ok(ProcessGroup {
             spec,
@@ -248,13 +346,26 @@ impl ProcessGroup {
             abort,
             scratch: Vec::new(),
             refused,
+            shm,
         })
     }
 
+    /// How this group's members move their buffers, as chosen at rendezvous.
+    pub fn transport(&self) -> CommTransport {
+        match self.shm {
+            Some(_) => CommTransport::SharedMemory,
+            None => CommTransport::Tcp,
+        }
+    }
+
     /// The connections refused at rendezvous (another job's or generation's, or an impostor's),
-    /// each with its address and why; each was also logged.
-    pub fn refused(&self) -> &[String] {
-        &self.refused
+    /// each with its address and why; each was also logged. A connection whose handshake was
+    /// still running when the group formed joins the list once its handshake ends.
+    pub fn refused(&self) -> Vec<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn rank(&self) -> usize {
@@ -277,6 +388,13 @@ impl ProcessGroup {
     /// Sums `buf` across the group: every member ends with the same total.
     pub fn all_reduce(&mut self, buf: &mut [f32]) -> Result<()> {
         let deadline = self.begin("all-reduce")?;
+        if let Some(done) = self.on_shm(deadline, |shm, watch| {
+            shm.all_reduce(buf, watch, || {
+                crate::moments::reach(crate::moments::Moment::MidCollective)
+            })
+        }) {
+            return done;
+        }
         let done = self.reduce_scatter_until(buf, deadline).and_then(|_| {
             crate::moments::reach(crate::moments::Moment::MidCollective);
             self.all_gather_until(buf, deadline)
@@ -289,6 +407,10 @@ impl ProcessGroup {
     /// Returns that chunk's range.
     pub fn reduce_scatter(&mut self, buf: &mut [f32]) -> Result<Range<usize>> {
         let deadline = self.begin("reduce-scatter")?;
+        let (len, p, r) = (buf.len(), self.spec.size, self.spec.rank);
+        if let Some(done) = self.on_shm(deadline, |shm, watch| shm.reduce_scatter(buf, watch)) {
+            return done.map(|_| chunk_range(len, p, r));
+        }
         let done = self.reduce_scatter_until(buf, deadline);
         self.fail_fast(done)
     }
@@ -296,6 +418,9 @@ impl ProcessGroup {
     /// Gathers every member's chunk ([`chunk_range`] of its rank) of `buf`, in place.
     pub fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
         let deadline = self.begin("all-gather")?;
+        if let Some(done) = self.on_shm(deadline, |shm, watch| shm.all_gather(buf, watch)) {
+            return done;
+        }
         let done = self.all_gather_until(buf, deadline);
         self.fail_fast(done)
     }
@@ -368,6 +493,9 @@ impl ProcessGroup {
             "broadcast root {root} outside group of {}",
             self.spec.size
         );
+        if let Some(done) = self.on_shm(deadline, |shm, watch| shm.broadcast(buf, root, watch)) {
+            return done;
+        }
         let done = self.broadcast_until(buf, root, deadline);
         self.fail_fast(done)
     }
@@ -403,6 +531,12 @@ impl ProcessGroup {
     /// Sends `buf` to `peer`, which must [`ProcessGroup::recv`] the same length.
     pub fn send(&mut self, buf: &[f32], peer: usize) -> Result<()> {
         let deadline = self.begin("send")?;
+        self.check_peer(peer);
+        if let Some(done) = self.on_shm(deadline, |shm, watch| {
+            shm.exchange("send", (as_bytes(buf), peer), (&mut [], peer), watch)
+        }) {
+            return done;
+        }
         let done = send_all(
             &self.spec,
             &self.abort,
@@ -427,6 +561,13 @@ impl ProcessGroup {
     ) -> Result<()> {
         let op = "send-recv";
         let deadline = self.begin(op)?;
+        self.check_peer(to);
+        self.check_peer(from);
+        if let Some(done) = self.on_shm(deadline, |shm, watch| {
+            shm.exchange(op, (as_bytes(out), to), (as_bytes_mut(into), from), watch)
+        }) {
+            return done;
+        }
         let done = exchange(
             &self.spec,
             &self.abort,
@@ -441,6 +582,12 @@ impl ProcessGroup {
     /// Receives `buf.len()` elements from `peer`.
     pub fn recv(&mut self, buf: &mut [f32], peer: usize) -> Result<()> {
         let deadline = self.begin("recv")?;
+        self.check_peer(peer);
+        if let Some(done) = self.on_shm(deadline, |shm, watch| {
+            shm.exchange("recv", (&[], peer), (as_bytes_mut(buf), peer), watch)
+        }) {
+            return done;
+        }
         let done = recv_all(
             &self.spec,
             &self.abort,
@@ -451,6 +598,42 @@ impl ProcessGroup {
             deadline,
         );
         self.fail_fast(done)
+    }
+
+    /// Runs `op` on the shared memory segment, if the group has one (None otherwise), and
+    /// names a failure as the TCP path does.
+    fn on_shm<T>(
+        &mut self,
+        deadline: Instant,
+        op: impl FnOnce(&mut Shm, &Watch) -> std::result::Result<T, shm::Failed>,
+    ) -> Option<Result<T>> {
+        let shm = self.shm.as_mut()?;
+        let watch = Watch {
+            peers: &self.peers,
+            aborted: &self.abort.aborted,
+            deadline,
+        };
+        let done = op(shm, &watch).map_err(|shm::Failed { op, stall }| {
+            let (group, rank) = (self.spec.name.clone(), self.spec.rank);
+            match stall {
+                shm::Stall::Aborted => RuntimeError::Aborted { op, group, rank },
+                shm::Stall::Timeout { peer } => RuntimeError::CommTimeout {
+                    op,
+                    group,
+                    rank,
+                    peer,
+                    timeout_ms: self.spec.op_timeout.as_millis(),
+                },
+                shm::Stall::Lost { peer, reason } => RuntimeError::PeerLost {
+                    op,
+                    group,
+                    rank,
+                    peer,
+                    reason,
+                },
+            }
+        });
+        Some(self.fail_fast(done))
     }
 
     /// A failed operation leaves the streams mid-message, so the group is done: abort it, which
@@ -476,13 +659,17 @@ impl ProcessGroup {
     }
 
     fn stream(&self, peer: usize) -> &TcpStream {
+        self.check_peer(peer);
+        peer_stream(&self.peers, peer)
+    }
+
+    fn check_peer(&self, peer: usize) {
         assert!(peer != self.spec.rank, "rank {peer} cannot talk to itself");
         assert!(
             peer < self.spec.size,
             "rank {peer} outside group of {}",
             self.spec.size
         );
-        peer_stream(&self.peers, peer)
     }
 }
 
@@ -573,6 +760,14 @@ fn recv_all(
         }
     }
     Ok(())
+}
+
+/// Records a connection refused at rendezvous, with its address and why.
+fn refusal(refused: &Mutex<Vec<String>>, from: SocketAddr, why: &str) {
+    refused
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(format!("{from}: {why}"));
 }
 
 /// Logs a connection refused at rendezvous, with its address and why.

@@ -142,7 +142,10 @@ mod tests {
             key: "/marathon/j/generation".into(),
             reason: "holds \"two\"".into(),
         });
-        for (e, part) in [(storage, "file:///ck"), (coordinator, "/marathon/j/generation")] {
+        for (e, part) in [
+            (storage, "file:///ck"),
+            (coordinator, "/marathon/j/generation"),
+        ] {
             let text = chain(&e);
             assert_eq!(text.matches(part).count(), 1, "{text}");
         }

@@ -31,6 +31,7 @@ pub mod reshard;
 /// The GPU's self-test: every GPU path against the CPU's, and the GPU bench.
 #[cfg(feature = "cuda")]
 pub mod selftest;
+mod shm;
 pub mod small_job;
 pub mod status;
 pub mod trainer;

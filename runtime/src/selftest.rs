@@ -325,7 +325,11 @@ fn small_toml(
             p.display()
         )
     });
-    let device = if device == Device::Cuda { "cuda" } else { "cpu" };
+    let device = if device == Device::Cuda {
+        "cuda"
+    } else {
+        "cpu"
+    };
     SmallJob {
         context: 128,
         n_embd: 128,

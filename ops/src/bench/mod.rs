@@ -19,7 +19,8 @@ pub enum BenchCommand {
     /// Time training steps and compare with the GEMM library's speed on the step's largest
     /// matrix product.
     Train(train::TrainArgs),
-    /// All-reduce bus bandwidth of the TCP process groups beside memcpy bandwidth.
+    /// All-reduce bus bandwidth of the process groups, on shared memory and on TCP, beside
+    /// memcpy bandwidth.
     Comm(comm::CommArgs),
     /// What a checkpoint costs: training stall beside memcpy, persist beside the disk,
     /// compression with and without the byte shuffle, load time.

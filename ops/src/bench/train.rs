@@ -42,7 +42,7 @@ pub struct TrainArgs {
     #[arg(long)]
     global_batch: Option<usize>,
     /// The layout timed (1 x 1 x 1 unless given). Every rank runs as a thread of this process
-    /// sharing its cores, with real TCP process groups.
+    /// sharing its cores, with real process groups.
     #[command(flatten)]
     layout: LayoutFlags,
     /// Where the model computes: `cpu`, or `cuda` (ranks share this machine's GPUs
@@ -386,7 +386,7 @@ fn run_steps(mut trainer: Trainer, warmup: u64, steps: u64) -> Result<Vec<StepRe
 }
 
 /// Runs every rank of `cfg`'s layout on a thread of this process, each with its own pool of
-/// `threads` compute threads and real TCP process groups; returns each rank's timed records,
+/// `threads` compute threads and real process groups; returns each rank's timed records,
 /// in rank order.
 fn run_ranks(
     cfg: &TrainConfig,
