@@ -4,7 +4,7 @@
 //! verified before a value of it is used; a mismatch names the tensor, the chunk and the object.
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use object_store::{ObjectMeta, ObjectStoreExt};
 
 use crate::boxes::{copy_intersection, TensorBox};
@@ -12,9 +12,6 @@ use crate::codec::{checksum, decode};
 use crate::format::{self, Manifest};
 use crate::store::{retry, Store};
 use crate::{runtime, Result, StorageError};
-
-/// Chunks a load reads and decodes ahead of the one it copies out.
-const READ_AHEAD: usize = 4;
 
 /// Bytes of checkpoint state (tensor chunks) this process has read from storage. Manifests are
 /// not counted: the writer's retention reads them too.
@@ -185,18 +182,33 @@ impl Reader {
             "{region:?} outside tensor {name} {:?}",
             t.shape
         );
-        // The chunks it needs are read, decoded and checked READ_AHEAD at a time on the blocking
-        // pool, in order, while the ones before them are copied out: a load keeps the disk and
-        // every core busy rather than reading one chunk at a time.
-        let wanted = t
-            .chunks
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.region.intersect(region).is_some());
-        let mut decoded = futures::stream::iter(wanted.map(|(i, c)| self.chunk_values(name, i, c)))
-            .buffered(READ_AHEAD);
+        let (mut raw, mut scratch, mut values) = (Vec::new(), Vec::new(), Vec::new());
         let mut filled = 0u64;
-        while let Some((c, values)) = decoded.next().await.transpose()? {
+        for (i, c) in t.chunks.iter().enumerate() {
+            if c.region.intersect(region).is_none() {
+                continue;
+            }
+            let stored = self.chunk_bytes(c).await?;
+            let corrupt = |reason: String| StorageError::Corrupt {
+                tensor: name.to_string(),
+                chunk: i,
+                object: format!("{}/{}", self.store.url, c.object),
+                reason,
+            };
+            decode(c.codec, &stored, c.raw_len as usize, &mut raw, &mut scratch)
+                .map_err(|e| corrupt(format!("does not decode: {e}")))?;
+            let crc = checksum(&raw);
+            if crc != c.crc32c {
+                return Err(corrupt(format!(
+                    "checksum {crc:08x} where {:08x} was written",
+                    c.crc32c
+                )));
+            }
+            values.clear();
+            values.extend(
+                raw.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
             filled += copy_intersection(&values, &c.region, dst, region);
         }
         assert_eq!(
@@ -207,63 +219,25 @@ impl Reader {
         Ok(())
     }
 
-    /// Chunk `i` of tensor `name`: read, decoded and its checksum checked (the work on the
-    /// blocking pool), as values.
-    async fn chunk_values<'c>(
-        &self,
-        name: &str,
-        i: usize,
-        c: &'c format::Chunk,
-    ) -> Result<(&'c format::Chunk, Vec<f32>)> {
-        let stored = self.chunk_bytes(c).await?;
-        let (codec, raw_len, crc32c) = (c.codec, c.raw_len as usize, c.crc32c);
-        let checked = tokio::task::spawn_blocking(move || {
-            let (mut raw, mut scratch) = (Vec::new(), Vec::new());
-            decode(codec, &stored, raw_len, &mut raw, &mut scratch)
-                .map_err(|e| format!("does not decode: {e}"))?;
-            let crc = checksum(&raw);
-            if crc != crc32c {
-                return Err(format!("checksum {crc:08x} where {crc32c:08x} was written"));
-            }
-            Ok(raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect())
-        })
-        .await
-        .expect("decoding a chunk does not panic");
-        let values = checked.map_err(|reason| StorageError::Corrupt {
-            tensor: name.to_string(),
-            chunk: i,
-            object: format!("{}/{}", self.store.url, c.object),
-            reason,
-        })?;
-        Ok((c, values))
-    }
-
     async fn chunk_bytes(&self, c: &format::Chunk) -> Result<Bytes> {
         let path = self.store.path(&c.object);
         if let Some(file) = self.store.direct_file(&c.object) {
-            let (offset, len) = (c.byte_offset, c.byte_len as usize);
-            let read =
-                tokio::task::spawn_blocking(move || crate::direct::read_range(&file, offset, len))
-                    .await
-                    .expect("reading a chunk does not panic");
-            let bytes = read.map_err(|e| {
-                let source = Box::new(e);
-                let e = if source.kind() == std::io::ErrorKind::NotFound {
-                    object_store::Error::NotFound {
-                        path: path.to_string(),
-                        source,
-                    }
-                } else {
-                    object_store::Error::Generic {
-                        store: "marathon",
-                        source,
-                    }
-                };
-                StorageError::store("read chunk", &path, e)
-            })?;
+            let bytes = crate::direct::read_range(&file, c.byte_offset, c.byte_len as usize)
+                .map_err(|e| {
+                    let source = Box::new(e);
+                    let e = if source.kind() == std::io::ErrorKind::NotFound {
+                        object_store::Error::NotFound {
+                            path: path.to_string(),
+                            source,
+                        }
+                    } else {
+                        object_store::Error::Generic {
+                            store: "marathon",
+                            source,
+                        }
+                    };
+                    StorageError::store("read chunk", &path, e)
+                })?;
             return Ok(count(Bytes::from(bytes)));
         }
         let range = c.byte_offset..c.byte_offset + c.byte_len;
