@@ -57,10 +57,8 @@ pub struct RunState {
 
 /// The run state in the manifest `m` of a checkpoint under `url`.
 pub fn run_state(m: &Manifest, url: &str) -> Result<RunState> {
-    serde_json::from_value(m.run.clone()).map_err(|e| RuntimeError::CheckpointContent {
-        url: url.to_string(),
-        step: m.step,
-        reason: format!("it has no marathon run state: {e}"),
+    serde_json::from_value(m.run.clone()).map_err(|e| {
+        RuntimeError::content(url, m.step, format!("it has no marathon run state: {e}"))
     })
 }
 
@@ -355,10 +353,8 @@ pub(crate) fn read_whole(
     let mut out = vec![0f32; shape.iter().product::<u64>() as usize];
     reader
         .read_box(m, name, &TensorBox::whole(&shape), &mut out)
-        .map_err(|e| RuntimeError::CheckpointContent {
-            url: reader.store.url.clone(),
-            step: m.step,
-            reason: format!("reading {name}: {e}"),
+        .map_err(|e| {
+            RuntimeError::content(&reader.store.url, m.step, format!("reading {name}: {e}"))
         })?;
     Ok(out)
 }

@@ -85,6 +85,16 @@ pub enum CommTransport {
     SharedMemory,
 }
 
+impl CommTransport {
+    fn of(shared_memory: bool) -> Self {
+        if shared_memory {
+            CommTransport::SharedMemory
+        } else {
+            CommTransport::Tcp
+        }
+    }
+}
+
 impl std::fmt::Display for CommTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -320,10 +330,7 @@ impl ProcessGroup {
                 }
             }
             if spec.rank == 0 {
-                let transport = match chosen.shm {
-                    Some(_) => CommTransport::SharedMemory,
-                    None => CommTransport::Tcp,
-                };
+                let transport = CommTransport::of(chosen.shm.is_some());
                 tracing::info!(
                     "group {}: collectives over {transport} across {} ranks ({})",
                     spec.name,
@@ -352,10 +359,7 @@ impl ProcessGroup {
 
     /// How this group's members move their buffers, as chosen at rendezvous.
     pub fn transport(&self) -> CommTransport {
-        match self.shm {
-            Some(_) => CommTransport::SharedMemory,
-            None => CommTransport::Tcp,
-        }
+        CommTransport::of(self.shm.is_some())
     }
 
     /// The connections refused at rendezvous (another job's or generation's, or an impostor's),

@@ -89,15 +89,15 @@ impl<'r> Pair<'r> {
             run_state(&mb, &b.0.store.url)?,
         );
         if sa.model != sb.model {
-            return Err(RuntimeError::CheckpointContent {
-                url: b.0.store.url.clone(),
-                step: b.1,
-                reason: format!(
+            return Err(RuntimeError::content(
+                &b.0.store.url,
+                b.1,
+                format!(
                     "the checkpoints are of different models: {:?} here and {:?} in step {} \
                      under {}; diff compares one model's checkpoints",
                     sb.model, sa.model, a.1, a.0.store.url
                 ),
-            });
+            ));
         }
         Ok(Pair {
             a: Side {

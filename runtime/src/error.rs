@@ -95,6 +95,15 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// A [`RuntimeError::CheckpointContent`] of the checkpoint of `step` under `url`.
+    pub(crate) fn content(url: &str, step: u64, reason: impl Into<String>) -> Self {
+        RuntimeError::CheckpointContent {
+            url: url.to_string(),
+            step,
+            reason: reason.into(),
+        }
+    }
+
     pub(crate) fn data(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         RuntimeError::Data {
             path: path.into(),

@@ -243,11 +243,7 @@ pub fn export(reader: &Reader, step: u64, dir: &Path, dtype: Dtype) -> Result<Ex
     let started = Instant::now();
     let m = reader.manifest(step)?;
     let url = &reader.store.url;
-    let content = |reason: String| RuntimeError::CheckpointContent {
-        url: url.clone(),
-        step,
-        reason,
-    };
+    let content = |reason: String| RuntimeError::content(url, step, reason);
     let state = run_state(&m, url)?;
     let maps = mapping(&state.model);
     for t in &maps {

@@ -76,11 +76,7 @@ pub fn reshard(
     let started = Instant::now();
     let m = reader.manifest(step)?;
     let url = &reader.store.url;
-    let content = |reason: String| RuntimeError::CheckpointContent {
-        url: url.clone(),
-        step,
-        reason,
-    };
+    let content = |reason: String| RuntimeError::content(url, step, reason);
     let mut state = run_state(&m, url)?;
     target
         .validate(&state.model)
