@@ -11,9 +11,13 @@
 //!   reorders and loses deliveries and expires leases, with nodes and workers dying and
 //!   returning, every run drawn from a seed and checked for the protocol's safety invariants.
 //!
+//! - [`agents`]: the node agent's own code for every node, turn by turn on a simulated clock
+//!   against a simulated etcd, under the same faults, checked for the same invariants.
+//!
 //! `marathon chaos run --seed S` replays one scenario, `marathon chaos soak --duration D` runs
 //! scenarios until the time is up, and `marathon chaos sim` runs the simulation.
 
+pub mod agents;
 pub mod browser;
 pub mod check;
 pub mod cluster;

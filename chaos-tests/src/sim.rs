@@ -77,7 +77,7 @@ impl Default for SimConfig {
 }
 
 /// What a run did, and what it found wrong.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
     pub seed: u64,
     pub generations: u64,

@@ -44,6 +44,10 @@ pub enum ChaosCommand {
         /// One seed only.
         #[arg(long, conflicts_with = "seeds")]
         seed: Option<u64>,
+        /// Run each node's agent itself (its loop, leases, watches, cooldowns) on the
+        /// simulated clock, rather than its membership core alone.
+        #[arg(long)]
+        agents: bool,
     },
     /// Print the scenario a seed draws, without running it.
     Show {
@@ -114,7 +118,20 @@ pub fn run_command(command: ChaosCommand) -> Result<()> {
                 (Instant::now() < until).then_some(first_seed + i as u64)
             })
         }
-        ChaosCommand::Sim { seeds, seed } => simulate(seed.map_or(1..=seeds, |s| s..=s)),
+        ChaosCommand::Sim {
+            seeds,
+            seed,
+            agents: false,
+        } => simulate(seed.map_or(1..=seeds, |s| s..=s), |seed| {
+            sim::run(seed, &SimConfig::default())
+        }),
+        ChaosCommand::Sim {
+            seeds,
+            seed,
+            agents: true,
+        } => simulate(seed.map_or(1..=seeds, |s| s..=s), |seed| {
+            marathon_chaos::agents::run(seed, &Default::default()).report
+        }),
         ChaosCommand::Show { seed } => {
             let s = Scenario::from_seed(seed);
             println!("seed {seed}: {}", s.shape());
@@ -247,13 +264,12 @@ fn on_interrupt() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-fn simulate(seeds: std::ops::RangeInclusive<u64>) -> Result<()> {
-    let cfg = SimConfig::default();
+fn simulate(seeds: std::ops::RangeInclusive<u64>, run: impl Fn(u64) -> sim::Report) -> Result<()> {
     let started = Instant::now();
     let (mut n, mut generations, mut faults) = (0u64, 0u64, 0u64);
     let mut failed = Vec::new();
     for seed in seeds {
-        let r = sim::run(seed, &cfg);
+        let r = run(seed);
         n += 1;
         generations += r.generations;
         faults += r.node_deaths + r.worker_deaths + r.revivals + r.dropped;

@@ -1623,3 +1623,19 @@ fn logs_are_json_lines_with_their_fields_and_rust_log_filters_them() {
     assert!(quiet.status.success(), "{}", text(&quiet));
     assert_eq!(String::from_utf8_lossy(&quiet.stderr), "", "RUST_LOG=warn");
 }
+
+#[test]
+fn chaos_sim_runs_the_agents_themselves_or_their_cores() {
+    let dir = tempfile::tempdir().unwrap();
+    for extra in [&[][..], &["--agents"][..]] {
+        let mut args = vec!["chaos", "sim", "--seeds", "50"];
+        args.extend_from_slice(extra);
+        let out = marathon(&args, dir.path());
+        assert!(out.status.success(), "{extra:?}: {}", text(&out));
+        let t = text(&out);
+        assert!(
+            t.contains("50 seeds in") && t.contains(" 0 failed"),
+            "{extra:?}: {t}"
+        );
+    }
+}

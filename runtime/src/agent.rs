@@ -23,6 +23,11 @@
 //! Where the workers run is the agent's [`Host`]: processes ([`Processes`]), or none at all
 //! ([`Hollow`], which records what the agent asked of them), so that many agents can run in
 //! one process against a real etcd (`marathon bench elastic`).
+//!
+//! The same agent runs three ways: on its own thread against etcd ([`run`]) or any
+//! [`Cluster`] ([`run_with`]), waiting for its inputs; or turn by turn on a caller's
+//! [`Clock`] ([`Stepped`]), without threads or waiting, as the coordination simulation
+//! (`marathon_chaos::agents`) drives hundreds of them on simulated time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
@@ -39,7 +44,7 @@ use prometheus_client::registry::Registry;
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
 use marathon_elastic::plan::{Offer, Plan, Slot};
 use marathon_elastic::{
-    job, retrying, Change, Cluster, Coordinator, EtcdCoordinator, JobKey, JobKeys, Lease,
+    job, retrying, Change, Changes, Cluster, Coordinator, EtcdCoordinator, JobKey, JobKeys, Lease,
 };
 
 use crate::error::{Result, RuntimeError};
@@ -92,6 +97,21 @@ const OUTAGE_MAX: Duration = Duration::from_secs(30);
 /// Generations a worker may leave on an error of its own with no step completed in between
 /// before its agent gives up on the node.
 const RETRIES_MAX: u32 = 3;
+
+/// Where an agent reads the time: the wall clock, or a simulation's.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WallClock;
+
+impl Clock for WallClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
 
 /// What reaches the agent's loop.
 enum Input {
@@ -349,7 +369,95 @@ pub fn run_with(
     host: Box<dyn Host>,
     crash: Option<Arc<AtomicBool>>,
 ) -> Result<()> {
-    Agent::new(coord, opts, host, crash)?.run()
+    Agent::new(coord, opts, host, crash, Arc::new(WallClock), Drive::Waits)?.run()
+}
+
+/// An agent driven one turn at a time by its caller, on the caller's clock: the code of
+/// [`run_with`] without a thread or a wait. Each [`Stepped::step`] reads what its watch has
+/// delivered and its workers reported, and does what is due by the clock.
+pub struct Stepped {
+    agent: Agent,
+}
+
+impl std::fmt::Debug for Stepped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stepped({})", self.agent.opts.node)
+    }
+}
+
+impl Stepped {
+    /// Registers the node and reads the job's keys, as an agent starting does.
+    pub fn start(
+        coord: Arc<dyn Cluster>,
+        opts: AgentOptions,
+        host: Box<dyn Host>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Stepped> {
+        let mut agent = Agent::new(coord, opts, host, None, clock, Drive::Steps(None))?;
+        agent.begin()?;
+        Ok(Stepped { agent })
+    }
+
+    /// Handles every change delivered and every worker report, then what is due by the clock.
+    /// True once the agent has ended (the job is done and its workers stopped).
+    pub fn step(&mut self) -> Result<bool> {
+        let a = &mut self.agent;
+        while let Ok(input) = a.inputs.try_recv() {
+            if a.turn(Some(input))? {
+                return Ok(true);
+            }
+        }
+        // One change a turn, as the waiting agent takes them.
+        loop {
+            let next = match &a.drive {
+                Drive::Steps(Some(watch)) => watch.next(Duration::ZERO),
+                _ => Ok(None),
+            };
+            let input = match next {
+                Ok(Some(c)) => Input::Change(c),
+                Ok(None) => break,
+                Err(e) => {
+                    // The turn watches again.
+                    a.drive = Drive::Steps(None);
+                    Input::WatchFailed(e.to_string())
+                }
+            };
+            if a.turn(Some(input))? {
+                return Ok(true);
+            }
+        }
+        a.turn(None)
+    }
+
+    /// When the agent next has something to do with no input, if ever.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.agent.next_due()
+    }
+
+    /// Whether the agent leads the job now.
+    pub fn leads(&self) -> bool {
+        self.agent.membership.leads()
+    }
+
+    /// The newest generation the agent knows committed.
+    pub fn generation(&self) -> u64 {
+        self.agent.membership.generation()
+    }
+
+    /// Stops at once as a crashed node: its lease is not revoked but runs out.
+    pub fn crash(mut self) {
+        if let Some(r) = self.agent.registration.take() {
+            r.abandon();
+        }
+    }
+}
+
+/// How the agent's inputs reach it.
+enum Drive {
+    /// It waits on its channel, into which a thread passes its watch's changes.
+    Waits,
+    /// Its caller steps it ([`Stepped`]), and the watch is read at each step.
+    Steps(Option<Box<dyn Changes>>),
 }
 
 struct Agent {
@@ -360,6 +468,8 @@ struct Agent {
     registration: Option<Box<dyn Lease>>,
     workers: Workers,
     crash: Option<Arc<AtomicBool>>,
+    clock: Arc<dyn Clock>,
+    drive: Drive,
     /// Set when the agent ends, for the threads it started.
     gone: Arc<AtomicBool>,
     inputs: mpsc::Receiver<Input>,
@@ -465,6 +575,8 @@ impl Agent {
         opts: AgentOptions,
         host: Box<dyn Host>,
         crash: Option<Arc<AtomicBool>>,
+        clock: Arc<dyn Clock>,
+        drive: Drive,
     ) -> Result<Self> {
         let keys = JobKeys::new(&opts.job);
         check_running_plan(coord.keys(), &keys, &opts)?;
@@ -491,6 +603,8 @@ impl Agent {
                 running: BTreeMap::new(),
             },
             crash,
+            clock,
+            drive,
             gone: Arc::default(),
             inputs,
             tx,
@@ -525,6 +639,17 @@ impl Agent {
     }
 
     fn run(mut self) -> Result<()> {
+        self.begin()?;
+        loop {
+            let input = self.inputs.recv_timeout(self.next_wait()).ok();
+            if self.turn(input)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// What an agent does once registered: says so, and reads the job's keys.
+    fn begin(&mut self) -> Result<()> {
         self.log(format_args!(
             "registered {} slots for job {} at {} under a lease of {} s",
             self.opts.slots,
@@ -532,72 +657,79 @@ impl Agent {
             self.opts.endpoints.join(","),
             self.registration().ttl().as_secs()
         ));
-        self.resync()?;
-        loop {
-            if self
-                .crash
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::SeqCst))
-            {
-                if let Some(r) = self.registration.take() {
-                    r.abandon();
+        self.resync()
+    }
+
+    /// One turn of the agent's loop: handles `input`, if any, then whatever is due. True once
+    /// the agent has ended: the job is done, or the node crashed.
+    fn turn(&mut self, input: Option<Input>) -> Result<bool> {
+        if self
+            .crash
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            if let Some(r) = self.registration.take() {
+                r.abandon();
+            }
+            self.log("crashed: its lease runs out");
+            return Ok(true);
+        }
+        if self.registration().lost() {
+            self.log("lost its lease: the job presumes this node dead; stopping its workers");
+            return Err(RuntimeError::Argument {
+                name: "lease",
+                reason: format!(
+                    "node {} could not keep its lease alive within {} ms; its workers were \
+                     stopped so they cannot act for a dead node. Check the connection to \
+                     etcd, then start the agent again: it rejoins as a new node",
+                    self.opts.node,
+                    self.opts.lease_ttl.as_millis()
+                ),
+            });
+        }
+        match input {
+            Some(Input::Change(c)) => self.on_change(c)?,
+            Some(Input::WatchFailed(reason)) => {
+                self.log(format_args!("the watch ended ({reason}); watching again"));
+                self.resync()?;
+            }
+            Some(Input::Worker { index, pid, event }) => self.on_worker(index, pid, event)?,
+            None => {}
+        }
+        self.reap()?;
+        self.cooldown()?;
+        if let Some((generation, due, slot, reason)) = self.suspect.clone() {
+            if self.clock.now() >= due {
+                self.suspect = None;
+                if generation == self.membership.generation() && generation > self.aborted {
+                    self.log(format_args!(
+                        "nobody reported the peer that slot {} lost in generation \
+                         {generation}; starting over",
+                        slot.index
+                    ));
+                    self.start_over(generation, slot, reason)?;
                 }
-                self.log("crashed: its lease runs out");
-                return Ok(());
-            }
-            if self.registration().lost() {
-                self.log("lost its lease: the job presumes this node dead; stopping its workers");
-                return Err(RuntimeError::Argument {
-                    name: "lease",
-                    reason: format!(
-                        "node {} could not keep its lease alive within {} ms; its workers were \
-                         stopped so they cannot act for a dead node. Check the connection to \
-                         etcd, then start the agent again: it rejoins as a new node",
-                        self.opts.node,
-                        self.opts.lease_ttl.as_millis()
-                    ),
-                });
-            }
-            match self.inputs.recv_timeout(self.next_wait()) {
-                Ok(Input::Change(c)) => self.on_change(c)?,
-                Ok(Input::WatchFailed(reason)) => {
-                    self.log(format_args!("the watch ended ({reason}); watching again"));
-                    self.resync()?;
-                }
-                Ok(Input::Worker { index, pid, event }) => self.on_worker(index, pid, event)?,
-                Err(_) => {}
-            }
-            self.reap()?;
-            self.cooldown()?;
-            if let Some((generation, due, slot, reason)) = self.suspect.clone() {
-                if Instant::now() >= due {
-                    self.suspect = None;
-                    if generation == self.membership.generation() && generation > self.aborted {
-                        self.log(format_args!(
-                            "nobody reported the peer that slot {} lost in generation \
-                             {generation}; starting over",
-                            slot.index
-                        ));
-                        self.start_over(generation, slot, reason)?;
-                    }
-                }
-            }
-            self.feed(Event::Tick)?;
-            self.report();
-            if self.done && self.workers.running.is_empty() {
-                self.log("the job is done");
-                return Ok(());
-            }
-            if self.done_at.is_some_and(|t| t.elapsed() > STOP_GRACE) {
-                // Dropping the agent kills what is left.
-                self.log(format_args!(
-                    "the job is done; {} workers still running {} s after it ended are stopped",
-                    self.workers.running.len(),
-                    STOP_GRACE.as_secs()
-                ));
-                return Ok(());
             }
         }
+        self.feed(Event::Tick)?;
+        self.report();
+        if self.done && self.workers.running.is_empty() {
+            self.log("the job is done");
+            return Ok(true);
+        }
+        if self
+            .done_at
+            .is_some_and(|t| self.clock.now() > t + STOP_GRACE)
+        {
+            // Dropping the agent kills what is left.
+            self.log(format_args!(
+                "the job is done; {} workers still running {} s after it ended are stopped",
+                self.workers.running.len(),
+                STOP_GRACE.as_secs()
+            ));
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Brings the metrics endpoint's view of this node up to date.
@@ -619,7 +751,15 @@ impl Agent {
     /// peer's, the stop grace), at least [`TICK`] and at most the host's poll interval.
     fn next_wait(&self) -> Duration {
         let poll = self.workers.host.poll_interval();
-        let due = [
+        self.next_due().map_or(poll, |t| {
+            t.saturating_duration_since(self.clock.now())
+                .clamp(TICK, poll.max(TICK))
+        })
+    }
+
+    /// The agent's next deadline: the core's, a cooldown's, a suspect peer's, the stop grace.
+    fn next_due(&self) -> Option<Instant> {
+        [
             self.membership.next_due(),
             self.cooling.values().min().copied(),
             self.withdrawn_until,
@@ -628,11 +768,7 @@ impl Agent {
         ]
         .into_iter()
         .flatten()
-        .min();
-        due.map_or(poll, |t| {
-            t.saturating_duration_since(Instant::now())
-                .clamp(TICK, poll.max(TICK))
-        })
+        .min()
     }
 
     /// Watches the job's keys, then reads them all: anything that changes between the two is
@@ -640,25 +776,7 @@ impl Agent {
     fn resync(&mut self) -> Result<()> {
         let (coord, root) = (self.coord.clone(), self.keys.root().to_owned());
         let watch = retrying(OUTAGE_MAX, || coord.watch(&root))?;
-        let (tx, gone) = (self.tx.clone(), self.gone.clone());
-        std::thread::spawn(move || loop {
-            // The agent ended: so does its watch, within a second, change or not.
-            if gone.load(Ordering::SeqCst) {
-                return;
-            }
-            match watch.next(Duration::from_secs(1)) {
-                Ok(Some(c)) => {
-                    if tx.send(Input::Change(c)).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    let _ = tx.send(Input::WatchFailed(e.to_string()));
-                    return;
-                }
-            }
-        });
+        self.follow(watch);
         let mut listed = retrying(OUTAGE_MAX, || coord.list(&root))?;
         // Registrations and the generation first: a loss is read against the generation.
         // The job's end before all: an agent started after it starts nothing.
@@ -693,6 +811,34 @@ impl Agent {
             self.campaign()?;
         }
         Ok(())
+    }
+
+    /// Passes the watch's changes to the loop: from a thread of its own while the agent waits
+    /// for inputs, or at each step when it is stepped.
+    fn follow(&mut self, watch: Box<dyn Changes>) {
+        if let Drive::Steps(held) = &mut self.drive {
+            *held = Some(watch);
+            return;
+        }
+        let (tx, gone) = (self.tx.clone(), self.gone.clone());
+        std::thread::spawn(move || loop {
+            // The agent ended: so does its watch, within a second, change or not.
+            if gone.load(Ordering::SeqCst) {
+                return;
+            }
+            match watch.next(Duration::from_secs(1)) {
+                Ok(Some(c)) => {
+                    if tx.send(Input::Change(c)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = tx.send(Input::WatchFailed(e.to_string()));
+                    return;
+                }
+            }
+        });
     }
 
     fn campaign(&mut self) -> Result<()> {
@@ -755,7 +901,7 @@ impl Agent {
             (JobKey::Done, Some(_)) => {
                 if !self.done {
                     self.done = true;
-                    self.done_at = Some(Instant::now());
+                    self.done_at = Some(self.clock.now());
                     self.log("the job reached its last step; stopping the workers");
                     for w in self.workers.running.values_mut() {
                         w.stopping = true;
@@ -872,7 +1018,7 @@ impl Agent {
                 if running && *retry {
                     self.start_over(*generation, slot, reason.clone())?;
                 } else if running && *peer && self.suspect.is_none() {
-                    let due = Instant::now() + self.opts.lease_ttl * 2 + self.opts.timing.settle;
+                    let due = self.clock.now() + self.opts.lease_ttl * 2 + self.opts.timing.settle;
                     self.suspect = Some((*generation, due, slot, reason.clone()));
                 }
             }
@@ -941,7 +1087,7 @@ impl Agent {
                 self.record_lost(slot, reason, cause)?;
             }
             if !self.opts.cooldown.is_zero() {
-                let now = Instant::now();
+                let now = self.clock.now();
                 self.cooling.insert(index, now + self.opts.cooldown);
                 self.deaths
                     .retain(|&t| now.duration_since(t) < self.opts.cooldown);
@@ -992,7 +1138,7 @@ impl Agent {
 
     /// Offers again the slots (or the node) whose cooldown is over.
     fn cooldown(&mut self) -> Result<()> {
-        let now = Instant::now();
+        let now = self.clock.now();
         let before = self.current_offer();
         if self.withdrawn_until.is_some_and(|t| now >= t) {
             self.withdrawn_until = None;
@@ -1017,7 +1163,7 @@ impl Agent {
     }
 
     fn feed(&mut self, event: Event) -> Result<()> {
-        let actions = self.membership.handle(Instant::now(), event);
+        let actions = self.membership.handle(self.clock.now(), event);
         for a in actions {
             self.act(a)?;
         }

@@ -1,0 +1,91 @@
+//! The node agent's own code under simulation, over many seeds. A failure prints the seed, and
+//! `MARATHON_SIM_SEED=<seed>` replays that one run.
+
+use std::time::Instant;
+
+use marathon_chaos::agents::{run, AgentsConfig};
+use marathon_chaos::sim::SimConfig;
+
+/// Seeds run by the test suite.
+const SEEDS: u64 = 1000;
+
+#[test]
+fn every_seed_of_real_agents_keeps_the_invariants_and_settles() {
+    let cfg = AgentsConfig::default();
+    let seeds: Vec<u64> = match std::env::var("MARATHON_SIM_SEED") {
+        Ok(s) => vec![s.parse().expect("MARATHON_SIM_SEED is a number")],
+        Err(_) => (1..=SEEDS).collect(),
+    };
+    let started = Instant::now();
+    let (mut generations, mut faults, mut fenced, mut ended) = (0, 0, 0, 0);
+    for &seed in &seeds {
+        let r = run(seed, &cfg).report;
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed} (replay with MARATHON_SIM_SEED={seed}):\n  {}",
+            r.violations.join("\n  ")
+        );
+        generations += r.generations;
+        faults += r.node_deaths + r.worker_deaths + r.revivals + r.dropped;
+        fenced += r.fenced_proposals;
+        ended += u64::from(r.done_at_ms.is_some());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{} seeds in {secs:.1} s: {generations} generations, {faults} faults, {fenced} fenced \
+         proposals, {ended} runs in which the job ended amid the faults",
+        seeds.len(),
+    );
+    assert!(
+        generations > seeds.len() as u64 * 2,
+        "{generations} generations"
+    );
+    if seeds.len() > 100 {
+        assert!(
+            ended > seeds.len() as u64 / 5,
+            "{ended} runs ended amid faults"
+        );
+    }
+}
+
+#[test]
+fn a_seed_of_real_agents_replays_the_same_run() {
+    let cfg = AgentsConfig::default();
+    assert_eq!(run(7, &cfg), run(7, &cfg));
+}
+
+/// 568 agents (560 nodes of 8 GPUs and 8 spares) of a tp 8 x pp 35 x dp 16 job, on 2 s leases,
+/// with nodes and workers dying and returning: the agents' own code plans and re-plans at the
+/// mission's scale within the invariants.
+#[test]
+fn the_agents_of_an_mtnlg_job_keep_the_invariants_at_full_scale() {
+    let cfg = AgentsConfig {
+        sim: SimConfig {
+            nodes: 568,
+            slots: 8,
+            tp: 8,
+            pp: 35,
+            microbatches: 16,
+            faults_ms: 4_000,
+            quiet_ms: 3_000,
+            p_node_death: 1e-5,
+            p_revival: 0.01,
+            p_worker_death: 1e-5,
+            p_drop: 1e-4,
+            lease_ttl_ms: 2_000,
+            ..SimConfig::default()
+        },
+        ..AgentsConfig::default()
+    };
+    let started = Instant::now();
+    let r = run(5, &cfg);
+    eprintln!("{:?} in {:.1} s", r.report, started.elapsed().as_secs_f64());
+    assert!(r.report.violations.is_empty(), "{:?}", r.report.violations);
+    assert_eq!(
+        r.commits[0].3, 16,
+        "the first plan is dp 16: {:?}",
+        r.commits
+    );
+    let faults = r.report.node_deaths + r.report.worker_deaths;
+    assert!(faults >= 2 && r.commits.len() >= 3, "{:?}", r);
+}
