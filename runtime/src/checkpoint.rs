@@ -327,19 +327,12 @@ pub fn load_params(
     layout: &ParamLayout,
     params: &mut [f32],
 ) -> marathon_storage::Result<()> {
-    for t in layout.tensors() {
-        let region = TensorBox {
-            offset: t.box_offset.iter().map(|&d| d as u64).collect(),
-            size: t.shape.iter().map(|&d| d as u64).collect(),
-        };
-        reader.read_box(
-            m,
-            &format!("params/{}", t.name),
-            &region,
-            &mut params[t.range()],
-        )?;
-    }
-    Ok(())
+    read_state(
+        reader,
+        m,
+        &state_reads(layout, None),
+        [params, &mut [], &mut []],
+    )
 }
 
 /// Reads the whole global tensor `name` of shape `shape` from the checkpoint `m` under `reader`.
@@ -371,35 +364,57 @@ pub fn load_tensors(
     adam_m: &mut [f32],
     adam_v: &mut [f32],
 ) -> marathon_storage::Result<()> {
-    load_params(reader, m, layout, params)?;
+    let reads = state_reads(layout, Some(opt_shard));
+    read_state(reader, m, &reads, [params, adam_m, adam_v])
+}
+
+/// One box of a rank's state to read: the checkpoint's tensor and box, and where it goes
+/// (0: the parameters, 1 and 2: Adam's moments) at which elements.
+type StateRead = (String, TensorBox, usize, Range<usize>);
+
+/// The boxes of a rank's state in the order they are read: every local tensor's parameters,
+/// then, with an optimizer shard, each tensor's part of it in both moments.
+fn state_reads(layout: &ParamLayout, opt_shard: Option<&Range<usize>>) -> Vec<StateRead> {
+    let mut reads = Vec::new();
     for t in layout.tensors() {
-        let (lo, hi) = (
-            t.offset.max(opt_shard.start),
-            t.range().end.min(opt_shard.end),
-        );
+        let region = TensorBox {
+            offset: t.box_offset.iter().map(|&d| d as u64).collect(),
+            size: t.shape.iter().map(|&d| d as u64).collect(),
+        };
+        reads.push((format!("params/{}", t.name), region, 0, t.range()));
+    }
+    let Some(shard) = opt_shard else {
+        return reads;
+    };
+    for t in layout.tensors() {
+        let (lo, hi) = (t.offset.max(shard.start), t.range().end.min(shard.end));
         if lo >= hi {
             continue;
         }
         let local: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
         let offset: Vec<u64> = t.box_offset.iter().map(|&d| d as u64).collect();
-        let mut at = lo - opt_shard.start;
+        let mut at = lo - shard.start;
         for b in range_to_boxes(&local, (lo - t.offset) as u64, (hi - t.offset) as u64) {
             let n = b.numel() as usize;
             let global = b.shifted(&offset);
-            reader.read_box(
-                m,
-                &format!("adam_m/{}", t.name),
-                &global,
-                &mut adam_m[at..at + n],
-            )?;
-            reader.read_box(
-                m,
-                &format!("adam_v/{}", t.name),
-                &global,
-                &mut adam_v[at..at + n],
-            )?;
+            reads.push((format!("adam_m/{}", t.name), global.clone(), 1, at..at + n));
+            reads.push((format!("adam_v/{}", t.name), global, 2, at..at + n));
             at += n;
         }
+    }
+    reads
+}
+
+/// Does `reads` into `into`, the files read ahead of it where the store is local.
+fn read_state(
+    reader: &Reader,
+    m: &Manifest,
+    reads: &[StateRead],
+    into: [&mut [f32]; 3],
+) -> marathon_storage::Result<()> {
+    let _ahead = reader.prefetch(m, reads.iter().map(|(name, b, _, _)| (name.as_str(), b)));
+    for (name, region, dst, range) in reads {
+        reader.read_box(m, name, region, &mut into[*dst][range.clone()])?;
     }
     Ok(())
 }

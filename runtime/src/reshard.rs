@@ -167,6 +167,11 @@ pub fn reshard(
     let mut turns = [1, 2]
         .map(|r| CheckpointWriter::new(dst.clone(), r.min(writers - 1), writers, opts.clone()));
     let mut failed: Option<RuntimeError> = None;
+    let wanted = batches
+        .iter()
+        .flatten()
+        .map(|p| (p.tensor.as_str(), &p.region));
+    let _ahead = reader.prefetch(&m, wanted);
     for (i, batch) in batches.into_iter().enumerate() {
         let w = if i == 0 {
             &mut first

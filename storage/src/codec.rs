@@ -66,40 +66,43 @@ pub fn encode(
     Ok(())
 }
 
-/// Decodes `stored` into `out`, which must come out exactly `raw_len` bytes.
-pub fn decode(
+/// Decodes `stored`, which must come out exactly `raw_len` bytes: `stored` itself when it is
+/// raw, else decoded into `out`.
+pub fn decode<'a>(
     codec: Codec,
-    stored: &[u8],
+    stored: &'a [u8],
     raw_len: usize,
-    out: &mut Vec<u8>,
+    out: &'a mut Vec<u8>,
     scratch: &mut Vec<u8>,
-) -> std::io::Result<()> {
+) -> std::io::Result<&'a [u8]> {
     out.clear();
-    match codec {
-        Codec::Raw => out.extend_from_slice(stored),
+    scratch.clear();
+    let decoded: &[u8] = match codec {
+        Codec::Raw => stored,
         Codec::Zstd => {
             out.reserve(raw_len);
             zstd::stream::copy_decode(stored, &mut *out)?;
+            out
         }
         Codec::ZstdShuffle4 => {
-            scratch.clear();
             scratch.reserve(raw_len);
             zstd::stream::copy_decode(stored, &mut *scratch)?;
             if scratch.len() == raw_len {
                 unshuffle(scratch, 4, out);
             }
+            out
         }
-    }
-    if out.len() != raw_len {
+    };
+    if decoded.len() != raw_len {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
                 "decoded {} bytes where {raw_len} were stored",
-                out.len().max(scratch.len())
+                decoded.len().max(scratch.len())
             ),
         ));
     }
-    Ok(())
+    Ok(decoded)
 }
 
 /// The checksum of a chunk's raw bytes: CRC-32C (Castagnoli), hardware-accelerated where the
@@ -121,12 +124,13 @@ mod tests {
         for codec in [Codec::Raw, Codec::Zstd, Codec::ZstdShuffle4] {
             encode(codec, 3, &raw, &mut out, &mut s).unwrap();
             sizes.push(out.len());
-            decode(codec, &out, raw.len(), &mut back, &mut s).unwrap();
-            assert_eq!(back, raw, "{codec:?}");
+            let decoded = decode(codec, &out, raw.len(), &mut back, &mut s).unwrap();
+            assert_eq!(decoded, raw, "{codec:?}");
         }
         assert!(sizes[2] < sizes[1] && sizes[1] < sizes[0], "{sizes:?}");
         // A wrong length is an error, not a short buffer.
         assert!(decode(Codec::ZstdShuffle4, &out, raw.len() + 4, &mut back, &mut s).is_err());
+        assert!(decode(Codec::Raw, &raw, raw.len() - 1, &mut back, &mut s).is_err());
         assert_eq!(checksum(b"123456789"), 0xe306_9283);
     }
 }

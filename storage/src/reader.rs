@@ -3,7 +3,9 @@
 //! A reader trusts only committed manifests. Every chunk it reads is decoded and its checksum
 //! verified before a value of it is used; a mismatch names the tensor, the chunk and the object.
 
-use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use futures::TryStreamExt;
 use object_store::{ObjectMeta, ObjectStoreExt};
 
@@ -15,17 +17,45 @@ use crate::{runtime, Result, StorageError};
 
 /// Bytes of checkpoint state (tensor chunks) this process has read from storage. Manifests are
 /// not counted: the writer's retention reads them too.
-static BYTES_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static BYTES_READ: AtomicU64 = AtomicU64::new(0);
 
 /// Bytes of checkpoint state this process has read from storage so far: what an elastic worker
 /// reports, so that "nothing was read from storage" is a measured fact.
 pub fn bytes_read() -> u64 {
-    BYTES_READ.load(std::sync::atomic::Ordering::Relaxed)
+    BYTES_READ.load(Ordering::Relaxed)
 }
 
-fn count(bytes: Bytes) -> Bytes {
-    BYTES_READ.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    bytes
+/// The buffers a thread's chunk reads reuse, from chunk to chunk and call to call: a load's
+/// chunks are a few MiB each, and fresh buffers for each cost a page fault per page.
+#[derive(Debug, Default)]
+struct Buffers {
+    stored: Vec<u8>,
+    raw: Vec<u8>,
+    scratch: Vec<u8>,
+    values: Vec<f32>,
+}
+
+thread_local! {
+    static BUFFERS: std::cell::Cell<Buffers> = std::cell::Cell::default();
+}
+
+/// `raw` (little-endian) as values: in place where it is aligned on a little-endian machine,
+/// else copied into `values`.
+fn as_f32<'a>(raw: &'a [u8], values: &'a mut Vec<f32>) -> &'a [f32] {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: every bit pattern of four bytes is an f32.
+        let (head, body, tail) = unsafe { raw.align_to::<f32>() };
+        if head.is_empty() && tail.is_empty() {
+            return body;
+        }
+    }
+    values.clear();
+    values.extend(
+        raw.chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+    );
+    values
 }
 
 /// A checkpoint prefix found under a root.
@@ -44,11 +74,102 @@ pub struct StepInfo {
 #[derive(Debug, Clone)]
 pub struct Reader {
     pub store: Store,
+    /// Bytes of chunks read through this reader (and its clones), for [`Reader::prefetch`] to
+    /// keep its distance.
+    consumed: Arc<AtomicU64>,
+}
+
+/// How far [`Reader::prefetch`] asks the kernel to read ahead of what was consumed.
+const AHEAD: u64 = 256 << 20;
+/// The largest range asked for at once.
+const AHEAD_STEP: u64 = 4 << 20;
+
+/// A background prefetch ([`Reader::prefetch`]); dropping it stops it.
+#[derive(Debug)]
+#[must_use = "the prefetch stops when this is dropped"]
+pub struct Prefetch {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Reader {
     pub fn new(store: Store) -> Self {
-        Reader { store }
+        Reader {
+            store,
+            consumed: Arc::default(),
+        }
+    }
+
+    /// Has a local directory's files read into the page cache in the background: every chunk
+    /// that reading `wanted` (each a tensor's box) will touch, in that order, at most
+    /// [`AHEAD`] bytes ahead of what this reader has consumed. The kernel then keeps many reads
+    /// in flight while the caller decodes and verifies what has arrived. Nothing is asked of
+    /// an object store: its chunks are ranged requests made as they are read.
+    pub fn prefetch<'a>(
+        &self,
+        m: &Manifest,
+        wanted: impl IntoIterator<Item = (&'a str, &'a TensorBox)>,
+    ) -> Prefetch {
+        self.prefetch_within(m, wanted, AHEAD)
+    }
+
+    /// [`Reader::prefetch`], at most `ahead` bytes ahead of what this reader has consumed.
+    pub fn prefetch_within<'a>(
+        &self,
+        m: &Manifest,
+        wanted: impl IntoIterator<Item = (&'a str, &'a TensorBox)>,
+        ahead: u64,
+    ) -> Prefetch {
+        let stop = Arc::new(AtomicBool::new(false));
+        // Runs of contiguous bytes of one file, in the order they will be read.
+        let mut runs: Vec<(std::path::PathBuf, u64, u64)> = Vec::new();
+        for (name, region) in wanted {
+            let Some(t) = m.tensor(name) else { continue };
+            for c in t
+                .chunks
+                .iter()
+                .filter(|c| c.region.intersect(region).is_some())
+            {
+                let Some(path) = self.store.direct_file(&c.object) else {
+                    return Prefetch { stop };
+                };
+                match runs.last_mut() {
+                    Some((p, at, len)) if *p == path && *at + *len == c.byte_offset => {
+                        *len += c.byte_len
+                    }
+                    _ => runs.push((path, c.byte_offset, c.byte_len)),
+                }
+            }
+        }
+        let (consumed, quit) = (self.consumed.clone(), stop.clone());
+        let start = consumed.load(Ordering::Relaxed);
+        std::thread::spawn(move || {
+            let mut asked = 0u64;
+            for (path, at, len) in runs {
+                let mut from = at;
+                while from < at + len {
+                    let n = AHEAD_STEP.min(at + len - from);
+                    while asked > consumed.load(Ordering::Relaxed).saturating_sub(start) + ahead {
+                        if quit.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    if quit.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    // Advice: a range the kernel does not read ahead is read when asked for.
+                    let _ = crate::direct::will_need(&path, &[(from, n)]);
+                    (from, asked) = (from + n, asked + n);
+                }
+            }
+        });
+        Prefetch { stop }
     }
 
     /// Every checkpoint prefix under the root, committed or not, oldest first.
@@ -182,48 +303,65 @@ impl Reader {
             "{region:?} outside tensor {name} {:?}",
             t.shape
         );
-        let (mut raw, mut scratch, mut values) = (Vec::new(), Vec::new(), Vec::new());
-        let mut filled = 0u64;
-        for (i, c) in t.chunks.iter().enumerate() {
-            if c.region.intersect(region).is_none() {
-                continue;
-            }
-            let stored = self.chunk_bytes(c).await?;
-            let corrupt = |reason: String| StorageError::Corrupt {
-                tensor: name.to_string(),
-                chunk: i,
-                object: format!("{}/{}", self.store.url, c.object),
-                reason,
-            };
-            decode(c.codec, &stored, c.raw_len as usize, &mut raw, &mut scratch)
-                .map_err(|e| corrupt(format!("does not decode: {e}")))?;
-            let crc = checksum(&raw);
-            if crc != c.crc32c {
-                return Err(corrupt(format!(
-                    "checksum {crc:08x} where {:08x} was written",
-                    c.crc32c
-                )));
-            }
-            values.clear();
-            values.extend(
-                raw.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-            filled += copy_intersection(&values, &c.region, dst, region);
-        }
+        let mut b = BUFFERS.take();
+        let filled = self.fill(t, region, dst, &mut b).await;
+        BUFFERS.set(b);
         assert_eq!(
-            filled,
+            filled?,
             region.numel(),
             "a checked manifest covers every element"
         );
         Ok(())
     }
 
-    async fn chunk_bytes(&self, c: &format::Chunk) -> Result<Bytes> {
+    /// Reads every chunk of `t` that intersects `region` into `dst` through the buffers `b`,
+    /// verifying each; returns the elements filled.
+    async fn fill(
+        &self,
+        t: &format::TensorEntry,
+        region: &TensorBox,
+        dst: &mut [f32],
+        b: &mut Buffers,
+    ) -> Result<u64> {
+        let Buffers {
+            stored,
+            raw,
+            scratch,
+            values,
+        } = b;
+        let mut filled = 0u64;
+        for (i, c) in t.chunks.iter().enumerate() {
+            if c.region.intersect(region).is_none() {
+                continue;
+            }
+            self.chunk_bytes(c, stored).await?;
+            self.consumed.fetch_add(c.byte_len, Ordering::Relaxed);
+            let corrupt = |reason: String| StorageError::Corrupt {
+                tensor: t.name.clone(),
+                chunk: i,
+                object: format!("{}/{}", self.store.url, c.object),
+                reason,
+            };
+            let raw = decode(c.codec, stored, c.raw_len as usize, raw, scratch)
+                .map_err(|e| corrupt(format!("does not decode: {e}")))?;
+            let crc = checksum(raw);
+            if crc != c.crc32c {
+                return Err(corrupt(format!(
+                    "checksum {crc:08x} where {:08x} was written",
+                    c.crc32c
+                )));
+            }
+            filled += copy_intersection(as_f32(raw, values), &c.region, dst, region);
+        }
+        Ok(filled)
+    }
+
+    /// Reads chunk `c`'s stored bytes into `into` (emptied first).
+    async fn chunk_bytes(&self, c: &format::Chunk, into: &mut Vec<u8>) -> Result<()> {
         let path = self.store.path(&c.object);
         if let Some(file) = self.store.direct_file(&c.object) {
-            let bytes = crate::direct::read_range(&file, c.byte_offset, c.byte_len as usize)
-                .map_err(|e| {
+            crate::direct::read_range(&file, c.byte_offset, c.byte_len as usize, into).map_err(
+                |e| {
                     let source = Box::new(e);
                     let e = if source.kind() == std::io::ErrorKind::NotFound {
                         object_store::Error::NotFound {
@@ -237,23 +375,34 @@ impl Reader {
                         }
                     };
                     StorageError::store("read chunk", &path, e)
-                })?;
-            return Ok(count(Bytes::from(bytes)));
+                },
+            )?;
+        } else {
+            let range = c.byte_offset..c.byte_offset + c.byte_len;
+            let bytes = retry(|| self.store.inner.get_range(&path, range.clone()))
+                .await
+                .map_err(|e| StorageError::store("read chunk", &path, e))?;
+            into.clear();
+            into.extend_from_slice(&bytes);
         }
-        let range = c.byte_offset..c.byte_offset + c.byte_len;
-        retry(|| self.store.inner.get_range(&path, range.clone()))
-            .await
-            .map(count)
-            .map_err(|e| StorageError::store("read chunk", &path, e))
+        BYTES_READ.fetch_add(into.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Reads every chunk of `m` and checks every checksum; returns the chunks read.
     pub fn verify(&self, m: &Manifest) -> Result<usize> {
+        let wholes: Vec<(&str, TensorBox)> = m
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), TensorBox::whole(&t.shape)))
+            .collect();
+        let _ahead = self.prefetch(m, wholes.iter().map(|(n, b)| (*n, b)));
+        // One buffer, of the largest tensor, for them all.
+        let largest = wholes.iter().map(|(_, b)| b.numel()).max().unwrap_or(0);
+        let mut dst = vec![0f32; largest as usize];
         let mut n = 0;
-        for t in &m.tensors {
-            let whole = TensorBox::whole(&t.shape);
-            let mut dst = vec![0f32; whole.numel() as usize];
-            self.read_box(m, &t.name, &whole, &mut dst)?;
+        for (t, (_, whole)) in m.tensors.iter().zip(&wholes) {
+            self.read_box(m, &t.name, whole, &mut dst[..whole.numel() as usize])?;
             n += t.chunks.len();
         }
         Ok(n)
