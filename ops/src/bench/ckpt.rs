@@ -130,7 +130,7 @@ struct Timed {
     reads: ColdReads,
 }
 
-/// Cold reads of a checkpoint's files, each the median of three, timed between its loads.
+/// Cold reads of a checkpoint's files, each the median of five, timed between its loads.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 struct ColdReads {
     direct_s: f64,
@@ -184,7 +184,7 @@ impl Timed {
 }
 
 /// One step, then `args.checkpoints` timed checkpoints under `root` (after an untimed first,
-/// which allocates the staging buffer), and three cold loads that read, decode and verify
+/// which allocates the staging buffer), and five cold loads that read, decode and verify
 /// every chunk of the newest. Returns the figures and the trainer, whose state the codecs measure.
 fn time_checkpoints(
     cfg: &TrainConfig,
@@ -226,13 +226,13 @@ fn time_checkpoints(
     let reader =
         marathon_storage::Reader::new(marathon_storage::Store::open(&root.display().to_string())?);
     let m = reader.manifest(newest)?;
-    // Cold, the median of three: nothing of the checkpoint in the page cache before each,
+    // Cold, the median of five: nothing of the checkpoint in the page cache before each,
     // and its files read cold the two plain ways between the loads, as a well-configured
     // reader of those bytes would read them.
     let step_dir = root.join(marathon_storage::format::step_dir(newest));
     let files = files_under(&step_dir)?;
     let (mut loads, mut direct, mut cached) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..5 {
         for (times, read) in [
             (&mut direct, read_direct as fn(&Path, usize) -> Result<bool>),
             (&mut cached, read_sequential),
