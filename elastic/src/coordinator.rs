@@ -293,10 +293,9 @@ impl Lease for InProcessLease {
     fn update(&self, value: &[u8]) -> Result<(), ElasticError> {
         let mut map = self.shared.lock();
         if !self.shared.live().leases.contains_key(&self.id) {
-            return Err(ElasticError::Unavailable {
+            return Err(ElasticError::LeaseLost {
                 action: "update",
                 key: self.key.clone(),
-                reason: "its lease ran out".into(),
             });
         }
         self.shared.put(&mut map, &self.key, value, Some(self.id));

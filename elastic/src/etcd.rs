@@ -174,6 +174,12 @@ impl EtcdCoordinator {
                 }
                 let err = match result {
                     Ok(Ok(v)) => return Ok(v),
+                    Ok(Err(e)) if lease_not_found(&e) => {
+                        return Err(ElasticError::LeaseLost {
+                            action,
+                            key: key.to_owned(),
+                        })
+                    }
                     Ok(Err(e)) => match denial(&e) {
                         Some(reason) => {
                             return Err(denied(
@@ -695,6 +701,11 @@ impl Coordinator for EtcdCoordinator {
 }
 
 /// Whether an etcd error is about reaching the cluster, which a retry may cure.
+/// etcd's answer to a write under a lease that no longer exists.
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("requested lease not found"))
+}
+
 fn transient(e: &etcd_client::Error) -> bool {
     matches!(
         e,

@@ -61,6 +61,10 @@ pub enum ElasticError {
     /// edited by hand. Asking again cannot help.
     #[error("coordinator: {key} {reason}; the key belongs to marathon: run one version on every node and do not edit it")]
     Corrupt { key: String, reason: String },
+    /// A write under a lease that ran out: its keys are gone, and whoever held it is presumed
+    /// dead. Asking again cannot help.
+    #[error("coordinator: {action} {key}: its lease ran out; the job presumes its holder dead")]
+    LeaseLost { action: &'static str, key: String },
 }
 
 impl ElasticError {
@@ -68,7 +72,9 @@ impl ElasticError {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            ElasticError::Denied { .. } | ElasticError::Corrupt { .. }
+            ElasticError::Denied { .. }
+                | ElasticError::Corrupt { .. }
+                | ElasticError::LeaseLost { .. }
         )
     }
 

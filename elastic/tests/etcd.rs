@@ -78,7 +78,21 @@ fn a_holder_whose_lease_is_revoked_learns_it_is_dead_at_once() {
             client.lease_revoke(l.id()).await.expect("revoke");
         }
     });
+    // A write under it, before the keep-alive notices, is refused as final, not retried.
     let started = Instant::now();
+    let refused = reg
+        .update(b"7 slots")
+        .expect_err("a write under a revoked lease");
+    assert!(
+        matches!(refused, marathon_elastic::ElasticError::LeaseLost { .. }),
+        "{refused:?}"
+    );
+    assert!(!refused.is_retryable(), "{refused}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     while !reg.lost() {
         assert!(
             started.elapsed() < Duration::from_secs(12),

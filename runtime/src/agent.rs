@@ -44,7 +44,8 @@ use prometheus_client::registry::Registry;
 use marathon_elastic::membership::{Action, Event, Membership, Timing};
 use marathon_elastic::plan::{Offer, Plan, Slot};
 use marathon_elastic::{
-    job, retrying, Change, Changes, Cluster, Coordinator, EtcdCoordinator, JobKey, JobKeys, Lease,
+    job, retrying, Change, Changes, Cluster, Coordinator, ElasticError, EtcdCoordinator, JobKey,
+    JobKeys, Lease,
 };
 
 use crate::error::{Result, RuntimeError};
@@ -98,7 +99,9 @@ const OUTAGE_MAX: Duration = Duration::from_secs(30);
 /// before its agent gives up on the node.
 const RETRIES_MAX: u32 = 3;
 
-/// Where an agent reads the time: the wall clock, or a simulation's.
+/// Where an agent reads the time: the wall clock, or a simulation's. It never goes back, and
+/// it is the only time the agent's decisions read (records it writes for people carry wall
+/// time).
 pub trait Clock: Send + Sync {
     fn now(&self) -> Instant;
 }
@@ -429,21 +432,6 @@ impl Stepped {
         a.turn(None)
     }
 
-    /// When the agent next has something to do with no input, if ever.
-    pub fn next_due(&self) -> Option<Instant> {
-        self.agent.next_due()
-    }
-
-    /// Whether the agent leads the job now.
-    pub fn leads(&self) -> bool {
-        self.agent.membership.leads()
-    }
-
-    /// The newest generation the agent knows committed.
-    pub fn generation(&self) -> u64 {
-        self.agent.membership.generation()
-    }
-
     /// Stops at once as a crashed node: its lease is not revoked but runs out.
     pub fn crash(mut self) {
         if let Some(r) = self.agent.registration.take() {
@@ -498,6 +486,8 @@ struct Agent {
     finishing: bool,
     /// The metrics endpoint, when it serves one.
     live: Option<Live>,
+    /// A write under the node's lease found it gone.
+    lease_ran_out: bool,
 }
 
 /// What the agent's metrics endpoint shares with its loop.
@@ -620,6 +610,7 @@ impl Agent {
             done_at: None,
             finishing: false,
             live,
+            lease_ran_out: false,
         })
     }
 
@@ -661,7 +652,8 @@ impl Agent {
     }
 
     /// One turn of the agent's loop: handles `input`, if any, then whatever is due. True once
-    /// the agent has ended: the job is done, or the node crashed.
+    /// the agent has ended: the job is done, or the node crashed. A crash or a lost lease is
+    /// looked at first, so that nothing that arrived meanwhile is acted on for a dead node.
     fn turn(&mut self, input: Option<Input>) -> Result<bool> {
         if self
             .crash
@@ -674,7 +666,7 @@ impl Agent {
             self.log("crashed: its lease runs out");
             return Ok(true);
         }
-        if self.registration().lost() {
+        if self.lease_ran_out || self.registration().lost() {
             self.log("lost its lease: the job presumes this node dead; stopping its workers");
             return Err(RuntimeError::Argument {
                 name: "lease",
@@ -786,13 +778,25 @@ impl Agent {
             JobKey::Leader | JobKey::Generation => 2,
             _ => 3,
         });
+        // The job's end first of all, before anything could make a leader plan.
+        let ended = listed
+            .iter()
+            .position(|(k, _)| self.keys.parse(k) != JobKey::Done)
+            .unwrap_or(listed.len());
+        let rest = listed.split_off(ended);
+        for (key, value) in listed {
+            self.on_change(Change {
+                key,
+                value: Some(value),
+            })?;
+        }
         // A node whose key went while nobody watched expired meanwhile.
         let gone: Vec<String> = self
             .membership
             .live()
             .keys()
             .filter(|n| {
-                !listed
+                !rest
                     .iter()
                     .any(|(k, _)| self.keys.parse(k) == JobKey::Node((*n).clone()))
             })
@@ -801,7 +805,7 @@ impl Agent {
         for node in gone {
             self.feed(Event::Expired { node })?;
         }
-        for (key, value) in listed {
+        for (key, value) in rest {
             self.on_change(Change {
                 key,
                 value: Some(value),
@@ -843,9 +847,15 @@ impl Agent {
 
     fn campaign(&mut self) -> Result<()> {
         let (key, me) = (self.keys.leader(), self.opts.node.as_bytes());
+        let reg = self.registration();
         let holder = retrying(OUTAGE_MAX, || {
-            self.coord.campaign(&key, me, self.registration())
-        })?;
+            // A lost lease cannot lead; the next turn stops the agent.
+            if reg.lost() {
+                return Ok(Vec::new());
+            }
+            self.coord.campaign(&key, me, reg)
+        });
+        let holder = self.lease_gone(holder)?;
         if !holder.is_empty() {
             let node = String::from_utf8_lossy(&holder).into_owned();
             if node == self.opts.node {
@@ -1129,11 +1139,33 @@ impl Agent {
         }
     }
 
-    /// Re-registers the node with what it offers now.
+    /// Re-registers the node with what it offers now. A lease found lost meanwhile ends the
+    /// retries at once: the next turn stops the agent.
     fn offer(&mut self) -> Result<()> {
         let json = self.current_offer().to_json();
-        retrying(OUTAGE_MAX, || self.registration().update(&json))?;
-        Ok(())
+        let reg = self.registration();
+        let updated = retrying(OUTAGE_MAX, || {
+            if reg.lost() {
+                return Ok(());
+            }
+            reg.update(&json)
+        });
+        self.lease_gone(updated)
+    }
+
+    /// `result` of a request under the node's lease: a lease found gone ends the agent at its
+    /// next turn, whether or not its keep-alive has noticed yet.
+    fn lease_gone<T: Default>(
+        &mut self,
+        result: std::result::Result<T, ElasticError>,
+    ) -> Result<T> {
+        match result {
+            Err(ElasticError::LeaseLost { .. }) => {
+                self.lease_ran_out = true;
+                Ok(T::default())
+            }
+            r => Ok(r?),
+        }
     }
 
     /// Offers again the slots (or the node) whose cooldown is over.
@@ -1347,8 +1379,10 @@ impl Drop for Agent {
         self.gone.store(true, Ordering::SeqCst);
         // Workers told to stop get a moment to finish their last checkpoint; then `Workers`
         // kills what is left.
+        // A stepped agent's caller moves its clock: nothing changes while it waits here.
+        let waits = matches!(self.drive, Drive::Waits);
         let deadline = Instant::now() + STOP_GRACE;
-        while self.done && Instant::now() < deadline {
+        while waits && self.done && Instant::now() < deadline {
             let indices: Vec<usize> = self.workers.running.keys().copied().collect();
             let host = &mut self.workers.host;
             if indices

@@ -33,8 +33,11 @@ pub(super) struct Store {
     /// Each key's value and the lease it is held under.
     pub(super) map: BTreeMap<String, (Vec<u8>, Option<i64>)>,
     pub(super) next_id: i64,
-    /// Each lease's keys, and when it runs out once abandoned.
+    /// Each lease's keys, its time to live, and when it runs out once abandoned.
     pub(super) leases: BTreeMap<i64, (BTreeSet<String>, u64, Option<u64>)>,
+    /// Leases of live holders that ran out (their keep-alive failed), and from when their
+    /// holders can know it, as a keep-alive learns it at its next renewal.
+    pub(super) lost: BTreeMap<i64, u64>,
     pub(super) watches: BTreeMap<i64, Watched>,
     /// The agent whose turn it is: the caller of every request.
     pub(super) caller: String,
@@ -118,6 +121,18 @@ impl Store {
         }
     }
 
+    /// The lease that holds `key`, run out as a partition from etcd would make it: its keys go
+    /// now, and its holder learns it `lag_ms` later.
+    pub(super) fn lose_lease_of(&mut self, key: &str, lag_ms: u64) -> bool {
+        let Some(&(_, Some(id))) = self.map.get(key) else {
+            return false;
+        };
+        let at = self.clock.ms() + lag_ms;
+        self.lost.insert(id, at);
+        self.revoke(id);
+        true
+    }
+
     /// Revokes every abandoned lease whose time ran out.
     pub(super) fn expire(&mut self) {
         let now = self.clock.ms();
@@ -133,11 +148,18 @@ impl Store {
     }
 
     /// A transaction that moves the generation counter: checked, and recorded as a commit.
-    fn committing(&mut self, puts: &[(&str, &[u8])], won: bool) {
+    /// A transaction that moves the generation counter from what `when` expects: a proposal,
+    /// checked, and recorded as a commit when it won. One that rewrites the counter unchanged
+    /// is a write fenced by the generation (a worker's), not a proposal.
+    fn committing(&mut self, when: &[(&str, Option<&[u8]>)], puts: &[(&str, &[u8])], won: bool) {
         let counter = self.keys.generation();
         let Some((_, value)) = puts.iter().find(|(k, _)| *k == counter) else {
             return;
         };
+        let expected = when.iter().find(|(k, _)| *k == counter).map(|(_, v)| *v);
+        if expected == Some(Some(*value)) {
+            return;
+        }
         let caller = self.caller.clone();
         if self.knows_done.contains(&caller) {
             self.violation(format!(
@@ -148,7 +170,14 @@ impl Store {
             self.fenced += 1;
             return;
         }
-        let to: u64 = String::from_utf8_lossy(value).parse().unwrap_or(0);
+        let Some(to) = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            let v = String::from_utf8_lossy(value).into_owned();
+            self.violation(format!("{caller} set the generation counter to {v:?}"));
+            return;
+        };
         let plan_key = self.keys.plan(to);
         let plan = puts
             .iter()
@@ -217,7 +246,7 @@ impl Coordinator for Etcd {
         let won = when
             .iter()
             .all(|(k, expected)| s.map.get(*k).map(|(v, _)| v.as_slice()) == *expected);
-        s.committing(puts, won);
+        s.committing(when, puts, won);
         if won {
             for (k, v) in puts {
                 s.put(k, v, None);
@@ -314,7 +343,11 @@ struct SimLease {
 
 impl Lease for SimLease {
     fn lost(&self) -> bool {
-        !self.etcd.lock().leases.contains_key(&self.id)
+        let s = self.etcd.lock();
+        match s.lost.get(&self.id) {
+            Some(&known) => s.clock.ms() >= known,
+            None => !s.leases.contains_key(&self.id),
+        }
     }
 
     fn ttl(&self) -> Duration {
@@ -324,10 +357,9 @@ impl Lease for SimLease {
     fn update(&self, value: &[u8]) -> Result<(), ElasticError> {
         let mut s = self.etcd.lock();
         if !s.leases.contains_key(&self.id) {
-            return Err(ElasticError::Unavailable {
+            return Err(ElasticError::LeaseLost {
                 action: "update",
                 key: self.key.clone(),
-                reason: "its lease ran out".into(),
             });
         }
         s.put(&self.key, value, Some(self.id));

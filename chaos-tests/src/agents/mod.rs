@@ -52,6 +52,10 @@ pub struct AgentsConfig {
     pub cooldown_ms: u64,
     /// Worker deaths within one cooldown that withdraw a node (0: never).
     pub withdraw_after: usize,
+    /// Chance per 10 ms that a live node's lease runs out while it runs (its keep-alives
+    /// stopped reaching etcd): its keys go at once, and its agent learns it up to a third of
+    /// the lease later, as its keep-alive does at the next renewal.
+    pub p_lease_loss: f64,
 }
 
 impl Default for AgentsConfig {
@@ -60,16 +64,28 @@ impl Default for AgentsConfig {
             sim: SimConfig::default(),
             cooldown_ms: 1_000,
             withdraw_after: 2,
+            p_lease_loss: 0.002,
         }
     }
 }
 
-/// What a run did: the simulation's report, and every commit as (time in ms, leader,
-/// generation, data-parallel degree).
+/// What a run did: the simulation's report, and every commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentsRun {
     pub report: Report,
-    pub commits: Vec<(u64, String, u64, usize)>,
+    pub commits: Vec<Committed>,
+    /// Nodes whose agent stopped on learning its lease had run out.
+    pub leases_lost: u64,
+}
+
+/// One committed generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub at_ms: u64,
+    /// The node whose agent committed it.
+    pub leader: String,
+    pub generation: u64,
+    pub dp: usize,
 }
 
 /// Runs one simulation of real agents from `seed`.
@@ -83,13 +99,17 @@ pub fn run(seed: u64, cfg: &AgentsConfig) -> AgentsRun {
         w.join(&format!("n{i}"));
     }
     let end = cfg.sim.faults_ms + cfg.sim.quiet_ms;
+    // The fault rates are per 10 ms, as in the core's simulation.
+    let mut faults_at = 10;
+    let mut done_at = done_at;
     while w.now_ms() < end {
         w.advance();
-        // The fault rates are per 10 ms, as in the core's simulation.
-        if w.now_ms() < cfg.sim.faults_ms && w.now_ms() % 10 == 0 {
+        if w.now_ms() >= faults_at && w.now_ms() < cfg.sim.faults_ms {
+            faults_at += 10;
             w.faults();
         }
-        if done_at.is_some_and(|t| w.now_ms() == t) {
+        if done_at.is_some_and(|t| w.now_ms() >= t) {
+            done_at = None;
             w.finish();
         }
         w.turns();
@@ -185,7 +205,11 @@ impl Host for SimHost {
 
     fn exited(&mut self, index: usize) -> marathon_runtime::Result<Option<String>> {
         let mut w = self.workers();
-        let how = w.running.get(&index).and_then(|(_, how)| how.clone());
+        let how = match w.running.get(&index) {
+            Some((_, how)) => how.clone(),
+            // Reaped before, or never started: gone, as a process host says.
+            None => return Ok(Some("is gone".into())),
+        };
         if how.is_some() {
             w.running.remove(&index);
         }
@@ -216,6 +240,7 @@ pub(crate) struct World {
     /// The job's done key exists.
     done: bool,
     report: Report,
+    leases_lost: u64,
 }
 
 impl World {
@@ -236,6 +261,7 @@ impl World {
             watches: BTreeMap::new(),
             caller: String::new(),
             knows_done: BTreeSet::new(),
+            lost: BTreeMap::new(),
             commits: BTreeMap::new(),
             fenced: 0,
             broken: 0,
@@ -253,6 +279,7 @@ impl World {
                 seed,
                 ..Report::default()
             },
+            leases_lost: 0,
         }
     }
 
@@ -334,28 +361,40 @@ impl World {
             a.crash();
         }
         if let Some(n) = self.nodes.get(name) {
-            n.workers.lock().expect("workers").running.clear();
+            n.workers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .running
+                .clear();
         }
     }
 
     /// The worker in slot `index` of node `name` dies.
     pub(crate) fn kill_worker(&mut self, name: &str, index: usize) {
         if let Some(n) = self.nodes.get(name) {
-            let mut w = n.workers.lock().expect("workers");
+            let mut w = n.workers.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((_, how)) = w.running.get_mut(&index) {
                 how.get_or_insert_with(|| "was killed by signal 9 (SIGKILL)".into());
             }
         }
     }
 
-    /// The job reaches its last step: a worker writes the done key.
+    /// The job reaches its last step: rank 0 of the running generation writes the done key,
+    /// fenced by its generation as a worker does. Nothing runs before the first generation.
     pub(crate) fn finish(&mut self) {
-        self.done = true;
-        self.report.done_at_ms = Some(self.now_ms());
-        let key = JobKeys::new(JOB).done();
-        let mut s = self.etcd.lock();
-        s.caller = "a worker".into();
-        s.put(&key, b"{}", None);
+        let keys = JobKeys::new(JOB);
+        let generation = {
+            let mut s = self.etcd.lock();
+            s.caller = "a worker".into();
+            s.commits.keys().next_back().copied()
+        };
+        let Some(g) = generation else { return };
+        let done = keys.done();
+        let wrote = marathon_elastic::job::fenced_put(&self.etcd, &keys, g, &[(&done, b"{}")]);
+        if wrote.unwrap_or(false) {
+            self.done = true;
+            self.report.done_at_ms = Some(self.now_ms());
+        }
     }
 
     fn faults(&mut self) {
@@ -367,14 +406,18 @@ impl World {
                 self.report.node_deaths += 1;
                 self.kill(&n);
             } else if !alive && self.rng.chance(self.cfg.sim.p_revival) {
-                if self.etcd.lock().map.contains_key(&node_key(&n)) {
-                    continue; // its old lease has not run out yet
-                }
+                // Perhaps before its old lease has run out: its agent restarts under its name.
                 self.report.revivals += 1;
                 self.join(&n);
+            } else if alive && self.rng.chance(self.cfg.p_lease_loss) {
+                let lag = self.rng.below(self.cfg.sim.lease_ttl_ms / 3 + 1);
+                self.etcd.lock().lose_lease_of(&node_key(&n), lag);
             } else if alive && self.rng.chance(self.cfg.sim.p_worker_death) {
                 let running: Vec<usize> = {
-                    let w = self.nodes[&n].workers.lock().expect("workers");
+                    let w = self.nodes[&n]
+                        .workers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
                     w.running.keys().copied().collect()
                 };
                 if !running.is_empty() {
@@ -400,12 +443,22 @@ impl World {
                 Ok(true) => {
                     let n = self.nodes.get_mut(&name).expect("node");
                     n.agent = None;
-                    let left = n.workers.lock().expect("workers").running.len();
+                    let left = n
+                        .workers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .running
+                        .len();
                     if !self.done {
                         self.violation(format!("{name}'s agent ended, but the job is not done"));
                     } else if left > 0 {
                         self.violation(format!("{name}'s agent ended with {left} workers left"));
                     }
+                }
+                // Its lease ran out under it: it stops its workers and ends, as it must.
+                Err(marathon_runtime::RuntimeError::Argument { name: "lease", .. }) => {
+                    self.leases_lost += 1;
+                    self.kill(&name);
                 }
                 Err(e) => {
                     self.violation(format!("{name}'s agent failed: {e}"));
@@ -421,11 +474,11 @@ impl World {
     fn check_starts(&mut self, name: &str) {
         let n = self.nodes.get_mut(name).expect("node");
         let started: Vec<(u64, Plan)> = {
-            let w = n.workers.lock().expect("workers");
+            let w = n.workers.lock().unwrap_or_else(|e| e.into_inner());
             w.started[n.checked..].to_vec()
         };
         let before = n.checked.checked_sub(1).map(|i| {
-            let w = n.workers.lock().expect("workers");
+            let w = n.workers.lock().unwrap_or_else(|e| e.into_inner());
             w.started[i].0
         });
         n.checked += started.len();
@@ -510,7 +563,7 @@ impl World {
         }
         for n in on {
             let runs = self.nodes.get(n).is_some_and(|node| {
-                let w = node.workers.lock().expect("workers");
+                let w = node.workers.lock().unwrap_or_else(|e| e.into_inner());
                 w.started.last().is_some_and(|(s, _)| *s == g)
             });
             if !runs {
@@ -541,9 +594,18 @@ impl World {
         let commits = s
             .commits
             .iter()
-            .map(|(g, c)| (c.at_ms, c.by.clone(), *g, c.plan.dp))
+            .map(|(g, c)| Committed {
+                at_ms: c.at_ms,
+                leader: c.by.clone(),
+                generation: *g,
+                dp: c.plan.dp,
+            })
             .collect();
-        AgentsRun { report, commits }
+        AgentsRun {
+            report,
+            commits,
+            leases_lost: self.leases_lost,
+        }
     }
 }
 
@@ -717,6 +779,126 @@ mod tests {
         w.run_for(1_500);
         let last = w.etcd.lock().commits.values().last().unwrap().plan.clone();
         assert_eq!(last.dp, 2, "the job grew back once the cooldown was over");
+        w.check_end();
+        assert_eq!(violations(w), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_second_plan_for_a_generation_is_caught() {
+        let w = settled();
+        let plan = w.etcd.lock().commits[&1].plan.clone();
+        write_by_hand(&w, 1, &plan, true);
+        let v = violations(w);
+        assert!(
+            v.iter()
+                .any(|v| v.contains("a second plan for generation 1")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_job_with_no_plan_is_caught() {
+        let mut w = World::new(1, &AgentsConfig::default());
+        for i in 0..4 {
+            w.join(&format!("n{i}"));
+        }
+        w.check_end();
+        let v = violations(w);
+        assert!(v.iter().any(|v| v.contains("no plan at all")), "{v:?}");
+    }
+
+    #[test]
+    fn a_node_that_did_not_start_its_generation_is_caught() {
+        let mut w = settled();
+        w.nodes["n0"].workers.lock().unwrap().started.clear();
+        w.check_end();
+        let v = violations(w);
+        assert!(
+            v.iter()
+                .any(|v| v.contains("n0 is in generation 1's plan but did not start it")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn starts_out_of_order_are_caught() {
+        let mut w = settled();
+        let plan = w.etcd.lock().commits[&1].plan.clone();
+        w.nodes["n0"]
+            .workers
+            .lock()
+            .unwrap()
+            .started
+            .push((1, plan));
+        w.check_starts("n0");
+        let v = violations(w);
+        assert!(
+            v.iter()
+                .any(|v| v.contains("n0 started generation 1 after Some(1)")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn agents_that_end_before_the_job_is_done_are_caught() {
+        let mut w = settled();
+        // The done key written outside the job: the agents end, but no worker finished it.
+        w.etcd.put(&JobKeys::new(JOB).done(), b"{}").unwrap();
+        w.run_for(200);
+        let v = violations(w);
+        assert!(
+            v.iter()
+                .any(|v| v.contains("ended, but the job is not done")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_start_after_the_job_is_done_is_caught() {
+        let mut w = settled();
+        w.etcd.lock().knows_done.insert("n0".into());
+        let plan = w.etcd.lock().commits[&1].plan.clone();
+        write_by_hand(&w, 2, &plan, true);
+        w.run_for(200);
+        let v = violations(w);
+        assert!(
+            v.iter()
+                .any(|v| v.contains("n0 knew the job was done, and started generation 2")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_whose_lease_runs_out_under_it_stops_and_the_job_replans_without_it() {
+        let mut w = settled();
+        let key = JobKeys::new(JOB).node("n3");
+        assert!(w.etcd.lock().lose_lease_of(&key, 50));
+        w.run_for(1_000);
+        assert!(w.nodes["n3"].agent.is_none(), "n3's agent stopped");
+        let last = w.etcd.lock().commits.values().last().unwrap().plan.clone();
+        assert_eq!(last.dp, 1);
+        assert!(last
+            .blocks
+            .iter()
+            .flat_map(|b| &b.slots)
+            .all(|s| s.node != "n3"));
+        w.check_end();
+        let run = w.into_run();
+        assert_eq!(run.leases_lost, 1);
+        assert_eq!(run.report.violations, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_job_done_by_its_workers_ends_every_agent_with_its_workers_stopped() {
+        let mut w = settled();
+        w.finish();
+        assert!(w.done);
+        w.run_for(300);
+        assert!(w.nodes.values().all(|n| n.agent.is_none()));
+        assert!(w
+            .nodes
+            .values()
+            .all(|n| n.workers.lock().unwrap().running.is_empty()));
         w.check_end();
         assert_eq!(violations(w), Vec::<String>::new());
     }

@@ -237,16 +237,24 @@ fn time_checkpoints(
             (&mut direct, read_direct as fn(&Path, usize) -> Result<bool>),
             (&mut cached, read_sequential),
         ] {
-            files.iter().try_for_each(|f| marathon_storage::direct::forget(f))?;
+            files
+                .iter()
+                .try_for_each(|f| marathon_storage::direct::forget(f))?;
             let t0 = Instant::now();
             let mut read_all = true;
             for f in &files {
                 read_all &= read(f, 8 << 20)?;
             }
             // NaN where the filesystem refuses direct reads.
-            times.push(if read_all { t0.elapsed().as_secs_f64() } else { f64::NAN });
+            times.push(if read_all {
+                t0.elapsed().as_secs_f64()
+            } else {
+                f64::NAN
+            });
         }
-        files.iter().try_for_each(|f| marathon_storage::direct::forget(f))?;
+        files
+            .iter()
+            .try_for_each(|f| marathon_storage::direct::forget(f))?;
         let t0 = Instant::now();
         reader.verify(&m)?;
         loads.push(t0.elapsed().as_secs_f64());
