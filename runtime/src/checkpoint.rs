@@ -373,7 +373,8 @@ pub fn load_tensors(
 type StateRead = (String, TensorBox, usize, Range<usize>);
 
 /// The boxes of a rank's state in the order they are read: every local tensor's parameters,
-/// then, with an optimizer shard, each tensor's part of it in both moments.
+/// then, with an optimizer shard, each tensor's part of it in the first moment, then in the
+/// second (the order a shard holds them in).
 fn state_reads(layout: &ParamLayout, opt_shard: Option<&Range<usize>>) -> Vec<StateRead> {
     let mut reads = Vec::new();
     for t in layout.tensors() {
@@ -386,6 +387,8 @@ fn state_reads(layout: &ParamLayout, opt_shard: Option<&Range<usize>>) -> Vec<St
     let Some(shard) = opt_shard else {
         return reads;
     };
+    // Each moment whole after the other, as a shard holds them.
+    let mut moments: [Vec<StateRead>; 2] = Default::default();
     for t in layout.tensors() {
         let (lo, hi) = (t.offset.max(shard.start), t.range().end.min(shard.end));
         if lo >= hi {
@@ -397,11 +400,14 @@ fn state_reads(layout: &ParamLayout, opt_shard: Option<&Range<usize>>) -> Vec<St
         for b in range_to_boxes(&local, (lo - t.offset) as u64, (hi - t.offset) as u64) {
             let n = b.numel() as usize;
             let global = b.shifted(&offset);
-            reads.push((format!("adam_m/{}", t.name), global.clone(), 1, at..at + n));
-            reads.push((format!("adam_v/{}", t.name), global, 2, at..at + n));
+            moments[0].push((format!("adam_m/{}", t.name), global.clone(), 1, at..at + n));
+            moments[1].push((format!("adam_v/{}", t.name), global, 2, at..at + n));
             at += n;
         }
     }
+    let [m, v] = moments;
+    reads.extend(m);
+    reads.extend(v);
     reads
 }
 

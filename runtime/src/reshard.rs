@@ -58,7 +58,7 @@ fn few_allocator_arenas() {
 /// Memory: the pieces are written in batches of at most the largest tensor box (or 16 MiB of
 /// values, if more), each batch as one writer of the new checkpoint, through two writers in
 /// turn: one batch is read while the previous one is written. So two of the largest box are
-/// held, plus the writers' upload and encode buffers; the allocator keeps few arenas, so
+/// held, plus one batch's bytes read ahead and the writers' upload and encode buffers; the allocator keeps few arenas, so
 /// what is freed is used again rather than kept beside it.
 ///
 /// `open_dst` opens the destination once the source and the target layout are checked;
@@ -171,7 +171,8 @@ pub fn reshard(
         .iter()
         .flatten()
         .map(|p| (p.tensor.as_str(), &p.region));
-    let _ahead = reader.prefetch(&m, wanted);
+    // Read ahead by at most one batch's bytes, within the memory bound.
+    let _ahead = reader.prefetch_within(&m, wanted, 4 * bound);
     for (i, batch) in batches.into_iter().enumerate() {
         let w = if i == 0 {
             &mut first

@@ -10,6 +10,7 @@
 //! and the metadata that says where each one lives; what the tensors mean, and the training
 //! state beside them, belong to the caller.
 
+mod ahead;
 pub mod boxes;
 pub mod codec;
 pub mod direct;

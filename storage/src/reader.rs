@@ -3,12 +3,13 @@
 //! A reader trusts only committed manifests. Every chunk it reads is decoded and its checksum
 //! verified before a value of it is used; a mismatch names the tensor, the chunk and the object.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
 use object_store::{ObjectMeta, ObjectStoreExt};
 
+use crate::ahead::Ahead;
 use crate::boxes::{copy_intersection, TensorBox};
 use crate::codec::{checksum, decode};
 use crate::format::{self, Manifest};
@@ -74,26 +75,38 @@ pub struct StepInfo {
 #[derive(Debug, Clone)]
 pub struct Reader {
     pub store: Store,
-    /// Bytes of chunks read through this reader (and its clones), for [`Reader::prefetch`] to
-    /// keep its distance.
-    consumed: Arc<AtomicU64>,
+    /// The read-ahead of the load under way through this reader (and its clones), if any.
+    ahead: Arc<Mutex<Option<Arc<Ahead>>>>,
 }
 
-/// How far [`Reader::prefetch`] asks the kernel to read ahead of what was consumed.
+/// How far [`Reader::prefetch`] reads ahead of the load.
 const AHEAD: u64 = 256 << 20;
-/// The largest range asked for at once.
-const AHEAD_STEP: u64 = 4 << 20;
 
-/// A background prefetch ([`Reader::prefetch`]); dropping it stops it.
+/// A load's read-ahead ([`Reader::prefetch`]); dropping it stops it.
 #[derive(Debug)]
-#[must_use = "the prefetch stops when this is dropped"]
+#[must_use = "the read-ahead stops when this is dropped"]
 pub struct Prefetch {
-    stop: Arc<AtomicBool>,
+    ahead: Option<Arc<Ahead>>,
+    slot: Arc<Mutex<Option<Arc<Ahead>>>>,
+}
+
+impl Prefetch {
+    /// Bytes read ahead of the load and not yet taken by it.
+    pub fn held(&self) -> u64 {
+        self.ahead.as_ref().map_or(0, |a| a.held())
+    }
 }
 
 impl Drop for Prefetch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let Some(ahead) = self.ahead.take() else {
+            return;
+        };
+        ahead.stop();
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|a| Arc::ptr_eq(a, &ahead)) {
+            *slot = None;
+        }
     }
 }
 
@@ -101,15 +114,15 @@ impl Reader {
     pub fn new(store: Store) -> Self {
         Reader {
             store,
-            consumed: Arc::default(),
+            ahead: Arc::default(),
         }
     }
 
-    /// Has a local directory's files read into the page cache in the background: every chunk
-    /// that reading `wanted` (each a tensor's box) will touch, in that order, at most
-    /// [`AHEAD`] bytes ahead of what this reader has consumed. The kernel then keeps many reads
-    /// in flight while the caller decodes and verifies what has arrived. Nothing is asked of
-    /// an object store: its chunks are ranged requests made as they are read.
+    /// Reads ahead of a load from a local directory, on a thread of its own: every chunk that
+    /// reading `wanted` (each a tensor's box) in that order will touch, at most [`AHEAD`] bytes
+    /// beyond what the load has taken, while the load decodes and verifies. A load that reads
+    /// off this order reads for itself. Nothing is read ahead from an object store: its chunks
+    /// are ranged requests made as they are read.
     pub fn prefetch<'a>(
         &self,
         m: &Manifest,
@@ -118,16 +131,18 @@ impl Reader {
         self.prefetch_within(m, wanted, AHEAD)
     }
 
-    /// [`Reader::prefetch`], at most `ahead` bytes ahead of what this reader has consumed.
+    /// [`Reader::prefetch`], at most `window` bytes ahead.
     pub fn prefetch_within<'a>(
         &self,
         m: &Manifest,
         wanted: impl IntoIterator<Item = (&'a str, &'a TensorBox)>,
-        ahead: u64,
+        window: u64,
     ) -> Prefetch {
-        let stop = Arc::new(AtomicBool::new(false));
-        // Runs of contiguous bytes of one file, in the order they will be read.
-        let mut runs: Vec<(std::path::PathBuf, u64, u64)> = Vec::new();
+        let none = Prefetch {
+            ahead: None,
+            slot: self.ahead.clone(),
+        };
+        let mut plan = Vec::new();
         for (name, region) in wanted {
             let Some(t) = m.tensor(name) else { continue };
             for c in t
@@ -136,40 +151,17 @@ impl Reader {
                 .filter(|c| c.region.intersect(region).is_some())
             {
                 let Some(path) = self.store.direct_file(&c.object) else {
-                    return Prefetch { stop };
+                    return none;
                 };
-                match runs.last_mut() {
-                    Some((p, at, len)) if *p == path && *at + *len == c.byte_offset => {
-                        *len += c.byte_len
-                    }
-                    _ => runs.push((path, c.byte_offset, c.byte_len)),
-                }
+                plan.push((path, c.byte_offset, c.byte_len));
             }
         }
-        let (consumed, quit) = (self.consumed.clone(), stop.clone());
-        let start = consumed.load(Ordering::Relaxed);
-        std::thread::spawn(move || {
-            let mut asked = 0u64;
-            for (path, at, len) in runs {
-                let mut from = at;
-                while from < at + len {
-                    let n = AHEAD_STEP.min(at + len - from);
-                    while asked > consumed.load(Ordering::Relaxed).saturating_sub(start) + ahead {
-                        if quit.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                    if quit.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    // Advice: a range the kernel does not read ahead is read when asked for.
-                    let _ = crate::direct::will_need(&path, &[(from, n)]);
-                    (from, asked) = (from + n, asked + n);
-                }
-            }
-        });
-        Prefetch { stop }
+        let ahead = Ahead::start(plan, window);
+        *self.ahead.lock().unwrap_or_else(|e| e.into_inner()) = Some(ahead.clone());
+        Prefetch {
+            ahead: Some(ahead),
+            slot: self.ahead.clone(),
+        }
     }
 
     /// Every checkpoint prefix under the root, committed or not, oldest first.
@@ -334,15 +326,14 @@ impl Reader {
             if c.region.intersect(region).is_none() {
                 continue;
             }
-            self.chunk_bytes(c, stored).await?;
-            self.consumed.fetch_add(c.byte_len, Ordering::Relaxed);
+            let start = self.chunk_bytes(c, stored).await?;
             let corrupt = |reason: String| StorageError::Corrupt {
                 tensor: t.name.clone(),
                 chunk: i,
                 object: format!("{}/{}", self.store.url, c.object),
                 reason,
             };
-            let raw = decode(c.codec, stored, c.raw_len as usize, raw, scratch)
+            let raw = decode(c.codec, &stored[start..], c.raw_len as usize, raw, scratch)
                 .map_err(|e| corrupt(format!("does not decode: {e}")))?;
             let crc = checksum(raw);
             if crc != c.crc32c {
@@ -356,27 +347,31 @@ impl Reader {
         Ok(filled)
     }
 
-    /// Reads chunk `c`'s stored bytes into `into` (emptied first).
-    async fn chunk_bytes(&self, c: &format::Chunk, into: &mut Vec<u8>) -> Result<()> {
+    /// Reads chunk `c`'s stored bytes into `into` (emptied first, its capacity reused), from
+    /// the load's read-ahead when it has them; returns where they start in `into`.
+    async fn chunk_bytes(&self, c: &format::Chunk, into: &mut Vec<u8>) -> Result<usize> {
         let path = self.store.path(&c.object);
-        if let Some(file) = self.store.direct_file(&c.object) {
-            crate::direct::read_range(&file, c.byte_offset, c.byte_len as usize, into).map_err(
-                |e| {
-                    let source = Box::new(e);
-                    let e = if source.kind() == std::io::ErrorKind::NotFound {
-                        object_store::Error::NotFound {
-                            path: path.to_string(),
-                            source,
-                        }
-                    } else {
-                        object_store::Error::Generic {
-                            store: "marathon",
-                            source,
-                        }
-                    };
-                    StorageError::store("read chunk", &path, e)
-                },
-            )?;
+        let start = if let Some(file) = self.store.direct_file(&c.object) {
+            let ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let taken = ahead.and_then(|a| a.take(&file, c.byte_offset, c.byte_len, into));
+            let read = taken.unwrap_or_else(|| {
+                crate::direct::read_chunk(&file, c.byte_offset, c.byte_len as usize, into)
+            });
+            read.map_err(|e| {
+                let source = Box::new(e);
+                let e = if source.kind() == std::io::ErrorKind::NotFound {
+                    object_store::Error::NotFound {
+                        path: path.to_string(),
+                        source,
+                    }
+                } else {
+                    object_store::Error::Generic {
+                        store: "marathon",
+                        source,
+                    }
+                };
+                StorageError::store("read chunk", &path, e)
+            })?
         } else {
             let range = c.byte_offset..c.byte_offset + c.byte_len;
             let bytes = retry(|| self.store.inner.get_range(&path, range.clone()))
@@ -384,15 +379,18 @@ impl Reader {
                 .map_err(|e| StorageError::store("read chunk", &path, e))?;
             into.clear();
             into.extend_from_slice(&bytes);
-        }
-        BYTES_READ.fetch_add(into.len() as u64, Ordering::Relaxed);
-        Ok(())
+            0
+        };
+        BYTES_READ.fetch_add(c.byte_len, Ordering::Relaxed);
+        Ok(start)
     }
 
     /// Reads every chunk of `m` and checks every checksum; returns the chunks read.
     pub fn verify(&self, m: &Manifest) -> Result<usize> {
-        let wholes: Vec<(&str, TensorBox)> = m
-            .tensors
+        // In the order the bytes lie in the shards.
+        let mut tensors: Vec<&format::TensorEntry> = m.tensors.iter().collect();
+        tensors.sort_by_key(|t| t.chunks.first().map(|c| (c.object.clone(), c.byte_offset)));
+        let wholes: Vec<(&str, TensorBox)> = tensors
             .iter()
             .map(|t| (t.name.as_str(), TensorBox::whole(&t.shape)))
             .collect();
@@ -401,7 +399,7 @@ impl Reader {
         let largest = wholes.iter().map(|(_, b)| b.numel()).max().unwrap_or(0);
         let mut dst = vec![0f32; largest as usize];
         let mut n = 0;
-        for (t, (_, whole)) in m.tensors.iter().zip(&wholes) {
+        for (t, (_, whole)) in tensors.iter().zip(&wholes) {
             self.read_box(m, &t.name, whole, &mut dst[..whole.numel() as usize])?;
             n += t.chunks.len();
         }
