@@ -333,6 +333,12 @@ fn resharded_load(cfg: &TrainConfig, root: &Path, step: u64) -> Result<Resharded
         }
         Ok((secs, h))
     };
+    // From the page cache, as labelled: both checkpoints' files read through it first.
+    for dir in [root, &other_root] {
+        for f in files_under(&dir.join(marathon_storage::format::step_dir(step)))? {
+            std::fs::read(&f).with_context(|| format!("read {}", f.display()))?;
+        }
+    }
     let (mut same_s, mut resharded_s) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..3 {
         let (a, same_digest) = load(&same)?;
