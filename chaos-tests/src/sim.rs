@@ -91,6 +91,79 @@ pub struct Report {
     pub violations: Vec<String>,
 }
 
+impl Report {
+    /// Faults injected: node deaths, worker deaths, revivals, lost deliveries.
+    pub fn faults(&self) -> u64 {
+        self.node_deaths + self.worker_deaths + self.revivals + self.dropped
+    }
+}
+
+/// Many seeds of a simulation, summed, and the seeds that broke an invariant.
+#[derive(Debug, Default, Clone)]
+pub struct Sweep {
+    pub seeds: u64,
+    pub generations: u64,
+    pub faults: u64,
+    pub fenced: u64,
+    /// Runs in which the job reached its last step amid the faults.
+    pub ended: u64,
+    /// Each failed seed with what it broke.
+    pub failed: Vec<(u64, Vec<String>)>,
+    pub secs: f64,
+}
+
+impl Sweep {
+    /// Runs `one` for every seed of `seeds`.
+    pub fn run(seeds: impl IntoIterator<Item = u64>, mut one: impl FnMut(u64) -> Report) -> Sweep {
+        let started = std::time::Instant::now();
+        let mut sweep = Sweep::default();
+        for seed in seeds {
+            let r = one(seed);
+            sweep.seeds += 1;
+            sweep.generations += r.generations;
+            sweep.faults += r.faults();
+            sweep.fenced += r.fenced_proposals;
+            sweep.ended += u64::from(r.done_at_ms.is_some());
+            if !r.violations.is_empty() {
+                sweep.failed.push((seed, r.violations));
+            }
+        }
+        sweep.secs = started.elapsed().as_secs_f64();
+        sweep
+    }
+
+    /// Why the runs were too quiet to show much, if they were: a sweep is shaken, with
+    /// re-plans in every run and, over many seeds, jobs ending amid the faults.
+    pub fn too_quiet(&self) -> Option<String> {
+        if self.generations <= self.seeds * 2 {
+            return Some(format!(
+                "{} generations in {} seeds",
+                self.generations, self.seeds
+            ));
+        }
+        (self.seeds > 100 && self.ended <= self.seeds / 5)
+            .then(|| format!("{} of {} runs ended amid faults", self.ended, self.seeds))
+    }
+}
+
+impl std::fmt::Display for Sweep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} seeds in {:.1} s ({:.0} seeds/s): {} generations, {} faults, {} fenced \
+             proposals, {} runs in which the job ended amid the faults, {} failed",
+            self.seeds,
+            self.secs,
+            self.seeds as f64 / self.secs.max(1e-9),
+            self.generations,
+            self.faults,
+            self.fenced,
+            self.ended,
+            self.failed.len()
+        )
+    }
+}
+
 pub(crate) struct Agent {
     m: Membership,
     alive: bool,

@@ -265,30 +265,16 @@ fn on_interrupt() -> Result<Arc<AtomicBool>> {
 }
 
 fn simulate(seeds: std::ops::RangeInclusive<u64>, run: impl Fn(u64) -> sim::Report) -> Result<()> {
-    let started = Instant::now();
-    let (mut n, mut generations, mut faults) = (0u64, 0u64, 0u64);
-    let mut failed = Vec::new();
-    for seed in seeds {
-        let r = run(seed);
-        n += 1;
-        generations += r.generations;
-        faults += r.node_deaths + r.worker_deaths + r.revivals + r.dropped;
-        if !r.violations.is_empty() {
-            println!("seed {seed}: FAILED");
-            for v in &r.violations {
-                println!("  - {v}");
-            }
-            failed.push(seed);
+    let sweep = sim::Sweep::run(seeds, run);
+    for (seed, broke) in &sweep.failed {
+        println!("seed {seed}: FAILED");
+        for v in broke {
+            println!("  - {v}");
         }
     }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{n} seeds in {secs:.1} s ({:.0} seeds/s): {generations} generations, {faults} faults, {} \
-         failed",
-        n as f64 / secs.max(1e-9),
-        failed.len()
-    );
-    if !failed.is_empty() {
+    println!("{sweep}");
+    if !sweep.failed.is_empty() {
+        let failed: Vec<u64> = sweep.failed.iter().map(|(s, _)| *s).collect();
         bail!("the protocol's invariants broke in seeds {failed:?}; replay one with --seed");
     }
     Ok(())
