@@ -938,8 +938,12 @@ fn bench_recovery_kills_a_worker_of_each_job_and_prints_the_three_recoveries() {
         "2",
         "--kill-after",
         "4",
+        // No checkpoint before the kill: however far the job runs between the bench seeing
+        // step 4 and its SIGKILL landing, the fail-stop baseline starts over and redoes every
+        // step. (With a checkpoint every 3 steps, a busy machine let the job commit step 6
+        // before the kill, and nothing was redone.)
         "--ckpt-every",
-        "3",
+        "1000",
     ];
     let (report, stdout) = bench_report(&args, dir.path());
     assert_eq!(
@@ -948,8 +952,7 @@ fn bench_recovery_kills_a_worker_of_each_job_and_prints_the_three_recoveries() {
         "{report}"
     );
     // The elastic job goes on in place from the step it reached, with and without the
-    // distributed optimizer; the fail-stop baseline resumes from its checkpoint of step 3 and
-    // does again what came after it.
+    // distributed optimizer; the fail-stop baseline does again the steps it had done.
     for run in ["elastic", "elastic_distributed_optimizer"] {
         let r = &report[run];
         assert_eq!(r["steps_recomputed"], 0, "{run}: {report}");
@@ -961,7 +964,7 @@ fn bench_recovery_kills_a_worker_of_each_job_and_prints_the_three_recoveries() {
     }
     let base = &report["stop_and_resume"];
     assert!(
-        base["steps_recomputed"].as_u64().is_some_and(|n| n >= 1),
+        base["steps_recomputed"].as_u64().is_some_and(|n| n >= 4),
         "{report}"
     );
     assert!(stdout.contains("first step completed"), "{stdout}");

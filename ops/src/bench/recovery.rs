@@ -328,15 +328,19 @@ fn baseline_recovery(exe: &Path, configs: &Configs, args: &RecoveryArgs) -> Resu
     if status.success() {
         bail!("the baseline's launcher did not notice its worker's death");
     }
-    let before = metric_steps(metrics).len();
+    // The restarted run's steps alone: a run that resumes appends to its metrics file, one
+    // that starts over (no checkpoint yet) truncates it.
+    let killed_run = metrics.with_extension("before-kill.jsonl");
+    std::fs::rename(metrics, &killed_run)
+        .with_context(|| format!("move {} aside", metrics.display()))?;
     let second = start()?;
     let restarted = unix_ms();
     let first_at = wait_until(
         "the baseline's first step after restarting",
         Duration::from_secs(300),
-        || metric_steps(metrics).len() > before,
+        || !metric_steps(metrics).is_empty(),
     )?;
-    let resumed_at = metric_steps(metrics)[before];
+    let resumed_at = metric_steps(metrics)[0];
     drop(second);
     Ok(Recovery {
         detected_ms: Some(detected as i64 - killed as i64),
