@@ -389,7 +389,7 @@ impl Reader {
     pub fn verify(&self, m: &Manifest) -> Result<usize> {
         // In the order the bytes lie in the shards.
         let mut tensors: Vec<&format::TensorEntry> = m.tensors.iter().collect();
-        tensors.sort_by_key(|t| t.chunks.first().map(|c| (c.object.clone(), c.byte_offset)));
+        tensors.sort_by_cached_key(|t| t.chunks.first().map(|c| (c.object.clone(), c.byte_offset)));
         let wholes: Vec<(&str, TensorBox)> = tensors
             .iter()
             .map(|t| (t.name.as_str(), TensorBox::whole(&t.shape)))
