@@ -33,8 +33,9 @@ impl Dims {
         // Per layer: whatever forward keeps of ln1, residual2, ln2, residual3, qkv, atty, fch,
         // fch_gelu, the four per-position statistics and the attention probabilities.
         let kept = self.layer_elements(&ACTS, false);
-        // encoded; on the last stage lnf, its statistics, the logits slice and the losses.
-        let head = if last { bt * c + 3 * bt + bt * vl } else { 0 };
+        // encoded; on the last stage lnf, its two statistics, the logits slice, the inverse
+        // sums of exponentials and the losses.
+        let head = if last { bt * c + 4 * bt + bt * vl } else { 0 };
         kept + bt * c + head
     }
 
@@ -81,7 +82,8 @@ struct Saved<F> {
     lnf: Vec<F>,      // (B, T, C)
     lnf_mean: Vec<F>, // (B, T)
     lnf_rstd: Vec<F>, // (B, T)
-    logits: Vec<F>,   // (B, T, Vp/tp): probabilities after forward, dlogits during backward
+    logits: Vec<F>,   // (B, T, Vp/tp): exp(logit - max) after forward, dlogits in backward
+    inv_sums: Vec<F>, // (B, T): 1 / each row's sum of exponentials over the whole vocabulary
     losses: Vec<F>,   // (B, T)
     forwarded: bool,
 }
@@ -120,6 +122,7 @@ impl<F: Float> Saved<F> {
             lnf_mean: h(bt),
             lnf_rstd: h(bt),
             logits: h(bt * d.vl),
+            inv_sums: h(bt),
             losses: h(bt),
             forwarded: false,
         }
@@ -620,7 +623,7 @@ impl<F: Float> Gpt<F> {
         );
         tp.all_reduce(&mut s.ce_sums)?;
         let (sums, target_logits) = s.ce_sums.split_at(bt);
-        k::crossentropy_finish(&mut a.losses, &mut a.logits, sums, target_logits);
+        k::crossentropy_finish(&mut a.losses, &mut a.inv_sums, sums, target_logits);
         let total: F = a.losses.iter().copied().sum();
         Ok(Some(total / F::from_f64(bt as f64)))
     }
@@ -631,14 +634,19 @@ impl<F: Float> Gpt<F> {
     ///
     /// # Panics
     /// If this model is a shard or `row` is out of range.
-    pub fn probabilities(&self, row: usize) -> &[F] {
+    pub fn probabilities(&self, row: usize) -> Vec<F> {
         let d = self.dims;
         assert!(
             d.tp == 1 && d.first && d.last,
             "probabilities come from the whole model"
         );
         assert!(row < d.b * d.t, "row {row} outside the microbatch");
-        &self.saved[0].logits[row * d.vl..row * d.vl + d.v]
+        let a = &self.saved[0];
+        let inv = a.inv_sums[row];
+        a.logits[row * d.vl..row * d.vl + d.v]
+            .iter()
+            .map(|&e| e * inv)
+            .collect()
     }
 
     /// The residual stream leaving this stage for the microbatch in `slot`, (B, T, C): what the
@@ -739,7 +747,7 @@ impl<F: Float> Gpt<F> {
                     lay.lnf_w.expect("the last stage holds ln_f"),
                     lay.lnf_b.expect("the last stage holds ln_f"),
                 );
-                k::crossentropy_backward_inplace(&mut a.logits, &a.targets, dloss, v0);
+                k::crossentropy_backward_inplace(&mut a.logits, &a.inv_sums, &a.targets, dloss, v0);
                 k::matmul_backward(
                     &mut s.dc,
                     &mut g[wte..wte + vl * c],
@@ -949,6 +957,7 @@ impl<F> Gpt<F> {
                     &a.lnf_mean,
                     &a.lnf_rstd,
                     &a.logits,
+                    &a.inv_sums,
                     &a.losses,
                 ]
                 .iter()

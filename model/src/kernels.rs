@@ -11,6 +11,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::float::{exp_sum, max_of};
 use crate::Float;
 
 /// Rows per rayon task for row-wise kernels: enough work per task to amortise scheduling.
@@ -429,12 +430,8 @@ pub fn attention_forward<F: Float>(
         }
         for t1 in 0..t {
             let row = &mut a[t1 * t..(t1 + 1) * t];
-            let max = row[..=t1].iter().copied().fold(row[0], F::max);
-            let mut sum = F::ZERO;
-            for x in &mut row[..=t1] {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
+            let max = max_of(&row[..=t1]);
+            let sum = exp_sum(&mut row[..=t1], max);
             let inv = F::ONE / sum;
             row[..=t1].iter_mut().for_each(|x| *x *= inv);
             row[t1 + 1..].fill(F::ZERO);
@@ -648,7 +645,7 @@ pub fn crossentropy_max<F: Float>(maxes: &mut [F], logits: &[F], v0: usize, v: u
     maxes
         .par_iter_mut()
         .zip(logits.par_chunks(vl))
-        .for_each(|(m, l)| *m = l[..real].iter().copied().fold(F::MIN, F::max));
+        .for_each(|(m, l)| *m = max_of(&l[..real]));
 }
 
 /// Step 2: replaces the real logits with `exp(logit - max)` (padding with zero), given each
@@ -681,53 +678,46 @@ pub fn crossentropy_exp<F: Float>(
                 Some(i) => l[i] - max,
                 None => F::ZERO,
             };
-            let mut s = F::ZERO;
-            for x in &mut l[..real] {
-                *x = (*x - max).exp();
-                s += *x;
-            }
+            *sum = exp_sum(&mut l[..real], max);
             l[real..].fill(F::ZERO);
-            *sum = s;
         });
 }
 
 /// Step 3: given each row's sum of exponentials and target logit over the whole vocabulary,
-/// turns the exponentials into probabilities and writes each row's loss,
-/// `ln(sum) - (logit[target] - max)`.
+/// writes each row's loss, `ln(sum) - (logit[target] - max)`, and `1 / sum`, which turns the
+/// exponentials into probabilities. The exponentials stay as they are: backward scales them
+/// in its own pass, so the (rows, Vl) logits are not read and written once more in between.
 pub fn crossentropy_finish<F: Float>(
     losses: &mut [F],
-    probs: &mut [F],
+    inv_sums: &mut [F],
     sums: &[F],
     target_logits: &[F],
 ) {
-    let rows = losses.len();
-    let vl = probs.len() / rows;
-    probs
-        .par_chunks_mut(vl)
-        .zip(losses.par_iter_mut())
-        .enumerate()
-        .for_each(|(row, (p, loss))| {
-            let inv = F::ONE / sums[row];
-            p.iter_mut().for_each(|x| *x *= inv);
-            *loss = sums[row].ln() - target_logits[row];
-        });
+    assert!(inv_sums.len() == losses.len() && sums.len() == losses.len());
+    for (row, (loss, inv)) in losses.iter_mut().zip(inv_sums.iter_mut()).enumerate() {
+        *inv = F::ONE / sums[row];
+        *loss = sums[row].ln() - target_logits[row];
+    }
 }
 
-/// Turns the probabilities left by [`crossentropy_finish`] into `dL/dlogits` in place, where
-/// each row's loss has weight `dloss`: `(p - onehot(target)) * dloss`, the one-hot only where
-/// the target is in this slice.
+/// Turns the exponentials left by [`crossentropy_exp`] into `dL/dlogits` in place, where each
+/// row's loss has weight `dloss`: `(exp * inv_sum - onehot(target)) * dloss`, the one-hot only
+/// where the target is in this slice.
 pub fn crossentropy_backward_inplace<F: Float>(
-    probs: &mut [F],
+    exps: &mut [F],
+    inv_sums: &[F],
     targets: &[u32],
     dloss: F,
     v0: usize,
 ) {
-    let vl = probs.len() / targets.len();
-    probs.par_chunks_mut(vl).enumerate().for_each(|(row, p)| {
+    let vl = exps.len() / targets.len();
+    assert_eq!(inv_sums.len(), targets.len());
+    exps.par_chunks_mut(vl).enumerate().for_each(|(row, p)| {
+        let scale = inv_sums[row] * dloss;
+        p.iter_mut().for_each(|x| *x *= scale);
         if let Some(i) = (targets[row] as usize).checked_sub(v0).filter(|&i| i < vl) {
-            p[i] -= F::ONE;
+            p[i] -= dloss;
         }
-        p.iter_mut().for_each(|x| *x *= dloss);
     });
 }
 

@@ -77,7 +77,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         if i >= args.tokens {
             break;
         }
-        ids.push(choose(probs, args.temperature, args.top_k, &mut rng));
+        ids.push(choose(&probs, args.temperature, args.top_k, &mut rng));
     }
     let prompt = bpe.decode(&ids[..prompt_len]).unwrap_or_default();
     let text = bpe

@@ -553,7 +553,8 @@ pub fn kernel_checks(mut g: Gpu) -> Result<Vec<Check>, CudaError> {
     let dloss = 1.0 / rows as f32;
     g.crossentropy(g_losses.all(), g_logits.all(), g_targets.all(), v, dloss)?;
     let mut lg = wide_bf(&logits);
-    let (mut maxes, mut sums, mut tl, mut losses) = (
+    let (mut maxes, mut sums, mut tl, mut losses, mut inv) = (
+        vec![0.0; rows],
         vec![0.0; rows],
         vec![0.0; rows],
         vec![0.0; rows],
@@ -561,8 +562,8 @@ pub fn kernel_checks(mut g: Gpu) -> Result<Vec<Check>, CudaError> {
     );
     k::crossentropy_max(&mut maxes, &lg, 0, v);
     k::crossentropy_exp(&mut sums, &mut tl, &mut lg, &maxes, &targets, 0, v);
-    k::crossentropy_finish(&mut losses, &mut lg, &sums, &tl);
-    k::crossentropy_backward_inplace(&mut lg, &targets, dloss as f64, 0);
+    k::crossentropy_finish(&mut losses, &mut inv, &sums, &tl);
+    k::crossentropy_backward_inplace(&mut lg, &inv, &targets, dloss as f64, 0);
     let losses: Vec<f64> = losses.iter().map(|l| l + 0.5).collect();
     out.push(check(
         "cross-entropy: losses",
