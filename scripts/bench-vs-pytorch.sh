@@ -3,16 +3,21 @@
 # and thread count, in one run, for GPT-2 124M (batch 4 x 256) and the small shape (4 layers,
 # hidden 256, 4 heads, batch 8 x 128). Needs PyTorch (`pip install torch`) and a prepared corpus
 # at data/repo (scripts/main-job.sh makes one). Usage: scripts/bench-vs-pytorch.sh [steps]
+# MARATHON_BIN times that binary (another commit's, say) instead of building this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-5}
 threads=$(nproc)
 python3 -c "import torch" 2>/dev/null || { echo "bench: PyTorch is not installed; pip install torch" >&2; exit 1; }
 [ -f data/repo/train.bin ] || { echo "bench: no corpus at data/repo; run scripts/main-job.sh or marathon data prepare first" >&2; exit 1; }
-cargo build --release --locked -p marathon >&2
+bin=${MARATHON_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release --locked -p marathon >&2
+  bin=target/release/marathon
+fi
 run() { # name config batch seq layers heads hidden
   local ours theirs
-  ours=$(RAYON_NUM_THREADS=$threads target/release/marathon bench train --config "$2" --batch "$3" --seq "$4" --steps "$steps" | tail -n 1)
+  ours=$(RAYON_NUM_THREADS=$threads "$bin" bench train --config "$2" --batch "$3" --seq "$4" --steps "$steps" | tail -n 1)
   theirs=$(python3 ops/bench/pytorch_step.py --n-layer "$5" --n-head "$6" --n-embd "$7" --batch "$3" --seq "$4" --threads "$threads" --steps "$steps")
   python3 - "$1" "$ours" "$theirs" <<'PY'
 import json, sys
