@@ -3,15 +3,25 @@
 //! from the page cache when there, else from the device). At most a window of bytes is held
 //! ahead; buffers go back and forth between the two threads rather than being allocated per
 //! chunk.
+//!
+//! The load waits for a chunk by spinning a little before it sleeps. Reads take milliseconds,
+//! so it almost always sees the chunk arrive while spinning, and the reader never has to wake
+//! it: a wakeup runs the load on the reader's own core, where it verifies the chunk before the
+//! reader can issue its next read, and a cold load then costs the reads plus all the checking
+//! instead of whichever is longer.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// The most bytes of neighbouring small chunks read in one request.
 const MERGE: u64 = 8 << 20;
 /// A chunk this large is read in a request of its own.
 const SMALL: u64 = 1 << 20;
+/// How long the load spins for its next chunk before it sleeps.
+const SPIN: Duration = Duration::from_millis(20);
 
 /// The chunks a load will read, in order, and those read for it so far.
 #[derive(Debug)]
@@ -19,6 +29,11 @@ pub(crate) struct Ahead {
     /// Each chunk's file, offset and length, in the order the load reads them.
     plan: Vec<(PathBuf, u64, u64)>,
     window: u64,
+    /// How long the load spins for a chunk before it sleeps ([`SPIN`]).
+    spin: Duration,
+    /// How many chunks of the plan, from the start, have been read (or failed): the load
+    /// watches this while it spins.
+    done: AtomicUsize,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -34,14 +49,23 @@ struct State {
     /// Buffers the load has finished with.
     spare: Vec<Vec<u8>>,
     stop: bool,
+    /// Whether a thread sleeps on `changed`: only then is it notified.
+    load_sleeps: bool,
+    reader_sleeps: bool,
 }
 
 impl Ahead {
     /// Starts reading `plan` ahead, at most `window` bytes beyond what was taken.
     pub(crate) fn start(plan: Vec<(PathBuf, u64, u64)>, window: u64) -> Arc<Ahead> {
+        Self::start_spinning(plan, window, SPIN)
+    }
+
+    fn start_spinning(plan: Vec<(PathBuf, u64, u64)>, window: u64, spin: Duration) -> Arc<Ahead> {
         let ahead = Arc::new(Ahead {
             plan,
             window,
+            spin,
+            done: AtomicUsize::new(0),
             state: Mutex::default(),
             changed: Condvar::new(),
         });
@@ -73,7 +97,9 @@ impl Ahead {
                 let mut s = self.lock();
                 // The chunks the load waits for are read whatever is held.
                 while !s.stop && s.held >= self.window && i > s.next {
+                    s.reader_sleeps = true;
                     s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+                    s.reader_sleeps = false;
                 }
                 if s.stop {
                     return;
@@ -113,7 +139,10 @@ impl Ahead {
                 }
             }
             s.held += span;
-            self.changed.notify_all();
+            self.done.store(end, Ordering::Release);
+            if s.load_sleeps {
+                self.changed.notify_all();
+            }
             i = end;
         }
     }
@@ -134,6 +163,7 @@ impl Ahead {
         if (p.as_path(), *o, *l) != (path, offset, len) {
             return None;
         }
+        let spin_until = Instant::now() + self.spin;
         let read = loop {
             if let Some(read) = s.ready.remove(&i) {
                 break read;
@@ -141,7 +171,18 @@ impl Ahead {
             if s.stop {
                 return None;
             }
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            if Instant::now() < spin_until {
+                drop(s);
+                while self.done.load(Ordering::Acquire) <= i && Instant::now() < spin_until {
+                    std::hint::spin_loop();
+                }
+                s = self.lock();
+            } else {
+                // Under the lock the reader takes to hand a chunk over: no wakeup is missed.
+                s.load_sleeps = true;
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+                s.load_sleeps = false;
+            }
         };
         s.next += 1;
         s.held -= len;
@@ -152,7 +193,9 @@ impl Ahead {
             }
             start
         });
-        self.changed.notify_all();
+        if s.reader_sleeps {
+            self.changed.notify_all();
+        }
         Some(taken)
     }
 
@@ -168,5 +211,58 @@ impl Ahead {
         s.ready.clear();
         s.held = 0;
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `plan` through an [`Ahead`] and returns each chunk's bytes.
+    fn take_all(ahead: &Ahead, plan: &[(PathBuf, u64, u64)]) -> Vec<Vec<u8>> {
+        let mut buf = Vec::new();
+        plan.iter()
+            .map(|(p, o, l)| {
+                let start = ahead.take(p, *o, *l, &mut buf).unwrap().unwrap();
+                buf[start..start + *l as usize].to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_chunk_arrives_whether_the_load_spins_or_sleeps_and_the_reader_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard");
+        let bytes: Vec<u8> = (0..3 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        // Large and small chunks, neighbours and not, off block boundaries.
+        let cuts = [
+            (0u64, 1 << 20),
+            (1 << 20, 5000),
+            (1_053_576, 700_001),
+            (2 << 20, 1 << 20),
+        ];
+        let plan: Vec<_> = cuts.iter().map(|&(o, l)| (path.clone(), o, l)).collect();
+        let want: Vec<Vec<u8>> = cuts
+            .iter()
+            .map(|&(o, l)| bytes[o as usize..(o + l) as usize].to_vec())
+            .collect();
+        // A window smaller than a chunk makes the reader wait for every take; no spin makes
+        // the load sleep for every chunk.
+        for (window, spin) in [
+            (64 << 20, SPIN),
+            (4096, SPIN),
+            (64 << 20, Duration::ZERO),
+            (4096, Duration::ZERO),
+        ] {
+            let ahead = Ahead::start_spinning(plan.clone(), window, spin);
+            assert_eq!(
+                take_all(&ahead, &plan),
+                want,
+                "window {window}, spin {spin:?}"
+            );
+            assert_eq!(ahead.held(), 0);
+            ahead.stop();
+        }
     }
 }
