@@ -39,8 +39,9 @@ pub trait Float:
     fn tanh_fast(self) -> Self {
         self.tanh()
     }
-    /// exp for the softmaxes: exact in f64 (gradient checks), a polynomial in f32 that is
-    /// within 2 ulp and vectorises, where libm's expf is a scalar call per element.
+    /// exp for the softmaxes, whose arguments are at most 0: exact in f64 (gradient checks), a
+    /// polynomial in f32 that is within 2 ulp on [-87, 88] and vectorises, where libm's expf is
+    /// a scalar call per element ([`exp_f32_poly`] says what it gives outside that range).
     fn exp_fast(self) -> Self {
         self.exp()
     }
@@ -133,14 +134,16 @@ pub fn tanh_f32_rational(x: f32) -> f32 {
 
 /// Cephes' `expf`: `exp(x) = 2^n * exp(r)` with `n = round(x / ln 2)` and `|r| <= ln 2 / 2`, a
 /// degree-7 polynomial for `exp(r)`, and `2^n` built in the exponent bits. Within 2 ulp of the
-/// true value (the test below). Branch-free, so a loop of it vectorises. Below -87 (where f32's
-/// normal range ends) it gives 0, above 88 infinity, and NaN stays NaN.
+/// true value on [-87, 88] (the test below); branch-free, so a loop of it vectorises. Made for
+/// the softmaxes, whose arguments are at most 0: below -87 (just above where f32's normal range
+/// ends, -87.34) it gives 0, above 88 infinity (though up to 88.72 the true value is finite),
+/// and NaN stays NaN.
 #[inline(always)]
 pub fn exp_f32_poly(x: f32) -> f32 {
     const LO: f32 = -87.0;
     const HI: f32 = 88.0;
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n * LN2_HI is exact for |n| < 2^9.
+    // ln 2 split so that n * LN2_HI is exact for every n this range gives.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 * 2^23: adding it rounds to the nearest integer, which then sits in the low bits.
@@ -169,8 +172,9 @@ pub fn exp_f32_poly(x: f32) -> f32 {
     }
 }
 
-/// The largest of `xs` (the first of equals), in a fixed order of eight running maxima that
-/// vectorises. NaN-free input gives the same value as a sequential fold.
+/// The largest of `xs`, `F::MIN` when empty, in eight running maxima that vectorise: the same
+/// value as a sequential `fold(F::MIN, F::max)`. NaN is passed over, as `max` passes over it;
+/// a NaN logit still reaches the loss through [`exp_sum`].
 #[inline]
 pub fn max_of<F: Float>(xs: &[F]) -> F {
     let mut acc = [F::MIN; 8];

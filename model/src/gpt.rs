@@ -667,7 +667,8 @@ impl<F: Float> Gpt<F> {
     /// makes microbatches and replicas add up to the same update however the batch is split.
     ///
     /// # Panics
-    /// If called twice for one forward pass: the forward's probabilities are consumed.
+    /// If called twice for one forward pass: backward turns the forward's exponentials into
+    /// gradients in place.
     pub fn backward(&mut self, dloss: F) {
         // Moved out and back: no allocation, and the gradient buffer can be borrowed apart
         // from the rest of the model.

@@ -33,13 +33,20 @@ fn job_dir(steps: u64, global_batch: u64, extra: &str) -> tempfile::TempDir {
 }
 
 /// Runs the fault-free reference of the job in `dir` for its first `steps` steps. The
-/// learning-rate schedule is set in tokens, so a shorter run is the start of a longer one:
-/// a job stopped at a step it did not plan for has a reference all the same.
+/// learning-rate schedule is set in tokens and the data order does not depend on the step
+/// count, so a shorter run is the start of a longer one: a job stopped at a step it did not
+/// plan for has a reference all the same.
 fn reference_run(dir: &Path, steps: u64) {
     let path = dir.join("ref.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let line = text.lines().find(|l| l.starts_with("steps = ")).unwrap();
-    std::fs::write(&path, text.replace(line, &format!("steps = {steps}"))).unwrap();
+    let text: String = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| match l.starts_with("steps = ") {
+            true => format!("steps = {steps}\n"),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&path, text).unwrap();
     let out = Command::new(MARATHON)
         .args(["train", "--config", "ref.toml"])
         .current_dir(dir)

@@ -4,11 +4,11 @@
 //! ahead; buffers go back and forth between the two threads rather than being allocated per
 //! chunk.
 //!
-//! The load waits for a chunk by spinning a little before it sleeps. Reads take milliseconds,
-//! so it almost always sees the chunk arrive while spinning, and the reader never has to wake
-//! it: a wakeup runs the load on the reader's own core, where it verifies the chunk before the
-//! reader can issue its next read, and a cold load then costs the reads plus all the checking
-//! instead of whichever is longer.
+//! The load waits for a chunk by yielding in a loop for a while before it sleeps. Reads take
+//! milliseconds, so it almost always sees the chunk arrive before then, and the reader need not
+//! wake it: a wakeup runs the load on the reader's own core, where it verifies the chunk before
+//! the reader can issue its next read, and a cold load then costs the reads plus all the
+//! checking instead of whichever is longer.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 const MERGE: u64 = 8 << 20;
 /// A chunk this large is read in a request of its own.
 const SMALL: u64 = 1 << 20;
-/// How long the load spins for its next chunk before it sleeps.
+/// How long the load waits for its next chunk, yielding, before it sleeps.
 const SPIN: Duration = Duration::from_millis(20);
 
 /// The chunks a load will read, in order, and those read for it so far.
@@ -29,7 +29,7 @@ pub(crate) struct Ahead {
     /// Each chunk's file, offset and length, in the order the load reads them.
     plan: Vec<(PathBuf, u64, u64)>,
     window: u64,
-    /// How long the load spins for a chunk before it sleeps ([`SPIN`]).
+    /// How long the load waits for a chunk, yielding, before it sleeps ([`SPIN`]).
     spin: Duration,
     /// How many chunks of the plan, from the start, have been read (or failed): the load
     /// watches this while it spins.
@@ -124,26 +124,34 @@ impl Ahead {
                     }
                     s.spare.push(buf);
                 }
-                // Each chunk read alone says which failed, and how.
+                // Each chunk read alone says which failed, and how; each is handed over as it
+                // is read, since the load may take it at once.
                 Err(_) => {
                     drop(s);
                     for k in i..end {
                         let (p, o, l) = &self.plan[k];
                         let mut chunk = Vec::new();
                         let read = crate::direct::read_chunk(p, *o, *l as usize, &mut chunk);
-                        self.lock()
-                            .ready
-                            .insert(k, read.map(|start| (chunk, start)));
+                        let mut s = self.lock();
+                        s.ready.insert(k, read.map(|start| (chunk, start)));
+                        self.hand_over(&mut s, *l, k + 1);
                     }
-                    s = self.lock();
+                    i = end;
+                    continue;
                 }
             }
-            s.held += span;
-            self.done.store(end, Ordering::Release);
-            if s.load_sleeps {
-                self.changed.notify_all();
-            }
+            self.hand_over(&mut s, span, end);
             i = end;
+        }
+    }
+
+    /// Counts `bytes` just put in `ready` as held, and the chunks before `done` as read;
+    /// wakes the load if it sleeps.
+    fn hand_over(&self, s: &mut State, bytes: u64, done: usize) {
+        s.held += bytes;
+        self.done.store(done, Ordering::Release);
+        if s.load_sleeps {
+            self.changed.notify_all();
         }
     }
 
@@ -173,8 +181,10 @@ impl Ahead {
             }
             if Instant::now() < spin_until {
                 drop(s);
+                // Yielding, not busy: on a crowded machine (the workers of a node loading at
+                // once) the spin gives way to whatever else can run, the reader included.
                 while self.done.load(Ordering::Acquire) <= i && Instant::now() < spin_until {
-                    std::hint::spin_loop();
+                    std::thread::yield_now();
                 }
                 s = self.lock();
             } else {
@@ -185,7 +195,10 @@ impl Ahead {
             }
         };
         s.next += 1;
-        s.held -= len;
+        s.held = s
+            .held
+            .checked_sub(len)
+            .expect("a chunk is counted as held before the load can take it");
         let taken = read.map(|(mut chunk, start)| {
             std::mem::swap(buf, &mut chunk);
             if s.spare.len() < 8 {
@@ -261,6 +274,35 @@ mod tests {
                 want,
                 "window {window}, spin {spin:?}"
             );
+            assert_eq!(ahead.held(), 0);
+            ahead.stop();
+        }
+    }
+
+    #[test]
+    fn a_failed_read_of_merged_chunks_is_retried_chunk_by_chunk_and_names_the_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard");
+        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        // Small neighbours read in one request, the last of them past the end of the file.
+        let plan: Vec<_> = [(0u64, 6000u64), (6000, 9000), (15_000, 8000)]
+            .iter()
+            .map(|&(o, l)| (path.clone(), o, l))
+            .collect();
+        for spin in [SPIN, Duration::ZERO] {
+            let ahead = Ahead::start_spinning(plan.clone(), 64 << 20, spin);
+            let mut buf = Vec::new();
+            for (p, o, l) in &plan[..2] {
+                let start = ahead.take(p, *o, *l, &mut buf).unwrap().unwrap();
+                assert_eq!(
+                    buf[start..start + *l as usize],
+                    bytes[*o as usize..(o + l) as usize]
+                );
+            }
+            let (p, o, l) = &plan[2];
+            let err = ahead.take(p, *o, *l, &mut buf).unwrap().unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
             assert_eq!(ahead.held(), 0);
             ahead.stop();
         }
