@@ -300,6 +300,78 @@ fn fixture(
     (server, c, dir, keys, rec)
 }
 
+/// Steps for a job the test stops itself ([`stop_after`]): more than it will ever run.
+const UNTIL_STOPPED: u64 = 1_000_000;
+
+/// As [`fixture`] for a job of [`UNTIL_STOPPED`] steps, without the reference run: the test
+/// runs that with [`reference_run`] once it knows where the job stopped.
+fn fixture_until_stopped(
+    job: &str,
+    global_batch: u64,
+    extra: &str,
+) -> (
+    etcd::Etcd,
+    EtcdCoordinator,
+    tempfile::TempDir,
+    JobKeys,
+    Recorder,
+) {
+    let server = etcd::Etcd::start();
+    let c = server.connect();
+    let dir = job_config(UNTIL_STOPPED, global_batch, extra);
+    let keys = JobKeys::new(job);
+    let rec = Recorder::start(&c, &keys);
+    (server, c, dir, keys, rec)
+}
+
+/// Waits until the job's plans, by generation, have data-parallel degrees that `grown` accepts,
+/// and the newest of them has run `steps` steps; then stops job `name` with `marathon job stop`
+/// and returns the step it stopped at. A job that must outlast a fault and the recovery after
+/// it (a cooldown, a slot or a node offered again) then runs until that is done, however fast
+/// its steps are. `log` gives the job's output for a failure's message.
+#[allow(clippy::too_many_arguments)]
+fn stop_after(
+    rec: &Recorder,
+    c: &EtcdCoordinator,
+    keys: &JobKeys,
+    server: &etcd::Etcd,
+    name: &str,
+    grown: impl Fn(&[usize]) -> bool,
+    steps: u64,
+    log: impl Fn() -> String,
+) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let g = loop {
+        let plans = plans(c, keys);
+        let dps: Vec<usize> = plans.values().map(|p| p.dp).collect();
+        if grown(&dps) {
+            break *plans.keys().last().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the plans never took the expected shape: dp {dps:?}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (_, first) = rec.first_step_after(keys, g - 1, Duration::from_secs(60));
+    assert_eq!(first.generation, g, "{}", log());
+    rec.wait_step(keys, g, first.step + steps, Duration::from_secs(60));
+    let stop = Command::new(MARATHON)
+        .args(["job", "stop", "--etcd", &server.url, "--job", name])
+        .args(["--timeout-s", "120"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&stop.stdout).into_owned();
+    assert!(stop.status.success(), "{stop:?}\n{}", log());
+    // "stopped at step N; checkpoint of step N"
+    said.split("stopped at step ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("job stop said {said:?}"))
+}
+
 /// The losses recorded in generation `g`.
 fn lost(c: &EtcdCoordinator, keys: &JobKeys, g: u64) -> Vec<LostRecord> {
     c.list(keys.root())
@@ -373,9 +445,8 @@ fn ms_between(a: u64, b: u64) -> i64 {
 /// slot is offered again, one process starts afresh on that node and the job grows back.
 #[test]
 fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
-    let (server, c, dir, keys, rec) = fixture(
+    let (server, c, dir, keys, rec) = fixture_until_stopped(
         "kill",
-        40,
         16,
         "[checkpoint]\nroot = \"ckpt\"\nevery_steps = 10\nkeep_last = 10\n",
     );
@@ -410,9 +481,12 @@ fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
     rec.wait_step(&keys, 1, 8, Duration::from_secs(60));
     let killed_at = unix_ms();
     signal("-9", victim);
+    // Shrunk to dp 3 around the loss, then grew back to dp 4 when the slot was offered again:
+    // a few steps of that, then the job is stopped.
+    let grown = |d: &[usize]| d == [4, 3, 4];
+    let steps = stop_after(&rec, &c, &keys, &server, "kill", grown, 4, || job.text());
     let (status, stdout, text) = job.finish(Duration::from_secs(120));
     assert!(status.success(), "{text}");
-    // Shrunk to dp 3 around the loss, then grew back to dp 4 when the slot was offered again.
     let plans = plans(&c, &keys);
     let dps: Vec<usize> = plans.values().map(|p| p.dp).collect();
     assert_eq!(dps, [4, 3, 4], "{text}");
@@ -454,9 +528,9 @@ fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
     let later: Vec<_> = reads.iter().filter(|r| r.0 > 1).collect();
     assert!(later.len() >= 6 + 8, "{reads:?}");
     assert!(later.iter().all(|r| r.2 == 0), "{later:?}");
-    check_against_reference(dir.path(), 40);
+    reference_run(dir.path(), steps);
+    check_against_reference(dir.path(), steps);
     let s = summary(&stdout);
-    assert_eq!(s["steps"], 40);
     assert_eq!(s["goodput"]["recomputed_steps"], 0, "{s}");
     // The figures: from the kill to its detection, to the plan of generation 2, to its first
     // completed step.
@@ -533,7 +607,7 @@ fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
     assert_eq!(st["members"].as_array().unwrap().len(), 4, "{st}");
     assert_eq!(
         (st["step"].as_u64(), st["checkpoint"].as_u64()),
-        (Some(40), Some(40)),
+        (Some(steps), Some(steps)),
         "{st}"
     );
     let losses = st["losses"].as_array().unwrap();
@@ -726,7 +800,7 @@ fn prometheus_scrapes_an_elastic_job_and_job_stop_ends_it_on_a_checkpoint() {
 /// fixed step there raced the cooldown's end on a busy machine).
 #[test]
 fn a_second_death_within_the_cooldown_withdraws_the_whole_node() {
-    let (server, c, dir, keys, rec) = fixture("withdraw", 80, 16, "");
+    let (server, c, dir, keys, rec) = fixture_until_stopped("withdraw", 16, "");
     let args = [
         "train",
         "--config",
@@ -755,6 +829,11 @@ fn a_second_death_within_the_cooldown_withdraws_the_whole_node() {
     signal("-9", first);
     rec.wait_step(&keys, 2, 8, Duration::from_secs(60));
     signal("-9", second);
+    // Grown back after the node's cooldown: a few steps of that, then the job is stopped.
+    let grown = |d: &[usize]| d == [4, 3, 2, 4];
+    let steps = stop_after(&rec, &c, &keys, &server, "withdraw", grown, 4, || {
+        job.text()
+    });
     let (status, _, text) = job.finish(Duration::from_secs(120));
     assert!(status.success(), "{text}");
     assert!(
@@ -763,7 +842,8 @@ fn a_second_death_within_the_cooldown_withdraws_the_whole_node() {
     );
     let dps: Vec<usize> = plans(&c, &keys).values().map(|p| p.dp).collect();
     assert_eq!(dps, [4, 3, 2, 4], "{text}");
-    check_against_reference(dir.path(), 80);
+    reference_run(dir.path(), steps);
+    check_against_reference(dir.path(), steps);
 }
 
 /// The straggler rule both tests use: flagged at 2x its peers' median for 6 steps.
@@ -776,7 +856,7 @@ const STRAGGLERS: &str =
 /// is offered again. The losses and samples are the fault-free run's.
 #[test]
 fn a_throttled_worker_is_flagged_as_a_straggler_and_evicted() {
-    let (server, c, dir, keys, rec) = fixture("straggler", 120, 12, STRAGGLERS);
+    let (server, c, dir, keys, rec) = fixture_until_stopped("straggler", 12, STRAGGLERS);
     let args = [
         "train",
         "--config",
@@ -808,6 +888,11 @@ fn a_throttled_worker_is_flagged_as_a_straggler_and_evicted() {
         Duration::from_secs(60),
     );
     drop(throttle);
+    // Evicted, then grown back: a few steps of that, then the job is stopped.
+    let grown = |d: &[usize]| d == [3, 2, 3];
+    let steps = stop_after(&rec, &c, &keys, &server, "straggler", grown, 4, || {
+        job.text()
+    });
     let (status, stdout, text) = job.finish(Duration::from_secs(120));
     assert!(status.success(), "{text}");
     assert!(line.contains("its agent evicts it"), "{line}");
@@ -838,7 +923,8 @@ fn a_throttled_worker_is_flagged_as_a_straggler_and_evicted() {
     );
     let dps: Vec<usize> = plans(&c, &keys).values().map(|p| p.dp).collect();
     assert_eq!(dps, [3, 2, 3], "{text}");
-    check_against_reference(dir.path(), 120);
+    reference_run(dir.path(), steps);
+    check_against_reference(dir.path(), steps);
     let s = summary(&stdout);
     assert_eq!(s["goodput"]["stragglers"], 1, "{s}");
 }
@@ -950,18 +1036,12 @@ fn storage_reads(text: &str) -> Vec<(u64, String, u64)> {
 /// fault-free run's, and no worker read a byte from storage after the job's start.
 fn distributed_optimizer_resizes_from_memory(dp: usize) {
     let name = format!("zero-dp{dp}");
-    // The job runs until the test stops it once it has grown back, however fast its steps
-    // are, and the reference then runs as many steps.
-    let server = etcd::Etcd::start();
-    let c = server.connect();
-    let dir = job_config(
-        1_000_000,
+    let (server, c, dir, keys, rec) = fixture_until_stopped(
+        &name,
         12,
         "[parallel]\ndistributed_optimizer = true\n\
          [checkpoint]\nroot = \"ckpt\"\nevery_steps = 10\nkeep_last = 10\n",
     );
-    let keys = JobKeys::new(&name);
-    let rec = Recorder::start(&c, &keys);
     let args = [
         "train",
         "--config",
@@ -981,21 +1061,13 @@ fn distributed_optimizer_resizes_from_memory(dp: usize) {
     let victim = worker_pid(&job, "node-1", 0);
     rec.wait_step(&keys, 1, 12, Duration::from_secs(60));
     signal("-9", victim);
-    // Shrunk in generation 2, grown back in 3: a few steps of it, then the job is stopped.
-    let (_, regrown) = rec.first_step_after(&keys, 2, Duration::from_secs(60));
-    assert_eq!(regrown.generation, 3, "{}", job.text());
-    rec.wait_step(&keys, 3, regrown.step + 4, Duration::from_secs(60));
-    let stop = Command::new(MARATHON)
-        .args(["job", "stop", "--etcd", &server.url, "--job", &name])
-        .args(["--timeout-s", "120"])
-        .output()
-        .unwrap();
-    assert!(stop.status.success(), "{stop:?}");
+    // Shrunk, then grown back: a few steps of that, then the job is stopped.
+    let grown = |d: &[usize]| d == [dp, dp - 1, dp];
+    let steps = stop_after(&rec, &c, &keys, &server, &name, grown, 4, || job.text());
     let (status, stdout, text) = job.finish(Duration::from_secs(120));
     assert!(status.success(), "{text}");
     let dps: Vec<usize> = plans(&c, &keys).values().map(|p| p.dp).collect();
     assert_eq!(dps, [dp, dp - 1, dp], "{text}");
-    let steps = summary(&stdout)["steps"].as_u64().unwrap();
     reference_run(dir.path(), steps);
     check_against_reference(dir.path(), steps);
     let s = summary(&stdout);
@@ -1114,7 +1186,7 @@ fn agent(dir: &Path, urls: &str, job: &str, node: &str, flags: &[String]) -> Pro
 
 #[test]
 fn losing_the_leaders_node_elects_another_and_the_node_rejoins_with_a_peers_state() {
-    let (server, c, dir, keys, rec) = fixture("leader", 40, 12, "");
+    let (server, c, dir, keys, rec) = fixture_until_stopped("leader", 12, "");
     let common = agent_flags(3, 1000, 30_000, 0);
     let nodes: Vec<Proc> = ["a", "b", "c"]
         .iter()
@@ -1147,6 +1219,10 @@ fn losing_the_leaders_node_elects_another_and_the_node_rejoins_with_a_peers_stat
     // The node comes back under its old name: the job grows back at a step boundary.
     let back = agent(dir.path(), &server.url, "leader", &leader, &common);
     rest.push(back);
+    // Grown back to dp 3: a few steps of that, then the job is stopped.
+    let log = || rest.iter().map(Proc::text).collect::<Vec<_>>().join("\n");
+    let grown = |d: &[usize]| d.len() > 1 && d.last() == Some(&3);
+    let steps = stop_after(&rec, &c, &keys, &server, "leader", grown, 4, log);
     for p in rest {
         let (status, _, text) = p.finish(Duration::from_secs(120));
         assert!(status.success(), "{text}");
@@ -1156,7 +1232,8 @@ fn losing_the_leaders_node_elects_another_and_the_node_rejoins_with_a_peers_stat
     assert_eq!(dps.last(), Some(&3), "{dps:?}");
     assert!(dps.contains(&2), "{dps:?}");
     assert!(c.get(&keys.done()).unwrap().is_some());
-    check_against_reference(dir.path(), 40);
+    reference_run(dir.path(), steps);
+    check_against_reference(dir.path(), steps);
 }
 
 #[test]
