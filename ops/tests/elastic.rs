@@ -278,26 +278,29 @@ impl Recorder {
     }
 }
 
-/// A private etcd and a client of it, the job directory with its fault-free reference run
-/// (see [`job_dir`]), the keys of job `job`, and a recorder of their changes.
-fn fixture(
-    job: &str,
-    steps: u64,
-    global_batch: u64,
-    extra: &str,
-) -> (
+/// A private etcd, a client of it, a job directory, the keys of a job, and a recorder of their
+/// changes.
+type Fixture = (
     etcd::Etcd,
     EtcdCoordinator,
     tempfile::TempDir,
     JobKeys,
     Recorder,
-) {
+);
+
+/// The [`Fixture`] of job `job` in `dir`.
+fn fixture_in(job: &str, dir: tempfile::TempDir) -> Fixture {
     let server = etcd::Etcd::start();
     let c = server.connect();
-    let dir = job_dir(steps, global_batch, extra);
     let keys = JobKeys::new(job);
     let rec = Recorder::start(&c, &keys);
     (server, c, dir, keys, rec)
+}
+
+/// The [`Fixture`] of job `job`, its directory with the fault-free reference run (see
+/// [`job_dir`]).
+fn fixture(job: &str, steps: u64, global_batch: u64, extra: &str) -> Fixture {
+    fixture_in(job, job_dir(steps, global_batch, extra))
 }
 
 /// Steps for a job the test stops itself ([`stop_after`]): more than it will ever run.
@@ -305,23 +308,8 @@ const UNTIL_STOPPED: u64 = 1_000_000;
 
 /// As [`fixture`] for a job of [`UNTIL_STOPPED`] steps, without the reference run: the test
 /// runs that with [`reference_run`] once it knows where the job stopped.
-fn fixture_until_stopped(
-    job: &str,
-    global_batch: u64,
-    extra: &str,
-) -> (
-    etcd::Etcd,
-    EtcdCoordinator,
-    tempfile::TempDir,
-    JobKeys,
-    Recorder,
-) {
-    let server = etcd::Etcd::start();
-    let c = server.connect();
-    let dir = job_config(UNTIL_STOPPED, global_batch, extra);
-    let keys = JobKeys::new(job);
-    let rec = Recorder::start(&c, &keys);
-    (server, c, dir, keys, rec)
+fn fixture_until_stopped(job: &str, global_batch: u64, extra: &str) -> Fixture {
+    fixture_in(job, job_config(UNTIL_STOPPED, global_batch, extra))
 }
 
 /// Waits until the job's plans, by generation, have data-parallel degrees that `grown` accepts,
