@@ -349,7 +349,32 @@ pub fn matmul_backward<F: Float>(
             true,
         );
     }
-    // dw (OC, IC) += dout^T (OC, rows) @ inp (rows, IC)
+    // dw (OC, IC) += dout^T (OC, rows) @ inp (rows, IC), for the output rows from `o0` on
+    // that `d` holds.
+    let dw_rows = |d: &mut [F], o0: usize, parallel: bool| {
+        // SAFETY: `d` is rows o0.. of dw, a distinct &mut borrow. dout's columns from o0 on
+        // are in bounds when rows > 0 (o0 < oc); the furthest element read,
+        // (rows - 1) * oc + o0 + d.len() / ic - 1, is below rows * oc.
+        unsafe {
+            gemm_strided(
+                d.len() / ic,
+                ic,
+                rows,
+                d.as_mut_ptr(),
+                ic,
+                1,
+                true,
+                dout.as_ptr().add(o0),
+                1,
+                oc,
+                inp.as_ptr(),
+                ic,
+                1,
+                F::ONE,
+                parallel,
+            )
+        }
+    };
     if oc >= DW_BLOCKS_MIN * DW_ROWS_PER_TASK && rows > 0 {
         // For a very wide layer (the tied head's 50304 rows) the library's own split of this
         // product ran 10-17% slower on a 2-core machine than blocks of output rows, each a
@@ -357,52 +382,9 @@ pub fn matmul_backward<F: Float>(
         // bits do not depend on the thread count.
         dw.par_chunks_mut(DW_ROWS_PER_TASK * ic)
             .enumerate()
-            .for_each(|(blk, d)| {
-                // SAFETY: `d` is this task's own rows of dw. The block's column offset in
-                // dout is below oc and rows > 0, so the pointer stays inside dout; the
-                // furthest element read, (rows - 1) * oc + offset + d.len() / ic - 1, is
-                // below rows * oc.
-                unsafe {
-                    gemm_strided(
-                        d.len() / ic,
-                        ic,
-                        rows,
-                        d.as_mut_ptr(),
-                        ic,
-                        1,
-                        true,
-                        dout.as_ptr().add(blk * DW_ROWS_PER_TASK),
-                        1,
-                        oc,
-                        inp.as_ptr(),
-                        ic,
-                        1,
-                        F::ONE,
-                        false,
-                    )
-                }
-            });
+            .for_each(|(blk, d)| dw_rows(d, blk * DW_ROWS_PER_TASK, false));
     } else {
-        // SAFETY: as above.
-        unsafe {
-            gemm_strided(
-                oc,
-                ic,
-                rows,
-                dw.as_mut_ptr(),
-                ic,
-                1,
-                true,
-                dout.as_ptr(),
-                1,
-                oc,
-                inp.as_ptr(),
-                ic,
-                1,
-                F::ONE,
-                true,
-            );
-        }
+        dw_rows(dw, 0, true);
     }
     if let Some(db) = dbias {
         assert_eq!(db.len(), oc);

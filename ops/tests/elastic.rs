@@ -519,6 +519,7 @@ fn a_killed_worker_costs_its_slot_not_its_node_and_nobody_else_restarts() {
     reference_run(dir.path(), steps);
     check_against_reference(dir.path(), steps);
     let s = summary(&stdout);
+    assert_eq!(s["steps"], steps, "{s}");
     assert_eq!(s["goodput"]["recomputed_steps"], 0, "{s}");
     // The figures: from the kill to its detection, to the plan of generation 2, to its first
     // completed step.
