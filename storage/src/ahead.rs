@@ -1,8 +1,8 @@
 //! A load's chunks read ahead of it from a local directory, on a thread of its own: while the
 //! load decodes and verifies one chunk, the next ones are being read ([`crate::direct::read_chunk`]:
-//! from the page cache when there, else from the device). At most a window of bytes is held
-//! ahead; buffers go back and forth between the two threads rather than being allocated per
-//! chunk.
+//! from the page cache when there, else from the device). At most a window of memory (the
+//! buffers' capacity, not only the bytes in them) is held ahead; the large buffers go back and
+//! forth between the two threads rather than being allocated per chunk.
 //!
 //! The load waits for a chunk by yielding in a loop for a while before it sleeps. Reads take
 //! milliseconds, so it almost always sees the chunk arrive before then, and the reader need not
@@ -16,10 +16,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The most bytes of neighbouring small chunks read in one request.
+/// The most bytes of neighbouring chunks read in one request.
 const MERGE: u64 = 8 << 20;
-/// A chunk this large is read in a request of its own.
+/// A chunk this large is read with small neighbours only, never with another as large.
 const SMALL: u64 = 1 << 20;
+/// Buffers kept for the reader's next requests: what is held beyond the window.
+const SPARES: usize = 2;
 /// How long the load waits for its next chunk, yielding, before it sleeps.
 const SPIN: Duration = Duration::from_millis(20);
 
@@ -43,8 +45,9 @@ struct State {
     /// The index in the plan of the chunk the load reads next.
     next: usize,
     /// Chunks read and not yet taken, by index: the buffer and where the bytes start in it.
-    ready: BTreeMap<usize, std::io::Result<(Vec<u8>, usize)>>,
-    /// Bytes in `ready`.
+    /// Each with the memory it holds: its buffer's capacity, not only its bytes.
+    ready: BTreeMap<usize, (Read, u64)>,
+    /// Memory held in `ready`: what the window bounds.
     held: u64,
     /// Buffers the load has finished with.
     spare: Vec<Vec<u8>>,
@@ -52,6 +55,18 @@ struct State {
     /// Whether a thread sleeps on `changed`: only then is it notified.
     load_sleeps: bool,
     reader_sleeps: bool,
+}
+
+/// A chunk read: the buffer and where its bytes start there (they end where it ends).
+type Read = std::io::Result<(Vec<u8>, usize)>;
+
+impl State {
+    /// Puts chunk `k` in `ready`, held as its buffer's whole capacity.
+    fn put(&mut self, k: usize, read: Read) {
+        let held = read.as_ref().map_or(0, |(b, _)| b.capacity() as u64);
+        self.held += held;
+        self.ready.insert(k, (read, held));
+    }
 }
 
 impl Ahead {
@@ -81,15 +96,18 @@ impl Ahead {
     fn read_all(&self) {
         let mut i = 0;
         while i < self.plan.len() {
-            // Small chunks that follow each other in one file are read in one request, and
-            // copied apart; a large one is read alone, into the buffer the load takes.
+            // Chunks that follow each other in one file are read in one request, with at most
+            // one large chunk among them: the small ones beside a large one (a layer's biases
+            // and norms beside its weights) cost no request of their own.
             let (path, offset, _) = &self.plan[i];
             let mut end = i + 1;
             let mut span = self.plan[i].2;
+            let mut large = span >= SMALL;
             while let Some((p, o, l)) = self.plan.get(end) {
-                if p != path || *o != offset + span || span + l > MERGE || span.max(*l) >= SMALL {
+                if p != path || *o != offset + span || span + l > MERGE || (large && *l >= SMALL) {
                     break;
                 }
+                large |= *l >= SMALL;
                 span += l;
                 end += 1;
             }
@@ -109,20 +127,25 @@ impl Ahead {
             let read = crate::direct::read_chunk(path, *offset, span as usize, &mut buf);
             let mut s = self.lock();
             match read {
-                Ok(start) if end == i + 1 => {
-                    s.ready.insert(i, Ok((buf, start)));
-                }
+                // The largest chunk keeps the buffer the request was read into, cut where its
+                // bytes end, and starts where they lie there; the others are copied out.
                 Ok(start) => {
+                    let largest = (i..end).max_by_key(|&k| self.plan[k].2).unwrap_or(i);
                     let mut at = start;
+                    let mut kept = start;
                     for k in i..end {
                         let len = self.plan[k].2 as usize;
-                        let mut chunk = s.spare.pop().unwrap_or_default();
-                        chunk.clear();
-                        chunk.extend_from_slice(&buf[at..at + len]);
+                        if k == largest {
+                            kept = at;
+                        } else {
+                            // A buffer of its own size: a spare one, with room for a large
+                            // chunk, would hold far more than these bytes.
+                            s.put(k, Ok((buf[at..at + len].to_vec(), 0)));
+                        }
                         at += len;
-                        s.ready.insert(k, Ok((chunk, 0)));
                     }
-                    s.spare.push(buf);
+                    buf.truncate(kept + self.plan[largest].2 as usize);
+                    s.put(largest, Ok((buf, kept)));
                 }
                 // Each chunk read alone says which failed, and how; each is handed over as it
                 // is read, since the load may take it at once.
@@ -133,22 +156,20 @@ impl Ahead {
                         let mut chunk = Vec::new();
                         let read = crate::direct::read_chunk(p, *o, *l as usize, &mut chunk);
                         let mut s = self.lock();
-                        s.ready.insert(k, read.map(|start| (chunk, start)));
-                        self.hand_over(&mut s, *l, k + 1);
+                        s.put(k, read.map(|start| (chunk, start)));
+                        self.hand_over(&mut s, k + 1);
                     }
                     i = end;
                     continue;
                 }
             }
-            self.hand_over(&mut s, span, end);
+            self.hand_over(&mut s, end);
             i = end;
         }
     }
 
-    /// Counts `bytes` just put in `ready` as held, and the chunks before `done` as read;
-    /// wakes the load if it sleeps.
-    fn hand_over(&self, s: &mut State, bytes: u64, done: usize) {
-        s.held += bytes;
+    /// Counts the chunks before `done` as read; wakes the load if it sleeps.
+    fn hand_over(&self, s: &mut State, done: usize) {
         self.done.store(done, Ordering::Release);
         if s.load_sleeps {
             self.changed.notify_all();
@@ -156,7 +177,8 @@ impl Ahead {
     }
 
     /// The next chunk of the plan, if it is `len` bytes of `path` at `offset`: waits until it is
-    /// read, swaps its buffer into `buf`, and returns where its bytes start there. `None` when
+    /// read, swaps its buffer into `buf`, and returns where its bytes start there (they end
+    /// where `buf` ends, as [`crate::direct::read_chunk`] leaves them). `None` when
     /// the load reads off the plan; it then reads the chunk itself.
     pub(crate) fn take(
         &self,
@@ -172,9 +194,9 @@ impl Ahead {
             return None;
         }
         let spin_until = Instant::now() + self.spin;
-        let read = loop {
-            if let Some(read) = s.ready.remove(&i) {
-                break read;
+        let (read, held) = loop {
+            if let Some(ready) = s.ready.remove(&i) {
+                break ready;
             }
             if s.stop {
                 return None;
@@ -197,11 +219,11 @@ impl Ahead {
         s.next += 1;
         s.held = s
             .held
-            .checked_sub(len)
+            .checked_sub(held)
             .expect("a chunk is counted as held before the load can take it");
         let taken = read.map(|(mut chunk, start)| {
             std::mem::swap(buf, &mut chunk);
-            if s.spare.len() < 8 {
+            if s.spare.len() < SPARES {
                 s.spare.push(chunk);
             }
             start
@@ -212,7 +234,7 @@ impl Ahead {
         Some(taken)
     }
 
-    /// Bytes read ahead and not yet taken.
+    /// Memory held by chunks read ahead and not yet taken.
     pub(crate) fn held(&self) -> u64 {
         self.lock().held
     }
@@ -231,13 +253,14 @@ impl Ahead {
 mod tests {
     use super::*;
 
-    /// Reads `plan` through an [`Ahead`] and returns each chunk's bytes.
+    /// Reads `plan` through an [`Ahead`] and returns each chunk's bytes: those from where
+    /// `take` says they start to the end of the buffer, as the load decodes them.
     fn take_all(ahead: &Ahead, plan: &[(PathBuf, u64, u64)]) -> Vec<Vec<u8>> {
         let mut buf = Vec::new();
         plan.iter()
             .map(|(p, o, l)| {
                 let start = ahead.take(p, *o, *l, &mut buf).unwrap().unwrap();
-                buf[start..start + *l as usize].to_vec()
+                buf[start..].to_vec()
             })
             .collect()
     }
@@ -248,11 +271,13 @@ mod tests {
         let path = dir.path().join("shard");
         let bytes: Vec<u8> = (0..3 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
         std::fs::write(&path, &bytes).unwrap();
-        // Large and small chunks, neighbours and not, off block boundaries.
+        // Large and small chunks, neighbours and not, off block boundaries: a large chunk read
+        // with the small ones after it, and one with a small one before it.
         let cuts = [
             (0u64, 1 << 20),
             (1 << 20, 5000),
             (1_053_576, 700_001),
+            ((2 << 20) - 4096, 4096),
             (2 << 20, 1 << 20),
         ];
         let plan: Vec<_> = cuts.iter().map(|&(o, l)| (path.clone(), o, l)).collect();
@@ -295,10 +320,7 @@ mod tests {
             let mut buf = Vec::new();
             for (p, o, l) in &plan[..2] {
                 let start = ahead.take(p, *o, *l, &mut buf).unwrap().unwrap();
-                assert_eq!(
-                    buf[start..start + *l as usize],
-                    bytes[*o as usize..(o + l) as usize]
-                );
+                assert_eq!(buf[start..], bytes[*o as usize..(o + l) as usize]);
             }
             let (p, o, l) = &plan[2];
             let err = ahead.take(p, *o, *l, &mut buf).unwrap().unwrap_err();

@@ -299,7 +299,10 @@ impl CheckpointWriter {
         let waited = started.elapsed();
         let copy_started = Instant::now();
         let n: u64 = pieces.iter().map(|p| p.region.numel()).sum();
-        // Allocated on the first snapshot; the same size every time after.
+        // Allocated on the first snapshot; the same size every time after. Exactly: a writer
+        // reused for pieces of other sizes (a reshard's) would otherwise double its buffer.
+        self.staging
+            .reserve_exact((n as usize).saturating_sub(self.staging.len()));
         self.staging.resize(n as usize, 0.0);
         let fence = fill(&mut self.staging);
         let copied = copy_started.elapsed();
