@@ -901,8 +901,12 @@ fn a_throttled_worker_is_flagged_as_a_straggler_and_evicted() {
          at 2x), at {:.1}x its peers' median",
         flagged.ratio
     );
+    // Flagged after the throttle began and within the rule's steps of it (and a step or two of
+    // the recorder's lag). It can come sooner than the rule's 6 steps: on a crowded machine the
+    // victim's step just before the throttle can be slow already, and then it starts the streak.
+    // That the flag comes at exactly the rule's count of slow steps is pace.rs's test.
     assert!(
-        (6..=8).contains(&delay),
+        (1..=8).contains(&delay),
         "flagged {delay} steps after the throttle began"
     );
     let lost = lost(&c, &keys, 1);
